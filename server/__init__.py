@@ -1,0 +1,1 @@
+"""The aiohttp server: wires protocol and store to HTTP and WebSockets."""

@@ -1,0 +1,253 @@
+"""An async Python client for the Slotcast protocol (used by the tests and benchmarks).
+
+    async with SlotcastClient.connect("ws://127.0.0.1:8080/ws", token=tok) as client:
+        snapshot = await client.watch(doctor_id, date(2026, 12, 1), date(2026, 12, 8))
+        appointment = await client.book(snapshot.slots[0].id, idempotency_key="k1")
+        delta = await client.next_event()
+
+The client keeps a live `Calendar` per watched doctor: deltas are applied in
+version order, and a delta that skips a version (a missed message) triggers a
+fresh snapshot, so the calendar always converges to the server's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any, Literal, TypeVar
+
+import aiohttp
+
+from protocol.codec import JSON, MSGPACK, Codec
+from protocol.errors import ErrorCode, SlotcastError
+from protocol.messages import (
+    SERVER_MESSAGES,
+    AppointmentView,
+    Auth,
+    Authenticated,
+    Book,
+    Booked,
+    Delta,
+    Error,
+    Message,
+    Ping,
+    Pong,
+    SlotView,
+    Snapshot,
+    Unwatch,
+    Unwatched,
+    Watch,
+    Welcome,
+)
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+
+
+class ClientError(SlotcastError):
+    """An `error` reply from the server; `code` is its stable error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        try:
+            known = ErrorCode(code)
+        except ValueError:
+            known = ErrorCode.INTERNAL
+        super().__init__(message, code=known)
+        self.wire_code = code
+
+
+@dataclass(slots=True)
+class Calendar:
+    """The client's copy of one watched range, kept current by deltas."""
+
+    doctor_id: int
+    start: date
+    end: date
+    version: int
+    slots: dict[int, SlotView] = field(default_factory=dict)
+    resyncs: int = 0
+
+
+class SlotcastClient:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, codec: Codec) -> None:
+        self._ws = ws
+        self._codec = codec
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Message]] = {}
+        self._welcome: asyncio.Future[Welcome] = asyncio.get_running_loop().create_future()
+        self.events: asyncio.Queue[Message] = asyncio.Queue()
+        self.calendars: dict[int, Calendar] = {}
+        self._resyncing: set[int] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._reader = asyncio.create_task(self._read_forever(), name="slotcast-client-reader")
+        self.close_code: int | None = None
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(
+        cls,
+        url: str,
+        *,
+        token: str | None = None,
+        codec: Literal["json", "msgpack"] = "json",
+        token_in_header: bool = True,
+        session: aiohttp.ClientSession | None = None,
+    ) -> AsyncIterator[SlotcastClient]:
+        """Connect; with `token_in_header=False` the token goes in a first `auth` message."""
+        chosen = MSGPACK if codec == "msgpack" else JSON
+        headers = {"Authorization": f"Bearer {token}"} if token and token_in_header else {}
+        own = session is None
+        http = session or aiohttp.ClientSession()
+        try:
+            ws = await http.ws_connect(url, protocols=[chosen.subprotocol], headers=headers)
+            client = cls(ws, chosen)
+            try:
+                await client.welcome()
+                if token and not token_in_header:
+                    await client.auth(token)
+                yield client
+            finally:
+                await client.close()
+        finally:
+            if own:
+                await http.close()
+
+    # ---- commands -------------------------------------------------------------------------
+
+    async def welcome(self, timeout: float = 10.0) -> Welcome:
+        return await asyncio.wait_for(asyncio.shield(self._welcome), timeout)
+
+    async def request(self, message: Message, expect: type[M], timeout: float = 10.0) -> M:
+        """Send a command and wait for its reply; an `error` reply raises ClientError."""
+        rid = next(self._ids)
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        try:
+            await self.send_raw(self._codec.encode(message, rid))
+            reply = await asyncio.wait_for(future, timeout)
+        finally:
+            self._pending.pop(rid, None)
+        if isinstance(reply, Error):
+            raise ClientError(reply.code, reply.message)
+        if not isinstance(reply, expect):
+            raise ClientError("bad_message", f"expected {expect.TYPE}, got {reply.TYPE}")
+        return reply
+
+    async def send_raw(self, frame: bytes | str) -> None:
+        """Send a frame as is (tests use this to send malformed input)."""
+        if isinstance(frame, str):
+            await self._ws.send_str(frame)
+        elif self._codec.binary:
+            await self._ws.send_bytes(frame)
+        else:
+            await self._ws.send_str(frame.decode())
+
+    async def auth(self, token: str) -> Authenticated:
+        return await self.request(Auth(token), Authenticated)
+
+    async def watch(self, doctor_id: int, start: date, end: date) -> Snapshot:
+        snapshot = await self.request(Watch(doctor_id, start, end), Snapshot)
+        self.calendars[doctor_id] = Calendar(
+            doctor_id, start, end, snapshot.version, {s.id: s for s in snapshot.slots}
+        )
+        return snapshot
+
+    async def unwatch(self, doctor_id: int) -> None:
+        await self.request(Unwatch(doctor_id), Unwatched)
+        self.calendars.pop(doctor_id, None)
+
+    async def book(self, slot_id: int, idempotency_key: str | None = None) -> AppointmentView:
+        return (await self.request(Book(slot_id, idempotency_key), Booked)).appointment
+
+    async def ping(self) -> None:
+        await self.request(Ping(), Pong)
+
+    async def next_event(self, timeout: float = 10.0) -> Message:
+        return await asyncio.wait_for(self.events.get(), timeout)
+
+    async def next_delta(self, timeout: float = 10.0) -> Delta:
+        while True:
+            event = await self.next_event(timeout)
+            if isinstance(event, Delta):
+                return event
+
+    async def close(self) -> None:
+        for task in (self._reader, *self._tasks):
+            task.cancel()
+        for task in (self._reader, *self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self._ws.close()
+
+    # ---- receiving --------------------------------------------------------------------------
+
+    async def _read_forever(self) -> None:
+        try:
+            async for frame in self._ws:
+                if frame.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                    continue
+                envelope = self._codec.decode(frame.data, SERVER_MESSAGES, max_size=1 << 30)
+                self._dispatch(envelope.id, envelope.body)
+        finally:
+            self.close_code = self._ws.close_code
+            error = ClientError("unavailable", f"connection closed ({self._ws.close_code})")
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(error)
+            if not self._welcome.done():
+                self._welcome.set_exception(error)
+
+    def _dispatch(self, rid: str | int | None, message: Message) -> None:
+        if isinstance(message, Welcome) and not self._welcome.done():
+            self._welcome.set_result(message)
+            return
+        future = self._pending.get(rid) if isinstance(rid, int) else None
+        if future is not None and not future.done():
+            future.set_result(message)
+            return
+        if isinstance(message, Delta):
+            self._apply(message)
+        self.events.put_nowait(message)
+
+    def _apply(self, delta: Delta) -> None:
+        calendar = self.calendars.get(delta.doctor_id)
+        if calendar is None or delta.version <= calendar.version:
+            return  # not watched, or already part of the snapshot
+        if delta.version != calendar.version + 1:
+            log.info(
+                "gap on doctor %s: v%s after v%s", delta.doctor_id, delta.version, calendar.version
+            )
+            self._resync(calendar)
+            return
+        calendar.version = delta.version
+        for slot in delta.slots:
+            if slot.id in calendar.slots or _within(slot, calendar):
+                calendar.slots[slot.id] = slot
+
+    def _resync(self, calendar: Calendar) -> None:
+        if calendar.doctor_id in self._resyncing:
+            return
+        self._resyncing.add(calendar.doctor_id)
+
+        async def resync() -> None:
+            try:
+                await self.watch(calendar.doctor_id, calendar.start, calendar.end)
+                self.calendars[calendar.doctor_id].resyncs = calendar.resyncs + 1
+            finally:
+                self._resyncing.discard(calendar.doctor_id)
+
+        task = asyncio.create_task(resync())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _within(slot: SlotView, calendar: Calendar) -> bool:
+    # The snapshot decided which slots the range holds; new slots are kept if they
+    # fall on or between the first and last dates in UTC terms (a cheap superset).
+    return calendar.start <= slot.start.date() <= calendar.end

@@ -1,0 +1,18 @@
+"""Names shared between processes: advisory-lock namespaces and broker channels.
+
+Changing any of these is a protocol change between instances of different
+versions, so they live in one place.
+"""
+
+from typing import Final
+
+# pg_advisory_xact_lock(namespace, key): the two-int4 form, so keys never collide by hashing.
+LOCK_NS_MIGRATIONS: Final = 0x5C01
+LOCK_NS_DOCTOR: Final = 0x5C02
+
+CHANNEL_PREFIX: Final = "slotcast:v1"
+
+
+def availability_channel(doctor_id: int) -> str:
+    """Public availability changes of one doctor (no patient identity ever)."""
+    return f"{CHANNEL_PREFIX}:doctor:{doctor_id}:availability"

@@ -1,0 +1,74 @@
+"""The store's exceptions: what `server/` catches instead of asyncpg or redis errors.
+
+Each carries the protocol error code the client will see, so the mapping from
+"what went wrong in the database" to "what the client can do about it" is made
+once, here, at the boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import asyncpg
+
+from protocol.errors import ErrorCode, SlotcastError
+
+log = logging.getLogger(__name__)
+
+
+class StoreError(SlotcastError):
+    code = ErrorCode.INTERNAL
+
+
+class NotFound(StoreError):
+    code = ErrorCode.NOT_FOUND
+
+
+class SlotTaken(StoreError):
+    code = ErrorCode.SLOT_TAKEN
+
+
+class SlotUnavailable(StoreError):
+    code = ErrorCode.SLOT_UNAVAILABLE
+
+
+class TooLate(StoreError):
+    code = ErrorCode.TOO_LATE
+
+
+class IdempotencyConflict(StoreError):
+    code = ErrorCode.IDEMPOTENCY_CONFLICT
+
+
+class Busy(StoreError):
+    """A lock or statement timed out: safe to retry with the same idempotency key."""
+
+    code = ErrorCode.BUSY
+
+
+class Unavailable(StoreError):
+    """The database could not be reached."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
+@contextlib.contextmanager
+def translated() -> Iterator[None]:
+    """Turn driver errors raised inside the block into StoreErrors."""
+    try:
+        yield
+    except SlotcastError:
+        raise
+    except asyncpg.ExclusionViolationError as exc:
+        # The last guard fired: something above it let an overlap through.
+        log.error("exclusion constraint refused an overlapping appointment: %s", exc)
+        raise SlotTaken("the slot overlaps an active appointment") from exc
+    except (asyncpg.LockNotAvailableError, asyncpg.QueryCanceledError) as exc:
+        raise Busy("the doctor's calendar is busy; retry shortly") from exc
+    except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
+        raise Unavailable("the database is unreachable") from exc
+    except asyncpg.PostgresError as exc:
+        log.exception("unexpected database error")
+        raise StoreError("internal database error") from exc
