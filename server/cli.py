@@ -1,8 +1,12 @@
-"""`slotcast`: serve, mint a dev token, or apply migrations.
+"""`slotcast`: serve, mint a dev token, apply migrations, or try the live slice.
 
-slotcast serve [--demo] [--port 8080] [--database-url ...] [--broker-url ...]
-slotcast token --role patient --sub 7
-slotcast migrate
+Usage::
+
+    slotcast serve [--demo] [--port 8080] [--database-url ...] [--broker-url ...]
+    slotcast token --role patient --sub 7
+    slotcast migrate
+    slotcast watch 1                       # print a doctor's live slot changes
+    slotcast book --doctor 1 --sub alice   # book that doctor's first free slot
 """
 
 from __future__ import annotations
@@ -55,6 +59,17 @@ def _parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="apply database migrations and exit")
     migrate.add_argument("--database-url")
+
+    watch = sub.add_parser("watch", help="watch a doctor's slots live (Python client)")
+    watch.add_argument("doctor", type=int)
+    watch.add_argument("--days", type=int, default=7)
+    watch.add_argument("--codec", choices=["json", "msgpack"], default="json")
+    watch.add_argument("--url", default=None, help="default: ws://127.0.0.1:$SLOTCAST_PORT/ws")
+
+    book = sub.add_parser("book", help="book a doctor's first free slot as a patient")
+    book.add_argument("--doctor", type=int, required=True)
+    book.add_argument("--sub", default="demo-patient", help="the patient's subject")
+    book.add_argument("--url", default=None, help="default: ws://127.0.0.1:$SLOTCAST_PORT/ws")
     return p
 
 
@@ -80,6 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "migrate":
         return _run(_migrate(settings))
+    if args.command in ("watch", "book"):
+        from server import democlient
+
+        url = args.url or f"ws://127.0.0.1:{settings.port}/ws"
+        if args.command == "watch":
+            return _run(democlient.watch(url, args.doctor, args.days, args.codec))
+        tok = auth.issue(settings.jwt_secret, subject=args.sub, role=Role.PATIENT)
+        return _run(democlient.book_first_free(url, tok, args.doctor))
     return _run(serve(settings))
 
 
