@@ -175,9 +175,15 @@ class Rooms:
             self._start_catch_up(room, GAP_WAIT_S)
 
     def _on_reconnect(self, channels: frozenset[str]) -> None:
-        """Messages published while the broker was away are lost: read them from the log."""
+        """Messages published while the broker was away are lost: read them from the log.
+
+        A catch-up already running may aim too low (at a pending version), so it is
+        replaced by one that aims at the doctor's latest version.
+        """
         for room in self._rooms.values():
-            if availability_channel(room.doctor_id) in channels and room.catching_up is None:
+            if availability_channel(room.doctor_id) in channels:
+                if room.catching_up is not None:
+                    room.catching_up.cancel()
                 self._start_catch_up(room, 0)
 
     def _start_catch_up(self, room: Room, delay: float) -> None:
@@ -186,25 +192,31 @@ class Rooms:
         )
 
     async def _catch_up(self, room: Room, delay: float) -> None:
-        """Read the missing versions from the change log, then deliver in order."""
-        await asyncio.sleep(delay)
+        """Read every version up to the doctor's latest from the change log, then deliver.
+
+        Retries (every second) until the store answers or the room closes, so a
+        catch-up that fails during an outage is not forgotten.
+        """
+        me = asyncio.current_task()
         try:
-            if room.version is None or self._rooms.get(room.doctor_id) is not room:
-                return
-            target = max(room.pending, default=None)
-            if target is None:
-                target = await self._store.doctor_version(room.doctor_id)
-            if target > room.version:
-                for change in await self._store.changes_between(
-                    room.doctor_id, room.version, target
-                ):
-                    room.pending.setdefault(change.version, change)
-        except StoreError as exc:
-            log.warning("catch-up of doctor %s failed, retrying: %s", room.doctor_id, exc)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(delay)
+            while room.version is not None and self._rooms.get(room.doctor_id) is room:
+                try:
+                    latest = await self._store.doctor_version(room.doctor_id)
+                    target = max(latest, max(room.pending, default=0))
+                    if target > room.version:
+                        for change in await self._store.changes_between(
+                            room.doctor_id, room.version, target
+                        ):
+                            room.pending.setdefault(change.version, change)
+                    break
+                except StoreError as exc:
+                    log.warning("catch-up of doctor %s failed, retrying: %s", room.doctor_id, exc)
+                    await asyncio.sleep(1.0)
         finally:
-            room.catching_up = None
-        if self._rooms.get(room.doctor_id) is room:
+            if room.catching_up is me:
+                room.catching_up = None
+        if self._rooms.get(room.doctor_id) is room and room.version is not None:
             self._drain(room)
 
     def stats(self) -> dict[str, Any]:

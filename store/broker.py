@@ -17,8 +17,10 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from store.errors import Unavailable
@@ -122,10 +124,7 @@ class RedisBroker(Broker):
         await self._redis.aclose()
 
     async def publish(self, channel: str, data: bytes) -> None:
-        try:
-            await self._redis.publish(channel, data)
-        except (RedisError, OSError) as exc:
-            raise Unavailable(f"broker publish failed: {exc}") from exc
+        await self._command(self._redis.publish, channel, data)
 
     async def subscribe(self, channel: str) -> None:
         self._channels.add(channel)
@@ -142,10 +141,25 @@ class RedisBroker(Broker):
             await self._pubsub.unsubscribe(channel)
 
     async def ping(self) -> None:
-        try:
-            await self._redis.ping()
-        except (RedisError, OSError) as exc:
-            raise Unavailable(f"broker unreachable: {exc}") from exc
+        await self._command(self._redis.ping)
+
+    async def _command(self, command: Any, *args: Any) -> None:
+        """Run a command, retrying once on a dropped connection.
+
+        After a Redis restart the pool still holds the dead connection; the first
+        attempt discards it and the retry dials afresh. (A client-wide `retry=`
+        would also make the pub/sub connection reconnect silently, hiding the gap
+        that `on_reconnect` must report.)
+        """
+        for attempt in (1, 2):
+            try:
+                await command(*args)
+                return
+            except RedisConnectionError as exc:
+                if attempt == 2:
+                    raise Unavailable(f"broker unreachable: {exc}") from exc
+            except (RedisError, OSError) as exc:
+                raise Unavailable(f"broker unreachable: {exc}") from exc
 
     async def _read_forever(self) -> None:
         backoff = 0.1
@@ -160,28 +174,34 @@ class RedisBroker(Broker):
                 backoff = 0.1
             except (RedisError, OSError) as exc:
                 self.connected = False
-                log.warning("lost Redis (%s); reconnecting in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, self._max_backoff)
-                await self._resubscribe()
+                log.warning("lost Redis (%s); reconnecting", exc)
+                while True:
+                    await asyncio.sleep(backoff * (0.5 + random.random()))
+                    backoff = min(backoff * 2, self._max_backoff)
+                    if await self._resubscribe():
+                        break
                 continue
             if message is not None and message["type"] == "message":
                 channel = message["channel"].decode()
                 self._on_message(channel, message["data"])
 
-    async def _resubscribe(self) -> None:
+    async def _resubscribe(self) -> bool:
+        """A fresh pub/sub connection with every channel; False while Redis is still away."""
         with contextlib.suppress(RedisError, OSError):
             await self._pubsub.aclose()
         self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         channels = self.channels
         try:
+            await self._redis.ping()
             if channels:
                 await self._pubsub.subscribe(*channels)
         except (RedisError, OSError) as exc:
-            log.warning("resubscribe failed: %s", exc)
-            return
+            log.warning("Redis still unreachable: %s", exc)
+            return False
+        self.connected = True
         log.info("reconnected to Redis; resubscribed %d channels", len(channels))
         self._on_reconnect(channels)
+        return True
 
 
 @contextlib.asynccontextmanager

@@ -150,7 +150,7 @@ async def store(database_url: str) -> AsyncIterator[Store]:
 
 
 @pytest.fixture
-async def client(aiohttp_client: Callable[..., object], settings: Settings) -> TestClient:
+async def client(settings: Settings, aiohttp_client: Callable[..., object]) -> TestClient:
     """An in-process server on a real loopback port, with its own test client."""
     return await aiohttp_client(create_app(settings))  # type: ignore[misc, no-any-return]
 
