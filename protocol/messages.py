@@ -10,7 +10,7 @@ so handlers only ever see valid values.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, ClassVar
 
 from msgspec import Meta
@@ -19,10 +19,12 @@ from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
 
 PROTOCOL = "slotcast.v1"
 
-Id = Annotated[int, Meta(ge=1, le=2**53)]  # fits a JavaScript number
+# PostgreSQL text cannot hold NUL; refusing it here keeps it from becoming a server error.
+NO_NUL = "^[^\x00]*$"
+Id = Annotated[int, Meta(ge=1, le=2**53 - 1)]  # a safe JavaScript integer
 DoctorId = Annotated[int, Meta(ge=1, le=2**31 - 1)]  # fits the int4 advisory-lock key
 RequestId = Annotated[str, Meta(min_length=1, max_length=64)] | Annotated[int, Meta(ge=0)]
-Key = Annotated[str, Meta(min_length=1, max_length=128)]
+Key = Annotated[str, Meta(min_length=1, max_length=128, pattern=NO_NUL)]
 Token = Annotated[str, Meta(min_length=1, max_length=4096)]
 Instant = Annotated[datetime, Meta(tz=True)]
 
@@ -42,6 +44,21 @@ class Message:
     TYPE: ClassVar[str]
 
 
+def _utc(value: datetime | None) -> datetime | None:
+    """Instants travel as UTC: encoders round sub-minute offsets (old local mean times)."""
+    if value is None or value.utcoffset() == UTC.utcoffset(None):
+        return value
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00+14:00 has no UTC equivalent
+        raise ValueError("instant out of range") from None
+
+
+def _normalize_instants(obj: object, *names: str) -> None:
+    for name in names:
+        object.__setattr__(obj, name, _utc(getattr(obj, name)))
+
+
 # ---- shared value types -------------------------------------------------------------------
 
 
@@ -54,6 +71,9 @@ class SlotView:
     end: Instant
     status: SlotStatus
 
+    def __post_init__(self) -> None:
+        _normalize_instants(self, "start", "end")
+
 
 @dataclass(frozen=True, slots=True)
 class AppointmentView:
@@ -64,6 +84,9 @@ class AppointmentView:
     start: Instant
     end: Instant
     status: AppointmentStatus
+
+    def __post_init__(self) -> None:
+        _normalize_instants(self, "start", "end")
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +158,9 @@ class Authenticated(Message):
     subject: str
     role: Role
     expires_at: Instant | None = None
+
+    def __post_init__(self) -> None:
+        _normalize_instants(self, "expires_at")
 
 
 @dataclass(frozen=True, slots=True)

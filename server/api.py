@@ -107,6 +107,18 @@ def _date_param(request: web.Request, name: str) -> date:
         ) from None
 
 
+async def _json_body(request: web.Request) -> Any:
+    """The JSON body, with an `Idempotency-Key` header folded in to be validated alike."""
+    try:
+        raw = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise ProtocolError("the body must be JSON") from None
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and isinstance(raw, dict):
+        raw.setdefault("idempotency_key", key)
+    return raw
+
+
 def _doctor_id(request: web.Request) -> int:
     try:
         value = int(request.match_info["doctor_id"])
@@ -120,7 +132,10 @@ def _doctor_id(request: web.Request) -> int:
 async def list_doctors(request: web.Request) -> web.Response:
     limit = _int_param(request, "limit", 20, 1, 100)
     offset = _int_param(request, "offset", 0, 0, 1_000_000)
-    found = await request.app[SCHEDULING].doctors(request.query.get("q"), limit, offset)
+    query = request.query.get("q")
+    if query is not None and (len(query) > 100 or "\x00" in query):
+        raise ProtocolError("`q` must be at most 100 characters", code=ErrorCode.INVALID)
+    found = await request.app[SCHEDULING].doctors(query, limit, offset)
     return json_response({"doctors": msgspec.to_builtins(found), "limit": limit, "offset": offset})
 
 
@@ -133,14 +148,9 @@ async def doctor_slots(request: web.Request) -> web.Response:
 
 async def book(request: web.Request) -> web.Response:
     who = _identity(request)
-    try:
-        raw = await request.json(loads=orjson.loads)
-    except ValueError:
-        raise ProtocolError("the body must be JSON") from None
-    body = parse_body(raw, Book)
+    body = parse_body(await _json_body(request), Book)
     assert isinstance(body, Book)
-    key = body.idempotency_key or request.headers.get("Idempotency-Key")
-    appointment = await request.app[SCHEDULING].book(who, body.slot_id, key)
+    appointment = await request.app[SCHEDULING].book(who, body.slot_id, body.idempotency_key)
     return json_response(msgspec.to_builtins(Booked(appointment)), status=201)
 
 

@@ -52,8 +52,8 @@ def verify(secret: str, token: str) -> Identity:
     except ValueError:
         raise AuthError(f"unknown role {claims['role']!r}") from None
     subject = claims["sub"]
-    if not isinstance(subject, str) or not subject or len(subject) > 128:
-        raise AuthError("the token's subject must be a non-empty string")
+    if not isinstance(subject, str) or not 0 < len(subject) <= 128 or "\x00" in subject:
+        raise AuthError("the token's subject must be a string of 1-128 characters")
     return Identity(subject, role, datetime.fromtimestamp(claims["exp"], UTC))
 
 

@@ -64,10 +64,8 @@ async def on_auth(ctx: Context, rid: RequestId, msg: Any) -> None:
 async def on_watch(ctx: Context, rid: RequestId, msg: Any) -> None:
     assert isinstance(msg, Watch)
     conn = ctx.conn
-    old = conn.watches.pop(msg.doctor_id, None)
-    if old is not None:  # a new range replaces the old watch
-        await ctx.rooms.leave(old)
-    if len(conn.watches) >= ctx.max_watches:
+    old = conn.watches.get(msg.doctor_id)  # a new range replaces it, once that succeeds
+    if old is None and len(conn.watches) >= ctx.max_watches:
         raise SlotcastError(
             f"at most {ctx.max_watches} watches per connection", code=ErrorCode.LIMIT_EXCEEDED
         )
@@ -79,6 +77,8 @@ async def on_watch(ctx: Context, rid: RequestId, msg: Any) -> None:
     except BaseException:
         await ctx.rooms.leave(member)
         raise
+    if old is not None:  # the new member keeps the room open: no unsubscribe, no gap
+        await ctx.rooms.leave(old)
     conn.watches[msg.doctor_id] = member
     conn.send(snapshot, rid)
     member.start(snapshot.version)
@@ -146,8 +146,12 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         conn.send_error(header_error)
     try:
         async for frame in ws:
-            if frame.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            if frame.type is WSMsgType.BINARY or (
+                frame.type is WSMsgType.TEXT and not codec.binary
+            ):
                 await _handle(ctx, frame.data)
+            elif frame.type is WSMsgType.TEXT:
+                conn.send_error(ProtocolError("MessagePack connections send binary frames"))
             elif frame.type is WSMsgType.ERROR:
                 log.info("connection error: %s", ws.exception())
     finally:

@@ -9,6 +9,7 @@ from typing import Final
 # pg_advisory_xact_lock(namespace, key): the two-int4 form, so keys never collide by hashing.
 LOCK_NS_MIGRATIONS: Final = 0x5C01
 LOCK_NS_DOCTOR: Final = 0x5C02
+LOCK_NS_SEED: Final = 0x5C03
 
 CHANNEL_PREFIX: Final = "slotcast:v1"
 

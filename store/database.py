@@ -124,6 +124,17 @@ class Store:
         await conn.execute(sql.CHANGE_INSERT, doctor_id, version, kind, actor, change.public)
         return change
 
+    @contextlib.asynccontextmanager
+    async def exclusive(self, namespace: int, key: int = 0) -> AsyncIterator[None]:
+        """Hold a session advisory lock across several transactions (e.g. seeding)."""
+        with translated():
+            async with self._pool.acquire() as conn:
+                await conn.execute(sql.SESSION_LOCK, namespace, key)
+                try:
+                    yield
+                finally:
+                    await conn.execute(sql.SESSION_UNLOCK, namespace, key)
+
     # ---- health -------------------------------------------------------------------------------
 
     async def ping(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from datetime import time
 
+from store.constants import LOCK_NS_SEED
 from store.database import Store
 from store.schedule import Block
 
@@ -70,9 +71,10 @@ DOCTORS: list[dict[str, object]] = [
 
 
 async def seed(store: Store) -> None:
-    if await store.doctor_count() == 0:
-        for spec in DOCTORS:
-            await store.create_doctor(**spec)  # type: ignore[arg-type]
-        log.info("seeded %d demo doctors", len(DOCTORS))
+    async with store.exclusive(LOCK_NS_SEED):  # instances starting together seed once
+        if await store.doctor_count() == 0:
+            for spec in DOCTORS:
+                await store.create_doctor(**spec)  # type: ignore[arg-type]
+            log.info("seeded %d demo doctors", len(DOCTORS))
     for doctor_id in await store.doctor_ids():
         await store.materialize_slots(doctor_id)

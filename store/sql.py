@@ -39,8 +39,8 @@ DOCTOR_IDS: Final = "SELECT id FROM doctors ORDER BY id"
 DOCTOR_SEARCH: Final = """
 SELECT id, name, specialty, timezone FROM doctors
 WHERE $1::text IS NULL
-   OR lower(name) LIKE '%' || lower($1) || '%'
-   OR lower(specialty) LIKE '%' || lower($1) || '%'
+   OR strpos(lower(name), lower($1)) > 0
+   OR strpos(lower(specialty), lower($1)) > 0
 ORDER BY name, id
 LIMIT $2 OFFSET $3"""
 DOCTOR_COUNT: Final = "SELECT count(*) FROM doctors"
