@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from store.constants import LOCK_NS_MIGRATIONS
 from store.errors import StoreError
 from store.migrate import migrate
 from tests.harness import REPO
@@ -60,6 +61,25 @@ async def dump(conn: asyncpg.Connection) -> tuple[list[tuple[object, ...]], list
     return [tuple(r.values()) for r in rows], [t["tablename"] for t in tables]
 
 
+async def waiting_for_migration_lock(conn: asyncpg.Connection, count: int) -> None:
+    """Return once `count` sessions are blocked on the migration lock.
+
+    PostgreSQL offers no notification for "a backend started waiting", so this
+    polls pg_locks; it is what makes the race below a real race and not two runs
+    that merely happened to be launched together.
+    """
+    query = """
+        SELECT count(*) FROM pg_locks
+        WHERE locktype = 'advisory' AND NOT granted AND classid = $1 AND objid = 0
+          AND objsubid = 2 AND database = (SELECT oid FROM pg_database
+                                           WHERE datname = current_database())"""
+    async with asyncio.timeout(20):
+        while True:
+            if await conn.fetchval(query, LOCK_NS_MIGRATIONS) >= count:
+                return
+            await asyncio.sleep(0.02)
+
+
 def expected_rows() -> list[tuple[int, str, str]]:
     return [(v, name, digest) for v, (name, digest) in sorted(shipped().items())]
 
@@ -91,6 +111,8 @@ async def test_two_processes_migrating_at_once_apply_each_migration_once(
     }
     env["SLOTCAST_LOG_LEVEL"] = "INFO"
     command = [sys.executable, "-m", "server.cli", "migrate", "--database-url", empty_database_url]
+    # Hold the lock until both are queued on it, so they really start migrating at once.
+    await admin.execute("SELECT pg_advisory_lock($1::int4, 0)", LOCK_NS_MIGRATIONS)
     procs = [
         await asyncio.create_subprocess_exec(
             *command,
@@ -101,6 +123,10 @@ async def test_two_processes_migrating_at_once_apply_each_migration_once(
         )
         for _ in range(2)
     ]
+    try:
+        await waiting_for_migration_lock(admin, 2)
+    finally:
+        await admin.execute("SELECT pg_advisory_unlock($1::int4, 0)", LOCK_NS_MIGRATIONS)
     outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), 30)
 
     logs = [(out + err).decode(errors="replace") for out, err in outputs]
@@ -115,7 +141,13 @@ async def test_two_processes_migrating_at_once_apply_each_migration_once(
 async def test_concurrent_migrate_calls_in_one_process_apply_each_migration_once(
     empty_database_url: str, admin: asyncpg.Connection
 ) -> None:
-    results = await asyncio.gather(*(migrate(empty_database_url) for _ in range(5)))
+    await admin.execute("SELECT pg_advisory_lock($1::int4, 0)", LOCK_NS_MIGRATIONS)
+    calls = asyncio.gather(*(migrate(empty_database_url) for _ in range(5)))
+    try:
+        await waiting_for_migration_lock(admin, 5)
+    finally:
+        await admin.execute("SELECT pg_advisory_unlock($1::int4, 0)", LOCK_NS_MIGRATIONS)
+    results = await asyncio.wait_for(calls, 20)
 
     assert sorted(results, key=len) == [[], [], [], [], sorted(shipped())]
     assert await recorded(admin) == expected_rows()
