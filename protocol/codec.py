@@ -87,10 +87,13 @@ class Codec:
         return Envelope(id=request_id, body=message)
 
 
-def parse_body(body: Any, cls: type[Message]) -> Message:
-    """Validate a message body (already parsed from JSON or MessagePack) into its type."""
+def parse_body(body: Any, cls: type[Message], *, strict: bool = True) -> Message:
+    """Validate a message body (already parsed from JSON or MessagePack) into its type.
+
+    `strict=False` lets strings stand for numbers and dates, as in a URL's query.
+    """
     try:
-        message: Message = msgspec.convert({} if body is None else body, cls)
+        message: Message = msgspec.convert({} if body is None else body, cls, strict=strict)
     except msgspec.ValidationError as exc:
         raise ProtocolError(f"invalid {cls.TYPE}: {exc}", code=ErrorCode.INVALID) from None
     return message

@@ -24,6 +24,11 @@ class ErrorCode(StrEnum):
     SLOT_TAKEN = "slot_taken"
     SLOT_UNAVAILABLE = "slot_unavailable"
     TOO_LATE = "too_late"
+    OUTSIDE_HORIZON = "outside_horizon"
+    HOLD_EXPIRED = "hold_expired"
+    NOT_HOLDER = "not_holder"
+    HOLD_LIMIT = "hold_limit"
+    INVALID_TRANSITION = "invalid_transition"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     LIMIT_EXCEEDED = "limit_exceeded"
     # Transient: retry with the same idempotency key.

@@ -10,7 +10,7 @@ so handlers only ever see valid values.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, time
 from typing import Annotated, ClassVar
 
 from msgspec import Meta
@@ -26,6 +26,8 @@ DoctorId = Annotated[int, Meta(ge=1, le=2**31 - 1)]  # fits the int4 advisory-lo
 RequestId = Annotated[str, Meta(min_length=1, max_length=64)] | Annotated[int, Meta(ge=0)]
 Key = Annotated[str, Meta(min_length=1, max_length=128, pattern=NO_NUL)]
 Token = Annotated[str, Meta(min_length=1, max_length=4096)]
+Reason = Annotated[str, Meta(min_length=1, max_length=500, pattern=NO_NUL)]
+Query = Annotated[str, Meta(max_length=100, pattern=NO_NUL)]
 Instant = Annotated[datetime, Meta(tz=True)]
 
 
@@ -70,9 +72,11 @@ class SlotView:
     start: Instant
     end: Instant
     status: SlotStatus
+    # When a `busy-tentative` slot frees itself unless its holder confirms.
+    hold_expires_at: Instant | None = None
 
     def __post_init__(self) -> None:
-        _normalize_instants(self, "start", "end")
+        _normalize_instants(self, "start", "end", "hold_expires_at")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +88,13 @@ class AppointmentView:
     start: Instant
     end: Instant
     status: AppointmentStatus
+    hold_expires_at: Instant | None = None  # set while `pending` (a hold)
+    replaces_id: Id | None = None  # the appointment this one rescheduled
+    cancel_reason: str | None = None
+    cancelled_at: Instant | None = None
 
     def __post_init__(self) -> None:
-        _normalize_instants(self, "start", "end")
+        _normalize_instants(self, "start", "end", "hold_expires_at", "cancelled_at")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +103,24 @@ class DoctorView:
     name: str
     specialty: str
     timezone: str
+
+
+@dataclass(frozen=True, slots=True)
+class WeeklyBlock:
+    """Open hours on one ISO weekday (Monday = 1), in the doctor's local time."""
+
+    weekday: Annotated[int, Meta(ge=1, le=7)]
+    start: time
+    end: time
+
+
+@dataclass(frozen=True, slots=True)
+class DayOverride:
+    """Hours for one local date instead of its weekly blocks; no times means a day off."""
+
+    date: date
+    start: time | None = None
+    end: time | None = None
 
 
 # ---- client -> server ---------------------------------------------------------------------
@@ -125,12 +151,119 @@ class Unwatch(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class Book(Message):
-    """Book a free slot. Resending with the same key returns the first result."""
+class Hold(Message):
+    """Hold a free slot for a while (it shows as `busy-tentative`) before confirming."""
 
-    TYPE: ClassVar[str] = "book"
+    TYPE: ClassVar[str] = "hold"
     slot_id: Id
     idempotency_key: Key | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Release(Message):
+    """Give a hold back before it expires."""
+
+    TYPE: ClassVar[str] = "release"
+    appointment_id: Id
+    idempotency_key: Key | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Book(Message):
+    """Book a free slot directly, or confirm one's own hold (`hold_id`).
+
+    Resending with the same idempotency key returns the first result.
+    """
+
+    TYPE: ClassVar[str] = "book"
+    slot_id: Id | None = None
+    idempotency_key: Key | None = None
+    hold_id: Id | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Message):
+    """Cancel a booked appointment (its patient, its doctor, or an admin)."""
+
+    TYPE: ClassVar[str] = "cancel"
+    appointment_id: Id
+    reason: Reason
+    idempotency_key: Key | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reschedule(Message):
+    """Move a booked appointment to another free slot: both happen, or neither."""
+
+    TYPE: ClassVar[str] = "reschedule"
+    appointment_id: Id
+    slot_id: Id
+    idempotency_key: Key | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Block(Message):
+    """The doctor takes a free slot out of availability (`busy-unavailable`)."""
+
+    TYPE: ClassVar[str] = "block"
+    slot_id: Id
+    idempotency_key: Key | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unblock(Message):
+    TYPE: ClassVar[str] = "unblock"
+    slot_id: Id
+    idempotency_key: Key | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Mark(Message):
+    """The doctor records what happened: `arrived`, `fulfilled` or `noshow`."""
+
+    TYPE: ClassVar[str] = "mark"
+    appointment_id: Id
+    status: AppointmentStatus
+    idempotency_key: Key | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetSchedule(Message):
+    """Replace a doctor's availability rules; slots follow, booked ones are never dropped."""
+
+    TYPE: ClassVar[str] = "set_schedule"
+    doctor_id: DoctorId
+    weekly: Annotated[list[WeeklyBlock], Meta(max_length=100)]
+    overrides: Annotated[list[DayOverride], Meta(max_length=400)] = field(default_factory=list)
+    slot_minutes: Annotated[int, Meta(ge=5, le=480)] = 30
+    buffer_minutes: Annotated[int, Meta(ge=0, le=240)] = 0
+    min_notice_minutes: Annotated[int, Meta(ge=0, le=43200)] = 0
+    horizon_days: Annotated[int, Meta(ge=1, le=366)] = 28
+    idempotency_key: Key | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListAppointments(Message):
+    """A doctor's appointments on one of the doctor's local dates."""
+
+    TYPE: ClassVar[str] = "list_appointments"
+    doctor_id: DoctorId
+    date: date
+
+
+@dataclass(frozen=True, slots=True)
+class MyAppointments(Message):
+    """The caller's own upcoming appointments and holds (patients)."""
+
+    TYPE: ClassVar[str] = "my_appointments"
+
+
+@dataclass(frozen=True, slots=True)
+class SearchDoctors(Message):
+    TYPE: ClassVar[str] = "search_doctors"
+    q: Query | None = None
+    limit: Annotated[int, Meta(ge=1, le=100)] = 20
+    offset: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,16 +307,27 @@ class Snapshot(Message):
     start: date
     end: date
     slots: list[SlotView] = field(default_factory=list)
+    # Free slots outside [bookable_from, bookable_until) are refused (notice, horizon).
+    bookable_from: Instant | None = None
+    bookable_until: Instant | None = None
+
+    def __post_init__(self) -> None:
+        _normalize_instants(self, "bookable_from", "bookable_until")
 
 
 @dataclass(frozen=True, slots=True)
 class Delta(Message):
-    """Slots that changed in one committed doctor version (exactly `previous + 1`)."""
+    """What one committed doctor version changed (exactly `previous + 1`).
+
+    `slots` are new or changed slots; `removed` are ids no longer offered. A delta
+    may carry neither: the version moved for something only the doctor sees.
+    """
 
     TYPE: ClassVar[str] = "delta"
     doctor_id: DoctorId
     version: Annotated[int, Meta(ge=1)]
     slots: list[SlotView] = field(default_factory=list)
+    removed: list[Id] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +340,58 @@ class Unwatched(Message):
 class Booked(Message):
     TYPE: ClassVar[str] = "booked"
     appointment: AppointmentView
+
+
+@dataclass(frozen=True, slots=True)
+class Held(Message):
+    TYPE: ClassVar[str] = "held"
+    appointment: AppointmentView
+
+
+@dataclass(frozen=True, slots=True)
+class AppointmentUpdated(Message):
+    """The reply to release, cancel and mark: the appointment as it now stands."""
+
+    TYPE: ClassVar[str] = "appointment"
+    appointment: AppointmentView
+
+
+@dataclass(frozen=True, slots=True)
+class Rescheduled(Message):
+    TYPE: ClassVar[str] = "rescheduled"
+    appointment: AppointmentView  # the new, booked appointment
+    replaced: AppointmentView  # the old one, now cancelled
+
+
+@dataclass(frozen=True, slots=True)
+class SlotUpdated(Message):
+    TYPE: ClassVar[str] = "slot"
+    doctor_id: DoctorId
+    slot: SlotView
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleUpdated(Message):
+    TYPE: ClassVar[str] = "schedule_updated"
+    doctor_id: DoctorId
+    version: Annotated[int, Meta(ge=0)]
+    opened: Annotated[int, Meta(ge=0)]  # slots added
+    removed: Annotated[int, Meta(ge=0)]  # free slots no longer offered
+    conflicts: list[Id] = field(default_factory=list)  # booked slots now outside the schedule
+
+
+@dataclass(frozen=True, slots=True)
+class Appointments(Message):
+    TYPE: ClassVar[str] = "appointments"
+    appointments: list[AppointmentView] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Doctors(Message):
+    TYPE: ClassVar[str] = "doctors"
+    doctors: list[DoctorView] = field(default_factory=list)
+    limit: int = 20
+    offset: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,5 +410,38 @@ def _registry(*types: type[Message]) -> dict[str, type[Message]]:
     return {t.TYPE: t for t in types}
 
 
-CLIENT_MESSAGES = _registry(Auth, Watch, Unwatch, Book, Ping)
-SERVER_MESSAGES = _registry(Welcome, Authenticated, Snapshot, Delta, Unwatched, Booked, Pong, Error)
+CLIENT_MESSAGES = _registry(
+    Auth,
+    Watch,
+    Unwatch,
+    Hold,
+    Release,
+    Book,
+    Cancel,
+    Reschedule,
+    Block,
+    Unblock,
+    Mark,
+    SetSchedule,
+    ListAppointments,
+    MyAppointments,
+    SearchDoctors,
+    Ping,
+)
+SERVER_MESSAGES = _registry(
+    Welcome,
+    Authenticated,
+    Snapshot,
+    Delta,
+    Unwatched,
+    Held,
+    Booked,
+    AppointmentUpdated,
+    Rescheduled,
+    SlotUpdated,
+    ScheduleUpdated,
+    Appointments,
+    Doctors,
+    Pong,
+    Error,
+)

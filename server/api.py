@@ -18,9 +18,10 @@ from aiohttp import web
 
 from protocol.codec import parse_body
 from protocol.errors import ErrorCode, ProtocolError, SlotcastError
-from protocol.messages import Book, Booked
+from protocol.messages import Message
 from server import auth
 from server.keys import BROKER, ROOMS, SCHEDULING, SETTINGS, STORE
+from server.service import COMMANDS
 
 log = logging.getLogger(__name__)
 
@@ -75,26 +76,6 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(SlotcastError("internal error", code=ErrorCode.INTERNAL))
 
 
-def _identity(request: web.Request) -> auth.Identity:
-    token = auth.bearer(request.headers.get("Authorization"))
-    if token is None:
-        raise SlotcastError("send `Authorization: Bearer <token>`", code=ErrorCode.UNAUTHENTICATED)
-    return auth.verify(request.app[SETTINGS].jwt_secret, token)
-
-
-def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ProtocolError(f"`{name}` must be a whole number", code=ErrorCode.INVALID) from None
-    if not low <= value <= high:
-        raise ProtocolError(f"`{name}` must be in {low}..{high}", code=ErrorCode.INVALID)
-    return value
-
-
 def _date_param(request: web.Request, name: str) -> date:
     raw = request.query.get(name)
     if raw is None:
@@ -108,15 +89,11 @@ def _date_param(request: web.Request, name: str) -> date:
 
 
 async def _json_body(request: web.Request) -> Any:
-    """The JSON body, with an `Idempotency-Key` header folded in to be validated alike."""
+    """JSON is UTF-8 (RFC 8259), whatever charset the request claims."""
     try:
-        raw = orjson.loads(await request.read())
+        return orjson.loads(await request.read())
     except orjson.JSONDecodeError:
         raise ProtocolError("the body must be JSON") from None
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and isinstance(raw, dict):
-        raw.setdefault("idempotency_key", key)
-    return raw
 
 
 def _doctor_id(request: web.Request) -> int:
@@ -129,14 +106,43 @@ def _doctor_id(request: web.Request) -> int:
     return value
 
 
-async def list_doctors(request: web.Request) -> web.Response:
-    limit = _int_param(request, "limit", 20, 1, 100)
-    offset = _int_param(request, "offset", 0, 0, 1_000_000)
-    query = request.query.get("q")
-    if query is not None and (len(query) > 100 or "\x00" in query):
-        raise ProtocolError("`q` must be at most 100 characters", code=ErrorCode.INVALID)
-    found = await request.app[SCHEDULING].doctors(query, limit, offset)
-    return json_response({"doctors": msgspec.to_builtins(found), "limit": limit, "offset": offset})
+def command(cls: type[Message], status: int = 200) -> Handler:
+    """A REST endpoint for a command: path, query and body make the message, as on a socket.
+
+    Query strings are coerced (numbers, dates); JSON bodies are validated strictly.
+    """
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        raw: dict[str, Any] = {}
+        if request.method == "GET":
+            raw.update(request.query)
+        elif request.method != "DELETE" or request.can_read_body:
+            body = await _json_body(request)
+            if not isinstance(body, dict):
+                raise ProtocolError("the body must be a JSON object", code=ErrorCode.INVALID)
+            raw.update(body)
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and request.method != "GET":
+            raw.setdefault("idempotency_key", key)
+        for name, value in request.match_info.items():
+            raw[name] = _path_id(name, value)
+        message = parse_body(raw, cls, strict=request.method != "GET")
+        reply = await COMMANDS[cls](request.app[SCHEDULING], _caller(request), message)
+        return json_response(msgspec.to_builtins(reply), status=status)
+
+    handler.__name__ = f"{cls.TYPE}_endpoint"
+    return handler
+
+
+def _caller(request: web.Request) -> auth.Identity | None:
+    token = auth.bearer(request.headers.get("Authorization"))
+    return auth.verify(request.app[SETTINGS].jwt_secret, token) if token is not None else None
+
+
+def _path_id(name: str, value: str) -> int:
+    if not value.isdigit() or len(value) > 16:
+        raise ProtocolError(f"`{name}` must be a whole number", code=ErrorCode.INVALID)
+    return int(value)
 
 
 async def doctor_slots(request: web.Request) -> web.Response:
@@ -144,14 +150,6 @@ async def doctor_slots(request: web.Request) -> web.Response:
         _doctor_id(request), _date_param(request, "start"), _date_param(request, "end")
     )
     return json_response(msgspec.to_builtins(snapshot))
-
-
-async def book(request: web.Request) -> web.Response:
-    who = _identity(request)
-    body = parse_body(await _json_body(request), Book)
-    assert isinstance(body, Book)
-    appointment = await request.app[SCHEDULING].book(who, body.slot_id, body.idempotency_key)
-    return json_response(msgspec.to_builtins(Booked(appointment)), status=201)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from aiohttp import WSCloseCode, web
 
-from server.keys import BROKER, CONNECTIONS, ROOMS, SCHEDULING, SETTINGS, STORE
+from server.background import every, sweep_holds, sweep_horizon
+from server.keys import BROKER, CLOCK, CONNECTIONS, ROOMS, SCHEDULING, SETTINGS, STORE
 from server.rooms import Rooms
 from server.routes import setup_routes
-from server.service import Scheduling
+from server.service import Clock, Publisher, Scheduling, utcnow
 from server.settings import Settings
 from store import demo, embedded
 from store.broker import open_broker
@@ -27,13 +28,15 @@ from store.migrate import migrate
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, *, clock: Clock = utcnow) -> web.Application:
+    """The whole server; `clock` is replaceable so tests can move time (holds, notice)."""
     from server.api import errors
 
     app = web.Application(middlewares=[errors], client_max_size=settings.max_frame_bytes)
     app[SETTINGS] = settings
+    app[CLOCK] = clock
     app[CONNECTIONS] = set()
-    app.cleanup_ctx.extend([database, broker, services])
+    app.cleanup_ctx.extend([database, broker, services, upkeep])
     app.on_shutdown.append(close_connections)
     setup_routes(app, settings.static_dir)
     return app
@@ -76,11 +79,37 @@ async def broker(app: web.Application) -> AsyncIterator[None]:
 
 
 async def services(app: web.Application) -> AsyncIterator[None]:
-    rooms = Rooms(app[STORE], app[BROKER])
+    store = app[STORE]
+    publisher = Publisher(app[BROKER])
+    store.on_commit = publisher.enqueue
+    rooms = Rooms(store, app[BROKER])
     app[ROOMS] = rooms
-    app[SCHEDULING] = Scheduling(app[STORE], app[BROKER], app[SETTINGS])
+    app[SCHEDULING] = Scheduling(store, app[SETTINGS], app[CLOCK])
     yield
     await rooms.close()
+    await publisher.close()
+    store.on_commit = lambda changes: None
+
+
+async def upkeep(app: web.Application) -> AsyncIterator[None]:
+    """Hold expiry and slot horizon, owned by the app: started here, cancelled on exit."""
+    store, clock, settings = app[STORE], app[CLOCK], app[SETTINGS]
+    await sweep_horizon(store, clock)
+    await sweep_holds(store, clock)
+    tasks = [
+        asyncio.create_task(
+            every(settings.hold_sweep_s, lambda: sweep_holds(store, clock), "hold sweep"),
+            name="hold-sweep",
+        ),
+        asyncio.create_task(
+            every(settings.horizon_sweep_s, lambda: sweep_horizon(store, clock), "horizon sweep"),
+            name="horizon-sweep",
+        ),
+    ]
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def close_connections(app: web.Application) -> None:

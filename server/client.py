@@ -27,23 +27,45 @@ from protocol.codec import JSON, MSGPACK, Codec
 from protocol.errors import ErrorCode, SlotcastError
 from protocol.messages import (
     SERVER_MESSAGES,
+    Appointments,
+    AppointmentUpdated,
     AppointmentView,
     Auth,
     Authenticated,
+    Block,
     Book,
     Booked,
+    Cancel,
+    DayOverride,
     Delta,
+    Doctors,
+    DoctorView,
     Error,
+    Held,
+    Hold,
+    ListAppointments,
+    Mark,
     Message,
+    MyAppointments,
     Ping,
     Pong,
+    Release,
+    Reschedule,
+    Rescheduled,
+    ScheduleUpdated,
+    SearchDoctors,
+    SetSchedule,
+    SlotUpdated,
     SlotView,
     Snapshot,
+    Unblock,
     Unwatch,
     Unwatched,
     Watch,
+    WeeklyBlock,
     Welcome,
 )
+from protocol.vocabulary import AppointmentStatus
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +184,88 @@ class SlotcastClient:
         await self.request(Unwatch(doctor_id), Unwatched)
         self.calendars.pop(doctor_id, None)
 
-    async def book(self, slot_id: int, idempotency_key: str | None = None) -> AppointmentView:
-        return (await self.request(Book(slot_id, idempotency_key), Booked)).appointment
+    async def book(
+        self,
+        slot_id: int | None = None,
+        idempotency_key: str | None = None,
+        *,
+        hold_id: int | None = None,
+    ) -> AppointmentView:
+        """Book a free slot, or confirm a hold with `hold_id=`."""
+        request = Book(slot_id, idempotency_key, hold_id)
+        return (await self.request(request, Booked)).appointment
+
+    async def hold(self, slot_id: int, idempotency_key: str | None = None) -> AppointmentView:
+        return (await self.request(Hold(slot_id, idempotency_key), Held)).appointment
+
+    async def release(
+        self, appointment_id: int, idempotency_key: str | None = None
+    ) -> AppointmentView:
+        reply = await self.request(Release(appointment_id, idempotency_key), AppointmentUpdated)
+        return reply.appointment
+
+    async def cancel(
+        self, appointment_id: int, reason: str, idempotency_key: str | None = None
+    ) -> AppointmentView:
+        reply = await self.request(
+            Cancel(appointment_id, reason, idempotency_key), AppointmentUpdated
+        )
+        return reply.appointment
+
+    async def reschedule(
+        self, appointment_id: int, slot_id: int, idempotency_key: str | None = None
+    ) -> Rescheduled:
+        return await self.request(Reschedule(appointment_id, slot_id, idempotency_key), Rescheduled)
+
+    async def block(self, slot_id: int, idempotency_key: str | None = None) -> SlotView:
+        return (await self.request(Block(slot_id, idempotency_key), SlotUpdated)).slot
+
+    async def unblock(self, slot_id: int, idempotency_key: str | None = None) -> SlotView:
+        return (await self.request(Unblock(slot_id, idempotency_key), SlotUpdated)).slot
+
+    async def mark(
+        self, appointment_id: int, status: AppointmentStatus, idempotency_key: str | None = None
+    ) -> AppointmentView:
+        reply = await self.request(
+            Mark(appointment_id, status, idempotency_key), AppointmentUpdated
+        )
+        return reply.appointment
+
+    async def set_schedule(
+        self,
+        doctor_id: int,
+        weekly: list[WeeklyBlock],
+        overrides: list[DayOverride] | None = None,
+        *,
+        slot_minutes: int = 30,
+        buffer_minutes: int = 0,
+        min_notice_minutes: int = 0,
+        horizon_days: int = 28,
+        idempotency_key: str | None = None,
+    ) -> ScheduleUpdated:
+        request = SetSchedule(
+            doctor_id,
+            weekly,
+            overrides or [],
+            slot_minutes=slot_minutes,
+            buffer_minutes=buffer_minutes,
+            min_notice_minutes=min_notice_minutes,
+            horizon_days=horizon_days,
+            idempotency_key=idempotency_key,
+        )
+        return await self.request(request, ScheduleUpdated)
+
+    async def list_appointments(self, doctor_id: int, day: date) -> list[AppointmentView]:
+        reply = await self.request(ListAppointments(doctor_id, day), Appointments)
+        return reply.appointments
+
+    async def my_appointments(self) -> list[AppointmentView]:
+        return (await self.request(MyAppointments(), Appointments)).appointments
+
+    async def search_doctors(
+        self, q: str | None = None, limit: int = 20, offset: int = 0
+    ) -> list[DoctorView]:
+        return (await self.request(SearchDoctors(q, limit, offset), Doctors)).doctors
 
     async def ping(self) -> None:
         await self.request(Ping(), Pong)
@@ -229,6 +331,8 @@ class SlotcastClient:
         for slot in delta.slots:
             if slot.id in calendar.slots or _within(slot, calendar):
                 calendar.slots[slot.id] = slot
+        for slot_id in delta.removed:
+            calendar.slots.pop(slot_id, None)
 
     def _resync(self, calendar: Calendar) -> None:
         if calendar.doctor_id in self._resyncing:

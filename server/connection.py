@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Final
 from aiohttp import WSMsgType, web
 
 from protocol.codec import Codec
-from protocol.errors import ErrorCode, SlotcastError
+from protocol.errors import SlotcastError
 from protocol.messages import Error, Message
 from server.auth import Identity
 
@@ -82,18 +82,3 @@ class Connection:
         self._writer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._writer
-
-    # ---- identity ---------------------------------------------------------------------------
-
-    def require(self) -> Identity:
-        """The authenticated identity, or the error an anonymous/expired client deserves."""
-        from datetime import UTC, datetime
-
-        if self.identity is None:
-            raise SlotcastError(
-                "sign in first: send an `auth` message", code=ErrorCode.UNAUTHENTICATED
-            )
-        expires = self.identity.expires_at
-        if expires is not None and expires <= datetime.now(UTC):
-            raise SlotcastError("the token has expired", code=ErrorCode.TOKEN_EXPIRED)
-        return self.identity

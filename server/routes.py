@@ -6,16 +6,33 @@ from pathlib import Path
 
 from aiohttp import web
 
+from protocol import messages as m
 from server import api, ws
+from server.api import command
 
 
 def setup_routes(app: web.Application, static_dir: Path) -> None:
-    app.router.add_get("/ws", ws.websocket, name="ws")
-    app.router.add_get("/healthz", api.healthz)
-    app.router.add_get("/readyz", api.readyz)
-    app.router.add_get("/api/doctors", api.list_doctors)
-    app.router.add_get("/api/doctors/{doctor_id}/slots", api.doctor_slots)
-    app.router.add_post("/api/appointments", api.book)
+    r = app.router
+    r.add_get("/ws", ws.websocket, name="ws")
+    r.add_get("/healthz", api.healthz)
+    r.add_get("/readyz", api.readyz)
+    # Public availability (the WebSocket `watch` gives the same snapshot, then live deltas).
+    r.add_get("/api/doctors", command(m.SearchDoctors))
+    r.add_get("/api/doctors/{doctor_id}/slots", api.doctor_slots)
+    # Patients.
+    r.add_post("/api/holds", command(m.Hold, 201))
+    r.add_delete("/api/holds/{appointment_id}", command(m.Release))
+    r.add_post("/api/appointments", command(m.Book, 201))
+    r.add_get("/api/me/appointments", command(m.MyAppointments))
+    # Patients, doctors and admins (ownership is checked).
+    r.add_post("/api/appointments/{appointment_id}/cancel", command(m.Cancel))
+    r.add_post("/api/appointments/{appointment_id}/reschedule", command(m.Reschedule, 201))
+    # Doctors and admins.
+    r.add_post("/api/appointments/{appointment_id}/status", command(m.Mark))
+    r.add_post("/api/slots/{slot_id}/block", command(m.Block))
+    r.add_delete("/api/slots/{slot_id}/block", command(m.Unblock))
+    r.add_put("/api/doctors/{doctor_id}/schedule", command(m.SetSchedule))
+    r.add_get("/api/doctors/{doctor_id}/appointments", command(m.ListAppointments))
     if static_dir.is_dir():
         index = static_dir / "index.html"
         if index.is_file():
@@ -23,5 +40,5 @@ def setup_routes(app: web.Application, static_dir: Path) -> None:
             async def home(_: web.Request) -> web.FileResponse:
                 return web.FileResponse(index)
 
-            app.router.add_get("/", home)
-        app.router.add_static("/static/", static_dir, name="static")
+            r.add_get("/", home)
+        r.add_static("/static/", static_dir, name="static")

@@ -1,38 +1,90 @@
 """Scheduling commands, shared by the WebSocket and REST front doors.
 
-Authorization and input limits are decided here once; the store does the
-transactional work; a committed change is then published to the broker so every
-instance's rooms hear of it.
+`COMMANDS` maps each command message to a `Scheduling` method; both front doors
+dispatch through it, so a hold over REST and a hold over a WebSocket are the
+same code. Role checks that need no data happen here; ownership checks that do
+happen in the store, under the doctor's lock. Committed changes reach the broker
+through the `Publisher`, which the store notifies on every commit.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from datetime import date
+from collections.abc import Awaitable, Callable
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 from protocol.errors import ErrorCode, SlotcastError
-from protocol.messages import AppointmentView, DoctorView, Snapshot
+from protocol.messages import (
+    Appointments,
+    Block,
+    Book,
+    Cancel,
+    Doctors,
+    Hold,
+    ListAppointments,
+    Mark,
+    Message,
+    MyAppointments,
+    Release,
+    Reschedule,
+    SearchDoctors,
+    SetSchedule,
+    Snapshot,
+    Unblock,
+)
 from protocol.vocabulary import Role
 from server.auth import Identity
 from server.settings import Settings
 from store.broker import Broker
 from store.changes import Change
+from store.commands import Actor
 from store.constants import availability_channel
-from store.database import Store
+from store.database import Outcome, Store
 from store.errors import StoreError
 
 log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 def forbidden(message: str) -> SlotcastError:
     return SlotcastError(message, code=ErrorCode.FORBIDDEN)
 
 
+def actor_of(who: Identity | None, now: datetime) -> Actor:
+    """The caller as the store knows it; anonymous or expired callers stop here."""
+    if who is None:
+        raise SlotcastError("sign in first", code=ErrorCode.UNAUTHENTICATED)
+    if who.expires_at is not None and who.expires_at <= now:
+        raise SlotcastError("the token has expired", code=ErrorCode.TOKEN_EXPIRED)
+    return Actor(who.subject, who.role)
+
+
+def _reply(outcome: Outcome) -> Message:
+    assert outcome.reply is not None
+    return outcome.reply
+
+
 class Scheduling:
-    def __init__(self, store: Store, broker: Broker, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings, clock: Clock = utcnow) -> None:
         self._store = store
-        self._broker = broker
         self._settings = settings
+        self.clock = clock
+
+    def _patient(self, who: Identity | None) -> Actor:
+        actor = actor_of(who, self.clock())
+        if actor.role is not Role.PATIENT:
+            raise forbidden("only patients hold and book slots")
+        return actor
+
+    # ---- reads --------------------------------------------------------------------------
 
     async def snapshot(self, doctor_id: int, start: date, end: date) -> Snapshot:
         days = (end - start).days
@@ -43,28 +95,117 @@ class Scheduling:
                 f"a range spans at most {self._settings.max_watch_days} days",
                 code=ErrorCode.INVALID,
             )
-        return await self._store.snapshot(doctor_id, start, end)
+        return await self._store.snapshot(doctor_id, start, end, now=self.clock())
 
-    async def doctors(self, query: str | None, limit: int, offset: int) -> list[DoctorView]:
-        return await self._store.search_doctors(query, limit=limit, offset=offset)
+    async def search_doctors(self, who: Identity | None, msg: SearchDoctors) -> Message:
+        found = await self._store.search_doctors(msg.q, limit=msg.limit, offset=msg.offset)
+        return Doctors(found, msg.limit, msg.offset)
 
-    async def book(
-        self, who: Identity, slot_id: int, idempotency_key: str | None
-    ) -> AppointmentView:
-        if not who.is_role(Role.PATIENT):
-            raise forbidden("only patients book appointments")
-        booking = await self._store.book(
-            slot_id=slot_id, patient_id=who.subject, idempotency_key=idempotency_key
+    async def list_appointments(self, who: Identity | None, msg: ListAppointments) -> Message:
+        if not actor_of(who, self.clock()).owns_doctor(msg.doctor_id):
+            raise forbidden("only the doctor or an admin sees the doctor's appointments")
+        await self._store.doctor(msg.doctor_id)  # not_found for an unknown doctor
+        return Appointments(await self._store.doctor_appointments(msg.doctor_id, msg.date))
+
+    async def my_appointments(self, who: Identity | None, msg: MyAppointments) -> Message:
+        actor = actor_of(who, self.clock())
+        return Appointments(await self._store.patient_appointments(actor.subject, now=self.clock()))
+
+    # ---- commands ------------------------------------------------------------------------
+
+    async def hold(self, who: Identity | None, msg: Hold) -> Message:
+        outcome = await self._store.hold(
+            self._patient(who),
+            msg,
+            ttl=timedelta(seconds=self._settings.hold_ttl_s),
+            max_holds=self._settings.max_holds_per_patient,
+            now=self.clock(),
         )
-        if booking.change is not None:
-            await self.publish(booking.change)
-        return booking.appointment
+        return _reply(outcome)
 
-    async def publish(self, change: Change) -> None:
-        """Best effort: a lost publish is a gap that watchers' rooms refill from the log."""
-        try:
-            await self._broker.publish(availability_channel(change.doctor_id), change.pack())
-        except StoreError as exc:
-            log.warning(
-                "publish of doctor %s v%s failed: %s", change.doctor_id, change.version, exc
-            )
+    async def release(self, who: Identity | None, msg: Release) -> Message:
+        return _reply(await self._store.release(self._patient(who), msg, now=self.clock()))
+
+    async def book(self, who: Identity | None, msg: Book) -> Message:
+        return _reply(await self._store.book_command(self._patient(who), msg, now=self.clock()))
+
+    async def cancel(self, who: Identity | None, msg: Cancel) -> Message:
+        actor = actor_of(who, self.clock())
+        return _reply(await self._store.cancel(actor, msg, now=self.clock()))
+
+    async def reschedule(self, who: Identity | None, msg: Reschedule) -> Message:
+        actor = actor_of(who, self.clock())
+        return _reply(await self._store.reschedule(actor, msg, now=self.clock()))
+
+    async def block(self, who: Identity | None, msg: Block) -> Message:
+        actor = actor_of(who, self.clock())
+        return _reply(await self._store.set_blocked(actor, msg, blocked=True, now=self.clock()))
+
+    async def unblock(self, who: Identity | None, msg: Unblock) -> Message:
+        actor = actor_of(who, self.clock())
+        return _reply(await self._store.set_blocked(actor, msg, blocked=False, now=self.clock()))
+
+    async def mark(self, who: Identity | None, msg: Mark) -> Message:
+        actor = actor_of(who, self.clock())
+        return _reply(await self._store.mark(actor, msg, now=self.clock()))
+
+    async def set_schedule(self, who: Identity | None, msg: SetSchedule) -> Message:
+        actor = actor_of(who, self.clock())
+        return _reply(await self._store.set_schedule(actor, msg, now=self.clock()))
+
+
+Command = Callable[[Scheduling, Identity | None, Any], Awaitable[Message]]
+
+# Every command, once: the WebSocket handler and the REST adapter both dispatch here.
+COMMANDS: dict[type[Message], Command] = {
+    Hold: Scheduling.hold,
+    Release: Scheduling.release,
+    Book: Scheduling.book,
+    Cancel: Scheduling.cancel,
+    Reschedule: Scheduling.reschedule,
+    Block: Scheduling.block,
+    Unblock: Scheduling.unblock,
+    Mark: Scheduling.mark,
+    SetSchedule: Scheduling.set_schedule,
+    ListAppointments: Scheduling.list_appointments,
+    MyAppointments: Scheduling.my_appointments,
+    SearchDoctors: Scheduling.search_doctors,
+}
+
+
+class Publisher:
+    """Publishes committed changes in commit order, off the request path.
+
+    Best effort by design: a change whose publish fails is still in the change
+    log, and every room that misses it fills the gap from there.
+    """
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+        self._queue: asyncio.Queue[Change] = asyncio.Queue()
+        self._task = asyncio.create_task(self._run(), name="publisher")
+
+    def enqueue(self, changes: list[Change]) -> None:
+        for change in changes:
+            self._queue.put_nowait(change)
+
+    async def _run(self) -> None:
+        while True:
+            change = await self._queue.get()
+            try:
+                await self._broker.publish(availability_channel(change.doctor_id), change.pack())
+            except StoreError as exc:
+                log.warning(
+                    "publish of doctor %s v%s failed: %s", change.doctor_id, change.version, exc
+                )
+            finally:
+                self._queue.task_done()
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Publish what is queued (bounded), then stop."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._queue.join()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task

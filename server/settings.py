@@ -49,6 +49,12 @@ class Settings:
     max_watches: int = 32
     max_watch_days: int = 62
     heartbeat_s: float = 20.0
+    # Holds: how long a held slot waits for confirmation, and how many one patient may have.
+    hold_ttl_s: float = 120.0
+    max_holds_per_patient: int = 3
+    # How often each instance sweeps expired holds, and tops slots up to the horizon.
+    hold_sweep_s: float = 1.0
+    horizon_sweep_s: float = 3600.0
     static_dir: Path = Path(__file__).resolve().parent.parent / "static"
 
     @classmethod

@@ -19,8 +19,6 @@ from protocol.messages import (
     PROTOCOL,
     Auth,
     Authenticated,
-    Book,
-    Booked,
     Message,
     Ping,
     Pong,
@@ -33,7 +31,7 @@ from server import auth
 from server.connection import Connection
 from server.keys import CONNECTIONS, ROOMS, SCHEDULING, SETTINGS
 from server.rooms import Rooms
-from server.service import Scheduling
+from server.service import COMMANDS, Scheduling
 
 log = logging.getLogger(__name__)
 
@@ -92,22 +90,16 @@ async def on_unwatch(ctx: Context, rid: RequestId, msg: Any) -> None:
     ctx.conn.send(Unwatched(msg.doctor_id), rid)
 
 
-async def on_book(ctx: Context, rid: RequestId, msg: Any) -> None:
-    assert isinstance(msg, Book)
-    appointment = await ctx.scheduling.book(ctx.conn.require(), msg.slot_id, msg.idempotency_key)
-    ctx.conn.send(Booked(appointment), rid)
-
-
 async def on_ping(ctx: Context, rid: RequestId, msg: Any) -> None:
     ctx.conn.send(Pong(), rid)
 
 
 Handler = Callable[[Context, RequestId, Any], Awaitable[None]]
+# What only a connection can do; every other message is a command in service.COMMANDS.
 HANDLERS: dict[type[Message], Handler] = {
     Auth: on_auth,
     Watch: on_watch,
     Unwatch: on_unwatch,
-    Book: on_book,
     Ping: on_ping,
 }
 
@@ -169,7 +161,13 @@ async def _handle(ctx: Context, data: bytes | str) -> None:
     try:
         envelope = conn.codec.decode(data, max_size=ctx.max_frame)
         request_id = envelope.id
-        await HANDLERS[type(envelope.body)](ctx, request_id, envelope.body)
+        kind = type(envelope.body)
+        handler = HANDLERS.get(kind)
+        if handler is not None:
+            await handler(ctx, request_id, envelope.body)
+        else:
+            reply = await COMMANDS[kind](ctx.scheduling, conn.identity, envelope.body)
+            conn.send(reply, request_id)
     except ProtocolError as exc:
         conn.send_error(exc, exc.request_id)
     except SlotcastError as exc:

@@ -10,6 +10,7 @@ from typing import Final
 LOCK_NS_MIGRATIONS: Final = 0x5C01
 LOCK_NS_DOCTOR: Final = 0x5C02
 LOCK_NS_SEED: Final = 0x5C03
+LOCK_NS_PATIENT: Final = 0x5C04
 
 CHANNEL_PREFIX: Final = "slotcast:v1"
 

@@ -1,41 +1,70 @@
 """The Store: every read and write Slotcast makes to PostgreSQL.
 
-Write commands follow one discipline, so a slot is never booked twice:
-one READ COMMITTED transaction whose first statement takes the doctor's
-transaction-level advisory lock; every check re-done under that lock; the write,
-the doctor's version bump and its change record committed together. The
-exclusion constraint on appointments stands behind all of it.
+Every write command runs through `Store._run`, so a slot is never booked twice:
+one READ COMMITTED transaction whose first statements take the doctors'
+transaction-level advisory locks (in id order, so crossed commands cannot
+deadlock); the idempotency key replayed if seen before; expired holds cleared;
+then the command re-checks everything under the locks and writes; finally each
+touched doctor's version is bumped once and its change record appended, all in
+that transaction. The exclusion constraint on appointments stands behind it all.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import msgspec
 import orjson
 
-from protocol.messages import AppointmentView, DoctorView, SlotView, Snapshot
-from protocol.vocabulary import AppointmentStatus, SlotStatus
+from protocol.messages import (
+    SERVER_MESSAGES,
+    AppointmentUpdated,
+    AppointmentView,
+    Booked,
+    DoctorView,
+    Held,
+    Message,
+    Rescheduled,
+    ScheduleUpdated,
+    SlotUpdated,
+    Snapshot,
+)
+from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
+from store import commands as cmd
 from store import sql
 from store.changes import Change
-from store.constants import LOCK_NS_DOCTOR
+from store.commands import SYSTEM, Actor, Tx
+from store.constants import LOCK_NS_DOCTOR, LOCK_NS_PATIENT
 from store.errors import (
+    Forbidden,
+    HoldExpired,
+    HoldLimit,
     IdempotencyConflict,
+    Invalid,
+    InvalidTransition,
     NotFound,
-    SlotTaken,
-    SlotUnavailable,
-    TooLate,
+    NotHolder,
+    StoreError,
     translated,
 )
-from store.schedule import Block, slot_times, zone
+from store.schedule import Block, zone
 
 log = logging.getLogger(__name__)
+
+OnCommit = Callable[[list[Change]], None]
+Work = Callable[[Tx], Awaitable[Message | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    reply: Message | None  # None for system work (expiry, slot upkeep)
+    changes: list[Change]  # empty for an idempotent replay
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +82,8 @@ class Doctor:
     slot_minutes: int
     horizon_days: int
     version: int
+    buffer_minutes: int
+    min_notice_minutes: int
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -93,36 +124,142 @@ async def open_store(
         await pool.close()
 
 
-def _slot(row: asyncpg.Record) -> SlotView:
-    return SlotView(
-        id=row["id"], start=row["starts_at"], end=row["ends_at"], status=SlotStatus(row["status"])
-    )
+def _now(now: datetime | None) -> datetime:
+    return now if now is not None else datetime.now(UTC)
 
 
 class Store:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        # Told of every commit's changes, in commit order per doctor; the server publishes them.
+        self.on_commit: OnCommit = lambda changes: None
 
-    @contextlib.asynccontextmanager
-    async def _locked(self, doctor_id: int) -> AsyncIterator[asyncpg.Connection]:
-        """A write transaction holding the doctor's lock from its first statement."""
+    # ---- the command runner ----------------------------------------------------------------------
+
+    async def _run(
+        self,
+        *,
+        doctors: Iterable[int],
+        actor: Actor,
+        now: datetime,
+        work: Work,
+        request: Message | None = None,
+        key: str | None = None,
+        patient_lock: str | None = None,
+    ) -> Outcome:
+        fingerprint: dict[str, Any] = {}
+        if request is not None:
+            fingerprint = msgspec.to_builtins(request)
+            fingerprint.pop("idempotency_key", None)
+        command = request.TYPE if request is not None else "system"
+        doctor_ids = sorted(set(doctors))
+        try:
+            outcome, error = await self._attempt(
+                doctor_ids, actor, now, work, command, fingerprint, key, patient_lock
+            )
+        except _KeyRace:
+            # The same subject's key was stored by a concurrent command on another doctor.
+            with translated():
+                async with self._pool.acquire() as conn:
+                    replay = await self._replay(conn, actor, key, command, fingerprint)
+            if replay is None:  # pragma: no cover - the conflicting insert committed
+                raise IdempotencyConflict("key in use by an unfinished request") from None
+            return Outcome(replay, [])
+        if outcome.changes:
+            self.on_commit(outcome.changes)
+        if error is not None:
+            raise error
+        return outcome
+
+    async def _attempt(
+        self,
+        doctor_ids: list[int],
+        actor: Actor,
+        now: datetime,
+        work: Work,
+        command: str,
+        fingerprint: dict[str, Any],
+        key: str | None,
+        patient_lock: str | None,
+    ) -> tuple[Outcome, StoreError | None]:
         with translated():
             async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute(sql.DOCTOR_LOCK, LOCK_NS_DOCTOR, doctor_id)
-                yield conn
+                for doctor_id in doctor_ids:
+                    await conn.execute(sql.DOCTOR_LOCK, LOCK_NS_DOCTOR, doctor_id)
+                if patient_lock is not None:
+                    await conn.execute(sql.PATIENT_LOCK, LOCK_NS_PATIENT, patient_lock)
+                if key is not None:
+                    replay = await self._replay(conn, actor, key, command, fingerprint)
+                    if replay is not None:
+                        return Outcome(replay, []), None
+                tx = Tx(conn, now, actor)
+                for doctor_id in doctor_ids:
+                    await cmd.expire_holds(tx, doctor_id)
+                before = tx.checkpoint()
+                error: StoreError | None = None
+                reply: Message | None = None
+                try:
+                    async with conn.transaction():  # savepoint: a refusal undoes only the work
+                        reply = await work(tx)
+                except StoreError as exc:
+                    tx.restore(before)
+                    error = exc
+                changes = await tx.record()
+                if reply is not None and key is not None:
+                    await self._remember(conn, actor, key, command, fingerprint, reply)
+                # A refused command still commits the holds it found expired.
+                return Outcome(reply, changes), error
 
-    async def _record_change(
+    async def _replay(
         self,
         conn: asyncpg.Connection,
-        doctor_id: int,
-        kind: str,
-        actor: str | None,
-        slots: list[SlotView],
-    ) -> Change:
-        version = await conn.fetchval(sql.DOCTOR_BUMP_VERSION, doctor_id)
-        change = Change.of_slots(doctor_id, version, slots)
-        await conn.execute(sql.CHANGE_INSERT, doctor_id, version, kind, actor, change.public)
-        return change
+        actor: Actor,
+        key: str | None,
+        command: str,
+        fingerprint: dict[str, Any],
+    ) -> Message | None:
+        row = await conn.fetchrow(sql.IDEMPOTENCY_GET, actor.subject, key)
+        if row is None:
+            return None
+        if row["command"] != command or row["request"] != fingerprint:
+            raise IdempotencyConflict("this idempotency key was used for a different request")
+        response = row["response"]
+        reply: Message = msgspec.convert(response["body"], SERVER_MESSAGES[response["type"]])
+        return reply
+
+    async def _remember(
+        self,
+        conn: asyncpg.Connection,
+        actor: Actor,
+        key: str,
+        command: str,
+        fingerprint: dict[str, Any],
+        reply: Message,
+    ) -> None:
+        response = {"type": reply.TYPE, "body": msgspec.to_builtins(reply)}
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    sql.IDEMPOTENCY_PUT, actor.subject, key, command, fingerprint, response
+                )
+        except asyncpg.UniqueViolationError as exc:
+            raise _KeyRace from exc
+
+    async def _doctor_of_slot(self, slot_id: int) -> int:
+        with translated():  # a slot never changes doctor, so this is safe before the lock
+            doctor_id: int | None = await self._pool.fetchval(sql.SLOT_DOCTOR, slot_id)
+        if doctor_id is None:
+            raise NotFound(f"no slot {slot_id}")
+        return doctor_id
+
+    async def _doctor_of_appointment(self, appointment_id: int) -> int:
+        with translated():
+            doctor_id: int | None = await self._pool.fetchval(
+                sql.APPOINTMENT_DOCTOR, appointment_id
+            )
+        if doctor_id is None:
+            raise NotFound(f"no appointment {appointment_id}")
+        return doctor_id
 
     @contextlib.asynccontextmanager
     async def exclusive(self, namespace: int, key: int = 0) -> AsyncIterator[None]:
@@ -135,13 +272,13 @@ class Store:
                 finally:
                     await conn.execute(sql.SESSION_UNLOCK, namespace, key)
 
-    # ---- health -------------------------------------------------------------------------------
+    # ---- health ----------------------------------------------------------------------------------
 
     async def ping(self) -> None:
         with translated():
             await self._pool.fetchval("SELECT 1")
 
-    # ---- doctors ------------------------------------------------------------------------------
+    # ---- doctors ---------------------------------------------------------------------------------
 
     async def create_doctor(
         self,
@@ -151,6 +288,8 @@ class Store:
         specialty: str = "",
         slot_minutes: int = 30,
         horizon_days: int = 28,
+        buffer_minutes: int = 0,
+        min_notice_minutes: int = 0,
         schedule: Sequence[Block] = (),
     ) -> int:
         zone(timezone)  # refuse an unknown zone before it reaches the table
@@ -158,6 +297,14 @@ class Store:
             async with self._pool.acquire() as conn, conn.transaction():
                 doctor_id: int = await conn.fetchval(
                     sql.DOCTOR_INSERT, name, specialty, timezone, slot_minutes, horizon_days
+                )
+                await conn.execute(
+                    sql.DOCTOR_SET_RULES,
+                    doctor_id,
+                    slot_minutes,
+                    buffer_minutes,
+                    min_notice_minutes,
+                    horizon_days,
                 )
                 await conn.executemany(
                     sql.SCHEDULE_INSERT,
@@ -195,42 +342,13 @@ class Store:
             raise NotFound(f"no doctor {doctor_id}")
         return version
 
-    # ---- slots --------------------------------------------------------------------------------
+    # ---- reads -----------------------------------------------------------------------------------
 
-    async def materialize_slots(
-        self, doctor_id: int, *, today: date | None = None
-    ) -> Change | None:
-        """Create the slots the schedule promises up to the horizon; record them as a change.
-
-        Idempotent: slots that already exist are left as they are, and a run that
-        adds nothing records nothing.
-        """
-        doctor = await self.doctor(doctor_id)
-        tz = zone(doctor.timezone)
-        first = today or datetime.now(tz).date()
-        with translated():
-            blocks = [
-                Block(r["weekday"], r["starts"], r["ends"])
-                for r in await self._pool.fetch(sql.SCHEDULE_FOR_DOCTOR, doctor_id)
-            ]
-        times = list(slot_times(blocks, tz, first, doctor.horizon_days, doctor.slot_minutes))
-        if not times:
-            return None
-        async with self._locked(doctor_id) as conn:
-            rows = await conn.fetch(
-                sql.SLOTS_INSERT_MISSING,
-                doctor_id,
-                [s for s, _ in times],
-                [e for _, e in times],
-            )
-            if not rows:
-                return None
-            return await self._record_change(
-                conn, doctor_id, "slots.opened", None, [_slot(r) for r in rows]
-            )
-
-    async def snapshot(self, doctor_id: int, start: date, end: date) -> Snapshot:
+    async def snapshot(
+        self, doctor_id: int, start: date, end: date, *, now: datetime | None = None
+    ) -> Snapshot:
         """Slots of [start, end) in the doctor's local dates, stamped with one version."""
+        now = _now(now)
         with translated():
             async with (
                 self._pool.acquire() as conn,
@@ -246,7 +364,9 @@ class Store:
             timezone=doctor["timezone"],
             start=start,
             end=end,
-            slots=[_slot(r) for r in rows],
+            slots=[cmd.slot_view(r, hold_expires_at=r["hold_expires_at"]) for r in rows],
+            bookable_from=now + timedelta(minutes=doctor["min_notice_minutes"]),
+            bookable_until=now + timedelta(days=doctor["horizon_days"]),
         )
 
     async def changes_between(self, doctor_id: int, after: int, upto: int) -> list[Change]:
@@ -255,7 +375,172 @@ class Store:
             rows = await self._pool.fetch(sql.CHANGES_BETWEEN, doctor_id, after, upto)
         return [Change(doctor_id, r["version"], r["public"]) for r in rows]
 
-    # ---- booking ------------------------------------------------------------------------------
+    async def change_log(self, doctor_id: int) -> list[dict[str, Any]]:
+        """The whole log of a doctor (audit, replay checks)."""
+        with translated():
+            rows = await self._pool.fetch(sql.CHANGES_ALL, doctor_id)
+        return [dict(r) for r in rows]
+
+    async def doctor_appointments(self, doctor_id: int, day: date) -> list[AppointmentView]:
+        with translated():
+            rows = await self._pool.fetch(sql.APPOINTMENTS_OF_DOCTOR_ON, doctor_id, day)
+        return [cmd.appointment_view(r) for r in rows]
+
+    async def patient_appointments(
+        self, patient_id: str, *, now: datetime | None = None
+    ) -> list[AppointmentView]:
+        with translated():
+            rows = await self._pool.fetch(
+                sql.APPOINTMENTS_OF_PATIENT_UPCOMING, patient_id, _now(now)
+            )
+        return [cmd.appointment_view(r) for r in rows]
+
+    # ---- availability ----------------------------------------------------------------------------
+
+    async def materialize_slots(
+        self, doctor_id: int, *, today: date | None = None, now: datetime | None = None
+    ) -> Change | None:
+        """Bring the doctor's slots in step with the schedule up to the horizon.
+
+        Idempotent: a run that changes nothing records nothing. Booked slots the
+        schedule no longer offers stay, flagged as conflicts.
+        """
+
+        async def work(tx: Tx) -> None:
+            await cmd.rematerialize(tx, doctor_id, first_day=today)
+
+        outcome = await self._run(doctors=[doctor_id], actor=SYSTEM, now=_now(now), work=work)
+        return outcome.changes[0] if outcome.changes else None
+
+    async def expire_holds(self, *, now: datetime | None = None) -> list[Change]:
+        """Free every hold whose time is up, doctor by doctor (each under its lock)."""
+        now = _now(now)
+        with translated():
+            doctors = [
+                r["doctor_id"] for r in await self._pool.fetch(sql.DOCTORS_WITH_EXPIRED_HOLDS, now)
+            ]
+        changes: list[Change] = []
+        for doctor_id in doctors:
+
+            async def work(tx: Tx) -> None:
+                return None  # _run clears the expired holds before any work
+
+            outcome = await self._run(doctors=[doctor_id], actor=SYSTEM, now=now, work=work)
+            changes.extend(outcome.changes)
+        return changes
+
+    # ---- patient commands ------------------------------------------------------------------------
+
+    async def hold(
+        self,
+        actor: Actor,
+        request: Any,
+        *,
+        ttl: timedelta,
+        max_holds: int,
+        now: datetime | None = None,
+    ) -> Outcome:
+        """Hold a free slot for `ttl`: the slot turns `busy-tentative` until confirmed."""
+        now = _now(now)
+        doctor_id = await self._doctor_of_slot(request.slot_id)
+
+        async def work(tx: Tx) -> Message:
+            slot = await cmd.bookable_slot(tx, request.slot_id)
+            held = await tx.conn.fetchval(sql.ACTIVE_HOLDS_OF_PATIENT, actor.subject, tx.now)
+            if held >= max_holds:
+                raise HoldLimit(f"at most {max_holds} holds at a time")
+            expires = tx.now + ttl
+            appointment = await cmd.insert_appointment(
+                tx, slot, actor.subject, AppointmentStatus.PENDING, hold_expires_at=expires
+            )
+            await tx.conn.execute(sql.SLOT_SET_STATUS, slot["id"], SlotStatus.BUSY_TENTATIVE.value)
+            view = cmd.slot_view(slot, SlotStatus.BUSY_TENTATIVE, hold_expires_at=expires)
+            tx.slot(doctor_id, view, "slot.held")
+            tx.appointment(appointment)
+            return Held(appointment)
+
+        return await self._run(
+            doctors=[doctor_id],
+            actor=actor,
+            now=now,
+            work=work,
+            request=request,
+            key=request.idempotency_key,
+            patient_lock=actor.subject,
+        )
+
+    async def release(self, actor: Actor, request: Any, *, now: datetime | None = None) -> Outcome:
+        doctor_id = await self._doctor_of_appointment(request.appointment_id)
+
+        async def work(tx: Tx) -> Message:
+            hold = await self._own_hold(tx, request.appointment_id)
+            row = await tx.conn.fetchrow(
+                sql.APPOINTMENT_CANCEL, hold.id, "released", tx.now, str(actor)
+            )
+            view = cmd.appointment_view(row)
+            tx.appointment(view, "hold.released")
+            await cmd.free_slot(tx, doctor_id, view.slot_id, "hold.released")
+            return AppointmentUpdated(view)
+
+        return await self._run(
+            doctors=[doctor_id],
+            actor=actor,
+            now=_now(now),
+            work=work,
+            request=request,
+            key=request.idempotency_key,
+        )
+
+    async def _own_hold(self, tx: Tx, appointment_id: int) -> AppointmentView:
+        hold = await cmd.locked_appointment(tx, appointment_id)
+        if hold.patient_id != tx.actor.subject:
+            raise NotHolder("this hold belongs to someone else")
+        if hold.status is AppointmentStatus.CANCELLED and hold.cancel_reason == "hold expired":
+            raise HoldExpired("the hold has expired; the slot may be taken")
+        if hold.status is not AppointmentStatus.PENDING:
+            raise InvalidTransition(f"the appointment is {hold.status.value}, not a hold")
+        return hold
+
+    async def book_command(
+        self, actor: Actor, request: Any, *, now: datetime | None = None
+    ) -> Outcome:
+        """Book a free slot directly, or confirm the caller's own hold (`hold_id`)."""
+        if (request.slot_id is None) == (request.hold_id is None):
+            raise Invalid("give exactly one of `slot_id` and `hold_id`")
+        if request.hold_id is not None:
+            doctor_id = await self._doctor_of_appointment(request.hold_id)
+        else:
+            doctor_id = await self._doctor_of_slot(request.slot_id)
+
+        async def work(tx: Tx) -> Message:
+            if request.hold_id is not None:
+                hold = await self._own_hold(tx, request.hold_id)
+                row = await tx.conn.fetchrow(
+                    sql.APPOINTMENT_SET_STATUS,
+                    hold.id,
+                    AppointmentStatus.BOOKED.value,
+                    tx.now,
+                )
+                appointment = cmd.appointment_view(row)
+                slot = await cmd.locked_slot(tx, hold.slot_id)
+            else:
+                slot = await cmd.bookable_slot(tx, request.slot_id)
+                appointment = await cmd.insert_appointment(
+                    tx, slot, actor.subject, AppointmentStatus.BOOKED
+                )
+            await tx.conn.execute(sql.SLOT_SET_STATUS, slot["id"], SlotStatus.BUSY.value)
+            tx.slot(doctor_id, cmd.slot_view(slot, SlotStatus.BUSY), "slot.booked")
+            tx.appointment(appointment)
+            return Booked(appointment)
+
+        return await self._run(
+            doctors=[doctor_id],
+            actor=actor,
+            now=_now(now),
+            work=work,
+            request=request,
+            key=request.idempotency_key,
+        )
 
     async def book(
         self,
@@ -266,111 +551,206 @@ class Store:
         now: datetime | None = None,
     ) -> Booking:
         """Book a free slot for a patient, exactly once per idempotency key."""
-        with translated():
-            # A slot never changes doctor, so reading it before the lock is safe.
-            doctor_id = await self._pool.fetchval(sql.SLOT_DOCTOR, slot_id)
-        if doctor_id is None:
-            raise NotFound(f"no slot {slot_id}")
-        request = {"slot_id": slot_id}
-        try:
-            async with self._locked(doctor_id) as conn:
-                if idempotency_key is not None:
-                    first = await self._replay(conn, patient_id, idempotency_key, "book", request)
-                    if first is not None:
-                        return first
-                booking = await self._book_locked(conn, slot_id, patient_id, now)
-                if idempotency_key is not None:
-                    await self._remember(
-                        conn, patient_id, idempotency_key, "book", request, booking.appointment
+        from protocol.messages import Book
+
+        outcome = await self.book_command(
+            Actor(patient_id, Role.PATIENT), Book(slot_id, idempotency_key), now=now
+        )
+        assert isinstance(outcome.reply, Booked)
+        change = next((c for c in outcome.changes if c.public["slots"]), None)
+        return Booking(outcome.reply.appointment, change)
+
+    # ---- patient or doctor commands --------------------------------------------------------------
+
+    async def cancel(self, actor: Actor, request: Any, *, now: datetime | None = None) -> Outcome:
+        doctor_id = await self._doctor_of_appointment(request.appointment_id)
+
+        async def work(tx: Tx) -> Message:
+            appointment = await cmd.locked_appointment(tx, request.appointment_id)
+            if not actor.may_manage(appointment):
+                raise Forbidden("not your appointment")
+            if appointment.status is not AppointmentStatus.BOOKED:
+                raise InvalidTransition(
+                    f"a {appointment.status.value} appointment cannot be cancelled"
+                    + (
+                        " (release the hold instead)"
+                        if appointment.status.value == "pending"
+                        else ""
                     )
-                return booking
-        except _KeyRace:
-            pass
-        # Another doctor's transaction stored this key first; return what it stored.
-        with translated():
-            async with self._pool.acquire() as conn:
-                first = await self._replay(conn, patient_id, idempotency_key, "book", request)
-        if first is None:  # pragma: no cover - the conflicting insert committed
-            raise IdempotencyConflict("idempotency key in use by an unfinished request")
-        return first
-
-    async def _replay(
-        self,
-        conn: asyncpg.Connection,
-        subject: str,
-        key: str | None,
-        command: str,
-        request: dict[str, Any],
-    ) -> Booking | None:
-        row = await conn.fetchrow(sql.IDEMPOTENCY_GET, subject, key)
-        if row is None:
-            return None
-        if row["command"] != command or row["request"] != request:
-            raise IdempotencyConflict("this idempotency key was used for a different request")
-        return Booking(msgspec.convert(row["response"], AppointmentView), change=None)
-
-    async def _remember(
-        self,
-        conn: asyncpg.Connection,
-        subject: str,
-        key: str,
-        command: str,
-        request: dict[str, Any],
-        response: AppointmentView,
-    ) -> None:
-        try:
-            async with conn.transaction():
-                await conn.execute(
-                    sql.IDEMPOTENCY_PUT,
-                    subject,
-                    key,
-                    command,
-                    request,
-                    msgspec.to_builtins(response),
                 )
-        except asyncpg.UniqueViolationError as exc:
-            raise _KeyRace from exc
+            row = await tx.conn.fetchrow(
+                sql.APPOINTMENT_CANCEL, appointment.id, request.reason, tx.now, str(actor)
+            )
+            view = cmd.appointment_view(row)
+            tx.appointment(view, "appointment.cancelled")
+            await cmd.free_slot(tx, doctor_id, view.slot_id, "appointment.cancelled")
+            return AppointmentUpdated(view)
 
-    async def _book_locked(
-        self, conn: asyncpg.Connection, slot_id: int, patient_id: str, now: datetime | None
-    ) -> Booking:
-        slot = await conn.fetchrow(sql.SLOT_FOR_UPDATE, slot_id)
-        status = SlotStatus(slot["status"])
-        if status is SlotStatus.BUSY_UNAVAILABLE:
-            raise SlotUnavailable("the doctor has blocked this slot")
-        if status is not SlotStatus.FREE:
-            raise SlotTaken("the slot is already taken")
-        if slot["starts_at"] <= (now or datetime.now(UTC)):
-            raise TooLate("the slot has already started")
-        try:
-            async with conn.transaction():  # savepoint: a duplicate key must not poison the tx
-                appointment_id = await conn.fetchval(
-                    sql.APPOINTMENT_INSERT,
-                    slot["doctor_id"],
-                    slot_id,
-                    patient_id,
-                    slot["starts_at"],
-                    slot["ends_at"],
-                    AppointmentStatus.BOOKED.value,
+        return await self._run(
+            doctors=[doctor_id],
+            actor=actor,
+            now=_now(now),
+            work=work,
+            request=request,
+            key=request.idempotency_key,
+        )
+
+    async def reschedule(
+        self, actor: Actor, request: Any, *, now: datetime | None = None
+    ) -> Outcome:
+        """Move a booked appointment to another free slot, maybe another doctor's: atomic."""
+        old_doctor = await self._doctor_of_appointment(request.appointment_id)
+        new_doctor = await self._doctor_of_slot(request.slot_id)
+
+        async def work(tx: Tx) -> Message:
+            old = await cmd.locked_appointment(tx, request.appointment_id)
+            if not actor.may_manage(old) or (
+                actor.role is Role.DOCTOR and new_doctor != old_doctor
+            ):
+                raise Forbidden("not your appointment")
+            if old.status is not AppointmentStatus.BOOKED:
+                raise InvalidTransition(f"a {old.status.value} appointment cannot be moved")
+            slot = await cmd.bookable_slot(tx, request.slot_id, moving=old.id)
+            row = await tx.conn.fetchrow(
+                sql.APPOINTMENT_CANCEL, old.id, "rescheduled", tx.now, str(actor)
+            )
+            replaced = cmd.appointment_view(row)
+            tx.appointment(replaced, "appointment.rescheduled")
+            await cmd.free_slot(tx, old_doctor, old.slot_id, "appointment.rescheduled")
+            new = await cmd.insert_appointment(
+                tx, slot, old.patient_id, AppointmentStatus.BOOKED, replaces_id=old.id
+            )
+            await tx.conn.execute(sql.SLOT_SET_STATUS, slot["id"], SlotStatus.BUSY.value)
+            tx.slot(new_doctor, cmd.slot_view(slot, SlotStatus.BUSY), "appointment.rescheduled")
+            tx.appointment(new)
+            return Rescheduled(appointment=new, replaced=replaced)
+
+        return await self._run(
+            doctors=[old_doctor, new_doctor],
+            actor=actor,
+            now=_now(now),
+            work=work,
+            request=request,
+            key=request.idempotency_key,
+        )
+
+    # ---- doctor commands -------------------------------------------------------------------------
+
+    async def set_blocked(
+        self, actor: Actor, request: Any, *, blocked: bool, now: datetime | None = None
+    ) -> Outcome:
+        """Block a free slot (`busy-unavailable`) or unblock it."""
+        doctor_id = await self._doctor_of_slot(request.slot_id)
+        if not actor.owns_doctor(doctor_id):
+            raise Forbidden("only the doctor or an admin manages these slots")
+        before, after = (
+            (SlotStatus.FREE, SlotStatus.BUSY_UNAVAILABLE)
+            if blocked
+            else (SlotStatus.BUSY_UNAVAILABLE, SlotStatus.FREE)
+        )
+
+        async def work(tx: Tx) -> Message:
+            slot = await cmd.locked_slot(tx, request.slot_id)
+            if slot["retired_at"] is not None or SlotStatus(slot["status"]) is not before:
+                raise InvalidTransition(
+                    f"only a {before.value} slot can be {'blocked' if blocked else 'unblocked'}"
                 )
-        except asyncpg.ExclusionViolationError as exc:
-            log.error("overlap refused by constraint for slot %s: %s", slot_id, exc)
-            raise SlotTaken("the slot overlaps an active appointment") from exc
-        await conn.execute(sql.SLOT_SET_STATUS, slot_id, SlotStatus.BUSY.value)
-        booked = SlotView(slot_id, slot["starts_at"], slot["ends_at"], SlotStatus.BUSY)
-        change = await self._record_change(
-            conn, slot["doctor_id"], "slot.booked", patient_id, [booked]
+            await tx.conn.execute(sql.SLOT_SET_STATUS, slot["id"], after.value)
+            view = cmd.slot_view(slot, after)
+            tx.slot(doctor_id, view, "slot.blocked" if blocked else "slot.unblocked")
+            return SlotUpdated(doctor_id, view)
+
+        return await self._run(
+            doctors=[doctor_id],
+            actor=actor,
+            now=_now(now),
+            work=work,
+            request=request,
+            key=request.idempotency_key,
         )
-        appointment = AppointmentView(
-            id=appointment_id,
-            slot_id=slot_id,
-            doctor_id=slot["doctor_id"],
-            patient_id=patient_id,
-            start=slot["starts_at"],
-            end=slot["ends_at"],
-            status=AppointmentStatus.BOOKED,
+
+    async def mark(self, actor: Actor, request: Any, *, now: datetime | None = None) -> Outcome:
+        """Record arrived / fulfilled / noshow along FHIR's lifecycle."""
+        doctor_id = await self._doctor_of_appointment(request.appointment_id)
+        if not actor.owns_doctor(doctor_id):
+            raise Forbidden("only the doctor or an admin records attendance")
+
+        async def work(tx: Tx) -> Message:
+            appointment = await cmd.locked_appointment(tx, request.appointment_id)
+            target = AppointmentStatus(request.status)
+            if target not in cmd.MARKABLE.get(appointment.status, frozenset()):
+                raise InvalidTransition(
+                    f"cannot go from {appointment.status.value} to {target.value}"
+                )
+            row = await tx.conn.fetchrow(
+                sql.APPOINTMENT_SET_STATUS, appointment.id, target.value, tx.now
+            )
+            view = cmd.appointment_view(row)
+            tx.appointment(view, f"appointment.{target.value}")
+            return AppointmentUpdated(view)
+
+        return await self._run(
+            doctors=[doctor_id],
+            actor=actor,
+            now=_now(now),
+            work=work,
+            request=request,
+            key=request.idempotency_key,
         )
-        return Booking(appointment, change)
+
+    async def set_schedule(
+        self, actor: Actor, request: Any, *, now: datetime | None = None
+    ) -> Outcome:
+        """Replace the doctor's rules and weekly blocks and overrides; slots follow."""
+        doctor_id = request.doctor_id
+        if not actor.owns_doctor(doctor_id):
+            raise Forbidden("only the doctor or an admin edits the schedule")
+        await self.doctor(doctor_id)  # not_found before any lock
+        for b in request.weekly:
+            if not b.start < b.end:
+                raise Invalid(f"weekday {b.weekday}: start must be before end")
+        for o in request.overrides:
+            if (o.start is None) != (o.end is None) or (o.start and o.end and o.start >= o.end):
+                raise Invalid(f"{o.date}: give both times with start before end, or neither")
+
+        async def work(tx: Tx) -> Message:
+            version = await tx.conn.fetchval(sql.DOCTOR_VERSION, doctor_id)
+            await tx.conn.execute(
+                sql.DOCTOR_SET_RULES,
+                doctor_id,
+                request.slot_minutes,
+                request.buffer_minutes,
+                request.min_notice_minutes,
+                request.horizon_days,
+            )
+            await tx.conn.execute(sql.SCHEDULE_CLEAR, doctor_id)
+            await tx.conn.executemany(
+                sql.SCHEDULE_INSERT,
+                [(doctor_id, b.weekday, b.start, b.end) for b in request.weekly],
+            )
+            await tx.conn.execute(sql.OVERRIDES_CLEAR, doctor_id)
+            await tx.conn.executemany(
+                sql.OVERRIDE_INSERT,
+                [(doctor_id, o.date, o.start, o.end) for o in request.overrides],
+            )
+            result = await cmd.rematerialize(tx, doctor_id)
+            tx.touched(doctor_id, "schedule.changed")  # rules changed even if no slot did
+            return ScheduleUpdated(
+                doctor_id=doctor_id,
+                version=version + 1,
+                opened=result.opened,
+                removed=result.removed,
+                conflicts=result.conflicts,
+            )
+
+        return await self._run(
+            doctors=[doctor_id],
+            actor=actor,
+            now=_now(now),
+            work=work,
+            request=request,
+            key=request.idempotency_key,
+        )
 
 
 class _KeyRace(Exception):

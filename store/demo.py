@@ -1,7 +1,7 @@
 """Demo data: doctors in several time zones with weekly schedules.
 
 Seeded only into an empty database, so restarting `make run` keeps whatever was
-booked; slots are topped up to each doctor's horizon on every start.
+booked; the server opens their slots up to each doctor's horizon at every start.
 """
 
 from __future__ import annotations
@@ -76,5 +76,3 @@ async def seed(store: Store) -> None:
             for spec in DOCTORS:
                 await store.create_doctor(**spec)  # type: ignore[arg-type]
             log.info("seeded %d demo doctors", len(DOCTORS))
-    for doctor_id in await store.doctor_ids():
-        await store.materialize_slots(doctor_id)

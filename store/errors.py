@@ -38,6 +38,34 @@ class TooLate(StoreError):
     code = ErrorCode.TOO_LATE
 
 
+class OutsideHorizon(StoreError):
+    code = ErrorCode.OUTSIDE_HORIZON
+
+
+class HoldExpired(StoreError):
+    code = ErrorCode.HOLD_EXPIRED
+
+
+class NotHolder(StoreError):
+    code = ErrorCode.NOT_HOLDER
+
+
+class HoldLimit(StoreError):
+    code = ErrorCode.HOLD_LIMIT
+
+
+class InvalidTransition(StoreError):
+    code = ErrorCode.INVALID_TRANSITION
+
+
+class Forbidden(StoreError):
+    code = ErrorCode.FORBIDDEN
+
+
+class Invalid(StoreError):
+    code = ErrorCode.INVALID
+
+
 class IdempotencyConflict(StoreError):
     code = ErrorCode.IDEMPOTENCY_CONFLICT
 

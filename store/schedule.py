@@ -7,7 +7,7 @@ date, so daylight-saving shifts move the UTC instants and never the local times.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
@@ -43,22 +43,30 @@ def slot_times(
     first_day: date,
     days: int,
     slot_minutes: int,
+    *,
+    buffer_minutes: int = 0,
+    overrides: Mapping[date, Sequence[tuple[time, time]]] | None = None,
 ) -> Iterator[tuple[datetime, datetime]]:
-    """Slots of `slot_minutes` filling each block on each local date, in UTC.
+    """Slots of `slot_minutes`, `buffer_minutes` apart, filling each block of each local date.
 
-    A block's start and end are placed on the local date with the zone's rules for
-    that date; slots are then laid out in absolute time, so a block that spans a
-    transition is as long as the wall clock says.
+    A date in `overrides` uses its own hours instead of its weekday's blocks (none:
+    a day off). A block's start and end are placed on the local date with the
+    zone's rules for that date, and slots are laid out in absolute time: on a
+    spring-forward day a 01:00-04:00 block holds two hours of slots, on a fall-back
+    day four, which is what the clinic's wall clock really gives.
     """
     length = timedelta(minutes=slot_minutes)
-    by_weekday: dict[int, list[Block]] = {}
+    step = length + timedelta(minutes=buffer_minutes)
+    by_weekday: dict[int, list[tuple[time, time]]] = {}
     for b in blocks:
-        by_weekday.setdefault(b.weekday, []).append(b)
+        by_weekday.setdefault(b.weekday, []).append((b.starts, b.ends))
+    overrides = overrides or {}
     for offset in range(days):
         day = first_day + timedelta(days=offset)
-        for b in sorted(by_weekday.get(day.isoweekday(), ()), key=lambda b: b.starts):
-            start = datetime.combine(day, b.starts, tzinfo=tz).astimezone(UTC)
-            end = datetime.combine(day, b.ends, tzinfo=tz).astimezone(UTC)
+        hours = overrides[day] if day in overrides else by_weekday.get(day.isoweekday(), [])
+        for starts, ends in sorted(hours):
+            start = datetime.combine(day, starts, tzinfo=tz).astimezone(UTC)
+            end = datetime.combine(day, ends, tzinfo=tz).astimezone(UTC)
             while start + length <= end:
                 yield start, start + length
-                start += length
+                start += step

@@ -164,8 +164,9 @@ async def test_exclusion_constraint_refuses_an_overlap_that_bypasses_the_store(
     assert first.end == second.start  # the fixture's slots are back to back
     booked = await store.book(slot_id=first.id, patient_id="p-first")
     insert = """
-        INSERT INTO appointments (doctor_id, slot_id, patient_id, starts_at, ends_at, status)
-        VALUES ($1, $2, $3, $4, $5, $6)"""
+        INSERT INTO appointments
+            (doctor_id, slot_id, patient_id, starts_at, ends_at, status, cancelled_at)
+        VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $6 = 'cancelled' THEN now() END)"""
 
     # Same times, and a range straddling the booked one's end: both refused.
     for start, end in ((first.start, first.end), (first.end - timedelta(minutes=1), second.end)):

@@ -197,7 +197,9 @@ async def test_materialize_never_reopens_a_booked_slot(
     opened = await store.materialize_slots(doctor_id, today=FUTURE_MONDAY)
     assert opened is not None
     slot_id = opened.public["slots"][0]["id"]
-    await store.book(slot_id=slot_id, patient_id="p-booked")
+    # Book as of the week before, so the slot is inside the doctor's booking horizon.
+    a_week_before = datetime.combine(FUTURE_MONDAY - timedelta(days=7), time(0), tzinfo=UTC)
+    await store.book(slot_id=slot_id, patient_id="p-booked", now=a_week_before)
 
     assert await store.materialize_slots(doctor_id, today=FUTURE_MONDAY) is None
     status = await db.fetchval("SELECT status FROM slots WHERE id = $1", slot_id)

@@ -1,0 +1,340 @@
+"""The steps of every scheduling command, run inside a locked transaction.
+
+`Store._run` opens the transaction and takes the doctors' advisory locks; the
+functions here re-check everything under those locks and write. They never
+commit, publish or bump versions themselves: they report what they changed to
+the `Tx`, which turns it into exactly one version and one change record per
+doctor when the command succeeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from protocol.messages import AppointmentView, SlotView
+from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
+from store import sql
+from store.changes import Change
+from store.errors import NotFound, OutsideHorizon, SlotTaken, SlotUnavailable, TooLate
+from store.schedule import Block, slot_times, zone
+
+# ---- who acts --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who runs a command. A doctor's subject is the doctor's id, as a string."""
+
+    subject: str
+    role: Role
+
+    def __str__(self) -> str:
+        return f"{self.role.value}:{self.subject}"
+
+    def owns_doctor(self, doctor_id: int) -> bool:
+        return self.role is Role.ADMIN or (
+            self.role is Role.DOCTOR and self.subject == str(doctor_id)
+        )
+
+    def may_manage(self, appointment: AppointmentView) -> bool:
+        """The appointment's patient, its doctor, or an admin."""
+        return self.owns_doctor(appointment.doctor_id) or (
+            self.role is Role.PATIENT and self.subject == appointment.patient_id
+        )
+
+
+SYSTEM = Actor("system", Role.ADMIN)
+
+# The FHIR lifecycle a doctor may record; cancellation and holds have their own commands.
+MARKABLE: dict[AppointmentStatus, frozenset[AppointmentStatus]] = {
+    AppointmentStatus.BOOKED: frozenset({AppointmentStatus.ARRIVED, AppointmentStatus.NOSHOW}),
+    AppointmentStatus.ARRIVED: frozenset({AppointmentStatus.FULFILLED}),
+}
+
+
+# ---- the transaction -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _DoctorChanges:
+    kinds: list[str] = field(default_factory=list)
+    slots: dict[int, SlotView] = field(default_factory=dict)
+    removed: list[int] = field(default_factory=list)
+    appointments: dict[int, AppointmentView] = field(default_factory=dict)
+    conflicts: list[int] = field(default_factory=list)
+
+
+class Tx:
+    """One command's transaction: its connection, clock, actor and what it changed."""
+
+    def __init__(self, conn: asyncpg.Connection, now: datetime, actor: Actor) -> None:
+        self.conn = conn
+        self.now = now
+        self.actor = actor
+        self._doctors: dict[int, _DoctorChanges] = {}
+
+    def _of(self, doctor_id: int, kind: str | None) -> _DoctorChanges:
+        changes = self._doctors.setdefault(doctor_id, _DoctorChanges())
+        if kind is not None and kind not in changes.kinds:
+            changes.kinds.append(kind)
+        return changes
+
+    def slot(self, doctor_id: int, slot: SlotView, kind: str | None = None) -> None:
+        self._of(doctor_id, kind).slots[slot.id] = slot
+
+    def removed(self, doctor_id: int, slot_id: int, kind: str | None = None) -> None:
+        changes = self._of(doctor_id, kind)
+        changes.slots.pop(slot_id, None)
+        changes.removed.append(slot_id)
+
+    def appointment(self, view: AppointmentView, kind: str | None = None) -> None:
+        self._of(view.doctor_id, kind).appointments[view.id] = view
+
+    def conflict(self, doctor_id: int, slot_id: int) -> None:
+        self._of(doctor_id, None).conflicts.append(slot_id)
+
+    def touched(self, doctor_id: int, kind: str) -> None:
+        self._of(doctor_id, kind)
+
+    def checkpoint(self) -> dict[int, _DoctorChanges]:
+        return {
+            d: _DoctorChanges(
+                list(c.kinds),
+                dict(c.slots),
+                list(c.removed),
+                dict(c.appointments),
+                list(c.conflicts),
+            )
+            for d, c in self._doctors.items()
+        }
+
+    def restore(self, checkpoint: dict[int, _DoctorChanges]) -> None:
+        self._doctors = checkpoint
+
+    async def record(self) -> list[Change]:
+        """Bump each touched doctor's version once and append its change record."""
+        changes = []
+        for doctor_id in sorted(self._doctors):
+            c = self._doctors[doctor_id]
+            version = await self.conn.fetchval(sql.DOCTOR_BUMP_VERSION, doctor_id)
+            private: dict[str, Any] = {
+                "kind": c.kinds,
+                "actor": str(self.actor),
+                "appointments": msgspec.to_builtins(list(c.appointments.values())),
+            }
+            if c.conflicts:
+                private["conflicts"] = c.conflicts
+            change = Change.build(doctor_id, version, list(c.slots.values()), c.removed, private)
+            await self.conn.execute(
+                sql.CHANGE_INSERT,
+                doctor_id,
+                version,
+                "+".join(c.kinds) or "change",
+                str(self.actor),
+                change.public,
+                change.private,
+            )
+            changes.append(change)
+        self._doctors.clear()
+        return changes
+
+
+# ---- reading rows ------------------------------------------------------------------------------
+
+
+def appointment_view(row: asyncpg.Record) -> AppointmentView:
+    return AppointmentView(
+        id=row["id"],
+        slot_id=row["slot_id"],
+        doctor_id=row["doctor_id"],
+        patient_id=row["patient_id"],
+        start=row["starts_at"],
+        end=row["ends_at"],
+        status=AppointmentStatus(row["status"]),
+        hold_expires_at=row["hold_expires_at"],
+        replaces_id=row["replaces_id"],
+        cancel_reason=row["cancel_reason"],
+        cancelled_at=row["cancelled_at"],
+    )
+
+
+def slot_view(row: asyncpg.Record, status: SlotStatus | None = None, **extra: Any) -> SlotView:
+    return SlotView(
+        id=row["id"],
+        start=row["starts_at"],
+        end=row["ends_at"],
+        status=status or SlotStatus(row["status"]),
+        **extra,
+    )
+
+
+async def locked_slot(tx: Tx, slot_id: int) -> asyncpg.Record:
+    row = await tx.conn.fetchrow(sql.SLOT_FOR_UPDATE, slot_id)
+    if row is None:
+        raise NotFound(f"no slot {slot_id}")
+    return row
+
+
+async def locked_appointment(tx: Tx, appointment_id: int) -> AppointmentView:
+    row = await tx.conn.fetchrow(sql.APPOINTMENT_FOR_UPDATE, appointment_id)
+    if row is None:
+        raise NotFound(f"no appointment {appointment_id}")
+    return appointment_view(row)
+
+
+# ---- shared steps ------------------------------------------------------------------------------
+
+
+async def expire_holds(tx: Tx, doctor_id: int) -> None:
+    """Cancel the doctor's holds whose time is up and free their slots."""
+    for row in await tx.conn.fetch(sql.HOLDS_EXPIRE, doctor_id, tx.now):
+        view = appointment_view(row)
+        tx.appointment(view, "hold.expired")
+        await free_slot(tx, doctor_id, view.slot_id, "hold.expired")
+
+
+async def free_slot(tx: Tx, doctor_id: int, slot_id: int, kind: str) -> None:
+    """Give a slot back: free again, or retired if the schedule no longer offers it."""
+    slot = await locked_slot(tx, slot_id)
+    if slot["conflict"]:
+        await tx.conn.execute(sql.SLOT_RETIRE, slot_id, tx.now)
+        await tx.conn.execute(sql.SLOT_SET_STATUS, slot_id, SlotStatus.FREE.value)
+        tx.removed(doctor_id, slot_id, kind)
+        return
+    await tx.conn.execute(sql.SLOT_SET_STATUS, slot_id, SlotStatus.FREE.value)
+    tx.slot(doctor_id, slot_view(slot, SlotStatus.FREE), kind)
+
+
+async def bookable_slot(tx: Tx, slot_id: int, *, moving: int | None = None) -> asyncpg.Record:
+    """The slot, if a patient may take it now: free, offered, in notice and horizon, clear
+    of the doctor's buffer around other appointments (`moving` is the one being replaced)."""
+    slot = await locked_slot(tx, slot_id)
+    status = SlotStatus(slot["status"])
+    if slot["retired_at"] is not None:
+        raise SlotUnavailable("the slot is no longer offered")
+    if status is SlotStatus.BUSY_UNAVAILABLE:
+        raise SlotUnavailable("the doctor has blocked this slot")
+    if status is not SlotStatus.FREE:
+        raise SlotTaken("the slot is already taken")
+    start: datetime = slot["starts_at"]
+    if start <= tx.now or start < tx.now + timedelta(minutes=slot["min_notice_minutes"]):
+        raise TooLate(
+            "the slot has already started"
+            if start <= tx.now
+            else f"book at least {slot['min_notice_minutes']} minutes ahead"
+        )
+    if start >= tx.now + timedelta(days=slot["horizon_days"]):
+        raise OutsideHorizon(f"book at most {slot['horizon_days']} days ahead")
+    buffer = timedelta(minutes=slot["buffer_minutes"])
+    if buffer and await tx.conn.fetchval(
+        sql.BUFFER_CLASH, slot["doctor_id"], start - buffer, slot["ends_at"] + buffer, moving
+    ):
+        raise SlotUnavailable("the slot is too close to another appointment")
+    return slot
+
+
+async def insert_appointment(
+    tx: Tx,
+    slot: asyncpg.Record,
+    patient_id: str,
+    status: AppointmentStatus,
+    *,
+    hold_expires_at: datetime | None = None,
+    replaces_id: int | None = None,
+) -> AppointmentView:
+    try:
+        async with tx.conn.transaction():  # a savepoint: a refused insert must not poison the tx
+            row = await tx.conn.fetchrow(
+                sql.APPOINTMENT_INSERT,
+                slot["doctor_id"],
+                slot["id"],
+                patient_id,
+                slot["starts_at"],
+                slot["ends_at"],
+                status.value,
+                hold_expires_at,
+                replaces_id,
+            )
+    except (asyncpg.ExclusionViolationError, asyncpg.UniqueViolationError) as exc:
+        raise SlotTaken("the slot overlaps an active appointment") from exc
+    return appointment_view(row)
+
+
+@dataclass(frozen=True, slots=True)
+class Rematerialized:
+    opened: int
+    removed: int
+    conflicts: list[int]
+
+
+async def rematerialize(tx: Tx, doctor_id: int, *, first_day: date | None = None) -> Rematerialized:
+    """Make the doctor's future slots match the schedule, from `first_day` (local) on.
+
+    Wanted slots that are missing are opened; free or blocked slots the schedule no
+    longer offers are retired; booked or held ones are never dropped: they stay,
+    flagged as conflicts for the doctor to resolve (and cleared if the schedule
+    offers them again). Past slots are history and left alone.
+    """
+    doctor = await tx.conn.fetchrow(sql.DOCTOR_GET, doctor_id)
+    if doctor is None:
+        raise NotFound(f"no doctor {doctor_id}")
+    tz = zone(doctor["timezone"])
+    first = first_day or tx.now.astimezone(tz).date()
+    window_start = max(tx.now, datetime.combine(first, time(0), tzinfo=tz).astimezone(UTC))
+    blocks = [
+        Block(r["weekday"], r["starts"], r["ends"])
+        for r in await tx.conn.fetch(sql.SCHEDULE_FOR_DOCTOR, doctor_id)
+    ]
+    overrides: dict[date, list[tuple[time, time]]] = {}
+    for r in await tx.conn.fetch(sql.OVERRIDES_FOR_DOCTOR, doctor_id):
+        hours = overrides.setdefault(r["day"], [])
+        if r["starts"] is not None:
+            hours.append((r["starts"], r["ends"]))
+    wanted = {
+        (s, e)
+        for s, e in slot_times(
+            blocks,
+            tz,
+            first,
+            doctor["horizon_days"],
+            doctor["slot_minutes"],
+            buffer_minutes=doctor["buffer_minutes"],
+            overrides=overrides,
+        )
+        if s >= window_start
+    }
+    kept: set[tuple[datetime, datetime]] = set()
+    removed = 0
+    conflicts: list[int] = []
+    for row in await tx.conn.fetch(sql.SLOTS_OPEN_FROM, doctor_id, window_start):
+        key = (row["starts_at"], row["ends_at"])
+        status = SlotStatus(row["status"])
+        if key in wanted:
+            kept.add(key)
+            if row["conflict"]:
+                await tx.conn.execute(sql.SLOT_SET_CONFLICT, row["id"], False)
+                tx.touched(doctor_id, "slots.conflict_resolved")
+        elif status in (SlotStatus.FREE, SlotStatus.BUSY_UNAVAILABLE):
+            await tx.conn.execute(sql.SLOT_RETIRE, row["id"], tx.now)
+            tx.removed(doctor_id, row["id"], "slots.closed")
+            removed += 1
+        elif not row["conflict"]:
+            await tx.conn.execute(sql.SLOT_SET_CONFLICT, row["id"], True)
+            tx.conflict(doctor_id, row["id"])
+            tx.touched(doctor_id, "slots.conflict")
+            conflicts.append(row["id"])
+    missing = sorted(wanted - kept)
+    opened = 0
+    if missing:
+        rows = await tx.conn.fetch(
+            sql.SLOTS_INSERT_MISSING, doctor_id, [s for s, _ in missing], [e for _, e in missing]
+        )
+        for r in rows:
+            tx.slot(doctor_id, slot_view(r), "slots.opened")
+        opened = len(rows)
+    return Rematerialized(opened, removed, conflicts)
