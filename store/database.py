@@ -171,6 +171,19 @@ class Store:
             raise error
         return outcome
 
+    async def _command(
+        self, doctors: list[int], actor: Actor, request: Any, now: datetime | None, work: Work
+    ) -> Outcome:
+        """`_run` for a client's command message, keyed by its own idempotency key."""
+        return await self._run(
+            doctors=doctors,
+            actor=actor,
+            now=_now(now),
+            work=work,
+            request=request,
+            key=request.idempotency_key,
+        )
+
     async def _attempt(
         self,
         doctor_ids: list[int],
@@ -482,14 +495,7 @@ class Store:
             await cmd.free_slot(tx, doctor_id, view.slot_id, "hold.released")
             return AppointmentUpdated(view)
 
-        return await self._run(
-            doctors=[doctor_id],
-            actor=actor,
-            now=_now(now),
-            work=work,
-            request=request,
-            key=request.idempotency_key,
-        )
+        return await self._command([doctor_id], actor, request, now, work)
 
     async def _own_hold(self, tx: Tx, appointment_id: int) -> AppointmentView:
         hold = await cmd.locked_appointment(tx, appointment_id)
@@ -533,14 +539,7 @@ class Store:
             tx.appointment(appointment)
             return Booked(appointment)
 
-        return await self._run(
-            doctors=[doctor_id],
-            actor=actor,
-            now=_now(now),
-            work=work,
-            request=request,
-            key=request.idempotency_key,
-        )
+        return await self._command([doctor_id], actor, request, now, work)
 
     async def book(
         self,
@@ -586,14 +585,7 @@ class Store:
             await cmd.free_slot(tx, doctor_id, view.slot_id, "appointment.cancelled")
             return AppointmentUpdated(view)
 
-        return await self._run(
-            doctors=[doctor_id],
-            actor=actor,
-            now=_now(now),
-            work=work,
-            request=request,
-            key=request.idempotency_key,
-        )
+        return await self._command([doctor_id], actor, request, now, work)
 
     async def reschedule(
         self, actor: Actor, request: Any, *, now: datetime | None = None
@@ -625,14 +617,7 @@ class Store:
             tx.appointment(new)
             return Rescheduled(appointment=new, replaced=replaced)
 
-        return await self._run(
-            doctors=[old_doctor, new_doctor],
-            actor=actor,
-            now=_now(now),
-            work=work,
-            request=request,
-            key=request.idempotency_key,
-        )
+        return await self._command([old_doctor, new_doctor], actor, request, now, work)
 
     # ---- doctor commands -------------------------------------------------------------------------
 
@@ -660,14 +645,7 @@ class Store:
             tx.slot(doctor_id, view, "slot.blocked" if blocked else "slot.unblocked")
             return SlotUpdated(doctor_id, view)
 
-        return await self._run(
-            doctors=[doctor_id],
-            actor=actor,
-            now=_now(now),
-            work=work,
-            request=request,
-            key=request.idempotency_key,
-        )
+        return await self._command([doctor_id], actor, request, now, work)
 
     async def mark(self, actor: Actor, request: Any, *, now: datetime | None = None) -> Outcome:
         """Record arrived / fulfilled / noshow along FHIR's lifecycle."""
@@ -689,14 +667,7 @@ class Store:
             tx.appointment(view, f"appointment.{target.value}")
             return AppointmentUpdated(view)
 
-        return await self._run(
-            doctors=[doctor_id],
-            actor=actor,
-            now=_now(now),
-            work=work,
-            request=request,
-            key=request.idempotency_key,
-        )
+        return await self._command([doctor_id], actor, request, now, work)
 
     async def set_schedule(
         self, actor: Actor, request: Any, *, now: datetime | None = None
@@ -743,14 +714,7 @@ class Store:
                 conflicts=result.conflicts,
             )
 
-        return await self._run(
-            doctors=[doctor_id],
-            actor=actor,
-            now=_now(now),
-            work=work,
-            request=request,
-            key=request.idempotency_key,
-        )
+        return await self._command([doctor_id], actor, request, now, work)
 
 
 class _KeyRace(Exception):

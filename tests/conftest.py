@@ -6,6 +6,7 @@ see each other's rows and never pay for migrations twice.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -65,38 +66,38 @@ def template_dsn(pg_admin_dsn: str) -> str:
     return with_database(pg_admin_dsn, TEMPLATE)
 
 
+@contextlib.asynccontextmanager
+async def scratch_database(admin_dsn: str, template: str | None) -> AsyncIterator[str]:
+    """A database that exists for one test, dropped (even if still in use) afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    clone = f" TEMPLATE {template} STRATEGY FILE_COPY" if template else ""
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f"CREATE DATABASE {name}{clone}")
+    finally:
+        await conn.close()
+    try:
+        yield with_database(admin_dsn, name)
+    finally:
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            await conn.close()
+
+
 @pytest.fixture
 async def database_url(pg_admin_dsn: str, template_dsn: str) -> AsyncIterator[str]:
     """A fresh, migrated database for this test only."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(pg_admin_dsn)
-    try:
-        await conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE} STRATEGY FILE_COPY")
-    finally:
-        await conn.close()
-    yield with_database(pg_admin_dsn, name)
-    conn = await asyncpg.connect(pg_admin_dsn)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await conn.close()
+    async with scratch_database(pg_admin_dsn, TEMPLATE) as dsn:
+        yield dsn
 
 
 @pytest.fixture
 async def empty_database_url(pg_admin_dsn: str) -> AsyncIterator[str]:
     """A database with nothing in it, not even migrations."""
-    name = f"e_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(pg_admin_dsn)
-    try:
-        await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
-    yield with_database(pg_admin_dsn, name)
-    conn = await asyncpg.connect(pg_admin_dsn)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await conn.close()
+    async with scratch_database(pg_admin_dsn, None) as dsn:
+        yield dsn
 
 
 @pytest.fixture(scope="session")
