@@ -570,13 +570,11 @@ class Store:
             if not actor.may_manage(appointment):
                 raise Forbidden("not your appointment")
             if appointment.status is not AppointmentStatus.BOOKED:
+                hint = (
+                    " (release the hold instead)" if appointment.status.value == "pending" else ""
+                )
                 raise InvalidTransition(
-                    f"a {appointment.status.value} appointment cannot be cancelled"
-                    + (
-                        " (release the hold instead)"
-                        if appointment.status.value == "pending"
-                        else ""
-                    )
+                    f"cannot cancel an appointment that is {appointment.status.value}{hint}"
                 )
             row = await tx.conn.fetchrow(
                 sql.APPOINTMENT_CANCEL, appointment.id, request.reason, tx.now, str(actor)
