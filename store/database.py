@@ -499,10 +499,11 @@ class Store:
         return await self._command([doctor_id], actor, request, now, work)
 
     async def _own_hold(self, tx: Tx, appointment_id: int) -> AppointmentView:
-        hold = await cmd.locked_appointment(tx, appointment_id)
+        row = await cmd.locked_appointment_row(tx, appointment_id)
+        hold = cmd.appointment_view(row)
         if hold.patient_id != tx.actor.subject:
             raise NotHolder("this hold belongs to someone else")
-        if hold.status is AppointmentStatus.CANCELLED and hold.cancel_reason == "hold expired":
+        if cmd.expired_hold(row):
             raise HoldExpired("the hold has expired; the slot may be taken")
         if hold.status is not AppointmentStatus.PENDING:
             raise InvalidTransition(f"the appointment is {hold.status.value}, not a hold")
