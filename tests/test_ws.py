@@ -61,6 +61,9 @@ async def recording(url: str, codec: CodecName) -> AsyncIterator[RecordingClient
         yield client
 
 
+READY = {"status": "ready", "rooms": 0, "watchers": 0, "dashboards": 0, "patient_rooms": 0}
+
+
 async def next_error(client: SlotcastClient, timeout: float = 5.0) -> Error:
     event = await client.next_event(timeout)
     assert isinstance(event, Error), f"expected an error event, got {event!r}"
@@ -412,7 +415,7 @@ async def test_unknown_doctor_is_not_found_and_connection_can_still_watch(
         assert [s.id for s in snapshot.slots] == [s.id for s in doctor.slots]
         # The refused watch left no room (nor broker subscription) behind.
         resp = await client.get("/readyz")
-        assert await resp.json() == {"status": "ready", "rooms": 1, "watchers": 1}
+        assert await resp.json() == {**READY, "rooms": 1, "watchers": 1}
 
 
 async def test_watch_limit(settings: Settings, store: Store, aiohttp_client: AiohttpClient) -> None:
