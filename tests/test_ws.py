@@ -21,7 +21,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from protocol.codec import JSON, Codec
+from protocol.codec import JSON
 from protocol.errors import ErrorCode
 from protocol.messages import Delta, Error, Message, Pong, Welcome
 from protocol.vocabulary import Role, SlotStatus
@@ -41,9 +41,9 @@ CODEC_NAMES: list[CodecName] = ["json", "msgpack"]
 class RecordingClient(SlotcastClient):
     """The stock client drops the request id of unsolicited frames; error echoes need it."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, codec: Codec) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.frames: asyncio.Queue[tuple[RequestId, Message]] = asyncio.Queue()
-        super().__init__(ws, codec)
+        super().__init__(*args, **kwargs)
 
     def _dispatch(self, rid: RequestId, message: Message) -> None:
         if not isinstance(message, Welcome):
