@@ -131,7 +131,7 @@ class Scheduling:
         return Appointments(await self._store.doctor_appointments(msg.doctor_id, msg.date))
 
     async def my_appointments(self, who: Identity | None, msg: MyAppointments) -> Message:
-        actor = actor_of(who, self.clock())
+        actor = self._patient(who)  # a doctor's subject is a doctor id, never a patient's
         return Appointments(await self._store.patient_appointments(actor.subject, now=self.clock()))
 
     # ---- commands ------------------------------------------------------------------------

@@ -309,11 +309,15 @@ async def rematerialize(tx: Tx, doctor_id: int, *, first_day: date | None = None
         if s >= window_start
     }
     kept: set[tuple[datetime, datetime]] = set()
+    occupied: list[tuple[datetime, datetime]] = []  # booked or held, with the buffer around
+    buffer = timedelta(minutes=doctor["buffer_minutes"])
     removed = 0
     conflicts: list[int] = []
     for row in await tx.conn.fetch(sql.SLOTS_OPEN_FROM, doctor_id, window_start):
         key = (row["starts_at"], row["ends_at"])
         status = SlotStatus(row["status"])
+        if status in (SlotStatus.BUSY, SlotStatus.BUSY_TENTATIVE):
+            occupied.append((key[0] - buffer, key[1] + buffer))
         if key in wanted:
             kept.add(key)
             if row["conflict"]:
@@ -323,12 +327,18 @@ async def rematerialize(tx: Tx, doctor_id: int, *, first_day: date | None = None
             await tx.conn.execute(sql.SLOT_RETIRE, row["id"], tx.now)
             tx.removed(doctor_id, row["id"], "slots.closed")
             removed += 1
-        elif not row["conflict"]:
-            await tx.conn.execute(sql.SLOT_SET_CONFLICT, row["id"], True)
-            tx.conflict(doctor_id, row["id"])
-            tx.touched(doctor_id, "slots.conflict")
-            conflicts.append(row["id"])
-    missing = sorted(wanted - kept)
+        else:
+            conflicts.append(row["id"])  # every open conflict, not only the new ones
+            if not row["conflict"]:
+                await tx.conn.execute(sql.SLOT_SET_CONFLICT, row["id"], True)
+                tx.conflict(doctor_id, row["id"])
+                tx.touched(doctor_id, "slots.conflict")
+    # Never open a free slot that a kept booking (or hold) makes impossible to book.
+    missing = sorted(
+        (s, e)
+        for s, e in wanted - kept
+        if not any(s < o_end and o_start < e for o_start, o_end in occupied)
+    )
     opened = 0
     if missing:
         rows = await tx.conn.fetch(

@@ -238,7 +238,8 @@ class Store:
         command: str,
         fingerprint: dict[str, Any],
     ) -> Message | None:
-        row = await conn.fetchrow(sql.IDEMPOTENCY_GET, actor.subject, key)
+        # Keys belong to the role and subject together: doctor "1" is not patient "1".
+        row = await conn.fetchrow(sql.IDEMPOTENCY_GET, str(actor), key)
         if row is None:
             return None
         if row["command"] != command or row["request"] != fingerprint:
@@ -260,7 +261,7 @@ class Store:
         try:
             async with conn.transaction():
                 await conn.execute(
-                    sql.IDEMPOTENCY_PUT, actor.subject, key, command, fingerprint, response
+                    sql.IDEMPOTENCY_PUT, str(actor), key, command, fingerprint, response
                 )
         except asyncpg.UniqueViolationError as exc:
             raise _KeyRace from exc
