@@ -225,6 +225,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         conn.send_error(header_error)
     try:
         async for frame in ws:
+            if conn.closing:
+                # Closing after the command in flight: a frame pipelined behind it must
+                # not run, since its reply could no longer be sent. The client resends.
+                break
             if frame.type is WSMsgType.BINARY or (
                 frame.type is WSMsgType.TEXT and not codec.binary
             ):
