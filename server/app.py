@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from http.cookies import SimpleCookie
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from server.background import every, relay, sweep_holds, sweep_horizon
 from server.keys import (
@@ -146,5 +147,12 @@ async def stamp_instance(request: web.Request, response: web.StreamResponse) -> 
     """Say which instance answered, in a header and in a cookie a balancer can stick to."""
     instance = request.app[SETTINGS].instance_id
     response.headers["X-Slotcast-Instance"] = instance
-    if not response.prepared and request.cookies.get(INSTANCE_COOKIE) != instance:
-        response.set_cookie(INSTANCE_COOKIE, instance, httponly=True, samesite="Lax")
+    if request.cookies.get(INSTANCE_COOKIE) != instance:
+        # Headers are still open here, but the response's cookie jar was already read.
+        cookie = SimpleCookie()
+        cookie[INSTANCE_COOKIE] = instance
+        morsel = cookie[INSTANCE_COOKIE]
+        morsel["path"] = "/"
+        morsel["httponly"] = True
+        morsel["samesite"] = "Lax"
+        response.headers.add(hdrs.SET_COOKIE, morsel.OutputString())

@@ -448,8 +448,11 @@ class SlotcastClient:
             return
         if isinstance(message, Reconnect):
             self._retry_after = message.retry_after_ms / 1000
-        elif isinstance(message, Resync) and message.doctor_id in self.calendars:
-            self._resync(self.calendars[message.doctor_id])
+        elif isinstance(message, Resync):
+            if message.doctor_id in self.calendars:
+                self._resync(self.calendars[message.doctor_id])
+            elif message.room == "appointments" and self.following:
+                self._spawn(self.watch_appointments())
         future = self._pending.get(rid) if isinstance(rid, int) else None
         if future is not None and not future.done():
             future.set_result(message)
@@ -476,6 +479,11 @@ class SlotcastClient:
                 calendar.slots[slot.id] = slot
         for slot_id in delta.removed:
             calendar.slots.pop(slot_id, None)
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _resync(self, calendar: Calendar) -> None:
         if calendar.doctor_id in self._resyncing:

@@ -101,6 +101,11 @@ class Connection:
     def send(self, message: Message, request_id: str | int | None = None) -> None:
         self.send_frame(frame(self.codec.encode(message, request_id), binary=self.codec.binary))
 
+    def send_now(self, message: Message) -> None:
+        """Write ahead of anything queued: for a notice that must precede a close."""
+        if not self._closing and not self._transport.is_closing():
+            self._transport.write(frame(self.codec.encode(message), binary=self.codec.binary))
+
     def send_error(self, error: SlotcastError, request_id: str | int | None = None) -> None:
         self.send(Error(code=error.code.value, message=error.message), request_id)
 
@@ -154,6 +159,8 @@ class Connection:
                 # Slow path only: wait for the kernel to take what is buffered.
                 while transport.get_write_buffer_size() >= HIGH_WATER:  # noqa: ASYNC110
                     await asyncio.sleep(0.005)
+                if not self._outbox:  # a close emptied it while we waited
+                    break
                 item = self._outbox.popleft()
                 if isinstance(item, int):
                     merged = self._merged.pop(item)

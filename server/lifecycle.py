@@ -42,7 +42,7 @@ async def drain(app: web.Application) -> None:
     spread_ms = max(1000, len(connections) // max(settings.drain_batch, 1) * 1000)
     for start in range(0, len(connections), settings.drain_batch):
         for conn in connections[start : start + settings.drain_batch]:
-            conn.send(Reconnect(retry_after_ms=random.randrange(spread_ms)))
+            conn.send_now(Reconnect(retry_after_ms=random.randrange(spread_ms)))
             conn.close_soon(CLOSE_SERVICE_RESTART, "service restart")
         await asyncio.sleep(settings.drain_interval_s)
     # Give the closing handshakes (and any in-flight command) a moment to finish.

@@ -204,6 +204,7 @@ class Rooms:
         except BaseException:
             await self.leave(member)
             raise
+        self._tell_presence(room)
         return member
 
     async def leave(self, member: Member) -> None:

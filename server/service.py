@@ -209,6 +209,8 @@ class Publisher:
         self._broker = broker
         self._store = store
         self._queue: asyncio.Queue[Change] = asyncio.Queue()
+        self._done: dict[int, int] = {}  # doctor -> highest version published this batch
+        self._failed: dict[int, set[int]] = {}  # doctor -> versions whose publish failed
         self._task = asyncio.create_task(self._run(), name="publisher")
 
     def enqueue(self, changes: list[Change]) -> None:
@@ -220,12 +222,24 @@ class Publisher:
             batch = [await self._queue.get()]
             while not self._queue.empty() and len(batch) < 256:
                 batch.append(self._queue.get_nowait())
-            published = []
             try:
                 for change in batch:
+                    failed = self._failed.setdefault(change.doctor_id, set())
                     if await self._publish(change):
-                        published.append(change)
-                await self._store.mark_published(published)
+                        failed.discard(change.version)
+                        self._done[change.doctor_id] = max(
+                            self._done.get(change.doctor_id, 0), change.version
+                        )
+                    else:
+                        failed.add(change.version)
+                # The cursor never passes a version whose publish failed: the relay
+                # resends from there (a patient room has no log to fill gaps from).
+                cursor = {
+                    doctor: min(done, min(self._failed.get(doctor) or {done + 1}) - 1)
+                    for doctor, done in self._done.items()
+                }
+                self._done.clear()
+                await self._store.mark_published(cursor)
             except StoreError as exc:
                 log.warning("could not advance the relay cursor: %s", exc)
             finally:

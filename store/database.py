@@ -429,11 +429,8 @@ class Store:
             rows = await self._pool.fetch(sql.CHANGES_UNPUBLISHED, older_than, limit)
         return [_change(r["doctor_id"], r) for r in rows]
 
-    async def mark_published(self, changes: Iterable[Change]) -> None:
-        """Advance each doctor's relay cursor to the highest version published."""
-        highest: dict[int, int] = {}
-        for c in changes:
-            highest[c.doctor_id] = max(highest.get(c.doctor_id, 0), c.version)
+    async def mark_published(self, highest: dict[int, int]) -> None:
+        """Advance doctors' relay cursors (never backwards) to the versions given."""
         if highest:
             with translated():
                 await self._pool.execute(sql.RELAY_ADVANCE, list(highest), list(highest.values()))
