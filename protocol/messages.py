@@ -29,6 +29,8 @@ Token = Annotated[str, Meta(min_length=1, max_length=4096)]
 Reason = Annotated[str, Meta(min_length=1, max_length=500, pattern=NO_NUL)]
 Query = Annotated[str, Meta(max_length=100, pattern=NO_NUL)]
 Instant = Annotated[datetime, Meta(tz=True)]
+# A wall-clock time in the doctor's zone: an offset would contradict the zone.
+LocalTime = Annotated[time, Meta(tz=False)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +112,8 @@ class WeeklyBlock:
     """Open hours on one ISO weekday (Monday = 1), in the doctor's local time."""
 
     weekday: Annotated[int, Meta(ge=1, le=7)]
-    start: time
-    end: time
+    start: LocalTime
+    end: LocalTime
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +121,8 @@ class DayOverride:
     """Hours for one local date instead of its weekly blocks; no times means a day off."""
 
     date: date
-    start: time | None = None
-    end: time | None = None
+    start: LocalTime | None = None
+    end: LocalTime | None = None
 
 
 # ---- client -> server ---------------------------------------------------------------------

@@ -121,7 +121,7 @@ def command(cls: type[Message], status: int = 200) -> Handler:
         raw: dict[str, Any] = {}
         if request.method == "GET":
             raw.update(request.query)
-        elif request.method != "DELETE" or request.can_read_body:
+        elif request.can_read_body:  # no body at all means no fields, as `{}` would
             body = await _json_body(request)
             if not isinstance(body, dict):
                 raise ProtocolError("the body must be a JSON object", code=ErrorCode.INVALID)
@@ -145,7 +145,7 @@ def _caller(request: web.Request) -> auth.Identity | None:
 
 
 def _path_id(name: str, value: str) -> int:
-    if not value.isdigit() or len(value) > 16:
+    if not (value.isascii() and value.isdigit()) or len(value) > 16:
         raise ProtocolError(f"`{name}` must be a whole number", code=ErrorCode.INVALID)
     return int(value)
 

@@ -181,10 +181,23 @@ async def locked_slot(tx: Tx, slot_id: int) -> asyncpg.Record:
 
 
 async def locked_appointment(tx: Tx, appointment_id: int) -> AppointmentView:
+    return appointment_view(await locked_appointment_row(tx, appointment_id))
+
+
+async def locked_appointment_row(tx: Tx, appointment_id: int) -> asyncpg.Record:
     row = await tx.conn.fetchrow(sql.APPOINTMENT_FOR_UPDATE, appointment_id)
     if row is None:
         raise NotFound(f"no appointment {appointment_id}")
-    return appointment_view(row)
+    return row
+
+
+def expired_hold(row: asyncpg.Record) -> bool:
+    """Cancelled by the system's expiry, not by anyone's words (reasons are free text)."""
+    return (
+        row["status"] == "cancelled"
+        and row["cancelled_by"] == "system"
+        and bool(row["hold_expires_at"])
+    )
 
 
 # ---- shared steps ------------------------------------------------------------------------------

@@ -545,10 +545,11 @@ class Store:
         return await self._command([doctor_id], actor, request, now, work)
 
     async def _own_hold(self, tx: Tx, appointment_id: int) -> AppointmentView:
-        hold = await cmd.locked_appointment(tx, appointment_id)
+        row = await cmd.locked_appointment_row(tx, appointment_id)
+        hold = cmd.appointment_view(row)
         if hold.patient_id != tx.actor.subject:
             raise NotHolder("this hold belongs to someone else")
-        if hold.status is AppointmentStatus.CANCELLED and hold.cancel_reason == "hold expired":
+        if cmd.expired_hold(row):
             raise HoldExpired("the hold has expired; the slot may be taken")
         if hold.status is not AppointmentStatus.PENDING:
             raise InvalidTransition(f"the appointment is {hold.status.value}, not a hold")
@@ -616,13 +617,11 @@ class Store:
             if not actor.may_manage(appointment):
                 raise Forbidden("not your appointment")
             if appointment.status is not AppointmentStatus.BOOKED:
+                hint = (
+                    " (release the hold instead)" if appointment.status.value == "pending" else ""
+                )
                 raise InvalidTransition(
-                    f"a {appointment.status.value} appointment cannot be cancelled"
-                    + (
-                        " (release the hold instead)"
-                        if appointment.status.value == "pending"
-                        else ""
-                    )
+                    f"cannot cancel an appointment that is {appointment.status.value}{hint}"
                 )
             row = await tx.conn.fetchrow(
                 sql.APPOINTMENT_CANCEL, appointment.id, request.reason, tx.now, str(actor)

@@ -111,7 +111,7 @@ SELECT EXISTS (
 
 APPOINTMENT_COLUMNS: Final = """
 a.id, a.slot_id, a.doctor_id, a.patient_id, a.starts_at, a.ends_at, a.status,
-a.hold_expires_at, a.replaces_id, a.cancel_reason, a.cancelled_at"""
+a.hold_expires_at, a.replaces_id, a.cancel_reason, a.cancelled_at, a.cancelled_by"""
 APPOINTMENT_INSERT: Final = f"""
 INSERT INTO appointments AS a
     (doctor_id, slot_id, patient_id, starts_at, ends_at, status, hold_expires_at, replaces_id)

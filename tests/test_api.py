@@ -285,7 +285,6 @@ async def test_bad_booking_body_is_invalid(
     [
         pytest.param(b"slot_id=1", "application/x-www-form-urlencoded", id="form"),
         pytest.param(b'{"slot_id": 1', "application/json", id="truncated json"),
-        pytest.param(b"", "application/json", id="empty"),
         pytest.param(b"\xff\xfe{}", "application/json", id="not utf-8"),
     ],
 )
@@ -295,6 +294,15 @@ async def test_non_json_body_is_bad_message(
     headers = {**bearer(), "Content-Type": content_type}
     resp = await client.post(BOOK, data=data, headers=headers)
     assert await error_code(resp, 400) == "bad_message"
+
+
+async def test_an_empty_body_means_no_fields(client: AppClient, doctor: SeededDoctor) -> None:
+    """Commands without body fields (block, release) need no `{}`; a book without one
+    is then refused for what it lacks, not for its encoding."""
+    resp = await client.post(
+        BOOK, data=b"", headers={**bearer(), "Content-Type": "application/json"}
+    )
+    assert await error_code(resp, 422) == "invalid"
 
 
 async def test_json_is_utf8_whatever_charset_is_claimed(
@@ -406,3 +414,20 @@ async def test_readyz_reports_rooms_and_watchers(client: AppClient, doctor: Seed
         await b.watch(doctor.id, doctor.start, doctor.end)
         resp = await client.get("/readyz")
         assert await resp.json() == {**READY, "rooms": 1, "watchers": 2}
+
+
+@pytest.mark.parametrize("raw", ["%C2%B2", "x", "1.5", "-3", "99999999999999999"])
+async def test_path_ids_are_plain_ascii_numbers(client: AppClient, raw: str) -> None:
+    """`str.isdigit` accepts "²", which int() refuses: that must be `invalid`, not a 500."""
+    resp = await client.delete(f"/api/holds/{raw}", headers=bearer())
+    assert await error_code(resp, 422) == "invalid"
+
+
+async def test_a_time_of_day_with_an_offset_is_invalid(
+    client: AppClient, doctor: SeededDoctor
+) -> None:
+    """The doctor's zone decides what 09:00 means; an offset would contradict it."""
+    body = {"weekly": [{"weekday": 1, "start": "09:00:00+02:00", "end": "17:00:00"}]}
+    headers = {"Authorization": f"Bearer {token(Role.DOCTOR, str(doctor.id))}"}
+    resp = await client.put(f"/api/doctors/{doctor.id}/schedule", json=body, headers=headers)
+    assert await error_code(resp, 422) == "invalid"

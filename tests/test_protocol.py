@@ -9,6 +9,10 @@ is refused with a `ProtocolError` carrying a stable code, never another exceptio
 Strategies are derived from the message dataclasses' own annotations, so a new
 field or message is covered as soon as it is declared, and a field type the
 derivation cannot handle fails `test_every_registered_message_has_a_strategy`.
+
+The last section holds docs/protocol.md to the code: its examples must be what the
+codec produces, and every message, error code and REST route must be in it, since
+client authors in other languages read that page, not this package.
 """
 
 from __future__ import annotations
@@ -16,17 +20,19 @@ from __future__ import annotations
 import dataclasses
 import enum
 import inspect
+import pathlib
 import re
 import types
 import typing
 from collections.abc import Iterator, Mapping
-from datetime import UTC, date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta, timezone
 from typing import Annotated, Any
 
 import msgpack
 import msgspec
 import orjson
 import pytest
+from aiohttp import web
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
@@ -53,11 +59,16 @@ from protocol.messages import (
     Ping,
 )
 from protocol.vocabulary import Role
+from server.api import HTTP_STATUS
+from server.routes import setup_routes
+from server.service import COMMANDS
 from server.settings import Settings
 
 # Many parametrized cases share the time budget: the whole file must stay well under 10 s.
+# A PER_CASE example checks everything its drawn message allows (both codecs for a round
+# trip, every way to break a field), so 8 of them go further than one check each would.
 THOROUGH = settings(max_examples=100, deadline=None)
-PER_CASE = settings(max_examples=10, deadline=None)
+PER_CASE = settings(max_examples=8, deadline=None)
 
 Registry = Mapping[str, type[Message]]
 RequestId = str | int | None
@@ -90,6 +101,11 @@ WHOLE_MINUTE_ZONES: SearchStrategy[timezone] = st.just(UTC) | st.integers(
 AWARE_DATETIMES = st.datetimes(
     datetime(2, 1, 1), datetime(9998, 12, 31), timezones=WHOLE_MINUTE_ZONES
 )
+
+TEXT = 40  # the longest valid string drawn (see strategy_for)
+# Weekly hours and day overrides are wall-clock times in the doctor's zone, so they are
+# naive: the zone comes from the doctor, and PostgreSQL's `time` would drop an offset.
+LOCAL_TIMES: SearchStrategy[time] = st.times()
 
 VALID_REQUEST_IDS: SearchStrategy[RequestId] = st.one_of(
     st.none(), st.text(min_size=1, max_size=64), st.integers(0, 2**53 - 1)
@@ -132,10 +148,13 @@ def strategy_for(tp: Any, *, nonempty: bool = False) -> SearchStrategy[Any]:
         return st.none()
     if isinstance(base, type) and issubclass(base, enum.Enum):
         return st.sampled_from(list(base))
-    if base is int and meta.ge is not None:
+    if base is int:  # unconstrained counts (e.g. `doctors.limit`) still travel as int64
         return st.integers(*int_range(meta))
     if base is str:
-        text = st.text(min_size=meta.min_length or 0, max_size=meta.max_length or 40)
+        # Long strings cost draws, not coverage: test_boundary_values_are_accepted sends
+        # each declared maximum length (a 4096-character token, a 500-character reason).
+        low = meta.min_length or 0
+        text = st.text(min_size=low, max_size=max(low, min(meta.max_length or TEXT, TEXT)))
         if meta.pattern is not None:  # msgspec searches, it does not fullmatch
             return text.filter(re.compile(meta.pattern).search)
         return text
@@ -143,6 +162,8 @@ def strategy_for(tp: Any, *, nonempty: bool = False) -> SearchStrategy[Any]:
         return AWARE_DATETIMES
     if base is date:
         return st.dates()
+    if base is time:
+        return LOCAL_TIMES
     if typing.get_origin(base) is list:
         (item,) = typing.get_args(base)
         return st.lists(strategy_for(item, nonempty=nonempty), min_size=int(nonempty), max_size=3)
@@ -174,16 +195,25 @@ def any_message() -> SearchStrategy[Message]:
 
 @dataclasses.dataclass(frozen=True)
 class Site:
-    """One field of one message at any depth, addressed by its path inside `body`."""
+    """One field of one message at any depth, addressed by its path inside `body`.
+
+    `owner` is the dataclass declaring the field and `local` the path from it, so the
+    same view field nested in several messages can be recognised as one.
+    """
 
     message: type[Message]
     path: Path
     annotation: Any
+    owner: type[Any]
+    local: Path
 
     def __str__(self) -> str:
-        return self.message.TYPE + "".join(
-            f"[{p}]" if isinstance(p, int) else f".{p}" for p in self.path
-        )
+        return self.message.TYPE + self.json_path[1:]
+
+    @property
+    def json_path(self) -> str:
+        """The path as msgspec names it in an error: `$.weekly[0].start`."""
+        return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in self.path)
 
 
 def sites_of(message: type[Message]) -> list[Site]:
@@ -193,14 +223,14 @@ def sites_of(message: type[Message]) -> list[Site]:
     def walk(owner: type[Any], prefix: Path) -> None:
         owner_hints = hints(owner)
         for f in dataclasses.fields(owner):
-            visit(owner_hints[f.name], (*prefix, f.name))
+            visit(owner_hints[f.name], (*prefix, f.name), owner, (f.name,))
 
-    def visit(tp: Any, path: Path) -> None:
-        found.append(Site(message, path, tp))
+    def visit(tp: Any, path: Path, owner: type[Any], local: Path) -> None:
+        found.append(Site(message, path, tp, owner, local))
         for arm in arms(tp):
             base, _ = unwrap(arm)
             if typing.get_origin(base) is list:
-                visit(typing.get_args(base)[0], (*path, 0))
+                visit(typing.get_args(base)[0], (*path, 0), owner, (*local, 0))
             elif dataclasses.is_dataclass(base) and isinstance(base, type):
                 walk(base, path)
 
@@ -208,7 +238,26 @@ def sites_of(message: type[Message]) -> list[Site]:
     return found
 
 
+def distinct(sites: list[Site]) -> list[Site]:
+    """Each field once: a view's fields where the view first appears, every message field.
+
+    msgspec validates a nested view by its type wherever it sits, so breaking
+    `AppointmentView.status` inside `held` proves it inside `booked` too. Every place a
+    view sits still gets its own cases (a wrong kind for the view itself), every site
+    is in DOCUMENTED_LIMITS, and the mutation test roams every path. This keeps the
+    file inside its time budget as views are reused by more messages.
+    """
+    seen: set[tuple[type[Any], Path]] = set()
+    kept: list[Site] = []
+    for site in sites:
+        if (site.owner, site.local) not in seen:
+            seen.add((site.owner, site.local))
+            kept.append(site)
+    return kept
+
+
 ALL_SITES = [site for cls in ALL_MESSAGES for site in sites_of(cls)]
+CASE_SITES = distinct(ALL_SITES)
 
 JSON_SCALARS: SearchStrategy[Any] = st.one_of(
     st.none(),
@@ -244,8 +293,10 @@ def wire_kinds(tp: Any) -> set[str]:
             kinds.add("null")
         elif base is int:
             kinds.add("int")
-        elif base in (str, date, datetime) or (isinstance(base, type) and issubclass(base, str)):
-            kinds.add("str")  # enums, dates and times travel as strings
+        elif base in (str, date, datetime, time) or (
+            isinstance(base, type) and issubclass(base, str)
+        ):
+            kinds.add("str")  # enums, dates, instants and times of day travel as strings
         elif typing.get_origin(base) is list:
             kinds.add("array")
         elif dataclasses.is_dataclass(base):
@@ -257,6 +308,18 @@ def wire_kinds(tp: Any) -> set[str]:
 
 # Strings that can never parse as a date or a time: msgspec wants ASCII digits.
 DIGITLESS_TEXT = st.text(st.characters(exclude_categories=["Nd", "Cs"]), max_size=12)
+
+
+# Near misses of `HH:MM:SS[.ffffff]`: out-of-range fields, missing seconds or padding,
+# ISO basic format, an offset of a day. Plus whole dates and instants, which are not times.
+IMPOSSIBLE_TIMES = st.sampled_from(
+    ["24:00:00", "09:60:00", "09:00:60", "9:00:00", "09:00", "0900", "09:00:00+24:00", "T09:00:00"]
+)
+
+
+def replicated(item: Any, count: int) -> SearchStrategy[list[Any]]:
+    """`count` copies of one valid list item, as builtins: long lists without drawing each."""
+    return strategy_for(item).map(lambda value: [msgspec.to_builtins(value)] * count)
 
 
 def text_outside(values: frozenset[str]) -> SearchStrategy[str]:
@@ -308,16 +371,26 @@ def bad_values(site: Site) -> dict[str, SearchStrategy[Any]]:
             found["not_a_date"] = (
                 DIGITLESS_TEXT | impossible | AWARE_DATETIMES.map(datetime.isoformat)
             )
+        elif base is time:
+            if meta is not None and meta.tz is False:  # local wall-clock times: no offset
+                found["with_offset"] = st.times(timezones=WHOLE_MINUTE_ZONES).map(time.isoformat)
+            found["not_a_time_of_day"] = (
+                DIGITLESS_TEXT
+                | IMPOSSIBLE_TIMES
+                | st.dates().map(date.isoformat)
+                | AWARE_DATETIMES.map(datetime.isoformat)
+            )
+        elif typing.get_origin(base) is list and meta is not None and meta.max_length:
+            (item,) = typing.get_args(base)
+            found["too_many"] = replicated(item, meta.max_length + 1)
         elif isinstance(base, type) and issubclass(base, enum.Enum):
             found["not_in_enum"] = text_outside(frozenset(m.value for m in base))
     return found
 
 
-BAD_FIELD_CASES = [
-    pytest.param(site, kind, values, id=f"{site}-{kind}")
-    for site in ALL_SITES
-    for kind, values in bad_values(site).items()
-]
+# One case per field, trying each of its ways to be wrong in every example: one drawn
+# message serves them all, which halves the cost of this, the file's largest test.
+BAD_FIELD_CASES = [pytest.param(site, bad_values(site), id=str(site)) for site in CASE_SITES]
 
 
 def set_at(tree: Any, path: Path, value: Any) -> None:
@@ -330,6 +403,21 @@ def get_at(tree: Any, path: Path) -> Any:
     for step in path:
         tree = tree[step]
     return tree
+
+
+def attribute_at(obj: Any, path: Path) -> Any:
+    """`get_at` for a message object: fields by name, list items by index."""
+    for step in path:
+        obj = obj[step] if isinstance(step, int) else getattr(obj, step)
+    return obj
+
+
+def sites_holding(*kinds: type) -> list[Site]:
+    """Every site (nested ones too) one of whose arms is one of `kinds`."""
+    return [s for s in ALL_SITES if any(unwrap(arm)[0] in kinds for arm in arms(s.annotation))]
+
+
+TEMPORAL_SITES = sites_holding(date, datetime, time)
 
 
 def paths_in(tree: Any, prefix: Path = ()) -> Iterator[Path]:
@@ -380,29 +468,35 @@ def test_every_message_class_is_registered_exactly_once() -> None:
 
 
 @pytest.mark.parametrize("cls", ALL_MESSAGES, ids=lambda c: c.TYPE)
-@settings(max_examples=5, deadline=None)
-@given(data=st.data())
-def test_every_registered_message_has_a_strategy(cls: type[Message], data: st.DataObject) -> None:
-    """Fails when a message gains a field type the derivation cannot generate yet."""
-    message = data.draw(message_strategy(cls))
-    assert type(message) is cls
-    assert type(data.draw(message_strategy(cls, nonempty=True))) is cls
+def test_every_registered_message_has_a_strategy(cls: type[Message]) -> None:
+    """Fails when a message gains a field type the derivation cannot generate yet.
+
+    Building the strategy derives every field's eagerly; drawing from it is left to
+    the round trips, which do it for every message anyway.
+    """
+    for nonempty in (False, True):
+        assert isinstance(message_strategy(cls, nonempty=nonempty), SearchStrategy)
 
 
 # ---- round trips ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("codec", [JSON, MSGPACK], ids=lambda c: c.name)
 @pytest.mark.parametrize("cls", ALL_MESSAGES, ids=lambda c: c.TYPE)
 @PER_CASE
-@given(data=st.data(), request_id=VALID_REQUEST_IDS)
+@given(data=st.data(), request_id=VALID_REQUEST_IDS, nonempty=st.booleans())
 def test_every_message_round_trips(
-    cls: type[Message], data: st.DataObject, codec: Codec, request_id: RequestId
+    cls: type[Message], data: st.DataObject, request_id: RequestId, nonempty: bool
 ) -> None:
-    """Datetimes compare by instant: aware datetime equality ignores the offset's spelling."""
-    message = data.draw(message_strategy(cls))
-    frame = codec.encode(message, request_id)
-    assert codec.decode(frame, registry_of(cls)) == Envelope(request_id, message)
+    """In both codecs, with lists empty or not (`nonempty` forces nested views to appear).
+
+    Datetimes compare by instant: aware datetime equality ignores the offset's spelling.
+    One drawn message serves both codecs, which halves the cost of drawing.
+    """
+    message = data.draw(message_strategy(cls, nonempty=nonempty))
+    assert type(message) is cls
+    for codec in (JSON, MSGPACK):
+        frame = codec.encode(message, request_id)
+        assert codec.decode(frame, registry_of(cls)) == Envelope(request_id, message), codec.name
 
 
 @THOROUGH
@@ -441,6 +535,42 @@ def test_utc_times_travel_as_rfc3339_strings_ending_in_z(
     assert isinstance(wire, str)
     assert wire.endswith("Z")
     assert datetime.fromisoformat(wire) == moment
+
+
+def raw_frame(codec: Codec, frame: bytes) -> Any:
+    """A frame parsed by the format's own library, as a client in another language sees it."""
+    return msgpack.unpackb(frame, raw=False) if codec.binary else orjson.loads(frame)
+
+
+# The formats docs/protocol.md promises, fractions only when not zero, six digits then.
+# `datetime` comes first: it is a subclass of `date`.
+WIRE_FORMATS: list[tuple[type[date] | type[time], str]] = [
+    (datetime, r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{6})?Z"),
+    (date, r"\d{4}-\d{2}-\d{2}"),
+    (time, r"\d{2}:\d{2}:\d{2}(\.\d{6})?"),
+]
+
+
+@THOROUGH
+@given(data=st.data(), codec=CODEC_STRATEGY)
+def test_instants_dates_and_times_travel_in_their_documented_formats(
+    data: st.DataObject, codec: Codec
+) -> None:
+    """Every such field at any depth, not just `expires_at`: instants in UTC ending in `Z`
+    (a view that forgot to normalise would send the offset it was built with), dates as
+    `YYYY-MM-DD`, a schedule's times of day as `HH:MM:SS` with no offset."""
+    site = data.draw(st.sampled_from(TEMPORAL_SITES), label="site")
+    message = data.draw(message_strategy(site.message, nonempty=True))
+    wire = get_at(raw_frame(codec, codec.encode(message))["body"], site.path)
+    value = attribute_at(message, site.path)
+    if value is None:
+        assert wire is None
+        return
+    kind, pattern = next((k, p) for k, p in WIRE_FORMATS if isinstance(value, k))
+    assert isinstance(wire, str)
+    assert re.fullmatch(pattern, wire), wire
+    assert ("." in wire) == (getattr(value, "microsecond", 0) != 0), wire
+    assert kind.fromisoformat(wire) == value
 
 
 @pytest.mark.parametrize("codec", [JSON, MSGPACK], ids=lambda c: c.name)
@@ -701,50 +831,118 @@ def test_malformed_msgpack_is_a_bad_message(frame: bytes) -> None:
         msgpack.Timestamp(1_700_000_000),
         msgpack.ExtType(5, b"x"),
         b"2030-01-01T00:00:00Z",
+        b"09:00:00",
     ],
-    ids=["timestamp_ext", "other_ext", "bin"],
+    ids=["timestamp_ext", "other_ext", "bin", "bin_time_of_day"],
 )
-def test_msgpack_times_must_be_strings_not_extensions_or_binary(value: Any) -> None:
-    """Many MessagePack libraries send dates as the Timestamp extension; v1 wants strings."""
-    wire = {"type": "authenticated", "id": 3, "body": {"subject": "s", "role": "admin"}}
-    wire["body"]["expires_at"] = value  # type: ignore[index]
-    error = rejected(MSGPACK, msgpack.packb(wire), SERVER_MESSAGES)
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_msgpack_times_must_be_strings_not_extensions_or_binary(
+    value: Any, data: st.DataObject
+) -> None:
+    """Many MessagePack libraries send dates as the Timestamp extension; v1 wants strings,
+    for instants, dates and times of day alike (a schedule's hours included)."""
+    site = data.draw(st.sampled_from(TEMPORAL_SITES), label="site")
+    wire = to_wire(data.draw(message_strategy(site.message, nonempty=True)), 3)
+    set_at(wire["body"], site.path, value)
+    error = rejected(MSGPACK, msgpack.packb(wire, use_bin_type=True), registry_of(site.message))
     assert error.code is ErrorCode.INVALID
+    assert f"`{site.json_path}`" in error.message, error.message
     assert error.request_id == 3
 
 
 # ---- rejection: the fields ------------------------------------------------------------------
 
 NO_NUL = "^[^\x00]*$"  # PostgreSQL text cannot hold NUL
+ID = ("int", 1, 2**53 - 1)  # a safe JavaScript integer
+DOCTOR_ID = ("int", 1, 2**31 - 1)  # fits the int4 advisory-lock key
+KEY = ("text", 1, 128, NO_NUL)  # idempotency keys and patient ids (token subjects)
+AWARE = ("aware",)
+COUNT = ("int", 0, None)
+SLOT_LIMITS = {"id": ID, "start": AWARE, "end": AWARE, "hold_expires_at": AWARE}
+APPOINTMENT_LIMITS = {
+    "id": ID,
+    "slot_id": ID,
+    "doctor_id": DOCTOR_ID,
+    "patient_id": KEY,
+    "start": AWARE,
+    "end": AWARE,
+    "hold_expires_at": AWARE,
+    "replaces_id": ID,
+    "cancelled_at": AWARE,
+}
+
+
+def nested(prefix: str, limits: Mapping[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+    """A view's limits wherever a message nests it: each place is its own wire path."""
+    return {f"{prefix}.{name}": limit for name, limit in limits.items()}
+
+
 # The limits docs/protocol.md publishes. The generic tests below derive their cases from
 # the annotations, so this table is what stops a silently loosened annotation.
 DOCUMENTED_LIMITS: dict[str, tuple[Any, ...]] = {
+    # client -> server
     "auth.token": ("text", 1, 4096, None),
-    "watch.doctor_id": ("int", 1, 2**31 - 1),
-    "unwatch.doctor_id": ("int", 1, 2**31 - 1),
-    "book.slot_id": ("int", 1, 2**53 - 1),
-    "book.idempotency_key": ("text", 1, 128, NO_NUL),
-    "authenticated.expires_at": ("aware",),
-    "snapshot.doctor_id": ("int", 1, 2**31 - 1),
-    "snapshot.version": ("int", 0, None),
-    "delta.doctor_id": ("int", 1, 2**31 - 1),
+    "watch.doctor_id": DOCTOR_ID,
+    "unwatch.doctor_id": DOCTOR_ID,
+    "hold.slot_id": ID,
+    "hold.idempotency_key": KEY,
+    "release.appointment_id": ID,
+    "release.idempotency_key": KEY,
+    "book.slot_id": ID,
+    "book.idempotency_key": KEY,
+    "book.hold_id": ID,
+    "cancel.appointment_id": ID,
+    "cancel.reason": ("text", 1, 500, NO_NUL),
+    "cancel.idempotency_key": KEY,
+    "reschedule.appointment_id": ID,
+    "reschedule.slot_id": ID,
+    "reschedule.idempotency_key": KEY,
+    "block.slot_id": ID,
+    "block.idempotency_key": KEY,
+    "unblock.slot_id": ID,
+    "unblock.idempotency_key": KEY,
+    "mark.appointment_id": ID,
+    "mark.idempotency_key": KEY,
+    "set_schedule.doctor_id": DOCTOR_ID,
+    "set_schedule.weekly": ("items", None, 100),
+    "set_schedule.weekly[0].weekday": ("int", 1, 7),  # ISO: Monday = 1
+    "set_schedule.overrides": ("items", None, 400),
+    "set_schedule.slot_minutes": ("int", 5, 480),
+    "set_schedule.buffer_minutes": ("int", 0, 240),
+    "set_schedule.min_notice_minutes": ("int", 0, 43200),  # 30 days
+    "set_schedule.horizon_days": ("int", 1, 366),
+    "set_schedule.idempotency_key": KEY,
+    "list_appointments.doctor_id": DOCTOR_ID,
+    "search_doctors.q": ("text", None, 100, NO_NUL),
+    "search_doctors.limit": ("int", 1, 100),
+    "search_doctors.offset": ("int", 0, 1_000_000),
+    # server -> client
+    "authenticated.expires_at": AWARE,
+    "snapshot.doctor_id": DOCTOR_ID,
+    "snapshot.version": COUNT,
+    **nested("snapshot.slots[0]", SLOT_LIMITS),
+    "snapshot.bookable_from": AWARE,
+    "snapshot.bookable_until": AWARE,
+    "delta.doctor_id": DOCTOR_ID,
     "delta.version": ("int", 1, None),
-    "unwatched.doctor_id": ("int", 1, 2**31 - 1),
-    "booked.appointment.id": ("int", 1, 2**53 - 1),
-    "booked.appointment.slot_id": ("int", 1, 2**53 - 1),
-    "booked.appointment.doctor_id": ("int", 1, 2**31 - 1),
-    "booked.appointment.patient_id": ("text", 1, 128, NO_NUL),
-    "booked.appointment.start": ("aware",),
-    "booked.appointment.end": ("aware",),
-    **{
-        f"{kind}.slots[0].{name}": limit
-        for kind in ("snapshot", "delta")
-        for name, limit in [
-            ("id", ("int", 1, 2**53 - 1)),
-            ("start", ("aware",)),
-            ("end", ("aware",)),
-        ]
-    },
+    **nested("delta.slots[0]", SLOT_LIMITS),
+    "delta.removed[0]": ID,
+    "unwatched.doctor_id": DOCTOR_ID,
+    **nested("held.appointment", APPOINTMENT_LIMITS),
+    **nested("booked.appointment", APPOINTMENT_LIMITS),
+    **nested("appointment.appointment", APPOINTMENT_LIMITS),
+    **nested("rescheduled.appointment", APPOINTMENT_LIMITS),
+    **nested("rescheduled.replaced", APPOINTMENT_LIMITS),
+    "slot.doctor_id": DOCTOR_ID,
+    **nested("slot.slot", SLOT_LIMITS),
+    "schedule_updated.doctor_id": DOCTOR_ID,
+    "schedule_updated.version": COUNT,
+    "schedule_updated.opened": COUNT,
+    "schedule_updated.removed": COUNT,
+    "schedule_updated.conflicts[0]": ID,
+    **nested("appointments.appointments[0]", APPOINTMENT_LIMITS),
+    "doctors.doctors[0].id": DOCTOR_ID,
 }
 
 
@@ -759,6 +957,8 @@ def limit_of(site: Site) -> tuple[Any, ...] | None:
             return ("text", meta.min_length, meta.max_length, meta.pattern)
         if base is datetime and meta.tz:
             return ("aware",)
+        if typing.get_origin(base) is list:
+            return ("items", meta.min_length, meta.max_length)
     return None
 
 
@@ -767,58 +967,71 @@ def test_the_decoder_enforces_exactly_the_documented_limits() -> None:
     assert enforced == DOCUMENTED_LIMITS
 
 
-@pytest.mark.parametrize(("site", "kind", "values"), BAD_FIELD_CASES)
+@pytest.mark.parametrize(("site", "ways"), BAD_FIELD_CASES)
 @PER_CASE
 @given(data=st.data(), codec=CODEC_STRATEGY, request_id=VALID_REQUEST_IDS)
 def test_a_bad_field_is_invalid_and_keeps_the_request_id(
     site: Site,
-    kind: str,
-    values: SearchStrategy[Any],
+    ways: dict[str, SearchStrategy[Any]],
     data: st.DataObject,
     codec: Codec,
     request_id: RequestId,
 ) -> None:
-    """Covers wrongly-typed fields, out-of-range ids, bad lengths, naive times and bad enums."""
+    """Covers wrongly-typed fields, out-of-range numbers, bad lengths, too many list items,
+    naive instants, impossible dates and times of day, and bad enums.
+
+    The error must name the broken field: a refusal for some other reason (say, a
+    strategy that drew an invalid neighbour) would otherwise pass for this one.
+    """
     message = data.draw(message_strategy(site.message, nonempty=True))
-    wire = to_wire(message, request_id)
-    set_at(wire["body"], site.path, data.draw(values, label=kind))
-    error = rejected(codec, codec.dumps(wire), registry_of(site.message))
-    assert error.code is ErrorCode.INVALID, error.message
-    assert error.request_id == request_id
+    for kind, values in ways.items():
+        wire = to_wire(message, request_id)
+        set_at(wire["body"], site.path, data.draw(values, label=kind))
+        error = rejected(codec, codec.dumps(wire), registry_of(site.message))
+        assert error.code is ErrorCode.INVALID, f"{kind}: {error.message}"
+        assert f"`{site.json_path}`" in error.message, f"{kind}: {error.message}"
+        assert error.request_id == request_id
 
 
-def bounds(site: Site) -> list[Any]:
-    """The extreme values a constrained field must still accept."""
-    values: list[Any] = []
+def bounds(site: Site) -> dict[str, SearchStrategy[Any]]:
+    """The extreme wire values a constrained field must still accept, keyed by a test id."""
+    values: dict[str, SearchStrategy[Any]] = {}
     for arm in arms(site.annotation):
         base, meta = unwrap(arm)
         if meta is None:
             continue
         if base is int:
-            values += [v for v in (meta.ge, meta.le) if v is not None]
+            values |= {str(v): st.just(v) for v in (meta.ge, meta.le) if v is not None}
         elif base is str:
-            values += ["é" * n for n in (meta.min_length, meta.max_length) if n is not None]
+            lengths = (meta.min_length, meta.max_length)
+            values |= {f"{n}_chars": st.just("é" * n) for n in lengths if n is not None}
+        elif typing.get_origin(base) is list and meta.max_length is not None:
+            (item,) = typing.get_args(base)
+            values[f"{meta.max_length}_items"] = replicated(item, meta.max_length)
     return values
 
 
 BOUND_CASES = [
-    pytest.param(site, value, id=f"{site}={value if isinstance(value, int) else len(value)}")
-    for site in ALL_SITES
-    for value in bounds(site)
+    pytest.param(site, bounds(site), id=f"{site}={','.join(bounds(site))}")
+    for site in CASE_SITES
+    if bounds(site)
 ]
 
 
-@pytest.mark.parametrize(("site", "value"), BOUND_CASES)
-@settings(max_examples=3, deadline=None)
+@pytest.mark.parametrize(("site", "extremes"), BOUND_CASES)
+@settings(max_examples=4, deadline=None)
 @given(data=st.data(), codec=CODEC_STRATEGY)
 def test_boundary_values_are_accepted(
-    site: Site, value: Any, data: st.DataObject, codec: Codec
+    site: Site, extremes: dict[str, SearchStrategy[Any]], data: st.DataObject, codec: Codec
 ) -> None:
-    """Limits are inclusive (and lengths count characters, not bytes)."""
-    wire = to_wire(data.draw(message_strategy(site.message, nonempty=True)))
-    set_at(wire["body"], site.path, value)
-    decoded = codec.decode(codec.dumps(wire), registry_of(site.message)).body
-    assert get_at(msgspec.to_builtins(decoded), site.path) == value
+    """Limits are inclusive (lengths count characters, not bytes; lists count items)."""
+    message = data.draw(message_strategy(site.message, nonempty=True))
+    for label, values in extremes.items():
+        wire = to_wire(message)
+        value = data.draw(values, label=label)
+        set_at(wire["body"], site.path, value)
+        decoded = codec.decode(codec.dumps(wire), registry_of(site.message)).body
+        assert get_at(msgspec.to_builtins(decoded), site.path) == value, label
 
 
 @THOROUGH
@@ -877,3 +1090,96 @@ def test_subprotocols_name_the_protocol_version_and_frame_kind() -> None:
         "slotcast.v1.msgpack": True,
     }
     assert all(codec_for(name).subprotocol == name for name in SUBPROTOCOLS)
+
+
+# ---- docs/protocol.md is the contract client authors read ----------------------------------
+
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+DOC_TEXT = DOCS.read_text(encoding="utf-8")
+
+
+def documented_frames() -> list[str]:
+    """Every line of the page's JSON examples that is an envelope (REST bodies are not).
+
+    Lines are stripped: examples inside list items are indented.
+    """
+    lines = (
+        line.strip()
+        for block in re.findall(r"```json\n(.*?)```", DOC_TEXT, re.DOTALL)
+        for line in block.splitlines()
+        if line.strip()
+    )
+    return [line for line in lines if list(orjson.loads(line)) == ["type", "id", "body"]]
+
+
+DOCUMENTED_FRAMES = documented_frames()
+
+
+def test_the_page_has_examples_to_check() -> None:
+    """Guards the parsing below: a reformatted page must not make its checks vacuous."""
+    assert len(DOCUMENTED_FRAMES) >= len(ALL_MESSAGES)
+
+
+@pytest.mark.parametrize("line", DOCUMENTED_FRAMES, ids=lambda line: orjson.loads(line)["type"])
+def test_every_documented_example_is_exactly_what_the_codec_sends(line: str) -> None:
+    """The page promises its examples were produced by `protocol.codec.JSON`: each must
+    decode, and re-encode to the very same bytes (all fields, in order, canonical values)."""
+    kind = orjson.loads(line)["type"]
+    envelope = JSON.decode(line, CLIENT_MESSAGES if kind in CLIENT_MESSAGES else SERVER_MESSAGES)
+    assert JSON.encode(envelope.body, envelope.id).decode() == line
+
+
+def test_every_message_is_documented_with_a_heading_and_an_example() -> None:
+    """A message a client author cannot find on the page does not exist for them."""
+    examples = {orjson.loads(line)["type"] for line in DOCUMENTED_FRAMES}
+    headings = set(re.findall(r"^#### `(\w+)`$", DOC_TEXT, re.MULTILINE))
+    types_ = {cls.TYPE for cls in ALL_MESSAGES}
+    assert types_ - examples == set()
+    assert headings == types_
+
+
+def test_every_error_code_is_documented_with_the_status_rest_answers() -> None:
+    """The error table is what clients branch on; its HTTP column must be what api.py sends."""
+    rows = re.findall(r"^\| `(\w+)` \| (\d{3}) \|", DOC_TEXT, re.MULTILINE)
+    documented = {code: int(status) for code, status in rows}
+    assert documented == {code.value: status for code, status in HTTP_STATUS.items()}
+    assert set(documented) == {code.value for code in ErrorCode}
+
+
+def rest_routes() -> dict[str, web.AbstractRoute]:
+    """The server's routes by `METHOD /path/{param}`, as server/routes.py wires them."""
+    app = web.Application()
+    setup_routes(app, DOCS.parent / "no-static-dir")
+    found = {}
+    for route in app.router.routes():
+        if route.method != "HEAD" and route.resource is not None:  # HEAD: aiohttp's, per GET
+            found[f"{route.method} {route.resource.canonical}"] = route
+    return found
+
+
+def test_every_rest_route_is_documented_and_nothing_else() -> None:
+    """Each route has a `###` section headed by its method and path, and no section names
+    a route the server does not have (a renamed path would leave a stale one behind)."""
+    routes = set(rest_routes())
+    headings = [line for line in DOC_TEXT.splitlines() if line.startswith("### ")]
+    documented = {
+        f"{method} {path}"
+        for line in headings
+        for method, path in re.findall(r"`(GET|POST|PUT|PATCH|DELETE) (/[^`?\s]*)", line)
+    }
+    assert "GET /ws" in routes
+    assert documented == routes - {"GET /ws"}  # the WebSocket has the rest of the page
+
+
+def test_every_command_has_one_rest_route_whose_path_names_its_fields() -> None:
+    """A path parameter that is not a field of the message would be dropped silently."""
+    seen: list[str] = []
+    for where, route in rest_routes().items():
+        name = getattr(route.handler, "__name__", "")
+        if not name.endswith("_endpoint"):
+            continue
+        cls: type[Any] = CLIENT_MESSAGES[name.removesuffix("_endpoint")]
+        seen.append(cls.TYPE)
+        params = set(re.findall(r"\{(\w+)\}", where))
+        assert params <= {f.name for f in dataclasses.fields(cls)}, where
+    assert sorted(seen) == sorted(cls.TYPE for cls in COMMANDS)
