@@ -40,6 +40,7 @@ COALESCE_AFTER: Final = 32  # queued frames before availability deltas are merge
 class _Merged:
     """Availability deltas of one doctor merged while the client is behind."""
 
+    doctor_id: int
     since: int
     version: int
     slots: dict[int, Any] = field(default_factory=dict)
@@ -54,9 +55,9 @@ class _Merged:
             self.slots.pop(slot_id, None)
             self.removed.add(slot_id)
 
-    def wire(self, doctor_id: int) -> dict[str, Any]:
+    def wire(self) -> dict[str, Any]:
         body = {
-            "doctor_id": doctor_id,
+            "doctor_id": self.doctor_id,
             "version": self.version,
             "slots": list(self.slots.values()),
             "removed": sorted(self.removed),
@@ -83,8 +84,8 @@ class Connection:
         self.appointments: PatientMember | None = None
         self.busy = False  # handling a command: a drain waits for it to finish
         self._transport = transport
-        self._outbox: deque[bytes | int] = deque()  # frames, or a doctor id for a merged delta
-        self._merged: dict[int, _Merged] = {}
+        self._outbox: deque[bytes | _Merged] = deque()  # built frames, or a merged delta
+        self._merged: dict[int, _Merged] = {}  # the merge still open, per doctor
         self._outbox_limit = outbox_limit
         self._on_slow = on_slow
         self._wakeup = asyncio.Event()
@@ -133,12 +134,17 @@ class Connection:
             merged.add(public)
             return
         if len(self._outbox) >= COALESCE_AFTER and not self._closing:
-            merged = self._merged[doctor_id] = _Merged(public["version"] - 1, public["version"])
+            merged = _Merged(doctor_id, public["version"] - 1, public["version"])
+            self._merged[doctor_id] = merged
             merged.add(public)
-            self._outbox.append(doctor_id)
+            self._outbox.append(merged)
             self._wakeup.set()
             return
         self.send_frame(data)
+
+    def seal(self, doctor_id: int) -> None:
+        """Close the doctor's open merge: what follows a new snapshot must come after it."""
+        self._merged.pop(doctor_id, None)
 
     def _too_slow(self) -> None:
         log.warning("closing slow consumer after %d queued frames", len(self._outbox))
@@ -162,9 +168,10 @@ class Connection:
                 if not self._outbox:  # a close emptied it while we waited
                     break
                 item = self._outbox.popleft()
-                if isinstance(item, int):
-                    merged = self._merged.pop(item)
-                    item = frame(self.codec.dumps(merged.wire(item)), binary=self.codec.binary)
+                if isinstance(item, _Merged):
+                    if self._merged.get(item.doctor_id) is item:
+                        del self._merged[item.doctor_id]
+                    item = frame(self.codec.dumps(item.wire()), binary=self.codec.binary)
                 transport.write(item)
 
     # ---- closing ----------------------------------------------------------------------------

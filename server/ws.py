@@ -64,7 +64,16 @@ class Context:
 async def on_auth(ctx: Context, rid: RequestId, msg: Any) -> None:
     assert isinstance(msg, Auth)
     identity = auth.verify(ctx.secret, msg.token)
-    ctx.conn.identity = identity
+    conn, before = ctx.conn, ctx.conn.identity
+    if before is not None and (before.subject, before.role) != (identity.subject, identity.role):
+        # Private rooms were joined as someone else: leave them (public watches stay).
+        for member in list(conn.dashboards.values()):
+            await ctx.rooms.leave(member)
+        conn.dashboards.clear()
+        if conn.appointments is not None:
+            await ctx.rooms.leave_patient(conn.appointments)
+            conn.appointments = None
+    conn.identity = identity
     ctx.conn.send(Authenticated(identity.subject, identity.role, identity.expires_at), rid)
 
 
@@ -93,6 +102,7 @@ async def on_watch(ctx: Context, rid: RequestId, msg: Any) -> None:
     if old is not None:  # the new member keeps the room open: no unsubscribe, no gap
         await ctx.rooms.leave(old)
     conn.watches[msg.doctor_id] = member
+    conn.seal(msg.doctor_id)  # later deltas must follow the reply, not merge ahead of it
     if snapshot is not None:
         conn.send(snapshot, rid)
         member.start(snapshot.version)

@@ -17,7 +17,7 @@ import asyncio
 import socket
 import time
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from datetime import time as clock
 from typing import Any, TypeVar, cast
 
@@ -1034,3 +1034,41 @@ async def test_draining_fails_readiness_and_refuses_new_websockets(client: AppCl
         client.app[BROKER].healthy = True
         async with client.get("/readyz") as resp:
             assert resp.status == 200
+
+
+async def test_deltas_after_a_new_snapshot_are_not_merged_ahead_of_it() -> None:
+    """A merge open when the client re-watches sits before the new snapshot in the outbox;
+    versions after that snapshot must come after it, or the client would miss them."""
+    transport, ws = FakeTransport(), FakeSocket()
+    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=1000)
+    transport.buffered = HIGH_WATER  # the client is behind: everything queues
+    for _ in range(COALESCE_AFTER):
+        conn.send(Pong())
+    offer(conn, change(1, 11, [slot(1, SlotStatus.BUSY)], []))  # opens a merge
+    conn.seal(1)  # what a re-watch does before its reply
+    conn.send(Snapshot(1, 12, "UTC", date(2031, 1, 1), date(2031, 1, 2), []))
+    offer(conn, change(1, 13, [slot(2, SlotStatus.BUSY)], []))
+    transport.buffered = 0
+    conn.send(Pong())  # wakes the writer
+    await asyncio.sleep(0.05)  # deliberately: the writer drains on its own task
+    await conn.close()
+    order = [
+        (type(m).__name__, getattr(m, "version", None))
+        for m in map(decode, transport.written)
+        if not isinstance(m, Pong)
+    ]
+    assert order[-1] == ("Delta", 13), order
+    assert order.index(("Snapshot", 12)) < order.index(("Delta", 13)), order
+
+
+async def test_auth_as_someone_else_leaves_private_rooms(
+    client: AppClient, doctor: SeededDoctor
+) -> None:
+    """Rooms are authorized on join; a new identity must not inherit the old one's."""
+    async with SlotcastClient.connect(
+        ws_url(client), token=doctor_token(doctor.id), token_in_header=False
+    ) as c:
+        await c.watch_dashboard(doctor.id, doctor.start)
+        await c.auth(token(Role.PATIENT, "p-switch"))
+        resp = await client.get("/readyz")
+        assert (await resp.json())["dashboards"] == 0
