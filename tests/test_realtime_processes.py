@@ -30,6 +30,7 @@ from server.client import SlotcastClient
 from store.database import Store
 from tests.conftest import SeededDoctor, Spawn, token
 from tests.harness import RedisServer, ServerProcess
+from tests.test_realtime import expect
 
 pytestmark = pytest.mark.processes
 
@@ -51,23 +52,6 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 async def start(spawn: Spawn, *names: str, **kw: Any) -> list[ServerProcess]:
     """Start instances side by side: startup dominates this module's runtime."""
     return list(await asyncio.gather(*(asyncio.to_thread(spawn, n, **kw) for n in names)))
-
-
-async def expect(
-    client: SlotcastClient,
-    kind: type[M],
-    *,
-    skip: tuple[type[Message], ...] = (),
-    timeout: float = WAIT_S,
-) -> M:
-    """The next event, which must be a `kind`; only the `skip` kinds may come first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        event = await client.next_event(max(deadline - time.monotonic(), 0.001))
-        if isinstance(event, skip):
-            continue
-        assert isinstance(event, kind), f"expected {kind.TYPE}, got {event!r}"
-        return event
 
 
 async def eventually(predicate: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
