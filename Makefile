@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest fmt bench clean
+.PHONY: run test tools lint typecheck pytest fmt bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/slotcast serve --demo
 
+## System tools some tests need: HAProxy, installed with apt-get when missing (as root).
+tools: $(STAMP)
+	$(BIN)/python -c 'import sys; from tests.tools import ensure_haproxy; r = []; p = ensure_haproxy(r); print(p or "haproxy unavailable (its test will skip): " + r[0], file=sys.stderr)'
+
 ## Lint, type-check and run the whole suite (starts its own PostgreSQL and Redis).
-test: $(STAMP)
+test: $(STAMP) tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

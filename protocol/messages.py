@@ -138,12 +138,44 @@ class Auth(Message):
 
 @dataclass(frozen=True, slots=True)
 class Watch(Message):
-    """Subscribe to a doctor's public availability for [start, end) in the doctor's zone."""
+    """Subscribe to a doctor's public availability for [start, end) in the doctor's zone.
+
+    With `since` (the last version the client applied) the server answers `resumed`
+    and replays exactly the missed deltas when it still can, else a fresh snapshot.
+    """
 
     TYPE: ClassVar[str] = "watch"
     doctor_id: DoctorId
     start: date
     end: date
+    since: Annotated[int, Meta(ge=0)] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WatchDashboard(Message):
+    """The doctor's live day: appointments with patients, slots, and who is watching."""
+
+    TYPE: ClassVar[str] = "watch_dashboard"
+    doctor_id: DoctorId
+    date: date
+
+
+@dataclass(frozen=True, slots=True)
+class UnwatchDashboard(Message):
+    TYPE: ClassVar[str] = "unwatch_dashboard"
+    doctor_id: DoctorId
+
+
+@dataclass(frozen=True, slots=True)
+class WatchAppointments(Message):
+    """A patient follows their own holds and appointments, live."""
+
+    TYPE: ClassVar[str] = "watch_appointments"
+
+
+@dataclass(frozen=True, slots=True)
+class UnwatchAppointments(Message):
+    TYPE: ClassVar[str] = "unwatch_appointments"
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,12 +362,92 @@ class Delta(Message):
     version: Annotated[int, Meta(ge=1)]
     slots: list[SlotView] = field(default_factory=list)
     removed: list[Id] = field(default_factory=list)
+    # Set when the server merged several versions for a client that fell behind:
+    # the delta then covers (since, version] and applies on top of `since`.
+    since: Annotated[int, Meta(ge=0)] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed(Message):
+    """The reply to `watch` with `since`: the missed deltas follow, then live ones."""
+
+    TYPE: ClassVar[str] = "resumed"
+    doctor_id: DoctorId
+    since: Annotated[int, Meta(ge=0)]
+    version: Annotated[int, Meta(ge=0)]  # the deltas that follow bring the client here
+
+
+@dataclass(frozen=True, slots=True)
+class Dashboard(Message):
+    """A doctor's day, stamped with the doctor's version; `dashboard_delta`s follow."""
+
+    TYPE: ClassVar[str] = "dashboard"
+    doctor_id: DoctorId
+    version: Annotated[int, Meta(ge=0)]
+    timezone: str
+    date: date
+    appointments: list[AppointmentView] = field(default_factory=list)
+    slots: list[SlotView] = field(default_factory=list)
+    conflicts: list[Id] = field(default_factory=list)
+    watchers: Annotated[int, Meta(ge=0)] = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardDelta(Message):
+    """What one doctor version changed, as the doctor sees it (patients included)."""
+
+    TYPE: ClassVar[str] = "dashboard_delta"
+    doctor_id: DoctorId
+    version: Annotated[int, Meta(ge=1)]
+    kinds: list[str] = field(default_factory=list)
+    actor: str | None = None
+    appointments: list[AppointmentView] = field(default_factory=list)
+    slots: list[SlotView] = field(default_factory=list)
+    removed: list[Id] = field(default_factory=list)
+    conflicts: list[Id] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Presence(Message):
+    """How many clients watch the doctor's availability, across all instances."""
+
+    TYPE: ClassVar[str] = "presence"
+    doctor_id: DoctorId
+    watchers: Annotated[int, Meta(ge=0)]
+
+
+@dataclass(frozen=True, slots=True)
+class AppointmentEvent(Message):
+    """One of the patient's own appointments changed (patient room)."""
+
+    TYPE: ClassVar[str] = "appointment_event"
+    doctor_id: DoctorId
+    version: Annotated[int, Meta(ge=1)]
+    appointment: AppointmentView
+
+
+@dataclass(frozen=True, slots=True)
+class Resync(Message):
+    """Updates may have been lost (e.g. a broker outage): watch again to catch up."""
+
+    TYPE: ClassVar[str] = "resync"
+    room: str  # "availability", "dashboard" or "appointments"
+    doctor_id: DoctorId | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnect(Message):
+    """This instance is going away: reconnect (after the delay) and resume."""
+
+    TYPE: ClassVar[str] = "reconnect"
+    retry_after_ms: Annotated[int, Meta(ge=0)] = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Unwatched(Message):
     TYPE: ClassVar[str] = "unwatched"
-    doctor_id: DoctorId
+    doctor_id: DoctorId | None = None
+    room: str = "availability"  # or "dashboard", "appointments"
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,6 +528,10 @@ CLIENT_MESSAGES = _registry(
     Auth,
     Watch,
     Unwatch,
+    WatchDashboard,
+    UnwatchDashboard,
+    WatchAppointments,
+    UnwatchAppointments,
     Hold,
     Release,
     Book,
@@ -435,7 +551,14 @@ SERVER_MESSAGES = _registry(
     Authenticated,
     Snapshot,
     Delta,
+    Resumed,
     Unwatched,
+    Dashboard,
+    DashboardDelta,
+    Presence,
+    AppointmentEvent,
+    Resync,
+    Reconnect,
     Held,
     Booked,
     AppointmentUpdated,

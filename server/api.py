@@ -20,7 +20,7 @@ from protocol.codec import parse_body
 from protocol.errors import ErrorCode, ProtocolError, SlotcastError
 from protocol.messages import Message
 from server import auth
-from server.keys import BROKER, ROOMS, SCHEDULING, SETTINGS, STORE
+from server.keys import BROKER, METRICS, ROOMS, SCHEDULING, SETTINGS, STATE, STORE
 from server.service import COMMANDS
 
 log = logging.getLogger(__name__)
@@ -162,10 +162,26 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when the database and the broker both answer."""
-    try:
-        await request.app[STORE].ping()
-        await request.app[BROKER].ping()
-    except SlotcastError as exc:
-        return json_response({"status": "unready", "reason": exc.message}, status=503)
-    return json_response({"status": "ready", **request.app[ROOMS].stats()})
+    """Ready: not draining, the database answers, the broker answers and its listener hears."""
+    app = request.app
+    reason = None
+    if app[STATE].draining:
+        reason = "draining"
+    elif not app[BROKER].healthy:
+        reason = "broker listener reconnecting"
+    else:
+        try:
+            await app[STORE].ping()
+            await app[BROKER].ping()
+        except SlotcastError as exc:
+            reason = exc.message
+    if reason is not None:
+        return json_response({"status": "unready", "reason": reason}, status=503)
+    return json_response({"status": "ready", **app[ROOMS].stats()})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[METRICS].render(),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )

@@ -10,12 +10,26 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from http.cookies import SimpleCookie
 from pathlib import Path
 
-from aiohttp import WSCloseCode, web
+from aiohttp import hdrs, web
 
-from server.background import every, sweep_holds, sweep_horizon
-from server.keys import BROKER, CLOCK, CONNECTIONS, ROOMS, SCHEDULING, SETTINGS, STORE
+from server.background import every, relay, sweep_holds, sweep_horizon
+from server.keys import (
+    BROKER,
+    CLOCK,
+    CONNECTIONS,
+    METRICS,
+    PUBLISHER,
+    ROOMS,
+    SCHEDULING,
+    SETTINGS,
+    STATE,
+    STORE,
+)
+from server.lifecycle import ServerState, close_connections
+from server.metrics import Metrics
 from server.rooms import Rooms
 from server.routes import setup_routes
 from server.service import Clock, Publisher, Scheduling, utcnow
@@ -27,6 +41,8 @@ from store.migrate import migrate
 
 log = logging.getLogger(__name__)
 
+INSTANCE_COOKIE = "slotcast_instance"
+
 
 def create_app(settings: Settings, *, clock: Clock = utcnow) -> web.Application:
     """The whole server; `clock` is replaceable so tests can move time (holds, notice)."""
@@ -36,8 +52,11 @@ def create_app(settings: Settings, *, clock: Clock = utcnow) -> web.Application:
     app[SETTINGS] = settings
     app[CLOCK] = clock
     app[CONNECTIONS] = set()
+    app[METRICS] = Metrics()
+    app[STATE] = ServerState()
     app.cleanup_ctx.extend([database, broker, services, upkeep])
     app.on_shutdown.append(close_connections)
+    app.on_response_prepare.append(stamp_instance)
     setup_routes(app, settings.static_dir)
     return app
 
@@ -79,12 +98,18 @@ async def broker(app: web.Application) -> AsyncIterator[None]:
 
 
 async def services(app: web.Application) -> AsyncIterator[None]:
-    store = app[STORE]
-    publisher = Publisher(app[BROKER])
+    store, broker_, metrics = app[STORE], app[BROKER], app[METRICS]
+    publisher = Publisher(broker_, store)
     store.on_commit = publisher.enqueue
-    rooms = Rooms(store, app[BROKER])
+    rooms = Rooms(store, broker_, app[SETTINGS].instance_id, on_fanout=metrics.fanout)
     app[ROOMS] = rooms
+    app[PUBLISHER] = publisher
     app[SCHEDULING] = Scheduling(store, app[SETTINGS], app[CLOCK])
+    metrics.track(
+        connections=lambda: len(app[CONNECTIONS]),
+        rooms=rooms.stats,
+        broker_connected=lambda: broker_.healthy,
+    )
     yield
     await rooms.close()
     await publisher.close()
@@ -92,11 +117,17 @@ async def services(app: web.Application) -> AsyncIterator[None]:
 
 
 async def upkeep(app: web.Application) -> AsyncIterator[None]:
-    """Hold expiry and slot horizon, owned by the app: started here, cancelled on exit."""
+    """Hold expiry, slot horizon and the relay: started with the app, cancelled on exit."""
     store, clock, settings = app[STORE], app[CLOCK], app[SETTINGS]
+    publisher, metrics = app[PUBLISHER], app[METRICS]
     await sweep_horizon(store, clock)
     await sweep_holds(store, clock)
+    grace = settings.relay_grace_s
     tasks = [
+        asyncio.create_task(
+            every(settings.relay_sweep_s, lambda: relay(store, publisher, metrics, grace), "relay"),
+            name="relay",
+        ),
         asyncio.create_task(
             every(settings.hold_sweep_s, lambda: sweep_holds(store, clock), "hold sweep"),
             name="hold-sweep",
@@ -112,13 +143,16 @@ async def upkeep(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def close_connections(app: web.Application) -> None:
-    """Tell every client we are going away, so it reconnects elsewhere."""
-    connections = app[CONNECTIONS]
-    await asyncio.gather(
-        *(
-            c.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
-            for c in tuple(connections)
-        ),
-        return_exceptions=True,
-    )
+async def stamp_instance(request: web.Request, response: web.StreamResponse) -> None:
+    """Say which instance answered, in a header and in a cookie a balancer can stick to."""
+    instance = request.app[SETTINGS].instance_id
+    response.headers["X-Slotcast-Instance"] = instance
+    if request.cookies.get(INSTANCE_COOKIE) != instance:
+        # Headers are still open here, but the response's cookie jar was already read.
+        cookie = SimpleCookie()
+        cookie[INSTANCE_COOKIE] = instance
+        morsel = cookie[INSTANCE_COOKIE]
+        morsel["path"] = "/"
+        morsel["httponly"] = True
+        morsel["samesite"] = "Lax"
+        response.headers.add(hdrs.SET_COOKIE, morsel.OutputString())

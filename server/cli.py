@@ -26,6 +26,7 @@ from aiohttp import web
 from protocol.vocabulary import Role
 from server import auth
 from server.app import create_app
+from server.lifecycle import drain
 from server.settings import DEV_SECRET, Settings
 
 log = logging.getLogger("slotcast")
@@ -130,10 +131,11 @@ async def _migrate(settings: Settings) -> int:
 
 
 async def serve(settings: Settings) -> int:
-    """Run until SIGINT or SIGTERM, then close connections and resources in order."""
+    """Run until SIGINT or SIGTERM, then drain (see server.lifecycle) and close in order."""
     if settings.jwt_secret == DEV_SECRET:
         log.warning("using the built-in development JWT secret; set SLOTCAST_JWT_SECRET")
-    runner = web.AppRunner(create_app(settings), access_log=None, handle_signals=False)
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
@@ -146,7 +148,9 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
+    await drain(app)
     await runner.cleanup()
+    log.info("stopped")
     return 0
 
 

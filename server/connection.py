@@ -1,9 +1,11 @@
-"""One client WebSocket: its codec, identity, watches and ordered outbox.
+"""One client WebSocket: its codec, identity, rooms and ordered outbox.
 
-Every frame to a client goes through its outbox, drained by one writer task, so
-replies and live deltas leave in the order they were produced and one slow
-client never stalls the fan-out to everyone else: a full outbox closes that
-client (code 4008) and it recovers by reconnecting.
+Frames arrive here already built (see `server.frames`). While the socket keeps
+up they are written straight to the transport, in order; when the kernel buffer
+fills they queue in the outbox, drained by a writer task. A client that falls
+further behind gets its availability deltas merged (only the latest state of
+each slot is kept) instead of queued; one that still cannot keep up is closed
+with 4008 and recovers by reconnecting and resuming.
 """
 
 from __future__ import annotations
@@ -12,70 +14,190 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Final
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from protocol.codec import Codec
 from protocol.errors import SlotcastError
 from protocol.messages import Error, Message
 from server.auth import Identity
+from server.frames import frame
 
 if TYPE_CHECKING:
-    from server.rooms import Member
+    from server.rooms import Member, PatientMember
 
 log = logging.getLogger(__name__)
 
 CLOSE_SLOW_CONSUMER: Final = 4008
+CLOSE_SERVICE_RESTART: Final = 1012
+HIGH_WATER: Final = 256 * 1024  # bytes buffered in the kernel/transport before we queue
+COALESCE_AFTER: Final = 32  # queued frames before availability deltas are merged
+
+
+@dataclass(slots=True)
+class _Merged:
+    """Availability deltas of one doctor merged while the client is behind."""
+
+    doctor_id: int
+    since: int
+    version: int
+    slots: dict[int, Any] = field(default_factory=dict)
+    removed: set[int] = field(default_factory=set)
+
+    def add(self, public: dict[str, Any]) -> None:
+        self.version = public["version"]
+        for slot in public["slots"]:
+            self.slots[slot["id"]] = slot
+            self.removed.discard(slot["id"])
+        for slot_id in public["removed"]:
+            self.slots.pop(slot_id, None)
+            self.removed.add(slot_id)
+
+    def wire(self) -> dict[str, Any]:
+        body = {
+            "doctor_id": self.doctor_id,
+            "version": self.version,
+            "slots": list(self.slots.values()),
+            "removed": sorted(self.removed),
+            "since": self.since,
+        }
+        return {"type": "delta", "id": None, "body": body}
 
 
 class Connection:
-    def __init__(self, ws: web.WebSocketResponse, codec: Codec, *, outbox_limit: int) -> None:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        transport: Any,
+        codec: Codec,
+        *,
+        outbox_limit: int,
+        on_slow: Any = None,
+    ) -> None:
         self.ws = ws
         self.codec = codec
         self.identity: Identity | None = None
         self.watches: dict[int, Member] = {}
-        self._opcode = WSMsgType.BINARY if codec.binary else WSMsgType.TEXT
-        self._outbox: deque[bytes] = deque()
+        self.dashboards: dict[int, Member] = {}
+        self.appointments: PatientMember | None = None
+        self.busy = False  # handling a command: a drain waits for it to finish
+        self._transport = transport
+        self._outbox: deque[bytes | _Merged] = deque()  # built frames, or a merged delta
+        self._merged: dict[int, _Merged] = {}  # the merge still open, per doctor
         self._outbox_limit = outbox_limit
+        self._on_slow = on_slow
         self._wakeup = asyncio.Event()
         self._closing = False
+        self._close_code: int | None = None
         self._writer = asyncio.create_task(self._write_forever(), name="ws-writer")
 
-    # ---- sending --------------------------------------------------------------------------
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    # ---- sending ----------------------------------------------------------------------------
 
     def send(self, message: Message, request_id: str | int | None = None) -> None:
-        self.send_frame(self.codec.encode(message, request_id))
+        self.send_frame(frame(self.codec.encode(message, request_id), binary=self.codec.binary))
+
+    def send_now(self, message: Message) -> None:
+        """Write ahead of anything queued: for a notice that must precede a close."""
+        if not self._closing and not self._transport.is_closing():
+            self._transport.write(frame(self.codec.encode(message), binary=self.codec.binary))
 
     def send_error(self, error: SlotcastError, request_id: str | int | None = None) -> None:
         self.send(Error(code=error.code.value, message=error.message), request_id)
 
-    def send_frame(self, frame: bytes) -> None:
-        """Queue an encoded frame; never awaits, so fan-out can call it for every member."""
+    def send_frame(self, data: bytes) -> None:
+        """Write a built frame now if the socket keeps up, else queue it. Never awaits."""
         if self._closing:
             return
+        if not self._outbox:
+            transport = self._transport
+            if transport.is_closing():
+                return
+            if transport.get_write_buffer_size() < HIGH_WATER:
+                transport.write(data)
+                return
         if len(self._outbox) >= self._outbox_limit:
-            log.warning("closing slow consumer after %d queued frames", len(self._outbox))
-            self._closing = True
-            self._outbox.clear()
-            task = asyncio.create_task(
-                self.ws.close(code=CLOSE_SLOW_CONSUMER, message=b"slow consumer")
-            )
-            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+            self._too_slow()
             return
-        self._outbox.append(frame)
+        self._outbox.append(data)
         self._wakeup.set()
 
+    def send_delta(self, doctor_id: int, public: dict[str, Any], data: bytes) -> None:
+        """An availability delta: like `send_frame`, but merged while the client is behind."""
+        merged = self._merged.get(doctor_id)
+        if merged is not None:
+            merged.add(public)
+            return
+        if len(self._outbox) >= COALESCE_AFTER and not self._closing:
+            merged = _Merged(doctor_id, public["version"] - 1, public["version"])
+            self._merged[doctor_id] = merged
+            merged.add(public)
+            self._outbox.append(merged)
+            self._wakeup.set()
+            return
+        self.send_frame(data)
+
+    def seal(self, doctor_id: int) -> None:
+        """Close the doctor's open merge: what follows a new snapshot must come after it."""
+        self._merged.pop(doctor_id, None)
+
+    def _too_slow(self) -> None:
+        log.warning("closing slow consumer after %d queued frames", len(self._outbox))
+        if self._on_slow is not None:
+            self._on_slow()
+        self.close_soon(CLOSE_SLOW_CONSUMER, "slow consumer")
+
     async def _write_forever(self) -> None:
-        try:
-            while True:
-                await self._wakeup.wait()
-                self._wakeup.clear()
-                while self._outbox:
-                    await self.ws.send_frame(self._outbox.popleft(), self._opcode)
-        except (ConnectionError, RuntimeError) as exc:
-            # The peer went away mid-write; the reader loop will notice and clean up.
-            log.debug("writer stopped: %s", exc)
+        transport = self._transport
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._outbox:
+                if transport.is_closing():
+                    self._outbox.clear()
+                    self._merged.clear()
+                    break
+                # Slow path only: wait for the kernel to take what is buffered.
+                while transport.get_write_buffer_size() >= HIGH_WATER:  # noqa: ASYNC110
+                    await asyncio.sleep(0.005)
+                if not self._outbox:  # a close emptied it while we waited
+                    break
+                item = self._outbox.popleft()
+                if isinstance(item, _Merged):
+                    if self._merged.get(item.doctor_id) is item:
+                        del self._merged[item.doctor_id]
+                    item = frame(self.codec.dumps(item.wire()), binary=self.codec.binary)
+                transport.write(item)
+
+    # ---- closing ----------------------------------------------------------------------------
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Close as soon as no command is in flight (immediately if idle)."""
+        if self._close_code is not None:
+            return
+        self._close_code = code
+        self._reason = reason
+        if not self.busy:
+            self._close_now()
+
+    def command_done(self) -> None:
+        self.busy = False
+        if self._close_code is not None:
+            self._close_now()
+
+    def _close_now(self) -> None:
+        self._closing = True
+        self._outbox.clear()
+        self._merged.clear()
+        task = asyncio.create_task(
+            self.ws.close(code=self._close_code or 1000, message=self._reason.encode())
+        )
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
     async def close(self) -> None:
         self._closing = True

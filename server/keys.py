@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from server.connection import Connection
+from server.metrics import Metrics
 from server.rooms import Rooms
-from server.service import Clock, Scheduling
+from server.service import Clock, Publisher, Scheduling
 from server.settings import Settings
 from store.broker import Broker
 from store.database import Store
@@ -16,5 +19,11 @@ STORE = web.AppKey("store", Store)
 BROKER = web.AppKey("broker", Broker)
 ROOMS = web.AppKey("rooms", Rooms)
 SCHEDULING = web.AppKey("scheduling", Scheduling)
+PUBLISHER = web.AppKey("publisher", Publisher)
+if TYPE_CHECKING:
+    from server.lifecycle import ServerState
+
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
+METRICS = web.AppKey("metrics", Metrics)
+STATE: web.AppKey[ServerState] = web.AppKey("state")
 CONNECTIONS: web.AppKey[set[Connection]] = web.AppKey("connections")

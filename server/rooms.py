@@ -1,11 +1,23 @@
-"""Rooms: the local watchers of each doctor, fed by the broker, in version order.
+"""Rooms: the local members of each doctor's stream and of each patient's, fed by the broker.
 
-An instance subscribes to a doctor's channel only while it has local watchers,
-and subscribes *before* a new watcher's snapshot is read, so nothing committed
-after the snapshot can be missed. Each room delivers versions contiguously:
-duplicates are dropped, and a gap (a publish lost or overtaken by a later one)
-is filled from the change log after a short wait. Each change is encoded once
-per codec and the same bytes go to every member.
+A doctor's room has two kinds of member: availability watchers (anyone; they get
+the public half of each change) and dashboard watchers (the doctor and admins;
+they get the private half, patients included). Both ride one broker channel and
+one version sequence, so ordering and recovery are shared:
+
+- an instance subscribes to a channel only while it has local members, and
+  subscribes *before* a new member's snapshot is read, so nothing committed after
+  the snapshot can be missed; until its snapshot is sent a member's changes wait
+  in a backlog, and only versions above the snapshot's are forwarded;
+- versions are delivered contiguously: duplicates are dropped, an early version
+  waits, and a gap that does not close within GAP_WAIT_S is filled from the
+  change log, as is everything after a broker reconnect;
+- each change is encoded and framed once per codec and kind, and the same bytes
+  are written to every member.
+
+Presence (how many watch a doctor's availability, on all instances) travels on
+the same channel: each instance announces its own count, and dashboards hear
+the total whenever it changes.
 """
 
 from __future__ import annotations
@@ -13,143 +25,262 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final, Literal
 
 from protocol.codec import Codec
+from protocol.messages import Presence, Resync
 from server.connection import Connection
+from server.frames import frame
 from store.broker import Broker
-from store.changes import Change
-from store.constants import availability_channel
+from store.changes import Change, PatientNote, PresenceNote, unpack
+from store.constants import doctor_channel, patient_channel
 from store.database import Store
 from store.errors import StoreError
 
 log = logging.getLogger(__name__)
 
-GAP_WAIT_S = 0.05  # a missing version is usually a publish still in flight
+GAP_WAIT_S: Final = 0.05  # a missing version is usually a publish still in flight
+PRESENCE_EVERY_S: Final = 2.0  # each instance re-announces its counts this often
+PRESENCE_TTL_S: Final = 6.0  # a silent instance's count is dropped after this
+
+Kind = Literal["availability", "dashboard"]
+
+
+def _dashboard_body(change: Change) -> dict[str, Any]:
+    private = change.private
+    return {
+        "doctor_id": change.doctor_id,
+        "version": change.version,
+        "kinds": private.get("kind", []),
+        "actor": private.get("actor"),
+        "appointments": private.get("appointments", []),
+        "slots": change.public["slots"],
+        "removed": change.public["removed"],
+        "conflicts": private.get("conflicts", []),
+    }
+
+
+class Frames:
+    """The frames of one change, built on first use per (kind, codec) and then shared."""
+
+    __slots__ = ("_built", "change")
+
+    def __init__(self, change: Change) -> None:
+        self.change = change
+        self._built: dict[tuple[str, str], bytes] = {}
+
+    def get(self, kind: Kind, codec: Codec) -> bytes:
+        key = (kind, codec.name)
+        data = self._built.get(key)
+        if data is None:
+            if kind == "availability":
+                wire = {"type": "delta", "id": None, "body": self.change.public}
+            else:
+                wire = {"type": "dashboard_delta", "id": None, "body": _dashboard_body(self.change)}
+            data = self._built[key] = frame(codec.dumps(wire), binary=codec.binary)
+        return data
 
 
 @dataclass(eq=False, slots=True)
 class Member:
-    """A connection watching a room. Until its snapshot is sent, changes wait in a backlog."""
+    """A connection in a doctor's room. Until its snapshot is sent, changes wait."""
 
     conn: Connection
     room: Room
+    kind: Kind
     since: int | None = None
-    backlog: list[tuple[int, dict[str, bytes], Change]] = field(default_factory=list)
+    backlog: list[Frames] = field(default_factory=list)
 
-    def offer(self, change: Change, frames: dict[str, bytes]) -> None:
+    def offer(self, frames: Frames) -> None:
         if self.since is None:
-            self.backlog.append((change.version, frames, change))
-        elif change.version > self.since:
-            self.conn.send_frame(_frame(self.conn.codec, change, frames))
+            self.backlog.append(frames)
+        elif frames.change.version > self.since:
+            self._send(frames)
 
-    def start(self, snapshot_version: int) -> None:
-        """Go live after the snapshot: forward what arrived meanwhile and is newer."""
-        self.since = snapshot_version
+    def _send(self, frames: Frames) -> None:
+        data = frames.get(self.kind, self.conn.codec)
+        if self.kind == "availability":
+            self.conn.send_delta(frames.change.doctor_id, frames.change.public, data)
+        else:
+            self.conn.send_frame(data)
+
+    def start(self, version: int) -> None:
+        """Go live after the snapshot (or resume) at `version`: forward what is newer."""
+        self.since = version
         backlog, self.backlog = self.backlog, []
-        for version, frames, change in backlog:
-            if version > snapshot_version:
-                self.conn.send_frame(_frame(self.conn.codec, change, frames))
-
-
-def _frame(codec: Codec, change: Change, frames: dict[str, bytes]) -> bytes:
-    frame = frames.get(codec.name)
-    if frame is None:
-        frame = frames[codec.name] = codec.dumps(
-            {"type": "delta", "id": None, "body": change.public}
-        )
-    return frame
+        for frames in backlog:
+            if frames.change.version > version:
+                self._send(frames)
 
 
 @dataclass(eq=False, slots=True)
 class Room:
     doctor_id: int
-    members: set[Member] = field(default_factory=set)
+    members: set[Member] = field(default_factory=set)  # availability
+    dashboards: set[Member] = field(default_factory=set)
     version: int | None = None  # highest version delivered contiguously
     pending: dict[int, Change] = field(default_factory=dict)
     opened: asyncio.Task[None] | None = None
     catching_up: asyncio.Task[None] | None = None
+    presence: dict[str, tuple[int, float]] = field(default_factory=dict)  # other instances
+    watchers: int = 0  # the total last told to dashboards
+
+    def __bool__(self) -> bool:
+        return bool(self.members or self.dashboards)
+
+
+@dataclass(eq=False, slots=True)
+class PatientMember:
+    conn: Connection
+    room: PatientRoom
+
+
+@dataclass(eq=False, slots=True)
+class PatientRoom:
+    patient_id: str
+    members: set[PatientMember] = field(default_factory=set)
+    seen: deque[tuple[int, int, int]] = field(default_factory=lambda: deque(maxlen=256))
 
 
 class Rooms:
-    def __init__(self, store: Store, broker: Broker) -> None:
+    def __init__(
+        self,
+        store: Store,
+        broker: Broker,
+        instance: str,
+        *,
+        on_fanout: Callable[[int, float], None] | None = None,
+    ) -> None:
         self._store = store
         self._broker = broker
+        self._instance = instance
         self._rooms: dict[int, Room] = {}
+        self._patients: dict[str, PatientRoom] = {}
         self._subscription_lock = asyncio.Lock()
+        self._on_fanout = on_fanout or (lambda delivered, latency: None)
+        self._presence_dirty: set[int] = set()
+        self._presence_task = asyncio.create_task(self._presence_loop(), name="presence")
         broker.listen(self._on_message, self._on_reconnect)
 
     def __len__(self) -> int:
         return len(self._rooms)
 
     def watchers(self, doctor_id: int) -> int:
+        """Availability watchers of a doctor on every instance we have heard from."""
         room = self._rooms.get(doctor_id)
-        return len(room.members) if room else 0
+        if room is None:
+            return 0
+        now = time.monotonic()
+        others = sum(n for n, at in room.presence.values() if now - at < PRESENCE_TTL_S)
+        return len(room.members) + others
 
-    # ---- membership ---------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        return {
+            "rooms": len(self._rooms),
+            "watchers": sum(len(r.members) for r in self._rooms.values()),
+            "dashboards": sum(len(r.dashboards) for r in self._rooms.values()),
+            "patient_rooms": len(self._patients),
+        }
 
-    async def join(self, conn: Connection, doctor_id: int) -> Member:
-        """Add a watcher; returns once the room hears every change from now on."""
+    # ---- membership --------------------------------------------------------------------------
+
+    async def join(self, conn: Connection, doctor_id: int, kind: Kind = "availability") -> Member:
+        """Add a member; returns once the room hears every change from now on."""
         room = self._rooms.get(doctor_id)
         if room is None:
             room = self._rooms[doctor_id] = Room(doctor_id)
             room.opened = asyncio.create_task(self._open(room), name=f"room-open-{doctor_id}")
-        member = Member(conn, room)
-        room.members.add(member)
+        member = Member(conn, room, kind)
+        (room.members if kind == "availability" else room.dashboards).add(member)
+        if kind == "availability":
+            self._presence_dirty.add(doctor_id)
         assert room.opened is not None
         try:
             await asyncio.shield(room.opened)
         except BaseException:
             await self.leave(member)
             raise
+        self._tell_presence(room)
         return member
 
     async def leave(self, member: Member) -> None:
         room = member.room
-        room.members.discard(member)
-        if not room.members and self._rooms.get(room.doctor_id) is room:
+        (room.members if member.kind == "availability" else room.dashboards).discard(member)
+        if member.kind == "availability":
+            self._presence_dirty.add(room.doctor_id)
+        if not room and self._rooms.get(room.doctor_id) is room:
             del self._rooms[room.doctor_id]
-            if room.catching_up is not None:
-                room.catching_up.cancel()
-            await self._sync_subscription(room.doctor_id)
+            for task in (room.catching_up, room.opened):
+                if task is not None and not task.done():
+                    task.cancel()
+            await self._sync(doctor_channel(room.doctor_id), lambda: room.doctor_id in self._rooms)
+        else:
+            self._tell_presence(room)
+
+    async def join_patient(self, conn: Connection, patient_id: str) -> PatientMember:
+        room = self._patients.get(patient_id)
+        if room is None:
+            room = self._patients[patient_id] = PatientRoom(patient_id)
+        member = PatientMember(conn, room)
+        room.members.add(member)
+        await self._sync(patient_channel(patient_id), lambda: patient_id in self._patients)
+        return member
+
+    async def leave_patient(self, member: PatientMember) -> None:
+        room = member.room
+        room.members.discard(member)
+        if not room.members and self._patients.get(room.patient_id) is room:
+            del self._patients[room.patient_id]
+            await self._sync(
+                patient_channel(room.patient_id), lambda: room.patient_id in self._patients
+            )
 
     async def _open(self, room: Room) -> None:
-        await self._sync_subscription(room.doctor_id)
+        await self._sync(doctor_channel(room.doctor_id), lambda: room.doctor_id in self._rooms)
         version = await self._store.doctor_version(room.doctor_id)
         if room.version is None:
             room.version = version
         self._drain(room)
 
-    async def _sync_subscription(self, doctor_id: int) -> None:
-        """Make the broker subscription match whether a room exists, whatever raced before."""
-        channel = availability_channel(doctor_id)
+    async def _sync(self, channel: str, wanted: Callable[[], bool]) -> None:
+        """Make the broker subscription match whether the room exists, whatever raced before."""
         async with self._subscription_lock:
-            wanted = doctor_id in self._rooms
-            have = channel in self._broker.channels
-            if wanted and not have:
+            want, have = wanted(), channel in self._broker.channels
+            if want and not have:
                 await self._broker.subscribe(channel)
-            elif have and not wanted:
+            elif have and not want:
                 await self._broker.unsubscribe(channel)
 
     async def close(self) -> None:
-        tasks = [t for r in self._rooms.values() for t in (r.opened, r.catching_up) if t]
+        self._presence_task.cancel()
+        tasks = [self._presence_task]
+        tasks += [t for r in self._rooms.values() for t in (r.opened, r.catching_up) if t]
         for t in tasks:
             t.cancel()
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._rooms.clear()
+        self._patients.clear()
 
-    # ---- delivery -------------------------------------------------------------------------------
+    # ---- delivery ----------------------------------------------------------------------------
 
     def _on_message(self, channel: str, data: bytes) -> None:
         try:
-            change = Change.unpack(data)
+            note = unpack(data)
         except Exception:
             log.exception("dropping undecodable broker message on %s", channel)
             return
-        self.receive(change)
+        if isinstance(note, Change):
+            self.receive(note)
+        elif isinstance(note, PresenceNote):
+            self._on_presence(note)
+        else:
+            self._on_patient(note)
 
     def receive(self, change: Change) -> None:
         room = self._rooms.get(change.doctor_id)
@@ -168,23 +299,33 @@ class Rooms:
             del room.pending[stale]
         while (change := room.pending.pop(room.version + 1, None)) is not None:
             room.version = change.version
-            frames: dict[str, bytes] = {}
+            frames = Frames(change)
             for member in tuple(room.members):
-                member.offer(change, frames)
+                member.offer(frames)
+            for member in tuple(room.dashboards):
+                member.offer(frames)
+            if change.committed_at:
+                delivered = len(room.members) + len(room.dashboards)
+                self._on_fanout(delivered, time.time() - change.committed_at)
         if room.pending and room.catching_up is None:
             self._start_catch_up(room, GAP_WAIT_S)
 
     def _on_reconnect(self, channels: frozenset[str]) -> None:
-        """Messages published while the broker was away are lost: read them from the log.
+        """Messages published while the broker was away are lost: recover them.
 
-        A catch-up already running may aim too low (at a pending version), so it is
-        replaced by one that aims at the doctor's latest version.
+        Doctor rooms read the missed versions from the change log (replacing any
+        catch-up that may aim too low); patient rooms have no single version to
+        resume from, so their members are told to resync.
         """
         for room in self._rooms.values():
-            if availability_channel(room.doctor_id) in channels:
+            if doctor_channel(room.doctor_id) in channels:
                 if room.catching_up is not None:
                     room.catching_up.cancel()
                 self._start_catch_up(room, 0)
+        for patient_room in self._patients.values():
+            if patient_channel(patient_room.patient_id) in channels:
+                for member in tuple(patient_room.members):
+                    member.conn.send(Resync(room="appointments"))
 
     def _start_catch_up(self, room: Room, delay: float) -> None:
         room.catching_up = asyncio.create_task(
@@ -219,8 +360,70 @@ class Rooms:
         if self._rooms.get(room.doctor_id) is room and room.version is not None:
             self._drain(room)
 
-    def stats(self) -> dict[str, Any]:
-        return {
-            "rooms": len(self._rooms),
-            "watchers": sum(len(r.members) for r in self._rooms.values()),
+    # ---- patients ----------------------------------------------------------------------------
+
+    def _on_patient(self, note: PatientNote) -> None:
+        room = self._patients.get(note.patient_id)
+        if room is None:
+            return
+        key = (note.doctor_id, note.version, int(note.appointment["id"]))
+        if key in room.seen:
+            return  # a relay's duplicate
+        room.seen.append(key)
+        wire = {
+            "type": "appointment_event",
+            "id": None,
+            "body": {
+                "doctor_id": note.doctor_id,
+                "version": note.version,
+                "appointment": note.appointment,
+            },
         }
+        built: dict[str, bytes] = {}
+        for member in tuple(room.members):
+            codec = member.conn.codec
+            data = built.get(codec.name)
+            if data is None:
+                data = built[codec.name] = frame(codec.dumps(wire), binary=codec.binary)
+            member.conn.send_frame(data)
+
+    # ---- presence ----------------------------------------------------------------------------
+
+    def _on_presence(self, note: PresenceNote) -> None:
+        if note.instance == self._instance:
+            return
+        room = self._rooms.get(note.doctor_id)
+        if room is None:
+            return
+        room.presence[note.instance] = (note.watchers, time.monotonic())
+        self._tell_presence(room)
+
+    def _tell_presence(self, room: Room) -> None:
+        total = self.watchers(room.doctor_id)
+        if total != room.watchers:
+            room.watchers = total
+            message = Presence(room.doctor_id, total)
+            for member in tuple(room.dashboards):
+                if member.since is not None:
+                    member.conn.send(message)
+
+    async def _presence_loop(self) -> None:
+        """Announce changed counts quickly and all counts regularly; expire silent peers."""
+        last_full = 0.0
+        while True:
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            if now - last_full >= PRESENCE_EVERY_S:
+                last_full = now
+                self._presence_dirty.update(r for r, room in self._rooms.items() if room.members)
+                for room in self._rooms.values():
+                    self._tell_presence(room)
+            dirty, self._presence_dirty = self._presence_dirty, set()
+            for doctor_id in dirty:
+                local = self._rooms.get(doctor_id)
+                count = len(local.members) if local else 0
+                note = PresenceNote(doctor_id, self._instance, count)
+                try:
+                    await self._broker.publish(doctor_channel(doctor_id), note.pack())
+                except StoreError as exc:
+                    log.debug("presence publish failed: %s", exc)

@@ -16,6 +16,7 @@ def setup_routes(app: web.Application, static_dir: Path) -> None:
     r.add_get("/ws", ws.websocket, name="ws")
     r.add_get("/healthz", api.healthz)
     r.add_get("/readyz", api.readyz)
+    r.add_get("/metrics", api.metrics)
     # Public availability (the WebSocket `watch` gives the same snapshot, then live deltas).
     r.add_get("/api/doctors", command(m.SearchDoctors))
     r.add_get("/api/doctors/{doctor_id}/slots", api.doctor_slots)

@@ -22,6 +22,7 @@ from protocol.messages import (
     Block,
     Book,
     Cancel,
+    Dashboard,
     Doctors,
     Hold,
     ListAppointments,
@@ -39,9 +40,9 @@ from protocol.vocabulary import Role
 from server.auth import Identity
 from server.settings import Settings
 from store.broker import Broker
-from store.changes import Change
+from store.changes import Change, PatientNote
 from store.commands import Actor
-from store.constants import availability_channel
+from store.constants import doctor_channel, patient_channel
 from store.database import Outcome, Store
 from store.errors import StoreError
 
@@ -78,15 +79,23 @@ class Scheduling:
         self._settings = settings
         self.clock = clock
 
-    def _patient(self, who: Identity | None) -> Actor:
+    def require_patient(self, who: Identity | None) -> Actor:
         actor = actor_of(who, self.clock())
         if actor.role is not Role.PATIENT:
-            raise forbidden("only patients hold and book slots")
+            raise forbidden("only patients hold, book and follow their appointments")
+        return actor
+
+    _patient = require_patient
+
+    def require_doctor(self, who: Identity | None, doctor_id: int) -> Actor:
+        actor = actor_of(who, self.clock())
+        if not actor.owns_doctor(doctor_id):
+            raise forbidden("only the doctor or an admin sees the doctor's dashboard")
         return actor
 
     # ---- reads --------------------------------------------------------------------------
 
-    async def snapshot(self, doctor_id: int, start: date, end: date) -> Snapshot:
+    def check_range(self, start: date, end: date) -> None:
         days = (end - start).days
         if days < 1:
             raise SlotcastError("`end` must be after `start`", code=ErrorCode.INVALID)
@@ -95,7 +104,21 @@ class Scheduling:
                 f"a range spans at most {self._settings.max_watch_days} days",
                 code=ErrorCode.INVALID,
             )
+
+    async def snapshot(self, doctor_id: int, start: date, end: date) -> Snapshot:
+        self.check_range(start, end)
         return await self._store.snapshot(doctor_id, start, end, now=self.clock())
+
+    async def missed(self, doctor_id: int, since: int) -> list[Change] | None:
+        """The changes after `since`, if the log can replay them; None means: snapshot."""
+        current = await self._store.doctor_version(doctor_id)
+        if since > current or current - since > self._settings.resume_max_versions:
+            return None
+        changes = await self._store.changes_between(doctor_id, since, current)
+        return changes if len(changes) == current - since else None
+
+    async def dashboard(self, doctor_id: int, day: date) -> Dashboard:
+        return await self._store.dashboard(doctor_id, day)
 
     async def search_doctors(self, who: Identity | None, msg: SearchDoctors) -> Message:
         found = await self._store.search_doctors(msg.q, limit=msg.limit, offset=msg.offset)
@@ -176,13 +199,18 @@ COMMANDS: dict[type[Message], Command] = {
 class Publisher:
     """Publishes committed changes in commit order, off the request path.
 
-    Best effort by design: a change whose publish fails is still in the change
-    log, and every room that misses it fills the gap from there.
+    Each change goes to its doctor's channel, and a note to the channel of every
+    patient it touched. A publish that fails is not lost: the relay cursor only
+    advances past what was published, and the relay sweep (`republish`) sends
+    whatever stayed behind, e.g. after a crash between commit and publish.
     """
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, store: Store) -> None:
         self._broker = broker
+        self._store = store
         self._queue: asyncio.Queue[Change] = asyncio.Queue()
+        self._done: dict[int, int] = {}  # doctor -> highest version published this batch
+        self._failed: dict[int, set[int]] = {}  # doctor -> versions whose publish failed
         self._task = asyncio.create_task(self._run(), name="publisher")
 
     def enqueue(self, changes: list[Change]) -> None:
@@ -191,15 +219,44 @@ class Publisher:
 
     async def _run(self) -> None:
         while True:
-            change = await self._queue.get()
+            batch = [await self._queue.get()]
+            while not self._queue.empty() and len(batch) < 256:
+                batch.append(self._queue.get_nowait())
             try:
-                await self._broker.publish(availability_channel(change.doctor_id), change.pack())
+                for change in batch:
+                    failed = self._failed.setdefault(change.doctor_id, set())
+                    if await self._publish(change):
+                        failed.discard(change.version)
+                        self._done[change.doctor_id] = max(
+                            self._done.get(change.doctor_id, 0), change.version
+                        )
+                    else:
+                        failed.add(change.version)
+                # The cursor never passes a version whose publish failed: the relay
+                # resends from there (a patient room has no log to fill gaps from).
+                cursor = {
+                    doctor: min(done, min(self._failed.get(doctor) or {done + 1}) - 1)
+                    for doctor, done in self._done.items()
+                }
+                self._done.clear()
+                await self._store.mark_published(cursor)
             except StoreError as exc:
-                log.warning(
-                    "publish of doctor %s v%s failed: %s", change.doctor_id, change.version, exc
-                )
+                log.warning("could not advance the relay cursor: %s", exc)
             finally:
-                self._queue.task_done()
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _publish(self, change: Change) -> bool:
+        try:
+            await self._broker.publish(doctor_channel(change.doctor_id), change.pack())
+            for note in PatientNote.of_change(change):
+                await self._broker.publish(patient_channel(note.patient_id), note.pack())
+        except StoreError as exc:
+            log.warning(
+                "publish of doctor %s v%s failed: %s", change.doctor_id, change.version, exc
+            )
+            return False
+        return True
 
     async def close(self, timeout: float = 2.0) -> None:
         """Publish what is queued (bounded), then stop."""

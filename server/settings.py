@@ -55,6 +55,16 @@ class Settings:
     # How often each instance sweeps expired holds, and tops slots up to the horizon.
     hold_sweep_s: float = 1.0
     horizon_sweep_s: float = 3600.0
+    # The relay republishes changes no publish confirmed after relay_grace_s.
+    relay_sweep_s: float = 1.0
+    relay_grace_s: float = 2.0
+    # A client resuming further behind than this gets a fresh snapshot instead.
+    resume_max_versions: int = 1000
+    # On SIGTERM: fail /readyz, wait drain_grace_s for the load balancer to notice,
+    # then close clients (1012) drain_batch at a time, drain_interval_s apart.
+    drain_grace_s: float = 1.0
+    drain_batch: int = 500
+    drain_interval_s: float = 0.05
     static_dir: Path = Path(__file__).resolve().parent.parent / "static"
 
     @classmethod

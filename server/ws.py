@@ -8,7 +8,9 @@ never costs a client its connection, nor other clients anything.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -20,17 +22,23 @@ from protocol.messages import (
     Auth,
     Authenticated,
     Message,
+    MyAppointments,
     Ping,
     Pong,
+    Resumed,
     Unwatch,
+    UnwatchAppointments,
+    UnwatchDashboard,
     Unwatched,
     Watch,
+    WatchAppointments,
+    WatchDashboard,
     Welcome,
 )
 from server import auth
 from server.connection import Connection
-from server.keys import CONNECTIONS, ROOMS, SCHEDULING, SETTINGS
-from server.rooms import Rooms
+from server.keys import CONNECTIONS, METRICS, ROOMS, SCHEDULING, SETTINGS, STATE
+from server.rooms import Frames, Rooms
 from server.service import COMMANDS, Scheduling
 
 log = logging.getLogger(__name__)
@@ -41,7 +49,7 @@ RequestId = str | int | None
 class Context:
     """What a handler may touch: its connection and the app's services."""
 
-    __slots__ = ("conn", "max_frame", "max_watches", "rooms", "scheduling", "secret")
+    __slots__ = ("conn", "max_frame", "max_watches", "metrics", "rooms", "scheduling", "secret")
 
     def __init__(self, conn: Connection, app: web.Application) -> None:
         self.conn = conn
@@ -50,12 +58,22 @@ class Context:
         self.secret = app[SETTINGS].jwt_secret
         self.max_watches = app[SETTINGS].max_watches
         self.max_frame = app[SETTINGS].max_frame_bytes
+        self.metrics = app[METRICS]
 
 
 async def on_auth(ctx: Context, rid: RequestId, msg: Any) -> None:
     assert isinstance(msg, Auth)
     identity = auth.verify(ctx.secret, msg.token)
-    ctx.conn.identity = identity
+    conn, before = ctx.conn, ctx.conn.identity
+    if before is not None and (before.subject, before.role) != (identity.subject, identity.role):
+        # Private rooms were joined as someone else: leave them (public watches stay).
+        for member in list(conn.dashboards.values()):
+            await ctx.rooms.leave(member)
+        conn.dashboards.clear()
+        if conn.appointments is not None:
+            await ctx.rooms.leave_patient(conn.appointments)
+            conn.appointments = None
+    conn.identity = identity
     ctx.conn.send(Authenticated(identity.subject, identity.role, identity.expires_at), rid)
 
 
@@ -67,19 +85,35 @@ async def on_watch(ctx: Context, rid: RequestId, msg: Any) -> None:
         raise SlotcastError(
             f"at most {ctx.max_watches} watches per connection", code=ErrorCode.LIMIT_EXCEEDED
         )
-    # Join (and so subscribe) before reading the snapshot: nothing committed after
-    # the snapshot can slip between the two.
+    ctx.scheduling.check_range(msg.start, msg.end)
+    # Join (and so subscribe) before reading anything: nothing committed after the
+    # read can slip between the two.
     member = await ctx.rooms.join(conn, msg.doctor_id)
     try:
-        snapshot = await ctx.scheduling.snapshot(msg.doctor_id, msg.start, msg.end)
+        missed = None
+        if msg.since is not None:
+            missed = await ctx.scheduling.missed(msg.doctor_id, msg.since)
+        snapshot = None
+        if missed is None:
+            snapshot = await ctx.scheduling.snapshot(msg.doctor_id, msg.start, msg.end)
     except BaseException:
         await ctx.rooms.leave(member)
         raise
     if old is not None:  # the new member keeps the room open: no unsubscribe, no gap
         await ctx.rooms.leave(old)
     conn.watches[msg.doctor_id] = member
-    conn.send(snapshot, rid)
-    member.start(snapshot.version)
+    conn.seal(msg.doctor_id)  # later deltas must follow the reply, not merge ahead of it
+    if snapshot is not None:
+        conn.send(snapshot, rid)
+        member.start(snapshot.version)
+        return
+    assert missed is not None
+    assert msg.since is not None
+    version = missed[-1].version if missed else msg.since
+    conn.send(Resumed(msg.doctor_id, msg.since, version), rid)
+    for change in missed:
+        conn.send_frame(Frames(change).get("availability", conn.codec))
+    member.start(version)
 
 
 async def on_unwatch(ctx: Context, rid: RequestId, msg: Any) -> None:
@@ -88,6 +122,55 @@ async def on_unwatch(ctx: Context, rid: RequestId, msg: Any) -> None:
     if member is not None:
         await ctx.rooms.leave(member)
     ctx.conn.send(Unwatched(msg.doctor_id), rid)
+
+
+async def on_watch_dashboard(ctx: Context, rid: RequestId, msg: Any) -> None:
+    assert isinstance(msg, WatchDashboard)
+    conn = ctx.conn
+    ctx.scheduling.require_doctor(conn.identity, msg.doctor_id)
+    old = conn.dashboards.get(msg.doctor_id)
+    if old is None and len(conn.dashboards) >= ctx.max_watches:
+        raise SlotcastError(
+            f"at most {ctx.max_watches} dashboards per connection", code=ErrorCode.LIMIT_EXCEEDED
+        )
+    member = await ctx.rooms.join(conn, msg.doctor_id, "dashboard")
+    try:
+        dashboard = await ctx.scheduling.dashboard(msg.doctor_id, msg.date)
+    except BaseException:
+        await ctx.rooms.leave(member)
+        raise
+    if old is not None:
+        await ctx.rooms.leave(old)
+    conn.dashboards[msg.doctor_id] = member
+    watchers = ctx.rooms.watchers(msg.doctor_id)
+    member.room.watchers = watchers
+    conn.send(replace(dashboard, watchers=watchers), rid)
+    member.start(dashboard.version)
+
+
+async def on_unwatch_dashboard(ctx: Context, rid: RequestId, msg: Any) -> None:
+    assert isinstance(msg, UnwatchDashboard)
+    member = ctx.conn.dashboards.pop(msg.doctor_id, None)
+    if member is not None:
+        await ctx.rooms.leave(member)
+    ctx.conn.send(Unwatched(msg.doctor_id, room="dashboard"), rid)
+
+
+async def on_watch_appointments(ctx: Context, rid: RequestId, msg: Any) -> None:
+    assert isinstance(msg, WatchAppointments)
+    conn = ctx.conn
+    patient = ctx.scheduling.require_patient(conn.identity)
+    if conn.appointments is None:
+        conn.appointments = await ctx.rooms.join_patient(conn, patient.subject)
+    conn.send(await ctx.scheduling.my_appointments(conn.identity, MyAppointments()), rid)
+
+
+async def on_unwatch_appointments(ctx: Context, rid: RequestId, msg: Any) -> None:
+    assert isinstance(msg, UnwatchAppointments)
+    member, ctx.conn.appointments = ctx.conn.appointments, None
+    if member is not None:
+        await ctx.rooms.leave_patient(member)
+    ctx.conn.send(Unwatched(room="appointments"), rid)
 
 
 async def on_ping(ctx: Context, rid: RequestId, msg: Any) -> None:
@@ -100,6 +183,10 @@ HANDLERS: dict[type[Message], Handler] = {
     Auth: on_auth,
     Watch: on_watch,
     Unwatch: on_unwatch,
+    WatchDashboard: on_watch_dashboard,
+    UnwatchDashboard: on_unwatch_dashboard,
+    WatchAppointments: on_watch_appointments,
+    UnwatchAppointments: on_unwatch_appointments,
     Ping: on_ping,
 }
 
@@ -107,15 +194,25 @@ HANDLERS: dict[type[Message], Handler] = {
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     app = request.app
     settings = app[SETTINGS]
+    if app[STATE].draining:
+        raise web.HTTPServiceUnavailable(text="draining: reconnect to another instance")
     ws = web.WebSocketResponse(
         protocols=SUBPROTOCOLS,
         heartbeat=settings.heartbeat_s,
         max_msg_size=settings.max_frame_bytes * 4,
         decode_text=False,
+        compress=False,  # frames are built once and shared; see server.frames
     )
     await ws.prepare(request)
     codec = codec_for(ws.ws_protocol)
-    conn = Connection(ws, codec, outbox_limit=settings.outbox_limit)
+    metrics = app[METRICS]
+    conn = Connection(
+        ws,
+        request.transport,
+        codec,
+        outbox_limit=settings.outbox_limit,
+        on_slow=metrics.slow_consumers.inc,
+    )
     ctx = Context(conn, app)
     app[CONNECTIONS].add(conn)
     header_error: SlotcastError | None = None
@@ -138,19 +235,32 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         conn.send_error(header_error)
     try:
         async for frame in ws:
+            if conn.closing:
+                # Closing after the command in flight: a frame pipelined behind it must
+                # not run, since its reply could no longer be sent. The client resends.
+                break
             if frame.type is WSMsgType.BINARY or (
                 frame.type is WSMsgType.TEXT and not codec.binary
             ):
-                await _handle(ctx, frame.data)
+                metrics.messages_in.inc()
+                conn.busy = True
+                try:
+                    await _handle(ctx, frame.data)
+                finally:
+                    conn.command_done()
             elif frame.type is WSMsgType.TEXT:
                 conn.send_error(ProtocolError("MessagePack connections send binary frames"))
             elif frame.type is WSMsgType.ERROR:
                 log.info("connection error: %s", ws.exception())
     finally:
-        for member in list(conn.watches.values()):
+        app[CONNECTIONS].discard(conn)
+        for member in [*conn.watches.values(), *conn.dashboards.values()]:
             await ctx.rooms.leave(member)
         conn.watches.clear()
-        app[CONNECTIONS].discard(conn)
+        conn.dashboards.clear()
+        if conn.appointments is not None:
+            await ctx.rooms.leave_patient(conn.appointments)
+            conn.appointments = None
         await conn.close()
     return ws
 
@@ -158,10 +268,13 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 async def _handle(ctx: Context, data: bytes | str) -> None:
     conn = ctx.conn
     request_id: RequestId = None
+    started = time.perf_counter()
+    kind_name = "invalid"
     try:
         envelope = conn.codec.decode(data, max_size=ctx.max_frame)
         request_id = envelope.id
         kind = type(envelope.body)
+        kind_name = kind.TYPE
         handler = HANDLERS.get(kind)
         if handler is not None:
             await handler(ctx, request_id, envelope.body)
@@ -169,9 +282,16 @@ async def _handle(ctx: Context, data: bytes | str) -> None:
             reply = await COMMANDS[kind](ctx.scheduling, conn.identity, envelope.body)
             conn.send(reply, request_id)
     except ProtocolError as exc:
-        conn.send_error(exc, exc.request_id)
+        _refuse(ctx, exc, exc.request_id)
     except SlotcastError as exc:
-        conn.send_error(exc, request_id)
+        _refuse(ctx, exc, request_id)
     except Exception:
         log.exception("handler failed")
-        conn.send_error(SlotcastError("internal error", code=ErrorCode.INTERNAL), request_id)
+        _refuse(ctx, SlotcastError("internal error", code=ErrorCode.INTERNAL), request_id)
+    finally:
+        ctx.metrics.command_latency.labels(kind_name).observe(time.perf_counter() - started)
+
+
+def _refuse(ctx: Context, error: SlotcastError, request_id: RequestId) -> None:
+    ctx.metrics.errors.labels(error.code.value).inc()
+    ctx.conn.send_error(error, request_id)

@@ -35,6 +35,8 @@ class Broker(abc.ABC):
     """Subscribe only to channels with local listeners; publish to anyone's."""
 
     kind: str
+    # False while the listener is cut off from the broker and trying to reconnect.
+    healthy: bool = True
 
     def __init__(self) -> None:
         self._on_message: OnMessage = lambda channel, data: None
@@ -108,7 +110,6 @@ class RedisBroker(Broker):
         self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         self._reader: asyncio.Task[None] | None = None
         self._have_channels = asyncio.Event()
-        self.connected = False
 
     async def start(self) -> None:
         await self.ping()
@@ -170,10 +171,9 @@ class RedisBroker(Broker):
                 await self._have_channels.wait()
             try:
                 message = await self._pubsub.get_message(timeout=1.0)
-                self.connected = True
                 backoff = 0.1
             except (RedisError, OSError) as exc:
-                self.connected = False
+                self.healthy = False
                 log.warning("lost Redis (%s); reconnecting", exc)
                 while True:
                     await asyncio.sleep(backoff * (0.5 + random.random()))
@@ -198,7 +198,7 @@ class RedisBroker(Broker):
         except (RedisError, OSError) as exc:
             log.warning("Redis still unreachable: %s", exc)
             return False
-        self.connected = True
+        self.healthy = True
         log.info("reconnected to Redis; resubscribed %d channels", len(channels))
         self._on_reconnect(channels)
         return True

@@ -15,6 +15,14 @@ LOCK_NS_PATIENT: Final = 0x5C04
 CHANNEL_PREFIX: Final = "slotcast:v1"
 
 
-def availability_channel(doctor_id: int) -> str:
-    """Public availability changes of one doctor (no patient identity ever)."""
-    return f"{CHANNEL_PREFIX}:doctor:{doctor_id}:availability"
+def doctor_channel(doctor_id: int) -> str:
+    """Every committed change of one doctor (public and private halves) and its presence.
+
+    Only instances read it; they hand each client only the half it may see.
+    """
+    return f"{CHANNEL_PREFIX}:doctor:{doctor_id}"
+
+
+def patient_channel(patient_id: str) -> str:
+    """Changes to one patient's own appointments."""
+    return f"{CHANNEL_PREFIX}:patient:{patient_id}"

@@ -27,6 +27,7 @@ from protocol.messages import (
     AppointmentUpdated,
     AppointmentView,
     Booked,
+    Dashboard,
     DoctorView,
     Held,
     Message,
@@ -122,6 +123,12 @@ async def open_store(
         yield Store(pool)
     finally:
         await pool.close()
+
+
+def _change(doctor_id: int, row: asyncpg.Record) -> Change:
+    return Change(
+        doctor_id, row["version"], row["public"], row["private"], row["created_at"].timestamp()
+    )
 
 
 def _now(now: datetime | None) -> datetime:
@@ -324,6 +331,7 @@ class Store:
                     sql.SCHEDULE_INSERT,
                     [(doctor_id, b.weekday, b.starts, b.ends) for b in schedule],
                 )
+                await conn.execute(sql.RELAY_CURSOR_CREATE, doctor_id)
         return doctor_id
 
     async def doctor(self, doctor_id: int) -> Doctor:
@@ -383,11 +391,49 @@ class Store:
             bookable_until=now + timedelta(days=doctor["horizon_days"]),
         )
 
+    async def dashboard(self, doctor_id: int, day: date) -> Dashboard:
+        """A doctor's local day: appointments, slots and conflicts, stamped with one version."""
+        with translated():
+            async with (
+                self._pool.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                doctor = await conn.fetchrow(sql.DOCTOR_GET, doctor_id)
+                if doctor is None:
+                    raise NotFound(f"no doctor {doctor_id}")
+                slots = await conn.fetch(
+                    sql.SLOTS_IN_RANGE, doctor_id, day, day + timedelta(days=1)
+                )
+                appointments = await conn.fetch(sql.APPOINTMENTS_OF_DOCTOR_ON, doctor_id, day)
+        return Dashboard(
+            doctor_id=doctor_id,
+            version=doctor["version"],
+            timezone=doctor["timezone"],
+            date=day,
+            appointments=[cmd.appointment_view(r) for r in appointments],
+            slots=[cmd.slot_view(r, hold_expires_at=r["hold_expires_at"]) for r in slots],
+            conflicts=[r["id"] for r in slots if r["conflict"]],
+        )
+
     async def changes_between(self, doctor_id: int, after: int, upto: int) -> list[Change]:
         """Committed changes with after < version <= upto, in order: the gap filler's source."""
         with translated():
             rows = await self._pool.fetch(sql.CHANGES_BETWEEN, doctor_id, after, upto)
-        return [Change(doctor_id, r["version"], r["public"]) for r in rows]
+        return [_change(doctor_id, r) for r in rows]
+
+    # ---- the relay ----------------------------------------------------------------------------
+
+    async def unpublished(self, *, older_than: datetime, limit: int = 500) -> list[Change]:
+        """Changes committed before `older_than` that no publish has confirmed yet."""
+        with translated():
+            rows = await self._pool.fetch(sql.CHANGES_UNPUBLISHED, older_than, limit)
+        return [_change(r["doctor_id"], r) for r in rows]
+
+    async def mark_published(self, highest: dict[int, int]) -> None:
+        """Advance doctors' relay cursors (never backwards) to the versions given."""
+        if highest:
+            with translated():
+                await self._pool.execute(sql.RELAY_ADVANCE, list(highest), list(highest.values()))
 
     async def change_log(self, doctor_id: int) -> list[dict[str, Any]]:
         """The whole log of a doctor (audit, replay checks)."""

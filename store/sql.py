@@ -71,7 +71,7 @@ INSERT INTO schedule_overrides (doctor_id, day, starts, ends) VALUES ($1, $2, $3
 
 # Dates are the doctor's local dates: [start 00:00, end 00:00) in the doctor's zone.
 SLOTS_IN_RANGE: Final = """
-SELECT s.id, s.starts_at, s.ends_at, s.status, a.hold_expires_at
+SELECT s.id, s.starts_at, s.ends_at, s.status, s.conflict, a.hold_expires_at
 FROM slots s
 JOIN doctors d ON d.id = s.doctor_id
 LEFT JOIN appointments a ON a.slot_id = s.id AND a.status = 'pending'
@@ -159,11 +159,24 @@ LIMIT 200"""
 CHANGE_INSERT: Final = """
 INSERT INTO changes (doctor_id, version, kind, actor, public, private)
 VALUES ($1, $2, $3, $4, $5, $6)"""
+RELAY_CURSOR_CREATE: Final = "INSERT INTO relay_cursor (doctor_id) VALUES ($1)"
+# Committed but not yet published: the relay's work list, oldest first.
+CHANGES_UNPUBLISHED: Final = """
+SELECT c.doctor_id, c.version, c.public, c.private, c.created_at
+FROM relay_cursor r
+JOIN changes c ON c.doctor_id = r.doctor_id AND c.version > r.published_version
+WHERE c.created_at < $1
+ORDER BY c.doctor_id, c.version
+LIMIT $2"""
+RELAY_ADVANCE: Final = """
+UPDATE relay_cursor AS r SET published_version = t.v
+FROM unnest($1::int[], $2::bigint[]) AS t(d, v)
+WHERE r.doctor_id = t.d AND r.published_version < t.v"""
 CHANGES_ALL: Final = """
 SELECT version, kind, actor, public, private, created_at FROM changes
 WHERE doctor_id = $1 ORDER BY version"""
 CHANGES_BETWEEN: Final = """
-SELECT version, public FROM changes
+SELECT version, public, private, created_at FROM changes
 WHERE doctor_id = $1 AND version > $2 AND version <= $3
 ORDER BY version"""
 

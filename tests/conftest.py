@@ -145,6 +145,16 @@ def settings(database_url: str) -> Settings:
 
 
 @pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection that looks at the tables behind the store's back."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
 async def store(database_url: str) -> AsyncIterator[Store]:
     async with open_store(database_url, min_size=1, max_size=20) as s:
         yield s

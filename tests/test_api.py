@@ -26,6 +26,9 @@ def bearer(role: Role = Role.PATIENT, sub: str = "patient-1", **kw: Any) -> dict
     return {"Authorization": f"Bearer {token(role, sub, **kw)}"}
 
 
+READY = {"status": "ready", "rooms": 0, "watchers": 0, "dashboards": 0, "patient_rooms": 0}
+
+
 async def error_code(resp: ClientResponse, status: int) -> str:
     """The stable code of a JSON error reply, after checking it is one."""
     assert resp.status == status, await resp.text()
@@ -402,7 +405,7 @@ async def test_readyz_reports_rooms_and_watchers(client: AppClient, doctor: Seed
     resp = await client.get("/readyz")
     assert resp.status == 200
     assert resp.content_type == "application/json"
-    assert await resp.json() == {"status": "ready", "rooms": 0, "watchers": 0}
+    assert await resp.json() == {**READY, "rooms": 0, "watchers": 0}
     async with (
         SlotcastClient.connect(ws_url(client)) as a,
         SlotcastClient.connect(ws_url(client)) as b,
@@ -410,7 +413,7 @@ async def test_readyz_reports_rooms_and_watchers(client: AppClient, doctor: Seed
         await a.watch(doctor.id, doctor.start, doctor.end)
         await b.watch(doctor.id, doctor.start, doctor.end)
         resp = await client.get("/readyz")
-        assert await resp.json() == {"status": "ready", "rooms": 1, "watchers": 2}
+        assert await resp.json() == {**READY, "rooms": 1, "watchers": 2}
 
 
 @pytest.mark.parametrize("raw", ["%C2%B2", "x", "1.5", "-3", "99999999999999999"])

@@ -11,7 +11,6 @@ is checked in both directions in zones on both hemispheres.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, time, timedelta
 from itertools import pairwise
 from typing import Any
@@ -64,16 +63,6 @@ def patient(name: str) -> Actor:
 
 def doctor(doctor_id: int) -> Actor:
     return Actor(str(doctor_id), Role.DOCTOR)
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """A plain connection that looks at the tables behind the store's back."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def utc_doctor(store: Store, *, days: int = 3) -> int:

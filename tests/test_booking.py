@@ -31,16 +31,6 @@ from tests.conftest import SeededDoctor, seed_doctor, token, ws_url
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """A plain connection that looks at the tables behind the Store's back."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
 async def active_appointments(db: asyncpg.Connection, slot_id: int) -> list[asyncpg.Record]:
     rows: list[asyncpg.Record] = await db.fetch(
         "SELECT id, patient_id FROM appointments WHERE slot_id = $1 AND status <> 'cancelled'",

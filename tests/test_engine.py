@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -142,16 +142,6 @@ async def mark(
 def public_slots(change: Change) -> dict[int, SlotView]:
     slots = msgspec.convert(change.public["slots"], list[SlotView])
     return {s.id: s for s in slots}
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """A plain connection that looks at the tables behind the store's back."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def version(db: asyncpg.Connection, doctor_id: int) -> int:

@@ -122,10 +122,11 @@ async def test_demo_seeds_an_empty_database_once(
     assert {s["id"]: s["status"] for s in snapshot["slots"]}[chosen] == "busy"
 
 
-async def test_sigterm_closes_clients_with_going_away_and_exits_cleanly(
+async def test_sigterm_tells_clients_to_reconnect_closes_1012_and_exits_cleanly(
     spawn_server: Spawn, doctor: SeededDoctor, http: aiohttp.ClientSession
 ) -> None:
-    """Clients reconnect elsewhere on 1001; a deployment waits on a clean, prompt exit."""
+    """A restart moves clients elsewhere gently: readiness fails first, then a reconnect
+    notice and 1012 (service restart); a deployment waits on a clean, prompt exit."""
     server = spawn_server("doomed")
     assert server.process is not None
     async with http.ws_connect(server.ws_url, protocols=[JSON.subprotocol]) as ws:
@@ -147,10 +148,17 @@ async def test_sigterm_closes_clients_with_going_away_and_exits_cleanly(
 
         started = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
+        # Readiness fails at once, before any client is closed, so the balancer moves on.
+        async with http.get(f"{server.http_url}/readyz") as ready:
+            assert ready.status == 503
+            assert (await ready.json())["reason"] == "draining"
+        notice = orjson.loads((await ws.receive(timeout=10)).data)
+        assert notice["type"] == "reconnect"
+        assert notice["body"]["retry_after_ms"] >= 0
         closing = await ws.receive(timeout=10)
         assert closing.type is aiohttp.WSMsgType.CLOSE, closing
-        assert closing.data == aiohttp.WSCloseCode.GOING_AWAY
-        assert ws.close_code == 1001
+        assert closing.data == aiohttp.WSCloseCode.SERVICE_RESTART
+        assert ws.close_code == 1012
         code = await asyncio.to_thread(server.process.wait, 10)
         elapsed = time.monotonic() - started
     assert code == 0, server.logs()

@@ -24,6 +24,7 @@ import pathlib
 import re
 import types
 import typing
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from datetime import UTC, date, datetime, time, timedelta, timezone
 from typing import Annotated, Any
@@ -32,7 +33,7 @@ import msgpack
 import msgspec
 import orjson
 import pytest
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
@@ -60,6 +61,8 @@ from protocol.messages import (
 )
 from protocol.vocabulary import Role
 from server.api import HTTP_STATUS
+from server.connection import CLOSE_SERVICE_RESTART, CLOSE_SLOW_CONSUMER
+from server.metrics import Metrics
 from server.routes import setup_routes
 from server.service import COMMANDS
 from server.settings import Settings
@@ -239,17 +242,21 @@ def sites_of(message: type[Message]) -> list[Site]:
 
 
 def distinct(sites: list[Site]) -> list[Site]:
-    """Each field once: a view's fields where the view first appears, every message field.
+    """Each field once: a view's fields in the smallest message holding the view, and
+    every message field.
 
     msgspec validates a nested view by its type wherever it sits, so breaking
-    `AppointmentView.status` inside `held` proves it inside `booked` too. Every place a
-    view sits still gets its own cases (a wrong kind for the view itself), every site
-    is in DOCUMENTED_LIMITS, and the mutation test roams every path. This keeps the
-    file inside its time budget as views are reused by more messages.
+    `AppointmentView.status` inside `held` proves it inside `booked` and `dashboard`
+    too. Every place a view sits still gets its own cases (a wrong kind for the view
+    itself), every site is in DOCUMENTED_LIMITS, and the mutation test roams every
+    path. This keeps the file inside its time budget as views are reused by more
+    messages: each case draws a whole message, and a `dashboard` (lists of
+    appointments and slots) costs many times a `held`.
     """
+    size = Counter(site.message for site in sites)
     seen: set[tuple[type[Any], Path]] = set()
     kept: list[Site] = []
-    for site in sites:
+    for site in sorted(sites, key=lambda s: size[s.message]):  # stable: ties keep order
         if (site.owner, site.local) not in seen:
             seen.add((site.owner, site.local))
             kept.append(site)
@@ -884,7 +891,10 @@ DOCUMENTED_LIMITS: dict[str, tuple[Any, ...]] = {
     # client -> server
     "auth.token": ("text", 1, 4096, None),
     "watch.doctor_id": DOCTOR_ID,
+    "watch.since": COUNT,  # a version to resume from
     "unwatch.doctor_id": DOCTOR_ID,
+    "watch_dashboard.doctor_id": DOCTOR_ID,
+    "unwatch_dashboard.doctor_id": DOCTOR_ID,
     "hold.slot_id": ID,
     "hold.idempotency_key": KEY,
     "release.appointment_id": ID,
@@ -928,7 +938,30 @@ DOCUMENTED_LIMITS: dict[str, tuple[Any, ...]] = {
     "delta.version": ("int", 1, None),
     **nested("delta.slots[0]", SLOT_LIMITS),
     "delta.removed[0]": ID,
+    "delta.since": COUNT,  # set on a merged delta
+    "resumed.doctor_id": DOCTOR_ID,
+    "resumed.since": COUNT,
+    "resumed.version": COUNT,
     "unwatched.doctor_id": DOCTOR_ID,
+    "dashboard.doctor_id": DOCTOR_ID,
+    "dashboard.version": COUNT,
+    **nested("dashboard.appointments[0]", APPOINTMENT_LIMITS),
+    **nested("dashboard.slots[0]", SLOT_LIMITS),
+    "dashboard.conflicts[0]": ID,
+    "dashboard.watchers": COUNT,
+    "dashboard_delta.doctor_id": DOCTOR_ID,
+    "dashboard_delta.version": ("int", 1, None),
+    **nested("dashboard_delta.appointments[0]", APPOINTMENT_LIMITS),
+    **nested("dashboard_delta.slots[0]", SLOT_LIMITS),
+    "dashboard_delta.removed[0]": ID,
+    "dashboard_delta.conflicts[0]": ID,
+    "presence.doctor_id": DOCTOR_ID,
+    "presence.watchers": COUNT,
+    "appointment_event.doctor_id": DOCTOR_ID,
+    "appointment_event.version": ("int", 1, None),
+    **nested("appointment_event.appointment", APPOINTMENT_LIMITS),
+    "resync.doctor_id": DOCTOR_ID,
+    "reconnect.retry_after_ms": COUNT,
     **nested("held.appointment", APPOINTMENT_LIMITS),
     **nested("booked.appointment", APPOINTMENT_LIMITS),
     **nested("appointment.appointment", APPOINTMENT_LIMITS),
@@ -1169,6 +1202,39 @@ def test_every_rest_route_is_documented_and_nothing_else() -> None:
     }
     assert "GET /ws" in routes
     assert documented == routes - {"GET /ws"}  # the WebSocket has the rest of the page
+
+
+def test_operational_routes_run_no_command() -> None:
+    """Health, readiness and metrics are for balancers and scrapers: they must not be
+    mistaken for (or turn into) a command route, which would need a message."""
+    operational = {"GET /healthz", "GET /readyz", "GET /metrics"}
+    routes = rest_routes()
+    assert operational <= set(routes)
+    for where in operational:
+        assert not getattr(routes[where].handler, "__name__", "").endswith("_endpoint"), where
+
+
+def test_every_metric_is_documented_with_its_type() -> None:
+    """Dashboards and alerts are written against the page's metric table."""
+    documented = dict(re.findall(r"^\| `(slotcast_\w+)` \| (\w+) \|", DOC_TEXT, re.MULTILINE))
+    exported = {
+        family.name + ("_total" if family.type == "counter" else ""): family.type
+        for family in Metrics().registry.collect()
+    }
+    assert documented == exported
+
+
+def test_every_close_code_the_server_uses_is_documented() -> None:
+    """Clients branch on close codes to decide how to reconnect."""
+    section = DOC_TEXT.split("\n## Close codes\n", 1)[1].split("\n## ", 1)[0]
+    documented = {int(code) for code in re.findall(r"^\| (\d{4}) \|", section, re.MULTILINE)}
+    used = {
+        WSCloseCode.GOING_AWAY,  # shutdown, after the drain
+        WSCloseCode.MESSAGE_TOO_BIG,  # aiohttp, over 4x the frame limit
+        CLOSE_SERVICE_RESTART,  # the drain, after a `reconnect` notice
+        CLOSE_SLOW_CONSUMER,
+    }
+    assert documented == {int(code) for code in used}
 
 
 def test_every_command_has_one_rest_route_whose_path_names_its_fields() -> None:

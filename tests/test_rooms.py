@@ -32,7 +32,7 @@ from server.rooms import Member, Rooms
 from server.settings import Settings
 from store.broker import Broker, MemoryBroker, RedisBroker
 from store.changes import Change
-from store.constants import availability_channel
+from store.constants import doctor_channel
 from store.database import Store
 from store.errors import NotFound
 from tests.conftest import SeededDoctor, token, ws_url
@@ -45,8 +45,19 @@ RECOVERY_S = 15.0
 OUTAGE_S = 1.0  # longer than the broker's first reconnect attempt, as real restarts are
 
 
+def payload(frame: bytes) -> bytes:
+    """The payload of one unmasked server frame (RFC 6455 section 5.2)."""
+    length = frame[1] & 0x7F
+    offset = 2
+    if length == 126:
+        offset = 4
+    elif length == 127:
+        offset = 10
+    return frame[offset:]
+
+
 class FakeConnection:
-    """What a Member needs of a Connection: a codec and a non-blocking send_frame."""
+    """What a Member needs of a Connection: a codec and non-blocking sends of built frames."""
 
     codec = JSON
 
@@ -54,8 +65,14 @@ class FakeConnection:
         self.deltas: list[Delta] = []
         self._arrived = asyncio.Event()
 
+    def send_delta(self, doctor_id: int, public: object, frame: bytes) -> None:
+        self.send_frame(frame)
+
+    def send(self, message: object) -> None:
+        """Presence and resync notices are not deltas; these tests ignore them."""
+
     def send_frame(self, frame: bytes) -> None:
-        body = JSON.decode(frame, SERVER_MESSAGES).body
+        body = JSON.decode(payload(frame), SERVER_MESSAGES).body
         assert isinstance(body, Delta), f"rooms sent a {body.TYPE}, not a delta"
         self.deltas.append(body)
         self._arrived.set()
@@ -90,7 +107,7 @@ def broker() -> ReconnectingBroker:
 
 @pytest.fixture
 async def rooms(store: Store, broker: ReconnectingBroker) -> AsyncIterator[Rooms]:
-    r = Rooms(store, broker)
+    r = Rooms(store, broker, "test-instance")
     yield r
     await r.close()
 
@@ -118,7 +135,7 @@ async def commit(
 
 async def publish(broker: Broker, *changes: Change) -> None:
     for change in changes:
-        await broker.publish(availability_channel(change.doctor_id), change.pack())
+        await broker.publish(doctor_channel(change.doctor_id), change.pack())
 
 
 def busy_slot_ids(conn: FakeConnection) -> list[list[int]]:
@@ -241,7 +258,7 @@ async def test_backlog_is_forwarded_if_newer_than_the_snapshot(
     await publish(broker, seen, missed)
     await live.wait_for(missed.version)
     assert conn.versions == []  # nothing may precede the snapshot on the wire
-    assert [v for v, _, _ in member.backlog] == [seen.version, missed.version]
+    assert [f.change.version for f in member.backlog] == [seen.version, missed.version]
 
     member.start(snapshot.version)
     assert snapshot.version == base + 1
@@ -260,7 +277,7 @@ async def test_backlog_is_forwarded_if_newer_than_the_snapshot(
 async def test_last_member_leaving_unsubscribes_and_rejoining_resubscribes(
     rooms: Rooms, broker: ReconnectingBroker, store: Store, doctor: SeededDoctor
 ) -> None:
-    channel = availability_channel(doctor.id)
+    channel = doctor_channel(doctor.id)
     assert channel not in broker.channels
     _, a = await watch(rooms, doctor.id)
     _, b = await watch(rooms, doctor.id)
@@ -284,7 +301,7 @@ async def test_unwatch_over_websocket_unsubscribes_the_instance(
     doctor: SeededDoctor, client: AppClient
 ) -> None:
     broker = client.app[BROKER]
-    channel = availability_channel(doctor.id)
+    channel = doctor_channel(doctor.id)
     async with (
         SlotcastClient.connect(ws_url(client)) as a,
         SlotcastClient.connect(ws_url(client)) as b,
@@ -352,7 +369,7 @@ async def test_booking_during_redis_outage_reaches_watchers_after_recovery(
         await asyncio.to_thread(redis_process.stop)
         try:
             deadline = time.monotonic() + WAIT_S
-            while broker.connected:
+            while broker.healthy:
                 assert time.monotonic() < deadline, "the broker never noticed the outage"
                 await asyncio.sleep(0.02)
             appointment = await patient.book(slot.id)  # publish fails and is only logged

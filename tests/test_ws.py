@@ -21,7 +21,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from protocol.codec import JSON, Codec
+from protocol.codec import JSON
 from protocol.errors import ErrorCode
 from protocol.messages import Delta, Error, Message, Pong, Welcome
 from protocol.vocabulary import Role, SlotStatus
@@ -41,9 +41,9 @@ CODEC_NAMES: list[CodecName] = ["json", "msgpack"]
 class RecordingClient(SlotcastClient):
     """The stock client drops the request id of unsolicited frames; error echoes need it."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, codec: Codec) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.frames: asyncio.Queue[tuple[RequestId, Message]] = asyncio.Queue()
-        super().__init__(ws, codec)
+        super().__init__(*args, **kwargs)
 
     def _dispatch(self, rid: RequestId, message: Message) -> None:
         if not isinstance(message, Welcome):
@@ -59,6 +59,9 @@ async def recording(url: str, codec: CodecName) -> AsyncIterator[RecordingClient
     async with RecordingClient.connect(url, codec=codec) as client:
         assert isinstance(client, RecordingClient)
         yield client
+
+
+READY = {"status": "ready", "rooms": 0, "watchers": 0, "dashboards": 0, "patient_rooms": 0}
 
 
 async def next_error(client: SlotcastClient, timeout: float = 5.0) -> Error:
@@ -412,7 +415,7 @@ async def test_unknown_doctor_is_not_found_and_connection_can_still_watch(
         assert [s.id for s in snapshot.slots] == [s.id for s in doctor.slots]
         # The refused watch left no room (nor broker subscription) behind.
         resp = await client.get("/readyz")
-        assert await resp.json() == {"status": "ready", "rooms": 1, "watchers": 1}
+        assert await resp.json() == {**READY, "rooms": 1, "watchers": 1}
 
 
 async def test_watch_limit(settings: Settings, store: Store, aiohttp_client: AiohttpClient) -> None:

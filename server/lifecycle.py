@@ -1,0 +1,65 @@
+"""Leaving gracefully: what an instance does between SIGTERM and exit.
+
+The order matters to a load balancer and to clients:
+1. `/readyz` starts failing (and new WebSockets are refused), so the balancer
+   stops sending new clients here;
+2. after `drain_grace_s`, clients are told to reconnect (a `reconnect` message with
+   a jittered delay) and closed with 1012, `drain_batch` at a time, so a restart
+   does not send every client to the other instances in the same instant;
+3. a connection that is running a command is closed right after that command,
+   so in-flight work finishes and its reply is sent;
+4. then the app shuts down: rooms, publisher (flushing what is queued), broker, pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+
+from aiohttp import WSCloseCode, web
+
+from protocol.messages import Reconnect
+from server.connection import CLOSE_SERVICE_RESTART
+from server.keys import CONNECTIONS, SETTINGS, STATE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ServerState:
+    draining: bool = False
+
+
+async def drain(app: web.Application) -> None:
+    settings = app[SETTINGS]
+    app[STATE].draining = True
+    log.info("draining: /readyz fails from now; closing clients in %.1fs", settings.drain_grace_s)
+    await asyncio.sleep(settings.drain_grace_s)
+    everyone = app[CONNECTIONS]
+    connections = list(everyone)
+    spread_ms = max(1000, len(connections) // max(settings.drain_batch, 1) * 1000)
+    for start in range(0, len(connections), settings.drain_batch):
+        for conn in connections[start : start + settings.drain_batch]:
+            conn.send_now(Reconnect(retry_after_ms=random.randrange(spread_ms)))
+            conn.close_soon(CLOSE_SERVICE_RESTART, "service restart")
+        await asyncio.sleep(settings.drain_interval_s)
+    # Give the closing handshakes (and any in-flight command) a moment to finish.
+    deadline = asyncio.get_running_loop().time() + 5.0
+    connected = app[CONNECTIONS]
+    while connected and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    log.info("drained %d connections", len(connections))
+
+
+async def close_connections(app: web.Application) -> None:
+    """On shutdown, whoever is still connected is told we are going away."""
+    connected = app[CONNECTIONS]
+    await asyncio.gather(
+        *(
+            c.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+            for c in tuple(connected)
+        ),
+        return_exceptions=True,
+    )

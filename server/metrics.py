@@ -1,0 +1,75 @@
+"""Prometheus metrics, one registry per app (tests run many apps in one process).
+
+Counts on the fan-out path are added once per change, not once per recipient,
+so measuring costs nothing per delivered message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge("slotcast_connections", "Open WebSocket connections", registry=r)
+        self.rooms = Gauge("slotcast_rooms", "Rooms with local members", ["kind"], registry=r)
+        self.messages_in = Counter(
+            "slotcast_messages_in", "Frames received from clients", registry=r
+        )
+        self.messages_out = Counter(
+            "slotcast_messages_out", "Live updates delivered to clients", registry=r
+        )
+        self.fanout_latency = Histogram(
+            "slotcast_fanout_latency_seconds",
+            "From commit to this instance handing a change to its members",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.command_latency = Histogram(
+            "slotcast_command_seconds",
+            "Time to handle one client message",
+            ["type"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter("slotcast_errors", "Error replies by code", ["code"], registry=r)
+        self.slow_consumers = Counter(
+            "slotcast_slow_consumers", "Connections closed for falling behind", registry=r
+        )
+        self.broker_connected = Gauge(
+            "slotcast_broker_connected", "1 while the broker listener hears", registry=r
+        )
+        self.relayed = Counter(
+            "slotcast_relayed_changes", "Changes published by the relay sweep", registry=r
+        )
+
+    def fanout(self, delivered: int, latency: float) -> None:
+        self.messages_out.inc(delivered)
+        self.fanout_latency.observe(latency)
+
+    def track(
+        self,
+        connections: Callable[[], int],
+        rooms: Callable[[], dict[str, int]],
+        broker_connected: Callable[[], bool],
+    ) -> None:
+        """Gauges read at scrape time, so the hot paths never touch them."""
+        self.connections.set_function(lambda: float(connections()))
+        for kind in ("rooms", "patient_rooms"):
+            self.rooms.labels(kind).set_function(partial(_pick, rooms, kind))
+        self.broker_connected.set_function(lambda: float(broker_connected()))
+
+    def render(self) -> bytes:
+        data: bytes = generate_latest(self.registry)
+        return data
+
+
+def _pick(read: Callable[[], dict[str, int]], key: str) -> float:
+    return float(read()[key])

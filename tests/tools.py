@@ -1,0 +1,67 @@
+"""External programs some tests need, found on PATH or installed on the spot.
+
+The suite must run from a bare checkout with one command (`make test`), so a
+missing system tool is installed when that is possible (root on Debian) instead
+of silently skipping the tests that need it. Only when it truly cannot be had is
+the test skipped, with the reason saying exactly why, so a skip is never a mystery.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+
+# Generous: `apt-get update` on a cold cache and a download on a slow mirror.
+APT_TIMEOUT_S = 300
+
+
+def ensure_haproxy(reasons: list[str] | None = None) -> str | None:
+    """HAProxy's path, installing Debian's package if it is missing and we may.
+
+    Returns None when it cannot be had; the reason is appended to `reasons` (if
+    given), so the caller can skip with it instead of guessing.
+    """
+    path, reason = _haproxy()
+    if path is None and reasons is not None:
+        reasons.append(reason)
+    return path
+
+
+@functools.cache
+def _haproxy() -> tuple[str | None, str]:
+    # Cached: installing is slow, and one answer (path or reason) holds for the session.
+    found = _which_haproxy()
+    if found is not None:
+        return found, ""
+    if shutil.which("apt-get") is None:
+        return None, "haproxy is not installed and there is no apt-get to install it with"
+    if os.geteuid() != 0:
+        return None, "haproxy is not installed and only root may apt-get install it"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    # Wait for a concurrent apt/dpkg (another job on the host) instead of failing at once.
+    wait_for_lock = ["-o", "DPkg::Lock::Timeout=120"]
+    steps = [
+        ["apt-get", *wait_for_lock, "update", "-q"],
+        ["apt-get", *wait_for_lock, "install", "-y", "-q", "--no-install-recommends", "haproxy"],
+    ]
+    for step in steps:
+        try:
+            done = subprocess.run(
+                step, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT_S, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return None, f"`{' '.join(step)}` failed: {exc}"
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            return None, f"`{' '.join(step)}` exited {done.returncode}: {' / '.join(tail)}"
+    found = _which_haproxy()
+    if found is None:
+        return None, "apt-get installed haproxy but no haproxy binary was found"
+    return found, ""
+
+
+def _which_haproxy() -> str | None:
+    # Debian puts it in /usr/sbin, which a non-login root shell may not have on PATH.
+    return shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
