@@ -366,11 +366,12 @@ class Store:
 
     # ---- reads -----------------------------------------------------------------------------------
 
-    async def snapshot(
-        self, doctor_id: int, start: date, end: date, *, now: datetime | None = None
-    ) -> Snapshot:
-        """Slots of [start, end) in the doctor's local dates, stamped with one version."""
-        now = _now(now)
+    @contextlib.asynccontextmanager
+    async def _consistent(
+        self, doctor_id: int
+    ) -> AsyncIterator[tuple[asyncpg.Connection, asyncpg.Record]]:
+        """One repeatable-read snapshot: the doctor's row (its version) and what is read
+        with it describe the same moment."""
         with translated():
             async with (
                 self._pool.acquire() as conn,
@@ -379,7 +380,15 @@ class Store:
                 doctor = await conn.fetchrow(sql.DOCTOR_GET, doctor_id)
                 if doctor is None:
                     raise NotFound(f"no doctor {doctor_id}")
-                rows = await conn.fetch(sql.SLOTS_IN_RANGE, doctor_id, start, end)
+                yield conn, doctor
+
+    async def snapshot(
+        self, doctor_id: int, start: date, end: date, *, now: datetime | None = None
+    ) -> Snapshot:
+        """Slots of [start, end) in the doctor's local dates, stamped with one version."""
+        now = _now(now)
+        async with self._consistent(doctor_id) as (conn, doctor):
+            rows = await conn.fetch(sql.SLOTS_IN_RANGE, doctor_id, start, end)
         return Snapshot(
             doctor_id=doctor_id,
             version=doctor["version"],
@@ -393,18 +402,10 @@ class Store:
 
     async def dashboard(self, doctor_id: int, day: date) -> Dashboard:
         """A doctor's local day: appointments, slots and conflicts, stamped with one version."""
-        with translated():
-            async with (
-                self._pool.acquire() as conn,
-                conn.transaction(isolation="repeatable_read", readonly=True),
-            ):
-                doctor = await conn.fetchrow(sql.DOCTOR_GET, doctor_id)
-                if doctor is None:
-                    raise NotFound(f"no doctor {doctor_id}")
-                slots = await conn.fetch(
-                    sql.SLOTS_IN_RANGE, doctor_id, day, day + timedelta(days=1)
-                )
-                appointments = await conn.fetch(sql.APPOINTMENTS_OF_DOCTOR_ON, doctor_id, day)
+        async with self._consistent(doctor_id) as (conn, doctor):
+            next_day = day + timedelta(days=1)
+            slots = await conn.fetch(sql.SLOTS_IN_RANGE, doctor_id, day, next_day)
+            appointments = await conn.fetch(sql.APPOINTMENTS_OF_DOCTOR_ON, doctor_id, day)
         return Dashboard(
             doctor_id=doctor_id,
             version=doctor["version"],

@@ -9,7 +9,6 @@ duplicate slots, reset a booked one, or flood watchers with empty changes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
@@ -111,15 +110,6 @@ def test_zone_refuses_unknown_names(name: str) -> None:
 
 
 # ---- Store.materialize_slots -----------------------------------------------------------------
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 TOKYO_WEEK = [Block(1, time(9), time(11)), Block(4, time(14), time(15))]  # 4 + 2 slots a week
