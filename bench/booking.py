@@ -665,10 +665,10 @@ class Bench:
     ) -> Result:
         a = self.args
         await drive(attempt, bookers=a.bookers, bookings=a.warmup, duration=None, rate=None)
-        if self.profiler is not None:
-            self.profiler.reset()
         load_before = os.getloadavg()[0]
         housekeeping = await background_work(self.conn)
+        if self.profiler is not None:
+            self.profiler.reset()
         cpu = time.process_time(), postgres_cpu(self.postmaster), process_cpu(server_pid)
         run = await drive(
             attempt, bookers=a.bookers, bookings=bookings, duration=a.duration, rate=a.rate

@@ -32,6 +32,10 @@ from tests.harness import ServerProcess
 pytestmark = pytest.mark.processes
 
 PATIENTS_PER_PROCESS = 20
+# SIGTERM drains for drain_grace_s (1 s) by default so a load balancer can notice; these
+# tests have no balancer, and a stop that waits would let the hold test's hold expire
+# in the very process that is meant to be gone.
+NO_GRACE = {"SLOTCAST_DRAIN_GRACE_S": "0"}
 T = TypeVar("T")
 
 
@@ -99,7 +103,7 @@ async def doctor_version(conn: asyncpg.Connection, doctor_id: int) -> int:
 
 @pytest.fixture
 async def three(spawn_server: Spawn, redis_url: str) -> list[ServerProcess]:
-    return await spawn_many(spawn_server, "p1", "p2", "p3", broker_url=redis_url)
+    return await spawn_many(spawn_server, "p1", "p2", "p3", broker_url=redis_url, env=NO_GRACE)
 
 
 @pytest.mark.parametrize("command", ["book", "hold"])
@@ -233,7 +237,7 @@ async def test_a_hold_left_behind_by_a_stopped_instance_expires_on_the_next_one(
     while the hold's time passes; the next one to start must free the slot for
     its watchers and record why.
     """
-    env = {"SLOTCAST_HOLD_TTL_S": "1", "SLOTCAST_HOLD_SWEEP_S": "0.2"}
+    env = {"SLOTCAST_HOLD_TTL_S": "1", "SLOTCAST_HOLD_SWEEP_S": "0.2", **NO_GRACE}
     slot = doctor.slots[2]
     first = spawn_server("before", env=env)
     async with SlotcastClient.connect(first.ws_url, token=token(sub="p-holder")) as holder:
