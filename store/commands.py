@@ -261,19 +261,20 @@ async def insert_appointment(
     replaces_id: int | None = None,
 ) -> AppointmentView:
     try:
-        async with tx.conn.transaction():  # a savepoint: a refused insert must not poison the tx
-            row = await tx.conn.fetchrow(
-                sql.APPOINTMENT_INSERT,
-                slot["doctor_id"],
-                slot["id"],
-                patient_id,
-                slot["starts_at"],
-                slot["ends_at"],
-                status.value,
-                hold_expires_at,
-                replaces_id,
-            )
+        row = await tx.conn.fetchrow(
+            sql.APPOINTMENT_INSERT,
+            slot["doctor_id"],
+            slot["id"],
+            patient_id,
+            slot["starts_at"],
+            slot["ends_at"],
+            status.value,
+            hold_expires_at,
+            replaces_id,
+        )
     except (asyncpg.ExclusionViolationError, asyncpg.UniqueViolationError) as exc:
+        # The constraint behind every check fired; the command (or its savepoint) is
+        # rolled back as this propagates, so no statement may follow in this transaction.
         raise SlotTaken("the slot overlaps an active appointment") from exc
     return appointment_view(row)
 

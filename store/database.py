@@ -218,12 +218,19 @@ class Store:
                 before = tx.checkpoint()
                 error: StoreError | None = None
                 reply: Message | None = None
-                try:
-                    async with conn.transaction():  # savepoint: a refusal undoes only the work
-                        reply = await work(tx)
-                except StoreError as exc:
-                    tx.restore(before)
-                    error = exc
+                if before:
+                    # Expired holds to keep even if the command is refused: a savepoint
+                    # lets a refusal undo only the command's own work.
+                    try:
+                        async with conn.transaction():
+                            reply = await work(tx)
+                    except StoreError as exc:
+                        tx.restore(before)
+                        error = exc
+                else:
+                    # Nothing to keep: a refusal rolls the whole transaction back, and
+                    # the two round trips of a savepoint are saved on every command.
+                    reply = await work(tx)
                 changes = await tx.record()
                 if reply is not None and key is not None:
                     await self._remember(conn, actor, key, command, fingerprint, reply)
@@ -258,13 +265,11 @@ class Store:
         reply: Message,
     ) -> None:
         response = {"type": reply.TYPE, "body": msgspec.to_builtins(reply)}
-        try:
-            async with conn.transaction():
-                await conn.execute(
-                    sql.IDEMPOTENCY_PUT, str(actor), key, command, fingerprint, response
-                )
-        except asyncpg.UniqueViolationError as exc:
-            raise _KeyRace from exc
+        stored = await conn.fetchval(
+            sql.IDEMPOTENCY_PUT, str(actor), key, command, fingerprint, response
+        )
+        if stored is None:  # a concurrent command on another doctor stored it first
+            raise _KeyRace
 
     async def _doctor_of_slot(self, slot_id: int) -> int:
         with translated():  # a slot never changes doctor, so this is safe before the lock

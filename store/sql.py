@@ -186,4 +186,6 @@ IDEMPOTENCY_GET: Final = """
 SELECT command, request, response FROM idempotency_keys WHERE subject = $1 AND key = $2"""
 IDEMPOTENCY_PUT: Final = """
 INSERT INTO idempotency_keys (subject, key, command, request, response)
-VALUES ($1, $2, $3, $4, $5)"""
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (subject, key) DO NOTHING
+RETURNING true"""
