@@ -17,6 +17,8 @@ Scenarios
   server   (--via-server) like uniform, through a real `slotcast serve` process:
            one WebSocket per booker with the Python client (JSON frames), so the
            number includes auth, framing, dispatch and the publisher on loopback.
+           The change log written before it starts is marked published first, as
+           in a running deployment, so the relay does not replay it mid-run.
 
 How
   uniform and hot call `Store.book`, which runs the same `Store._run` transaction
@@ -36,11 +38,16 @@ How
 
   A warm-up (--warmup attempts) runs first, so asyncpg's prepared statements and
   PostgreSQL's caches are warm; it is not in the numbers, but its bookings are
-  in the checks. CPU time comes from /proc: this process, the PostgreSQL backends
-  (children of the postmaster, when it runs on this machine) and the server
-  process, reported as CPU milliseconds per booking, which says which side
-  saturates the machine. --profile times each SQL statement, the pool acquire and
-  the transaction (at some cost in overhead), to show where a booking's time goes.
+  in the checks. CPU time comes from /proc: this process, the PostgreSQL
+  processes (the postmaster, its children and the children it reaped, when it
+  runs on this machine) and the server process, reported as CPU milliseconds per
+  booking, which says which side saturates the machine. --profile times each SQL
+  statement, the pool acquire and the transaction (at some cost in overhead), to
+  show where a booking's time goes. --timeline prints p99 second by second, with
+  the bench's own full garbage collections, since a spike confined to a second
+  or two has a cause outside the booking path; each scenario also reports the
+  autovacuums, checkpoints and WAL written meanwhile. --pg-set NAME=VALUE tries
+  a PostgreSQL setting on the embedded cluster (e.g. wal_init_zero=off).
 
 Checks, after each scenario (the script exits 1 if any fails)
   - no slot has more than one active (not cancelled) appointment;
@@ -65,6 +72,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import itertools
 import math
 import os
@@ -231,22 +239,27 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
-def timeline(run: Run) -> str:
+def timeline(run: Run, gc_pauses: GcPauses) -> str:
     """Second by second: a spike confined to a few seconds points at something else running
-    (a checkpoint, autovacuum, another process), not at the booking path."""
+    (a checkpoint, a new WAL segment, the bench's own garbage collector, another process)."""
     seconds: dict[int, list[float]] = defaultdict(list)
     for at, latency in zip(run.finished, run.latencies, strict=True):
         seconds[int(at)].append(latency)
+    collected: dict[int, float] = defaultdict(float)
+    for when, generation, pause in gc_pauses.pauses:
+        if generation == 2:
+            collected[int(when - run.started)] += pause
     rows = [
         [
             str(second),
             str(len(samples)),
             f"{percentile(sorted(samples), 0.5) * 1000:.1f}",
             f"{percentile(sorted(samples), 0.99) * 1000:.1f}",
+            f"{collected[second] * 1000:.0f}" if second in collected else "",
         ]
         for second, samples in sorted(seconds.items())
     ]
-    return table(["second", "done", "p50 ms", "p99 ms"], rows)
+    return table(["second", "done", "p50 ms", "p99 ms", "full GC ms"], rows)
 
 
 @dataclass
@@ -326,6 +339,7 @@ class Run:
     latencies: list[float] = field(default_factory=list)
     finished: list[float] = field(default_factory=list)  # seconds into the run, per latency
     outcomes: Counter[str] = field(default_factory=Counter)
+    started: float = 0.0  # perf() at the start
     wall: float = 0.0
 
 
@@ -344,7 +358,7 @@ async def drive(
     """
     run = Run()
     exhausted = False
-    started = perf()
+    started = run.started = perf()
     deadline = started + duration if duration else math.inf
 
     async def timed(index: int, since: float) -> None:
@@ -486,7 +500,7 @@ def client_attempt(
 
 
 @contextlib.contextmanager
-def database(url: str | None, *, no_fsync: bool) -> Iterator[str]:
+def database(url: str | None, *, no_fsync: bool, settings: list[str]) -> Iterator[str]:
     """The DSN to benchmark against: the given one, or a throwaway embedded cluster's."""
     if url is not None:
         yield url
@@ -498,10 +512,13 @@ def database(url: str | None, *, no_fsync: bool) -> Iterator[str]:
         async def prepare() -> None:
             conn = await asyncpg.connect(admin)
             try:
+                chosen = [s.split("=", 1) for s in settings]
                 if no_fsync:  # what tests/harness.py does; not what `make run` does
-                    for setting in ("fsync", "synchronous_commit", "full_page_writes"):
-                        await conn.execute(f"ALTER SYSTEM SET {setting} = off")
-                    await conn.execute("SELECT pg_reload_conf()")
+                    unsafe = ("fsync", "synchronous_commit", "full_page_writes")
+                    chosen += [[name, "off"] for name in unsafe]
+                for name, value in chosen:
+                    await conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+                await conn.execute("SELECT pg_reload_conf()")
                 await conn.execute(f"CREATE DATABASE {BENCH_DB}")
             finally:
                 await conn.close()
@@ -543,7 +560,38 @@ async def background_work(conn: asyncpg.Connection) -> dict[str, int]:
         checkpoints = await conn.fetchval(
             "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"
         )
-    return {**{k: int(v or 0) for k, v in tables.items()}, "checkpoints": int(checkpoints)}
+    wal = await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint")
+    return {
+        **{k: int(v or 0) for k, v in tables.items()},
+        "checkpoints": int(checkpoints),
+        "WAL bytes": int(wal),
+    }
+
+
+class GcPauses:
+    """The bench process's own garbage-collection pauses: every task stalls during one."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, int, float]] = []  # (when, generation, seconds)
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = perf()
+        else:
+            self.pauses.append((self._started, info["generation"], perf() - self._started))
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> str:
+        full = [t for _, g, t in self.pauses if g == 2]
+        longest = max((t for _, _, t in self.pauses), default=0.0)
+        return (
+            f"bench GC meanwhile: {len(self.pauses)} collections "
+            f"({len(full)} full, {sum(full) * 1000:.0f} ms), longest {longest * 1000:.1f} ms"
+        )
 
 
 async def seed_doctors(
@@ -667,6 +715,7 @@ class Bench:
         await drive(attempt, bookers=a.bookers, bookings=a.warmup, duration=None, rate=None)
         load_before = os.getloadavg()[0]
         housekeeping = await background_work(self.conn)
+        gc_pauses = GcPauses()
         if self.profiler is not None:
             self.profiler.reset()
         cpu = time.process_time(), postgres_cpu(self.postmaster), process_cpu(server_pid)
@@ -674,6 +723,8 @@ class Bench:
             attempt, bookers=a.bookers, bookings=bookings, duration=a.duration, rate=a.rate
         )
         after = time.process_time(), postgres_cpu(self.postmaster), process_cpu(server_pid)
+        gc_pauses.close()
+        done = await background_work(self.conn)
         pg = None if cpu[1] is None or after[1] is None else after[1] - cpu[1]
         server = None if cpu[2] is None or after[2] is None else after[2] - cpu[2]
         mode = f"open {a.rate:.0f}/s" if a.rate else f"closed x{a.bookers}"
@@ -695,15 +746,18 @@ class Bench:
         print(table(HEADER, [result.row()]))
         failed = {k: v for k, v in result.checks.items() if v}
         print(f"checks: {'all zero: OK' if not failed else f'FAILED {failed}'}")
-        done = await background_work(self.conn)
+        extra = {k: done[k] - housekeeping[k] for k in done}
+        wal = extra.pop("WAL bytes")
         print(
             "PostgreSQL housekeeping meanwhile: "
-            + ", ".join(f"{k} {done[k] - housekeeping[k]}" for k in done)
+            + ", ".join(f"{k} {v}" for k, v in extra.items())
+            + f"; WAL {wal / 2**20:.0f} MiB ({wal / max(result.booked, 1) / 1024:.1f} KiB/booking)"
         )
+        print(gc_pauses.summary())
         if profile is not None:
             print(profile)
         if a.timeline:
-            print(timeline(run))
+            print(timeline(run, gc_pauses))
         print()
         return result
 
@@ -848,6 +902,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="embedded only: fsync, synchronous_commit, full_page_writes off, as the tests run",
     )
     p.add_argument(
+        "--pg-set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="embedded only: ALTER SYSTEM SET a reloadable setting (repeatable)",
+    )
+    p.add_argument(
         "--scenarios",
         type=lambda s: [x for x in s.split(",") if x],
         default=["uniform", "hot"],
@@ -882,7 +943,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def run() -> int:
     args = parse()
     random.seed(args.seed)
-    with database(args.database_url, no_fsync=args.no_fsync) as dsn:
+    with database(args.database_url, no_fsync=args.no_fsync, settings=args.pg_set) as dsn:
         try:
             import uvloop
         except ImportError:  # pragma: no cover - uvloop ships everywhere but Windows
