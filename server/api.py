@@ -93,7 +93,7 @@ def _date_param(request: web.Request, name: str) -> date:
         ) from None
 
 
-async def _json_body(request: web.Request) -> Any:
+async def read_json(request: web.Request) -> Any:
     """JSON is UTF-8 (RFC 8259), whatever charset the request claims."""
     try:
         return orjson.loads(await request.read())
@@ -122,7 +122,7 @@ def command(cls: type[Message], status: int = 200) -> Handler:
         if request.method == "GET":
             raw.update(request.query)
         elif request.can_read_body:  # no body at all means no fields, as `{}` would
-            body = await _json_body(request)
+            body = await read_json(request)
             if not isinstance(body, dict):
                 raise ProtocolError("the body must be a JSON object", code=ErrorCode.INVALID)
             raw.update(body)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
 
 from protocol import messages as m
-from server import api, ws
+from server import api, signin, ws
 from server.api import command
 
 
@@ -34,12 +35,19 @@ def setup_routes(app: web.Application, static_dir: Path) -> None:
     r.add_delete("/api/slots/{slot_id}/block", command(m.Unblock))
     r.add_put("/api/doctors/{doctor_id}/schedule", command(m.SetSchedule))
     r.add_get("/api/doctors/{doctor_id}/appointments", command(m.ListAppointments))
+    # Demo mode only: development tokens for demo identities (`not_found` otherwise).
+    r.add_get("/api/demo", signin.identities)
+    r.add_post("/api/demo/token", signin.token)
+    # The pages: the patient's slot picker and the doctor's dashboard (static/).
+    for path, page in (("/", "index.html"), ("/doctor", "doctor.html")):
+        if (static_dir / page).is_file():
+            r.add_get(path, _page(static_dir / page))
     if static_dir.is_dir():
-        index = static_dir / "index.html"
-        if index.is_file():
-
-            async def home(_: web.Request) -> web.FileResponse:
-                return web.FileResponse(index)
-
-            r.add_get("/", home)
         r.add_static("/static/", static_dir, name="static")
+
+
+def _page(file: Path) -> Callable[[web.Request], Awaitable[web.FileResponse]]:
+    async def serve(_: web.Request) -> web.FileResponse:
+        return web.FileResponse(file)
+
+    return serve

@@ -1,4 +1,4 @@
-"""Demo data: doctors in several time zones with weekly schedules.
+"""Demo data: doctors in several time zones with weekly schedules, and demo patients.
 
 Seeded only into an empty database, so restarting `make run` keeps whatever was
 booked; the server opens their slots up to each doctor's horizon at every start.
@@ -67,6 +67,16 @@ DOCTORS: list[dict[str, object]] = [
         "slot_minutes": 45,
         "schedule": _office_hours(2, 3, 4),
     },
+]
+
+
+# Demo patients have no rows: a patient is whoever a token names. These are the
+# subjects the demo sign-in offers, with names for the pages to show.
+PATIENTS: list[dict[str, str]] = [
+    {"subject": "alice", "name": "Alice Martin"},
+    {"subject": "bob", "name": "Bob Nguyen"},
+    {"subject": "chloe", "name": "Chloé Dubois"},
+    {"subject": "dev", "name": "Dev Sharma"},
 ]
 
 
