@@ -13,8 +13,11 @@ import os
 import shutil
 import subprocess
 
-# Generous: `apt-get update` on a cold cache and a download on a slow mirror.
-APT_TIMEOUT_S = 300
+# Generous: `apt-get update` on a cold cache and a download on a slow mirror
+# (Chromium and its libraries are a few hundred megabytes).
+APT_TIMEOUT_S = 600
+# Debian puts daemons in /usr/sbin, which a non-login root shell may not have on PATH.
+SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def ensure_haproxy(reasons: list[str] | None = None) -> str | None:
@@ -23,28 +26,47 @@ def ensure_haproxy(reasons: list[str] | None = None) -> str | None:
     Returns None when it cannot be had; the reason is appended to `reasons` (if
     given), so the caller can skip with it instead of guessing.
     """
-    path, reason = _haproxy()
+    return ensure_apt_tool("haproxy", ("haproxy",), reasons)
+
+
+def ensure_chromium(reasons: list[str] | None = None) -> str | None:
+    """Chromium's path (Debian's `chromium` package), installed like `ensure_haproxy`.
+
+    The browser tests drive this binary with Playwright; Playwright's own browser
+    download is never used, so the tests need nothing but Debian's archive.
+    """
+    return ensure_apt_tool("chromium", ("chromium", "chromium-browser"), reasons)
+
+
+def ensure_apt_tool(
+    package: str, binaries: tuple[str, ...], reasons: list[str] | None = None
+) -> str | None:
+    """The path of the first of `binaries` found, after `apt-get install package` if need be.
+
+    None when it cannot be had, with the reason appended to `reasons`.
+    """
+    path, reason = _apt_tool(package, binaries)
     if path is None and reasons is not None:
         reasons.append(reason)
     return path
 
 
 @functools.cache
-def _haproxy() -> tuple[str | None, str]:
+def _apt_tool(package: str, binaries: tuple[str, ...]) -> tuple[str | None, str]:
     # Cached: installing is slow, and one answer (path or reason) holds for the session.
-    found = _which_haproxy()
+    found = _which(binaries)
     if found is not None:
         return found, ""
     if shutil.which("apt-get") is None:
-        return None, "haproxy is not installed and there is no apt-get to install it with"
+        return None, f"{package} is not installed and there is no apt-get to install it with"
     if os.geteuid() != 0:
-        return None, "haproxy is not installed and only root may apt-get install it"
+        return None, f"{package} is not installed and only root may apt-get install it"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     # Wait for a concurrent apt/dpkg (another job on the host) instead of failing at once.
     wait_for_lock = ["-o", "DPkg::Lock::Timeout=120"]
     steps = [
         ["apt-get", *wait_for_lock, "update", "-q"],
-        ["apt-get", *wait_for_lock, "install", "-y", "-q", "--no-install-recommends", "haproxy"],
+        ["apt-get", *wait_for_lock, "install", "-y", "-q", "--no-install-recommends", package],
     ]
     for step in steps:
         try:
@@ -56,12 +78,15 @@ def _haproxy() -> tuple[str | None, str]:
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
             return None, f"`{' '.join(step)}` exited {done.returncode}: {' / '.join(tail)}"
-    found = _which_haproxy()
+    found = _which(binaries)
     if found is None:
-        return None, "apt-get installed haproxy but no haproxy binary was found"
+        return None, f"apt-get installed {package} but found none of: {', '.join(binaries)}"
     return found, ""
 
 
-def _which_haproxy() -> str | None:
-    # Debian puts it in /usr/sbin, which a non-login root shell may not have on PATH.
-    return shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
+def _which(binaries: tuple[str, ...]) -> str | None:
+    for name in binaries:
+        found = shutil.which(name) or shutil.which(name, path=SEARCH_PATH)
+        if found is not None:
+            return found
+    return None
