@@ -7,10 +7,13 @@ never costs a client its connection, nor other clients anything.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -49,10 +52,23 @@ RequestId = str | int | None
 class Context:
     """What a handler may touch: its connection and the app's services."""
 
-    __slots__ = ("conn", "max_frame", "max_watches", "metrics", "rooms", "scheduling", "secret")
+    __slots__ = (
+        "conn",
+        "max_frame",
+        "max_watches",
+        "metrics",
+        "reauthed",
+        "rooms",
+        "scheduling",
+        "secret",
+        "turn",
+    )
 
     def __init__(self, conn: Connection, app: web.Application) -> None:
         self.conn = conn
+        # One message at a time, and the token expiry waits its turn like a message.
+        self.turn = asyncio.Lock()
+        self.reauthed = asyncio.Event()
         self.rooms: Rooms = app[ROOMS]
         self.scheduling: Scheduling = app[SCHEDULING]
         self.secret = app[SETTINGS].jwt_secret
@@ -67,14 +83,52 @@ async def on_auth(ctx: Context, rid: RequestId, msg: Any) -> None:
     conn, before = ctx.conn, ctx.conn.identity
     if before is not None and (before.subject, before.role) != (identity.subject, identity.role):
         # Private rooms were joined as someone else: leave them (public watches stay).
-        for member in list(conn.dashboards.values()):
-            await ctx.rooms.leave(member)
-        conn.dashboards.clear()
-        if conn.appointments is not None:
-            await ctx.rooms.leave_patient(conn.appointments)
-            conn.appointments = None
+        await leave_private_rooms(ctx)
     conn.identity = identity
+    ctx.reauthed.set()
     ctx.conn.send(Authenticated(identity.subject, identity.role, identity.expires_at), rid)
+
+
+async def leave_private_rooms(ctx: Context) -> list[Unwatched]:
+    conn, left = ctx.conn, []
+    for doctor_id, member in list(conn.dashboards.items()):
+        await ctx.rooms.leave(member)
+        left.append(Unwatched(doctor_id, room="dashboard"))
+    conn.dashboards.clear()
+    if conn.appointments is not None:
+        await ctx.rooms.leave_patient(conn.appointments)
+        conn.appointments = None
+        left.append(Unwatched(room="appointments"))
+    return left
+
+
+async def expire_identity(ctx: Context) -> None:
+    """Dashboards and patient rooms carry patient details: they stop when the token does.
+
+    Commands check the token when they run; a room is joined once and then streams,
+    so its membership is what has to end. A fresh `auth` before then keeps it.
+    """
+    while True:
+        who = ctx.conn.identity
+        wait = None
+        if who is not None and who.expires_at is not None:
+            wait = max(0.0, (who.expires_at - datetime.now(UTC)).total_seconds())
+        try:
+            async with asyncio.timeout(wait):
+                await ctx.reauthed.wait()
+        except TimeoutError:
+            async with ctx.turn:
+                expired = ctx.conn.identity is who  # not renewed while waiting for the turn
+                if expired:
+                    left = await leave_private_rooms(ctx)
+                    ctx.conn.send_error(
+                        auth.AuthError("the token has expired", code=ErrorCode.TOKEN_EXPIRED)
+                    )
+                    for notice in left:
+                        ctx.conn.send(notice)
+            if expired:
+                await ctx.reauthed.wait()  # until then nothing is left to expire
+        ctx.reauthed.clear()
 
 
 async def on_watch(ctx: Context, rid: RequestId, msg: Any) -> None:
@@ -233,6 +287,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     )
     if header_error is not None:
         conn.send_error(header_error)
+    expiry = asyncio.create_task(expire_identity(ctx), name="token-expiry")
     try:
         async for frame in ws:
             if conn.closing:
@@ -243,24 +298,25 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                 frame.type is WSMsgType.TEXT and not codec.binary
             ):
                 metrics.messages_in.inc()
-                conn.busy = True
-                try:
-                    await _handle(ctx, frame.data)
-                finally:
-                    conn.command_done()
+                async with ctx.turn:
+                    conn.busy = True
+                    try:
+                        await _handle(ctx, frame.data)
+                    finally:
+                        conn.command_done()
             elif frame.type is WSMsgType.TEXT:
                 conn.send_error(ProtocolError("MessagePack connections send binary frames"))
             elif frame.type is WSMsgType.ERROR:
                 log.info("connection error: %s", ws.exception())
     finally:
+        expiry.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await expiry
         app[CONNECTIONS].discard(conn)
-        for member in [*conn.watches.values(), *conn.dashboards.values()]:
+        for member in conn.watches.values():
             await ctx.rooms.leave(member)
         conn.watches.clear()
-        conn.dashboards.clear()
-        if conn.appointments is not None:
-            await ctx.rooms.leave_patient(conn.appointments)
-            conn.appointments = None
+        await leave_private_rooms(ctx)
         await conn.close()
     return ws
 
