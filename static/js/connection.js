@@ -1,0 +1,283 @@
+// The protocol client: one WebSocket to /ws speaking slotcast.v1.json
+// (docs/protocol.md). Pages use three things:
+//
+//   conn.request(type, body, {retry}) -> Promise of {type, body}: the reply
+//       whose `id` matches; rejects with a ServerError carrying the error code.
+//   conn.on(type, handler): server pushes (delta, presence, ...) by type.
+//   conn.onReady = async () => {...}: called after every (re)connect and
+//       authentication; the page (re)joins its rooms there, resuming with
+//       `since`. The same code path serves the first connect and every
+//       reconnect, so resuming is not a special case.
+//
+// The connection also emits a "state" event (detail: "connecting" | "online" |
+// "offline") for the indicator, and "autherror" when the token is refused.
+
+const SUBPROTOCOL = "slotcast.v1.json";
+// Full-jitter backoff: attempt n waits random(0, min(CAP, BASE * 2^n)).
+// BASE 1 s makes the first retry land within a second, CAP keeps a long outage
+// from stretching retries beyond 10 s.
+const BACKOFF_BASE_MS = 1000;
+const BACKOFF_CAP_MS = 10_000;
+// A dead network often closes nothing: no close frame, no error. An
+// application ping that goes unanswered is how we notice and reconnect.
+const PING_EVERY_MS = 15_000;
+const PING_TIMEOUT_MS = 8_000;
+// Codes after which the same command may simply be sent again (same key).
+const TRANSIENT = new Set(["busy", "unavailable", "internal"]);
+const MAX_TRANSIENT_RETRIES = 3;
+
+export class ServerError extends Error {
+  constructor(code, message = code) {
+    super(message);
+    this.name = "ServerError";
+    this.code = code;
+  }
+}
+
+function defaultUrl() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${location.host}/ws`;
+}
+
+const jitter = (maxMs) => Math.random() * maxMs;
+
+export class Connection extends EventTarget {
+  constructor({ token = null, url = defaultUrl() } = {}) {
+    super();
+    this.url = url;
+    this.token = token;
+    this.state = "connecting";
+    this.identity = null; // the `authenticated` body: {subject, role, expires_at}
+    this.onReady = async () => {};
+    this.handlers = new Map();
+    this.ws = null;
+    this.ready = false; // welcome received and authenticated: requests may be sent
+    this.nextId = 1;
+    this.pending = new Map(); // request id -> {type, body, retry, attempts, resolve, reject}
+    this.outbox = []; // retryable commands waiting for the next connection
+    this.attempt = 0;
+    this.retryAfterMs = null; // from a `reconnect` notice
+    this.reconnectTimer = null;
+    this.pingTimer = null;
+    this.stopped = false;
+
+    // The browser knows about network changes before the socket does.
+    window.addEventListener("offline", () => this.drop());
+    window.addEventListener("online", () => this.reconnectNow());
+  }
+
+  /** Register the handler for one server push type. */
+  on(type, handler) {
+    this.handlers.set(type, handler);
+    return this;
+  }
+
+  start() {
+    this.stopped = false;
+    this.connect();
+  }
+
+  /** Close for good (signed out, or the token was refused): no reconnecting. */
+  stop() {
+    this.stopped = true;
+    clearTimeout(this.reconnectTimer);
+    this.reconnectTimer = null;
+    this.drop();
+  }
+
+  /** Present a new token (e.g. from the host application) on the live connection. */
+  async setToken(token) {
+    this.token = token;
+    if (this.ready) await this.authenticate();
+  }
+
+  /**
+   * Send a request and wait for its reply. With `retry` (commands carrying an
+   * idempotency key), a request that cannot be answered because the connection
+   * dropped is sent again after reconnecting, with the same body and so the same
+   * key: the server then replays the first reply instead of acting twice.
+   * Requests without `retry` fail at once with code "offline"; the page's
+   * onReady re-issues reads and watches anyway.
+   */
+  request(type, body = {}, { retry = false } = {}) {
+    return new Promise((resolve, reject) => {
+      const entry = { type, body, retry, attempts: 0, resolve, reject };
+      if (this.ready) this.send(entry);
+      else if (retry) this.outbox.push(entry);
+      else reject(new ServerError("offline"));
+    });
+  }
+
+  // ---- internals -------------------------------------------------------------
+
+  send(entry) {
+    const id = this.nextId++;
+    this.pending.set(id, entry);
+    this.ws.send(JSON.stringify({ type: entry.type, id, body: entry.body }));
+  }
+
+  setState(state) {
+    if (state === this.state) return;
+    this.state = state;
+    this.dispatchEvent(new CustomEvent("state", { detail: state }));
+  }
+
+  connect() {
+    this.reconnectTimer = null;
+    let ws;
+    try {
+      ws = new WebSocket(this.url, SUBPROTOCOL);
+    } catch {
+      this.scheduleReconnect();
+      return;
+    }
+    this.ws = ws;
+    ws.addEventListener("message", (event) => this.receive(event.data));
+    ws.addEventListener("close", (event) => this.closed(ws, event.code));
+    // An error is always followed by a close; nothing to do here.
+  }
+
+  receive(data) {
+    let frame;
+    try {
+      frame = JSON.parse(data);
+    } catch {
+      return; // not ours to fix; the protocol never sends anything else
+    }
+    const { type, id = null, body = {} } = frame;
+    if (type === "welcome") {
+      this.handshake();
+      return;
+    }
+    if (id !== null && this.pending.has(id)) {
+      this.settle(id, type, body ?? {});
+      return;
+    }
+    if (type === "reconnect") {
+      // The instance is draining; it closes with 1012 next. Come back after the
+      // delay it picked (spread so that its clients do not all return at once).
+      this.retryAfterMs = body.retry_after_ms ?? 0;
+      return;
+    }
+    const handler = this.handlers.get(type);
+    if (handler) handler(body ?? {});
+    // Unknown push types are ignored: later v1 servers may add some.
+  }
+
+  settle(id, type, body) {
+    const entry = this.pending.get(id);
+    this.pending.delete(id);
+    if (type !== "error") {
+      entry.resolve({ type, body });
+      return;
+    }
+    if (entry.retry && TRANSIENT.has(body.code) && entry.attempts < MAX_TRANSIENT_RETRIES) {
+      // Nothing was changed; try again shortly with the same idempotency key.
+      entry.attempts += 1;
+      setTimeout(() => (this.ready ? this.send(entry) : this.outbox.push(entry)), jitter(500 * 2 ** entry.attempts));
+      return;
+    }
+    entry.reject(new ServerError(body.code, body.message));
+  }
+
+  async authenticate() {
+    if (!this.token) return true;
+    try {
+      const reply = await this.request("auth", { token: this.token });
+      this.identity = reply.body;
+      return true;
+    } catch (error) {
+      if (error.code === "offline") return false;
+      this.dispatchEvent(new CustomEvent("autherror", { detail: error }));
+      return false;
+    }
+  }
+
+  async handshake() {
+    const ws = this.ws;
+    this.ready = true;
+    this.attempt = 0;
+    this.startPings();
+    const authenticated = await this.authenticate();
+    if (ws !== this.ws) return; // dropped while authenticating
+    if (authenticated) {
+      try {
+        await this.onReady();
+      } catch (error) {
+        if (error?.code !== "offline") console.warn("re-joining rooms failed", error);
+      }
+    }
+    if (ws !== this.ws) return;
+    this.setState("online");
+    // Commands whose reply never came: send them again, keys unchanged.
+    const waiting = this.outbox.splice(0);
+    for (const entry of waiting) this.send(entry);
+  }
+
+  closed(ws, code) {
+    if (ws !== this.ws) return; // an old socket we already gave up on
+    this.ws = null;
+    this.ready = false;
+    this.stopPings();
+    // Unanswered commands are kept to resend; reads are failed (onReady redoes them).
+    for (const entry of this.pending.values()) {
+      if (entry.retry) this.outbox.push(entry);
+      else entry.reject(new ServerError("offline"));
+    }
+    this.pending.clear();
+    this.setState("offline");
+    if (code === 1012 && this.retryAfterMs === null) this.retryAfterMs = BACKOFF_BASE_MS;
+    this.scheduleReconnect();
+  }
+
+  scheduleReconnect() {
+    if (this.stopped || this.reconnectTimer !== null) return;
+    let delay;
+    if (this.retryAfterMs !== null) {
+      delay = this.retryAfterMs + jitter(500);
+      this.retryAfterMs = null;
+    } else {
+      delay = jitter(Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** this.attempt));
+      this.attempt += 1;
+    }
+    this.reconnectTimer = setTimeout(() => this.connect(), delay);
+  }
+
+  /** Give up on the current socket now (network gone, or pings unanswered). */
+  drop() {
+    const ws = this.ws;
+    if (!ws) return;
+    this.closed(ws, 1006);
+    try {
+      ws.close();
+    } catch {
+      // already closing
+    }
+  }
+
+  /** The network is back: skip the rest of the backoff wait. */
+  reconnectNow() {
+    if (this.stopped || this.ws || this.reconnectTimer === null) return;
+    clearTimeout(this.reconnectTimer);
+    this.reconnectTimer = null;
+    this.attempt = 0;
+    this.connect();
+  }
+
+  startPings() {
+    this.stopPings();
+    this.pingTimer = setInterval(() => {
+      const ws = this.ws;
+      const timeout = setTimeout(() => ws === this.ws && this.drop(), PING_TIMEOUT_MS);
+      this.request("ping").then(
+        () => clearTimeout(timeout),
+        () => clearTimeout(timeout),
+      );
+    }, PING_EVERY_MS);
+  }
+
+  stopPings() {
+    clearInterval(this.pingTimer);
+    this.pingTimer = null;
+  }
+}

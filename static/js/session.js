@@ -1,0 +1,135 @@
+// Who the page acts for. In production the host application opens the page
+// with `#token=<jwt>` (or later sends one with postMessage); in demo mode the
+// page offers a sign-in form that asks the server for a development token.
+// The token lives in sessionStorage so that it survives reloads and the move
+// between `/` and `/doctor`, but not the closing of the tab.
+
+const KEY = "slotcast.token";
+
+/** Take a token from the URL fragment (then hide it from the address bar), else from storage. */
+export function takeToken() {
+  const match = location.hash.match(/(?:^#|&)token=([^&]+)/);
+  if (match) {
+    sessionStorage.setItem(KEY, decodeURIComponent(match[1]));
+    // Keep the token out of the history and out of any link the user copies.
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  return sessionStorage.getItem(KEY);
+}
+
+export function storeToken(token) {
+  sessionStorage.setItem(KEY, token);
+}
+
+export function clearToken() {
+  sessionStorage.removeItem(KEY);
+}
+
+/**
+ * The token's claims ({sub, role, exp}), read without checking the signature:
+ * only to pick the right page before the server has answered `auth`. The
+ * server alone decides what the token allows.
+ */
+export function readClaims(token) {
+  try {
+    const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const json = new TextDecoder().decode(Uint8Array.from(atob(payload), (c) => c.charCodeAt(0)));
+    const claims = JSON.parse(json);
+    return typeof claims.sub === "string" && typeof claims.role === "string" ? claims : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Which page serves a role. */
+export function pageFor(role) {
+  return role === "patient" ? "/" : "/doctor";
+}
+
+/**
+ * Accept fresh tokens from the host application: a parent frame or the opener
+ * (the usual embeddings), or this page's own origin. Anything else is ignored.
+ */
+export function listenForTokens(onToken) {
+  window.addEventListener("message", (event) => {
+    const data = event.data;
+    if (!data || data.type !== "slotcast:token" || typeof data.token !== "string" || !data.token) return;
+    const fromHost =
+      event.origin === location.origin ||
+      (event.source !== null && (event.source === window.opener || (window.parent !== window && event.source === window.parent)));
+    if (!fromHost) return;
+    storeToken(data.token);
+    onToken(data.token);
+  });
+}
+
+/** The demo identities, or null when the server is not in demo mode. */
+export async function loadDemo() {
+  try {
+    const response = await fetch("/api/demo", { headers: { Accept: "application/json" } });
+    if (!response.ok) return null;
+    const demo = await response.json();
+    return { patients: demo.patients ?? [], doctors: demo.doctors ?? [] };
+  } catch {
+    return null;
+  }
+}
+
+/** Ask the demo server for a token; throws an Error with `code` when refused. */
+export async function demoToken(role, subject) {
+  let response;
+  try {
+    response = await fetch("/api/demo/token", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "application/json" },
+      body: JSON.stringify({ role, subject }),
+    });
+  } catch {
+    throw Object.assign(new Error("network"), { code: "offline" });
+  }
+  const reply = await response.json().catch(() => ({}));
+  if (!response.ok) throw Object.assign(new Error("refused"), { code: reply.error?.code ?? "internal" });
+  return reply.token;
+}
+
+/** Display name of a subject, from the demo list when it knows it. */
+export function displayName(demo, role, subject) {
+  if (role === "patient") return demo?.patients.find((p) => p.subject === subject)?.name ?? subject;
+  if (role === "doctor") return demo?.doctors.find((d) => String(d.id) === subject)?.name ?? `Doctor ${subject}`;
+  return subject;
+}
+
+/**
+ * Fill the static sign-in form (`form[data-testid=signin]`) with the demo
+ * identities and sign in on submit: store the token, then go to the page for
+ * that role (reloading this one when it is already the right page).
+ */
+export function setUpSignin(form, demo, onError) {
+  const select = form.querySelector("select");
+  select.replaceChildren();
+  const groups = [
+    ["Patients", demo.patients.map((p) => [`patient:${p.subject}`, `${p.name} (patient)`])],
+    ["Doctors", demo.doctors.map((d) => [`doctor:${d.id}`, `${d.name} — ${d.specialty} (doctor)`])],
+  ];
+  for (const [label, options] of groups) {
+    const group = document.createElement("optgroup");
+    group.label = label;
+    for (const [value, text] of options) group.append(new Option(text, value));
+    select.append(group);
+  }
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const [role, subject] = select.value.split(/:(.*)/s);
+    const button = form.querySelector("button[type=submit]");
+    button.disabled = true;
+    try {
+      storeToken(await demoToken(role, subject));
+      const target = pageFor(role);
+      if (location.pathname === target) location.reload();
+      else location.assign(target);
+    } catch (error) {
+      onError(error.code);
+      button.disabled = false;
+    }
+  });
+}

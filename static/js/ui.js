@@ -1,0 +1,70 @@
+// Small DOM helpers shared by both pages. Server text only ever reaches the
+// page through textContent and attributes (never innerHTML), so a patient
+// named "<img onerror=...>" is just a strange name.
+
+import { errorText } from "./messages.js";
+
+/**
+ * Build an element: el("button", {class: "slot", dataset: {slotId: 7}, onclick: fn}, "09:00").
+ * Keys starting with "on" add listeners; `dataset` fills data-*; other keys
+ * become attributes (false/null/undefined ones are left out).
+ */
+export function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (value === false || value === null || value === undefined) continue;
+    if (key === "dataset") Object.assign(node.dataset, value);
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value === true ? "" : String(value));
+  }
+  node.append(...children.filter((child) => child !== null && child !== undefined && child !== false));
+  return node;
+}
+
+export const reducedMotion = () => window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+
+// ---- messages -------------------------------------------------------------------
+// One message at a time: a newer one replaces the older, so the latest outcome
+// is what the person reads (and what a screen reader announces).
+
+const MESSAGE_MS = 8000;
+let messageTimer = null;
+
+function showMessageElement(kind, code, text) {
+  const area = document.getElementById("messages");
+  clearTimeout(messageTimer);
+  const dismiss = el("button", { type: "button", class: "btn-quiet dismiss", onclick: () => box.remove() }, "Dismiss");
+  const box = el(
+    "div",
+    { class: `message message-${kind}`, "data-testid": "message", role: kind === "error" ? "alert" : "status", dataset: { code } },
+    el("p", {}, text),
+    dismiss,
+  );
+  area.replaceChildren(box);
+  messageTimer = setTimeout(() => box.remove(), MESSAGE_MS);
+}
+
+/** An error for a code from protocol/errors.py (or "offline"). */
+export function showError(code) {
+  showMessageElement("error", code, errorText(code));
+}
+
+/** A notice (booked, hold expired, ...) with its own code and text. */
+export function showNotice(code, text) {
+  showMessageElement("notice", code, text);
+}
+
+// ---- connection indicator ------------------------------------------------------
+
+const STATE_TEXT = { connecting: "Connecting…", online: "Live", offline: "Offline — reconnecting" };
+
+export function bindIndicator(conn) {
+  const indicator = document.querySelector("[data-testid=connection]");
+  const render = (state) => {
+    indicator.dataset.state = state;
+    indicator.querySelector(".connection-text").textContent = STATE_TEXT[state];
+  };
+  indicator.hidden = false;
+  render(conn.state);
+  conn.addEventListener("state", (event) => render(event.detail));
+}
