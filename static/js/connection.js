@@ -123,7 +123,6 @@ export class Connection extends EventTarget {
   }
 
   connect() {
-    this.reconnectTimer = null;
     let ws;
     try {
       ws = new WebSocket(this.url, SUBPROTOCOL);
@@ -240,7 +239,13 @@ export class Connection extends EventTarget {
       delay = jitter(Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** this.attempt));
       this.attempt += 1;
     }
-    this.reconnectTimer = setTimeout(() => this.connect(), delay);
+    this.reconnectTimer = setTimeout(() => {
+      // While the browser knows it is offline, trying only fails; its "online"
+      // event reconnects at once (reconnectNow), so just keep the timer going.
+      this.reconnectTimer = null;
+      if (navigator.onLine === false) this.scheduleReconnect();
+      else this.connect();
+    }, delay);
   }
 
   /** Give up on the current socket now (network gone, or pings unanswered). */

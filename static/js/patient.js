@@ -112,7 +112,13 @@ function renderResults(doctors, q) {
             "aria-label": `${doctor.name}, ${doctor.specialty}`,
             "aria-pressed": String(state.doctor?.id === doctor.id),
             dataset: { doctorId: doctor.id },
-            onclick: () => selectDoctor(doctor),
+            onclick: () => {
+              selectDoctor(doctor);
+              // On a phone the week is below the list: bring it into view.
+              if (matchMedia("(max-width: 959px)").matches) {
+                $("#calendar-section").scrollIntoView({ behavior: reducedMotion() ? "auto" : "smooth" });
+              }
+            },
           },
           el("span", { class: "doctor-name" }, doctor.name),
           el("span", { class: "doctor-specialty" }, doctor.specialty),

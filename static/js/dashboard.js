@@ -1,0 +1,83 @@
+// One day of a doctor's dashboard, as pure state (no DOM, no socket). It
+// follows the same version rules as a calendar (docs/protocol.md, "Rooms"):
+// dashboard_deltas are never merged, so each must be exactly version + 1; a
+// gap means "watch_dashboard again" (dashboards are not resumed, a fresh
+// dashboard replaces the day).
+
+import { dateKey } from "./format.js";
+
+const ACTIVE = new Set(["pending", "booked", "arrived", "fulfilled", "noshow"]);
+
+export class DayBook {
+  constructor(doctorId, date) {
+    this.doctorId = doctorId;
+    this.date = date; // the doctor's local date
+    this.timezone = null;
+    this.version = null;
+    this.awaitingReply = true; // deltas are dropped until the dashboard arrives
+    this.appointments = new Map(); // id -> appointment starting on `date`
+    this.slots = new Map(); // id -> slot starting on `date`
+    this.conflicts = new Set(); // slot ids the schedule no longer offers
+  }
+
+  applyDashboard(dashboard) {
+    this.timezone = dashboard.timezone;
+    this.version = dashboard.version;
+    this.appointments = new Map(dashboard.appointments.map((a) => [a.id, a]));
+    this.slots = new Map(dashboard.slots.map((s) => [s.id, s]));
+    this.conflicts = new Set(dashboard.conflicts);
+    this.awaitingReply = false;
+  }
+
+  /** Returns "applied", "stale", "ignored" (dashboard pending) or "gap" (watch again). */
+  applyDelta(delta) {
+    if (this.awaitingReply || this.version === null) return "ignored";
+    if (delta.version <= this.version) return "stale";
+    if (delta.version !== this.version + 1) {
+      this.awaitingReply = true;
+      return "gap";
+    }
+    // A delta covers the doctor's whole calendar; keep what falls on our date.
+    for (const appointment of delta.appointments) {
+      if (this.appointments.has(appointment.id) || this.onDate(appointment.start)) {
+        this.appointments.set(appointment.id, appointment);
+      }
+    }
+    for (const slot of delta.slots) {
+      if (this.slots.has(slot.id) || this.onDate(slot.start)) this.slots.set(slot.id, slot);
+    }
+    for (const id of delta.removed) {
+      this.slots.delete(id);
+      this.conflicts.delete(id); // a removed slot is no longer a conflict
+    }
+    for (const id of delta.conflicts) if (this.slots.has(id)) this.conflicts.add(id);
+    this.version = delta.version;
+    return "applied";
+  }
+
+  onDate(instant) {
+    return this.timezone !== null && dateKey(instant, this.timezone) === this.date;
+  }
+
+  /**
+   * The day's rows, in time order: each slot with the appointment that holds
+   * it (the latest one that is not cancelled) and whether it is a conflict.
+   */
+  rows() {
+    const bySlot = new Map();
+    for (const appointment of this.appointments.values()) {
+      if (!ACTIVE.has(appointment.status)) continue;
+      const known = bySlot.get(appointment.slot_id);
+      if (!known || appointment.id > known.id) bySlot.set(appointment.slot_id, appointment);
+    }
+    const rows = [...this.slots.values()].map((slot) => ({
+      slot,
+      appointment: bySlot.get(slot.id) ?? null,
+      conflict: this.conflicts.has(slot.id),
+    }));
+    return rows.sort((a, b) => Date.parse(a.slot.start) - Date.parse(b.slot.start));
+  }
+}
+
+/** Whether an appointment occupies its slot for good (what a day's "booked" count counts). */
+export const countsAsBooked = (appointment) => ["booked", "arrived", "fulfilled", "noshow"].includes(appointment.status);
