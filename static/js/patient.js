@@ -215,7 +215,7 @@ function renderWeekFrame() {
           el("span", { class: "weekday" }, weekday),
           " ",
           el("span", { class: "date" }, date.join(" ")),
-          day === state.today ? el("span", { class: "today" }, " · Today") : null,
+          day === state.today ? el("span", { class: "today" }, "Today") : null,
         ),
         el("div", { class: "slots" }),
         el("p", { class: "empty" }, "Loading…"),
@@ -569,12 +569,12 @@ function renderAppointment(item, appointment) {
   item.replaceChildren(
     el(
       "div",
-      { class: "appointment-main" },
+      { class: "appointment-head" },
       el("p", { class: "who" }, doctorName(appointment.doctor_id)),
-      el("p", { class: "when" }, `${dayLong(dateKey(appointment.start, zone))}, ${timeHM(appointment.start, zone)}`),
-      clinicReason,
+      el("span", { class: `badge badge-${appointment.status}` }, badgeText(appointment)),
     ),
-    el("span", { class: `badge badge-${appointment.status}` }, badgeText(appointment)),
+    el("p", { class: "when" }, `${dayLong(dateKey(appointment.start, zone))}, ${timeHM(appointment.start, zone)}`),
+    clinicReason,
   );
   if (appointment.status === "booked") item.append(cancelControls(appointment));
   if (statusChanged && item.isConnected && !reducedMotion()) item.classList.add("fresh");

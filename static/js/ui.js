@@ -33,7 +33,7 @@ let messageTimer = null;
 function showMessageElement(kind, code, text) {
   const area = document.getElementById("messages");
   clearTimeout(messageTimer);
-  const dismiss = el("button", { type: "button", class: "btn-quiet dismiss", onclick: () => box.remove() }, "Dismiss");
+  const dismiss = el("button", { type: "button", class: "btn btn-quiet dismiss", onclick: () => box.remove() }, "Dismiss");
   const box = el(
     "div",
     { class: `message message-${kind}`, "data-testid": "message", role: kind === "error" ? "alert" : "status", dataset: { code } },
