@@ -93,3 +93,11 @@ async def test_without_demo_mode_there_are_no_dev_tokens(client: AppClient) -> N
     assert await error_code(await client.get("/api/demo"), 404) == "not_found"
     resp = await client.post("/api/demo/token", json={"role": "patient", "subject": "alice"})
     assert await error_code(resp, 404) == "not_found"
+
+
+@pytest.mark.parametrize("path", ["/", "/doctor"])
+async def test_pages_are_served_as_html(client: AppClient, path: str) -> None:
+    resp = await client.get(path)
+    assert resp.status == 200
+    assert resp.content_type == "text/html"
+    assert '<script type="module"' in await resp.text()
