@@ -374,6 +374,11 @@ const KIND_WORDS = {
 };
 
 function feedText(delta) {
+  // A schedule change carries several kinds (closed, opened, conflict): one line says it.
+  if (delta.kinds.includes("schedule.changed")) {
+    const n = delta.conflicts.length;
+    return n === 0 ? "Schedule changed" : `Schedule changed: ${n} ${n === 1 ? "booking is" : "bookings are"} now outside it`;
+  }
   const [actorRole, actorSubject] = (delta.actor ?? "").split(/:(.*)/s);
   const appointment = delta.appointments[0];
   const who = appointment?.patient_id ?? actorSubject ?? "someone";
@@ -394,6 +399,7 @@ function addFeedItem(delta) {
     "li",
     { class: reducedMotion() ? "" : "fresh", dataset: { version: delta.version } },
     feedText(delta),
+    " ",
     el("span", { class: "feed-when" }, `at ${timeHM(Date.now(), browserZone())}`),
   );
   feed.prepend(item);

@@ -6,12 +6,14 @@
 import { Connection } from "./connection.js";
 import {
   clearToken,
+  demoToken,
   displayName,
   listenForTokens,
   loadDemo,
   pageFor,
   readClaims,
   setUpSignin,
+  storeToken,
   takeToken,
 } from "./session.js";
 import { bindIndicator, showError } from "./ui.js";
@@ -29,6 +31,27 @@ function showSignin(demo) {
     form.dataset.ready = "true";
     setUpSignin(form, demo, showError);
   }
+}
+
+/**
+ * Demo tokens expire like real ones. A minute before, fetch a new one for the
+ * same identity and present it on the live connection, so a demo left open
+ * keeps working. (In production the host application sends fresh tokens.)
+ */
+function keepDemoTokenFresh(conn, claims) {
+  if (!claims.exp) return;
+  const refreshIn = Math.max(0, claims.exp * 1000 - Date.now() - 60_000);
+  if (refreshIn > 2 ** 31 - 1) return; // beyond what setTimeout can wait
+  setTimeout(async () => {
+    try {
+      const token = await demoToken(claims.role, claims.sub);
+      storeToken(token);
+      await conn.setToken(token);
+      keepDemoTokenFresh(conn, readClaims(token) ?? {});
+    } catch {
+      // The next command will say token_expired; signing in again fixes it.
+    }
+  }, refreshIn);
 }
 
 /**
@@ -75,8 +98,9 @@ export async function boot(pageRole) {
     location.reload();
   });
 
-  conn = new Connection({ token: sessionStorage.getItem("slotcast.token") ?? token });
+  conn = new Connection({ token });
   bindIndicator(conn);
+  if (demo) keepDemoTokenFresh(conn, claims);
   conn.addEventListener("autherror", (event) => {
     conn.stop();
     clearToken();
