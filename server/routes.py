@@ -46,8 +46,19 @@ def setup_routes(app: web.Application, static_dir: Path) -> None:
         r.add_static("/static/", static_dir, name="static")
 
 
+# The pages load only their own modules and styles and talk only to this origin
+# (CSP 'self' covers the same-origin WebSocket); an injected script has nowhere
+# to come from and nowhere to send a token.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+    "base-uri 'none'; form-action 'self'",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
 def _page(file: Path) -> Callable[[web.Request], Awaitable[web.FileResponse]]:
     async def serve(_: web.Request) -> web.FileResponse:
-        return web.FileResponse(file)
+        return web.FileResponse(file, headers=PAGE_HEADERS)
 
     return serve

@@ -101,3 +101,4 @@ async def test_pages_are_served_as_html(client: AppClient, path: str) -> None:
     assert resp.status == 200
     assert resp.content_type == "text/html"
     assert '<script type="module"' in await resp.text()
+    assert resp.headers["Content-Security-Policy"].startswith("default-src 'self';")
