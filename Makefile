@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test tools lint typecheck pytest fmt bench clean
+.PHONY: run test tools lint typecheck pytest fmt bench clean screenshots
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP) tools
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest
+
+## docs/screenshots/*.png: a demo server with a little activity, photographed with Chromium.
+screenshots: $(STAMP) tools
+	$(BIN)/python -m tests.screenshots
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .
