@@ -22,8 +22,9 @@ const BACKOFF_CAP_MS = 10_000;
 // application ping that goes unanswered is how we notice and reconnect.
 const PING_EVERY_MS = 15_000;
 const PING_TIMEOUT_MS = 8_000;
-// Codes after which the same command may simply be sent again (same key).
-const TRANSIENT = new Set(["busy", "unavailable", "internal"]);
+// Codes after which the same command may simply be sent again (same key);
+// "offline" is ours: the request never reached the server.
+const TRANSIENT = new Set(["busy", "unavailable", "internal", "offline"]);
 const MAX_TRANSIENT_RETRIES = 3;
 
 export class ServerError extends Error {
@@ -32,6 +33,35 @@ export class ServerError extends Error {
     this.name = "ServerError";
     this.code = code;
   }
+}
+
+/**
+ * Idempotency keys, one per user intention ("hold slot 7", "confirm hold 501").
+ * Retrying the same intention (after `busy`, or a reconnect) reuses its key, so
+ * the server answers with the first result instead of acting twice; once the
+ * outcome is known the key is forgotten and a new intention gets a new key.
+ */
+export class Intentions {
+  constructor() {
+    this.keys = new Map();
+  }
+
+  key(intention) {
+    if (!this.keys.has(intention)) this.keys.set(intention, newKey());
+    return this.keys.get(intention);
+  }
+
+  /** The outcome is known (success, or an error that changed nothing worth retrying). */
+  settle(intention, error = null) {
+    if (!error || !TRANSIENT.has(error.code)) this.keys.delete(intention);
+  }
+}
+
+// crypto.randomUUID exists only in secure contexts (https, localhost); a demo
+// served over plain http on a LAN address still has getRandomValues.
+function newKey() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 function defaultUrl() {

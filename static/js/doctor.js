@@ -4,16 +4,17 @@
 // the calendar right now. State is a DayBook per shown day plus per-day
 // booking counts; render functions turn it into DOM.
 
+import { Intentions } from "./connection.js";
 import { DayBook, countsAsBooked } from "./dashboard.js";
 import { addDays, browserZone, dateKey, dayLong, dayShort, timeHM, utcOffset } from "./format.js";
 import { errorCode, statusWords } from "./messages.js";
 import { boot } from "./shell.js";
 import { el, reducedMotion, showError } from "./ui.js";
 
-const TRANSIENT = new Set(["busy", "unavailable", "internal", "offline"]);
 const FEED_LIMIT = 50;
 const DEFAULT_CANCEL_REASON = "Cancelled by the clinic";
 
+const intentions = new Intentions();
 const $ = (selector) => document.querySelector(selector);
 
 const state = {
@@ -26,18 +27,7 @@ const state = {
   counts: new Map(), // date -> Map(appointment id -> appointment), for the tab counts
   cancelling: null, // appointment id whose cancel form is open
   busyRows: new Set(), // slot ids with a command in flight
-  keys: new Map(), // user intention -> idempotency key
 };
-
-function keyFor(intention) {
-  if (!state.keys.has(intention)) state.keys.set(intention, crypto.randomUUID());
-  return state.keys.get(intention);
-}
-
-function settle(intention, error = null) {
-  // Keep the key while the outcome is unknown or nothing changed, so a retry reuses it.
-  if (!error || !TRANSIENT.has(error.code)) state.keys.delete(intention);
-}
 
 const fail = (error) => showError(errorCode(error));
 const hm = (instant) => timeHM(instant, state.zone);
@@ -325,11 +315,11 @@ async function run(slotId, intention, type, body) {
   state.busyRows.add(slotId);
   renderTimeline();
   try {
-    await state.conn.request(type, { ...body, idempotency_key: keyFor(intention) }, { retry: true });
-    settle(intention);
+    await state.conn.request(type, { ...body, idempotency_key: intentions.key(intention) }, { retry: true });
+    intentions.settle(intention);
     return true;
   } catch (error) {
-    settle(intention, error);
+    intentions.settle(intention, error);
     fail(error);
     return false;
   } finally {

@@ -6,19 +6,19 @@
 // resume after reconnecting.
 
 import { Calendar } from "./calendar.js";
-import { ServerError } from "./connection.js";
+import { Intentions, ServerError } from "./connection.js";
 import { addDays, browserZone, countdown, dateKey, dayLong, dayMonth, shortDateTime, timeHM, utcOffset } from "./format.js";
 import { errorCode, statusWords } from "./messages.js";
 import { boot } from "./shell.js";
 import { el, reducedMotion, showError, showNotice } from "./ui.js";
 
 const zone = browserZone();
-const TRANSIENT = new Set(["busy", "unavailable", "internal", "offline"]);
 const TERMINAL = new Set(["cancelled", "fulfilled", "noshow"]);
 const GONE = new Set(["busy", "busy-unavailable"]); // statuses that leave the patient's view
 const LEAVE_MS = 600; // matches the CSS transition of a slot that goes
 const DEFAULT_CANCEL_REASON = "Cancelled by patient";
 
+const intentions = new Intentions();
 const $ = (selector) => document.querySelector(selector);
 
 const state = {
@@ -35,28 +35,12 @@ const state = {
   hold: null, // the pending appointment shown in the hold panel
   holdTimer: null,
   expiredNotified: new Set(), // hold ids whose expiry was already announced
-  cancelling: null, // appointment id whose cancel form is open
-  keys: new Map(), // user intention -> idempotency key (kept until the outcome is known)
   searchSeq: 0,
 };
 
-// ---- idempotency keys -------------------------------------------------------------
-// One key per user intention ("hold slot 7", "confirm hold 501"). A retry of
-// the same intention (after `busy`, or a reconnect) reuses it so the server
-// answers with the first result; a settled intention forgets it.
-
-function keyFor(intention) {
-  if (!state.keys.has(intention)) state.keys.set(intention, crypto.randomUUID());
-  return state.keys.get(intention);
-}
-
-function settle(intention, error = null) {
-  // Keep the key while the outcome is unknown or nothing changed, so a retry reuses it.
-  if (!error || !TRANSIENT.has(error.code)) state.keys.delete(intention);
-}
-
 function fail(error) {
-  showError(error instanceof ServerError ? errorCode(error) : "internal");
+  if (!(error instanceof ServerError)) console.error(error); // a bug of ours: keep it visible to developers
+  showError(errorCode(error));
 }
 
 // ---- doctors ------------------------------------------------------------------------
@@ -341,10 +325,10 @@ async function holdSlot(slotId) {
   try {
     const { body } = await state.conn.request(
       "hold",
-      { slot_id: slotId, idempotency_key: keyFor(intention) },
+      { slot_id: slotId, idempotency_key: intentions.key(intention) },
       { retry: true },
     );
-    settle(intention);
+    intentions.settle(intention);
     const previous = state.hold;
     rememberFromReply(body.appointment);
     setHold(body.appointment);
@@ -352,7 +336,7 @@ async function holdSlot(slotId) {
     // One hold at a time on this page: holding another slot gives the old one back.
     if (previous && previous.id !== body.appointment.id) releaseHold(previous, { quiet: true });
   } catch (error) {
-    settle(intention, error);
+    intentions.settle(intention, error);
     fail(error);
   } finally {
     button?.removeAttribute("aria-busy");
@@ -417,16 +401,16 @@ async function confirmHold() {
   try {
     const { body } = await state.conn.request(
       "book",
-      { hold_id: hold.id, idempotency_key: keyFor(intention) },
+      { hold_id: hold.id, idempotency_key: intentions.key(intention) },
       { retry: true },
     );
-    settle(intention);
+    intentions.settle(intention);
     rememberFromReply(body.appointment);
     if (state.hold?.id === hold.id) clearHold();
     const appointment = body.appointment;
     showNotice("booked", `Booked: ${shortDateTime(appointment.start, zone)} with ${doctorName(appointment.doctor_id)}`);
   } catch (error) {
-    settle(intention, error);
+    intentions.settle(intention, error);
     setPanelBusy(false);
     if (["hold_expired", "invalid_transition", "not_found", "not_holder"].includes(error.code)) {
       state.expiredNotified.add(hold.id); // the error says it already
@@ -443,14 +427,14 @@ async function releaseHold(hold, { quiet = false } = {}) {
   try {
     await state.conn.request(
       "release",
-      { appointment_id: hold.id, idempotency_key: keyFor(intention) },
+      { appointment_id: hold.id, idempotency_key: intentions.key(intention) },
       { retry: true },
     );
-    settle(intention);
+    intentions.settle(intention);
     if (state.hold?.id === hold.id) clearHold();
     if (!quiet) showNotice("released", `Released ${timeHM(hold.start, zone)}; the slot is free again.`);
   } catch (error) {
-    settle(intention, error);
+    intentions.settle(intention, error);
     if (state.hold?.id === hold.id) setPanelBusy(false);
     if (error.code === "hold_expired") holdExpired(hold);
     else if (!quiet) fail(error);
@@ -574,8 +558,8 @@ function renderAppointment(item, appointment) {
       el("span", { class: `badge badge-${appointment.status}` }, badgeText(appointment)),
     ),
     el("p", { class: "when" }, `${dayLong(dateKey(appointment.start, zone))}, ${timeHM(appointment.start, zone)}`),
-    clinicReason,
   );
+  if (clinicReason) item.append(clinicReason);
   if (appointment.status === "booked") item.append(cancelControls(appointment));
   if (statusChanged && item.isConnected && !reducedMotion()) item.classList.add("fresh");
 }
@@ -618,15 +602,15 @@ async function cancelAppointment(appointment, reason) {
   try {
     const { body } = await state.conn.request(
       "cancel",
-      { appointment_id: appointment.id, reason, idempotency_key: keyFor(intention) },
+      { appointment_id: appointment.id, reason, idempotency_key: intentions.key(intention) },
       { retry: true },
     );
-    settle(intention);
+    intentions.settle(intention);
     state.cancelledByMe.add(appointment.id);
     rememberFromReply(body.appointment);
     showNotice("cancelled", `Cancelled your appointment on ${shortDateTime(appointment.start, zone)}.`);
   } catch (error) {
-    settle(intention, error);
+    intentions.settle(intention, error);
     fail(error);
     if (error.code === "invalid_transition") watchAppointments();
   }

@@ -117,6 +117,10 @@ export function setUpSignin(form, demo, onError) {
     for (const [value, text] of options) group.append(new Option(text, value));
     select.append(group);
   }
+  // Preselect someone this page is for: a doctor on /doctor, a patient on /.
+  const wanted = location.pathname === pageFor("patient") ? "patient:" : "doctor:";
+  const first = [...select.options].find((option) => option.value.startsWith(wanted));
+  if (first) select.value = first.value;
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const [role, subject] = select.value.split(/:(.*)/s);
