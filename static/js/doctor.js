@@ -50,7 +50,9 @@ function showDoctor(name, zone) {
   }
   if (zone && zone !== state.zone) {
     state.zone = zone;
+    const shown = state.selected;
     setDays(); // "today" depends on the doctor's zone
+    if (state.day && state.selected !== shown) watchDay();
   }
   const offset = utcOffset(state.zone);
   $("#zone-note").textContent = `Times in your clinic's time zone, ${state.zone} (${offset}).`;
@@ -160,14 +162,14 @@ function rememberCounts(appointments) {
   renderTabs();
 }
 
+/** Read each shown day's appointments; merged by id as each reply comes, like a delta. */
 async function loadCounts() {
-  const replies = await Promise.allSettled(
-    state.days.map((date) => state.conn.request("list_appointments", { doctor_id: state.doctorId, date })),
+  await Promise.allSettled(
+    state.days.map(async (date) => {
+      const { body } = await state.conn.request("list_appointments", { doctor_id: state.doctorId, date });
+      rememberCounts(body.appointments);
+    }),
   );
-  replies.forEach((reply, i) => {
-    if (reply.status === "fulfilled") state.counts.set(state.days[i], new Map());
-  });
-  for (const reply of replies) if (reply.status === "fulfilled") rememberCounts(reply.value.body.appointments);
 }
 
 // ---- the timeline ---------------------------------------------------------------------------------
@@ -197,7 +199,8 @@ function renderTimeline() {
       const fresh = renderRow(row);
       fresh.dataset.signature = signature;
       if (item && !reducedMotion()) fresh.classList.add("fresh");
-      if (item && item === focusedRow) queueMicrotask(() => (fresh.querySelector("button") ?? fresh).focus());
+      // Keep the keyboard where it was: the row's first usable button, else the row itself.
+      if (item && item === focusedRow) queueMicrotask(() => (fresh.querySelector("button:enabled") ?? fresh).focus());
       item = fresh;
     }
     return item;
