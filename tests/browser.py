@@ -31,6 +31,9 @@ CHROMIUM_ARGS = [
     "--disable-dev-shm-usage",
 ]
 
+# `null`, `undefined`, `NaN` or `[object Object]` on screen: a value the page forgot to format.
+LEAKED = re.compile(r"\b(null|undefined|NaN)\b|\[object Object\]")
+
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 
@@ -111,6 +114,18 @@ class Pages:
 
     def problems(self) -> list[str]:
         return [p for w in self.watched for p in w.problems()]
+
+    async def leaked_values(self) -> list[str]:
+        """Text a person should never read: a JavaScript value rendered as words."""
+        found = []
+        for w in self.watched:
+            if w.page.is_closed() or not w.page.url.startswith("http"):
+                continue
+            text = await w.page.locator("body").inner_text()
+            for line in text.splitlines():
+                if LEAKED.search(line):
+                    found.append(f"[{w.name}] {w.page.url.split('#')[0]}: {line.strip()!r}")
+        return found
 
     async def close(self) -> None:
         for context in self.contexts:

@@ -18,6 +18,7 @@ import subprocess
 APT_TIMEOUT_S = 600
 # Debian puts daemons in /usr/sbin, which a non-login root shell may not have on PATH.
 SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CHROMIUM = ("chromium", "chromium-browser")  # Debian's name, then Ubuntu's
 
 
 def ensure_haproxy(reasons: list[str] | None = None) -> str | None:
@@ -35,7 +36,12 @@ def ensure_chromium(reasons: list[str] | None = None) -> str | None:
     The browser tests drive this binary with Playwright; Playwright's own browser
     download is never used, so the tests need nothing but Debian's archive.
     """
-    return ensure_apt_tool("chromium", ("chromium", "chromium-browser"), reasons)
+    return ensure_apt_tool("chromium", CHROMIUM, reasons)
+
+
+def find_chromium() -> str | None:
+    """Chromium's path if it is installed already (no apt-get)."""
+    return _which(CHROMIUM)
 
 
 def ensure_apt_tool(
