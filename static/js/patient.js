@@ -47,15 +47,20 @@ function fail(error) {
 
 const doctorName = (id) => state.doctors.get(id)?.name ?? `Doctor ${id}`;
 
+/** Keep doctors we hear about; the hold and the appointments may have been waiting for a name. */
 function remember(doctors) {
+  const named = doctors.some((doctor) => !state.doctors.has(doctor.id));
   for (const doctor of doctors) state.doctors.set(doctor.id, doctor);
+  if (named) {
+    renderHoldText();
+    renderAppointments(); // updates the names in place
+  }
 }
 
 async function loadAllDoctors() {
   const { body } = await state.conn.request("search_doctors", { q: null, limit: 100 });
   remember(body.doctors);
   state.doctorsLoaded = true;
-  renderAppointments();
 }
 
 let searchTimer = null;
@@ -349,14 +354,20 @@ function setHold(appointment) {
   const panel = $("[data-testid=hold]");
   panel.hidden = false;
   document.body.classList.add("holding");
-  $("#hold-what").textContent =
-    `${doctorName(appointment.doctor_id)} · ${dayLong(dateKey(appointment.start, zone))}, ${timeHM(appointment.start, zone)}`;
+  renderHoldText();
   setPanelBusy(false);
   clearInterval(state.holdTimer);
   state.holdTimer = setInterval(tickHold, 1000);
   tickHold();
   rerenderSlot(previousSlot);
   rerenderSlot(appointment.slot_id);
+}
+
+function renderHoldText() {
+  const hold = state.hold;
+  if (!hold) return;
+  $("#hold-what").textContent =
+    `${doctorName(hold.doctor_id)} · ${dayLong(dateKey(hold.start, zone))}, ${timeHM(hold.start, zone)}`;
 }
 
 function clearHold() {
