@@ -141,6 +141,24 @@ async def slot_start(
     return datetime.fromisoformat(found["start"].replace("Z", "+00:00"))
 
 
+async def open_slots(
+    http: aiohttp.ClientSession, server: ServerProcess, doctor: dict[str, Any], count: int
+) -> list[tuple[int, datetime]]:
+    """The first `count` free slots of the doctor's first local date that has that many."""
+    today = date.today()
+    snapshot = await get_json(
+        http,
+        f"{server.http_url}/api/doctors/{doctor['id']}/slots",
+        params={"start": today.isoformat(), "end": (today + timedelta(days=7)).isoformat()},
+    )
+    by_day: dict[date, list[tuple[int, datetime]]] = {}
+    for s in snapshot["slots"]:
+        if s["status"] == "free":
+            at = datetime.fromisoformat(s["start"].replace("Z", "+00:00"))
+            by_day.setdefault(local(at, doctor["timezone"]).date(), []).append((s["id"], at))
+    return next(slots[:count] for _, slots in sorted(by_day.items()) if len(slots) >= count)
+
+
 def local(at: datetime, zone: str) -> datetime:
     return at.astimezone(ZoneInfo(zone))
 
@@ -666,10 +684,76 @@ async def test_patient_page_on_a_phone_and_with_the_keyboard(
     await page.keyboard.press("Enter")
     await expect(hold_panel(page)).to_be_visible()
     await expect(slot(page, int(focused))).to_have_attribute("data-status", "busy-tentative")
+    held = await countdown_seconds(page)
+
+    # A reload (the phone locked, the tab discarded) keeps the sign-in and the hold.
+    await page.reload()
+    await online(page)
+    await expect(hold_panel(page)).to_be_visible()
+    await expect(hold_panel(page)).to_contain_text("Ada Moreau")
+    assert 0 < await countdown_seconds(page) <= held
     overflow = await page.evaluate(
         "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
     )
     assert overflow <= 0, f"with the hold panel the page is {overflow}px too wide"
+
+
+async def test_cancelling_from_either_side_frees_the_slot_live(
+    spawn_server: Spawn, http: aiohttp.ClientSession, database_url: str, pages: Pages
+) -> None:
+    """Alice cancels one visit and the clinic cancels the other: every page follows live."""
+    (server,) = await start(spawn_server, "s1")
+    ada = await demo_doctor(http, server, "Dr. Ada Moreau")
+    zone = ada["timezone"]
+    (mine_id, mine_at), (theirs_id, theirs_at) = await open_slots(http, server, ada, 2)
+    ids = []
+    for slot_id in (mine_id, theirs_id):
+        booked = await post_json(
+            http,
+            f"{server.http_url}/api/appointments",
+            {"slot_id": slot_id, "idempotency_key": f"alice-{slot_id}"},
+            201,
+            headers={"Authorization": f"Bearer {token(Role.PATIENT, 'alice')}"},
+        )
+        ids.append(booked["appointment"]["id"])
+
+    alice = await pages.open(patient_url(server, ada["id"], "alice"), name="alice")
+    bob = await pages.open(patient_url(server, ada["id"], "bob"), name="bob")
+    dash = await pages.open(doctor_url(server, ada["id"]), name="doctor")
+    timeline = await dashboard_day(dash, local(mine_at, zone).date())
+    for appointment_id in ids:  # booked before the page opened: it lists them on load
+        await expect(my_appointment(alice, appointment_id)).to_have_attribute(
+            "data-status", "booked"
+        )
+    on_bob = [await show_slot(bob, ada["id"], i) for i in (mine_id, theirs_id)]
+    for button in on_bob:
+        await expect(button).to_have_attribute("data-status", "busy")
+
+    # Alice cancels the first, after confirming with a reason.
+    mine = my_appointment(alice, ids[0])
+    await mine.get_by_role("button", name=f"Cancel {local(mine_at, PATIENT_TZ):%H:%M}").click()
+    reason = alice.get_by_label("Reason")
+    await expect(reason).to_have_value("Cancelled by patient")
+    await alice.get_by_role("button", name="Confirm cancel").click()
+    await expect(mine).to_have_attribute("data-status", "cancelled")
+    await expect(on_bob[0]).to_have_attribute("data-status", "free")
+    await expect(on_bob[0]).to_be_enabled()
+    await expect(row(timeline, mine_id)).to_have_attribute("data-status", "free")
+    feed_top = dash.get_by_test_id("feed").locator("li").first
+    await expect(feed_top).to_contain_text(re.compile(rf"{local(mine_at, zone):%H:%M}.*cancelled"))
+
+    # The clinic cancels the second: Alice is told, in words, that it was the clinic.
+    doctor_time = f"{local(theirs_at, zone):%H:%M}"
+    await row(timeline, theirs_id).get_by_role("button", name=f"Cancel {doctor_time}").click()
+    await dash.get_by_role("button", name="Confirm cancel").click()
+    theirs = my_appointment(alice, ids[1])
+    await expect(theirs).to_have_attribute("data-status", "cancelled")
+    await expect(theirs).to_contain_text("Cancelled by the clinic")
+    await expect(on_bob[1]).to_have_attribute("data-status", "free")
+    await expect(row(timeline, theirs_id)).to_have_attribute("data-status", "free")
+    for slot_id in (mine_id, theirs_id):
+        rows = await appointments(database_url, slot_id)
+        assert [(r["patient_id"], r["status"]) for r in rows] == [("alice", "cancelled")]
 
 
 async def wait_for(predicate: Any, what: str) -> None:
