@@ -381,13 +381,13 @@ async def test_a_hold_counts_down_and_expires_everywhere(
 
     await slot(alice, slot_id).click()
     await expect(hold_panel(alice)).to_be_visible()
+    await expect(on_bob).to_have_attribute("data-status", "busy-tentative")
     first = await countdown_seconds(alice)
     assert 0 < first <= 6
     timer = hold_panel(alice).get_by_role("timer")
     await expect(timer).to_have_attribute("data-testid", "countdown")
     await expect(timer).not_to_have_text(re.compile(rf"^\s*{first // 60}:{first % 60:02d}\s*$"))
     assert await countdown_seconds(alice) < first  # it counts down, not up
-    await expect(on_bob).to_have_attribute("data-status", "busy-tentative")
 
     expired = message(alice, "hold_expired")
     await expect(expired).to_be_visible()
