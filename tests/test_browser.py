@@ -399,6 +399,30 @@ async def test_a_hold_counts_down_and_expires_everywhere(
     await expect(slot(alice, slot_id)).to_have_attribute("data-status", "free")
 
 
+async def test_the_hold_counts_down_by_the_servers_clock_not_the_browsers(
+    spawn_server: Spawn, http: aiohttp.ClientSession, database_url: str, pages: Pages
+) -> None:
+    """A browser clock five minutes fast still shows a fresh hold's two minutes, and books."""
+    (server,) = await start(spawn_server, "s1")
+    ada = await demo_doctor(http, server, "Dr. Ada Moreau")
+    alice = await pages.open("about:blank", name="alice")
+    await alice.clock.install(time=datetime.now().astimezone() + timedelta(minutes=5))
+    await alice.goto(patient_url(server, ada["id"], "alice"))
+    await online(alice)
+    slot_id = await first_free_slot(alice, ada["id"])
+
+    await slot(alice, slot_id).click()
+    await expect(hold_panel(alice)).to_be_visible()
+    left = await countdown_seconds(alice)
+    assert 100 < left <= 120, f"a fresh two-minute hold shows {left} s left"
+    await expect(message(alice, "hold_expired")).to_have_count(0)
+
+    await hold_panel(alice).get_by_role("button", name="Confirm booking").click()
+    await expect(message(alice, "booked")).to_be_visible()
+    rows = await appointments(database_url, slot_id)
+    assert [(r["patient_id"], r["status"]) for r in rows] == [("alice", "booked")]
+
+
 async def test_pages_reconnect_and_catch_up_after_a_server_restart(
     spawn_server: Spawn,
     redis_url: str,

@@ -5,6 +5,7 @@
 // it applies on top of); anything older is dropped; anything newer is a gap,
 // which the page repairs by watching again with `since`.
 
+import { serverNow } from "./clock.js";
 import { dateKey } from "./format.js";
 
 export class Calendar {
@@ -40,7 +41,7 @@ export class Calendar {
     this.slots = new Map(snapshot.slots.map((slot) => [slot.id, slot]));
     this.bookableFrom = snapshot.bookable_from ? Date.parse(snapshot.bookable_from) : null;
     this.bookableUntil = snapshot.bookable_until ? Date.parse(snapshot.bookable_until) : null;
-    this.readAt = Date.now();
+    this.readAt = serverNow();
     this.awaitingReply = false;
   }
 
@@ -87,7 +88,7 @@ export class Calendar {
    * "too_late" (inside the doctor's notice) or "outside_horizon". The bookable
    * window slides with the clock, so shift it by the time since the snapshot.
    */
-  unbookableReason(slot, now = Date.now()) {
+  unbookableReason(slot, now = serverNow()) {
     const start = Date.parse(slot.start);
     if (start <= now) return "started";
     const elapsed = now - this.readAt;

@@ -6,6 +6,7 @@
 // resume after reconnecting.
 
 import { Calendar } from "./calendar.js";
+import { serverNow } from "./clock.js";
 import { Intentions, ServerError } from "./connection.js";
 import { addDays, browserZone, countdown, dateKey, dayLong, dayMonth, shortDateTime, timeHM, utcOffset } from "./format.js";
 import { errorCode, statusWords } from "./messages.js";
@@ -17,6 +18,10 @@ const TERMINAL = new Set(["cancelled", "fulfilled", "noshow"]);
 const GONE = new Set(["busy", "busy-unavailable"]); // statuses that leave the patient's view
 const LEAVE_MS = 600; // matches the CSS transition of a slot that goes
 const DEFAULT_CANCEL_REASON = "Cancelled by patient";
+// The countdown ends this much before the server's expiry: our idea of the
+// server's clock is only good to about a second, and a confirm sent at "0:01"
+// should still reach a live hold.
+const HOLD_MARGIN_MS = 1000;
 
 const intentions = new Intentions();
 const $ = (selector) => document.querySelector(selector);
@@ -34,6 +39,7 @@ const state = {
   cancelledByMe: new Set(), // appointment ids this patient cancelled here
   hold: null, // the pending appointment shown in the hold panel
   holdTimer: null,
+  confirming: null, // id of the hold whose `book` is in flight
   expiredNotified: new Set(), // hold ids whose expiry was already announced
   searchSeq: 0,
 };
@@ -385,12 +391,16 @@ function rerenderSlot(slotId) {
   if (slot && button) renderSlot(button, slot, false);
 }
 
+const holdLeft = (hold) => Date.parse(hold.hold_expires_at) - HOLD_MARGIN_MS - serverNow();
+
 function tickHold() {
   const hold = state.hold;
   if (!hold) return;
-  const left = Date.parse(hold.hold_expires_at) - Date.now();
+  const left = holdLeft(hold);
   $("[data-testid=countdown]").textContent = countdown(left);
-  if (left <= 0) holdExpired(hold);
+  // While a confirm is in flight the server's answer says whether it was in
+  // time; announcing the expiry now could contradict a "Booked" a moment later.
+  if (left <= 0 && state.confirming !== hold.id) holdExpired(hold);
 }
 
 function holdExpired(hold) {
@@ -409,6 +419,7 @@ async function confirmHold() {
   if (!hold) return;
   const intention = `book:${hold.id}`;
   setPanelBusy(true);
+  state.confirming = hold.id;
   try {
     const { body } = await state.conn.request(
       "book",
@@ -429,6 +440,8 @@ async function confirmHold() {
       watchAppointments().catch(() => {});
     }
     fail(error);
+  } finally {
+    if (state.confirming === hold.id) state.confirming = null;
   }
 }
 
@@ -475,12 +488,13 @@ function applyAppointmentList(list) {
   // The hold survives reloads and reconnects: it is the pending appointment.
   const held = state.hold;
   if (held && fresh.get(held.id)?.status !== "pending") {
-    if (Date.parse(held.hold_expires_at) <= Date.now()) holdExpired(held);
+    if (holdLeft(held) <= 0) holdExpired(held);
     else clearHold();
   }
   if (!state.hold) {
     const pending = list
-      .filter((a) => a.status === "pending" && Date.parse(a.hold_expires_at) > Date.now())
+      // Not one whose expiry this page already announced (its countdown ends early).
+      .filter((a) => a.status === "pending" && holdLeft(a) > 0 && !state.expiredNotified.has(a.id))
       .sort((a, b) => Date.parse(b.hold_expires_at) - Date.parse(a.hold_expires_at))[0];
     if (pending) setHold(pending);
   }
@@ -498,7 +512,7 @@ function onAppointmentEvent({ version, appointment }) {
   if (state.hold?.id === appointment.id && appointment.status !== "pending") {
     if (appointment.cancel_reason === "hold expired") holdExpired(state.hold);
     else clearHold();
-  } else if (!state.hold && appointment.status === "pending") {
+  } else if (!state.hold && appointment.status === "pending" && holdLeft(appointment) > 0) {
     setHold(appointment); // held from another tab or device
   }
   if (

@@ -4,6 +4,8 @@
 // The token lives in sessionStorage so that it survives reloads and the move
 // between `/` and `/doctor`, but not the closing of the tab.
 
+import { learnServerTime } from "./clock.js";
+
 const KEY = "slotcast.token";
 
 /** Take a token from the URL fragment (then hide it from the address bar), else from storage. */
@@ -66,7 +68,10 @@ export function listenForTokens(onToken) {
 /** The demo identities, or null when the server is not in demo mode. */
 export async function loadDemo() {
   try {
-    const response = await fetch("/api/demo", { headers: { Accept: "application/json" } });
+    const sentAt = Date.now();
+    const response = await fetch("/api/demo", { headers: { Accept: "application/json" }, cache: "no-store" });
+    // Every page load asks this, demo or not (a 404 is dated too): set the clock by it.
+    learnServerTime(response, sentAt, Date.now());
     if (!response.ok) return null;
     const demo = await response.json();
     return { patients: demo.patients ?? [], doctors: demo.doctors ?? [] };
