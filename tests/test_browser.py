@@ -578,6 +578,59 @@ async def test_without_demo_mode_the_page_takes_the_host_apps_token(
     await expect(page.get_by_test_id("whoami")).to_contain_text("zoe")
 
 
+async def test_after_the_token_expires_the_host_apps_next_token_rejoins_the_rooms(
+    spawn_server: Spawn, http: aiohttp.ClientSession, database_url: str, pages: Pages
+) -> None:
+    """The server ends the private rooms with the token; a fresh one brings them back live."""
+    async with open_store(database_url, min_size=1, max_size=2) as store:
+        doctor = await seed_doctor(store, name="Dr. Brief", timezone="Europe/London")
+    (server,) = await start(spawn_server, "s1", args=[])
+    pages.allow(r"status of 404 .*\(at http://127\.0\.0\.1:\d+/api/demo\)$")
+    slot_id = doctor.slots[0].id
+    short = timedelta(seconds=8)  # long enough to open the page, short enough to wait for
+
+    dash_token = token(Role.DOCTOR, str(doctor.id), ttl=short)
+    dash = await pages.open(f"{server.http_url}/doctor#token={dash_token}", name="doctor")
+    timeline = await dashboard_day(dash, doctor.start)
+    zoe_token = token(Role.PATIENT, "zoe", ttl=short)
+    zoe = await pages.open(f"{server.http_url}/?doctor={doctor.id}#token={zoe_token}", name="zoe")
+    await online(zoe)
+    await expect(slot(zoe, slot_id)).to_have_attribute("data-status", "free")
+
+    for page in (dash, zoe):
+        await expect(message(page, "token_expired")).to_be_visible()
+    # The host application (same origin here) hands each page a fresh token.
+    for page, fresh in (
+        (dash, token(Role.DOCTOR, str(doctor.id))),
+        (zoe, token(Role.PATIENT, "zoe")),
+    ):
+        await page.evaluate(
+            "t => window.postMessage({type: 'slotcast:token', token: t}, location.origin)", fresh
+        )
+        await page.wait_for_function(
+            "t => sessionStorage.getItem('slotcast.token') === t", arg=fresh
+        )
+
+    booked = await post_json(
+        http,
+        f"{server.http_url}/api/appointments",
+        {"slot_id": slot_id, "idempotency_key": f"zoe-{slot_id}"},
+        201,
+        headers={"Authorization": f"Bearer {token(Role.PATIENT, 'zoe')}"},
+    )
+    # Her appointments and the doctor's day are live again, not only the public calendar.
+    await expect(my_appointment(zoe, booked["appointment"]["id"])).to_have_attribute(
+        "data-status", "booked"
+    )
+    await expect(row(timeline, slot_id)).to_have_attribute("data-status", "busy")
+    await expect(row(timeline, slot_id).locator("[data-appointment-id]")).to_have_attribute(
+        "data-status", "booked"
+    )
+    await expect(slot(zoe, slot_id)).to_have_attribute("data-status", "busy")
+    for page in (dash, zoe):
+        await online(page)
+
+
 async def test_errors_and_blocked_slots_are_shown_clearly(
     spawn_server: Spawn, http: aiohttp.ClientSession, database_url: str, pages: Pages
 ) -> None:

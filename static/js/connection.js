@@ -10,7 +10,10 @@
 //       reconnect, so resuming is not a special case.
 //
 // The connection also emits a "state" event (detail: "connecting" | "online" |
-// "offline") for the indicator, and "autherror" when the token is refused.
+// "offline") for the indicator, "autherror" when the token is refused, and
+// "tokenexpired" when the token ran out on a live connection: the server has
+// then left the private rooms (dashboards, one's appointments), and the next
+// setToken() joins them again through onReady.
 
 const SUBPROTOCOL = "slotcast.v1.json";
 // Full-jitter backoff: attempt n waits random(0, min(CAP, BASE * 2^n)).
@@ -82,6 +85,7 @@ export class Connection extends EventTarget {
     this.handlers = new Map();
     this.ws = null;
     this.ready = false; // welcome received and authenticated: requests may be sent
+    this.joined = false; // onReady ran for this socket and its rooms still stand
     this.nextId = 1;
     this.pending = new Map(); // request id -> {type, body, retry, attempts, resolve, reject}
     this.outbox = []; // retryable commands waiting for the next connection
@@ -115,10 +119,16 @@ export class Connection extends EventTarget {
     this.drop();
   }
 
-  /** Present a new token (e.g. from the host application) on the live connection. */
+  /**
+   * Present a new token (e.g. from the host application) on the live
+   * connection. After an expiry (or a refused token at connect) the rooms are
+   * gone, so this also joins them again and sends what waited for it.
+   */
   async setToken(token) {
     this.token = token;
-    if (this.ready) await this.authenticate();
+    if (!this.ready) return; // the next handshake presents it
+    if (this.joined) await this.authenticate();
+    else await this.join(this.ws);
   }
 
   /**
@@ -182,6 +192,17 @@ export class Connection extends EventTarget {
       this.settle(id, type, body ?? {});
       return;
     }
+    if (id === null && type === "error" && body?.code === "token_expired") {
+      // The server left our private rooms (the `unwatched` notices follow);
+      // the page must get a fresh token, and setToken() re-joins.
+      this.joined = false;
+      this.dispatchEvent(new CustomEvent("tokenexpired"));
+      return;
+    }
+    if (id === null && type === "unwatched") {
+      this.joined = false; // only ever sent on its own for an expired token
+      return;
+    }
     if (type === "reconnect") {
       // The instance is draining; it closes with 1012 next. Come back after the
       // delay it picked (spread so that its clients do not all return at once).
@@ -223,18 +244,23 @@ export class Connection extends EventTarget {
   }
 
   async handshake() {
-    const ws = this.ws;
     this.ready = true;
     this.attempt = 0;
     this.startPings();
+    await this.join(this.ws);
+  }
+
+  /** Authenticate, (re)join the page's rooms, then resend what waited. */
+  async join(ws) {
     const authenticated = await this.authenticate();
-    if (ws !== this.ws) return; // dropped while authenticating
-    if (authenticated) {
-      try {
-        await this.onReady();
-      } catch (error) {
-        if (error?.code !== "offline") console.warn("re-joining rooms failed", error);
-      }
+    // Dropped while authenticating; or refused: nothing is sent with a token
+    // the server does not take (it would only fail), until setToken() brings one.
+    if (ws !== this.ws || !authenticated) return;
+    this.joined = true;
+    try {
+      await this.onReady();
+    } catch (error) {
+      if (error?.code !== "offline") console.warn("re-joining rooms failed", error);
     }
     if (ws !== this.ws) return;
     this.setState("online");
@@ -247,6 +273,7 @@ export class Connection extends EventTarget {
     if (ws !== this.ws) return; // an old socket we already gave up on
     this.ws = null;
     this.ready = false;
+    this.joined = false;
     this.stopPings();
     // Unanswered commands are kept to resend; reads are failed (onReady redoes them).
     for (const entry of this.pending.values()) {

@@ -3,6 +3,7 @@
 // there is no token, and otherwise open the connection with the header
 // (who is signed in, Sign out, connection indicator) wired up.
 
+import { serverNow } from "./clock.js";
 import { Connection } from "./connection.js";
 import {
   clearToken,
@@ -37,21 +38,38 @@ function showSignin(demo) {
  * Demo tokens expire like real ones. A minute before, fetch a new one for the
  * same identity and present it on the live connection, so a demo left open
  * keeps working. (In production the host application sends fresh tokens.)
+ * Timers sleep with the laptop, so the returned renew() is also what the page
+ * calls when the token did run out. Resolves to whether a token was presented.
  */
 function keepDemoTokenFresh(conn, claims) {
-  if (!claims.exp) return;
-  const refreshIn = Math.max(0, claims.exp * 1000 - Date.now() - 60_000);
-  if (refreshIn > 2 ** 31 - 1) return; // beyond what setTimeout can wait
-  setTimeout(async () => {
-    try {
-      const token = await demoToken(claims.role, claims.sub);
-      storeToken(token);
-      await conn.setToken(token);
-      keepDemoTokenFresh(conn, readClaims(token) ?? {});
-    } catch {
-      // The next command will say token_expired; signing in again fixes it.
-    }
-  }, refreshIn);
+  let timer = null;
+  let renewing = null;
+  const schedule = (exp) => {
+    clearTimeout(timer);
+    if (!exp) return;
+    const refreshIn = Math.max(0, exp * 1000 - serverNow() - 60_000);
+    if (refreshIn > 2 ** 31 - 1) return; // beyond what setTimeout can wait
+    timer = setTimeout(renew, refreshIn);
+  };
+  const renew = () => {
+    renewing ??= (async () => {
+      try {
+        const token = await demoToken(claims.role, claims.sub);
+        if (conn.stopped) return false; // signed out meanwhile: do not sign back in
+        storeToken(token);
+        schedule(readClaims(token)?.exp);
+        await conn.setToken(token);
+        return true;
+      } catch {
+        return false; // the caller says the session ended
+      } finally {
+        renewing = null;
+      }
+    })();
+    return renewing;
+  };
+  schedule(claims.exp);
+  return renew;
 }
 
 /**
@@ -80,8 +98,9 @@ export async function boot(pageRole) {
   let conn = null;
   listenForTokens((fresh) => {
     const next = readClaims(fresh);
-    // Same person, fresh token: re-authenticate in place. Anyone else: start over.
-    if (conn && next && next.sub === claims.sub && next.role === claims.role) conn.setToken(fresh);
+    // Same person, fresh token: re-authenticate in place (re-joining the rooms
+    // an expiry left). Anyone else, or a page that gave up: start over.
+    if (conn && !conn.stopped && next && next.sub === claims.sub && next.role === claims.role) conn.setToken(fresh);
     else location.reload();
   });
   if (!claims) {
@@ -100,8 +119,15 @@ export async function boot(pageRole) {
 
   conn = new Connection({ token });
   bindIndicator(conn);
-  if (demo) keepDemoTokenFresh(conn, claims);
-  conn.addEventListener("autherror", (event) => {
+  const renew = demo ? keepDemoTokenFresh(conn, claims) : async () => false;
+  // The token ran out on the live connection: the private rooms are gone.
+  // Demo: fetch a new one and carry on. Production: say so; the host
+  // application's next token (postMessage) re-joins them.
+  conn.addEventListener("tokenexpired", async () => {
+    if (!(await renew())) showError("token_expired");
+  });
+  conn.addEventListener("autherror", async (event) => {
+    if (event.detail.code === "token_expired" && (await renew())) return;
     conn.stop();
     clearToken();
     showError(event.detail.code);
