@@ -49,17 +49,27 @@ export function pageFor(role) {
 }
 
 /**
- * Accept fresh tokens from the host application: a parent frame or the opener
- * (the usual embeddings), or this page's own origin. Anything else is ignored.
+ * The origins allowed to hand this page a token by postMessage besides its
+ * own: `<meta name="slotcast-host-origins" content="https://app.clinic.example">`
+ * (space-separated), set by whoever deploys the pages next to their host app.
+ */
+function hostOrigins() {
+  const meta = document.querySelector('meta[name="slotcast-host-origins"]');
+  return new Set((meta?.content ?? "").split(/\s+/).filter(Boolean));
+}
+
+/**
+ * Accept fresh tokens from the host application: this page's own origin or a
+ * configured host origin. Being the parent frame or the opener is not enough:
+ * any site can frame this page or open it, and a token it slipped in would
+ * make the visitor book, cancel and read appointments as someone else.
  */
 export function listenForTokens(onToken) {
+  const allowed = hostOrigins();
   window.addEventListener("message", (event) => {
     const data = event.data;
     if (!data || data.type !== "slotcast:token" || typeof data.token !== "string" || !data.token) return;
-    const fromHost =
-      event.origin === location.origin ||
-      (event.source !== null && (event.source === window.opener || (window.parent !== window && event.source === window.parent)));
-    if (!fromHost) return;
+    if (event.origin !== location.origin && !allowed.has(event.origin)) return;
     storeToken(data.token);
     onToken(data.token);
   });
