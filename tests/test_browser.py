@@ -421,6 +421,8 @@ async def test_the_hold_counts_down_by_the_servers_clock_not_the_browsers(
     await expect(message(alice, "booked")).to_be_visible()
     rows = await appointments(database_url, slot_id)
     assert [(r["patient_id"], r["status"]) for r in rows] == [("alice", "booked")]
+    # The panel that had the keyboard is gone; the keyboard did not fall back to <body>.
+    assert await alice.evaluate("document.activeElement !== document.body")
 
 
 async def test_pages_reconnect_and_catch_up_after_a_server_restart(

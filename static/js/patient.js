@@ -380,9 +380,17 @@ function clearHold() {
   const slotId = state.hold?.slot_id;
   state.hold = null;
   clearInterval(state.holdTimer);
-  $("[data-testid=hold]").hidden = true;
+  const panel = $("[data-testid=hold]");
+  const hadFocus = panel.contains(document.activeElement);
+  panel.hidden = true;
   document.body.classList.remove("holding");
   rerenderSlot(slotId);
+  // Hiding the focused Confirm/Release button would drop a keyboard user on
+  // <body>, back at the top of the page: keep them near the calendar instead.
+  if (hadFocus) {
+    const slot = document.querySelector(`.slot[data-slot-id="${slotId}"]:enabled`);
+    (slot ?? $("#main")).focus({ preventScroll: true });
+  }
 }
 
 function rerenderSlot(slotId) {
@@ -411,7 +419,11 @@ function holdExpired(hold) {
 }
 
 function setPanelBusy(busy) {
-  for (const button of document.querySelectorAll("[data-testid=hold] button")) button.disabled = busy;
+  const panel = $("[data-testid=hold]");
+  // Chromium blurs a focused button when it is disabled: keep the keyboard in
+  // the panel (focusable for this) so clearHold() knows where it was.
+  if (busy && panel.contains(document.activeElement)) panel.focus({ preventScroll: true });
+  for (const button of panel.querySelectorAll("button")) button.disabled = busy;
 }
 
 async function confirmHold() {
