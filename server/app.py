@@ -57,7 +57,7 @@ def create_app(settings: Settings, *, clock: Clock = utcnow) -> web.Application:
     app.cleanup_ctx.extend([database, broker, services, upkeep])
     app.on_shutdown.append(close_connections)
     app.on_response_prepare.append(stamp_instance)
-    setup_routes(app, settings.static_dir)
+    setup_routes(app, settings)
     return app
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -10,10 +11,12 @@ from aiohttp import web
 from protocol import messages as m
 from server import api, signin, ws
 from server.api import command
+from server.settings import Settings
 
 
-def setup_routes(app: web.Application, static_dir: Path) -> None:
+def setup_routes(app: web.Application, settings: Settings) -> None:
     r = app.router
+    static_dir = settings.static_dir
     r.add_get("/ws", ws.websocket, name="ws")
     r.add_get("/healthz", api.healthz)
     r.add_get("/readyz", api.readyz)
@@ -39,26 +42,50 @@ def setup_routes(app: web.Application, static_dir: Path) -> None:
     r.add_get("/api/demo", signin.identities)
     r.add_post("/api/demo/token", signin.token)
     # The pages: the patient's slot picker and the doctor's dashboard (static/).
+    origins = host_origins(settings.host_origins)
     for path, page in (("/", "index.html"), ("/doctor", "doctor.html")):
         if (static_dir / page).is_file():
-            r.add_get(path, _page(static_dir / page))
+            r.add_get(path, _page(static_dir / page, origins))
     if static_dir.is_dir():
         r.add_static("/static/", static_dir, name="static")
 
 
 # The pages load only their own modules and styles and talk only to this origin
 # (CSP 'self' covers the same-origin WebSocket); an injected script has nowhere
-# to come from and nowhere to send a token.
-PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
-    "base-uri 'none'; form-action 'self'",
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-}
+# to come from and nowhere to send a token. Only the configured host application
+# may frame them, and only it may hand them tokens (the meta tag tells the page).
+_CSP = (
+    "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'self'"
+)
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?")
+_HOST_META = '<meta name="slotcast-host-origins" content="">'
 
 
-def _page(file: Path) -> Callable[[web.Request], Awaitable[web.FileResponse]]:
-    async def serve(_: web.Request) -> web.FileResponse:
-        return web.FileResponse(file, headers=PAGE_HEADERS)
+def host_origins(setting: str) -> list[str]:
+    origins = setting.split()
+    for origin in origins:
+        if not _ORIGIN.fullmatch(origin):
+            raise ValueError(
+                f"SLOTCAST_HOST_ORIGINS: {origin!r} is not an origin like https://host"
+            )
+    return origins
+
+
+def _page(file: Path, origins: list[str]) -> Callable[[web.Request], Awaitable[web.Response]]:
+    html = file.read_text()
+    if _HOST_META not in html:
+        raise ValueError(f"{file} lacks {_HOST_META}")
+    listed = " ".join(origins)
+    html = html.replace(_HOST_META, f'<meta name="slotcast-host-origins" content="{listed}">')
+    headers = {
+        "Content-Security-Policy": " ".join([_CSP, *origins]),
+        "Referrer-Policy": "no-referrer",
+        "X-Content-Type-Options": "nosniff",
+    }
+    body = html.encode()
+
+    async def serve(_: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="text/html", headers=headers)
 
     return serve

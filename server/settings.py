@@ -66,6 +66,9 @@ class Settings:
     drain_batch: int = 500
     drain_interval_s: float = 0.05
     static_dir: Path = Path(__file__).resolve().parent.parent / "static"
+    # Origins of the host application(s) that may frame the pages and hand them tokens
+    # by postMessage, space-separated (e.g. "https://app.clinic.example").
+    host_origins: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

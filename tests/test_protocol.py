@@ -1182,7 +1182,7 @@ def test_every_error_code_is_documented_with_the_status_rest_answers() -> None:
 def rest_routes() -> dict[str, web.AbstractRoute]:
     """The server's routes by `METHOD /path/{param}`, as server/routes.py wires them."""
     app = web.Application()
-    setup_routes(app, DOCS.parent / "no-static-dir")
+    setup_routes(app, Settings(static_dir=DOCS.parent / "no-static-dir"))
     found = {}
     for route in app.router.routes():
         if route.method != "HEAD" and route.resource is not None:  # HEAD: aiohttp's, per GET

@@ -102,3 +102,36 @@ async def test_pages_are_served_as_html(client: AppClient, path: str) -> None:
     assert resp.content_type == "text/html"
     assert '<script type="module"' in await resp.text()
     assert resp.headers["Content-Security-Policy"].startswith("default-src 'self';")
+
+
+async def test_pages_name_the_configured_host_origins_and_only_they_may_frame_them(
+    settings: Settings, aiohttp_client: Callable[..., Any]
+) -> None:
+    """The page accepts postMessage tokens only from the origins its meta tag lists."""
+    hosts = "https://app.clinic.example http://localhost:3000"
+    client: AppClient = await aiohttp_client(create_app(settings.replace(host_origins=hosts)))
+    for path in ("/", "/doctor"):
+        resp = await client.get(path)
+        html = await resp.text()
+        assert f'<meta name="slotcast-host-origins" content="{hosts}">' in html
+        csp = resp.headers["Content-Security-Policy"]
+        assert csp.endswith(f"frame-ancestors 'self' {hosts}")
+
+
+async def test_without_host_origins_only_the_pages_own_origin_frames_them(
+    client: AppClient,
+) -> None:
+    resp = await client.get("/")
+    assert '<meta name="slotcast-host-origins" content="">' in await resp.text()
+    assert resp.headers["Content-Security-Policy"].endswith("frame-ancestors 'self'")
+
+
+@pytest.mark.parametrize(
+    "origins",
+    ['https://ok.example "><script>', "app.clinic.example", "https://x.example/path", "*"],
+)
+def test_a_host_origin_that_is_not_an_origin_stops_the_server_at_startup(
+    settings: Settings, origins: str
+) -> None:
+    with pytest.raises(ValueError, match="SLOTCAST_HOST_ORIGINS"):
+        create_app(settings.replace(host_origins=origins))
