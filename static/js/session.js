@@ -51,7 +51,7 @@ export function pageFor(role) {
 /**
  * The origins allowed to hand this page a token by postMessage besides its
  * own: `<meta name="slotcast-host-origins" content="https://app.clinic.example">`
- * (space-separated), set by whoever deploys the pages next to their host app.
+ * (space-separated), which the server fills in from SLOTCAST_HOST_ORIGINS.
  */
 function hostOrigins() {
   const meta = document.querySelector('meta[name="slotcast-host-origins"]');
