@@ -15,23 +15,28 @@ never sleeps and hopes, and no test measures how fast anything is.
 from __future__ import annotations
 
 import asyncio
+import html
 import re
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import date, datetime, timedelta
 from typing import Any
+from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
 import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from playwright.async_api import Browser, Locator, Page, WebSocketRoute, async_playwright, expect
 
 from protocol.vocabulary import Role
 from store.database import open_store
 from tests.browser import PHONE, Pages, launch, pages_of
 from tests.conftest import Spawn, seed_doctor, token
-from tests.harness import ServerProcess
+from tests.harness import ServerProcess, free_port
 from tests.tools import APT_TIMEOUT_S, ensure_chromium, find_chromium
 
 # The first test installs Chromium if it is missing (apt-get update, then install): give
@@ -578,6 +583,79 @@ async def test_without_demo_mode_the_page_takes_the_host_apps_token(
     await page.reload()  # the token survives a reload, from sessionStorage
     await online(page)
     await expect(page.get_by_test_id("whoami")).to_contain_text("zoe")
+
+
+@asynccontextmanager
+async def another_origin() -> AsyncIterator[str]:
+    """A site of someone else's on this machine (its own port, so its own origin): its page
+    frames whatever `?frame=` names, as a host application embedding Slotcast would."""
+
+    async def page(request: web.Request) -> web.Response:
+        src = html.escape(request.query.get("frame", "about:blank"))
+        body = f'<!doctype html><iframe id="app" src="{src}" width="1200" height="800"></iframe>'
+        return web.Response(text=body, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    server = TestServer(app, host="127.0.0.1", port=free_port())
+    await server.start_server()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.close()
+
+
+async def test_only_the_configured_host_app_may_hand_the_page_a_token(
+    spawn_server: Spawn, database_url: str, pages: Pages
+) -> None:
+    """The host app (another origin, listed in SLOTCAST_HOST_ORIGINS) frames the page and
+    signs it in by postMessage; a site that is not listed cannot slip its token in."""
+    async with open_store(database_url, min_size=1, max_size=2) as store:
+        doctor = await seed_doctor(store, name="Dr. Framed", timezone="Europe/London")
+    async with another_origin() as host, another_origin() as stranger:
+        (server,) = await start(spawn_server, "s1", args=[], env={"SLOTCAST_HOST_ORIGINS": host})
+        pages.allow(r"status of 404 .*\(at http://127\.0\.0\.1:\d+/api/demo\)$")
+        app_url = f"{server.http_url}/?doctor={doctor.id}"
+
+        page = await pages.open(f"{host}/?{urlencode({'frame': app_url})}", name="host app")
+        framed = page.frame_locator("#app")
+        await expect(
+            framed.get_by_text("Sign in through your clinic's application")
+        ).to_be_visible()
+        await page.evaluate(
+            "t => document.getElementById('app').contentWindow.postMessage("
+            "{type: 'slotcast:token', token: t}, '*')",
+            token(Role.PATIENT, "zoe"),
+        )
+        await expect(framed.get_by_test_id("whoami")).to_contain_text("zoe")
+        await expect(framed.get_by_test_id("connection")).to_have_attribute("data-state", "online")
+
+        # A stranger may not frame it (CSP frame-ancestors): it opens it and posts a token.
+        lure = await pages.open(f"{stranger}/", name="stranger")
+        async with lure.expect_popup() as opened:
+            await lure.evaluate("u => { window.app = window.open(u); }", app_url)
+        popup = await opened.value
+        await expect(popup.get_by_text("Sign in through your clinic's application")).to_be_visible()
+        # The page's own origin is heard (the listener is live)...
+        mine = token(Role.PATIENT, "yara")
+        await popup.evaluate(
+            "t => window.postMessage({type: 'slotcast:token', token: t}, location.origin)", mine
+        )
+        await expect(popup.get_by_test_id("whoami")).to_contain_text("yara")
+        # ...the stranger's token is not, though it is a real one: only its sender is wrong.
+        # (Its messages arrive in order, so once the barrier is in, the token was handled.)
+        await popup.evaluate(
+            "() => { window.barrier = new Promise(r => addEventListener("
+            "'message', e => e.data === 'barrier' && r())); }"
+        )
+        await lure.evaluate(
+            "t => { window.app.postMessage({type: 'slotcast:token', token: t}, '*');"
+            " window.app.postMessage('barrier', '*'); }",
+            token(Role.PATIENT, "mallory"),
+        )
+        await popup.evaluate("() => window.barrier")
+        assert await popup.evaluate("sessionStorage.getItem('slotcast.token')") == mine
+        await expect(popup.get_by_test_id("whoami")).to_contain_text("yara")
 
 
 async def test_after_the_token_expires_the_host_apps_next_token_rejoins_the_rooms(
