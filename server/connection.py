@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -67,6 +68,26 @@ class _Merged:
 
 
 class Connection:
+    __slots__ = (
+        "_close_code",
+        "_closing",
+        "_merged",
+        "_on_slow",
+        "_outbox",
+        "_outbox_limit",
+        "_reason",
+        "_transport",
+        "_wakeup",
+        "_writer",
+        "appointments",
+        "busy",
+        "codec",
+        "dashboards",
+        "identity",
+        "watches",
+        "ws",
+    )
+
     def __init__(
         self,
         ws: web.WebSocketResponse,
@@ -91,6 +112,7 @@ class Connection:
         self._wakeup = asyncio.Event()
         self._closing = False
         self._close_code: int | None = None
+        self._reason = ""
         self._writer = asyncio.create_task(self._write_forever(), name="ws-writer")
 
     @property
@@ -141,6 +163,28 @@ class Connection:
             self._wakeup.set()
             return
         self.send_frame(data)
+
+    def send_deltas(
+        self,
+        doctor_id: int,
+        publics: Sequence[dict[str, Any]],
+        frames: Sequence[bytes],
+        data: bytes,
+    ) -> None:
+        """Consecutive availability deltas of one doctor; `data` is `frames` joined.
+
+        The fan-out's hot path, once per member and batch: while the socket keeps
+        up, the whole batch is one `write` (one syscall, however many changes it
+        carries). Otherwise each delta goes the way of `send_delta`, so queueing,
+        merging and the slow-consumer close see every change on its own.
+        """
+        if not self._outbox and not self._closing:
+            transport = self._transport
+            if transport.get_write_buffer_size() < HIGH_WATER and not transport.is_closing():
+                transport.write(data)
+                return
+        for public, built in zip(publics, frames, strict=True):
+            self.send_delta(doctor_id, public, built)
 
     def seal(self, doctor_id: int) -> None:
         """Close the doctor's open merge: what follows a new snapshot must come after it."""
