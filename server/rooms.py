@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 GAP_WAIT_S: Final = 0.05  # a missing version is usually a publish still in flight
 PRESENCE_EVERY_S: Final = 2.0  # each instance re-announces its counts this often
 PRESENCE_TTL_S: Final = 6.0  # a silent instance's count is dropped after this
-FANOUT_SLICE: Final = 250  # members written per event-loop turn in a big room
+FANOUT_SLICE: Final = 100  # members written per event-loop turn in a big room
 
 Kind = Literal["availability", "dashboard"]
 
