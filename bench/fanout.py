@@ -232,6 +232,7 @@ class WorkerSpec:
     watch_frame: bytes  # a complete masked client frame: the `watch` request
     concurrency: int  # handshakes + snapshots in flight
     deadline: float  # epoch seconds: the process exits by then whatever happens
+    nice: int = 0  # added to the watcher process's nice value
 
 
 @dataclass
@@ -520,6 +521,8 @@ def worker_main(pipe: Pipe, spec: WorkerSpec) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     raise_nofile()
+    if spec.nice:
+        os.nice(spec.nice)
     with contextlib.suppress(BrokenPipeError, EOFError):
         uvloop.run(_worker(pipe, spec))
 
@@ -758,6 +761,7 @@ class Options:
     instances: int
     client_procs: int
     codec: str
+    client_nice: int
     idle_seconds: float
     drain_timeout: float
     late_timeout: float
@@ -868,6 +872,7 @@ def run_scenario(
         "seconds": opts.seconds,
         "instances": opts.instances,
         "client_procs": opts.client_procs,
+        "client_nice": opts.client_nice,
         "codec": opts.codec,
         "load_before": load_average(),
     }
@@ -897,6 +902,7 @@ def run_scenario(
                     watch,
                     max(8, opts.connect_concurrency // opts.client_procs),
                     deadline,
+                    opts.client_nice,
                 )
             )
         with started_workers(specs) as workers:
@@ -1204,6 +1210,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=int, default=2, help="slotcast serve processes")
     p.add_argument("--client-procs", type=int, default=4, help="watcher processes")
     p.add_argument("--codec", choices=["json", "msgpack"], default="json")
+    p.add_argument(
+        "--client-nice",
+        type=int,
+        default=0,
+        help="run the watcher processes at this nice value, so that on a saturated machine "
+        "the servers and PostgreSQL get the CPU first (watchers then read late, which "
+        "counts against latency)",
+    )
     p.add_argument("--database-url", help="PostgreSQL DSN (default: throwaway embedded)")
     p.add_argument("--redis-url", help="redis://host:port/db (default: throwaway redis-server)")
     p.add_argument("--idle-seconds", type=float, default=3.0, help="idle CPU baseline length")
@@ -1273,6 +1287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 instances=args.instances,
                 client_procs=args.client_procs,
                 codec=args.codec,
+                client_nice=args.client_nice,
                 idle_seconds=args.idle_seconds,
                 drain_timeout=args.drain_timeout,
                 late_timeout=args.late_timeout,
@@ -1287,7 +1302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(
                 f"\n== {watchers} watchers, {args.rate}/s for {args.seconds} s, "
-                f"{args.instances} instances, {args.client_procs} watcher processes, {args.codec}",
+                f"{args.instances} instances, {args.client_procs} watcher processes "
+                f"(nice {args.client_nice}), {args.codec}",
                 flush=True,
             )
             report = run_scenario(opts, dsn, redis_url, backing)
