@@ -70,6 +70,7 @@ class _Merged:
 class Connection:
     __slots__ = (
         "_close_code",
+        "_closer",
         "_closing",
         "_merged",
         "_on_slow",
@@ -109,11 +110,14 @@ class Connection:
         self._merged: dict[int, _Merged] = {}  # the merge still open, per doctor
         self._outbox_limit = outbox_limit
         self._on_slow = on_slow
-        self._wakeup = asyncio.Event()
+        # The writer task and its event exist only once something has had to queue:
+        # most connections never fall behind, and each would cost a task and ~1.5 KiB.
+        self._wakeup: asyncio.Event | None = None
+        self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._close_code: int | None = None
         self._reason = ""
-        self._writer = asyncio.create_task(self._write_forever(), name="ws-writer")
+        self._closer: asyncio.Task[bool] | None = None  # our close handshake, once begun
 
     @property
     def closing(self) -> bool:
@@ -147,7 +151,7 @@ class Connection:
             self._too_slow()
             return
         self._outbox.append(data)
-        self._wakeup.set()
+        self._kick()
 
     def send_delta(self, doctor_id: int, public: dict[str, Any], data: bytes) -> None:
         """An availability delta: like `send_frame`, but merged while the client is behind."""
@@ -160,7 +164,7 @@ class Connection:
             self._merged[doctor_id] = merged
             merged.add(public)
             self._outbox.append(merged)
-            self._wakeup.set()
+            self._kick()
             return
         self.send_frame(data)
 
@@ -196,11 +200,18 @@ class Connection:
             self._on_slow()
         self.close_soon(CLOSE_SLOW_CONSUMER, "slow consumer")
 
-    async def _write_forever(self) -> None:
+    def _kick(self) -> None:
+        """Wake the writer, starting it on the first frame that had to queue."""
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+            self._writer = asyncio.create_task(self._write_forever(self._wakeup), name="ws-writer")
+        self._wakeup.set()
+
+    async def _write_forever(self, wakeup: asyncio.Event) -> None:
         transport = self._transport
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
+            await wakeup.wait()
+            wakeup.clear()
             while self._outbox:
                 if transport.is_closing():
                     self._outbox.clear()
@@ -238,13 +249,21 @@ class Connection:
         self._closing = True
         self._outbox.clear()
         self._merged.clear()
-        task = asyncio.create_task(
+        task = self._closer = asyncio.create_task(
             self.ws.close(code=self._close_code or 1000, message=self._reason.encode())
         )
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
     async def close(self) -> None:
+        """The handler is done with the socket: stop writing, and finish our close handshake.
+
+        Awaiting the handshake we began (4008, 1012) matters: once the handler returns,
+        aiohttp closes the socket itself with 1000 if no close frame has gone out yet.
+        """
         self._closing = True
-        self._writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._writer
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        if self._closer is not None and not self._closer.done():
+            await asyncio.wait([self._closer])  # its outcome is the done callback's business

@@ -948,6 +948,24 @@ async def test_a_batch_of_deltas_for_a_client_behind_queues_and_merges_each_chan
         await conn.close()
 
 
+async def test_a_connection_that_never_queued_starts_no_writer_and_closes_with_its_code() -> None:
+    """The writer task is created on the first queued frame only; and `close()` returns
+    after the close frame we began has gone out, so the handler returning cannot let
+    aiohttp close with 1000 first."""
+    transport, ws = FakeTransport(), FakeSocket()
+    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=10)
+    conn.send(Pong())
+    assert conn._writer is None
+    conn.close_soon(CLOSE_SERVICE_RESTART, "service restart")
+    await conn.close()
+    assert ws.close_args == (CLOSE_SERVICE_RESTART, b"service restart")
+    transport.buffered = HIGH_WATER
+    other = Connection(cast(web.WebSocketResponse, FakeSocket()), transport, JSON, outbox_limit=10)
+    other.send(Pong())  # behind: queued, so now there is a writer
+    assert other._writer is not None
+    await other.close()
+
+
 async def test_a_client_that_is_behind_still_gets_the_reconnect_notice_of_a_drain() -> None:
     """On SIGTERM every client is told when to come back (a jittered `retry_after_ms`) and
     then closed with 1012. A client whose outbox is not empty at that moment must still
