@@ -153,8 +153,10 @@ def rss_kib(pid: int) -> int:
 def machine_jiffies() -> tuple[int, int, int]:
     """(busy, total, softirq) jiffies of all CPUs since boot.
 
-    softirq is reported apart: on loopback, much of the TCP receive path runs
-    there, and this kernel (tick accounting) charges little of it to any process.
+    softirq is reported apart, for information: on loopback the TCP receive path
+    runs there, mostly inside the sender's `write`. With tick-based accounting
+    it is also charged to whichever process was running (so it is already in
+    the servers' and watchers' stime, not on top of it).
     """
     with open("/proc/stat") as f:
         values = [int(v) for v in f.readline().split()[1:]]
@@ -567,6 +569,7 @@ def scrape(server: BenchServer) -> dict[str, float]:
         if line.startswith(
             (
                 "slotcast_messages_out_total",
+                "slotcast_fanout_writes_total",
                 "slotcast_fanout_latency",
                 "slotcast_command_seconds_bucket",
                 "slotcast_slow_consumers",
@@ -628,9 +631,16 @@ def server_histogram(
         a.get("slotcast_messages_out_total", 0) - b.get("slotcast_messages_out_total", 0)
         for b, a in zip(before, after, strict=True)
     )
+    writes = sum(
+        a.get("slotcast_fanout_writes_total", 0) - b.get("slotcast_fanout_writes_total", 0)
+        for b, a in zip(before, after, strict=True)
+    )
     return {
         **histogram_window(before, after, "slotcast_fanout_latency_seconds"),
         "messages_out": out,
+        "writes": writes,
+        # Changes per write: how many deltas one transport.write carried, on average.
+        "deltas_per_write": round(out / writes, 2) if writes else math.nan,
     }
 
 
@@ -1156,7 +1166,8 @@ late (after the window) {r["late"]}; merged {r["merged_deltas"]}, other deltas \
   send->receipt   p50 {lat_s["p50_ms"]:.1f} ms  p99 {lat_s["p99_ms"]:.1f} ms  max \
 {lat_s["max_ms"]:.1f} ms   by instance {r["latency_after_send_by_instance"]}
   server histo    p50 {hist["p50_ms"]:.1f} ms  p99 {hist["p99_ms"]:.1f} ms  (commit -> handed \
-to members; {hist["observations"]:.0f} obs, messages_out {hist["messages_out"]:.0f})
+to members; {hist["observations"]:.0f} obs, messages_out {hist["messages_out"]:.0f} in \
+{hist["writes"]:.0f} writes: {hist["deltas_per_write"]} deltas per write)
   server memory   RSS {r["rss_kib_before"]} -> {r["rss_kib_after_connect"]} KiB: \
 {r["kib_per_connection"]} KiB per connection (end {r["rss_kib_end"]})
   server CPU      {r["server_cpu_seconds"]} s (user {r["server_user_seconds"]}, sys \

@@ -486,9 +486,12 @@ async def test_a_member_that_leaves_mid_round_gets_nothing_more(
 async def test_fan_out_metrics_count_each_change_once_per_round(
     store: Store, broker: ReconnectingBroker, doctor: SeededDoctor
 ) -> None:
-    seen: list[int] = []
+    seen: list[tuple[int, int]] = []
     rooms = Rooms(
-        store, broker, "test-instance", on_fanout=lambda delivered, _latency: seen.append(delivered)
+        store,
+        broker,
+        "test-instance",
+        on_fanout=lambda delivered, _latency, writes: seen.append((delivered, writes)),
     )
     try:
         conns = [(await watch(rooms, doctor.id))[0] for _ in range(3)]
@@ -497,6 +500,7 @@ async def test_fan_out_metrics_count_each_change_once_per_round(
             rooms.receive(change)
         await conns[0].wait_for(changes[-1].version)
         await asyncio.sleep(0)
-        assert seen == [3, 3]  # one observation per change, each for every member
+        # One observation per change, each for every member; one write per member.
+        assert seen == [(3, 3), (3, 0)]
     finally:
         await rooms.close()
