@@ -640,6 +640,8 @@ def server_histogram(
         "messages_out": out,
         "writes": writes,
         # Changes per write: how many deltas one transport.write carried, on average.
+        # Only if the servers export slotcast_fanout_writes_total (a build of perf-fanout
+        # at 3c15ce0 did; it waits for its row in docs/protocol.md's metric table).
         "deltas_per_write": round(out / writes, 2) if writes else math.nan,
     }
 

@@ -44,11 +44,6 @@ class Metrics:
         self.messages_out = Counter(
             "slotcast_messages_out", "Live updates delivered to clients", registry=r
         )
-        self.fanout_writes = Counter(
-            "slotcast_fanout_writes",
-            "Batches of live updates written to clients (one per member and fan-out round)",
-            registry=r,
-        )
         self.fanout_latency = Histogram(
             "slotcast_fanout_latency_seconds",
             "From commit to this instance handing a change to its members",
@@ -73,14 +68,8 @@ class Metrics:
             "slotcast_relayed_changes", "Changes published by the relay sweep", registry=r
         )
 
-    def fanout(self, delivered: int, latency: float, writes: int | None = None) -> None:
-        """One change handed to `delivered` members, `latency` after its commit.
-
-        `writes`: the writes its round took, given with the round's first change
-        only (0 with the others); None means one write per member.
-        """
+    def fanout(self, delivered: int, latency: float) -> None:
         self.messages_out.inc(delivered)
-        self.fanout_writes.inc(delivered if writes is None else writes)
         self.fanout_latency.observe(latency)
 
     def track(

@@ -220,7 +220,7 @@ class Rooms:
         broker: Broker,
         instance: str,
         *,
-        on_fanout: Callable[[int, float, int], None] | None = None,
+        on_fanout: Callable[[int, float], None] | None = None,
         fanout_slice: int = FANOUT_SLICE,
     ) -> None:
         self._store = store
@@ -230,9 +230,7 @@ class Rooms:
         self._rooms: dict[int, Room] = {}
         self._patients: dict[str, PatientRoom] = {}
         self._subscription_lock = asyncio.Lock()
-        # (members, seconds since commit, writes): once per change when its round ends;
-        # the writes (one per member) come with the round's first change, 0 with the rest.
-        self._on_fanout = on_fanout or (lambda delivered, latency, writes: None)
+        self._on_fanout = on_fanout or (lambda delivered, latency: None)
         self._presence_dirty: set[int] = set()
         self._presence_task = asyncio.create_task(self._presence_loop(), name="presence")
         broker.listen(self._on_message, self._on_reconnect)
@@ -396,12 +394,10 @@ class Rooms:
         if current.step(room.doctor_id, self._slice):
             room.round = None
             delivered = len(current.members) + len(current.dashboards)
-            writes = delivered
             now = time.time()
             for frames in current.frames:
                 if frames.change.committed_at:
-                    self._on_fanout(delivered, now - frames.change.committed_at, writes)
-                    writes = 0
+                    self._on_fanout(delivered, now - frames.change.committed_at)
         asyncio.get_running_loop().call_soon(self._fan_out, room)
 
     def _on_reconnect(self, channels: frozenset[str]) -> None:
