@@ -150,13 +150,66 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def machine_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs since boot."""
+def machine_jiffies() -> tuple[int, int, int]:
+    """(busy, total, softirq) jiffies of all CPUs since boot.
+
+    softirq is reported apart, for information: on loopback the TCP receive path
+    runs there, mostly inside the sender's `write`. With tick-based accounting
+    it is also charged to whichever process was running (so it is already in
+    the servers' and watchers' stime, not on top of it).
+    """
     with open("/proc/stat") as f:
         values = [int(v) for v in f.readline().split()[1:]]
     idle = values[3] + values[4]  # idle + iowait
     total = sum(values[:8])  # guest time is already in user
-    return total - idle, total
+    return total - idle, total, values[6]
+
+
+def process_tree_cpu(roots: Sequence[int]) -> dict[int, float]:
+    """utime + stime of each process in the trees under `roots` (e.g. PostgreSQL's backends)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out: dict[int, float] = {}
+    stack = list(roots)
+    while stack:
+        pid = stack.pop()
+        try:
+            out[pid] = cpu_seconds(pid)
+        except OSError:
+            continue
+        stack.extend(children.get(pid, []))
+    return out
+
+
+def tree_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    return sum(t - before.get(pid, 0.0) for pid, t in after.items())
+
+
+def parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
+async def postmaster_pid(dsn: str) -> int | None:
+    """The local PostgreSQL postmaster's pid (the parent of a live backend), if it is local."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        backend: int = await conn.fetchval("SELECT pg_backend_pid()")
+        return parent_pid(backend)  # while the backend still exists
+    finally:
+        await conn.close()
 
 
 def load_average() -> str:
@@ -181,6 +234,7 @@ class WorkerSpec:
     watch_frame: bytes  # a complete masked client frame: the `watch` request
     concurrency: int  # handshakes + snapshots in flight
     deadline: float  # epoch seconds: the process exits by then whatever happens
+    nice: int = 0  # added to the watcher process's nice value
 
 
 @dataclass
@@ -199,6 +253,9 @@ class WorkerState:
     # Per instance: delta payload bytes -> its record. The server frames a change
     # once per codec, so every watcher of an instance receives the very same bytes.
     seen: list[dict[bytes, DeltaRecord]]
+    # Per instance: a received chunk of several whole shared delta frames (the server
+    # writes a batch of changes as one buffer) -> their records, in order.
+    batches: list[dict[bytes, tuple[DeltaRecord, ...]]] = field(default_factory=list)
     frames: Counter[str] = field(default_factory=Counter)
     closes: Counter[int] = field(default_factory=Counter)
     lost: int = 0  # connections lost after their snapshot
@@ -226,6 +283,7 @@ class Watcher(asyncio.Protocol):
         self.state = state
         self.instance = instance
         self.seen = state.seen[instance]
+        self.batches = state.batches[instance]
         self.request = (
             f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
             "Connection: Upgrade\r\nSec-WebSocket-Key: c2xvdGNhc3QtZmFub3V0IQ==\r\n"
@@ -257,13 +315,21 @@ class Watcher(asyncio.Protocol):
             if record is not None:
                 record.times.append(_now())
                 return
+            records = self.batches.get(data)
+            if records is not None:  # a batch of deltas seen before: all received now
+                now = _now()
+                for record in records:
+                    record.times.append(now)
+                return
         self._parse(data)
 
     def _parse(self, data: bytes) -> None:
         now = _now()
+        chunk = None if self.rest else data  # a candidate for the batch cache
         if self.rest:
             data = self.rest + data
             self.rest = b""
+        shared: list[DeltaRecord] = []  # the chunk's frames, while all are shared deltas
         i = 0
         if not self.upgraded:
             end = data.find(b"\r\n\r\n")
@@ -274,6 +340,7 @@ class Watcher(asyncio.Protocol):
                 self._fail(data[: data.find(b"\r\n")].decode(errors="replace"))
                 return
             self.upgraded = True
+            chunk = None
             assert self.transport is not None
             self.transport.write(self.watch)
             i = end + 4
@@ -296,14 +363,18 @@ class Watcher(asyncio.Protocol):
             end = start + length
             if end > n:
                 break
-            payload = data[start:end]
-            opcode = data[i] & 0x0F
             i = end
             whole = data[first:end] if first or end < n else data
             record = seen.get(whole)
             if record is not None:
                 record.times.append(now)
-            elif opcode in (1, 2):
+                if chunk is not None:
+                    shared.append(record)
+                continue
+            chunk = None
+            payload = data[start:end]
+            opcode = data[first] & 0x0F
+            if opcode in (1, 2):
                 self._message(whole, payload, now)
             elif opcode == 9:  # ping: pong, or the server drops us
                 assert self.transport is not None
@@ -317,6 +388,8 @@ class Watcher(asyncio.Protocol):
                 return
         if i < n:
             self.rest = data[i:]
+        elif chunk is not None and len(shared) > 1:
+            self.batches[chunk] = tuple(shared)
 
     def _message(self, whole: bytes, payload: bytes, now: float) -> None:
         state = self.state
@@ -372,7 +445,7 @@ async def _connect_one(
 
 async def _worker(pipe: Pipe, spec: WorkerSpec) -> None:
     codec = MSGPACK if spec.codec == "msgpack" else JSON
-    state = WorkerState(codec, [{} for _ in spec.targets])
+    state = WorkerState(codec, [{} for _ in spec.targets], [{} for _ in spec.targets])
     gate = asyncio.Semaphore(spec.concurrency)
 
     async def one(instance: int, host: str, port: int) -> Watcher | None:
@@ -450,6 +523,8 @@ def worker_main(pipe: Pipe, spec: WorkerSpec) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     raise_nofile()
+    if spec.nice:
+        os.nice(spec.nice)
     with contextlib.suppress(BrokenPipeError, EOFError):
         uvloop.run(_worker(pipe, spec))
 
@@ -494,6 +569,7 @@ def scrape(server: BenchServer) -> dict[str, float]:
         if line.startswith(
             (
                 "slotcast_messages_out_total",
+                "slotcast_fanout_writes_total",
                 "slotcast_fanout_latency",
                 "slotcast_command_seconds_bucket",
                 "slotcast_slow_consumers",
@@ -555,9 +631,18 @@ def server_histogram(
         a.get("slotcast_messages_out_total", 0) - b.get("slotcast_messages_out_total", 0)
         for b, a in zip(before, after, strict=True)
     )
+    writes = sum(
+        a.get("slotcast_fanout_writes_total", 0) - b.get("slotcast_fanout_writes_total", 0)
+        for b, a in zip(before, after, strict=True)
+    )
     return {
         **histogram_window(before, after, "slotcast_fanout_latency_seconds"),
         "messages_out": out,
+        "writes": writes,
+        # Changes per write: how many deltas one transport.write carried, on average.
+        # Only if the servers export slotcast_fanout_writes_total (a build of perf-fanout
+        # at 3c15ce0 did; it waits for its row in docs/protocol.md's metric table).
+        "deltas_per_write": round(out / writes, 2) if writes else math.nan,
     }
 
 
@@ -688,6 +773,7 @@ class Options:
     instances: int
     client_procs: int
     codec: str
+    client_nice: int
     idle_seconds: float
     drain_timeout: float
     late_timeout: float
@@ -780,7 +866,9 @@ def _spy(opts: Options, pid: int, seconds: float) -> subprocess.Popen[bytes] | N
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def run_scenario(opts: Options, dsn: str, redis_url: str) -> dict[str, Any]:
+def run_scenario(
+    opts: Options, dsn: str, redis_url: str, backing: dict[str, list[int]]
+) -> dict[str, Any]:
     deadline = time.time() + opts.timeout
     needed = int(opts.rate * opts.seconds) + 10
     doctor_id, first, free = asyncio.run(seed(dsn, needed))
@@ -796,6 +884,7 @@ def run_scenario(opts: Options, dsn: str, redis_url: str) -> dict[str, Any]:
         "seconds": opts.seconds,
         "instances": opts.instances,
         "client_procs": opts.client_procs,
+        "client_nice": opts.client_nice,
         "codec": opts.codec,
         "load_before": load_average(),
     }
@@ -825,6 +914,7 @@ def run_scenario(opts: Options, dsn: str, redis_url: str) -> dict[str, Any]:
                     watch,
                     max(8, opts.connect_concurrency // opts.client_procs),
                     deadline,
+                    opts.client_nice,
                 )
             )
         with started_workers(specs) as workers:
@@ -866,7 +956,8 @@ def run_scenario(opts: Options, dsn: str, redis_url: str) -> dict[str, Any]:
             cpu0 = [cpu_times(p) for p in pids]
             clients0 = [cpu_times(p) for p in workers_pids]
             parent0 = cpu_seconds(os.getpid())
-            busy0, total0 = machine_jiffies()
+            backing0 = {name: process_tree_cpu(roots) for name, roots in backing.items()}
+            busy0, total0, softirq0 = machine_jiffies()
             w0 = time.time()
             spy = _spy(opts, pids[opts.py_spy_instance - 1], min(10.0, opts.seconds))
             bookings = asyncio.run(
@@ -888,7 +979,8 @@ def run_scenario(opts: Options, dsn: str, redis_url: str) -> dict[str, Any]:
             cpu1 = [cpu_times(p) for p in pids]
             clients1 = [cpu_times(p) for p in workers_pids]
             parent1 = cpu_seconds(os.getpid())
-            busy1, total1 = machine_jiffies()
+            backing1 = {name: process_tree_cpu(roots) for name, roots in backing.items()}
+            busy1, total1, softirq1 = machine_jiffies()
             metrics_after = [scrape(s) for s in servers]
             rss_end = [rss_kib(p) for p in pids]
             if spy is not None:
@@ -1021,6 +1113,26 @@ def run_scenario(opts: Options, dsn: str, redis_url: str) -> dict[str, Any]:
             "machine_busy_cores": round(
                 (busy1 - busy0) / max(total1 - total0, 1) * (os.cpu_count() or 1), 2
             ),
+            "backing_cores": {
+                name: round(tree_delta(backing0[name], backing1[name]) / window, 3)
+                for name in backing
+            },
+            "other_cores": round(
+                (busy1 - busy0) / max(total1 - total0, 1) * (os.cpu_count() or 1)
+                - (
+                    server_cpu
+                    + client_user
+                    + client_sys
+                    + parent1
+                    - parent0
+                    + sum(tree_delta(backing0[n], backing1[n]) for n in backing)
+                )
+                / window,
+                2,
+            ),
+            "machine_softirq_cores": round(
+                (softirq1 - softirq0) / max(total1 - total0, 1) * (os.cpu_count() or 1), 2
+            ),
             "rss_kib_end": rss_end,
             "load_after": load_average(),
         }
@@ -1056,7 +1168,8 @@ late (after the window) {r["late"]}; merged {r["merged_deltas"]}, other deltas \
   send->receipt   p50 {lat_s["p50_ms"]:.1f} ms  p99 {lat_s["p99_ms"]:.1f} ms  max \
 {lat_s["max_ms"]:.1f} ms   by instance {r["latency_after_send_by_instance"]}
   server histo    p50 {hist["p50_ms"]:.1f} ms  p99 {hist["p99_ms"]:.1f} ms  (commit -> handed \
-to members; {hist["observations"]:.0f} obs, messages_out {hist["messages_out"]:.0f})
+to members; {hist["observations"]:.0f} obs, messages_out {hist["messages_out"]:.0f} in \
+{hist["writes"]:.0f} writes: {hist["deltas_per_write"]} deltas per write)
   server memory   RSS {r["rss_kib_before"]} -> {r["rss_kib_after_connect"]} KiB: \
 {r["kib_per_connection"]} KiB per connection (end {r["rss_kib_end"]})
   server CPU      {r["server_cpu_seconds"]} s (user {r["server_user_seconds"]}, sys \
@@ -1065,8 +1178,9 @@ to members; {hist["observations"]:.0f} obs, messages_out {hist["messages_out"]:.
 ({r["us_per_delivered_net_of_idle"]} net of idle)
   watchers CPU    {r["client_cores"]} cores, {r["client_us_per_delivered"]} us per received \
 message ({r["client_user_share"]:.0%} user)
-  machine         busy {r["machine_busy_cores"]} of {os.cpu_count()} cores (driver \
-{r["driver_cores"]}); load {r["load_before"]} -> {r["load_after"]}""",
+  machine         busy {r["machine_busy_cores"]} of {os.cpu_count()} cores (softirq \
+{r["machine_softirq_cores"]}, driver {r["driver_cores"]}, backing {r["backing_cores"]}, \
+the rest {r["other_cores"]}); load {r["load_before"]} -> {r["load_after"]}""",
         flush=True,
     )
 
@@ -1109,6 +1223,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=int, default=2, help="slotcast serve processes")
     p.add_argument("--client-procs", type=int, default=4, help="watcher processes")
     p.add_argument("--codec", choices=["json", "msgpack"], default="json")
+    p.add_argument(
+        "--client-nice",
+        type=int,
+        default=0,
+        help="run the watcher processes at this nice value, so that on a saturated machine "
+        "the servers and PostgreSQL get the CPU first (watchers then read late, which "
+        "counts against latency)",
+    )
     p.add_argument("--database-url", help="PostgreSQL DSN (default: throwaway embedded)")
     p.add_argument("--redis-url", help="redis://host:port/db (default: throwaway redis-server)")
     p.add_argument("--idle-seconds", type=float, default=3.0, help="idle CPU baseline length")
@@ -1157,7 +1279,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         admin = args.database_url or stack.enter_context(postgres_server())
         dsn = asyncio.run(prepare_database(admin, external=bool(args.database_url)))
-        redis_url = args.redis_url or stack.enter_context(redis_server())[0]
+        redis_url, redis = (
+            (args.redis_url, None) if args.redis_url else stack.enter_context(redis_server())
+        )
+        backing: dict[str, list[int]] = {}
+        postmaster = None if args.database_url else asyncio.run(postmaster_pid(dsn))
+        if postmaster is not None:
+            backing["postgres"] = [postmaster]
+        if redis is not None and redis.process is not None:
+            backing["redis"] = [redis.process.pid]
         for watchers in counts:
             spy = args.py_spy
             if spy and len(counts) > 1:
@@ -1170,6 +1300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 instances=args.instances,
                 client_procs=args.client_procs,
                 codec=args.codec,
+                client_nice=args.client_nice,
                 idle_seconds=args.idle_seconds,
                 drain_timeout=args.drain_timeout,
                 late_timeout=args.late_timeout,
@@ -1184,10 +1315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(
                 f"\n== {watchers} watchers, {args.rate}/s for {args.seconds} s, "
-                f"{args.instances} instances, {args.client_procs} watcher processes, {args.codec}",
+                f"{args.instances} instances, {args.client_procs} watcher processes "
+                f"(nice {args.client_nice}), {args.codec}",
                 flush=True,
             )
-            report = run_scenario(opts, dsn, redis_url)
+            report = run_scenario(opts, dsn, redis_url, backing)
             reports.append(report)
             print_report(report)
             if args.json:

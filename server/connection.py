@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -67,6 +68,27 @@ class _Merged:
 
 
 class Connection:
+    __slots__ = (
+        "_close_code",
+        "_closer",
+        "_closing",
+        "_merged",
+        "_on_slow",
+        "_outbox",
+        "_outbox_limit",
+        "_reason",
+        "_transport",
+        "_wakeup",
+        "_writer",
+        "appointments",
+        "busy",
+        "codec",
+        "dashboards",
+        "identity",
+        "watches",
+        "ws",
+    )
+
     def __init__(
         self,
         ws: web.WebSocketResponse,
@@ -88,10 +110,14 @@ class Connection:
         self._merged: dict[int, _Merged] = {}  # the merge still open, per doctor
         self._outbox_limit = outbox_limit
         self._on_slow = on_slow
-        self._wakeup = asyncio.Event()
+        # The writer task and its event exist only once something has had to queue:
+        # most connections never fall behind, and each would cost a task and ~1.5 KiB.
+        self._wakeup: asyncio.Event | None = None
+        self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._close_code: int | None = None
-        self._writer = asyncio.create_task(self._write_forever(), name="ws-writer")
+        self._reason = ""
+        self._closer: asyncio.Task[bool] | None = None  # our close handshake, once begun
 
     @property
     def closing(self) -> bool:
@@ -125,7 +151,7 @@ class Connection:
             self._too_slow()
             return
         self._outbox.append(data)
-        self._wakeup.set()
+        self._kick()
 
     def send_delta(self, doctor_id: int, public: dict[str, Any], data: bytes) -> None:
         """An availability delta: like `send_frame`, but merged while the client is behind."""
@@ -138,9 +164,31 @@ class Connection:
             self._merged[doctor_id] = merged
             merged.add(public)
             self._outbox.append(merged)
-            self._wakeup.set()
+            self._kick()
             return
         self.send_frame(data)
+
+    def send_deltas(
+        self,
+        doctor_id: int,
+        publics: Sequence[dict[str, Any]],
+        frames: Sequence[bytes],
+        data: bytes,
+    ) -> None:
+        """Consecutive availability deltas of one doctor; `data` is `frames` joined.
+
+        The fan-out's hot path, once per member and batch: while the socket keeps
+        up, the whole batch is one `write` (one syscall, however many changes it
+        carries). Otherwise each delta goes the way of `send_delta`, so queueing,
+        merging and the slow-consumer close see every change on its own.
+        """
+        if not self._outbox and not self._closing:
+            transport = self._transport
+            if transport.get_write_buffer_size() < HIGH_WATER and not transport.is_closing():
+                transport.write(data)
+                return
+        for public, built in zip(publics, frames, strict=True):
+            self.send_delta(doctor_id, public, built)
 
     def seal(self, doctor_id: int) -> None:
         """Close the doctor's open merge: what follows a new snapshot must come after it."""
@@ -152,11 +200,18 @@ class Connection:
             self._on_slow()
         self.close_soon(CLOSE_SLOW_CONSUMER, "slow consumer")
 
-    async def _write_forever(self) -> None:
+    def _kick(self) -> None:
+        """Wake the writer, starting it on the first frame that had to queue."""
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+            self._writer = asyncio.create_task(self._write_forever(self._wakeup), name="ws-writer")
+        self._wakeup.set()
+
+    async def _write_forever(self, wakeup: asyncio.Event) -> None:
         transport = self._transport
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
+            await wakeup.wait()
+            wakeup.clear()
             while self._outbox:
                 if transport.is_closing():
                     self._outbox.clear()
@@ -194,13 +249,21 @@ class Connection:
         self._closing = True
         self._outbox.clear()
         self._merged.clear()
-        task = asyncio.create_task(
+        task = self._closer = asyncio.create_task(
             self.ws.close(code=self._close_code or 1000, message=self._reason.encode())
         )
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
     async def close(self) -> None:
+        """The handler is done with the socket: stop writing, and finish our close handshake.
+
+        Awaiting the handshake we began (4008, 1012) matters: once the handler returns,
+        aiohttp closes the socket itself with 1000 if no close frame has gone out yet.
+        """
         self._closing = True
-        self._writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._writer
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        if self._closer is not None and not self._closer.done():
+            await asyncio.wait([self._closer])  # its outcome is the done callback's business

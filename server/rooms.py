@@ -13,7 +13,14 @@ one version sequence, so ordering and recovery are shared:
   waits, and a gap that does not close within GAP_WAIT_S is filled from the
   change log, as is everything after a broker reconnect;
 - each change is encoded and framed once per codec and kind, and the same bytes
-  are written to every member.
+  are written to every member;
+- fan-out runs in rounds, off the broker's read path: a round takes every
+  change that is ready, joins their frames into one buffer per codec, and
+  writes that buffer to each live member with one `write` (so when the loop is
+  behind, k changes cost one syscall per member, not k). A big room is written
+  FANOUT_SLICE members per event-loop turn, so commands, pings and the broker
+  reader run between slices; rounds never overlap, so each connection still
+  sees versions in order.
 
 Presence (how many watch a doctor's availability, on all instances) travels on
 the same channel: each instance announces its own count, and dashboards hear
@@ -46,6 +53,7 @@ log = logging.getLogger(__name__)
 GAP_WAIT_S: Final = 0.05  # a missing version is usually a publish still in flight
 PRESENCE_EVERY_S: Final = 2.0  # each instance re-announces its counts this often
 PRESENCE_TTL_S: Final = 6.0  # a silent instance's count is dropped after this
+FANOUT_SLICE: Final = 100  # members written per event-loop turn in a big room
 
 Kind = Literal["availability", "dashboard"]
 
@@ -94,6 +102,7 @@ class Member:
     kind: Kind
     since: int | None = None
     backlog: list[Frames] = field(default_factory=list)
+    left: bool = False  # set on leave: a round already under way skips it
 
     def offer(self, frames: Frames) -> None:
         if self.since is None:
@@ -122,8 +131,11 @@ class Room:
     doctor_id: int
     members: set[Member] = field(default_factory=set)  # availability
     dashboards: set[Member] = field(default_factory=set)
-    version: int | None = None  # highest version delivered contiguously
+    version: int | None = None  # highest contiguous version (delivered, or ready to be)
     pending: dict[int, Change] = field(default_factory=dict)
+    ready: list[Change] = field(default_factory=list)  # contiguous, awaiting the next round
+    round: Round | None = None  # the fan-out under way
+    fanning: bool = False  # a fan-out step is scheduled
     opened: asyncio.Task[None] | None = None
     catching_up: asyncio.Task[None] | None = None
     presence: dict[str, tuple[int, float]] = field(default_factory=dict)  # other instances
@@ -131,6 +143,61 @@ class Room:
 
     def __bool__(self) -> bool:
         return bool(self.members or self.dashboards)
+
+
+class Round:
+    """One fan-out: consecutive changes, to the members the room had when it began.
+
+    Members that join later need none of these changes (their snapshot, read after
+    joining, already holds them); members that leave meanwhile are skipped.
+    """
+
+    __slots__ = ("at", "batches", "dashboards", "first", "frames", "members", "publics")
+
+    def __init__(self, changes: list[Change], room: Room) -> None:
+        self.frames = [Frames(change) for change in changes]
+        self.publics = [change.public for change in changes]
+        self.first = changes[0].version
+        self.members = tuple(room.members)
+        self.dashboards = tuple(room.dashboards)
+        self.at = 0  # members written so far
+        # Per codec: each change's availability frame, and all of them joined.
+        self.batches: dict[str, tuple[list[bytes], bytes]] = {}
+
+    def batch(self, codec: Codec) -> tuple[list[bytes], bytes]:
+        built = self.batches.get(codec.name)
+        if built is None:
+            frames = [f.get("availability", codec) for f in self.frames]
+            built = self.batches[codec.name] = (frames, b"".join(frames))
+        return built
+
+    def step(self, doctor_id: int, limit: int) -> bool:
+        """Write to the next `limit` members (dashboards with the first slice); True when done."""
+        if self.at == 0:
+            for member in self.dashboards:
+                if not member.left:
+                    for frames in self.frames:
+                        member.offer(frames)
+        members = self.members
+        end = min(self.at + limit, len(members))
+        first, publics = self.first, self.publics
+        codec: Codec | None = None
+        frames_of: list[bytes] = []
+        data = b""
+        for member in members[self.at : end]:
+            since = member.since
+            if since is not None and since < first and not member.left:
+                # Live and behind this whole batch: the common case, one write.
+                conn = member.conn
+                if conn.codec is not codec:
+                    codec = conn.codec
+                    frames_of, data = self.batch(codec)
+                conn.send_deltas(doctor_id, publics, frames_of, data)
+            elif not member.left:
+                for frames in self.frames:  # waiting for its snapshot, or just started
+                    member.offer(frames)
+        self.at = end
+        return end == len(members)
 
 
 @dataclass(eq=False, slots=True)
@@ -154,8 +221,10 @@ class Rooms:
         instance: str,
         *,
         on_fanout: Callable[[int, float], None] | None = None,
+        fanout_slice: int = FANOUT_SLICE,
     ) -> None:
         self._store = store
+        self._slice = fanout_slice
         self._broker = broker
         self._instance = instance
         self._rooms: dict[int, Room] = {}
@@ -208,6 +277,7 @@ class Rooms:
         return member
 
     async def leave(self, member: Member) -> None:
+        member.left = True
         room = member.room
         (room.members if member.kind == "availability" else room.dashboards).discard(member)
         if member.kind == "availability":
@@ -293,22 +363,42 @@ class Rooms:
             self._drain(room)
 
     def _drain(self, room: Room) -> None:
-        """Deliver every contiguous pending version; leave a catch-up behind a gap."""
+        """Queue every contiguous pending version for fan-out; leave a catch-up behind a gap."""
         assert room.version is not None
         for stale in [v for v in room.pending if v <= room.version]:
             del room.pending[stale]
         while (change := room.pending.pop(room.version + 1, None)) is not None:
             room.version = change.version
-            frames = Frames(change)
-            for member in tuple(room.members):
-                member.offer(frames)
-            for member in tuple(room.dashboards):
-                member.offer(frames)
-            if change.committed_at:
-                delivered = len(room.members) + len(room.dashboards)
-                self._on_fanout(delivered, time.time() - change.committed_at)
+            room.ready.append(change)
+        if room.ready and not room.fanning:
+            room.fanning = True
+            # Not now: let the broker reader take whatever else has arrived first,
+            # so that a loop that is behind sends it all in one round.
+            asyncio.get_running_loop().call_soon(self._fan_out, room)
         if room.pending and room.catching_up is None:
             self._start_catch_up(room, GAP_WAIT_S)
+
+    def _fan_out(self, room: Room) -> None:
+        """One step of the room's fan-out: a slice of a round, then schedule the next step."""
+        if self._rooms.get(room.doctor_id) is not room:
+            room.fanning = False  # the room closed
+            room.round = None
+            return
+        current = room.round
+        if current is None:
+            if not room.ready:
+                room.fanning = False
+                return
+            current = room.round = Round(room.ready, room)
+            room.ready = []
+        if current.step(room.doctor_id, self._slice):
+            room.round = None
+            delivered = len(current.members) + len(current.dashboards)
+            now = time.time()
+            for frames in current.frames:
+                if frames.change.committed_at:
+                    self._on_fanout(delivered, now - frames.change.committed_at)
+        asyncio.get_running_loop().call_soon(self._fan_out, room)
 
     def _on_reconnect(self, channels: frozenset[str]) -> None:
         """Messages published while the broker was away are lost: recover them.

@@ -909,6 +909,63 @@ async def test_closing_while_the_writer_waits_for_the_socket_does_not_crash_it()
     assert transport.written == []
 
 
+async def test_a_batch_of_deltas_is_one_write_while_the_socket_keeps_up() -> None:
+    transport, ws = FakeTransport(), FakeSocket()
+    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=1000)
+    try:
+        changes = [change(5, v, [slot(v, SlotStatus.BUSY)], []) for v in (1, 2, 3)]
+        frames = [Frames(c).get("availability", JSON) for c in changes]
+        conn.send_deltas(5, [c.public for c in changes], frames, b"".join(frames))
+        assert transport.written == [b"".join(frames)]
+    finally:
+        await conn.close()
+
+
+async def test_a_batch_of_deltas_for_a_client_behind_queues_and_merges_each_change() -> None:
+    """Behind, a batch is not one opaque item: each delta counts toward the merge threshold
+    and the outbox limit, and the merged delta covers exactly the batch's tail."""
+    transport, ws = FakeTransport(), FakeSocket()
+    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=1000)
+    try:
+        transport.buffered = HIGH_WATER
+        total = COALESCE_AFTER + 5
+        changes = [change(5, v, [slot(v, SlotStatus.BUSY)], []) for v in range(1, total + 1)]
+        frames = [Frames(c).get("availability", JSON) for c in changes]
+        conn.send_deltas(5, [c.public for c in changes], frames, b"".join(frames))
+        assert transport.written == []
+        transport.buffered = 0
+        await eventually(lambda: len(transport.written) == COALESCE_AFTER + 1, "the outbox")
+        sent = [decode(f) for f in transport.written]
+        assert all(isinstance(d, Delta) for d in sent)
+        deltas = cast(list[Delta], sent)
+        assert [(d.version, d.since) for d in deltas[:COALESCE_AFTER]] == [
+            (v, None) for v in range(1, COALESCE_AFTER + 1)
+        ]
+        merged = deltas[-1]
+        assert (merged.since, merged.version) == (COALESCE_AFTER, total)
+        assert sorted(s.id for s in merged.slots) == list(range(COALESCE_AFTER + 1, total + 1))
+    finally:
+        await conn.close()
+
+
+async def test_a_connection_that_never_queued_starts_no_writer_and_closes_with_its_code() -> None:
+    """The writer task is created on the first queued frame only; and `close()` returns
+    after the close frame we began has gone out, so the handler returning cannot let
+    aiohttp close with 1000 first."""
+    transport, ws = FakeTransport(), FakeSocket()
+    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=10)
+    conn.send(Pong())
+    assert conn._writer is None
+    conn.close_soon(CLOSE_SERVICE_RESTART, "service restart")
+    await conn.close()
+    assert ws.close_args == (CLOSE_SERVICE_RESTART, b"service restart")
+    transport.buffered = HIGH_WATER
+    other = Connection(cast(web.WebSocketResponse, FakeSocket()), transport, JSON, outbox_limit=10)
+    other.send(Pong())  # behind: queued, so now there is a writer
+    assert other._writer is not None
+    await other.close()
+
+
 async def test_a_client_that_is_behind_still_gets_the_reconnect_notice_of_a_drain() -> None:
     """On SIGTERM every client is told when to come back (a jittered `retry_after_ms`) and
     then closed with 1012. A client whose outbox is not empty at that moment must still

@@ -45,15 +45,18 @@ RECOVERY_S = 15.0
 OUTAGE_S = 1.0  # longer than the broker's first reconnect attempt, as real restarts are
 
 
-def payload(frame: bytes) -> bytes:
-    """The payload of one unmasked server frame (RFC 6455 section 5.2)."""
-    length = frame[1] & 0x7F
-    offset = 2
-    if length == 126:
-        offset = 4
-    elif length == 127:
-        offset = 10
-    return frame[offset:]
+def payloads(data: bytes) -> list[bytes]:
+    """The payloads of the unmasked server frames (RFC 6455 section 5.2) in `data`."""
+    out = []
+    while data:
+        length, offset = data[1] & 0x7F, 2
+        if length == 126:
+            length, offset = int.from_bytes(data[2:4], "big"), 4
+        elif length == 127:
+            length, offset = int.from_bytes(data[2:10], "big"), 10
+        out.append(data[offset : offset + length])
+        data = data[offset + length :]
+    return out
 
 
 class FakeConnection:
@@ -63,18 +66,28 @@ class FakeConnection:
 
     def __init__(self) -> None:
         self.deltas: list[Delta] = []
+        self.writes = 0  # frames or batches of frames handed over
         self._arrived = asyncio.Event()
 
     def send_delta(self, doctor_id: int, public: object, frame: bytes) -> None:
         self.send_frame(frame)
 
+    def send_deltas(
+        self, doctor_id: int, publics: list[object], frames: list[bytes], data: bytes
+    ) -> None:
+        assert data == b"".join(frames)
+        assert len(publics) == len(frames)
+        self.send_frame(data)
+
     def send(self, message: object) -> None:
         """Presence and resync notices are not deltas; these tests ignore them."""
 
     def send_frame(self, frame: bytes) -> None:
-        body = JSON.decode(payload(frame), SERVER_MESSAGES).body
-        assert isinstance(body, Delta), f"rooms sent a {body.TYPE}, not a delta"
-        self.deltas.append(body)
+        self.writes += 1
+        for data in payloads(frame):
+            body = JSON.decode(data, SERVER_MESSAGES).body
+            assert isinstance(body, Delta), f"rooms sent a {body.TYPE}, not a delta"
+            self.deltas.append(body)
         self._arrived.set()
 
     @property
@@ -383,3 +396,107 @@ async def test_booking_during_redis_outage_reaches_watchers_after_recovery(
         delta = await watcher.next_delta(timeout=RECOVERY_S)
         assert delta.version == snapshot.version + 1
         assert [(s.id, s.status) for s in delta.slots] == [(slot.id, SlotStatus.BUSY)]
+
+
+# ---- rounds: batching and slicing -----------------------------------------------------------
+
+
+@pytest.fixture
+async def sliced_rooms(store: Store, broker: ReconnectingBroker) -> AsyncIterator[Rooms]:
+    """Rooms that write to 2 members per event-loop turn, so a round of 5 takes 3 turns."""
+    r = Rooms(store, broker, "test-instance", fanout_slice=2)
+    yield r
+    await r.close()
+
+
+async def test_changes_ready_together_go_out_in_one_write_per_member(
+    rooms: Rooms, store: Store, doctor: SeededDoctor
+) -> None:
+    """Changes received in the same loop turn are one round: one write per member, in order."""
+    a, _ = await watch(rooms, doctor.id)
+    b, _ = await watch(rooms, doctor.id)
+    changes = await commit(store, doctor, 3)
+    for change in changes:
+        rooms.receive(change)  # as the broker reader does with messages already buffered
+    assert a.versions == b.versions == []  # not on the reader's path: in the next round
+    await a.wait_for(changes[-1].version)
+    await b.wait_for(changes[-1].version)
+    assert a.versions == b.versions == [c.version for c in changes]
+    assert a.writes == b.writes == 1
+    (later,) = await commit(store, doctor, 1, first_slot=3)
+    rooms.receive(later)
+    await a.wait_for(later.version)
+    assert a.versions[-1] == later.version
+    assert a.writes == 2
+
+
+async def test_a_member_live_within_a_batch_gets_only_what_its_snapshot_lacks(
+    rooms: Rooms, store: Store, doctor: SeededDoctor
+) -> None:
+    """A member whose snapshot falls inside a round's versions takes the per-change path."""
+    early, _ = await watch(rooms, doctor.id)
+    late_conn = FakeConnection()
+    late = await rooms.join(cast(Connection, late_conn), doctor.id)
+    v1, v2, v3 = await commit(store, doctor, 3)
+    late.start(v1.version)  # its snapshot read v1, not v2 and v3
+    for change in (v1, v2, v3):
+        rooms.receive(change)
+    await early.wait_for(v3.version)
+    await late_conn.wait_for(v3.version)
+    assert early.versions == [v1.version, v2.version, v3.version]
+    assert late_conn.versions == [v2.version, v3.version]
+
+
+async def test_a_big_room_is_written_in_slices_and_each_member_keeps_its_order(
+    sliced_rooms: Rooms, store: Store, doctor: SeededDoctor
+) -> None:
+    """Other work runs between slices; a change arriving mid-round waits for the next round,
+    so every member still sees every version once, in order."""
+    conns = [(await watch(sliced_rooms, doctor.id))[0] for _ in range(5)]
+    first, second = await commit(store, doctor, 2)
+    sliced_rooms.receive(first)
+    await asyncio.sleep(0)  # the first slice of the first round
+    reached = sum(1 for c in conns if c.versions)
+    assert reached == 2, "one slice per event-loop turn"
+    sliced_rooms.receive(second)  # mid-round
+    for conn in conns:
+        await conn.wait_for(second.version)
+    for conn in conns:
+        assert conn.versions == [first.version, second.version]
+        assert conn.writes == 2
+
+
+async def test_a_member_that_leaves_mid_round_gets_nothing_more(
+    sliced_rooms: Rooms, store: Store, doctor: SeededDoctor
+) -> None:
+    watched = [await watch(sliced_rooms, doctor.id) for _ in range(5)]
+    (change,) = await commit(store, doctor, 1)
+    sliced_rooms.receive(change)
+    await asyncio.sleep(0)  # the first slice is written
+    pending = [(c, m) for c, m in watched if not c.versions]
+    assert len(pending) == 3
+    gone_conn, gone = pending[0]
+    await sliced_rooms.leave(gone)  # e.g. an `unwatch` between two slices
+    for conn, member in watched:
+        if member is not gone:
+            await conn.wait_for(change.version)
+    assert gone_conn.versions == []
+
+
+async def test_fan_out_metrics_count_each_change_once_per_round(
+    store: Store, broker: ReconnectingBroker, doctor: SeededDoctor
+) -> None:
+    seen: list[int] = []
+    rooms = Rooms(
+        store, broker, "test-instance", on_fanout=lambda delivered, _latency: seen.append(delivered)
+    )
+    try:
+        conns = [(await watch(rooms, doctor.id))[0] for _ in range(3)]
+        changes = await commit(store, doctor, 2)
+        for change in changes:
+            rooms.receive(change)
+        await conns[0].wait_for(changes[-1].version)
+        await asyncio.sleep(0)
+        assert seen == [3, 3]  # one observation per change, each for every member
+    finally:
+        await rooms.close()
