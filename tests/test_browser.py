@@ -30,6 +30,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from axe_playwright_python.async_playwright import Axe
 from playwright.async_api import Browser, Locator, Page, WebSocketRoute, async_playwright, expect
 
 from protocol.vocabulary import Role
@@ -919,3 +920,46 @@ async def wait_for(predicate: Any, what: str) -> None:
     while not predicate():
         assert loop.time() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.05)
+
+
+# WCAG 2.1 levels A and AA: labels and names, contrast, landmarks, ARIA use, and the rest.
+WCAG_AA = {
+    "runOnly": {"type": "tag", "values": ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]},
+    "resultTypes": ["violations"],
+}
+
+
+async def audit(page: Page) -> str:
+    """axe-core's WCAG 2.1 AA violations on the page as it is now; empty when none."""
+    await page.evaluate("() => document.getAnimations().forEach(a => a.finish())")
+    results = await Axe().run(page, options=WCAG_AA)
+    return results.generate_report() if results.violations_count else ""
+
+
+async def test_every_screen_passes_a_wcag_aa_audit(
+    spawn_server: Spawn, http: aiohttp.ClientSession, pages: Pages
+) -> None:
+    """Sign-in, the slot picker with a hold, the dashboard, and the phone layout: no
+    missing label or name, no contrast below AA, no misused ARIA (axe-core's rules)."""
+    (server,) = await start(spawn_server, "s1")
+    doctor = await demo_doctor(http, server, "Dr. Ada Moreau")
+
+    visitor = await pages.open(f"{server.http_url}/", name="visitor")
+    await expect(visitor.get_by_test_id("signin")).to_be_visible()
+    assert await audit(visitor) == ""
+
+    alice = await pages.open(patient_url(server, doctor["id"], "alice"), name="alice")
+    slot_id = await first_free_slot(alice, doctor["id"])
+    await slot(alice, slot_id).click()
+    await expect(hold_panel(alice)).to_be_visible()
+    assert await audit(alice) == ""
+
+    bob = await pages.open(patient_url(server, doctor["id"], "bob"), name="bob", viewport=PHONE)
+    await expect(slot(bob, slot_id)).to_have_attribute("data-status", "busy-tentative")
+    assert await audit(bob) == ""
+
+    dash = await pages.open(doctor_url(server, doctor["id"]), name="doctor")
+    slot_day = local(await slot_start(http, server, doctor["id"], slot_id), "Europe/Paris").date()
+    timeline = await dashboard_day(dash, slot_day)
+    await expect(row(timeline, slot_id)).to_have_attribute("data-status", "busy-tentative")
+    assert await audit(dash) == ""
