@@ -491,6 +491,44 @@ async def test_pages_reconnect_and_catch_up_after_a_server_restart(
     await expect(my_appointment(alice, rows[0]["id"])).to_have_attribute("data-status", "booked")
 
 
+async def test_a_network_loss_keeps_the_hold_and_a_confirm_sent_offline_books_once(
+    spawn_server: Spawn, database_url: str, http: aiohttp.ClientSession, pages: Pages
+) -> None:
+    """The browser goes offline with a hold; the patient presses Confirm anyway. Back
+    online, the page catches up and the queued confirm books the slot exactly once."""
+    (server,) = await start(spawn_server, "s1")
+    ada = await demo_doctor(http, server, "Dr. Ada Moreau")
+    alice = await pages.open(patient_url(server, ada["id"], "alice"), name="alice")
+    slot_id = await first_free_slot(alice, ada["id"])
+    await slot(alice, slot_id).click()
+    await expect(hold_panel(alice)).to_be_visible()
+    other = calendar(alice).locator(
+        f'.slot[data-status="free"]:enabled:not([data-slot-id="{slot_id}"])'
+    )
+    other_id = int(await other.first.get_attribute("data-slot-id") or "")
+
+    await alice.context.set_offline(True)
+    await expect(connection(alice)).to_have_attribute("data-state", "offline")
+    await post_json(
+        http,
+        f"{server.http_url}/api/appointments",
+        {"slot_id": other_id, "idempotency_key": f"bob-{other_id}"},
+        201,
+        headers={"Authorization": f"Bearer {token(Role.PATIENT, 'bob')}"},
+    )
+    await hold_panel(alice).get_by_role("button", name="Confirm booking").click()
+    await alice.context.set_offline(False)
+
+    await online(alice, RECONNECT_MS)
+    await expect(message(alice, "booked")).to_be_visible()
+    await expect(slot(alice, other_id)).to_have_attribute("data-status", "busy")  # caught up
+    await expect(slot(alice, slot_id)).to_have_attribute("data-status", "busy")
+    rows = await appointments(database_url, slot_id)
+    assert [(r["patient_id"], r["status"]) for r in rows] == [("alice", "booked")]
+    await expect(my_appointment(alice, rows[0]["id"])).to_have_attribute("data-status", "booked")
+    await expect(alice.get_by_role("alert")).to_have_count(0)  # no second attempt refused
+
+
 async def test_demo_sign_in_as_patient_then_doctor(
     spawn_server: Spawn, http: aiohttp.ClientSession, pages: Pages
 ) -> None:
