@@ -23,6 +23,16 @@ Setup
   once per client process, so a received delta costs a dict lookup and one
   append of its receipt time (`time.time()`; same clock in every process).
 
+  Sampling (--sample N, default 10): only every N-th watcher of each instance,
+  in each process's connection order (so spread over both instances and over
+  the servers' member order), does the above. The others are *counting*
+  watchers: the same handshake, `watch` and snapshot, then uvloop stops reading
+  their socket (pause_reading) and a Drain reads it every --drain-ms (500) from
+  an epoll set nothing sleeps on, so an arriving frame wakes no process. A
+  counting watcher walks the frame headers only: it adds up its data frames and
+  their bytes, answers pings and records a close; nothing is decoded or
+  timestamped. --sample 1 makes every watcher timestamp (the old generator).
+
   The driver (`SlotcastClient`s in this process, JSON over WebSocket to instance
   1) books free slots at --rate R per second for --seconds S on a fixed schedule
   (no coordinated omission), rotating over --driver-conns connections, one
@@ -39,8 +49,14 @@ What is measured
   delivered   delta frames received naming a slot the driver booked, against
               expected = committed bookings x connected watchers; missing is the
               difference (merged "since" deltas count for every slot they carry;
-              watchers the server closed are reported).
-  latency     client-observed, per (watcher, change): receipt - booking reply,
+              watchers the server closed are reported). A counting watcher must
+              hold exactly one data frame per committed change, and exactly as
+              many bytes as the delta frames the sampled watchers of its instance
+              received for those changes (the server sends every member the same
+              bytes): fewer frames are missing (a merged delta included: it is
+              not told apart), more frames or other bytes are a mismatch. Both
+              fail the run.
+  latency     client-observed, per (sampled watcher, change): receipt - booking reply,
               and receipt - booking send. The delta carries no commit time; the
               commit happens between send and reply, so the two bracket it (reply
               -> receipt can be negative: a delta may beat the reply). Also the
@@ -95,6 +111,7 @@ import multiprocessing
 import os
 import re
 import resource
+import select
 import signal
 import subprocess
 import sys
@@ -235,6 +252,8 @@ class WorkerSpec:
     concurrency: int  # handshakes + snapshots in flight
     deadline: float  # epoch seconds: the process exits by then whatever happens
     nice: int = 0  # added to the watcher process's nice value
+    sample: int = 1  # every sample-th watcher per instance parses and timestamps; the rest count
+    drain_ms: float = 500.0  # how often the counting watchers' sockets are read
 
 
 @dataclass
@@ -244,6 +263,7 @@ class DeltaRecord:
     version: int
     since: int | None
     slots: tuple[int, ...]
+    size: int  # the whole frame's length (header included), as a counting watcher counts it
     times: array.array[float] = field(default_factory=lambda: array.array("d"))
 
 
@@ -260,6 +280,8 @@ class WorkerState:
     closes: Counter[int] = field(default_factory=Counter)
     lost: int = 0  # connections lost after their snapshot
     errors: Counter[str] = field(default_factory=Counter)
+    counted: int = 0  # data frames received by the counting watchers, all together
+    drain: Drain | None = None  # reads the counting watchers' sockets
 
 
 def _client_frame(opcode: int, payload: bytes) -> bytes:
@@ -278,10 +300,23 @@ class Watcher(asyncio.Protocol):
     """One raw WebSocket watcher: handshake, `watch`, then count and timestamp deltas."""
 
     def __init__(
-        self, state: WorkerState, instance: int, host: str, port: int, watch: bytes
+        self,
+        state: WorkerState,
+        instance: int,
+        host: str,
+        port: int,
+        watch: bytes,
+        counting: bool = False,
     ) -> None:
         self.state = state
         self.instance = instance
+        # A counting watcher parses only until its snapshot. From then on the Drain reads
+        # its socket, and `count` walks the frame headers: data frames and their bytes are
+        # added up, pings answered, closes recorded; nothing is decoded or timestamped.
+        self.counting = counting
+        self.fd = -1
+        self.frames = 0  # data frames after the snapshot (counting watchers)
+        self.bytes = 0  # their whole length, headers included
         self.seen = state.seen[instance]
         self.batches = state.batches[instance]
         self.request = (
@@ -302,6 +337,9 @@ class Watcher(asyncio.Protocol):
         self.transport.write(self.request)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.fd >= 0 and self.state.drain is not None:
+            self.state.drain.remove(self)
+            self.fd = -1
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(f"closed before the snapshot: {exc}"))
         else:
@@ -376,6 +414,10 @@ class Watcher(asyncio.Protocol):
             opcode = data[first] & 0x0F
             if opcode in (1, 2):
                 self._message(whole, payload, now)
+                if self.fd >= 0:  # a counting watcher's snapshot: the Drain takes over
+                    if end < n:
+                        self.count(data[end:])
+                    return
             elif opcode == 9:  # ping: pong, or the server drops us
                 assert self.transport is not None
                 self.transport.write(_client_frame(0xA, payload))
@@ -403,7 +445,10 @@ class Watcher(asyncio.Protocol):
         if kind == "delta":
             body = wire["body"]
             record = DeltaRecord(
-                body["version"], body.get("since"), tuple(s["id"] for s in body["slots"])
+                body["version"],
+                body.get("since"),
+                tuple(s["id"] for s in body["slots"]),
+                len(whole),
             )
             record.times.append(now)
             if body.get("since") is None:  # a merged delta is this client's own: not shared
@@ -413,8 +458,70 @@ class Watcher(asyncio.Protocol):
         elif kind == "snapshot":
             if not self.ready.done():
                 self.ready.set_result(None)
+                if self.counting:
+                    self._hand_over()
         elif kind == "error":
             self._fail(f"error reply: {wire['body']}")
+
+    def _hand_over(self) -> None:
+        """Stop uvloop reading this socket: the Drain reads it from now on."""
+        assert self.transport is not None
+        assert self.state.drain is not None
+        self.transport.pause_reading()
+        self.fd = self.transport.get_extra_info("socket").fileno()
+        self.state.drain.add(self)
+
+    def count(self, data: bytes) -> None:
+        """A counting watcher's bytes: walk the frame headers, add up the data frames."""
+        if self.rest:
+            data = self.rest + data
+            self.rest = b""
+        n = len(data)
+        i = frames = size = 0
+        while n - i >= 2:
+            first = i
+            length = data[i + 1] & 0x7F
+            start = i + 2
+            if length == 126:
+                if n - i < 4:
+                    break
+                length = int.from_bytes(data[i + 2 : i + 4], "big")
+                start = i + 4
+            elif length == 127:
+                if n - i < 10:
+                    break
+                length = int.from_bytes(data[i + 2 : i + 10], "big")
+                start = i + 10
+            end = start + length
+            if end > n:
+                break
+            i = end
+            opcode = data[first] & 0x0F
+            if opcode in (1, 2):
+                frames += 1
+                size += end - first
+            elif opcode == 9:
+                assert self.transport is not None
+                self.transport.write(_client_frame(0xA, data[start:end]))
+                self.state.frames["ping"] += 1
+            elif opcode == 8:
+                payload = data[start:end]
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                self.state.closes[code] += 1
+                self.close()
+                break
+        self.frames += frames
+        self.bytes += size
+        self.state.counted += frames
+        if i < n and self.fd >= 0:
+            self.rest = data[i:]
+
+    def close(self) -> None:
+        if self.fd >= 0 and self.state.drain is not None:
+            self.state.drain.remove(self)
+        self.fd = -1
+        if self.transport is not None:
+            self.transport.close()
 
     def _fail(self, why: str) -> None:
         if not self.ready.done():
@@ -423,12 +530,87 @@ class Watcher(asyncio.Protocol):
             self.transport.close()
 
 
+class Drain:
+    """Reads the counting watchers' sockets every `interval` seconds, not on every arrival.
+
+    The sockets are in an epoll set of their own that nothing waits on, so an arriving
+    frame wakes no process: a pass takes the ready sockets (256 per event-loop turn, so
+    the timestamping watchers of this process wait at most one slice) and reads each
+    once. Between passes the frames wait in the socket's receive buffer, a few KiB at
+    most, far below what would make the server queue or merge.
+    """
+
+    SLICE: Final = 256
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.epoll = select.epoll()
+        self.watchers: dict[int, Watcher] = {}
+        self.loop = asyncio.get_running_loop()
+        self.handle: asyncio.TimerHandle | asyncio.Handle | None = None
+
+    def add(self, watcher: Watcher) -> None:
+        self.watchers[watcher.fd] = watcher
+        self.epoll.register(watcher.fd, select.EPOLLIN)
+        if self.handle is None:
+            self.handle = self.loop.call_later(self.interval, self.step)
+
+    def remove(self, watcher: Watcher) -> None:
+        if self.watchers.pop(watcher.fd, None) is not None:
+            with contextlib.suppress(OSError):
+                self.epoll.unregister(watcher.fd)
+
+    def step(self) -> None:
+        ready = self.epoll.poll(0, self.SLICE)
+        watchers = self.watchers
+        read = os.read
+        for fd, _ in ready:
+            watcher = watchers.get(fd)
+            if watcher is None:
+                continue
+            try:
+                data = read(fd, 65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if data:
+                watcher.count(data)
+            else:  # EOF: connection_lost counts it
+                watcher.close()
+        if len(ready) == self.SLICE:
+            self.handle = self.loop.call_soon(self.step)
+        else:
+            self.handle = self.loop.call_later(self.interval, self.step)
+
+    def drain_now(self) -> None:
+        """Read everything already received (before reporting counts)."""
+        while True:
+            ready = self.epoll.poll(0, self.SLICE)
+            for fd, _ in ready:
+                watcher = self.watchers.get(fd)
+                if watcher is None:
+                    continue
+                try:
+                    data = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if data:
+                    watcher.count(data)
+                else:
+                    watcher.close()
+            if len(ready) < self.SLICE:
+                return
+
+
 async def _connect_one(
-    state: WorkerState, instance: int, host: str, port: int, spec: WorkerSpec
+    state: WorkerState, instance: int, host: str, port: int, spec: WorkerSpec, counting: bool
 ) -> Watcher | None:
     loop = asyncio.get_running_loop()
     for attempt in range(3):
-        watcher = Watcher(state, instance, host, port, spec.watch_frame)
+        watcher = Watcher(state, instance, host, port, spec.watch_frame, counting)
         try:
             async with asyncio.timeout(30):
                 await loop.create_connection(lambda w=watcher: w, host, port)  # type: ignore[misc]
@@ -446,24 +628,29 @@ async def _connect_one(
 async def _worker(pipe: Pipe, spec: WorkerSpec) -> None:
     codec = MSGPACK if spec.codec == "msgpack" else JSON
     state = WorkerState(codec, [{} for _ in spec.targets], [{} for _ in spec.targets])
+    state.drain = Drain(spec.drain_ms / 1000)
     gate = asyncio.Semaphore(spec.concurrency)
 
-    async def one(instance: int, host: str, port: int) -> Watcher | None:
+    async def one(instance: int, host: str, port: int, counting: bool) -> Watcher | None:
         async with gate:
-            return await _connect_one(state, instance, host, port, spec)
+            return await _connect_one(state, instance, host, port, spec, counting)
 
     started = time.time()
+    # Every sample-th watcher of each instance, in connection order (so spread over the
+    # member order on the server), parses and timestamps; the others count.
     jobs = [
-        one(instance, host, port)
+        one(instance, host, port, (k + spec.index) % spec.sample != 0)
         for instance, (host, port, count) in enumerate(spec.targets)
-        for _ in range(count)
+        for k in range(count)
     ]
     watchers = [w for w in await asyncio.gather(*jobs) if w is not None]
     per_instance = Counter(w.instance for w in watchers)
+    sampled = Counter(w.instance for w in watchers if not w.counting)
     pipe.send(
         {
             "connected": len(watchers),
             "per_instance": [per_instance.get(i, 0) for i in range(len(spec.targets))],
+            "sampled_per_instance": [sampled.get(i, 0) for i in range(len(spec.targets))],
             "seconds": time.time() - started,
             "errors": dict(state.errors),
         }
@@ -490,9 +677,12 @@ async def _worker(pipe: Pipe, spec: WorkerSpec) -> None:
             except TimeoutError:
                 return
             if command == "count":
-                pipe.send(sum(len(r.times) for seen in state.seen for r in seen.values()))
+                state.drain.drain_now()
+                timed = sum(len(r.times) for seen in state.seen for r in seen.values())
+                pipe.send((timed, state.counted))
             elif command == "collect":
-                pipe.send(_results(state))
+                state.drain.drain_now()
+                pipe.send(_results(state, watchers))
             else:
                 return
     finally:
@@ -502,14 +692,17 @@ async def _worker(pipe: Pipe, spec: WorkerSpec) -> None:
                 w.transport.abort()
 
 
-def _results(state: WorkerState) -> dict[str, Any]:
+def _results(state: WorkerState, watchers: list[Watcher]) -> dict[str, Any]:
     records = [
-        (instance, r.version, r.since, r.slots, r.times.tobytes())
+        (instance, r.version, r.since, r.slots, r.size, r.times.tobytes())
         for instance, seen in enumerate(state.seen)
         for r in seen.values()
     ]
+    # Counting watchers: how many had (instance, data frames, bytes).
+    counts = Counter((w.instance, w.frames, w.bytes) for w in watchers if w.counting)
     return {
         "records": records,
+        "counts": [(*key, n) for key, n in counts.items()],
         "frames": dict(state.frames),
         "closes": dict(state.closes),
         "lost": state.lost,
@@ -774,6 +967,8 @@ class Options:
     client_procs: int
     codec: str
     client_nice: int
+    sample: int
+    drain_ms: float
     idle_seconds: float
     drain_timeout: float
     late_timeout: float
@@ -885,6 +1080,8 @@ def run_scenario(
         "instances": opts.instances,
         "client_procs": opts.client_procs,
         "client_nice": opts.client_nice,
+        "sample": opts.sample,
+        "drain_ms": opts.drain_ms,
         "codec": opts.codec,
         "load_before": load_average(),
     }
@@ -915,6 +1112,8 @@ def run_scenario(
                     max(8, opts.connect_concurrency // opts.client_procs),
                     deadline,
                     opts.client_nice,
+                    opts.sample,
+                    opts.drain_ms,
                 )
             )
         with started_workers(specs) as workers:
@@ -926,6 +1125,10 @@ def run_scenario(
             ]
             report["connected"] = connected
             report["connected_per_instance"] = conn_per_instance
+            sampled_per_instance = [
+                sum(h["sampled_per_instance"][i] for h in hellos) for i in range(len(pids))
+            ]
+            report["sampled_per_instance"] = sampled_per_instance
             report["connect_seconds"] = round(time.time() - t0, 1)
             connect_errors: Counter[str] = Counter()
             for h in hellos:
@@ -966,16 +1169,22 @@ def run_scenario(
             # A booking whose reply timed out may still have committed: wait for all.
             expected = len(bookings) * connected
 
+            def counts() -> tuple[int, int]:
+                """(deltas timestamped, data frames counted) over all watcher processes."""
+                for _, pipe in workers:
+                    pipe.send("count")
+                replies = [_recv(pipe, deadline) for _, pipe in workers]
+                return sum(r[0] for r in replies), sum(r[1] for r in replies)
+
             def wait_for_deliveries(until: float) -> None:
                 while time.time() < min(until, deadline):
-                    for _, pipe in workers:
-                        pipe.send("count")
-                    if sum(_recv(pipe, deadline) for _, pipe in workers) >= expected:
+                    if sum(counts()) >= expected:
                         return
                     time.sleep(0.1)
 
             wait_for_deliveries(time.time() + opts.drain_timeout)
             w1 = time.time()
+            counted_in_window = counts()[1]
             cpu1 = [cpu_times(p) for p in pids]
             clients1 = [cpu_times(p) for p in workers_pids]
             parent1 = cpu_seconds(os.getpid())
@@ -1016,15 +1225,22 @@ def run_scenario(
     merged = unmatched = late = 0
     lost = 0
     last_receipt = w0
+    # Per instance and slot: the length of its (shared, unmerged) delta frame.
+    frame_size: list[dict[int, int]] = [{} for _ in range(opts.instances)]
+    counted: Counter[tuple[int, int, int]] = Counter()  # (instance, frames, bytes) -> watchers
     for result in results:
         frames.update(result["frames"])
         closes.update({int(k): v for k, v in result["closes"].items()})
         lost += result["lost"]
-        for instance, _version, since, slots, raw in result["records"]:
+        for instance, n_frames, n_bytes, n in result["counts"]:
+            counted[instance, n_frames, n_bytes] += n
+        for instance, _version, since, slots, size, raw in result["records"]:
             times = array.array("d")
             times.frombytes(raw)
             if since is not None:
                 merged += len(times)
+            elif len(slots) == 1:
+                frame_size[instance][slots[0]] = size
             if times:
                 last_receipt = max(last_receipt, max(times))
             matched = [by_slot[s] for s in slots if s in by_slot]
@@ -1046,8 +1262,34 @@ def run_scenario(
     # Committed: the server said so, or some watcher saw the slot change.
     committed = [b for b in bookings if b.error is None or per_slot[b.slot_id]]
     expected = len(committed) * connected
-    delivered = sum(per_slot.values())
-    missing = sum(max(0, connected - per_slot[b.slot_id]) for b in committed)
+    timed = sum(sampled_per_instance)
+    # Sampled (timestamping) watchers: per slot, as before.
+    missing = sum(max(0, timed - per_slot[b.slot_id]) for b in committed)
+    # Counting watchers: each must have exactly one data frame per committed change, of
+    # exactly the length of that change's delta frame as the sampled watchers of the same
+    # instance received it (the server sends every member of a codec the same bytes).
+    # Fewer frames is a loss (a merged delta would also show up here: it is reported as
+    # missing, not excused); more, or the right count with other bytes, is a mismatch.
+    expected_bytes = [
+        sum(sizes[b.slot_id] for b in committed)
+        if all(b.slot_id in sizes for b in committed)
+        else None  # no sampled watcher of this instance saw some change: bytes unknown
+        for sizes in frame_size
+    ]
+    counting_watchers = sum(counted.values())
+    counting_frames = sum(f * n for (_, f, _), n in counted.items())
+    counting_short = counting_mismatched = counting_missing = 0
+    for (instance, n_frames, n_bytes), n in counted.items():
+        if n_frames < len(committed):
+            counting_short += n
+            counting_missing += (len(committed) - n_frames) * n
+        elif n_frames > len(committed) or (
+            expected_bytes[instance] is not None and n_bytes != expected_bytes[instance]
+        ):
+            counting_mismatched += n
+    missing += counting_missing
+    delivered = sum(per_slot.values()) + counting_frames
+    late += counting_frames - counted_in_window
     user = [b[0] - a[0] for a, b in zip(cpu0, cpu1, strict=True)]
     system = [b[1] - a[1] for a, b in zip(cpu0, cpu1, strict=True)]
     cpu = [u + k for u, k in zip(user, system, strict=True)]
@@ -1079,6 +1321,11 @@ def run_scenario(
             "delivered_in_window": in_window,
             "late": late,
             "missing": missing,
+            "sampled_watchers": timed,
+            "counting_watchers": counting_watchers,
+            "counting_short": counting_short,
+            "counting_mismatched": counting_mismatched,
+            "counting_bytes_verified": all(b is not None for b in expected_bytes),
             "merged_deltas": merged,
             "other_deltas": unmatched,
             "closed_by_server": dict(closes),
@@ -1146,7 +1393,11 @@ def run_scenario(
 def print_report(r: dict[str, Any]) -> None:
     lat_r, lat_s, hist = r["latency_after_reply"], r["latency_after_send"], r["server_histogram"]
     book = r["server_book_command"]
-    loss = "none" if r["missing"] == 0 and r["delivered"] == r["expected"] else "LOSS"
+    loss = (
+        "none"
+        if r["missing"] == 0 and r["delivered"] == r["expected"] and not r["counting_mismatched"]
+        else "LOSS"
+    )
     print(
         f"""
   watchers        {r["connected"]}/{r["watchers"]} connected {r["connected_per_instance"]} \
@@ -1161,10 +1412,13 @@ replied), sent at {r["send_rate"]}/s, committed at {r["commit_rate"]}/s; errors 
 late (after the window) {r["late"]}; merged {r["merged_deltas"]}, other deltas \
 {r["other_deltas"]}, closed by server {r["closed_by_server"] or "none"}, lost conns \
 {r["connections_lost"]}
+  watchers check  {r["sampled_watchers"]} sampled (parse + timestamp, every {r["sample"]}th), \
+{r["counting_watchers"]} counting (read every {r["drain_ms"]:g} ms): {r["counting_short"]} \
+short, {r["counting_mismatched"]} mismatched, bytes verified {r["counting_bytes_verified"]}
   rate            {r["delivered_per_second"]} delivered msg/s ({r["delivered_in_window"]} in the \
 {r["window_seconds"]} s window)
   reply->receipt  p50 {lat_r["p50_ms"]:.1f} ms  p99 {lat_r["p99_ms"]:.1f} ms  max \
-{lat_r["max_ms"]:.1f} ms
+{lat_r["max_ms"]:.1f} ms  ({lat_r["n"]} samples)
   send->receipt   p50 {lat_s["p50_ms"]:.1f} ms  p99 {lat_s["p99_ms"]:.1f} ms  max \
 {lat_s["max_ms"]:.1f} ms   by instance {r["latency_after_send_by_instance"]}
   server histo    p50 {hist["p50_ms"]:.1f} ms  p99 {hist["p99_ms"]:.1f} ms  (commit -> handed \
@@ -1230,6 +1484,21 @@ def _parser() -> argparse.ArgumentParser:
         help="run the watcher processes at this nice value, so that on a saturated machine "
         "the servers and PostgreSQL get the CPU first (watchers then read late, which "
         "counts against latency)",
+    )
+    p.add_argument(
+        "--sample",
+        type=int,
+        default=10,
+        help="every N-th watcher of each instance (in connection order) decodes and "
+        "timestamps every frame; the others only count data frames and bytes. "
+        "1 = every watcher parses (the old load generator)",
+    )
+    p.add_argument(
+        "--drain-ms",
+        type=float,
+        default=500.0,
+        help="how often the counting watchers' sockets are read (ms); between reads the "
+        "frames wait in the socket's receive buffer",
     )
     p.add_argument("--database-url", help="PostgreSQL DSN (default: throwaway embedded)")
     p.add_argument("--redis-url", help="redis://host:port/db (default: throwaway redis-server)")
@@ -1301,6 +1570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 client_procs=args.client_procs,
                 codec=args.codec,
                 client_nice=args.client_nice,
+                sample=max(1, args.sample),
+                drain_ms=args.drain_ms,
                 idle_seconds=args.idle_seconds,
                 drain_timeout=args.drain_timeout,
                 late_timeout=args.late_timeout,
@@ -1316,7 +1587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"\n== {watchers} watchers, {args.rate}/s for {args.seconds} s, "
                 f"{args.instances} instances, {args.client_procs} watcher processes "
-                f"(nice {args.client_nice}), {args.codec}",
+                f"(nice {args.client_nice}), {args.codec}, sample {args.sample}",
                 flush=True,
             )
             report = run_scenario(opts, dsn, redis_url, backing)
@@ -1325,7 +1596,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.json:
                 args.json.write_text(json.dumps(reports, indent=2, default=str))
     print("\n" + summary_table(reports))
-    failed = any(r["missing"] or r["connected"] < r["watchers"] for r in reports)
+    failed = any(
+        r["missing"] or r["counting_mismatched"] or r["connected"] < r["watchers"] for r in reports
+    )
     return 1 if failed else 0
 
 
