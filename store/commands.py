@@ -77,6 +77,10 @@ class Tx:
         self.now = now
         self.actor = actor
         self._doctors: dict[int, _DoctorChanges] = {}
+        # A slot row the runner's first read under the locks already fetched FOR UPDATE
+        # (`sql.SLOT_PRELUDE`), handed to `locked_slot` once instead of a second query.
+        # The runner only sets it when nothing was written in between.
+        self.prefetched_slot: asyncpg.Record | None = None
 
     def _of(self, doctor_id: int, kind: str | None) -> _DoctorChanges:
         changes = self._doctors.setdefault(doctor_id, _DoctorChanges())
@@ -116,12 +120,15 @@ class Tx:
     def restore(self, checkpoint: dict[int, _DoctorChanges]) -> None:
         self._doctors = checkpoint
 
-    async def record(self) -> list[Change]:
-        """Bump each touched doctor's version once and append its change record."""
+    def changes(self, versions: dict[int, int]) -> list[tuple[str, Change]]:
+        """One change (with its `kind`) per touched doctor, in doctor order, each labelled
+        with the doctor's next version: `versions` holds the versions read under the locks.
+        The runner writes them all (`sql.RECORD`) and checks every version was the next."""
         changes = []
         for doctor_id in sorted(self._doctors):
             c = self._doctors[doctor_id]
-            version = await self.conn.fetchval(sql.DOCTOR_BUMP_VERSION, doctor_id)
+            if doctor_id not in versions:  # pragma: no cover - a command touched an unlocked doctor
+                raise RuntimeError(f"doctor {doctor_id} changed without its lock")
             private: dict[str, Any] = {
                 "kind": c.kinds,
                 "actor": str(self.actor),
@@ -129,17 +136,10 @@ class Tx:
             }
             if c.conflicts:
                 private["conflicts"] = c.conflicts
-            change = Change.build(doctor_id, version, list(c.slots.values()), c.removed, private)
-            await self.conn.execute(
-                sql.CHANGE_INSERT,
-                doctor_id,
-                version,
-                "+".join(c.kinds) or "change",
-                str(self.actor),
-                change.public,
-                change.private,
+            change = Change.build(
+                doctor_id, versions[doctor_id] + 1, list(c.slots.values()), c.removed, private
             )
-            changes.append(change)
+            changes.append(("+".join(c.kinds) or "change", change))
         self._doctors.clear()
         return changes
 
@@ -174,6 +174,10 @@ def slot_view(row: asyncpg.Record, status: SlotStatus | None = None, **extra: An
 
 
 async def locked_slot(tx: Tx, slot_id: int) -> asyncpg.Record:
+    row = tx.prefetched_slot
+    tx.prefetched_slot = None  # good for one read: the command may write the slot next
+    if row is not None and row["id"] == slot_id:
+        return row
     row = await tx.conn.fetchrow(sql.SLOT_FOR_UPDATE, slot_id)
     if row is None:
         raise NotFound(f"no slot {slot_id}")
@@ -244,9 +248,13 @@ async def bookable_slot(tx: Tx, slot_id: int, *, moving: int | None = None) -> a
     if start >= tx.now + timedelta(days=slot["horizon_days"]):
         raise OutsideHorizon(f"book at most {slot['horizon_days']} days ahead")
     buffer = timedelta(minutes=slot["buffer_minutes"])
-    if buffer and await tx.conn.fetchval(
-        sql.BUFFER_CLASH, slot["doctor_id"], start - buffer, slot["ends_at"] + buffer, moving
-    ):
+    # A slot read by `sql.SLOT_PRELUDE` carries the answer (for moving=None) as `buffer_clash`.
+    clash = slot.get("buffer_clash") if moving is None else None
+    if buffer and clash is None:
+        clash = await tx.conn.fetchval(
+            sql.BUFFER_CLASH, slot["doctor_id"], start - buffer, slot["ends_at"] + buffer, moving
+        )
+    if buffer and clash:
         raise SlotUnavailable("the slot is too close to another appointment")
     return slot
 
@@ -259,10 +267,12 @@ async def insert_appointment(
     *,
     hold_expires_at: datetime | None = None,
     replaces_id: int | None = None,
+    slot_status: SlotStatus,
 ) -> AppointmentView:
+    """Insert the appointment and set its slot's status, in one statement."""
     try:
         row = await tx.conn.fetchrow(
-            sql.APPOINTMENT_INSERT,
+            sql.APPOINTMENT_INSERT_TAKING_SLOT,
             slot["doctor_id"],
             slot["id"],
             patient_id,
@@ -271,6 +281,7 @@ async def insert_appointment(
             status.value,
             hold_expires_at,
             replaces_id,
+            slot_status.value,
         )
     except (asyncpg.ExclusionViolationError, asyncpg.UniqueViolationError) as exc:
         # The constraint behind every check fired; the command (or its savepoint) is

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -34,6 +34,7 @@ from protocol.messages import (
     Rescheduled,
     ScheduleUpdated,
     SlotUpdated,
+    SlotView,
     Snapshot,
 )
 from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
@@ -146,23 +147,28 @@ class Store:
     async def _run(
         self,
         *,
-        doctors: Iterable[int],
         actor: Actor,
         now: datetime,
         work: Work,
+        doctors: Iterable[int] = (),
+        of_slot: int | None = None,
+        of_appointment: int | None = None,
         request: Message | None = None,
         key: str | None = None,
         patient_lock: str | None = None,
     ) -> Outcome:
+        """Run `work` under the locks of `doctors`, or of the doctor of `of_slot` or of
+        `of_appointment`, found in the transaction's first statement (`not_found` if none).
+        With `of_slot`, the slot is read FOR UPDATE with the first read under the locks."""
         fingerprint: dict[str, Any] = {}
         if request is not None:
             fingerprint = msgspec.to_builtins(request)
             fingerprint.pop("idempotency_key", None)
         command = request.TYPE if request is not None else "system"
-        doctor_ids = sorted(set(doctors))
+        target = _Target(sorted(set(doctors)), of_slot, of_appointment, patient_lock)
         try:
             outcome, error = await self._attempt(
-                doctor_ids, actor, now, work, command, fingerprint, key, patient_lock
+                target, actor, now, work, command, fingerprint, key
             )
         except _KeyRace:
             # The same subject's key was stored by a concurrent command on another doctor.
@@ -191,30 +197,76 @@ class Store:
             key=request.idempotency_key,
         )
 
+    async def _lock(self, conn: asyncpg.Connection, target: _Target) -> list[int]:
+        """Take the locks, doctors first in id order, then the patient's: the first statement."""
+        if target.slot_id is None and target.appointment_id is None:
+            for doctor_id in target.doctor_ids:
+                await conn.execute(sql.DOCTOR_LOCK, LOCK_NS_DOCTOR, doctor_id)
+            if target.patient is not None:
+                await conn.execute(sql.PATIENT_LOCK, LOCK_NS_PATIENT, target.patient)
+            return target.doctor_ids
+        if target.slot_id is not None:
+            if target.patient is not None:
+                row = await conn.fetchrow(
+                    sql.SLOT_DOCTOR_PATIENT_LOCK,
+                    LOCK_NS_DOCTOR,
+                    target.slot_id,
+                    LOCK_NS_PATIENT,
+                    target.patient,
+                )
+            else:
+                row = await conn.fetchrow(sql.SLOT_DOCTOR_LOCK, LOCK_NS_DOCTOR, target.slot_id)
+            if row is None:
+                raise NotFound(f"no slot {target.slot_id}")
+        else:
+            assert target.patient is None  # no command locks a patient by appointment
+            row = await conn.fetchrow(
+                sql.APPOINTMENT_DOCTOR_LOCK, LOCK_NS_DOCTOR, target.appointment_id
+            )
+            if row is None:
+                raise NotFound(f"no appointment {target.appointment_id}")
+        return [row["doctor_id"]]
+
     async def _attempt(
         self,
-        doctor_ids: list[int],
+        target: _Target,
         actor: Actor,
         now: datetime,
         work: Work,
         command: str,
         fingerprint: dict[str, Any],
         key: str | None,
-        patient_lock: str | None,
     ) -> tuple[Outcome, StoreError | None]:
         with translated():
             async with self._pool.acquire() as conn, conn.transaction():
-                for doctor_id in doctor_ids:
-                    await conn.execute(sql.DOCTOR_LOCK, LOCK_NS_DOCTOR, doctor_id)
-                if patient_lock is not None:
-                    await conn.execute(sql.PATIENT_LOCK, LOCK_NS_PATIENT, patient_lock)
-                if key is not None:
-                    replay = await self._replay(conn, actor, key, command, fingerprint)
-                    if replay is not None:
-                        return Outcome(replay, []), None
+                doctor_ids = await self._lock(conn, target)
+                # One round trip for the versions, the expired-hold check, the idempotency
+                # record and (of_slot) the slot: its snapshot is taken after the locks.
+                if target.slot_id is not None:
+                    first = await conn.fetchrow(
+                        sql.SLOT_PRELUDE,
+                        doctor_ids,
+                        now,
+                        str(actor),
+                        key,
+                        target.slot_id,
+                        target.patient,
+                    )
+                else:
+                    first = await conn.fetchrow(
+                        sql.COMMAND_PRELUDE, doctor_ids, now, str(actor), key
+                    )
+                if first["key_command"] is not None:
+                    return Outcome(self._replayed(first, command, fingerprint), []), None
+                versions = dict(
+                    zip(first["doctor_ids"] or [], first["versions"] or [], strict=True)
+                )
                 tx = Tx(conn, now, actor)
-                for doctor_id in doctor_ids:
-                    await cmd.expire_holds(tx, doctor_id)
+                if first["expired_holds"]:
+                    for doctor_id in doctor_ids:
+                        await cmd.expire_holds(tx, doctor_id)
+                elif target.slot_id is not None and first["id"] is not None:
+                    tx.prefetched_slot = first  # nothing written since it was read
                 before = tx.checkpoint()
                 error: StoreError | None = None
                 reply: Message | None = None
@@ -231,11 +283,59 @@ class Store:
                     # Nothing to keep: a refusal rolls the whole transaction back, and
                     # the two round trips of a savepoint are saved on every command.
                     reply = await work(tx)
-                changes = await tx.record()
-                if reply is not None and key is not None:
-                    await self._remember(conn, actor, key, command, fingerprint, reply)
+                tx.prefetched_slot = None
+                changes = await self._record(
+                    conn, tx, versions, actor, key, command, fingerprint, reply
+                )
                 # A refused command still commits the holds it found expired.
                 return Outcome(reply, changes), error
+
+    async def _record(
+        self,
+        conn: asyncpg.Connection,
+        tx: Tx,
+        versions: dict[int, int],
+        actor: Actor,
+        key: str | None,
+        command: str,
+        fingerprint: dict[str, Any],
+        reply: Message | None,
+    ) -> list[Change]:
+        """Versions, change records and the idempotency record: one statement (`sql.RECORD`)."""
+        built = tx.changes(versions)
+        remember = reply is not None and key is not None
+        if not built and not remember:
+            return []
+        response = (
+            {"type": reply.TYPE, "body": msgspec.to_builtins(reply)} if reply is not None else None
+        )
+        row = await conn.fetchrow(
+            sql.RECORD,
+            [c.doctor_id for _, c in built],
+            [c.version for _, c in built],
+            [kind for kind, _ in built],
+            [c.public for _, c in built],
+            [c.private for _, c in built],
+            str(actor),
+            key if remember else None,
+            command if remember else None,
+            fingerprint if remember else None,
+            response if remember else None,
+        )
+        if row["recorded"] != len(built):  # pragma: no cover - only a bug can get here
+            raise StoreError("a doctor's version moved under its lock")
+        if remember and not row["remembered"]:
+            raise _KeyRace  # a concurrent command on another doctor stored it first
+        return [c for _, c in built]
+
+    @staticmethod
+    def _replayed(row: Mapping[str, Any], command: str, fingerprint: dict[str, Any]) -> Message:
+        """The reply stored under the key, if the key was used for this same request."""
+        if row["key_command"] != command or row["key_request"] != fingerprint:
+            raise IdempotencyConflict("this idempotency key was used for a different request")
+        response = row["key_response"]
+        reply: Message = msgspec.convert(response["body"], SERVER_MESSAGES[response["type"]])
+        return reply
 
     async def _replay(
         self,
@@ -249,27 +349,15 @@ class Store:
         row = await conn.fetchrow(sql.IDEMPOTENCY_GET, str(actor), key)
         if row is None:
             return None
-        if row["command"] != command or row["request"] != fingerprint:
-            raise IdempotencyConflict("this idempotency key was used for a different request")
-        response = row["response"]
-        reply: Message = msgspec.convert(response["body"], SERVER_MESSAGES[response["type"]])
-        return reply
-
-    async def _remember(
-        self,
-        conn: asyncpg.Connection,
-        actor: Actor,
-        key: str,
-        command: str,
-        fingerprint: dict[str, Any],
-        reply: Message,
-    ) -> None:
-        response = {"type": reply.TYPE, "body": msgspec.to_builtins(reply)}
-        stored = await conn.fetchval(
-            sql.IDEMPOTENCY_PUT, str(actor), key, command, fingerprint, response
+        return self._replayed(
+            {
+                "key_command": row["command"],
+                "key_request": row["request"],
+                "key_response": row["response"],
+            },
+            command,
+            fingerprint,
         )
-        if stored is None:  # a concurrent command on another doctor stored it first
-            raise _KeyRace
 
     async def _doctor_of_slot(self, slot_id: int) -> int:
         with translated():  # a slot never changes doctor, so this is safe before the lock
@@ -508,25 +596,31 @@ class Store:
     ) -> Outcome:
         """Hold a free slot for `ttl`: the slot turns `busy-tentative` until confirmed."""
         now = _now(now)
-        doctor_id = await self._doctor_of_slot(request.slot_id)
 
         async def work(tx: Tx) -> Message:
             slot = await cmd.bookable_slot(tx, request.slot_id)
-            held = await tx.conn.fetchval(sql.ACTIVE_HOLDS_OF_PATIENT, actor.subject, tx.now)
+            # Counted with the slot by the first read (`sql.SLOT_PRELUDE`), under both locks.
+            held = slot.get("active_holds")
+            if held is None:
+                held = await tx.conn.fetchval(sql.ACTIVE_HOLDS_OF_PATIENT, actor.subject, tx.now)
             if held >= max_holds:
                 raise HoldLimit(f"at most {max_holds} holds at a time")
             expires = tx.now + ttl
             appointment = await cmd.insert_appointment(
-                tx, slot, actor.subject, AppointmentStatus.PENDING, hold_expires_at=expires
+                tx,
+                slot,
+                actor.subject,
+                AppointmentStatus.PENDING,
+                hold_expires_at=expires,
+                slot_status=SlotStatus.BUSY_TENTATIVE,
             )
-            await tx.conn.execute(sql.SLOT_SET_STATUS, slot["id"], SlotStatus.BUSY_TENTATIVE.value)
             view = cmd.slot_view(slot, SlotStatus.BUSY_TENTATIVE, hold_expires_at=expires)
-            tx.slot(doctor_id, view, "slot.held")
+            tx.slot(slot["doctor_id"], view, "slot.held")
             tx.appointment(appointment)
             return Held(appointment)
 
         return await self._run(
-            doctors=[doctor_id],
+            of_slot=request.slot_id,
             actor=actor,
             now=now,
             work=work,
@@ -567,33 +661,43 @@ class Store:
         """Book a free slot directly, or confirm the caller's own hold (`hold_id`)."""
         if (request.slot_id is None) == (request.hold_id is None):
             raise Invalid("give exactly one of `slot_id` and `hold_id`")
-        if request.hold_id is not None:
-            doctor_id = await self._doctor_of_appointment(request.hold_id)
-        else:
-            doctor_id = await self._doctor_of_slot(request.slot_id)
 
         async def work(tx: Tx) -> Message:
             if request.hold_id is not None:
                 hold = await self._own_hold(tx, request.hold_id)
                 row = await tx.conn.fetchrow(
-                    sql.APPOINTMENT_SET_STATUS,
+                    sql.HOLD_CONFIRM,
                     hold.id,
                     AppointmentStatus.BOOKED.value,
                     tx.now,
+                    SlotStatus.BUSY.value,
                 )
                 appointment = cmd.appointment_view(row)
-                slot = await cmd.locked_slot(tx, hold.slot_id)
-            else:
-                slot = await cmd.bookable_slot(tx, request.slot_id)
-                appointment = await cmd.insert_appointment(
-                    tx, slot, actor.subject, AppointmentStatus.BOOKED
+                slot = SlotView(
+                    id=hold.slot_id,
+                    start=row["slot_starts_at"],
+                    end=row["slot_ends_at"],
+                    status=SlotStatus.BUSY,
                 )
-            await tx.conn.execute(sql.SLOT_SET_STATUS, slot["id"], SlotStatus.BUSY.value)
-            tx.slot(doctor_id, cmd.slot_view(slot, SlotStatus.BUSY), "slot.booked")
+            else:
+                booked = await cmd.bookable_slot(tx, request.slot_id)
+                appointment = await cmd.insert_appointment(
+                    tx, booked, actor.subject, AppointmentStatus.BOOKED, slot_status=SlotStatus.BUSY
+                )
+                slot = cmd.slot_view(booked, SlotStatus.BUSY)
+            tx.slot(appointment.doctor_id, slot, "slot.booked")
             tx.appointment(appointment)
             return Booked(appointment)
 
-        return await self._command([doctor_id], actor, request, now, work)
+        return await self._run(
+            of_slot=request.slot_id,
+            of_appointment=request.hold_id,
+            actor=actor,
+            now=_now(now),
+            work=work,
+            request=request,
+            key=request.idempotency_key,
+        )
 
     async def book(
         self,
@@ -662,9 +766,13 @@ class Store:
             tx.appointment(replaced, "appointment.rescheduled")
             await cmd.free_slot(tx, old_doctor, old.slot_id, "appointment.rescheduled")
             new = await cmd.insert_appointment(
-                tx, slot, old.patient_id, AppointmentStatus.BOOKED, replaces_id=old.id
+                tx,
+                slot,
+                old.patient_id,
+                AppointmentStatus.BOOKED,
+                replaces_id=old.id,
+                slot_status=SlotStatus.BUSY,
             )
-            await tx.conn.execute(sql.SLOT_SET_STATUS, slot["id"], SlotStatus.BUSY.value)
             tx.slot(new_doctor, cmd.slot_view(slot, SlotStatus.BUSY), "appointment.rescheduled")
             tx.appointment(new)
             return Rescheduled(appointment=new, replaced=replaced)
@@ -767,6 +875,16 @@ class Store:
             )
 
         return await self._command([doctor_id], actor, request, now, work)
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Whose locks a command takes: `doctor_ids`, or the doctor of a slot or appointment."""
+
+    doctor_ids: list[int]
+    slot_id: int | None
+    appointment_id: int | None
+    patient: str | None  # also the patient's lock (holds), taken after the doctor's
 
 
 class _KeyRace(Exception):
