@@ -107,12 +107,14 @@ async def open_store(
     statement_timeout_ms: int = 2000,
 ) -> AsyncIterator[Store]:
     """A pool whose every connection fails fast on a stuck lock or a runaway statement."""
+    session_state: set[int] = set()
     with translated():
         pool = await asyncpg.create_pool(
             dsn,
             min_size=min_size,
             max_size=max_size,
             init=_init_connection,
+            reset=_reset_only_if(session_state),
             server_settings={
                 "lock_timeout": str(lock_timeout_ms),
                 "statement_timeout": str(statement_timeout_ms),
@@ -121,9 +123,31 @@ async def open_store(
             },
         )
     try:
-        yield Store(pool)
+        yield Store(pool, session_state)
     finally:
         await pool.close()
+
+
+def _reset_only_if(session_state: set[int]) -> Callable[[asyncpg.Connection], Awaitable[None]]:
+    """A pool reset that costs a round trip only where session state may be left behind.
+
+    asyncpg's default reset sends `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+    RESET ALL` on every release: one round trip per checkout, on every booking. Before this
+    hook runs, asyncpg itself has dropped the connection's listeners and rolled back any
+    transaction left open. The store leaves no other session state (no SET, LISTEN, WITH
+    HOLD cursors or temporary tables: all its SQL is in `sql.py`) except the session
+    advisory lock of `Store.exclusive`, which marks its connection (by backend pid) before
+    locking: a marked connection gets the full reset, whatever happened to its unlock.
+    Anything new that leaves session state must mark its connection the same way.
+    """
+
+    async def reset(conn: asyncpg.Connection) -> None:
+        pid = conn.get_server_pid()
+        if pid in session_state:
+            session_state.discard(pid)
+            await conn.execute(conn.get_reset_query())
+
+    return reset
 
 
 def _change(doctor_id: int, row: asyncpg.Record) -> Change:
@@ -137,8 +161,10 @@ def _now(now: datetime | None) -> datetime:
 
 
 class Store:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, session_state: set[int] | None = None) -> None:
         self._pool = pool
+        # Backend pids of pooled connections that may hold session state (see open_store).
+        self._session_state = session_state if session_state is not None else set()
         # Told of every commit's changes, in commit order per doctor; the server publishes them.
         self.on_commit: OnCommit = lambda changes: None
 
@@ -380,6 +406,8 @@ class Store:
         """Hold a session advisory lock across several transactions (e.g. seeding)."""
         with translated():
             async with self._pool.acquire() as conn:
+                # Fully reset on release even if the unlock below never runs.
+                self._session_state.add(conn.get_server_pid())
                 await conn.execute(sql.SESSION_LOCK, namespace, key)
                 try:
                     yield

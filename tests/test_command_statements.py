@@ -190,3 +190,42 @@ async def test_a_hold_takes_the_doctors_lock_before_the_patients(
         assert not task.done()
     appointment = await task
     assert appointment.status is AppointmentStatus.PENDING
+
+
+async def test_pooled_connections_come_back_without_locks_or_transactions(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    """The pool skips asyncpg's reset query after ordinary commands: nothing may linger."""
+    calendar = await open_calendar(store)
+    ann, bob = patient("p-ann"), patient("p-bob")
+    await hold(store, ann, calendar.slots[0])
+    await book(store, ann, calendar.slots[1])
+    with pytest.raises(SlotTaken):
+        await book(store, bob, calendar.slots[1])  # refused: its transaction rolls back
+
+    lingering = await db.fetch(
+        "SELECT l.pid, l.locktype, a.state FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+        " WHERE a.application_name = 'slotcast'"
+        "   AND (l.locktype = 'advisory' OR a.state <> 'idle')"
+    )
+    assert lingering == []
+    assert (await book(store, bob, calendar.slots[2])).patient_id == "p-bob"
+
+
+async def test_a_session_lock_never_outlives_its_checkout(
+    store: Store, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Make `exclusive` forget to unlock, as if its unlock had been cancelled: the full reset
+    # that its connection gets on release must still free the lock.
+    monkeypatch.setattr("store.database.sql.SESSION_UNLOCK", "SELECT $1::int4, $2::int4")
+    async with store.exclusive(0x5C99, 7):
+        held = await db.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1"
+            " AND objid = 7",
+            0x5C99,
+        )
+        assert held == 1
+
+    free = await db.fetchval("SELECT pg_try_advisory_lock($1::int4, 7)", 0x5C99)
+    assert free
+    await db.execute("SELECT pg_advisory_unlock($1::int4, 7)", 0x5C99)
