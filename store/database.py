@@ -270,14 +270,10 @@ class Store:
                 # record and (of_slot) the slot: its snapshot is taken after the locks.
                 if target.slot_id is not None:
                     first = await conn.fetchrow(
-                        sql.SLOT_PRELUDE,
-                        doctor_ids,
-                        now,
-                        str(actor),
-                        key,
-                        target.slot_id,
-                        target.patient,
+                        sql.SLOT_PRELUDE, now, str(actor), key, target.slot_id, target.patient
                     )
+                    if first is None:  # pragma: no cover - slots are never deleted
+                        raise NotFound(f"no slot {target.slot_id}")
                 else:
                     first = await conn.fetchrow(
                         sql.COMMAND_PRELUDE, doctor_ids, now, str(actor), key
@@ -291,7 +287,7 @@ class Store:
                 if first["expired_holds"]:
                     for doctor_id in doctor_ids:
                         await cmd.expire_holds(tx, doctor_id)
-                elif target.slot_id is not None and first["id"] is not None:
+                elif target.slot_id is not None:
                     tx.prefetched_slot = first  # nothing written since it was read
                 before = tx.checkpoint()
                 error: StoreError | None = None

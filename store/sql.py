@@ -55,7 +55,8 @@ FROM (
 # does the command run HOLDS_EXPIRE), and the caller's idempotency record, if any.
 # Keys belong to the role and subject together ($3 is "patient:17"): doctor "1" is not
 # patient "1". A NULL key ($4) matches nothing.
-_PRELUDE: Final = """
+COMMAND_PRELUDE: Final = """
+SELECT
     (SELECT array_agg(d.id ORDER BY d.id) FROM doctors d WHERE d.id = ANY($1::int[]))
         AS doctor_ids,
     (SELECT array_agg(d.version ORDER BY d.id) FROM doctors d WHERE d.id = ANY($1::int[]))
@@ -64,26 +65,31 @@ _PRELUDE: Final = """
         SELECT 1 FROM appointments e
         WHERE e.doctor_id = ANY($1::int[]) AND e.status = 'pending' AND e.hold_expires_at <= $2
     ) AS expired_holds,
-    k.command AS key_command, k.request AS key_request, k.response AS key_response"""
-COMMAND_PRELUDE: Final = f"""
-SELECT {_PRELUDE}
+    k.command AS key_command, k.request AS key_request, k.response AS key_response
 FROM (SELECT) AS one
 LEFT JOIN idempotency_keys k ON k.subject = $3 AND k.key = $4"""
-# The same, plus what a booking or a hold re-checks about its slot ($5), locked as
-# SLOT_FOR_UPDATE locks it: the doctor's rules, whether another active appointment lies
-# within the buffer (BUFFER_CLASH, computed only when the doctor has a buffer) and, for a
-# hold, how many live holds the patient ($6) has (ACTIVE_HOLDS_OF_PATIENT; NULL for a
-# booking). Valid only while nothing has been written: if holds expired, the command frees
-# them first and reads the slot again.
-SLOT_PRELUDE: Final = f"""
+# For a booking or a hold, the same about the slot's doctor, plus what the command
+# re-checks about its slot ($4), locked as SLOT_FOR_UPDATE locks it: the doctor's rules,
+# whether another active appointment lies within the buffer (BUFFER_CLASH, only when the
+# doctor has a buffer) and, for a hold, how many live holds the patient ($5) has
+# (ACTIVE_HOLDS_OF_PATIENT; NULL for a booking). The doctor is the one SLOT_DOCTOR_LOCK
+# locked: a slot's doctor never changes. Valid only while nothing has been written: if
+# holds expired, the command frees them first and reads the slot again.
+SLOT_PRELUDE: Final = """
 WITH slot AS (
     SELECT s.id, s.doctor_id, s.starts_at, s.ends_at, s.status, s.conflict, s.retired_at,
-           d.buffer_minutes, d.min_notice_minutes, d.horizon_days
+           d.buffer_minutes, d.min_notice_minutes, d.horizon_days, d.version
     FROM slots s JOIN doctors d ON d.id = s.doctor_id
-    WHERE s.id = $5
+    WHERE s.id = $4
     FOR UPDATE OF s
 )
-SELECT {_PRELUDE},
+SELECT ARRAY[slot.doctor_id] AS doctor_ids, ARRAY[slot.version] AS versions,
+    EXISTS (
+        SELECT 1 FROM appointments e
+        WHERE e.doctor_id = slot.doctor_id AND e.status = 'pending'
+          AND e.hold_expires_at <= $1
+    ) AS expired_holds,
+    k.command AS key_command, k.request AS key_request, k.response AS key_response,
     slot.id, slot.doctor_id, slot.starts_at, slot.ends_at, slot.status, slot.conflict,
     slot.retired_at, slot.buffer_minutes, slot.min_notice_minutes, slot.horizon_days,
     slot.buffer_minutes > 0 AND EXISTS (
@@ -93,13 +99,12 @@ SELECT {_PRELUDE},
               && tstzrange(slot.starts_at - make_interval(mins => slot.buffer_minutes),
                            slot.ends_at + make_interval(mins => slot.buffer_minutes), '[)')
     ) AS buffer_clash,
-    CASE WHEN $6::text IS NOT NULL THEN (
+    CASE WHEN $5::text IS NOT NULL THEN (
         SELECT count(*) FROM appointments h
-        WHERE h.patient_id = $6 AND h.status = 'pending' AND h.hold_expires_at > $2
+        WHERE h.patient_id = $5 AND h.status = 'pending' AND h.hold_expires_at > $1
     ) END AS active_holds
-FROM (SELECT) AS one
-LEFT JOIN idempotency_keys k ON k.subject = $3 AND k.key = $4
-LEFT JOIN slot ON true"""
+FROM slot
+LEFT JOIN idempotency_keys k ON k.subject = $2 AND k.key = $3"""
 
 # ---- doctors and schedules ----------------------------------------------------------------
 
@@ -254,9 +259,9 @@ LIMIT 200"""
 # `remembered` is 0 when a concurrent command on another doctor stored the key first.
 RECORD: Final = """
 WITH bumped AS (
+    -- = ANY, not a join with unnest: the generic plan of a join scans every doctor.
     UPDATE doctors AS d SET version = d.version + 1
-    FROM unnest($1::int[]) AS t(id)
-    WHERE d.id = t.id
+    WHERE d.id = ANY($1::int[])
     RETURNING d.id, d.version
 ), recorded AS (
     INSERT INTO changes (doctor_id, version, kind, actor, public, private)
