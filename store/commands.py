@@ -20,7 +20,14 @@ from protocol.messages import AppointmentView, SlotView
 from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
 from store import sql
 from store.changes import Change
-from store.errors import NotFound, OutsideHorizon, SlotTaken, SlotUnavailable, TooLate
+from store.errors import (
+    NotFound,
+    OutsideHorizon,
+    SlotTaken,
+    SlotUnavailable,
+    StoreError,
+    TooLate,
+)
 from store.schedule import Block, slot_times, zone
 
 # ---- who acts --------------------------------------------------------------------------------
@@ -60,6 +67,19 @@ MARKABLE: dict[AppointmentStatus, frozenset[AppointmentStatus]] = {
 # ---- the transaction -------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Taking:
+    """The appointment a booking or a hold means to insert on its slot, told to the runner
+    in advance so that its first read can insert it at once when every check passes
+    (`sql.SLOT_PRELUDE`); `insert_appointment` then returns that row."""
+
+    patient_id: str
+    status: AppointmentStatus
+    slot_status: SlotStatus
+    hold_expires_at: datetime | None = None
+    max_holds: int | None = None  # a hold: the patient's limit, checked with the slot
+
+
 @dataclass(slots=True)
 class _DoctorChanges:
     kinds: list[str] = field(default_factory=list)
@@ -81,6 +101,9 @@ class Tx:
         # (`sql.SLOT_PRELUDE`), handed to `locked_slot` once instead of a second query.
         # The runner only sets it when nothing was written in between.
         self.prefetched_slot: asyncpg.Record | None = None
+        # The appointment that read inserted (`taken_` columns), for `insert_appointment`;
+        # the runner refuses to commit if the command does not claim it.
+        self.taken: tuple[Taking, asyncpg.Record] | None = None
 
     def _of(self, doctor_id: int, kind: str | None) -> _DoctorChanges:
         changes = self._doctors.setdefault(doctor_id, _DoctorChanges())
@@ -147,19 +170,19 @@ class Tx:
 # ---- reading rows ------------------------------------------------------------------------------
 
 
-def appointment_view(row: asyncpg.Record) -> AppointmentView:
+def appointment_view(row: asyncpg.Record, prefix: str = "") -> AppointmentView:
     return AppointmentView(
-        id=row["id"],
-        slot_id=row["slot_id"],
-        doctor_id=row["doctor_id"],
-        patient_id=row["patient_id"],
-        start=row["starts_at"],
-        end=row["ends_at"],
-        status=AppointmentStatus(row["status"]),
-        hold_expires_at=row["hold_expires_at"],
-        replaces_id=row["replaces_id"],
-        cancel_reason=row["cancel_reason"],
-        cancelled_at=row["cancelled_at"],
+        id=row[prefix + "id"],
+        slot_id=row[prefix + "slot_id"],
+        doctor_id=row[prefix + "doctor_id"],
+        patient_id=row[prefix + "patient_id"],
+        start=row[prefix + "starts_at"],
+        end=row[prefix + "ends_at"],
+        status=AppointmentStatus(row[prefix + "status"]),
+        hold_expires_at=row[prefix + "hold_expires_at"],
+        replaces_id=row[prefix + "replaces_id"],
+        cancel_reason=row[prefix + "cancel_reason"],
+        cancelled_at=row[prefix + "cancelled_at"],
     )
 
 
@@ -269,7 +292,16 @@ async def insert_appointment(
     replaces_id: int | None = None,
     slot_status: SlotStatus,
 ) -> AppointmentView:
-    """Insert the appointment and set its slot's status, in one statement."""
+    """Insert the appointment and set its slot's status, in one statement, unless the
+    runner's first read already did exactly that (`Tx.taken`)."""
+    if tx.taken is not None:
+        taking, row = tx.taken
+        tx.taken = None
+        asked = Taking(patient_id, status, slot_status, hold_expires_at)
+        done = Taking(taking.patient_id, taking.status, taking.slot_status, taking.hold_expires_at)
+        if row["taken_slot_id"] != slot["id"] or replaces_id is not None or asked != done:
+            raise StoreError("the first read inserted another appointment")  # pragma: no cover
+        return appointment_view(row, prefix="taken_")
     try:
         row = await tx.conn.fetchrow(
             sql.APPOINTMENT_INSERT_TAKING_SLOT,

@@ -52,6 +52,7 @@ from store.errors import (
     InvalidTransition,
     NotFound,
     NotHolder,
+    SlotTaken,
     StoreError,
     translated,
 )
@@ -182,16 +183,19 @@ class Store:
         request: Message | None = None,
         key: str | None = None,
         patient_lock: str | None = None,
+        taking: cmd.Taking | None = None,
     ) -> Outcome:
         """Run `work` under the locks of `doctors`, or of the doctor of `of_slot` or of
         `of_appointment`, found in the transaction's first statement (`not_found` if none).
-        With `of_slot`, the slot is read FOR UPDATE with the first read under the locks."""
+        With `of_slot` (a booking or a hold: `taking` says what it inserts), the slot is read
+        FOR UPDATE, and the appointment inserted if it passes, by the first read under the
+        locks."""
         fingerprint: dict[str, Any] = {}
         if request is not None:
             fingerprint = msgspec.to_builtins(request)
             fingerprint.pop("idempotency_key", None)
         command = request.TYPE if request is not None else "system"
-        target = _Target(sorted(set(doctors)), of_slot, of_appointment, patient_lock)
+        target = _Target(sorted(set(doctors)), of_slot, of_appointment, patient_lock, taking)
         try:
             outcome, error = await self._attempt(
                 target, actor, now, work, command, fingerprint, key
@@ -269,11 +273,7 @@ class Store:
                 # One round trip for the versions, the expired-hold check, the idempotency
                 # record and (of_slot) the slot: its snapshot is taken after the locks.
                 if target.slot_id is not None:
-                    first = await conn.fetchrow(
-                        sql.SLOT_PRELUDE, now, str(actor), key, target.slot_id, target.patient
-                    )
-                    if first is None:  # pragma: no cover - slots are never deleted
-                        raise NotFound(f"no slot {target.slot_id}")
+                    first = await self._slot_prelude(conn, target, now, actor, key)
                 else:
                     first = await conn.fetchrow(
                         sql.COMMAND_PRELUDE, doctor_ids, now, str(actor), key
@@ -289,6 +289,9 @@ class Store:
                         await cmd.expire_holds(tx, doctor_id)
                 elif target.slot_id is not None:
                     tx.prefetched_slot = first  # nothing written since it was read
+                    if first["taken_id"] is not None:
+                        assert target.taking is not None
+                        tx.taken = (target.taking, first)
                 before = tx.checkpoint()
                 error: StoreError | None = None
                 reply: Message | None = None
@@ -305,12 +308,45 @@ class Store:
                     # Nothing to keep: a refusal rolls the whole transaction back, and
                     # the two round trips of a savepoint are saved on every command.
                     reply = await work(tx)
+                if tx.taken is not None:  # pragma: no cover - the command must claim it
+                    raise StoreError("an inserted appointment was not the command's")
                 tx.prefetched_slot = None
                 changes = await self._record(
                     conn, tx, versions, actor, key, command, fingerprint, reply
                 )
                 # A refused command still commits the holds it found expired.
                 return Outcome(reply, changes), error
+
+    async def _slot_prelude(
+        self,
+        conn: asyncpg.Connection,
+        target: _Target,
+        now: datetime,
+        actor: Actor,
+        key: str | None,
+    ) -> asyncpg.Record:
+        taking = target.taking
+        assert taking is not None, "a command locating its doctor by slot inserts on it"
+        try:
+            row: asyncpg.Record | None = await conn.fetchrow(
+                sql.SLOT_PRELUDE,
+                now,
+                str(actor),
+                key,
+                target.slot_id,
+                taking.patient_id,
+                taking.status.value,
+                taking.hold_expires_at,
+                taking.slot_status.value,
+                taking.max_holds,
+            )
+        except (asyncpg.ExclusionViolationError, asyncpg.UniqueViolationError) as exc:
+            # As in `cmd.insert_appointment`: the constraint behind every check fired, and
+            # the whole transaction rolls back as this propagates.
+            raise SlotTaken("the slot overlaps an active appointment") from exc
+        if row is None:  # pragma: no cover - slots are never deleted
+            raise NotFound(f"no slot {target.slot_id}")
+        return row
 
     async def _record(
         self,
@@ -651,6 +687,13 @@ class Store:
             request=request,
             key=request.idempotency_key,
             patient_lock=actor.subject,
+            taking=cmd.Taking(
+                actor.subject,
+                AppointmentStatus.PENDING,
+                SlotStatus.BUSY_TENTATIVE,
+                hold_expires_at=now + ttl,
+                max_holds=max_holds,
+            ),
         )
 
     async def release(self, actor: Actor, request: Any, *, now: datetime | None = None) -> Outcome:
@@ -721,6 +764,7 @@ class Store:
             work=work,
             request=request,
             key=request.idempotency_key,
+            taking=cmd.Taking(actor.subject, AppointmentStatus.BOOKED, SlotStatus.BUSY),
         )
 
     async def book(
@@ -909,6 +953,7 @@ class _Target:
     slot_id: int | None
     appointment_id: int | None
     patient: str | None  # also the patient's lock (holds), taken after the doctor's
+    taking: cmd.Taking | None  # with slot_id: what the command inserts on the slot
 
 
 class _KeyRace(Exception):

@@ -71,10 +71,21 @@ LEFT JOIN idempotency_keys k ON k.subject = $3 AND k.key = $4"""
 # For a booking or a hold, the same about the slot's doctor, plus what the command
 # re-checks about its slot ($4), locked as SLOT_FOR_UPDATE locks it: the doctor's rules,
 # whether another active appointment lies within the buffer (BUFFER_CLASH, only when the
-# doctor has a buffer) and, for a hold, how many live holds the patient ($5) has
-# (ACTIVE_HOLDS_OF_PATIENT; NULL for a booking). The doctor is the one SLOT_DOCTOR_LOCK
+# doctor has a buffer) and, for a hold ($9 = the hold limit), how many live holds the
+# patient ($5) has (ACTIVE_HOLDS_OF_PATIENT). The doctor is the one SLOT_DOCTOR_LOCK
 # locked: a slot's doctor never changes. Valid only while nothing has been written: if
 # holds expired, the command frees them first and reads the slot again.
+#
+# And, optimistically, the command's own write (APPOINTMENT_INSERT_TAKING_SLOT: patient $5,
+# status $6, hold expiry $7, slot status $8), only when nothing else is to happen first
+# (no stored key, no expired hold) and the slot passes every check of
+# `commands.bookable_slot` and the hold limit, computed here from the same row. The `taken_`
+# columns return the inserted appointment. This only saves a round trip: the command still
+# re-checks the returned row in Python, and any refusal there rolls back the whole
+# transaction, insert included (no savepoint is open when no hold expired); a slot this
+# statement skips goes the usual way. The exclusion constraint and the one-active-per-slot
+# index guard this insert like any other. Notice and horizon are exact durations, as in
+# Python (minutes, 24-hour days), never calendar days.
 SLOT_PRELUDE: Final = """
 WITH slot AS (
     SELECT s.id, s.doctor_id, s.starts_at, s.ends_at, s.status, s.conflict, s.retired_at,
@@ -82,29 +93,54 @@ WITH slot AS (
     FROM slots s JOIN doctors d ON d.id = s.doctor_id
     WHERE s.id = $4
     FOR UPDATE OF s
+), first AS (
+    SELECT ARRAY[slot.doctor_id] AS doctor_ids, ARRAY[slot.version] AS versions,
+        EXISTS (
+            SELECT 1 FROM appointments e
+            WHERE e.doctor_id = slot.doctor_id AND e.status = 'pending'
+              AND e.hold_expires_at <= $1
+        ) AS expired_holds,
+        k.command AS key_command, k.request AS key_request, k.response AS key_response,
+        slot.id, slot.doctor_id, slot.starts_at, slot.ends_at, slot.status, slot.conflict,
+        slot.retired_at, slot.buffer_minutes, slot.min_notice_minutes, slot.horizon_days,
+        slot.buffer_minutes > 0 AND EXISTS (
+            SELECT 1 FROM appointments b
+            WHERE b.doctor_id = slot.doctor_id AND b.status <> 'cancelled'
+              AND tstzrange(b.starts_at, b.ends_at, '[)')
+                  && tstzrange(slot.starts_at - make_interval(mins => slot.buffer_minutes),
+                               slot.ends_at + make_interval(mins => slot.buffer_minutes), '[)')
+        ) AS buffer_clash,
+        CASE WHEN $9::bigint IS NOT NULL THEN (
+            SELECT count(*) FROM appointments h
+            WHERE h.patient_id = $5 AND h.status = 'pending' AND h.hold_expires_at > $1
+        ) END AS active_holds
+    FROM slot
+    LEFT JOIN idempotency_keys k ON k.subject = $2 AND k.key = $3
+), taken AS (
+    INSERT INTO appointments AS a
+        (doctor_id, slot_id, patient_id, starts_at, ends_at, status, hold_expires_at)
+    SELECT f.doctor_id, f.id, $5, f.starts_at, f.ends_at, $6, $7
+    FROM first f
+    WHERE f.key_command IS NULL AND NOT f.expired_holds
+      AND f.retired_at IS NULL AND f.status = 'free'
+      AND f.starts_at > $1
+      AND f.starts_at >= $1 + make_interval(mins => f.min_notice_minutes)
+      AND f.starts_at < $1 + make_interval(hours => 24 * f.horizon_days)
+      AND NOT f.buffer_clash
+      AND ($9::bigint IS NULL OR f.active_holds < $9)
+    RETURNING a.id, a.slot_id, a.doctor_id, a.patient_id, a.starts_at, a.ends_at, a.status,
+              a.hold_expires_at, a.replaces_id, a.cancel_reason, a.cancelled_at
+), busy AS (
+    UPDATE slots SET status = $8 WHERE id = (SELECT t.slot_id FROM taken t)
 )
-SELECT ARRAY[slot.doctor_id] AS doctor_ids, ARRAY[slot.version] AS versions,
-    EXISTS (
-        SELECT 1 FROM appointments e
-        WHERE e.doctor_id = slot.doctor_id AND e.status = 'pending'
-          AND e.hold_expires_at <= $1
-    ) AS expired_holds,
-    k.command AS key_command, k.request AS key_request, k.response AS key_response,
-    slot.id, slot.doctor_id, slot.starts_at, slot.ends_at, slot.status, slot.conflict,
-    slot.retired_at, slot.buffer_minutes, slot.min_notice_minutes, slot.horizon_days,
-    slot.buffer_minutes > 0 AND EXISTS (
-        SELECT 1 FROM appointments b
-        WHERE b.doctor_id = slot.doctor_id AND b.status <> 'cancelled'
-          AND tstzrange(b.starts_at, b.ends_at, '[)')
-              && tstzrange(slot.starts_at - make_interval(mins => slot.buffer_minutes),
-                           slot.ends_at + make_interval(mins => slot.buffer_minutes), '[)')
-    ) AS buffer_clash,
-    CASE WHEN $5::text IS NOT NULL THEN (
-        SELECT count(*) FROM appointments h
-        WHERE h.patient_id = $5 AND h.status = 'pending' AND h.hold_expires_at > $1
-    ) END AS active_holds
-FROM slot
-LEFT JOIN idempotency_keys k ON k.subject = $2 AND k.key = $3"""
+SELECT f.*,
+    t.id AS taken_id, t.slot_id AS taken_slot_id, t.doctor_id AS taken_doctor_id,
+    t.patient_id AS taken_patient_id, t.starts_at AS taken_starts_at,
+    t.ends_at AS taken_ends_at, t.status AS taken_status,
+    t.hold_expires_at AS taken_hold_expires_at, t.replaces_id AS taken_replaces_id,
+    t.cancel_reason AS taken_cancel_reason, t.cancelled_at AS taken_cancelled_at
+FROM first f
+LEFT JOIN taken t ON true"""
 
 # ---- doctors and schedules ----------------------------------------------------------------
 

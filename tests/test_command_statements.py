@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -20,10 +21,11 @@ import pytest
 from protocol.errors import ErrorCode
 from protocol.messages import Book, Booked, Cancel, Hold, SlotView
 from protocol.vocabulary import AppointmentStatus, SlotStatus
+from store import commands as cmd
 from store.changes import Change
 from store.constants import LOCK_NS_DOCTOR, LOCK_NS_PATIENT
 from store.database import Store
-from store.errors import NotFound, SlotTaken, SlotUnavailable
+from store.errors import NotFound, SlotTaken, SlotUnavailable, TooLate
 from tests.test_engine import (
     NOW,
     TTL,
@@ -229,3 +231,26 @@ async def test_a_session_lock_never_outlives_its_checkout(
     free = await db.fetchval("SELECT pg_try_advisory_lock($1::int4, 7)", 0x5C99)
     assert free
     await db.execute("SELECT pg_advisory_unlock($1::int4, 7)", 0x5C99)
+
+
+@pytest.mark.parametrize("command", ["book", "hold"])
+async def test_a_refusal_after_the_first_reads_insert_rolls_it_back(
+    store: Store, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """The first read inserts the appointment when its SQL checks pass; the Python checks
+    still decide. Were they ever stricter, their refusal must undo that insert."""
+    calendar = await open_calendar(store)
+    state = await db_state(db)
+    original = cmd.bookable_slot
+
+    async def stricter(tx: cmd.Tx, slot_id: int, *, moving: int | None = None) -> Any:
+        await original(tx, slot_id, moving=moving)
+        assert tx.taken is not None  # the first read did insert
+        raise TooLate("a rule only Python knows")
+
+    monkeypatch.setattr(cmd, "bookable_slot", stricter)
+    take = book if command == "book" else hold
+    with pytest.raises(TooLate):
+        await take(store, patient("p-ann"), calendar.slots[0])
+
+    assert await db_state(db) == state
