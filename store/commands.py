@@ -104,6 +104,8 @@ class Tx:
         # The appointment that read inserted (`taken_` columns), for `insert_appointment`;
         # the runner refuses to commit if the command does not claim it.
         self.taken: tuple[Taking, asyncpg.Record] | None = None
+        # Likewise an appointment row read FOR UPDATE by `sql.APPOINTMENT_PRELUDE`.
+        self.prefetched_appointment: asyncpg.Record | None = None
 
     def _of(self, doctor_id: int, kind: str | None) -> _DoctorChanges:
         changes = self._doctors.setdefault(doctor_id, _DoctorChanges())
@@ -212,6 +214,10 @@ async def locked_appointment(tx: Tx, appointment_id: int) -> AppointmentView:
 
 
 async def locked_appointment_row(tx: Tx, appointment_id: int) -> asyncpg.Record:
+    row = tx.prefetched_appointment
+    tx.prefetched_appointment = None  # good for one read: the command may write it next
+    if row is not None and row["id"] == appointment_id:
+        return row
     row = await tx.conn.fetchrow(sql.APPOINTMENT_FOR_UPDATE, appointment_id)
     if row is None:
         raise NotFound(f"no appointment {appointment_id}")

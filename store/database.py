@@ -271,9 +271,15 @@ class Store:
             async with self._pool.acquire() as conn, conn.transaction():
                 doctor_ids = await self._lock(conn, target)
                 # One round trip for the versions, the expired-hold check, the idempotency
-                # record and (of_slot) the slot: its snapshot is taken after the locks.
+                # record and the slot or appointment named: its snapshot follows the locks.
                 if target.slot_id is not None:
                     first = await self._slot_prelude(conn, target, now, actor, key)
+                elif target.appointment_id is not None:
+                    first = await conn.fetchrow(
+                        sql.APPOINTMENT_PRELUDE, now, str(actor), key, target.appointment_id
+                    )
+                    if first is None:  # pragma: no cover - appointments are never deleted
+                        raise NotFound(f"no appointment {target.appointment_id}")
                 else:
                     first = await conn.fetchrow(
                         sql.COMMAND_PRELUDE, doctor_ids, now, str(actor), key
@@ -292,6 +298,8 @@ class Store:
                     if first["taken_id"] is not None:
                         assert target.taking is not None
                         tx.taken = (target.taking, first)
+                elif target.appointment_id is not None:
+                    tx.prefetched_appointment = first  # nothing written since it was read
                 before = tx.checkpoint()
                 error: StoreError | None = None
                 reply: Message | None = None
@@ -310,7 +318,7 @@ class Store:
                     reply = await work(tx)
                 if tx.taken is not None:  # pragma: no cover - the command must claim it
                     raise StoreError("an inserted appointment was not the command's")
-                tx.prefetched_slot = None
+                tx.prefetched_slot = tx.prefetched_appointment = None
                 changes = await self._record(
                     conn, tx, versions, actor, key, command, fingerprint, reply
                 )

@@ -235,6 +235,26 @@ RETURNING {APPOINTMENT_COLUMNS}"""
 APPOINTMENT_DOCTOR: Final = "SELECT doctor_id FROM appointments WHERE id = $1"
 APPOINTMENT_FOR_UPDATE: Final = f"""
 SELECT {APPOINTMENT_COLUMNS} FROM appointments a WHERE a.id = $1 FOR UPDATE"""
+# The first read under the lock (see COMMAND_PRELUDE) of a command that names an
+# appointment ($4; confirming a hold): the same about the appointment's doctor, which
+# APPOINTMENT_DOCTOR_LOCK locked (an appointment's doctor never changes), plus the
+# appointment as APPOINTMENT_FOR_UPDATE reads and locks it. Valid only while nothing has
+# been written: if holds expired (maybe this one), the command frees them first and reads
+# the appointment again.
+APPOINTMENT_PRELUDE: Final = f"""
+WITH a AS (
+    SELECT {APPOINTMENT_COLUMNS} FROM appointments a WHERE a.id = $4 FOR UPDATE
+)
+SELECT ARRAY[d.id] AS doctor_ids, ARRAY[d.version] AS versions,
+    EXISTS (
+        SELECT 1 FROM appointments e
+        WHERE e.doctor_id = d.id AND e.status = 'pending' AND e.hold_expires_at <= $1
+    ) AS expired_holds,
+    k.command AS key_command, k.request AS key_request, k.response AS key_response,
+    a.*
+FROM a
+JOIN doctors d ON d.id = a.doctor_id
+LEFT JOIN idempotency_keys k ON k.subject = $2 AND k.key = $3"""
 APPOINTMENT_SET_STATUS: Final = f"""
 UPDATE appointments AS a SET status = $2, hold_expires_at = NULL, updated_at = $3
 WHERE a.id = $1

@@ -254,3 +254,28 @@ async def test_a_refusal_after_the_first_reads_insert_rolls_it_back(
         await take(store, patient("p-ann"), calendar.slots[0])
 
     assert await db_state(db) == state
+
+
+async def test_confirming_a_hold_while_another_has_expired_frees_that_one_first(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    calendar = await open_calendar(store)
+    ann, bob = patient("p-ann"), patient("p-bob")
+    expired = await hold(store, ann, calendar.slots[0])
+    later = NOW + TTL / 2
+    bobs = await hold(store, bob, calendar.slots[1], now=later)
+    before = await version(db, calendar.id)
+
+    # Ann's hold has expired, Bob's has not: the appointment read first is re-read after
+    # the expiry is written, and the confirm goes on.
+    outcome = await store.book_command(bob, Book(hold_id=bobs.id), now=NOW + TTL)
+
+    assert isinstance(outcome.reply, Booked)
+    assert outcome.reply.appointment.status is AppointmentStatus.BOOKED
+    assert (await appointment_row(db, expired.id))["status"] == "cancelled"
+    assert (await slot_row(db, calendar.slots[0].id))["status"] == "free"
+    assert (await slot_row(db, calendar.slots[1].id))["status"] == "busy"
+    [change] = outcome.changes
+    assert change.version == before + 1 == await version(db, calendar.id)
+    log = await store.change_log(calendar.id)
+    assert log[-1]["kind"] == "hold.expired+slot.booked"
