@@ -12,6 +12,8 @@ the patient's, and not_found stays not_found.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Awaitable
 from datetime import timedelta
 from typing import Any
 
@@ -22,9 +24,10 @@ from protocol.errors import ErrorCode
 from protocol.messages import Book, Booked, Cancel, Hold, SlotView
 from protocol.vocabulary import AppointmentStatus, SlotStatus
 from store import commands as cmd
+from store import sql
 from store.changes import Change
 from store.constants import LOCK_NS_DOCTOR, LOCK_NS_PATIENT
-from store.database import Store
+from store.database import Store, open_store
 from store.errors import NotFound, SlotTaken, SlotUnavailable, TooLate
 from tests.test_engine import (
     NOW,
@@ -279,3 +282,41 @@ async def test_confirming_a_hold_while_another_has_expired_frees_that_one_first(
     assert change.version == before + 1 == await version(db, calendar.id)
     log = await store.change_log(calendar.id)
     assert log[-1]["kind"] == "hold.expired+slot.booked"
+
+
+async def test_round_trips_of_a_booking_a_hold_and_a_confirm(database_url: str) -> None:
+    """What the folding bought, pinned: every statement the pool's one connection runs,
+    its reset on release included, for each command (docs/benchmarks.md counts 14, 16
+    and 15 before)."""
+    names = {v: k for k, v in vars(sql).items() if k.isupper() and isinstance(v, str)}
+    async with open_store(database_url, min_size=1, max_size=1) as store:
+        calendar = await open_calendar(store)
+        sent: list[str] = []
+        async with store._pool.acquire() as conn:
+            conn.add_query_logger(lambda q: sent.append(names.get(q.query, q.query.strip())))
+        ann, bob = patient("p-ann"), patient("p-bob")
+
+        async def statements(run: Awaitable[object]) -> list[str]:
+            sent.clear()
+            with contextlib.suppress(SlotTaken):
+                await run
+            return list(sent)
+
+        free, held = calendar.slots[0], calendar.slots[1]
+        request = Book(slot_id=free.id, idempotency_key="k-7")
+        lock, first = "SLOT_DOCTOR_LOCK", "SLOT_PRELUDE"
+        assert await statements(store.book_command(ann, request, now=NOW)) == [
+            *("BEGIN;", lock, first, "RECORD", "COMMIT;")
+        ]
+        assert await statements(store.book_command(ann, request, now=NOW)) == [
+            *("BEGIN;", lock, first, "COMMIT;")  # the replay
+        ]
+        assert await statements(book(store, bob, free)) == ["BEGIN;", lock, first, "ROLLBACK;"]
+        assert await statements(hold(store, bob, held)) == [
+            *("BEGIN;", "SLOT_DOCTOR_PATIENT_LOCK", first, "RECORD", "COMMIT;")
+        ]
+        hold_id = (await store.patient_appointments("p-bob", now=NOW))[0].id
+        assert await statements(store.book_command(bob, Book(hold_id=hold_id), now=NOW)) == [
+            *("BEGIN;", "APPOINTMENT_DOCTOR_LOCK", "APPOINTMENT_PRELUDE", "HOLD_CONFIRM"),
+            *("RECORD", "COMMIT;"),
+        ]
