@@ -22,9 +22,10 @@ Scenarios
 
 How
   uniform and hot call `Store.book`, which runs the same `Store._run` transaction
-  as the server's `book` command (doctor lookup; BEGIN; advisory lock; idempotency
-  lookup; hold expiry; SELECT ... FOR UPDATE; INSERT; UPDATE; version bump; change
-  record; idempotency record; COMMIT), from one asyncio process on uvloop like one
+  as the server's `book` command (BEGIN; the slot's doctor found and its advisory
+  lock taken; one read of the versions, expired holds, idempotency record and the
+  slot FOR UPDATE; INSERT with the slot's UPDATE; version bump, change record and
+  idempotency record in one statement; COMMIT), from one asyncio process on uvloop like one
   server instance, through a pool of --pool-size connections with the server's
   lock and statement timeouts. Every attempt carries a fresh idempotency key, as
   a careful client's would (--no-keys leaves it out).

@@ -20,7 +20,14 @@ from protocol.messages import AppointmentView, SlotView
 from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
 from store import sql
 from store.changes import Change
-from store.errors import NotFound, OutsideHorizon, SlotTaken, SlotUnavailable, TooLate
+from store.errors import (
+    NotFound,
+    OutsideHorizon,
+    SlotTaken,
+    SlotUnavailable,
+    StoreError,
+    TooLate,
+)
 from store.schedule import Block, slot_times, zone
 
 # ---- who acts --------------------------------------------------------------------------------
@@ -60,6 +67,19 @@ MARKABLE: dict[AppointmentStatus, frozenset[AppointmentStatus]] = {
 # ---- the transaction -------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Taking:
+    """The appointment a booking or a hold means to insert on its slot, told to the runner
+    in advance so that its first read can insert it at once when every check passes
+    (`sql.SLOT_PRELUDE`); `insert_appointment` then returns that row."""
+
+    patient_id: str
+    status: AppointmentStatus
+    slot_status: SlotStatus
+    hold_expires_at: datetime | None = None
+    max_holds: int | None = None  # a hold: the patient's limit, checked with the slot
+
+
 @dataclass(slots=True)
 class _DoctorChanges:
     kinds: list[str] = field(default_factory=list)
@@ -77,6 +97,15 @@ class Tx:
         self.now = now
         self.actor = actor
         self._doctors: dict[int, _DoctorChanges] = {}
+        # A slot row the runner's first read under the locks already fetched FOR UPDATE
+        # (`sql.SLOT_PRELUDE`), handed to `locked_slot` once instead of a second query.
+        # The runner only sets it when nothing was written in between.
+        self.prefetched_slot: asyncpg.Record | None = None
+        # The appointment that read inserted (`taken_` columns), for `insert_appointment`;
+        # the runner refuses to commit if the command does not claim it.
+        self.taken: tuple[Taking, asyncpg.Record] | None = None
+        # Likewise an appointment row read FOR UPDATE by `sql.APPOINTMENT_PRELUDE`.
+        self.prefetched_appointment: asyncpg.Record | None = None
 
     def _of(self, doctor_id: int, kind: str | None) -> _DoctorChanges:
         changes = self._doctors.setdefault(doctor_id, _DoctorChanges())
@@ -116,12 +145,15 @@ class Tx:
     def restore(self, checkpoint: dict[int, _DoctorChanges]) -> None:
         self._doctors = checkpoint
 
-    async def record(self) -> list[Change]:
-        """Bump each touched doctor's version once and append its change record."""
+    def changes(self, versions: dict[int, int]) -> list[tuple[str, Change]]:
+        """One change (with its `kind`) per touched doctor, in doctor order, each labelled
+        with the doctor's next version: `versions` holds the versions read under the locks.
+        The runner writes them all (`sql.RECORD`) and checks every version was the next."""
         changes = []
         for doctor_id in sorted(self._doctors):
             c = self._doctors[doctor_id]
-            version = await self.conn.fetchval(sql.DOCTOR_BUMP_VERSION, doctor_id)
+            if doctor_id not in versions:  # pragma: no cover - a command touched an unlocked doctor
+                raise RuntimeError(f"doctor {doctor_id} changed without its lock")
             private: dict[str, Any] = {
                 "kind": c.kinds,
                 "actor": str(self.actor),
@@ -129,17 +161,10 @@ class Tx:
             }
             if c.conflicts:
                 private["conflicts"] = c.conflicts
-            change = Change.build(doctor_id, version, list(c.slots.values()), c.removed, private)
-            await self.conn.execute(
-                sql.CHANGE_INSERT,
-                doctor_id,
-                version,
-                "+".join(c.kinds) or "change",
-                str(self.actor),
-                change.public,
-                change.private,
+            change = Change.build(
+                doctor_id, versions[doctor_id] + 1, list(c.slots.values()), c.removed, private
             )
-            changes.append(change)
+            changes.append(("+".join(c.kinds) or "change", change))
         self._doctors.clear()
         return changes
 
@@ -147,19 +172,19 @@ class Tx:
 # ---- reading rows ------------------------------------------------------------------------------
 
 
-def appointment_view(row: asyncpg.Record) -> AppointmentView:
+def appointment_view(row: asyncpg.Record, prefix: str = "") -> AppointmentView:
     return AppointmentView(
-        id=row["id"],
-        slot_id=row["slot_id"],
-        doctor_id=row["doctor_id"],
-        patient_id=row["patient_id"],
-        start=row["starts_at"],
-        end=row["ends_at"],
-        status=AppointmentStatus(row["status"]),
-        hold_expires_at=row["hold_expires_at"],
-        replaces_id=row["replaces_id"],
-        cancel_reason=row["cancel_reason"],
-        cancelled_at=row["cancelled_at"],
+        id=row[prefix + "id"],
+        slot_id=row[prefix + "slot_id"],
+        doctor_id=row[prefix + "doctor_id"],
+        patient_id=row[prefix + "patient_id"],
+        start=row[prefix + "starts_at"],
+        end=row[prefix + "ends_at"],
+        status=AppointmentStatus(row[prefix + "status"]),
+        hold_expires_at=row[prefix + "hold_expires_at"],
+        replaces_id=row[prefix + "replaces_id"],
+        cancel_reason=row[prefix + "cancel_reason"],
+        cancelled_at=row[prefix + "cancelled_at"],
     )
 
 
@@ -174,6 +199,10 @@ def slot_view(row: asyncpg.Record, status: SlotStatus | None = None, **extra: An
 
 
 async def locked_slot(tx: Tx, slot_id: int) -> asyncpg.Record:
+    row = tx.prefetched_slot
+    tx.prefetched_slot = None  # good for one read: the command may write the slot next
+    if row is not None and row["id"] == slot_id:
+        return row
     row = await tx.conn.fetchrow(sql.SLOT_FOR_UPDATE, slot_id)
     if row is None:
         raise NotFound(f"no slot {slot_id}")
@@ -185,6 +214,10 @@ async def locked_appointment(tx: Tx, appointment_id: int) -> AppointmentView:
 
 
 async def locked_appointment_row(tx: Tx, appointment_id: int) -> asyncpg.Record:
+    row = tx.prefetched_appointment
+    tx.prefetched_appointment = None  # good for one read: the command may write it next
+    if row is not None and row["id"] == appointment_id:
+        return row
     row = await tx.conn.fetchrow(sql.APPOINTMENT_FOR_UPDATE, appointment_id)
     if row is None:
         raise NotFound(f"no appointment {appointment_id}")
@@ -244,9 +277,13 @@ async def bookable_slot(tx: Tx, slot_id: int, *, moving: int | None = None) -> a
     if start >= tx.now + timedelta(days=slot["horizon_days"]):
         raise OutsideHorizon(f"book at most {slot['horizon_days']} days ahead")
     buffer = timedelta(minutes=slot["buffer_minutes"])
-    if buffer and await tx.conn.fetchval(
-        sql.BUFFER_CLASH, slot["doctor_id"], start - buffer, slot["ends_at"] + buffer, moving
-    ):
+    # A slot read by `sql.SLOT_PRELUDE` carries the answer (for moving=None) as `buffer_clash`.
+    clash = slot.get("buffer_clash") if moving is None else None
+    if buffer and clash is None:
+        clash = await tx.conn.fetchval(
+            sql.BUFFER_CLASH, slot["doctor_id"], start - buffer, slot["ends_at"] + buffer, moving
+        )
+    if buffer and clash:
         raise SlotUnavailable("the slot is too close to another appointment")
     return slot
 
@@ -259,10 +296,21 @@ async def insert_appointment(
     *,
     hold_expires_at: datetime | None = None,
     replaces_id: int | None = None,
+    slot_status: SlotStatus,
 ) -> AppointmentView:
+    """Insert the appointment and set its slot's status, in one statement, unless the
+    runner's first read already did exactly that (`Tx.taken`)."""
+    if tx.taken is not None:
+        taking, row = tx.taken
+        tx.taken = None
+        asked = Taking(patient_id, status, slot_status, hold_expires_at)
+        done = Taking(taking.patient_id, taking.status, taking.slot_status, taking.hold_expires_at)
+        if row["taken_slot_id"] != slot["id"] or replaces_id is not None or asked != done:
+            raise StoreError("the first read inserted another appointment")  # pragma: no cover
+        return appointment_view(row, prefix="taken_")
     try:
         row = await tx.conn.fetchrow(
-            sql.APPOINTMENT_INSERT,
+            sql.APPOINTMENT_INSERT_TAKING_SLOT,
             slot["doctor_id"],
             slot["id"],
             patient_id,
@@ -271,6 +319,7 @@ async def insert_appointment(
             status.value,
             hold_expires_at,
             replaces_id,
+            slot_status.value,
         )
     except (asyncpg.ExclusionViolationError, asyncpg.UniqueViolationError) as exc:
         # The constraint behind every check fired; the command (or its savepoint) is

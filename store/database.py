@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -34,6 +34,7 @@ from protocol.messages import (
     Rescheduled,
     ScheduleUpdated,
     SlotUpdated,
+    SlotView,
     Snapshot,
 )
 from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
@@ -51,6 +52,7 @@ from store.errors import (
     InvalidTransition,
     NotFound,
     NotHolder,
+    SlotTaken,
     StoreError,
     translated,
 )
@@ -106,12 +108,14 @@ async def open_store(
     statement_timeout_ms: int = 2000,
 ) -> AsyncIterator[Store]:
     """A pool whose every connection fails fast on a stuck lock or a runaway statement."""
+    session_state: set[int] = set()
     with translated():
         pool = await asyncpg.create_pool(
             dsn,
             min_size=min_size,
             max_size=max_size,
             init=_init_connection,
+            reset=_reset_only_if(session_state),
             server_settings={
                 "lock_timeout": str(lock_timeout_ms),
                 "statement_timeout": str(statement_timeout_ms),
@@ -120,9 +124,31 @@ async def open_store(
             },
         )
     try:
-        yield Store(pool)
+        yield Store(pool, session_state)
     finally:
         await pool.close()
+
+
+def _reset_only_if(session_state: set[int]) -> Callable[[asyncpg.Connection], Awaitable[None]]:
+    """A pool reset that costs a round trip only where session state may be left behind.
+
+    asyncpg's default reset sends `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+    RESET ALL` on every release: one round trip per checkout, on every booking. Before this
+    hook runs, asyncpg itself has dropped the connection's listeners and rolled back any
+    transaction left open. The store leaves no other session state (no SET, LISTEN, WITH
+    HOLD cursors or temporary tables: all its SQL is in `sql.py`) except the session
+    advisory lock of `Store.exclusive`, which marks its connection (by backend pid) before
+    locking: a marked connection gets the full reset, whatever happened to its unlock.
+    Anything new that leaves session state must mark its connection the same way.
+    """
+
+    async def reset(conn: asyncpg.Connection) -> None:
+        pid = conn.get_server_pid()
+        if pid in session_state:
+            session_state.discard(pid)
+            await conn.execute(conn.get_reset_query())
+
+    return reset
 
 
 def _change(doctor_id: int, row: asyncpg.Record) -> Change:
@@ -136,8 +162,10 @@ def _now(now: datetime | None) -> datetime:
 
 
 class Store:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, session_state: set[int] | None = None) -> None:
         self._pool = pool
+        # Backend pids of pooled connections that may hold session state (see open_store).
+        self._session_state = session_state if session_state is not None else set()
         # Told of every commit's changes, in commit order per doctor; the server publishes them.
         self.on_commit: OnCommit = lambda changes: None
 
@@ -146,23 +174,31 @@ class Store:
     async def _run(
         self,
         *,
-        doctors: Iterable[int],
         actor: Actor,
         now: datetime,
         work: Work,
+        doctors: Iterable[int] = (),
+        of_slot: int | None = None,
+        of_appointment: int | None = None,
         request: Message | None = None,
         key: str | None = None,
         patient_lock: str | None = None,
+        taking: cmd.Taking | None = None,
     ) -> Outcome:
+        """Run `work` under the locks of `doctors`, or of the doctor of `of_slot` or of
+        `of_appointment`, found in the transaction's first statement (`not_found` if none).
+        With `of_slot` (a booking or a hold: `taking` says what it inserts), the slot is read
+        FOR UPDATE, and the appointment inserted if it passes, by the first read under the
+        locks."""
         fingerprint: dict[str, Any] = {}
         if request is not None:
             fingerprint = msgspec.to_builtins(request)
             fingerprint.pop("idempotency_key", None)
         command = request.TYPE if request is not None else "system"
-        doctor_ids = sorted(set(doctors))
+        target = _Target(sorted(set(doctors)), of_slot, of_appointment, patient_lock, taking)
         try:
             outcome, error = await self._attempt(
-                doctor_ids, actor, now, work, command, fingerprint, key, patient_lock
+                target, actor, now, work, command, fingerprint, key
             )
         except _KeyRace:
             # The same subject's key was stored by a concurrent command on another doctor.
@@ -191,30 +227,79 @@ class Store:
             key=request.idempotency_key,
         )
 
+    async def _lock(self, conn: asyncpg.Connection, target: _Target) -> list[int]:
+        """Take the locks, doctors first in id order, then the patient's: the first statement."""
+        if target.slot_id is None and target.appointment_id is None:
+            for doctor_id in target.doctor_ids:
+                await conn.execute(sql.DOCTOR_LOCK, LOCK_NS_DOCTOR, doctor_id)
+            if target.patient is not None:
+                await conn.execute(sql.PATIENT_LOCK, LOCK_NS_PATIENT, target.patient)
+            return target.doctor_ids
+        if target.slot_id is not None:
+            if target.patient is not None:
+                row = await conn.fetchrow(
+                    sql.SLOT_DOCTOR_PATIENT_LOCK,
+                    LOCK_NS_DOCTOR,
+                    target.slot_id,
+                    LOCK_NS_PATIENT,
+                    target.patient,
+                )
+            else:
+                row = await conn.fetchrow(sql.SLOT_DOCTOR_LOCK, LOCK_NS_DOCTOR, target.slot_id)
+            if row is None:
+                raise NotFound(f"no slot {target.slot_id}")
+        else:
+            assert target.patient is None  # no command locks a patient by appointment
+            row = await conn.fetchrow(
+                sql.APPOINTMENT_DOCTOR_LOCK, LOCK_NS_DOCTOR, target.appointment_id
+            )
+            if row is None:
+                raise NotFound(f"no appointment {target.appointment_id}")
+        return [row["doctor_id"]]
+
     async def _attempt(
         self,
-        doctor_ids: list[int],
+        target: _Target,
         actor: Actor,
         now: datetime,
         work: Work,
         command: str,
         fingerprint: dict[str, Any],
         key: str | None,
-        patient_lock: str | None,
     ) -> tuple[Outcome, StoreError | None]:
         with translated():
             async with self._pool.acquire() as conn, conn.transaction():
-                for doctor_id in doctor_ids:
-                    await conn.execute(sql.DOCTOR_LOCK, LOCK_NS_DOCTOR, doctor_id)
-                if patient_lock is not None:
-                    await conn.execute(sql.PATIENT_LOCK, LOCK_NS_PATIENT, patient_lock)
-                if key is not None:
-                    replay = await self._replay(conn, actor, key, command, fingerprint)
-                    if replay is not None:
-                        return Outcome(replay, []), None
+                doctor_ids = await self._lock(conn, target)
+                # One round trip for the versions, the expired-hold check, the idempotency
+                # record and the slot or appointment named: its snapshot follows the locks.
+                if target.slot_id is not None:
+                    first = await self._slot_prelude(conn, target, now, actor, key)
+                elif target.appointment_id is not None:
+                    first = await conn.fetchrow(
+                        sql.APPOINTMENT_PRELUDE, now, str(actor), key, target.appointment_id
+                    )
+                    if first is None:  # pragma: no cover - appointments are never deleted
+                        raise NotFound(f"no appointment {target.appointment_id}")
+                else:
+                    first = await conn.fetchrow(
+                        sql.COMMAND_PRELUDE, doctor_ids, now, str(actor), key
+                    )
+                if first["key_command"] is not None:
+                    return Outcome(self._replayed(first, command, fingerprint), []), None
+                versions = dict(
+                    zip(first["doctor_ids"] or [], first["versions"] or [], strict=True)
+                )
                 tx = Tx(conn, now, actor)
-                for doctor_id in doctor_ids:
-                    await cmd.expire_holds(tx, doctor_id)
+                if first["expired_holds"]:
+                    for doctor_id in doctor_ids:
+                        await cmd.expire_holds(tx, doctor_id)
+                elif target.slot_id is not None:
+                    tx.prefetched_slot = first  # nothing written since it was read
+                    if first["taken_id"] is not None:
+                        assert target.taking is not None
+                        tx.taken = (target.taking, first)
+                elif target.appointment_id is not None:
+                    tx.prefetched_appointment = first  # nothing written since it was read
                 before = tx.checkpoint()
                 error: StoreError | None = None
                 reply: Message | None = None
@@ -231,11 +316,92 @@ class Store:
                     # Nothing to keep: a refusal rolls the whole transaction back, and
                     # the two round trips of a savepoint are saved on every command.
                     reply = await work(tx)
-                changes = await tx.record()
-                if reply is not None and key is not None:
-                    await self._remember(conn, actor, key, command, fingerprint, reply)
+                if tx.taken is not None:  # pragma: no cover - the command must claim it
+                    raise StoreError("an inserted appointment was not the command's")
+                tx.prefetched_slot = tx.prefetched_appointment = None
+                changes = await self._record(
+                    conn, tx, versions, actor, key, command, fingerprint, reply
+                )
                 # A refused command still commits the holds it found expired.
                 return Outcome(reply, changes), error
+
+    async def _slot_prelude(
+        self,
+        conn: asyncpg.Connection,
+        target: _Target,
+        now: datetime,
+        actor: Actor,
+        key: str | None,
+    ) -> asyncpg.Record:
+        taking = target.taking
+        assert taking is not None, "a command locating its doctor by slot inserts on it"
+        try:
+            row: asyncpg.Record | None = await conn.fetchrow(
+                sql.SLOT_PRELUDE,
+                now,
+                str(actor),
+                key,
+                target.slot_id,
+                taking.patient_id,
+                taking.status.value,
+                taking.hold_expires_at,
+                taking.slot_status.value,
+                taking.max_holds,
+            )
+        except (asyncpg.ExclusionViolationError, asyncpg.UniqueViolationError) as exc:
+            # As in `cmd.insert_appointment`: the constraint behind every check fired, and
+            # the whole transaction rolls back as this propagates.
+            raise SlotTaken("the slot overlaps an active appointment") from exc
+        if row is None:  # pragma: no cover - slots are never deleted
+            raise NotFound(f"no slot {target.slot_id}")
+        return row
+
+    async def _record(
+        self,
+        conn: asyncpg.Connection,
+        tx: Tx,
+        versions: dict[int, int],
+        actor: Actor,
+        key: str | None,
+        command: str,
+        fingerprint: dict[str, Any],
+        reply: Message | None,
+    ) -> list[Change]:
+        """Versions, change records and the idempotency record: one statement (`sql.RECORD`)."""
+        built = tx.changes(versions)
+        remember = reply is not None and key is not None
+        if not built and not remember:
+            return []
+        response = (
+            {"type": reply.TYPE, "body": msgspec.to_builtins(reply)} if reply is not None else None
+        )
+        row = await conn.fetchrow(
+            sql.RECORD,
+            [c.doctor_id for _, c in built],
+            [c.version for _, c in built],
+            [kind for kind, _ in built],
+            [c.public for _, c in built],
+            [c.private for _, c in built],
+            str(actor),
+            key if remember else None,
+            command if remember else None,
+            fingerprint if remember else None,
+            response if remember else None,
+        )
+        if row["recorded"] != len(built):  # pragma: no cover - only a bug can get here
+            raise StoreError("a doctor's version moved under its lock")
+        if remember and not row["remembered"]:
+            raise _KeyRace  # a concurrent command on another doctor stored it first
+        return [c for _, c in built]
+
+    @staticmethod
+    def _replayed(row: Mapping[str, Any], command: str, fingerprint: dict[str, Any]) -> Message:
+        """The reply stored under the key, if the key was used for this same request."""
+        if row["key_command"] != command or row["key_request"] != fingerprint:
+            raise IdempotencyConflict("this idempotency key was used for a different request")
+        response = row["key_response"]
+        reply: Message = msgspec.convert(response["body"], SERVER_MESSAGES[response["type"]])
+        return reply
 
     async def _replay(
         self,
@@ -249,27 +415,15 @@ class Store:
         row = await conn.fetchrow(sql.IDEMPOTENCY_GET, str(actor), key)
         if row is None:
             return None
-        if row["command"] != command or row["request"] != fingerprint:
-            raise IdempotencyConflict("this idempotency key was used for a different request")
-        response = row["response"]
-        reply: Message = msgspec.convert(response["body"], SERVER_MESSAGES[response["type"]])
-        return reply
-
-    async def _remember(
-        self,
-        conn: asyncpg.Connection,
-        actor: Actor,
-        key: str,
-        command: str,
-        fingerprint: dict[str, Any],
-        reply: Message,
-    ) -> None:
-        response = {"type": reply.TYPE, "body": msgspec.to_builtins(reply)}
-        stored = await conn.fetchval(
-            sql.IDEMPOTENCY_PUT, str(actor), key, command, fingerprint, response
+        return self._replayed(
+            {
+                "key_command": row["command"],
+                "key_request": row["request"],
+                "key_response": row["response"],
+            },
+            command,
+            fingerprint,
         )
-        if stored is None:  # a concurrent command on another doctor stored it first
-            raise _KeyRace
 
     async def _doctor_of_slot(self, slot_id: int) -> int:
         with translated():  # a slot never changes doctor, so this is safe before the lock
@@ -292,6 +446,8 @@ class Store:
         """Hold a session advisory lock across several transactions (e.g. seeding)."""
         with translated():
             async with self._pool.acquire() as conn:
+                # Fully reset on release even if the unlock below never runs.
+                self._session_state.add(conn.get_server_pid())
                 await conn.execute(sql.SESSION_LOCK, namespace, key)
                 try:
                     yield
@@ -508,31 +664,44 @@ class Store:
     ) -> Outcome:
         """Hold a free slot for `ttl`: the slot turns `busy-tentative` until confirmed."""
         now = _now(now)
-        doctor_id = await self._doctor_of_slot(request.slot_id)
 
         async def work(tx: Tx) -> Message:
             slot = await cmd.bookable_slot(tx, request.slot_id)
-            held = await tx.conn.fetchval(sql.ACTIVE_HOLDS_OF_PATIENT, actor.subject, tx.now)
+            # Counted with the slot by the first read (`sql.SLOT_PRELUDE`), under both locks.
+            held = slot.get("active_holds")
+            if held is None:
+                held = await tx.conn.fetchval(sql.ACTIVE_HOLDS_OF_PATIENT, actor.subject, tx.now)
             if held >= max_holds:
                 raise HoldLimit(f"at most {max_holds} holds at a time")
             expires = tx.now + ttl
             appointment = await cmd.insert_appointment(
-                tx, slot, actor.subject, AppointmentStatus.PENDING, hold_expires_at=expires
+                tx,
+                slot,
+                actor.subject,
+                AppointmentStatus.PENDING,
+                hold_expires_at=expires,
+                slot_status=SlotStatus.BUSY_TENTATIVE,
             )
-            await tx.conn.execute(sql.SLOT_SET_STATUS, slot["id"], SlotStatus.BUSY_TENTATIVE.value)
             view = cmd.slot_view(slot, SlotStatus.BUSY_TENTATIVE, hold_expires_at=expires)
-            tx.slot(doctor_id, view, "slot.held")
+            tx.slot(slot["doctor_id"], view, "slot.held")
             tx.appointment(appointment)
             return Held(appointment)
 
         return await self._run(
-            doctors=[doctor_id],
+            of_slot=request.slot_id,
             actor=actor,
             now=now,
             work=work,
             request=request,
             key=request.idempotency_key,
             patient_lock=actor.subject,
+            taking=cmd.Taking(
+                actor.subject,
+                AppointmentStatus.PENDING,
+                SlotStatus.BUSY_TENTATIVE,
+                hold_expires_at=now + ttl,
+                max_holds=max_holds,
+            ),
         )
 
     async def release(self, actor: Actor, request: Any, *, now: datetime | None = None) -> Outcome:
@@ -567,33 +736,44 @@ class Store:
         """Book a free slot directly, or confirm the caller's own hold (`hold_id`)."""
         if (request.slot_id is None) == (request.hold_id is None):
             raise Invalid("give exactly one of `slot_id` and `hold_id`")
-        if request.hold_id is not None:
-            doctor_id = await self._doctor_of_appointment(request.hold_id)
-        else:
-            doctor_id = await self._doctor_of_slot(request.slot_id)
 
         async def work(tx: Tx) -> Message:
             if request.hold_id is not None:
                 hold = await self._own_hold(tx, request.hold_id)
                 row = await tx.conn.fetchrow(
-                    sql.APPOINTMENT_SET_STATUS,
+                    sql.HOLD_CONFIRM,
                     hold.id,
                     AppointmentStatus.BOOKED.value,
                     tx.now,
+                    SlotStatus.BUSY.value,
                 )
                 appointment = cmd.appointment_view(row)
-                slot = await cmd.locked_slot(tx, hold.slot_id)
-            else:
-                slot = await cmd.bookable_slot(tx, request.slot_id)
-                appointment = await cmd.insert_appointment(
-                    tx, slot, actor.subject, AppointmentStatus.BOOKED
+                slot = SlotView(
+                    id=hold.slot_id,
+                    start=row["slot_starts_at"],
+                    end=row["slot_ends_at"],
+                    status=SlotStatus.BUSY,
                 )
-            await tx.conn.execute(sql.SLOT_SET_STATUS, slot["id"], SlotStatus.BUSY.value)
-            tx.slot(doctor_id, cmd.slot_view(slot, SlotStatus.BUSY), "slot.booked")
+            else:
+                booked = await cmd.bookable_slot(tx, request.slot_id)
+                appointment = await cmd.insert_appointment(
+                    tx, booked, actor.subject, AppointmentStatus.BOOKED, slot_status=SlotStatus.BUSY
+                )
+                slot = cmd.slot_view(booked, SlotStatus.BUSY)
+            tx.slot(appointment.doctor_id, slot, "slot.booked")
             tx.appointment(appointment)
             return Booked(appointment)
 
-        return await self._command([doctor_id], actor, request, now, work)
+        return await self._run(
+            of_slot=request.slot_id,
+            of_appointment=request.hold_id,
+            actor=actor,
+            now=_now(now),
+            work=work,
+            request=request,
+            key=request.idempotency_key,
+            taking=cmd.Taking(actor.subject, AppointmentStatus.BOOKED, SlotStatus.BUSY),
+        )
 
     async def book(
         self,
@@ -662,9 +842,13 @@ class Store:
             tx.appointment(replaced, "appointment.rescheduled")
             await cmd.free_slot(tx, old_doctor, old.slot_id, "appointment.rescheduled")
             new = await cmd.insert_appointment(
-                tx, slot, old.patient_id, AppointmentStatus.BOOKED, replaces_id=old.id
+                tx,
+                slot,
+                old.patient_id,
+                AppointmentStatus.BOOKED,
+                replaces_id=old.id,
+                slot_status=SlotStatus.BUSY,
             )
-            await tx.conn.execute(sql.SLOT_SET_STATUS, slot["id"], SlotStatus.BUSY.value)
             tx.slot(new_doctor, cmd.slot_view(slot, SlotStatus.BUSY), "appointment.rescheduled")
             tx.appointment(new)
             return Rescheduled(appointment=new, replaced=replaced)
@@ -767,6 +951,17 @@ class Store:
             )
 
         return await self._command([doctor_id], actor, request, now, work)
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Whose locks a command takes: `doctor_ids`, or the doctor of a slot or appointment."""
+
+    doctor_ids: list[int]
+    slot_id: int | None
+    appointment_id: int | None
+    patient: str | None  # also the patient's lock (holds), taken after the doctor's
+    taking: cmd.Taking | None  # with slot_id: what the command inserts on the slot
 
 
 class _KeyRace(Exception):

@@ -27,6 +27,120 @@ SESSION_UNLOCK: Final = "SELECT pg_advisory_unlock($1::int4, $2::int4)"
 DOCTOR_LOCK: Final = "SELECT pg_advisory_xact_lock($1::int4, $2::int4)"
 # Patients have text ids; hashing is fine here: a collision only serializes two patients.
 PATIENT_LOCK: Final = "SELECT pg_advisory_xact_lock($1::int4, hashtext($2))"
+# Find the doctor and take the lock in one round trip, for commands that name a slot or an
+# appointment. This statement's snapshot predates the lock, so it reads nothing but the
+# doctor_id, which never changes; everything else is read by later statements, whose
+# snapshots (READ COMMITTED) see what the previous holder of the lock committed.
+# No row: no such slot (appointment), and no lock taken.
+SLOT_DOCTOR_LOCK: Final = """
+SELECT s.doctor_id, pg_advisory_xact_lock($1::int4, s.doctor_id) FROM slots s WHERE s.id = $2"""
+APPOINTMENT_DOCTOR_LOCK: Final = """
+SELECT a.doctor_id, pg_advisory_xact_lock($1::int4, a.doctor_id)
+FROM appointments a WHERE a.id = $2"""
+# A hold also takes the patient's lock, always after the doctor's (one order everywhere, so
+# no deadlock): the subquery (kept apart by OFFSET 0, its volatile output never dropped)
+# yields its row, doctor locked, before the outer select list takes the patient's lock.
+SLOT_DOCTOR_PATIENT_LOCK: Final = """
+SELECT l.doctor_id, pg_advisory_xact_lock($3::int4, hashtext($4))
+FROM (
+    SELECT s.doctor_id, pg_advisory_xact_lock($1::int4, s.doctor_id) AS locked
+    FROM slots s WHERE s.id = $2
+    OFFSET 0
+) AS l"""
+
+# ---- the first read under the locks: one round trip for what every command needs -----------
+
+# The doctors' versions (the next change of each is version + 1: only a command holding the
+# doctor's lock bumps it, once, in RECORD), whether any of their holds has expired (only then
+# does the command run HOLDS_EXPIRE), and the caller's idempotency record, if any.
+# Keys belong to the role and subject together ($3 is "patient:17"): doctor "1" is not
+# patient "1". A NULL key ($4) matches nothing.
+COMMAND_PRELUDE: Final = """
+SELECT
+    (SELECT array_agg(d.id ORDER BY d.id) FROM doctors d WHERE d.id = ANY($1::int[]))
+        AS doctor_ids,
+    (SELECT array_agg(d.version ORDER BY d.id) FROM doctors d WHERE d.id = ANY($1::int[]))
+        AS versions,
+    EXISTS (
+        SELECT 1 FROM appointments e
+        WHERE e.doctor_id = ANY($1::int[]) AND e.status = 'pending' AND e.hold_expires_at <= $2
+    ) AS expired_holds,
+    k.command AS key_command, k.request AS key_request, k.response AS key_response
+FROM (SELECT) AS one
+LEFT JOIN idempotency_keys k ON k.subject = $3 AND k.key = $4"""
+# For a booking or a hold, the same about the slot's doctor, plus what the command
+# re-checks about its slot ($4), locked as SLOT_FOR_UPDATE locks it: the doctor's rules,
+# whether another active appointment lies within the buffer (BUFFER_CLASH, only when the
+# doctor has a buffer) and, for a hold ($9 = the hold limit), how many live holds the
+# patient ($5) has (ACTIVE_HOLDS_OF_PATIENT). The doctor is the one SLOT_DOCTOR_LOCK
+# locked: a slot's doctor never changes. Valid only while nothing has been written: if
+# holds expired, the command frees them first and reads the slot again.
+#
+# And, optimistically, the command's own write (APPOINTMENT_INSERT_TAKING_SLOT: patient $5,
+# status $6, hold expiry $7, slot status $8), only when nothing else is to happen first
+# (no stored key, no expired hold) and the slot passes every check of
+# `commands.bookable_slot` and the hold limit, computed here from the same row. The `taken_`
+# columns return the inserted appointment. This only saves a round trip: the command still
+# re-checks the returned row in Python, and any refusal there rolls back the whole
+# transaction, insert included (no savepoint is open when no hold expired); a slot this
+# statement skips goes the usual way. The exclusion constraint and the one-active-per-slot
+# index guard this insert like any other. Notice and horizon are exact durations, as in
+# Python (minutes, 24-hour days), never calendar days.
+SLOT_PRELUDE: Final = """
+WITH slot AS (
+    SELECT s.id, s.doctor_id, s.starts_at, s.ends_at, s.status, s.conflict, s.retired_at,
+           d.buffer_minutes, d.min_notice_minutes, d.horizon_days, d.version
+    FROM slots s JOIN doctors d ON d.id = s.doctor_id
+    WHERE s.id = $4
+    FOR UPDATE OF s
+), first AS (
+    SELECT ARRAY[slot.doctor_id] AS doctor_ids, ARRAY[slot.version] AS versions,
+        EXISTS (
+            SELECT 1 FROM appointments e
+            WHERE e.doctor_id = slot.doctor_id AND e.status = 'pending'
+              AND e.hold_expires_at <= $1
+        ) AS expired_holds,
+        k.command AS key_command, k.request AS key_request, k.response AS key_response,
+        slot.id, slot.doctor_id, slot.starts_at, slot.ends_at, slot.status, slot.conflict,
+        slot.retired_at, slot.buffer_minutes, slot.min_notice_minutes, slot.horizon_days,
+        slot.buffer_minutes > 0 AND EXISTS (
+            SELECT 1 FROM appointments b
+            WHERE b.doctor_id = slot.doctor_id AND b.status <> 'cancelled'
+              AND tstzrange(b.starts_at, b.ends_at, '[)')
+                  && tstzrange(slot.starts_at - make_interval(mins => slot.buffer_minutes),
+                               slot.ends_at + make_interval(mins => slot.buffer_minutes), '[)')
+        ) AS buffer_clash,
+        CASE WHEN $9::bigint IS NOT NULL THEN (
+            SELECT count(*) FROM appointments h
+            WHERE h.patient_id = $5 AND h.status = 'pending' AND h.hold_expires_at > $1
+        ) END AS active_holds
+    FROM slot
+    LEFT JOIN idempotency_keys k ON k.subject = $2 AND k.key = $3
+), taken AS (
+    INSERT INTO appointments AS a
+        (doctor_id, slot_id, patient_id, starts_at, ends_at, status, hold_expires_at)
+    SELECT f.doctor_id, f.id, $5, f.starts_at, f.ends_at, $6, $7
+    FROM first f
+    WHERE f.key_command IS NULL AND NOT f.expired_holds
+      AND f.retired_at IS NULL AND f.status = 'free'
+      AND f.starts_at > $1
+      AND f.starts_at >= $1 + make_interval(mins => f.min_notice_minutes)
+      AND f.starts_at < $1 + make_interval(hours => 24 * f.horizon_days)
+      AND NOT f.buffer_clash
+      AND ($9::bigint IS NULL OR f.active_holds < $9)
+    RETURNING a.id, a.slot_id, a.doctor_id, a.patient_id, a.starts_at, a.ends_at, a.status,
+              a.hold_expires_at, a.replaces_id, a.cancel_reason, a.cancelled_at
+), busy AS (
+    UPDATE slots SET status = $8 WHERE id = (SELECT t.slot_id FROM taken t)
+)
+SELECT f.*,
+    t.id AS taken_id, t.slot_id AS taken_slot_id, t.doctor_id AS taken_doctor_id,
+    t.patient_id AS taken_patient_id, t.starts_at AS taken_starts_at,
+    t.ends_at AS taken_ends_at, t.status AS taken_status,
+    t.hold_expires_at AS taken_hold_expires_at, t.replaces_id AS taken_replaces_id,
+    t.cancel_reason AS taken_cancel_reason, t.cancelled_at AS taken_cancelled_at
+FROM first f
+LEFT JOIN taken t ON true"""
 
 # ---- doctors and schedules ----------------------------------------------------------------
 
@@ -52,9 +166,6 @@ ORDER BY name, id
 LIMIT $2 OFFSET $3"""
 DOCTOR_COUNT: Final = "SELECT count(*) FROM doctors"
 DOCTOR_VERSION: Final = "SELECT version FROM doctors WHERE id = $1"
-DOCTOR_BUMP_VERSION: Final = (
-    "UPDATE doctors SET version = version + 1 WHERE id = $1 RETURNING version"
-)
 
 SCHEDULE_INSERT: Final = """
 INSERT INTO schedules (doctor_id, weekday, starts, ends) VALUES ($1, $2, $3, $4)"""
@@ -112,7 +223,11 @@ SELECT EXISTS (
 APPOINTMENT_COLUMNS: Final = """
 a.id, a.slot_id, a.doctor_id, a.patient_id, a.starts_at, a.ends_at, a.status,
 a.hold_expires_at, a.replaces_id, a.cancel_reason, a.cancelled_at, a.cancelled_by"""
-APPOINTMENT_INSERT: Final = f"""
+# Insert the appointment and set its slot's status ($9) in one round trip. Both run to
+# completion or, if the insert violates the exclusion constraint or the one-per-slot index,
+# neither does.
+APPOINTMENT_INSERT_TAKING_SLOT: Final = f"""
+WITH taken AS (UPDATE slots SET status = $9 WHERE id = $2)
 INSERT INTO appointments AS a
     (doctor_id, slot_id, patient_id, starts_at, ends_at, status, hold_expires_at, replaces_id)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
@@ -120,10 +235,45 @@ RETURNING {APPOINTMENT_COLUMNS}"""
 APPOINTMENT_DOCTOR: Final = "SELECT doctor_id FROM appointments WHERE id = $1"
 APPOINTMENT_FOR_UPDATE: Final = f"""
 SELECT {APPOINTMENT_COLUMNS} FROM appointments a WHERE a.id = $1 FOR UPDATE"""
+# The first read under the lock (see COMMAND_PRELUDE) of a command that names an
+# appointment ($4; confirming a hold): the same about the appointment's doctor, which
+# APPOINTMENT_DOCTOR_LOCK locked (an appointment's doctor never changes), plus the
+# appointment as APPOINTMENT_FOR_UPDATE reads and locks it. Valid only while nothing has
+# been written: if holds expired (maybe this one), the command frees them first and reads
+# the appointment again.
+APPOINTMENT_PRELUDE: Final = f"""
+WITH a AS (
+    SELECT {APPOINTMENT_COLUMNS} FROM appointments a WHERE a.id = $4 FOR UPDATE
+)
+SELECT ARRAY[d.id] AS doctor_ids, ARRAY[d.version] AS versions,
+    EXISTS (
+        SELECT 1 FROM appointments e
+        WHERE e.doctor_id = d.id AND e.status = 'pending' AND e.hold_expires_at <= $1
+    ) AS expired_holds,
+    k.command AS key_command, k.request AS key_request, k.response AS key_response,
+    a.*
+FROM a
+JOIN doctors d ON d.id = a.doctor_id
+LEFT JOIN idempotency_keys k ON k.subject = $2 AND k.key = $3"""
 APPOINTMENT_SET_STATUS: Final = f"""
 UPDATE appointments AS a SET status = $2, hold_expires_at = NULL, updated_at = $3
 WHERE a.id = $1
 RETURNING {APPOINTMENT_COLUMNS}"""
+# Confirm a hold: APPOINTMENT_SET_STATUS ($2 = 'booked') and SLOT_SET_STATUS ($4 = 'busy') of
+# its slot in one round trip, returning the appointment and the slot's times. (The hold row
+# was locked and checked by APPOINTMENT_FOR_UPDATE; its slot_id never changes.)
+HOLD_CONFIRM: Final = f"""
+WITH slot AS (
+    UPDATE slots AS s SET status = $4
+    FROM appointments AS h WHERE h.id = $1 AND s.id = h.slot_id
+    RETURNING s.id, s.starts_at, s.ends_at
+), a AS (
+    UPDATE appointments AS a SET status = $2, hold_expires_at = NULL, updated_at = $3
+    WHERE a.id = $1
+    RETURNING {APPOINTMENT_COLUMNS}
+)
+SELECT a.*, slot.starts_at AS slot_starts_at, slot.ends_at AS slot_ends_at
+FROM a JOIN slot ON slot.id = a.slot_id"""
 APPOINTMENT_CANCEL: Final = f"""
 UPDATE appointments AS a
 SET status = 'cancelled', cancel_reason = $2, cancelled_at = $3, cancelled_by = $4,
@@ -156,9 +306,34 @@ LIMIT 200"""
 
 # ---- change log --------------------------------------------------------------------------------
 
-CHANGE_INSERT: Final = """
-INSERT INTO changes (doctor_id, version, kind, actor, public, private)
-VALUES ($1, $2, $3, $4, $5, $6)"""
+# The end of every command, one round trip: bump each touched doctor's version once, append
+# its change record, and store the reply under the idempotency key if there is one ($7 NULL:
+# no key; ON CONFLICT DO NOTHING waits for a concurrent insert of the key). Each change was
+# built for version + 1 of the version read under the lock ($2 holds those next versions);
+# a record is appended only where the bump produced exactly that version, so the caller,
+# which checks `recorded`, rolls back rather than ever leave a gap or a mislabelled change.
+# `remembered` is 0 when a concurrent command on another doctor stored the key first.
+RECORD: Final = """
+WITH bumped AS (
+    -- = ANY, not a join with unnest: the generic plan of a join scans every doctor.
+    UPDATE doctors AS d SET version = d.version + 1
+    WHERE d.id = ANY($1::int[])
+    RETURNING d.id, d.version
+), recorded AS (
+    INSERT INTO changes (doctor_id, version, kind, actor, public, private)
+    SELECT c.doctor_id, c.version, c.kind, $6, c.public, c.private
+    FROM unnest($1::int[], $2::bigint[], $3::text[], $4::jsonb[], $5::jsonb[])
+        AS c(doctor_id, version, kind, public, private)
+    JOIN bumped b ON b.id = c.doctor_id AND b.version = c.version
+    RETURNING 1
+), remembered AS (
+    INSERT INTO idempotency_keys (subject, key, command, request, response)
+    SELECT $6, $7::text, $8::text, $9::jsonb, $10::jsonb WHERE $7::text IS NOT NULL
+    ON CONFLICT (subject, key) DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM recorded) AS recorded,
+       (SELECT count(*) FROM remembered) AS remembered"""
 RELAY_CURSOR_CREATE: Final = "INSERT INTO relay_cursor (doctor_id) VALUES ($1)"
 # Committed but not yet published: the relay's work list, oldest first.
 CHANGES_UNPUBLISHED: Final = """
@@ -182,10 +357,6 @@ ORDER BY version"""
 
 # ---- idempotency -------------------------------------------------------------------------------
 
+# The prelude reads keys inside the command; this is for the retry after a key race.
 IDEMPOTENCY_GET: Final = """
 SELECT command, request, response FROM idempotency_keys WHERE subject = $1 AND key = $2"""
-IDEMPOTENCY_PUT: Final = """
-INSERT INTO idempotency_keys (subject, key, command, request, response)
-VALUES ($1, $2, $3, $4, $5)
-ON CONFLICT (subject, key) DO NOTHING
-RETURNING true"""
