@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 from protocol.codec import Codec
 from protocol.messages import Presence, Resync
@@ -58,20 +58,6 @@ FANOUT_SLICE: Final = 100  # members written per event-loop turn in a big room
 Kind = Literal["availability", "dashboard"]
 
 
-def _dashboard_body(change: Change) -> dict[str, Any]:
-    private = change.private
-    return {
-        "doctor_id": change.doctor_id,
-        "version": change.version,
-        "kinds": private.get("kind", []),
-        "actor": private.get("actor"),
-        "appointments": private.get("appointments", []),
-        "slots": change.public["slots"],
-        "removed": change.public["removed"],
-        "conflicts": private.get("conflicts", []),
-    }
-
-
 class Frames:
     """The frames of one change, built on first use per (kind, codec) and then shared."""
 
@@ -88,7 +74,7 @@ class Frames:
             if kind == "availability":
                 wire = {"type": "delta", "id": None, "body": self.change.public}
             else:
-                wire = {"type": "dashboard_delta", "id": None, "body": _dashboard_body(self.change)}
+                wire = {"type": "dashboard_delta", "id": None, "body": self.change.dashboard_body()}
             data = self._built[key] = frame(codec.dumps(wire), binary=codec.binary)
         return data
 

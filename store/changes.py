@@ -48,6 +48,20 @@ class Change:
         delta = Delta(doctor_id=doctor_id, version=version, slots=slots, removed=removed or [])
         return cls(doctor_id, version, msgspec.to_builtins(delta), private or {}, time.time())
 
+    def dashboard_body(self) -> dict[str, Any]:
+        """The `dashboard_delta` body: the public slots with the doctor's private side."""
+        private = self.private
+        return {
+            "doctor_id": self.doctor_id,
+            "version": self.version,
+            "kinds": private.get("kind", []),
+            "actor": private.get("actor"),
+            "appointments": private.get("appointments", []),
+            "slots": self.public["slots"],
+            "removed": self.public["removed"],
+            "conflicts": private.get("conflicts", []),
+        }
+
     def pack(self) -> bytes:
         return _pack(
             {"k": "change", "pub": self.public, "prv": self.private, "at": self.committed_at}
