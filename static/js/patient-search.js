@@ -1,5 +1,5 @@
 // The patient page's doctor search: the search box, the list of matches and
-// which doctor is chosen. The doctors heard of are state (doctors.js); this
+// which doctor is chosen. The doctors heard of are state (directory.js); this
 // asks the server and draws the list.
 
 import { el, reducedMotion } from "./ui.js";

@@ -1,7 +1,7 @@
 // The patient page: find a doctor, see a week of their slots change live,
 // hold one (with a countdown), confirm or release it, and follow one's own
 // appointments. This file only wires the sections together and to the
-// connection. State lives in plain objects without DOM (doctors.js, week.js
+// connection. State lives in plain objects without DOM (directory.js, week.js
 // with calendar.js, hold.js, appointments.js); each section draws its part
 // (patient-search.js, patient-week.js, patient-hold.js,
 // patient-appointments.js). Every change from the server flows through the
@@ -10,7 +10,7 @@
 
 import { MyAppointments } from "./appointments.js";
 import { Intentions, ServerError } from "./connection.js";
-import { Doctors } from "./doctors.js";
+import { Doctors } from "./directory.js";
 import { browserZone, dateKey } from "./format.js";
 import { Hold } from "./hold.js";
 import { errorCode } from "./messages.js";
