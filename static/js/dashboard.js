@@ -4,7 +4,7 @@
 // gap means "watch_dashboard again" (dashboards are not resumed, a fresh
 // dashboard replaces the day).
 
-import { dateKey } from "./format.js";
+import { addDays, dateKey } from "./format.js";
 
 const ACTIVE = new Set(["pending", "booked", "arrived", "fulfilled", "noshow"]);
 
@@ -81,3 +81,61 @@ export class DayBook {
 
 /** Whether an appointment occupies its slot for good (what a day's "booked" count counts). */
 export const countsAsBooked = (appointment) => ["booked", "arrived", "fulfilled", "noshow"].includes(appointment.status);
+
+/**
+ * The seven days a doctor's dashboard shows as tabs: today and the next six in
+ * the doctor's zone (the browser's until the doctor's is known), and the one
+ * chosen.
+ */
+export class DashboardDays {
+  constructor(zone) {
+    this.zone = zone;
+    this.dates = []; // the doctor's local dates shown as tabs
+    this.selected = null;
+  }
+
+  /** Adopt the doctor's zone; false when it is unknown or already the one. */
+  setZone(zone) {
+    if (!zone || zone === this.zone) return false;
+    this.zone = zone;
+    return true;
+  }
+
+  /** Today and the next six days; the chosen day stays if still shown, else today. */
+  reset(now = Date.now()) {
+    const today = dateKey(now, this.zone);
+    this.dates = Array.from({ length: 7 }, (_, i) => addDays(today, i));
+    if (!this.dates.includes(this.selected)) this.selected = today;
+  }
+
+  get today() {
+    return this.dates[0];
+  }
+
+  /** The date a key moves the choice to (the ARIA tabs pattern), or null for a key that does not move it. */
+  step(key) {
+    const moves = { ArrowRight: 1, ArrowLeft: -1, Home: -Infinity, End: Infinity };
+    if (!(key in moves)) return null;
+    const index = this.dates.indexOf(this.selected);
+    return this.dates[Math.min(this.dates.length - 1, Math.max(0, index + moves[key]))];
+  }
+}
+
+/** Each date's appointments (from dashboards, day lists and deltas, merged by id), for the tabs' "n booked". */
+export class BookedCounts {
+  constructor() {
+    this.byDate = new Map(); // date -> Map(appointment id -> appointment)
+  }
+
+  remember(appointments, zone) {
+    for (const appointment of appointments) {
+      const date = dateKey(appointment.start, zone);
+      if (!this.byDate.has(date)) this.byDate.set(date, new Map());
+      this.byDate.get(date).set(appointment.id, appointment);
+    }
+  }
+
+  booked(date) {
+    return [...(this.byDate.get(date)?.values() ?? [])].filter(countsAsBooked).length;
+  }
+}

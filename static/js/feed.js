@@ -1,0 +1,44 @@
+// The words of the doctor's live feed, as pure functions (no DOM): one line
+// per dashboard_delta, e.g. "Tue 09:30 booked by alice" or "Schedule changed:
+// 2 bookings are now outside it".
+
+import { dateKey, dayShort, timeHM } from "./format.js";
+
+const KIND_WORDS = {
+  "slot.held": (who) => `held by ${who}`,
+  "slot.booked": (who) => `booked by ${who}`,
+  "hold.released": (who) => `hold released by ${who}`,
+  "hold.expired": () => "hold expired",
+  "appointment.cancelled": (who, actorRole) => (actorRole === "patient" ? `cancelled by ${who}` : "cancelled"),
+  "appointment.rescheduled": () => "rescheduled",
+  "appointment.arrived": () => "arrived",
+  "appointment.fulfilled": () => "fulfilled",
+  "appointment.noshow": () => "no-show",
+  "slot.blocked": () => "blocked",
+  "slot.unblocked": () => "unblocked",
+  "slots.opened": () => "new slots opened",
+  "slots.closed": () => "slots closed",
+  "slots.conflict": () => "conflict with the schedule",
+  "slots.conflict_resolved": () => "conflict resolved",
+  "schedule.changed": () => "schedule changed",
+};
+
+/** A delta's feed line; times in `zone`, with the weekday unless the date is `today`. */
+export function feedText(delta, zone, today) {
+  // A schedule change carries several kinds (closed, opened, conflict): one line says it.
+  if (delta.kinds.includes("schedule.changed")) {
+    const n = delta.conflicts.length;
+    return n === 0 ? "Schedule changed" : `Schedule changed: ${n} ${n === 1 ? "booking is" : "bookings are"} now outside it`;
+  }
+  const [actorRole, actorSubject] = (delta.actor ?? "").split(/:(.*)/s);
+  const appointment = delta.appointments[0];
+  const who = appointment?.patient_id ?? actorSubject ?? "someone";
+  const verbs = delta.kinds.map((kind) => (KIND_WORDS[kind] ?? (() => kind.replace(/[._]/g, " ")))(who, actorRole));
+  const subject = appointment ?? (delta.slots.length === 1 ? delta.slots[0] : null);
+  let when = "";
+  if (subject) {
+    const date = dateKey(subject.start, zone);
+    when = `${date === today ? "" : `${dayShort(date)} `}${timeHM(subject.start, zone)} `;
+  }
+  return `${when}${verbs.join(", ") || "calendar updated"}`;
+}
