@@ -96,10 +96,10 @@ sys.path.insert(0, str(REPO))  # `tests.harness` is not an installed package
 import aiohttp  # noqa: E402
 import asyncpg  # noqa: E402
 
+from client import ClientError, SlotcastClient  # noqa: E402
 from protocol.errors import ErrorCode, SlotcastError  # noqa: E402
 from protocol.vocabulary import Role  # noqa: E402
 from server import auth  # noqa: E402
-from server.client import ClientError, SlotcastClient  # noqa: E402
 from store import embedded, sql  # noqa: E402
 from store.database import Store, open_store  # noqa: E402
 from store.migrate import migrate  # noqa: E402

@@ -906,7 +906,7 @@ async def drive(
     command at a time per connection, so a single connection would queue them behind
     each other whenever one is slow, and time that queue as fan-out latency.
     """
-    from server.client import ClientError, SlotcastClient
+    from client import ClientError, SlotcastClient
 
     count = int(rate * seconds)
     bookings = [Booking(slot_id) for slot_id in slots[:count]]

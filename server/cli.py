@@ -23,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
+from client import demo
 from protocol.vocabulary import Role
 from server import auth
 from server.app import create_app
@@ -61,16 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="apply database migrations and exit")
     migrate.add_argument("--database-url")
 
-    watch = sub.add_parser("watch", help="watch a doctor's slots live (Python client)")
-    watch.add_argument("doctor", type=int)
-    watch.add_argument("--days", type=int, default=7)
-    watch.add_argument("--codec", choices=["json", "msgpack"], default="json")
-    watch.add_argument("--url", default=None, help="default: ws://127.0.0.1:$SLOTCAST_PORT/ws")
-
-    book = sub.add_parser("book", help="book a doctor's first free slot as a patient")
-    book.add_argument("--doctor", type=int, required=True)
-    book.add_argument("--sub", default="demo-patient", help="the patient's subject")
-    book.add_argument("--url", default=None, help="default: ws://127.0.0.1:$SLOTCAST_PORT/ws")
+    demo.add_parsers(sub)  # watch, book: implemented by the client package
     return p
 
 
@@ -96,14 +88,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "migrate":
         return _run(_migrate(settings))
-    if args.command in ("watch", "book"):
-        from server import democlient
-
-        url = args.url or f"ws://127.0.0.1:{settings.port}/ws"
-        if args.command == "watch":
-            return _run(democlient.watch(url, args.doctor, args.days, args.codec))
-        tok = auth.issue(settings.jwt_secret, subject=args.sub, role=Role.PATIENT)
-        return _run(democlient.book_first_free(url, tok, args.doctor))
+    if args.command in demo.COMMANDS:
+        return _run(
+            demo.run(
+                args,
+                default_url=f"ws://127.0.0.1:{settings.port}/ws",
+                patient_token=lambda sub: auth.issue(
+                    settings.jwt_secret, subject=sub, role=Role.PATIENT
+                ),
+            )
+        )
     return _run(serve(settings))
 
 

@@ -13,8 +13,8 @@ import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
+from client import SlotcastClient
 from protocol.vocabulary import Role, SlotStatus
-from server.client import SlotcastClient
 from store.database import Store
 from tests.conftest import SeededDoctor, token, ws_url
 

@@ -19,10 +19,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from client import ClientError, SlotcastClient
 from protocol.errors import ErrorCode
 from protocol.messages import AppointmentView
 from protocol.vocabulary import AppointmentStatus, SlotStatus
-from server.client import ClientError, SlotcastClient
 from store.constants import LOCK_NS_DOCTOR
 from store.database import Booking, Store, open_store
 from store.errors import Busy, IdempotencyConflict, NotFound, SlotTaken, SlotUnavailable, TooLate

@@ -22,9 +22,9 @@ import aiohttp
 import asyncpg
 import pytest
 
+from client import ClientError, SlotcastClient
 from protocol.messages import AppointmentView, Rescheduled
 from protocol.vocabulary import SlotStatus
-from server.client import ClientError, SlotcastClient
 from store.database import Store
 from tests.conftest import SeededDoctor, Spawn, seed_doctor, token
 from tests.harness import ServerProcess

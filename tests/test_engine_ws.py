@@ -21,12 +21,12 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
+from client import ClientError, SlotcastClient
 from protocol.errors import ErrorCode
 from protocol.messages import Delta, SlotView, WeeklyBlock
 from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
 from server.api import HTTP_STATUS
 from server.app import create_app
-from server.client import ClientError, SlotcastClient
 from server.settings import Settings
 from store.database import Store
 from tests.conftest import SeededDoctor, token, ws_url

@@ -4,7 +4,7 @@ The README promises that Slotcast runs behind a load balancer and survives a
 rolling restart without losing or doubling a booking and without any watcher's
 calendar drifting. Those promises only hold if the balancer configuration, the
 drain sequence (server.lifecycle) and the client's reconnect/resume
-(server.client) fit together, so this module runs the shipped configuration
+(client/) fit together, so this module runs the shipped configuration
 file, unchanged, with real HAProxy, three `slotcast serve` processes, one
 PostgreSQL and one Redis.
 """
@@ -28,9 +28,9 @@ import asyncpg
 import orjson
 import pytest
 
+from client import ClientError, SlotcastClient
 from protocol.messages import AppointmentView, SlotView
 from protocol.vocabulary import SlotStatus
-from server.client import ClientError, SlotcastClient
 from store.database import Store
 from tests.conftest import SeededDoctor, Spawn, seed_doctor, token
 from tests.harness import REPO, ServerProcess, free_port

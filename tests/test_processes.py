@@ -19,9 +19,9 @@ import aiohttp
 import orjson
 import pytest
 
+from client import SlotcastClient
 from protocol.codec import JSON
 from protocol.vocabulary import SlotStatus
-from server.client import SlotcastClient
 from tests.conftest import SeededDoctor, Spawn, token
 from tests.harness import ServerProcess
 

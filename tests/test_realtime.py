@@ -29,6 +29,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
+from client import ClientError, SlotcastClient
 from protocol.codec import JSON, MSGPACK, Codec
 from protocol.errors import ErrorCode
 from protocol.messages import (
@@ -49,7 +50,6 @@ from protocol.messages import (
 from protocol.messages import AppointmentEvent as Event
 from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
 from server.app import INSTANCE_COOKIE, create_app
-from server.client import ClientError, SlotcastClient
 from server.connection import (
     CLOSE_SERVICE_RESTART,
     CLOSE_SLOW_CONSUMER,

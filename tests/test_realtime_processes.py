@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 
+from client import SlotcastClient
 from protocol.messages import (
     AppointmentEvent,
     DashboardDelta,
@@ -26,7 +27,6 @@ from protocol.messages import (
     SlotView,
 )
 from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
-from server.client import SlotcastClient
 from store.database import Store
 from tests.conftest import SeededDoctor, Spawn, token
 from tests.harness import RedisServer, ServerProcess

@@ -21,11 +21,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from client import SlotcastClient
 from protocol.codec import JSON
 from protocol.messages import SERVER_MESSAGES, Delta
 from protocol.vocabulary import SlotStatus
 from server.app import create_app
-from server.client import SlotcastClient
 from server.connection import Connection
 from server.keys import BROKER
 from server.rooms import Member, Rooms

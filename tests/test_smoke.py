@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp.test_utils import TestClient
 
+from client import SlotcastClient
 from protocol.vocabulary import SlotStatus
-from server.client import SlotcastClient
 from tests.conftest import SeededDoctor, token, ws_url
 
 

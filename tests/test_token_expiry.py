@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from client import SlotcastClient
 from protocol.errors import ErrorCode
 from protocol.messages import (
     AppointmentEvent,
@@ -25,7 +26,6 @@ from protocol.messages import (
     Unwatched,
 )
 from protocol.vocabulary import Role
-from server.client import SlotcastClient
 from tests.conftest import SeededDoctor, token, ws_url
 from tests.test_realtime import events_before_pong, expect
 

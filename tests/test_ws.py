@@ -21,13 +21,13 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
+from client import ClientError, SlotcastClient
 from protocol.codec import JSON
 from protocol.errors import ErrorCode
 from protocol.messages import Delta, Error, Message, Pong, Welcome
 from protocol.vocabulary import Role, SlotStatus
 from server import auth
 from server.app import create_app
-from server.client import ClientError, SlotcastClient
 from server.settings import Settings
 from store.database import Store
 from tests.conftest import SeededDoctor, seed_doctor, token, ws_url

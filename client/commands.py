@@ -1,0 +1,245 @@
+"""The typed command API, and the live state it keeps across reconnects.
+
+Each protocol command is one method returning the reply's useful part, so a
+caller never handles envelopes. The rooms a caller joined (calendars,
+dashboards, the patient's appointments) are remembered here because only the
+command API knows how to join them again after `client.connection` reconnects.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import date
+from typing import Any
+
+from client.calendars import Calendar
+from client.connection import Connection
+from protocol.messages import (
+    Appointments,
+    AppointmentUpdated,
+    AppointmentView,
+    Block,
+    Book,
+    Booked,
+    Cancel,
+    Dashboard,
+    DayOverride,
+    Delta,
+    Doctors,
+    DoctorView,
+    Held,
+    Hold,
+    ListAppointments,
+    Mark,
+    Message,
+    MyAppointments,
+    Ping,
+    Pong,
+    Release,
+    Reschedule,
+    Rescheduled,
+    Resumed,
+    Resync,
+    ScheduleUpdated,
+    SearchDoctors,
+    SetSchedule,
+    SlotUpdated,
+    SlotView,
+    Snapshot,
+    Unblock,
+    Unwatch,
+    UnwatchDashboard,
+    Unwatched,
+    Watch,
+    WatchAppointments,
+    WatchDashboard,
+    WeeklyBlock,
+)
+from protocol.vocabulary import AppointmentStatus
+
+log = logging.getLogger(__name__)
+
+
+class SlotcastClient(Connection):
+    """Open one with `SlotcastClient.connect(...)`, an async context manager."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # as Connection's; use `connect`
+        super().__init__(*args, **kwargs)
+        self._resyncing: set[int] = set()
+        self.calendars: dict[int, Calendar] = {}
+        self.dashboards: dict[int, date] = {}
+        self.following = False
+
+    # ---- watching ---------------------------------------------------------------------------
+
+    async def watch(self, doctor_id: int, start: date, end: date) -> Snapshot:
+        snapshot = await self.request(Watch(doctor_id, start, end), Snapshot)
+        self.calendars[doctor_id] = Calendar(
+            doctor_id, start, end, snapshot.version, {s.id: s for s in snapshot.slots}
+        )
+        return snapshot
+
+    async def unwatch(self, doctor_id: int) -> None:
+        await self.request(Unwatch(doctor_id), Unwatched)
+        self.calendars.pop(doctor_id, None)
+
+    async def watch_dashboard(self, doctor_id: int, day: date) -> Dashboard:
+        dashboard = await self.request(WatchDashboard(doctor_id, day), Dashboard)
+        self.dashboards[doctor_id] = day
+        return dashboard
+
+    async def unwatch_dashboard(self, doctor_id: int) -> None:
+        await self.request(UnwatchDashboard(doctor_id), Unwatched)
+        self.dashboards.pop(doctor_id, None)
+
+    async def watch_appointments(self) -> list[AppointmentView]:
+        reply = await self.request(WatchAppointments(), Appointments)
+        self.following = True
+        return reply.appointments
+
+    async def next_delta(self, timeout: float = 10.0) -> Delta:
+        while True:
+            event = await self.next_event(timeout)
+            if isinstance(event, Delta):
+                return event
+
+    # ---- commands ---------------------------------------------------------------------------
+
+    async def book(
+        self,
+        slot_id: int | None = None,
+        idempotency_key: str | None = None,
+        *,
+        hold_id: int | None = None,
+    ) -> AppointmentView:
+        """Book a free slot, or confirm a hold with `hold_id=`."""
+        request = Book(slot_id, idempotency_key, hold_id)
+        return (await self.request(request, Booked)).appointment
+
+    async def hold(self, slot_id: int, idempotency_key: str | None = None) -> AppointmentView:
+        return (await self.request(Hold(slot_id, idempotency_key), Held)).appointment
+
+    async def release(
+        self, appointment_id: int, idempotency_key: str | None = None
+    ) -> AppointmentView:
+        reply = await self.request(Release(appointment_id, idempotency_key), AppointmentUpdated)
+        return reply.appointment
+
+    async def cancel(
+        self, appointment_id: int, reason: str, idempotency_key: str | None = None
+    ) -> AppointmentView:
+        reply = await self.request(
+            Cancel(appointment_id, reason, idempotency_key), AppointmentUpdated
+        )
+        return reply.appointment
+
+    async def reschedule(
+        self, appointment_id: int, slot_id: int, idempotency_key: str | None = None
+    ) -> Rescheduled:
+        return await self.request(Reschedule(appointment_id, slot_id, idempotency_key), Rescheduled)
+
+    async def block(self, slot_id: int, idempotency_key: str | None = None) -> SlotView:
+        return (await self.request(Block(slot_id, idempotency_key), SlotUpdated)).slot
+
+    async def unblock(self, slot_id: int, idempotency_key: str | None = None) -> SlotView:
+        return (await self.request(Unblock(slot_id, idempotency_key), SlotUpdated)).slot
+
+    async def mark(
+        self, appointment_id: int, status: AppointmentStatus, idempotency_key: str | None = None
+    ) -> AppointmentView:
+        reply = await self.request(
+            Mark(appointment_id, status, idempotency_key), AppointmentUpdated
+        )
+        return reply.appointment
+
+    async def set_schedule(
+        self,
+        doctor_id: int,
+        weekly: list[WeeklyBlock],
+        overrides: list[DayOverride] | None = None,
+        *,
+        slot_minutes: int = 30,
+        buffer_minutes: int = 0,
+        min_notice_minutes: int = 0,
+        horizon_days: int = 28,
+        idempotency_key: str | None = None,
+    ) -> ScheduleUpdated:
+        request = SetSchedule(
+            doctor_id,
+            weekly,
+            overrides or [],
+            slot_minutes=slot_minutes,
+            buffer_minutes=buffer_minutes,
+            min_notice_minutes=min_notice_minutes,
+            horizon_days=horizon_days,
+            idempotency_key=idempotency_key,
+        )
+        return await self.request(request, ScheduleUpdated)
+
+    # ---- reads ------------------------------------------------------------------------------
+
+    async def list_appointments(self, doctor_id: int, day: date) -> list[AppointmentView]:
+        reply = await self.request(ListAppointments(doctor_id, day), Appointments)
+        return reply.appointments
+
+    async def my_appointments(self) -> list[AppointmentView]:
+        return (await self.request(MyAppointments(), Appointments)).appointments
+
+    async def search_doctors(
+        self, q: str | None = None, limit: int = 20, offset: int = 0
+    ) -> list[DoctorView]:
+        return (await self.request(SearchDoctors(q, limit, offset), Doctors)).doctors
+
+    async def ping(self) -> None:
+        await self.request(Ping(), Pong)
+
+    # ---- staying current --------------------------------------------------------------------
+
+    async def _rejoin(self) -> None:
+        for calendar in list(self.calendars.values()):
+            await self._resume(calendar)
+        for doctor_id, day in list(self.dashboards.items()):
+            await self.watch_dashboard(doctor_id, day)
+        if self.following:
+            await self.watch_appointments()
+
+    async def _resume(self, calendar: Calendar) -> None:
+        """Ask for what was missed since the calendar's version; accept a snapshot instead."""
+        request = Watch(calendar.doctor_id, calendar.start, calendar.end, since=calendar.version)
+        reply = await self.request_any(request, (Snapshot, Resumed))
+        if isinstance(reply, Snapshot):
+            calendar.version = reply.version
+            calendar.slots = {s.id: s for s in reply.slots}
+            calendar.resyncs += 1
+
+    def _on_push(self, message: Message) -> None:
+        if isinstance(message, Resync):
+            if message.doctor_id in self.calendars:
+                self._resync(self.calendars[message.doctor_id])
+            elif message.room == "appointments" and self.following:
+                self._spawn(self.watch_appointments())
+        elif isinstance(message, Delta):
+            calendar = self.calendars.get(message.doctor_id)
+            if calendar is not None and not calendar.apply(message):
+                log.info(
+                    "gap on doctor %s: v%s after v%s",
+                    message.doctor_id,
+                    message.version,
+                    calendar.version,
+                )
+                self._resync(calendar)
+
+    def _resync(self, calendar: Calendar) -> None:
+        """A fresh snapshot replaces the calendar; one at a time per doctor."""
+        if calendar.doctor_id in self._resyncing:
+            return
+        self._resyncing.add(calendar.doctor_id)
+
+        async def resync() -> None:
+            try:
+                await self.watch(calendar.doctor_id, calendar.start, calendar.end)
+                self.calendars[calendar.doctor_id].resyncs = calendar.resyncs + 1
+            finally:
+                self._resyncing.discard(calendar.doctor_id)
+
+        self._spawn(resync())

@@ -1,0 +1,278 @@
+"""One WebSocket to the server that survives restarts: the transport half of the client.
+
+It knows frames, request ids and reconnecting, and nothing about calendars:
+replies are matched to their request by `id`, everything else is a push handed
+to `_on_push` and queued on `events`. Keeping this apart from the command API
+(`client.commands`) means the reconnect logic can be read on its own, and the
+command API reads as a list of one-line wrappers over `request`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, Literal, Self, TypeVar
+
+import aiohttp
+
+from protocol.codec import JSON, MSGPACK, Codec
+from protocol.errors import ErrorCode, SlotcastError
+from protocol.messages import (
+    SERVER_MESSAGES,
+    Auth,
+    Authenticated,
+    Error,
+    Message,
+    Reconnect,
+    Welcome,
+)
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+
+
+class ClientError(SlotcastError):
+    """An `error` reply from the server; `code` is its stable error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        # A newer server may send a code this client does not know yet: keep the
+        # wire spelling and fall back to `internal` so `code` stays an ErrorCode.
+        try:
+            known = ErrorCode(code)
+        except ValueError:
+            known = ErrorCode.INTERNAL
+        super().__init__(message, code=known)
+        self.wire_code = code
+
+
+class Connection:
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        url: str,
+        codec: Codec,
+        *,
+        headers: dict[str, str],
+        auth_token: str | None,
+        reconnect: bool,
+        max_backoff: float,
+    ) -> None:
+        self._http = http
+        self._url = url
+        self._codec = codec
+        self._headers = headers
+        self._auth_token = auth_token  # sent in an `auth` message after each (re)connect
+        self._reconnect = reconnect
+        self._max_backoff = max_backoff
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Message]] = {}
+        self._welcome: asyncio.Future[Welcome] = asyncio.get_running_loop().create_future()
+        self._retry_after: float | None = None
+        self._closed = False
+        self._reader: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.events: asyncio.Queue[Message] = asyncio.Queue()
+        self.close_code: int | None = None
+        self.instance: str | None = None
+        self.reconnects = 0
+        # Set while connected with every watch restored; cleared on each disconnect.
+        self.ready = asyncio.Event()
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(
+        cls,
+        url: str,
+        *,
+        token: str | None = None,
+        codec: Literal["json", "msgpack"] = "json",
+        token_in_header: bool = True,
+        session: aiohttp.ClientSession | None = None,
+        reconnect: bool = False,
+        max_backoff: float = 5.0,
+    ) -> AsyncIterator[Self]:
+        """Connect; with `token_in_header=False` the token goes in a first `auth` message.
+
+        With `reconnect=True` a dropped connection is re-established with capped,
+        fully jittered exponential backoff (or after the delay a `reconnect` notice
+        asked for), the token re-presented, and every watch resumed from its version.
+        """
+        chosen = MSGPACK if codec == "msgpack" else JSON
+        headers = {"Authorization": f"Bearer {token}"} if token and token_in_header else {}
+        own = session is None
+        http = session or aiohttp.ClientSession()
+        client = cls(
+            http,
+            url,
+            chosen,
+            headers=headers,
+            auth_token=None if token_in_header else token,
+            reconnect=reconnect,
+            max_backoff=max_backoff,
+        )
+        try:
+            await client._open()
+            try:
+                await client._restore()
+                yield client
+            finally:
+                await client.close()
+        finally:
+            if own:
+                await http.close()
+
+    async def _open(self) -> None:
+        self._ws = await self._http.ws_connect(
+            self._url, protocols=[self._codec.subprotocol], headers=self._headers
+        )
+        self._welcome = asyncio.get_running_loop().create_future()
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read_forever(), name="slotcast-client-reader")
+
+    async def _restore(self) -> None:
+        """After (re)connecting: welcome, identity, then every watch, resumed where it was."""
+        self.instance = (await self.welcome()).instance
+        if self._auth_token:
+            await self.auth(self._auth_token)
+        await self._rejoin()
+        self.ready.set()
+
+    async def _rejoin(self) -> None:
+        """Overridden by the command API: join again every room joined before a drop."""
+
+    def _on_push(self, message: Message) -> None:
+        """Overridden by the command API: keep its live state current before `events` sees it."""
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    async def welcome(self, timeout: float = 10.0) -> Welcome:
+        return await asyncio.wait_for(asyncio.shield(self._welcome), timeout)
+
+    async def request(self, message: Message, expect: type[M], timeout: float = 10.0) -> M:
+        """Send a command and wait for its reply; an `error` reply raises ClientError."""
+        reply = await self.request_any(message, (expect,), timeout)
+        assert isinstance(reply, expect)
+        return reply
+
+    async def request_any(
+        self, message: Message, expect: tuple[type[Message], ...], timeout: float = 10.0
+    ) -> Message:
+        rid = next(self._ids)
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        try:
+            await self.send_raw(self._codec.encode(message, rid))
+            reply = await asyncio.wait_for(future, timeout)
+        finally:
+            self._pending.pop(rid, None)
+        if isinstance(reply, Error):
+            raise ClientError(reply.code, reply.message)
+        if not isinstance(reply, expect):
+            names = "/".join(t.TYPE for t in expect)
+            raise ClientError("bad_message", f"expected {names}, got {reply.TYPE}")
+        return reply
+
+    async def send_raw(self, frame: bytes | str) -> None:
+        """Send a frame as is (tests use this to send malformed input)."""
+        if self._ws is None or self._ws.closed:
+            raise ClientError("unavailable", "not connected")
+        if isinstance(frame, str):
+            await self._ws.send_str(frame)
+        elif self._codec.binary:
+            await self._ws.send_bytes(frame)
+        else:
+            await self._ws.send_str(frame.decode())
+
+    async def auth(self, token: str) -> Authenticated:
+        return await self.request(Auth(token), Authenticated)
+
+    async def next_event(self, timeout: float = 10.0) -> Message:
+        return await asyncio.wait_for(self.events.get(), timeout)
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = [t for t in (self._reader, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._ws is not None:
+            await self._ws.close()
+
+    # ---- receiving --------------------------------------------------------------------------
+
+    async def _read_forever(self) -> None:
+        while True:
+            ws = self._ws
+            assert ws is not None
+            try:
+                async for frame in ws:
+                    if frame.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                        continue
+                    envelope = self._codec.decode(frame.data, SERVER_MESSAGES, max_size=1 << 30)
+                    self._dispatch(envelope.id, envelope.body)
+            finally:
+                self.ready.clear()
+                self.close_code = ws.close_code
+                error = ClientError("unavailable", f"connection closed ({ws.close_code})")
+                for future in self._pending.values():
+                    if not future.done():
+                        future.set_exception(error)
+                if not self._welcome.done():
+                    self._welcome.set_exception(error)
+                    self._welcome.exception()  # retrieved: nobody may be waiting
+            if self._closed or not self._reconnect:
+                return
+            await self._reconnect_with_backoff()
+
+    async def _reconnect_with_backoff(self) -> None:
+        """Full jitter: a restart's clients spread out instead of stampeding together."""
+        attempt = 0
+        while not self._closed:
+            if self._retry_after is not None:
+                delay, self._retry_after = self._retry_after, None
+            else:
+                delay = random.uniform(0, min(self._max_backoff, 0.1 * 2**attempt))
+            await asyncio.sleep(delay)
+            attempt += 1
+            try:
+                await self._open()
+            except (aiohttp.ClientError, OSError) as exc:
+                log.info("reconnect attempt %d failed: %s", attempt, exc)
+                continue
+            self.reconnects += 1
+            self._spawn(self._restore_quietly())
+            return
+
+    async def _restore_quietly(self) -> None:
+        try:
+            await self._restore()
+        except ClientError as exc:  # the connection dropped again; the reader retries
+            log.info("restore after reconnect failed: %s", exc)
+
+    def _dispatch(self, rid: str | int | None, message: Message) -> None:
+        if isinstance(message, Welcome) and not self._welcome.done():
+            self._welcome.set_result(message)
+            return
+        if isinstance(message, Reconnect):
+            self._retry_after = message.retry_after_ms / 1000
+        future = self._pending.get(rid) if isinstance(rid, int) else None
+        if future is not None and not future.done():
+            future.set_result(message)
+            return
+        # The protocol sends pushes (deltas, resyncs, notices) with a null id.
+        self._on_push(message)
+        self.events.put_nowait(message)
+
+    def _spawn(self, work: Coroutine[Any, Any, object]) -> None:
+        """Run in the background, cancelled by `close`: the reader itself must never wait."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
