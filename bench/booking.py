@@ -21,7 +21,7 @@ Scenarios
            in a running deployment, so the relay does not replay it mid-run.
 
 How
-  uniform and hot call `Store.book`, which runs the same `Store._run` transaction
+  uniform and hot call `commands.book_slot`, which runs the same `runner.run` transaction
   as the server's `book` command (BEGIN; the slot's doctor found and its advisory
   lock taken; one read of the versions, expired holds, idempotency record and the
   slot FOR UPDATE; INSERT with the slot's UPDATE; version bump, change record and
@@ -100,9 +100,10 @@ from client import ClientError, SlotcastClient  # noqa: E402
 from protocol.errors import ErrorCode, SlotcastError  # noqa: E402
 from protocol.vocabulary import Role  # noqa: E402
 from server import auth  # noqa: E402
-from store import embedded, sql  # noqa: E402
-from store.database import Store, open_store  # noqa: E402
+from store import commands, doctors, embedded, sql  # noqa: E402
+from store import runner as store_runner  # noqa: E402
 from store.migrate import migrate  # noqa: E402
+from store.runner import Store, open_store  # noqa: E402
 from store.schedule import Block  # noqa: E402
 from tests.harness import ServerProcess, free_port, with_database  # noqa: E402
 
@@ -198,8 +199,8 @@ class Profiler:
         for method in ("execute", "fetch", "fetchrow", "fetchval"):
             self._wrap(asyncpg.Connection, method, lambda a: "sql " + self.label(a[1]))
         self._wrap(asyncpg.pool.Pool, "_acquire", lambda a: "pool acquire (wait)")
-        self._wrap(Store, "_attempt", lambda a: "Store._attempt (acquire..commit)")
-        self._wrap(Store, "book_command", lambda a: "Store.book_command (whole booking)")
+        self._wrap(store_runner, "_attempt", lambda a: "runner._attempt (acquire..commit)")
+        self._wrap(commands, "book", lambda a: "commands.book (whole booking)")
 
     def reset(self) -> None:
         self.times.clear()
@@ -458,7 +459,8 @@ def store_attempt(store: Store, picker: Picker, ledger: set[int], keys: bool) ->
     async def attempt(index: int) -> str:
         slot_id = picker.pick()
         try:
-            booking = await store.book(
+            booking = await commands.book_slot(
+                store,
                 slot_id=slot_id,
                 patient_id=f"bench-{index}-{next(serial)}",
                 idempotency_key=uuid.uuid4().hex if keys else None,
@@ -603,7 +605,8 @@ async def seed_doctors(
 
     async def one(n: int) -> int:
         async with gate:
-            doctor_id = await store.create_doctor(
+            doctor_id = await doctors.create_doctor(
+                store,
                 name=f"{prefix} {n}",
                 timezone="UTC",
                 specialty="bench",
@@ -611,7 +614,7 @@ async def seed_doctors(
                 horizon_days=days,
                 schedule=schedule,
             )
-            await store.materialize_slots(doctor_id)
+            await commands.materialize_slots(store, doctor_id)
             return doctor_id
 
     return list(await asyncio.gather(*(one(n) for n in range(count))))

@@ -843,22 +843,24 @@ def server_histogram(
 
 async def seed(dsn: str, slots_needed: int) -> tuple[int, date, list[int]]:
     """A doctor open around the clock, and the free slot ids the driver books, in order."""
-    from store.database import open_store
+    from store import commands, doctors, reads
+    from store.runner import open_store
     from store.schedule import Block
 
     days = math.ceil(slots_needed / (24 * 60 // SLOT_MINUTES - 1)) + 3
     async with open_store(dsn, min_size=1, max_size=2) as store:
-        doctor_id = await store.create_doctor(
+        doctor_id = await doctors.create_doctor(
+            store,
             name="Dr. Fan-out",
             timezone="UTC",
             slot_minutes=SLOT_MINUTES,
             horizon_days=min(days + 2, 366),
             schedule=[Block(d, clock(0), clock(23, 59)) for d in range(1, 8)],
         )
-        await store.materialize_slots(doctor_id)
+        await commands.materialize_slots(store, doctor_id)
         first = date.today() + timedelta(days=1)
-        snapshot = await store.snapshot(
-            doctor_id, first + timedelta(days=1), first + timedelta(days)
+        snapshot = await reads.snapshot(
+            store, doctor_id, first + timedelta(days=1), first + timedelta(days)
         )
     until = snapshot.bookable_until
     free = [s.id for s in snapshot.slots if s.status == "free" and (until is None or s.end < until)]

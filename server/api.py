@@ -22,6 +22,7 @@ from protocol.messages import Message
 from server import auth
 from server.keys import BROKER, METRICS, ROOMS, SCHEDULING, SETTINGS, STATE, STORE
 from server.service import COMMANDS
+from store import runner
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ async def readyz(request: web.Request) -> web.Response:
         reason = "broker listener reconnecting"
     else:
         try:
-            await app[STORE].ping()
+            await runner.ping(app[STORE])
             await app[BROKER].ping()
         except SlotcastError as exc:
             reason = exc.message

@@ -1,8 +1,10 @@
 """The application factory and the lifetimes of everything it owns.
 
-Each resource (database, broker, rooms) is an async context manager in
-`app.cleanup_ctx`: opened in order at startup, closed in reverse at shutdown,
-so nothing outlives the app and nothing is half-open when a request arrives.
+Each resource (database, broker, the outbox's publishing, rooms) is an async
+context manager in `app.cleanup_ctx`: opened in order at startup, closed in
+reverse at shutdown, so nothing outlives the app and nothing is half-open when a
+request arrives. The outbox is made first, with the app: the store is built with
+it as its commit hook, and it starts publishing once the broker is open.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from pathlib import Path
 
 from aiohttp import hdrs, web
 
-from server.background import every, relay, sweep_holds, sweep_horizon
+from server.background import every, sweep_holds, sweep_horizon
 from server.keys import (
     BROKER,
     CLOCK,
     CONNECTIONS,
     METRICS,
-    PUBLISHER,
+    OUTBOX,
     ROOMS,
     SCHEDULING,
     SETTINGS,
@@ -32,12 +34,13 @@ from server.lifecycle import ServerState, close_connections
 from server.metrics import Metrics
 from server.rooms import Rooms
 from server.routes import setup_routes
-from server.service import Clock, Publisher, Scheduling, utcnow
+from server.service import Clock, Scheduling, utcnow
 from server.settings import Settings
 from store import demo, embedded
 from store.broker import open_broker
-from store.database import open_store
 from store.migrate import migrate
+from store.outbox import Outbox
+from store.runner import open_store
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +56,9 @@ def create_app(settings: Settings, *, clock: Clock = utcnow) -> web.Application:
     app[CLOCK] = clock
     app[CONNECTIONS] = set()
     app[METRICS] = Metrics()
+    app[OUTBOX] = Outbox(on_relayed=app[METRICS].relayed.inc)
     app[STATE] = ServerState()
-    app.cleanup_ctx.extend([database, broker, services, upkeep])
+    app.cleanup_ctx.extend([database, broker, publishing, services, upkeep])
     app.on_shutdown.append(close_connections)
     app.on_response_prepare.append(stamp_instance)
     setup_routes(app, settings)
@@ -80,6 +84,7 @@ async def database(app: web.Application) -> AsyncIterator[None]:
         max_size=settings.db_pool_max,
         lock_timeout_ms=settings.lock_timeout_ms,
         statement_timeout_ms=settings.statement_timeout_ms,
+        on_commit=app[OUTBOX].enqueue,
     ) as store:
         app[STORE] = store
         if settings.demo:
@@ -97,13 +102,16 @@ async def broker(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def publishing(app: web.Application) -> AsyncIterator[None]:
+    """Committed changes to the broker; on exit, what is still queued first (bounded)."""
+    async with app[OUTBOX].publishing(app[STORE], app[BROKER]):
+        yield
+
+
 async def services(app: web.Application) -> AsyncIterator[None]:
     store, broker_, metrics = app[STORE], app[BROKER], app[METRICS]
-    publisher = Publisher(broker_, store)
-    store.on_commit = publisher.enqueue
     rooms = Rooms(store, broker_, app[SETTINGS].instance_id, on_fanout=metrics.fanout)
     app[ROOMS] = rooms
-    app[PUBLISHER] = publisher
     app[SCHEDULING] = Scheduling(store, app[SETTINGS], app[CLOCK])
     metrics.track(
         connections=lambda: len(app[CONNECTIONS]),
@@ -112,20 +120,18 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     )
     yield
     await rooms.close()
-    await publisher.close()
-    store.on_commit = lambda changes: None
 
 
 async def upkeep(app: web.Application) -> AsyncIterator[None]:
     """Hold expiry, slot horizon and the relay: started with the app, cancelled on exit."""
     store, clock, settings = app[STORE], app[CLOCK], app[SETTINGS]
-    publisher, metrics = app[PUBLISHER], app[METRICS]
+    outbox = app[OUTBOX]
     await sweep_horizon(store, clock)
     await sweep_holds(store, clock)
     grace = settings.relay_grace_s
     tasks = [
         asyncio.create_task(
-            every(settings.relay_sweep_s, lambda: relay(store, publisher, metrics, grace), "relay"),
+            every(settings.relay_sweep_s, lambda: outbox.relay(store, grace_s=grace), "relay"),
             name="relay",
         ),
         asyncio.create_task(

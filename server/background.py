@@ -1,4 +1,4 @@
-"""Periodic upkeep every instance runs: holds, the slot horizon, and the relay.
+"""Periodic upkeep every instance runs: holds, the slot horizon, and the relay's sweep.
 
 Every instance runs both; the doctor's lock and the re-checks under it make that
 safe, and it means a hold expires on time even when its holder is gone and its
@@ -10,36 +10,25 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
 
 from protocol.errors import SlotcastError
-from server.metrics import Metrics
-from server.service import Clock, Publisher
-from store.database import Store
+from server.service import Clock
+from store import commands, doctors
+from store.runner import Store
 
 log = logging.getLogger(__name__)
 
 
 async def sweep_holds(store: Store, clock: Clock) -> None:
-    changes = await store.expire_holds(now=clock())
+    changes = await commands.expire_holds(store, now=clock())
     if changes:
         log.info("expired holds of %d doctors", len(changes))
 
 
 async def sweep_horizon(store: Store, clock: Clock) -> None:
     """Open the slots each doctor's schedule promises up to the (rolling) horizon."""
-    for doctor_id in await store.doctor_ids():
-        await store.materialize_slots(doctor_id, now=clock())
-
-
-async def relay(store: Store, publisher: Publisher, metrics: Metrics, grace_s: float) -> None:
-    """Publish what was committed but never confirmed published (e.g. a crash in between)."""
-    older_than = datetime.now(UTC) - timedelta(seconds=grace_s)
-    changes = await store.unpublished(older_than=older_than)
-    if changes:
-        log.info("relaying %d unpublished changes", len(changes))
-        metrics.relayed.inc(len(changes))
-        publisher.enqueue(changes)
+    for doctor_id in await doctors.doctor_ids(store):
+        await commands.materialize_slots(store, doctor_id, now=clock())
 
 
 async def every(interval: float, job: Callable[[], Awaitable[None]], name: str) -> None:

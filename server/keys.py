@@ -9,17 +9,18 @@ from aiohttp import web
 from server.connection import Connection
 from server.metrics import Metrics
 from server.rooms import Rooms
-from server.service import Clock, Publisher, Scheduling
+from server.service import Clock, Scheduling
 from server.settings import Settings
 from store.broker import Broker
-from store.database import Store
+from store.outbox import Outbox
+from store.runner import Store
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 BROKER = web.AppKey("broker", Broker)
 ROOMS = web.AppKey("rooms", Rooms)
 SCHEDULING = web.AppKey("scheduling", Scheduling)
-PUBLISHER = web.AppKey("publisher", Publisher)
+OUTBOX = web.AppKey("outbox", Outbox)
 if TYPE_CHECKING:
     from server.lifecycle import ServerState
 

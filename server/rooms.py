@@ -42,11 +42,12 @@ from protocol.codec import Codec
 from protocol.messages import Presence, Resync
 from server.connection import Connection
 from server.frames import frame
+from store import reads
 from store.broker import Broker
 from store.changes import Change, PatientNote, PresenceNote, unpack
 from store.constants import doctor_channel, patient_channel
-from store.database import Store
 from store.errors import StoreError
+from store.runner import Store
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ class Rooms:
 
     async def _open(self, room: Room) -> None:
         await self._sync(doctor_channel(room.doctor_id), lambda: room.doctor_id in self._rooms)
-        version = await self._store.doctor_version(room.doctor_id)
+        version = await reads.doctor_version(self._store, room.doctor_id)
         if room.version is None:
             room.version = version
         self._drain(room)
@@ -419,11 +420,11 @@ class Rooms:
             await asyncio.sleep(delay)
             while room.version is not None and self._rooms.get(room.doctor_id) is room:
                 try:
-                    latest = await self._store.doctor_version(room.doctor_id)
+                    latest = await reads.doctor_version(self._store, room.doctor_id)
                     target = max(latest, max(room.pending, default=0))
                     if target > room.version:
-                        for change in await self._store.changes_between(
-                            room.doctor_id, room.version, target
+                        for change in await reads.changes_between(
+                            self._store, room.doctor_id, room.version, target
                         ):
                             room.pending.setdefault(change.version, change)
                     break

@@ -4,14 +4,11 @@
 dispatch through it, so a hold over REST and a hold over a WebSocket are the
 same code. Role checks that need no data happen here; ownership checks that do
 happen in the store, under the doctor's lock. Committed changes reach the broker
-through the `Publisher`, which the store notifies on every commit.
+through the store's outbox (`store.outbox`), not through here.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -39,14 +36,10 @@ from protocol.messages import (
 from protocol.vocabulary import Role
 from server.auth import Identity
 from server.settings import Settings
-from store.broker import Broker
-from store.changes import Change, PatientNote
-from store.commands import Actor
-from store.constants import doctor_channel, patient_channel
-from store.database import Outcome, Store
-from store.errors import StoreError
-
-log = logging.getLogger(__name__)
+from store import commands, doctors, reads
+from store.changes import Change
+from store.runner import Store
+from store.tx import Actor
 
 Clock = Callable[[], datetime]
 
@@ -66,11 +59,6 @@ def actor_of(who: Identity | None, now: datetime) -> Actor:
     if who.expires_at is not None and who.expires_at <= now:
         raise SlotcastError("the token has expired", code=ErrorCode.TOKEN_EXPIRED)
     return Actor(who.subject, who.role)
-
-
-def _reply(outcome: Outcome) -> Message:
-    assert outcome.reply is not None
-    return outcome.reply
 
 
 class Scheduling:
@@ -107,74 +95,78 @@ class Scheduling:
 
     async def snapshot(self, doctor_id: int, start: date, end: date) -> Snapshot:
         self.check_range(start, end)
-        return await self._store.snapshot(doctor_id, start, end, now=self.clock())
+        return await reads.snapshot(self._store, doctor_id, start, end, now=self.clock())
 
     async def missed(self, doctor_id: int, since: int) -> list[Change] | None:
         """The changes after `since`, if the log can replay them; None means: snapshot."""
-        current = await self._store.doctor_version(doctor_id)
+        current = await reads.doctor_version(self._store, doctor_id)
         if since > current or current - since > self._settings.resume_max_versions:
             return None
-        changes = await self._store.changes_between(doctor_id, since, current)
+        changes = await reads.changes_between(self._store, doctor_id, since, current)
         return changes if len(changes) == current - since else None
 
     async def dashboard(self, doctor_id: int, day: date) -> Dashboard:
-        return await self._store.dashboard(doctor_id, day)
+        return await reads.dashboard(self._store, doctor_id, day)
 
     async def search_doctors(self, who: Identity | None, msg: SearchDoctors) -> Message:
-        found = await self._store.search_doctors(msg.q, limit=msg.limit, offset=msg.offset)
+        found = await reads.search_doctors(self._store, msg.q, limit=msg.limit, offset=msg.offset)
         return Doctors(found, msg.limit, msg.offset)
 
     async def list_appointments(self, who: Identity | None, msg: ListAppointments) -> Message:
         if not actor_of(who, self.clock()).owns_doctor(msg.doctor_id):
             raise forbidden("only the doctor or an admin sees the doctor's appointments")
-        await self._store.doctor(msg.doctor_id)  # not_found for an unknown doctor
-        return Appointments(await self._store.doctor_appointments(msg.doctor_id, msg.date))
+        await doctors.doctor(self._store, msg.doctor_id)  # not_found for an unknown doctor
+        return Appointments(await reads.doctor_appointments(self._store, msg.doctor_id, msg.date))
 
     async def my_appointments(self, who: Identity | None, msg: MyAppointments) -> Message:
         actor = self._patient(who)  # a doctor's subject is a doctor id, never a patient's
-        return Appointments(await self._store.patient_appointments(actor.subject, now=self.clock()))
+        found = await reads.patient_appointments(self._store, actor.subject, now=self.clock())
+        return Appointments(found)
 
     # ---- commands ------------------------------------------------------------------------
 
     async def hold(self, who: Identity | None, msg: Hold) -> Message:
-        outcome = await self._store.hold(
+        outcome = await commands.hold(
+            self._store,
             self._patient(who),
             msg,
             ttl=timedelta(seconds=self._settings.hold_ttl_s),
             max_holds=self._settings.max_holds_per_patient,
             now=self.clock(),
         )
-        return _reply(outcome)
+        return outcome.reply
 
     async def release(self, who: Identity | None, msg: Release) -> Message:
-        return _reply(await self._store.release(self._patient(who), msg, now=self.clock()))
+        actor = self._patient(who)
+        return (await commands.release(self._store, actor, msg, now=self.clock())).reply
 
     async def book(self, who: Identity | None, msg: Book) -> Message:
-        return _reply(await self._store.book_command(self._patient(who), msg, now=self.clock()))
+        actor = self._patient(who)
+        return (await commands.book(self._store, actor, msg, now=self.clock())).reply
 
     async def cancel(self, who: Identity | None, msg: Cancel) -> Message:
         actor = actor_of(who, self.clock())
-        return _reply(await self._store.cancel(actor, msg, now=self.clock()))
+        return (await commands.cancel(self._store, actor, msg, now=self.clock())).reply
 
     async def reschedule(self, who: Identity | None, msg: Reschedule) -> Message:
         actor = actor_of(who, self.clock())
-        return _reply(await self._store.reschedule(actor, msg, now=self.clock()))
+        return (await commands.reschedule(self._store, actor, msg, now=self.clock())).reply
 
     async def block(self, who: Identity | None, msg: Block) -> Message:
         actor = actor_of(who, self.clock())
-        return _reply(await self._store.set_blocked(actor, msg, blocked=True, now=self.clock()))
+        return (await commands.block(self._store, actor, msg, now=self.clock())).reply
 
     async def unblock(self, who: Identity | None, msg: Unblock) -> Message:
         actor = actor_of(who, self.clock())
-        return _reply(await self._store.set_blocked(actor, msg, blocked=False, now=self.clock()))
+        return (await commands.unblock(self._store, actor, msg, now=self.clock())).reply
 
     async def mark(self, who: Identity | None, msg: Mark) -> Message:
         actor = actor_of(who, self.clock())
-        return _reply(await self._store.mark(actor, msg, now=self.clock()))
+        return (await commands.mark(self._store, actor, msg, now=self.clock())).reply
 
     async def set_schedule(self, who: Identity | None, msg: SetSchedule) -> Message:
         actor = actor_of(who, self.clock())
-        return _reply(await self._store.set_schedule(actor, msg, now=self.clock()))
+        return (await commands.set_schedule(self._store, actor, msg, now=self.clock())).reply
 
 
 Command = Callable[[Scheduling, Identity | None, Any], Awaitable[Message]]
@@ -194,75 +186,3 @@ COMMANDS: dict[type[Message], Command] = {
     MyAppointments: Scheduling.my_appointments,
     SearchDoctors: Scheduling.search_doctors,
 }
-
-
-class Publisher:
-    """Publishes committed changes in commit order, off the request path.
-
-    Each change goes to its doctor's channel, and a note to the channel of every
-    patient it touched. A publish that fails is not lost: the relay cursor only
-    advances past what was published, and the relay sweep (`republish`) sends
-    whatever stayed behind, e.g. after a crash between commit and publish.
-    """
-
-    def __init__(self, broker: Broker, store: Store) -> None:
-        self._broker = broker
-        self._store = store
-        self._queue: asyncio.Queue[Change] = asyncio.Queue()
-        self._done: dict[int, int] = {}  # doctor -> highest version published this batch
-        self._failed: dict[int, set[int]] = {}  # doctor -> versions whose publish failed
-        self._task = asyncio.create_task(self._run(), name="publisher")
-
-    def enqueue(self, changes: list[Change]) -> None:
-        for change in changes:
-            self._queue.put_nowait(change)
-
-    async def _run(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while not self._queue.empty() and len(batch) < 256:
-                batch.append(self._queue.get_nowait())
-            try:
-                for change in batch:
-                    failed = self._failed.setdefault(change.doctor_id, set())
-                    if await self._publish(change):
-                        failed.discard(change.version)
-                        self._done[change.doctor_id] = max(
-                            self._done.get(change.doctor_id, 0), change.version
-                        )
-                    else:
-                        failed.add(change.version)
-                # The cursor never passes a version whose publish failed: the relay
-                # resends from there (a patient room has no log to fill gaps from).
-                cursor = {
-                    doctor: min(done, min(self._failed.get(doctor) or {done + 1}) - 1)
-                    for doctor, done in self._done.items()
-                }
-                self._done.clear()
-                await self._store.mark_published(cursor)
-            except StoreError as exc:
-                log.warning("could not advance the relay cursor: %s", exc)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
-
-    async def _publish(self, change: Change) -> bool:
-        try:
-            await self._broker.publish(doctor_channel(change.doctor_id), change.pack())
-            for note in PatientNote.of_change(change):
-                await self._broker.publish(patient_channel(note.patient_id), note.pack())
-        except StoreError as exc:
-            log.warning(
-                "publish of doctor %s v%s failed: %s", change.doctor_id, change.version, exc
-            )
-            return False
-        return True
-
-    async def close(self, timeout: float = 2.0) -> None:
-        """Publish what is queued (bounded), then stop."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._queue.join()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task

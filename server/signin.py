@@ -18,7 +18,7 @@ from protocol.vocabulary import Role
 from server import auth
 from server.api import json_response, read_json
 from server.keys import SETTINGS, STORE
-from store import demo
+from store import demo, doctors, reads
 
 _OFF = "demo sign-in is off: sign in through your clinic's application"
 
@@ -36,9 +36,9 @@ def _require_demo(request: web.Request) -> None:
 
 async def identities(request: web.Request) -> web.Response:
     _require_demo(request)
-    doctors = await request.app[STORE].search_doctors(None, limit=100)
+    found = await reads.search_doctors(request.app[STORE], None, limit=100)
     return json_response(
-        {"patients": demo.PATIENTS, "doctors": [msgspec.to_builtins(d) for d in doctors]}
+        {"patients": demo.PATIENTS, "doctors": [msgspec.to_builtins(d) for d in found]}
     )
 
 
@@ -52,7 +52,7 @@ async def token(request: web.Request) -> web.Response:
         digits = wanted.subject.isascii() and wanted.subject.isdigit()
         if not digits or not 1 <= int(wanted.subject) < 2**31:
             raise ProtocolError("a doctor's subject is the doctor's id", code=ErrorCode.INVALID)
-        await request.app[STORE].doctor(int(wanted.subject))  # not_found for a stranger
+        await doctors.doctor(request.app[STORE], int(wanted.subject))  # not_found for a stranger
     elif wanted.subject not in {p["subject"] for p in demo.PATIENTS}:
         raise ProtocolError(f"no demo patient {wanted.subject!r}", code=ErrorCode.INVALID)
     role = Role(wanted.role)

@@ -3,9 +3,9 @@
 A `Change` is one committed doctor version: `public` is the `delta` body (slot
 states, no patient identity), produced once at commit and stored in the change
 log, so the live stream, a resume from the log and an audit read the very same
-thing; `private` is the doctor's side (appointments with patients, actor, kinds).
-Both cross the broker on the doctor's channel, which only instances read: the
-server gives `private` to dashboard members only.
+thing; `private` is the doctor's side (a `ChangeDetail`: appointments with
+patients, actor, kinds). Both cross the broker on the doctor's channel, which
+only instances read: the server gives `private` to dashboard members only.
 
 A `PresenceNote` is one instance's count of availability watchers of a doctor.
 A `PatientNote` tells a patient's room that one of their appointments changed.
@@ -14,6 +14,7 @@ A `PatientNote` tells a patient's room that one of their appointments changed.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,11 +30,51 @@ def _pack(data: dict[str, Any]) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
+class ChangeDetail:
+    """The private half of a change: what the doctor's dashboard and the audit need.
+
+    Its builtin form is a contract with the past and with other instances: the change
+    log already holds it as jsonb and older instances read it from the broker, so
+    `to_builtins` keeps the keys they know (`kind`, `actor`, `appointments`, and
+    `conflicts` only when there are some), and a detail without an actor (rows
+    recorded before there was a private half, deltas built without one) stays `{}`.
+    """
+
+    kinds: list[str] = field(default_factory=list)
+    actor: str | None = None  # `role:subject`, as `Actor.__str__` writes it
+    # `AppointmentView`s as builtins: encoded once at commit, then carried as they are
+    # into dashboard deltas and patient notes without being encoded again.
+    appointments: list[dict[str, Any]] = field(default_factory=list)
+    conflicts: list[int] = field(default_factory=list)  # slots newly flagged
+
+    def to_builtins(self) -> dict[str, Any]:
+        if self.actor is None:
+            return {}
+        out: dict[str, Any] = {
+            "kind": self.kinds,
+            "actor": self.actor,
+            "appointments": self.appointments,
+        }
+        if self.conflicts:
+            out["conflicts"] = self.conflicts
+        return out
+
+    @classmethod
+    def of_builtins(cls, raw: Mapping[str, Any]) -> ChangeDetail:
+        return cls(
+            list(raw.get("kind", [])),
+            raw.get("actor"),
+            list(raw.get("appointments", [])),
+            list(raw.get("conflicts", [])),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Change:
     doctor_id: int
     version: int
     public: dict[str, Any]  # `Delta` body as builtins; carries no patient identity
-    private: dict[str, Any] = field(default_factory=dict)
+    private: ChangeDetail = field(default_factory=ChangeDetail)
     committed_at: float = 0.0  # epoch seconds, for fan-out latency
 
     @classmethod
@@ -43,10 +84,23 @@ class Change:
         version: int,
         slots: list[SlotView],
         removed: list[int] | None = None,
-        private: dict[str, Any] | None = None,
+        private: ChangeDetail | None = None,
     ) -> Change:
         delta = Delta(doctor_id=doctor_id, version=version, slots=slots, removed=removed or [])
-        return cls(doctor_id, version, msgspec.to_builtins(delta), private or {}, time.time())
+        return cls(
+            doctor_id, version, msgspec.to_builtins(delta), private or ChangeDetail(), time.time()
+        )
+
+    @classmethod
+    def of_record(cls, doctor_id: int, row: Mapping[str, Any]) -> Change:
+        """A change as the change log holds it (`version, public, private, created_at`)."""
+        return cls(
+            doctor_id,
+            row["version"],
+            row["public"],
+            ChangeDetail.of_builtins(row["private"]),
+            row["created_at"].timestamp(),
+        )
 
     def dashboard_body(self) -> dict[str, Any]:
         """The `dashboard_delta` body: the public slots with the doctor's private side."""
@@ -54,17 +108,22 @@ class Change:
         return {
             "doctor_id": self.doctor_id,
             "version": self.version,
-            "kinds": private.get("kind", []),
-            "actor": private.get("actor"),
-            "appointments": private.get("appointments", []),
+            "kinds": private.kinds,
+            "actor": private.actor,
+            "appointments": private.appointments,
             "slots": self.public["slots"],
             "removed": self.public["removed"],
-            "conflicts": private.get("conflicts", []),
+            "conflicts": private.conflicts,
         }
 
     def pack(self) -> bytes:
         return _pack(
-            {"k": "change", "pub": self.public, "prv": self.private, "at": self.committed_at}
+            {
+                "k": "change",
+                "pub": self.public,
+                "prv": self.private.to_builtins(),
+                "at": self.committed_at,
+            }
         )
 
 
@@ -100,7 +159,7 @@ class PatientNote:
     def of_change(cls, change: Change) -> list[PatientNote]:
         return [
             cls(a["patient_id"], change.doctor_id, change.version, a)
-            for a in change.private.get("appointments", [])
+            for a in change.private.appointments
         ]
 
 
@@ -116,7 +175,11 @@ def unpack(data: bytes) -> Note:
     if kind == "change":
         public = raw["pub"]
         return Change(
-            int(public["doctor_id"]), int(public["version"]), public, raw["prv"], raw["at"]
+            int(public["doctor_id"]),
+            int(public["version"]),
+            public,
+            ChangeDetail.of_builtins(raw["prv"]),
+            raw["at"],
         )
     if kind == "presence":
         return PresenceNote(int(raw["d"]), str(raw["i"]), int(raw["w"]))

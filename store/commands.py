@@ -1,413 +1,422 @@
-"""The steps of every scheduling command, run inside a locked transaction.
+"""One function per scheduling command: a typed message in, a typed outcome out.
 
-`Store._run` opens the transaction and takes the doctors' advisory locks; the
-functions here re-check everything under those locks and write. They never
-commit, publish or bump versions themselves: they report what they changed to
-the `Tx`, which turns it into exactly one version and one change record per
-doctor when the command succeeds.
+Each says what to lock (a doctor, or the doctor of a slot or appointment, found by
+the locking statement) and what to do under the lock, in terms of `steps`; the
+runner does the rest (transaction, idempotency, expired holds, versions, change
+records, the commit hook). Checks that need no lock (ownership by doctor id,
+well-formed input) happen here first, so a refusal costs no transaction.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time, timedelta
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
 
-import asyncpg
-import msgspec
-
-from protocol.messages import AppointmentView, SlotView
-from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
-from store import sql
-from store.changes import Change
-from store.errors import (
-    NotFound,
-    OutsideHorizon,
-    SlotTaken,
-    SlotUnavailable,
-    StoreError,
-    TooLate,
+from protocol.messages import (
+    AppointmentUpdated,
+    AppointmentView,
+    Block,
+    Book,
+    Booked,
+    Cancel,
+    Held,
+    Hold,
+    Mark,
+    Release,
+    Reschedule,
+    Rescheduled,
+    ScheduleUpdated,
+    SetSchedule,
+    SlotUpdated,
+    SlotView,
+    Unblock,
 )
-from store.schedule import Block, slot_times, zone
+from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
+from store import doctors, sql, steps
+from store.changes import Change
+from store.errors import Forbidden, HoldLimit, Invalid, InvalidTransition, translated
+from store.runner import Store, doctor_of_appointment, doctor_of_slot, run
+from store.tx import SYSTEM, Actor, Outcome, Reply, Taking, Tx, resolve_now
 
-# ---- who acts --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Actor:
-    """Who runs a command. A doctor's subject is the doctor's id, as a string."""
-
-    subject: str
-    role: Role
-
-    def __str__(self) -> str:
-        return f"{self.role.value}:{self.subject}"
-
-    def owns_doctor(self, doctor_id: int) -> bool:
-        return self.role is Role.ADMIN or (
-            self.role is Role.DOCTOR and self.subject == str(doctor_id)
-        )
-
-    def may_manage(self, appointment: AppointmentView) -> bool:
-        """The appointment's patient, its doctor, or an admin."""
-        return self.owns_doctor(appointment.doctor_id) or (
-            self.role is Role.PATIENT and self.subject == appointment.patient_id
-        )
+# ---- patient commands --------------------------------------------------------------------------
 
 
-SYSTEM = Actor("system", Role.ADMIN)
-
-# The FHIR lifecycle a doctor may record; cancellation and holds have their own commands.
-MARKABLE: dict[AppointmentStatus, frozenset[AppointmentStatus]] = {
-    AppointmentStatus.BOOKED: frozenset({AppointmentStatus.ARRIVED, AppointmentStatus.NOSHOW}),
-    AppointmentStatus.ARRIVED: frozenset({AppointmentStatus.FULFILLED}),
-}
-
-
-# ---- the transaction -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Taking:
-    """The appointment a booking or a hold means to insert on its slot, told to the runner
-    in advance so that its first read can insert it at once when every check passes
-    (`sql.SLOT_PRELUDE`); `insert_appointment` then returns that row."""
-
-    patient_id: str
-    status: AppointmentStatus
-    slot_status: SlotStatus
-    hold_expires_at: datetime | None = None
-    max_holds: int | None = None  # a hold: the patient's limit, checked with the slot
-
-
-@dataclass(slots=True)
-class _DoctorChanges:
-    kinds: list[str] = field(default_factory=list)
-    slots: dict[int, SlotView] = field(default_factory=dict)
-    removed: list[int] = field(default_factory=list)
-    appointments: dict[int, AppointmentView] = field(default_factory=dict)
-    conflicts: list[int] = field(default_factory=list)
-
-
-class Tx:
-    """One command's transaction: its connection, clock, actor and what it changed."""
-
-    def __init__(self, conn: asyncpg.Connection, now: datetime, actor: Actor) -> None:
-        self.conn = conn
-        self.now = now
-        self.actor = actor
-        self._doctors: dict[int, _DoctorChanges] = {}
-        # A slot row the runner's first read under the locks already fetched FOR UPDATE
-        # (`sql.SLOT_PRELUDE`), handed to `locked_slot` once instead of a second query.
-        # The runner only sets it when nothing was written in between.
-        self.prefetched_slot: asyncpg.Record | None = None
-        # The appointment that read inserted (`taken_` columns), for `insert_appointment`;
-        # the runner refuses to commit if the command does not claim it.
-        self.taken: tuple[Taking, asyncpg.Record] | None = None
-        # Likewise an appointment row read FOR UPDATE by `sql.APPOINTMENT_PRELUDE`.
-        self.prefetched_appointment: asyncpg.Record | None = None
-
-    def _of(self, doctor_id: int, kind: str | None) -> _DoctorChanges:
-        changes = self._doctors.setdefault(doctor_id, _DoctorChanges())
-        if kind is not None and kind not in changes.kinds:
-            changes.kinds.append(kind)
-        return changes
-
-    def slot(self, doctor_id: int, slot: SlotView, kind: str | None = None) -> None:
-        self._of(doctor_id, kind).slots[slot.id] = slot
-
-    def removed(self, doctor_id: int, slot_id: int, kind: str | None = None) -> None:
-        changes = self._of(doctor_id, kind)
-        changes.slots.pop(slot_id, None)
-        changes.removed.append(slot_id)
-
-    def appointment(self, view: AppointmentView, kind: str | None = None) -> None:
-        self._of(view.doctor_id, kind).appointments[view.id] = view
-
-    def conflict(self, doctor_id: int, slot_id: int) -> None:
-        self._of(doctor_id, None).conflicts.append(slot_id)
-
-    def touched(self, doctor_id: int, kind: str) -> None:
-        self._of(doctor_id, kind)
-
-    def checkpoint(self) -> dict[int, _DoctorChanges]:
-        return {
-            d: _DoctorChanges(
-                list(c.kinds),
-                dict(c.slots),
-                list(c.removed),
-                dict(c.appointments),
-                list(c.conflicts),
-            )
-            for d, c in self._doctors.items()
-        }
-
-    def restore(self, checkpoint: dict[int, _DoctorChanges]) -> None:
-        self._doctors = checkpoint
-
-    def changes(self, versions: dict[int, int]) -> list[tuple[str, Change]]:
-        """One change (with its `kind`) per touched doctor, in doctor order, each labelled
-        with the doctor's next version: `versions` holds the versions read under the locks.
-        The runner writes them all (`sql.RECORD`) and checks every version was the next."""
-        changes = []
-        for doctor_id in sorted(self._doctors):
-            c = self._doctors[doctor_id]
-            if doctor_id not in versions:  # pragma: no cover - a command touched an unlocked doctor
-                raise RuntimeError(f"doctor {doctor_id} changed without its lock")
-            private: dict[str, Any] = {
-                "kind": c.kinds,
-                "actor": str(self.actor),
-                "appointments": msgspec.to_builtins(list(c.appointments.values())),
-            }
-            if c.conflicts:
-                private["conflicts"] = c.conflicts
-            change = Change.build(
-                doctor_id, versions[doctor_id] + 1, list(c.slots.values()), c.removed, private
-            )
-            changes.append(("+".join(c.kinds) or "change", change))
-        self._doctors.clear()
-        return changes
-
-
-# ---- reading rows ------------------------------------------------------------------------------
-
-
-def appointment_view(row: asyncpg.Record, prefix: str = "") -> AppointmentView:
-    return AppointmentView(
-        id=row[prefix + "id"],
-        slot_id=row[prefix + "slot_id"],
-        doctor_id=row[prefix + "doctor_id"],
-        patient_id=row[prefix + "patient_id"],
-        start=row[prefix + "starts_at"],
-        end=row[prefix + "ends_at"],
-        status=AppointmentStatus(row[prefix + "status"]),
-        hold_expires_at=row[prefix + "hold_expires_at"],
-        replaces_id=row[prefix + "replaces_id"],
-        cancel_reason=row[prefix + "cancel_reason"],
-        cancelled_at=row[prefix + "cancelled_at"],
-    )
-
-
-def slot_view(row: asyncpg.Record, status: SlotStatus | None = None, **extra: Any) -> SlotView:
-    return SlotView(
-        id=row["id"],
-        start=row["starts_at"],
-        end=row["ends_at"],
-        status=status or SlotStatus(row["status"]),
-        **extra,
-    )
-
-
-async def locked_slot(tx: Tx, slot_id: int) -> asyncpg.Record:
-    row = tx.prefetched_slot
-    tx.prefetched_slot = None  # good for one read: the command may write the slot next
-    if row is not None and row["id"] == slot_id:
-        return row
-    row = await tx.conn.fetchrow(sql.SLOT_FOR_UPDATE, slot_id)
-    if row is None:
-        raise NotFound(f"no slot {slot_id}")
-    return row
-
-
-async def locked_appointment(tx: Tx, appointment_id: int) -> AppointmentView:
-    return appointment_view(await locked_appointment_row(tx, appointment_id))
-
-
-async def locked_appointment_row(tx: Tx, appointment_id: int) -> asyncpg.Record:
-    row = tx.prefetched_appointment
-    tx.prefetched_appointment = None  # good for one read: the command may write it next
-    if row is not None and row["id"] == appointment_id:
-        return row
-    row = await tx.conn.fetchrow(sql.APPOINTMENT_FOR_UPDATE, appointment_id)
-    if row is None:
-        raise NotFound(f"no appointment {appointment_id}")
-    return row
-
-
-def expired_hold(row: asyncpg.Record) -> bool:
-    """Cancelled by the system's expiry, not by anyone's words (reasons are free text)."""
-    return (
-        row["status"] == "cancelled"
-        and row["cancelled_by"] == "system"
-        and bool(row["hold_expires_at"])
-    )
-
-
-# ---- shared steps ------------------------------------------------------------------------------
-
-
-async def expire_holds(tx: Tx, doctor_id: int) -> None:
-    """Cancel the doctor's holds whose time is up and free their slots."""
-    for row in await tx.conn.fetch(sql.HOLDS_EXPIRE, doctor_id, tx.now):
-        view = appointment_view(row)
-        tx.appointment(view, "hold.expired")
-        await free_slot(tx, doctor_id, view.slot_id, "hold.expired")
-
-
-async def free_slot(tx: Tx, doctor_id: int, slot_id: int, kind: str) -> None:
-    """Give a slot back: free again, or retired if the schedule no longer offers it."""
-    slot = await locked_slot(tx, slot_id)
-    if slot["conflict"]:
-        await tx.conn.execute(sql.SLOT_RETIRE, slot_id, tx.now)
-        await tx.conn.execute(sql.SLOT_SET_STATUS, slot_id, SlotStatus.FREE.value)
-        tx.removed(doctor_id, slot_id, kind)
-        return
-    await tx.conn.execute(sql.SLOT_SET_STATUS, slot_id, SlotStatus.FREE.value)
-    tx.slot(doctor_id, slot_view(slot, SlotStatus.FREE), kind)
-
-
-async def bookable_slot(tx: Tx, slot_id: int, *, moving: int | None = None) -> asyncpg.Record:
-    """The slot, if a patient may take it now: free, offered, in notice and horizon, clear
-    of the doctor's buffer around other appointments (`moving` is the one being replaced)."""
-    slot = await locked_slot(tx, slot_id)
-    status = SlotStatus(slot["status"])
-    if slot["retired_at"] is not None:
-        raise SlotUnavailable("the slot is no longer offered")
-    if status is SlotStatus.BUSY_UNAVAILABLE:
-        raise SlotUnavailable("the doctor has blocked this slot")
-    if status is not SlotStatus.FREE:
-        raise SlotTaken("the slot is already taken")
-    start: datetime = slot["starts_at"]
-    if start <= tx.now or start < tx.now + timedelta(minutes=slot["min_notice_minutes"]):
-        raise TooLate(
-            "the slot has already started"
-            if start <= tx.now
-            else f"book at least {slot['min_notice_minutes']} minutes ahead"
-        )
-    if start >= tx.now + timedelta(days=slot["horizon_days"]):
-        raise OutsideHorizon(f"book at most {slot['horizon_days']} days ahead")
-    buffer = timedelta(minutes=slot["buffer_minutes"])
-    # A slot read by `sql.SLOT_PRELUDE` carries the answer (for moving=None) as `buffer_clash`.
-    clash = slot.get("buffer_clash") if moving is None else None
-    if buffer and clash is None:
-        clash = await tx.conn.fetchval(
-            sql.BUFFER_CLASH, slot["doctor_id"], start - buffer, slot["ends_at"] + buffer, moving
-        )
-    if buffer and clash:
-        raise SlotUnavailable("the slot is too close to another appointment")
-    return slot
-
-
-async def insert_appointment(
-    tx: Tx,
-    slot: asyncpg.Record,
-    patient_id: str,
-    status: AppointmentStatus,
+async def hold(
+    store: Store,
+    actor: Actor,
+    msg: Hold,
     *,
-    hold_expires_at: datetime | None = None,
-    replaces_id: int | None = None,
-    slot_status: SlotStatus,
-) -> AppointmentView:
-    """Insert the appointment and set its slot's status, in one statement, unless the
-    runner's first read already did exactly that (`Tx.taken`)."""
-    if tx.taken is not None:
-        taking, row = tx.taken
-        tx.taken = None
-        asked = Taking(patient_id, status, slot_status, hold_expires_at)
-        done = Taking(taking.patient_id, taking.status, taking.slot_status, taking.hold_expires_at)
-        if row["taken_slot_id"] != slot["id"] or replaces_id is not None or asked != done:
-            raise StoreError("the first read inserted another appointment")  # pragma: no cover
-        return appointment_view(row, prefix="taken_")
-    try:
-        row = await tx.conn.fetchrow(
-            sql.APPOINTMENT_INSERT_TAKING_SLOT,
-            slot["doctor_id"],
-            slot["id"],
-            patient_id,
-            slot["starts_at"],
-            slot["ends_at"],
-            status.value,
-            hold_expires_at,
-            replaces_id,
-            slot_status.value,
+    ttl: timedelta,
+    max_holds: int,
+    now: datetime | None = None,
+) -> Outcome[Held]:
+    """Hold a free slot for `ttl`: the slot turns `busy-tentative` until confirmed."""
+    now = resolve_now(now)
+
+    async def work(tx: Tx) -> Held:
+        slot = await steps.bookable_slot(tx, msg.slot_id)
+        # Counted with the slot by the first read (`sql.SLOT_PRELUDE`), under both locks.
+        held = slot.get("active_holds")
+        if held is None:
+            held = await tx.conn.fetchval(sql.ACTIVE_HOLDS_OF_PATIENT, actor.subject, tx.now)
+        if held >= max_holds:
+            raise HoldLimit(f"at most {max_holds} holds at a time")
+        expires = tx.now + ttl
+        appointment = await steps.insert_appointment(
+            tx,
+            slot,
+            actor.subject,
+            AppointmentStatus.PENDING,
+            hold_expires_at=expires,
+            slot_status=SlotStatus.BUSY_TENTATIVE,
         )
-    except (asyncpg.ExclusionViolationError, asyncpg.UniqueViolationError) as exc:
-        # The constraint behind every check fired; the command (or its savepoint) is
-        # rolled back as this propagates, so no statement may follow in this transaction.
-        raise SlotTaken("the slot overlaps an active appointment") from exc
-    return appointment_view(row)
+        view = steps.slot_view(slot, SlotStatus.BUSY_TENTATIVE, hold_expires_at=expires)
+        tx.slot(slot["doctor_id"], view, "slot.held")
+        tx.appointment(appointment)
+        return Held(appointment)
+
+    return await run(
+        store,
+        of_slot=msg.slot_id,
+        actor=actor,
+        now=now,
+        work=work,
+        request=msg,
+        key=msg.idempotency_key,
+        patient_lock=actor.subject,
+        taking=Taking(
+            actor.subject,
+            AppointmentStatus.PENDING,
+            SlotStatus.BUSY_TENTATIVE,
+            hold_expires_at=now + ttl,
+            max_holds=max_holds,
+        ),
+    )
+
+
+async def release(
+    store: Store, actor: Actor, msg: Release, *, now: datetime | None = None
+) -> Outcome[AppointmentUpdated]:
+    doctor_id = await doctor_of_appointment(store, msg.appointment_id)
+
+    async def work(tx: Tx) -> AppointmentUpdated:
+        hold = await steps.own_hold(tx, msg.appointment_id)
+        row = await tx.conn.fetchrow(
+            sql.APPOINTMENT_CANCEL, hold.id, "released", tx.now, str(actor)
+        )
+        view = steps.appointment_view(row)
+        tx.appointment(view, "hold.released")
+        await steps.free_slot(tx, doctor_id, view.slot_id, "hold.released")
+        return AppointmentUpdated(view)
+
+    return await _command(store, [doctor_id], actor, msg, now, work)
+
+
+async def book(
+    store: Store, actor: Actor, msg: Book, *, now: datetime | None = None
+) -> Outcome[Booked]:
+    """Book a free slot directly, or confirm the caller's own hold (`hold_id`)."""
+    if (msg.slot_id is None) == (msg.hold_id is None):
+        raise Invalid("give exactly one of `slot_id` and `hold_id`")
+
+    async def work(tx: Tx) -> Booked:
+        if msg.hold_id is not None:
+            hold = await steps.own_hold(tx, msg.hold_id)
+            row = await tx.conn.fetchrow(
+                sql.HOLD_CONFIRM,
+                hold.id,
+                AppointmentStatus.BOOKED.value,
+                tx.now,
+                SlotStatus.BUSY.value,
+            )
+            appointment = steps.appointment_view(row)
+            slot = SlotView(
+                id=hold.slot_id,
+                start=row["slot_starts_at"],
+                end=row["slot_ends_at"],
+                status=SlotStatus.BUSY,
+            )
+        else:
+            assert msg.slot_id is not None  # exactly one of the two, checked above
+            booked = await steps.bookable_slot(tx, msg.slot_id)
+            appointment = await steps.insert_appointment(
+                tx, booked, actor.subject, AppointmentStatus.BOOKED, slot_status=SlotStatus.BUSY
+            )
+            slot = steps.slot_view(booked, SlotStatus.BUSY)
+        tx.slot(appointment.doctor_id, slot, "slot.booked")
+        tx.appointment(appointment)
+        return Booked(appointment)
+
+    return await run(
+        store,
+        of_slot=msg.slot_id,
+        of_appointment=msg.hold_id,
+        actor=actor,
+        now=resolve_now(now),
+        work=work,
+        request=msg,
+        key=msg.idempotency_key,
+        taking=Taking(actor.subject, AppointmentStatus.BOOKED, SlotStatus.BUSY),
+    )
 
 
 @dataclass(frozen=True, slots=True)
-class Rematerialized:
-    opened: int
-    removed: int
-    conflicts: list[int]
+class Booking:
+    appointment: AppointmentView
+    change: Change | None  # None when an idempotent retry returned the first result
 
 
-async def rematerialize(tx: Tx, doctor_id: int, *, first_day: date | None = None) -> Rematerialized:
-    """Make the doctor's future slots match the schedule, from `first_day` (local) on.
-
-    Wanted slots that are missing are opened; free or blocked slots the schedule no
-    longer offers are retired; booked or held ones are never dropped: they stay,
-    flagged as conflicts for the doctor to resolve (and cleared if the schedule
-    offers them again). Past slots are history and left alone.
-    """
-    doctor = await tx.conn.fetchrow(sql.DOCTOR_GET, doctor_id)
-    if doctor is None:
-        raise NotFound(f"no doctor {doctor_id}")
-    tz = zone(doctor["timezone"])
-    first = first_day or tx.now.astimezone(tz).date()
-    window_start = max(tx.now, datetime.combine(first, time(0), tzinfo=tz).astimezone(UTC))
-    blocks = [
-        Block(r["weekday"], r["starts"], r["ends"])
-        for r in await tx.conn.fetch(sql.SCHEDULE_FOR_DOCTOR, doctor_id)
-    ]
-    overrides: dict[date, list[tuple[time, time]]] = {}
-    for r in await tx.conn.fetch(sql.OVERRIDES_FOR_DOCTOR, doctor_id):
-        hours = overrides.setdefault(r["day"], [])
-        if r["starts"] is not None:
-            hours.append((r["starts"], r["ends"]))
-    wanted = {
-        (s, e)
-        for s, e in slot_times(
-            blocks,
-            tz,
-            first,
-            doctor["horizon_days"],
-            doctor["slot_minutes"],
-            buffer_minutes=doctor["buffer_minutes"],
-            overrides=overrides,
-        )
-        if s >= window_start
-    }
-    kept: set[tuple[datetime, datetime]] = set()
-    occupied: list[tuple[datetime, datetime]] = []  # booked or held, with the buffer around
-    buffer = timedelta(minutes=doctor["buffer_minutes"])
-    removed = 0
-    conflicts: list[int] = []
-    for row in await tx.conn.fetch(sql.SLOTS_OPEN_FROM, doctor_id, window_start):
-        key = (row["starts_at"], row["ends_at"])
-        status = SlotStatus(row["status"])
-        if status in (SlotStatus.BUSY, SlotStatus.BUSY_TENTATIVE):
-            occupied.append((key[0] - buffer, key[1] + buffer))
-        if key in wanted:
-            kept.add(key)
-            if row["conflict"]:
-                await tx.conn.execute(sql.SLOT_SET_CONFLICT, row["id"], False)
-                tx.touched(doctor_id, "slots.conflict_resolved")
-        elif status in (SlotStatus.FREE, SlotStatus.BUSY_UNAVAILABLE):
-            await tx.conn.execute(sql.SLOT_RETIRE, row["id"], tx.now)
-            tx.removed(doctor_id, row["id"], "slots.closed")
-            removed += 1
-        else:
-            conflicts.append(row["id"])  # every open conflict, not only the new ones
-            if not row["conflict"]:
-                await tx.conn.execute(sql.SLOT_SET_CONFLICT, row["id"], True)
-                tx.conflict(doctor_id, row["id"])
-                tx.touched(doctor_id, "slots.conflict")
-    # Never open a free slot that a kept booking (or hold) makes impossible to book.
-    missing = sorted(
-        (s, e)
-        for s, e in wanted - kept
-        if not any(s < o_end and o_start < e for o_start, o_end in occupied)
+async def book_slot(
+    store: Store,
+    *,
+    slot_id: int,
+    patient_id: str,
+    idempotency_key: str | None = None,
+    now: datetime | None = None,
+) -> Booking:
+    """Book a free slot for a patient, exactly once per idempotency key: `book` as the
+    patient would send it, for seeding, tests and the booking benchmark."""
+    outcome = await book(
+        store, Actor(patient_id, Role.PATIENT), Book(slot_id, idempotency_key), now=now
     )
-    opened = 0
-    if missing:
-        rows = await tx.conn.fetch(
-            sql.SLOTS_INSERT_MISSING, doctor_id, [s for s, _ in missing], [e for _, e in missing]
+    change = next((c for c in outcome.changes if c.public["slots"]), None)
+    return Booking(outcome.reply.appointment, change)
+
+
+# ---- patient or doctor commands ----------------------------------------------------------------
+
+
+async def cancel(
+    store: Store, actor: Actor, msg: Cancel, *, now: datetime | None = None
+) -> Outcome[AppointmentUpdated]:
+    doctor_id = await doctor_of_appointment(store, msg.appointment_id)
+
+    async def work(tx: Tx) -> AppointmentUpdated:
+        appointment = await steps.locked_appointment(tx, msg.appointment_id)
+        if not actor.may_manage(appointment):
+            raise Forbidden("not your appointment")
+        if appointment.status is not AppointmentStatus.BOOKED:
+            hint = " (release the hold instead)" if appointment.status.value == "pending" else ""
+            raise InvalidTransition(
+                f"cannot cancel an appointment that is {appointment.status.value}{hint}"
+            )
+        row = await tx.conn.fetchrow(
+            sql.APPOINTMENT_CANCEL, appointment.id, msg.reason, tx.now, str(actor)
         )
-        for r in rows:
-            tx.slot(doctor_id, slot_view(r), "slots.opened")
-        opened = len(rows)
-    return Rematerialized(opened, removed, conflicts)
+        view = steps.appointment_view(row)
+        tx.appointment(view, "appointment.cancelled")
+        await steps.free_slot(tx, doctor_id, view.slot_id, "appointment.cancelled")
+        return AppointmentUpdated(view)
+
+    return await _command(store, [doctor_id], actor, msg, now, work)
+
+
+async def reschedule(
+    store: Store, actor: Actor, msg: Reschedule, *, now: datetime | None = None
+) -> Outcome[Rescheduled]:
+    """Move a booked appointment to another free slot, maybe another doctor's: atomic."""
+    old_doctor = await doctor_of_appointment(store, msg.appointment_id)
+    new_doctor = await doctor_of_slot(store, msg.slot_id)
+
+    async def work(tx: Tx) -> Rescheduled:
+        old = await steps.locked_appointment(tx, msg.appointment_id)
+        if not actor.may_manage(old) or (actor.role is Role.DOCTOR and new_doctor != old_doctor):
+            raise Forbidden("not your appointment")
+        if old.status is not AppointmentStatus.BOOKED:
+            raise InvalidTransition(f"a {old.status.value} appointment cannot be moved")
+        slot = await steps.bookable_slot(tx, msg.slot_id, moving=old.id)
+        row = await tx.conn.fetchrow(
+            sql.APPOINTMENT_CANCEL, old.id, "rescheduled", tx.now, str(actor)
+        )
+        replaced = steps.appointment_view(row)
+        tx.appointment(replaced, "appointment.rescheduled")
+        await steps.free_slot(tx, old_doctor, old.slot_id, "appointment.rescheduled")
+        new = await steps.insert_appointment(
+            tx,
+            slot,
+            old.patient_id,
+            AppointmentStatus.BOOKED,
+            replaces_id=old.id,
+            slot_status=SlotStatus.BUSY,
+        )
+        tx.slot(new_doctor, steps.slot_view(slot, SlotStatus.BUSY), "appointment.rescheduled")
+        tx.appointment(new)
+        return Rescheduled(appointment=new, replaced=replaced)
+
+    return await _command(store, [old_doctor, new_doctor], actor, msg, now, work)
+
+
+# ---- doctor commands ---------------------------------------------------------------------------
+
+
+async def block(
+    store: Store, actor: Actor, msg: Block, *, now: datetime | None = None
+) -> Outcome[SlotUpdated]:
+    """Take a free slot off the calendar (`busy-unavailable`)."""
+    return await _set_blocked(store, actor, msg, blocked=True, now=now)
+
+
+async def unblock(
+    store: Store, actor: Actor, msg: Unblock, *, now: datetime | None = None
+) -> Outcome[SlotUpdated]:
+    """Offer a blocked slot again."""
+    return await _set_blocked(store, actor, msg, blocked=False, now=now)
+
+
+async def _set_blocked(
+    store: Store, actor: Actor, msg: Block | Unblock, *, blocked: bool, now: datetime | None
+) -> Outcome[SlotUpdated]:
+    doctor_id = await doctor_of_slot(store, msg.slot_id)
+    if not actor.owns_doctor(doctor_id):
+        raise Forbidden("only the doctor or an admin manages these slots")
+    before, after = (
+        (SlotStatus.FREE, SlotStatus.BUSY_UNAVAILABLE)
+        if blocked
+        else (SlotStatus.BUSY_UNAVAILABLE, SlotStatus.FREE)
+    )
+
+    async def work(tx: Tx) -> SlotUpdated:
+        slot = await steps.locked_slot(tx, msg.slot_id)
+        if slot["retired_at"] is not None or SlotStatus(slot["status"]) is not before:
+            raise InvalidTransition(
+                f"only a {before.value} slot can be {'blocked' if blocked else 'unblocked'}"
+            )
+        await tx.conn.execute(sql.SLOT_SET_STATUS, slot["id"], after.value)
+        view = steps.slot_view(slot, after)
+        tx.slot(doctor_id, view, "slot.blocked" if blocked else "slot.unblocked")
+        return SlotUpdated(doctor_id, view)
+
+    return await _command(store, [doctor_id], actor, msg, now, work)
+
+
+async def mark(
+    store: Store, actor: Actor, msg: Mark, *, now: datetime | None = None
+) -> Outcome[AppointmentUpdated]:
+    """Record arrived / fulfilled / noshow along FHIR's lifecycle."""
+    doctor_id = await doctor_of_appointment(store, msg.appointment_id)
+    if not actor.owns_doctor(doctor_id):
+        raise Forbidden("only the doctor or an admin records attendance")
+
+    async def work(tx: Tx) -> AppointmentUpdated:
+        appointment = await steps.locked_appointment(tx, msg.appointment_id)
+        target = AppointmentStatus(msg.status)
+        if target not in steps.MARKABLE.get(appointment.status, frozenset()):
+            raise InvalidTransition(f"cannot go from {appointment.status.value} to {target.value}")
+        row = await tx.conn.fetchrow(
+            sql.APPOINTMENT_SET_STATUS, appointment.id, target.value, tx.now
+        )
+        view = steps.appointment_view(row)
+        tx.appointment(view, f"appointment.{target.value}")
+        return AppointmentUpdated(view)
+
+    return await _command(store, [doctor_id], actor, msg, now, work)
+
+
+async def set_schedule(
+    store: Store, actor: Actor, msg: SetSchedule, *, now: datetime | None = None
+) -> Outcome[ScheduleUpdated]:
+    """Replace the doctor's rules and weekly blocks and overrides; slots follow."""
+    doctor_id = msg.doctor_id
+    if not actor.owns_doctor(doctor_id):
+        raise Forbidden("only the doctor or an admin edits the schedule")
+    await doctors.doctor(store, doctor_id)  # not_found before any lock
+    for b in msg.weekly:
+        if not b.start < b.end:
+            raise Invalid(f"weekday {b.weekday}: start must be before end")
+    for o in msg.overrides:
+        if (o.start is None) != (o.end is None) or (o.start and o.end and o.start >= o.end):
+            raise Invalid(f"{o.date}: give both times with start before end, or neither")
+
+    async def work(tx: Tx) -> ScheduleUpdated:
+        version = await tx.conn.fetchval(sql.DOCTOR_VERSION, doctor_id)
+        await tx.conn.execute(
+            sql.DOCTOR_SET_RULES,
+            doctor_id,
+            msg.slot_minutes,
+            msg.buffer_minutes,
+            msg.min_notice_minutes,
+            msg.horizon_days,
+        )
+        await tx.conn.execute(sql.SCHEDULE_CLEAR, doctor_id)
+        await tx.conn.executemany(
+            sql.SCHEDULE_INSERT,
+            [(doctor_id, b.weekday, b.start, b.end) for b in msg.weekly],
+        )
+        await tx.conn.execute(sql.OVERRIDES_CLEAR, doctor_id)
+        await tx.conn.executemany(
+            sql.OVERRIDE_INSERT,
+            [(doctor_id, o.date, o.start, o.end) for o in msg.overrides],
+        )
+        result = await steps.rematerialize(tx, doctor_id)
+        tx.touched(doctor_id, "schedule.changed")  # rules changed even if no slot did
+        return ScheduleUpdated(
+            doctor_id=doctor_id,
+            version=version + 1,
+            opened=result.opened,
+            removed=result.removed,
+            conflicts=result.conflicts,
+        )
+
+    return await _command(store, [doctor_id], actor, msg, now, work)
+
+
+# A client's command that locks its doctors up front (not by slot: `hold`, `book`).
+_Locking = Release | Cancel | Reschedule | Block | Unblock | Mark | SetSchedule
+
+
+async def _command(
+    store: Store,
+    doctor_ids: list[int],
+    actor: Actor,
+    msg: _Locking,
+    now: datetime | None,
+    work: Callable[[Tx], Awaitable[Reply]],
+) -> Outcome[Reply]:
+    """`run` for a client's command message, keyed by its own idempotency key."""
+    return await run(
+        store,
+        doctors=doctor_ids,
+        actor=actor,
+        now=resolve_now(now),
+        work=work,
+        request=msg,
+        key=msg.idempotency_key,
+    )
+
+
+# ---- system work -------------------------------------------------------------------------------
+
+
+async def materialize_slots(
+    store: Store, doctor_id: int, *, today: date | None = None, now: datetime | None = None
+) -> Change | None:
+    """Bring the doctor's slots in step with the schedule up to the horizon.
+
+    Idempotent: a run that changes nothing records nothing. Booked slots the
+    schedule no longer offers stay, flagged as conflicts.
+    """
+
+    async def work(tx: Tx) -> None:
+        await steps.rematerialize(tx, doctor_id, first_day=today)
+
+    outcome = await run(store, doctors=[doctor_id], actor=SYSTEM, now=resolve_now(now), work=work)
+    return outcome.changes[0] if outcome.changes else None
+
+
+async def expire_holds(store: Store, *, now: datetime | None = None) -> list[Change]:
+    """Free every hold whose time is up, doctor by doctor (each under its lock)."""
+    now = resolve_now(now)
+    with translated():
+        doctor_ids = [
+            r["doctor_id"] for r in await store.pool.fetch(sql.DOCTORS_WITH_EXPIRED_HOLDS, now)
+        ]
+    changes: list[Change] = []
+    for doctor_id in doctor_ids:
+
+        async def work(tx: Tx) -> None:
+            return None  # the runner clears the expired holds before any work
+
+        outcome = await run(store, doctors=[doctor_id], actor=SYSTEM, now=now, work=work)
+        changes.extend(outcome.changes)
+    return changes

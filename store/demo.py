@@ -10,7 +10,8 @@ import logging
 from datetime import time
 
 from store.constants import LOCK_NS_SEED
-from store.database import Store
+from store.doctors import create_doctor, doctor_count
+from store.runner import Store, exclusive
 from store.schedule import Block
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,8 @@ PATIENTS: list[dict[str, str]] = [
 
 
 async def seed(store: Store) -> None:
-    async with store.exclusive(LOCK_NS_SEED):  # instances starting together seed once
-        if await store.doctor_count() == 0:
+    async with exclusive(store, LOCK_NS_SEED):  # instances starting together seed once
+        if await doctor_count(store) == 0:
             for spec in DOCTORS:
-                await store.create_doctor(**spec)  # type: ignore[arg-type]
+                await create_doctor(store, **spec)  # type: ignore[arg-type]
             log.info("seeded %d demo doctors", len(DOCTORS))

@@ -23,8 +23,9 @@ from protocol.vocabulary import Role
 from server import auth
 from server.app import create_app
 from server.settings import Settings
-from store.database import Store, open_store
+from store import commands, doctors, reads
 from store.migrate import migrate
+from store.runner import Store, open_store
 from store.schedule import Block
 from tests.harness import (
     RedisServer,
@@ -197,13 +198,13 @@ async def seed_doctor(
     store: Store, *, name: str = "Dr. Test", timezone: str = "UTC", days: int = 7
 ) -> SeededDoctor:
     """A doctor open 08:00-18:00 local every day, 30-minute slots, from tomorrow on."""
-    doctor_id = await store.create_doctor(
-        name=name, timezone=timezone, schedule=EVERY_DAY, horizon_days=days + 2
+    doctor_id = await doctors.create_doctor(
+        store, name=name, timezone=timezone, schedule=EVERY_DAY, horizon_days=days + 2
     )
-    await store.materialize_slots(doctor_id)
+    await commands.materialize_slots(store, doctor_id)
     start = date.today() + timedelta(days=2)  # safely in the future in every zone
     end = start + timedelta(days=days - 1)
-    snapshot = await store.snapshot(doctor_id, start, end)
+    snapshot = await reads.snapshot(store, doctor_id, start, end)
     return SeededDoctor(doctor_id, start, end, snapshot.slots)
 
 

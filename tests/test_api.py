@@ -15,7 +15,9 @@ from aiohttp.test_utils import TestClient
 
 from client import SlotcastClient
 from protocol.vocabulary import Role, SlotStatus
-from store.database import Store
+from store import reads
+from store.doctors import create_doctor
+from store.runner import Store
 from tests.conftest import SeededDoctor, token, ws_url
 
 AppClient = TestClient[web.Request, web.Application]
@@ -54,7 +56,7 @@ async def directory(store: Store) -> dict[str, int]:
         ("Dr. Carla Diaz", "Pediatric cardiology", "America/Mexico_City"),
     ]
     return {
-        name: await store.create_doctor(name=name, specialty=specialty, timezone=tz)
+        name: await create_doctor(store, name=name, specialty=specialty, timezone=tz)
         for name, specialty, tz in doctors
     }
 
@@ -352,13 +354,13 @@ async def test_idempotency_key_header_books_once(
 ) -> None:
     """A retried POST (lost response, impatient user) must return the first booking."""
     slot_id = doctor.slots[0].id
-    version_before = await store.doctor_version(doctor.id)
+    version_before = await reads.doctor_version(store, doctor.id)
     headers = {**bearer(sub="p-idem"), "Idempotency-Key": "retry-me"}
     first = await client.post(BOOK, json={"slot_id": slot_id}, headers=headers)
     second = await client.post(BOOK, json={"slot_id": slot_id}, headers=headers)
     assert (first.status, second.status) == (201, 201)
     assert await first.json() == await second.json()
-    assert await store.doctor_version(doctor.id) == version_before + 1  # one commit, not two
+    assert await reads.doctor_version(store, doctor.id) == version_before + 1  # one commit, not two
     # The key is the patient's: another patient with the same key is a different request.
     other = {**bearer(sub="p-other"), "Idempotency-Key": "retry-me"}
     resp = await client.post(BOOK, json={"slot_id": slot_id}, headers=other)

@@ -31,12 +31,12 @@ from protocol.messages import (
     WeeklyBlock,
 )
 from protocol.vocabulary import Role, SlotStatus
-from store import schedule
+from store import commands, doctors, reads, schedule
 from store.changes import Change
-from store.commands import Actor
-from store.database import Outcome, Store
 from store.errors import SlotTaken
+from store.runner import Store
 from store.schedule import slot_times, zone
+from store.tx import Actor, Outcome
 from tests.conftest import EVERY_DAY
 
 NOW = datetime(2030, 1, 7, 6, 0, tzinfo=UTC)  # a Monday, before a UTC doctor's day begins
@@ -67,29 +67,29 @@ def doctor(doctor_id: int) -> Actor:
 
 async def utc_doctor(store: Store, *, days: int = 3) -> int:
     """A UTC doctor open 08:00-18:00 every day, slots opened as of NOW."""
-    doctor_id = await store.create_doctor(
-        name="Dr. Avail", timezone="UTC", schedule=EVERY_DAY, horizon_days=days
+    doctor_id = await doctors.create_doctor(
+        store, name="Dr. Avail", timezone="UTC", schedule=EVERY_DAY, horizon_days=days
     )
-    await store.materialize_slots(doctor_id, now=NOW)
+    await commands.materialize_slots(store, doctor_id, now=NOW)
     return doctor_id
 
 
 async def visible(store: Store, doctor_id: int, *, days: int = 8) -> dict[datetime, SlotView]:
     """The doctor's slots as a watcher's snapshot shows them, by start."""
-    snapshot = await store.snapshot(doctor_id, DAY, DAY + timedelta(days=days), now=NOW)
+    snapshot = await reads.snapshot(store, doctor_id, DAY, DAY + timedelta(days=days), now=NOW)
     return {s.start: s for s in snapshot.slots}
 
 
 async def book_at(store: Store, doctor_id: int, start: datetime, who: str) -> int:
     """Book the slot starting at `start`; the appointment's id."""
     slot = (await visible(store, doctor_id))[start]
-    outcome = await store.book_command(patient(who), Book(slot_id=slot.id), now=NOW)
+    outcome = await commands.book(store, patient(who), Book(slot_id=slot.id), now=NOW)
     assert isinstance(outcome.reply, Booked)
     return outcome.reply.appointment.id
 
 
 async def set_schedule(store: Store, request: SetSchedule, *, now: datetime = NOW) -> Outcome:
-    return await store.set_schedule(doctor(request.doctor_id), request, now=now)
+    return await commands.set_schedule(store, doctor(request.doctor_id), request, now=now)
 
 
 def only_change(outcome: Outcome) -> Change:
@@ -144,7 +144,7 @@ async def test_a_new_weekly_schedule_opens_retires_and_flags(
     assert opened == evenings
     assert all(s.status is SlotStatus.FREE for s in slot_views(change))
     assert set(change.public["removed"]) == dropped
-    assert change.private["conflicts"] == [early_slot, late_slot]
+    assert change.private.conflicts == [early_slot, late_slot]
     now_visible = await visible(store, doctor_id)
     free = {start for start, s in now_visible.items() if s.status is SlotStatus.FREE}
     assert free == {utc(d, h, m) for d in range(3) for h in (8, 9) for m in (0, 30)} | evenings
@@ -159,7 +159,7 @@ async def test_a_new_weekly_schedule_opens_retires_and_flags(
     assert set(retired) == dropped
 
     # Cancelling a conflicting booking takes its slot away instead of offering it again.
-    cancelled = await store.cancel(patient("p-bob"), Cancel(late, "moving away"), now=NOW)
+    cancelled = await commands.cancel(store, patient("p-bob"), Cancel(late, "moving away"), now=NOW)
 
     change = only_change(cancelled)
     assert change.public["removed"] == [late_slot]
@@ -173,7 +173,7 @@ async def test_a_new_weekly_schedule_opens_retires_and_flags(
 
     assert isinstance(restored.reply, ScheduleUpdated)
     assert restored.reply.conflicts == []
-    assert "slots.conflict_resolved" in (await store.change_log(doctor_id))[-1]["kind"]
+    assert "slots.conflict_resolved" in (await reads.change_log(store, doctor_id))[-1]["kind"]
     assert await db.fetchval("SELECT conflict FROM slots WHERE id = $1", early_slot) is False
     after = await visible(store, doctor_id)
     assert after[utc(1, 10)].id == early_slot
@@ -214,14 +214,14 @@ async def test_a_hold_on_a_dropped_slot_retires_it_when_it_lapses(
 ) -> None:
     doctor_id = await utc_doctor(store)
     slot = (await visible(store, doctor_id))[utc(2, 16)]
-    await store.hold(patient("p-ann"), Hold(slot.id), ttl=SLOT, max_holds=5, now=NOW)
+    await commands.hold(store, patient("p-ann"), Hold(slot.id), ttl=SLOT, max_holds=5, now=NOW)
     flagged = await set_schedule(
         store, SetSchedule(doctor_id, weekly((time(8), time(12))), horizon_days=3)
     )
     assert isinstance(flagged.reply, ScheduleUpdated)
     assert flagged.reply.conflicts == [slot.id]
 
-    [change] = await store.expire_holds(now=NOW + SLOT)
+    [change] = await commands.expire_holds(store, now=NOW + SLOT)
 
     assert change.public["removed"] == [slot.id]
     assert utc(2, 16) not in await visible(store, doctor_id)
@@ -248,7 +248,7 @@ async def test_a_new_slot_length_never_opens_a_free_slot_over_a_booking(
     ]
     for slot in unbookable:  # what a patient who trusts the snapshot gets
         with pytest.raises(SlotTaken):
-            await store.book_command(patient("p-bob"), Book(slot_id=slot.id), now=NOW)
+            await commands.book(store, patient("p-bob"), Book(slot_id=slot.id), now=NOW)
     assert [(s.start, s.end) for s in unbookable] == [], "free slots that can never be booked"
 
 
@@ -429,12 +429,12 @@ async def test_materialized_slots_across_a_daylight_saving_change(
     store: Store, db: asyncpg.Connection, name: str, day: date, hour: int, gained: int
 ) -> None:
     tz = zone(name)
-    doctor_id = await store.create_doctor(
-        name="Dr. Clock", timezone=name, schedule=DST_BLOCKS, horizon_days=3
+    doctor_id = await doctors.create_doctor(
+        store, name="Dr. Clock", timezone=name, schedule=DST_BLOCKS, horizon_days=3
     )
     before = datetime.combine(day - timedelta(days=2), time(12), tz)
 
-    await store.materialize_slots(doctor_id, today=day - timedelta(days=1), now=before)
+    await commands.materialize_slots(store, doctor_id, today=day - timedelta(days=1), now=before)
 
     rows = await db.fetch(
         "SELECT starts_at, ends_at FROM slots WHERE doctor_id = $1 ORDER BY starts_at", doctor_id
@@ -443,7 +443,7 @@ async def test_materialized_slots_across_a_daylight_saving_change(
     check_transition(times, name, day, hour, gained)
     assert times == sorted(slot_times(DST_BLOCKS, tz, day - timedelta(days=1), 3, 30))
     # A watcher's local date is the doctor's: the snapshot of that day has exactly its slots.
-    snapshot = await store.snapshot(doctor_id, day, day + timedelta(days=1), now=before)
+    snapshot = await reads.snapshot(store, doctor_id, day, day + timedelta(days=1), now=before)
     assert {s.start.astimezone(tz).date() for s in snapshot.slots} == {day}
     assert len(snapshot.slots) == len(half_hours(*NIGHT)) + 2 * gained + len(half_hours(*MORNING))
 
@@ -460,7 +460,7 @@ async def test_upkeep_opens_new_days_and_never_touches_the_past(
     history = [r for r in await slot_rows(db, doctor_id) if r[1] < two_days_later]
     assert len(history) == 2 * 20
 
-    change = await store.materialize_slots(doctor_id, now=two_days_later)
+    change = await commands.materialize_slots(store, doctor_id, now=two_days_later)
 
     assert change is not None
     opened = [s.start for s in slot_views(change)]
@@ -469,7 +469,7 @@ async def test_upkeep_opens_new_days_and_never_touches_the_past(
     )
     assert change.public["removed"] == []
     assert [r for r in await slot_rows(db, doctor_id) if r[1] < two_days_later] == history
-    assert await store.materialize_slots(doctor_id, now=two_days_later) is None
+    assert await commands.materialize_slots(store, doctor_id, now=two_days_later) is None
 
     # Even a schedule edit leaves the past alone: past free slots are not retired, the
     # past booking is not flagged; only slots from now on follow the new hours.

@@ -23,9 +23,11 @@ from client import ClientError, SlotcastClient
 from protocol.errors import ErrorCode
 from protocol.messages import AppointmentView
 from protocol.vocabulary import AppointmentStatus, SlotStatus
+from store import commands, reads
+from store.commands import Booking
 from store.constants import LOCK_NS_DOCTOR
-from store.database import Booking, Store, open_store
 from store.errors import Busy, IdempotencyConflict, NotFound, SlotTaken, SlotUnavailable, TooLate
+from store.runner import Store, open_store
 from tests.conftest import SeededDoctor, seed_doctor, token, ws_url
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -99,7 +101,10 @@ async def test_patients_racing_for_one_slot_exactly_one_wins(
     before = await version(db, doctor.id)
 
     results = await asyncio.gather(
-        *(store.book(slot_id=slot.id, patient_id=f"racer-{i}") for i in range(patients)),
+        *(
+            commands.book_slot(store, slot_id=slot.id, patient_id=f"racer-{i}")
+            for i in range(patients)
+        ),
         return_exceptions=True,
     )
 
@@ -152,7 +157,7 @@ async def test_exclusion_constraint_refuses_an_overlap_that_bypasses_the_store(
 ) -> None:
     first, second = doctor.slots[0], doctor.slots[1]
     assert first.end == second.start  # the fixture's slots are back to back
-    booked = await store.book(slot_id=first.id, patient_id="p-first")
+    booked = await commands.book_slot(store, slot_id=first.id, patient_id="p-first")
     insert = """
         INSERT INTO appointments
             (doctor_id, slot_id, patient_id, starts_at, ends_at, status, cancelled_at)
@@ -193,7 +198,7 @@ async def test_constraint_turns_an_overlap_the_checks_missed_into_slot_taken(
     before = await version(db, doctor.id)
 
     with pytest.raises(SlotTaken) as caught:
-        await store.book(slot_id=slot.id, patient_id="p-new")
+        await commands.book_slot(store, slot_id=slot.id, patient_id="p-new")
 
     assert caught.value.code is ErrorCode.SLOT_TAKEN
     assert [r["patient_id"] for r in await active_appointments(db, slot.id)] == ["p-legacy"]
@@ -213,8 +218,12 @@ async def test_same_key_twice_books_once_and_returns_the_first_result(
     before_version = await version(db, doctor.id)
     before_log = await change_log(db, doctor.id)
 
-    first = await store.book(slot_id=slot.id, patient_id="p-retry", idempotency_key="k-1")
-    again = await store.book(slot_id=slot.id, patient_id="p-retry", idempotency_key="k-1")
+    first = await commands.book_slot(
+        store, slot_id=slot.id, patient_id="p-retry", idempotency_key="k-1"
+    )
+    again = await commands.book_slot(
+        store, slot_id=slot.id, patient_id="p-retry", idempotency_key="k-1"
+    )
 
     assert again.appointment == first.appointment
     assert first.change is not None
@@ -233,7 +242,9 @@ async def test_same_key_concurrently_books_once(
 
     results = await asyncio.gather(
         *(
-            store.book(slot_id=slot.id, patient_id="p-double-click", idempotency_key="k-dc")
+            commands.book_slot(
+                store, slot_id=slot.id, patient_id="p-double-click", idempotency_key="k-dc"
+            )
             for _ in range(5)
         )
     )
@@ -250,11 +261,15 @@ async def test_same_key_for_a_different_slot_is_a_conflict(
     store: Store, doctor: SeededDoctor, db: asyncpg.Connection
 ) -> None:
     first, other = doctor.slots[0], doctor.slots[5]
-    await store.book(slot_id=first.id, patient_id="p-reuse", idempotency_key="k-reuse")
+    await commands.book_slot(
+        store, slot_id=first.id, patient_id="p-reuse", idempotency_key="k-reuse"
+    )
     before = await version(db, doctor.id)
 
     with pytest.raises(IdempotencyConflict) as caught:
-        await store.book(slot_id=other.id, patient_id="p-reuse", idempotency_key="k-reuse")
+        await commands.book_slot(
+            store, slot_id=other.id, patient_id="p-reuse", idempotency_key="k-reuse"
+        )
 
     assert caught.value.code is ErrorCode.IDEMPOTENCY_CONFLICT
     assert await slot_status(db, other.id) == SlotStatus.FREE
@@ -271,8 +286,8 @@ async def test_same_key_for_two_doctors_at_once_books_only_one(
     before = {d: await version(db, d) for d in (doctor.id, other_doctor.id)}
 
     results = await asyncio.gather(
-        store.book(slot_id=mine.id, patient_id="p-two", idempotency_key="k-two"),
-        store.book(slot_id=theirs.id, patient_id="p-two", idempotency_key="k-two"),
+        commands.book_slot(store, slot_id=mine.id, patient_id="p-two", idempotency_key="k-two"),
+        commands.book_slot(store, slot_id=theirs.id, patient_id="p-two", idempotency_key="k-two"),
         return_exceptions=True,
     )
 
@@ -296,15 +311,21 @@ async def test_keys_belong_to_their_patient(
 ) -> None:
     first, second = doctor.slots[0], doctor.slots[1]
 
-    a = await store.book(slot_id=first.id, patient_id="p-ann", idempotency_key="shared")
-    b = await store.book(slot_id=second.id, patient_id="p-ben", idempotency_key="shared")
+    a = await commands.book_slot(
+        store, slot_id=first.id, patient_id="p-ann", idempotency_key="shared"
+    )
+    b = await commands.book_slot(
+        store, slot_id=second.id, patient_id="p-ben", idempotency_key="shared"
+    )
 
     assert a.appointment.id != b.appointment.id
     assert (a.appointment.patient_id, b.appointment.patient_id) == ("p-ann", "p-ben")
     assert b.change is not None  # a real booking, not a replay of Ann's
     # A third patient with the same key on Ann's slot is not handed Ann's appointment.
     with pytest.raises(SlotTaken):
-        await store.book(slot_id=first.id, patient_id="p-cat", idempotency_key="shared")
+        await commands.book_slot(
+            store, slot_id=first.id, patient_id="p-cat", idempotency_key="shared"
+        )
     assert await appointment_count(db) == 2
 
 
@@ -320,13 +341,15 @@ async def test_refusals_leave_no_trace(
     before_log = await change_log(db, doctor.id)
 
     with pytest.raises(NotFound) as missing:
-        await store.book(slot_id=2**40, patient_id="p-x")
+        await commands.book_slot(store, slot_id=2**40, patient_id="p-x")
     with pytest.raises(SlotUnavailable) as unavailable:
-        await store.book(slot_id=blocked.id, patient_id="p-x")
+        await commands.book_slot(store, slot_id=blocked.id, patient_id="p-x")
     with pytest.raises(TooLate) as started:
-        await store.book(slot_id=past.id, patient_id="p-x", now=past.start)
+        await commands.book_slot(store, slot_id=past.id, patient_id="p-x", now=past.start)
     with pytest.raises(TooLate):
-        await store.book(slot_id=past.id, patient_id="p-x", now=past.end + timedelta(days=1))
+        await commands.book_slot(
+            store, slot_id=past.id, patient_id="p-x", now=past.end + timedelta(days=1)
+        )
 
     assert missing.value.code is ErrorCode.NOT_FOUND
     assert unavailable.value.code is ErrorCode.SLOT_UNAVAILABLE
@@ -337,8 +360,8 @@ async def test_refusals_leave_no_trace(
     assert await slot_status(db, blocked.id) == SlotStatus.BUSY_UNAVAILABLE
     assert await slot_status(db, past.id) == SlotStatus.FREE
     # One microsecond before the start is still in time.
-    booked = await store.book(
-        slot_id=future.id, patient_id="p-x", now=future.start - timedelta(microseconds=1)
+    booked = await commands.book_slot(
+        store, slot_id=future.id, patient_id="p-x", now=future.start - timedelta(microseconds=1)
     )
     assert booked.appointment.slot_id == future.id
 
@@ -354,7 +377,7 @@ async def test_each_booking_is_one_version_and_one_public_change(
         before_version = await version(db, doctor.id)
         before_log = await change_log(db, doctor.id)
 
-        booking = await store.book(slot_id=slot.id, patient_id=patient)
+        booking = await commands.book_slot(store, slot_id=slot.id, patient_id=patient)
 
         after_log = await change_log(db, doctor.id)
         assert await version(db, doctor.id) == before_version + 1
@@ -377,7 +400,7 @@ async def test_each_booking_is_one_version_and_one_public_change(
 async def test_change_log_refuses_update_and_delete(
     store: Store, doctor: SeededDoctor, db: asyncpg.Connection
 ) -> None:
-    await store.book(slot_id=doctor.slots[0].id, patient_id="p-audit")
+    await commands.book_slot(store, slot_id=doctor.slots[0].id, patient_id="p-audit")
     before = await change_log(db, doctor.id)
     assert len(before) >= 2
 
@@ -393,16 +416,18 @@ async def test_snapshot_version_and_changes_between(
     store: Store, doctor: SeededDoctor, db: asyncpg.Connection
 ) -> None:
     other = await seed_doctor(store, name="Dr. Noise", days=2)
-    await store.book(slot_id=other.slots[0].id, patient_id="p-noise")
+    await commands.book_slot(store, slot_id=other.slots[0].id, patient_id="p-noise")
     start = await version(db, doctor.id)
     booked = [doctor.slots[i] for i in (0, 3, 7)]
     for i, slot in enumerate(booked, start=1):
-        await store.book(slot_id=slot.id, patient_id="p-series")
-        await store.book(slot_id=other.slots[i].id, patient_id="p-noise")  # interleaved
+        await commands.book_slot(store, slot_id=slot.id, patient_id="p-series")
+        await commands.book_slot(
+            store, slot_id=other.slots[i].id, patient_id="p-noise"
+        )  # interleaved
 
-    snapshot = await store.snapshot(doctor.id, doctor.start, doctor.end)
+    snapshot = await reads.snapshot(store, doctor.id, doctor.start, doctor.end)
     current = start + len(booked)
-    assert snapshot.version == current == await store.doctor_version(doctor.id)
+    assert snapshot.version == current == await reads.doctor_version(store, doctor.id)
     busy = {s.id for s in snapshot.slots if s.status is SlotStatus.BUSY}
     assert busy == {s.id for s in booked}
 
@@ -410,7 +435,7 @@ async def test_snapshot_version_and_changes_between(
         return [c.version for c in changes[(after, upto)]]
 
     changes = {
-        (a, b): await store.changes_between(doctor.id, a, b)
+        (a, b): await reads.changes_between(store, doctor.id, a, b)
         for a, b in ((0, current), (start, current), (start, start + 2), (current, current))
     }
     assert versions(0, current) == list(range(1, current + 1))
@@ -449,7 +474,7 @@ async def test_a_held_doctor_lock_makes_booking_fail_fast_with_busy(
         try:
             started = time.monotonic()
             with pytest.raises(Busy) as caught:
-                await store.book(slot_id=slot.id, patient_id="p-wait")
+                await commands.book_slot(store, slot_id=slot.id, patient_id="p-wait")
             elapsed = time.monotonic() - started
         finally:
             await transaction.rollback()
@@ -459,9 +484,9 @@ async def test_a_held_doctor_lock_makes_booking_fail_fast_with_busy(
         assert await slot_status(db, slot.id) == SlotStatus.FREE
         # With the lock released the very same call goes through, on a pooled connection
         # that the timeout did not leave in a broken transaction.
-        booking = await store.book(slot_id=slot.id, patient_id="p-wait")
+        booking = await commands.book_slot(store, slot_id=slot.id, patient_id="p-wait")
         assert booking.appointment.slot_id == slot.id
-        await store.book(slot_id=other.id, patient_id="p-wait-2")
+        await commands.book_slot(store, slot_id=other.id, patient_id="p-wait-2")
 
 
 async def test_booking_waits_for_the_doctor_lock_and_only_that_doctors(
@@ -478,10 +503,14 @@ async def test_booking_waits_for_the_doctor_lock_and_only_that_doctors(
         await transaction.start()
         await lock_holder.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NS_DOCTOR, doctor.id)
         try:
-            queued = asyncio.create_task(patient.book(slot_id=slot.id, patient_id="p-queued"))
+            queued = asyncio.create_task(
+                commands.book_slot(patient, slot_id=slot.id, patient_id="p-queued")
+            )
             await waiting_for_doctor_lock(db, doctor.id)
             # Another doctor's calendar is not held up by this one's lock.
-            elsewhere = await patient.book(slot_id=neighbour.slots[0].id, patient_id="p-free")
+            elsewhere = await commands.book_slot(
+                patient, slot_id=neighbour.slots[0].id, patient_id="p-free"
+            )
             assert elsewhere.appointment.doctor_id == neighbour.id
             assert not queued.done()
             assert await slot_status(db, slot.id) == SlotStatus.FREE

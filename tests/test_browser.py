@@ -34,7 +34,7 @@ from axe_playwright_python.async_playwright import Axe
 from playwright.async_api import Browser, Locator, Page, WebSocketRoute, async_playwright, expect
 
 from protocol.vocabulary import Role
-from store.database import open_store
+from store.runner import open_store
 from tests.browser import PHONE, Pages, launch, pages_of
 from tests.conftest import Spawn, seed_doctor, token
 from tests.harness import ServerProcess, free_port

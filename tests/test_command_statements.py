@@ -1,4 +1,4 @@
-"""The folded statements of a command keep the discipline of `Store._run`.
+"""The folded statements of a command keep the discipline of `runner.run`.
 
 A booking is fewer round trips than it was: the doctor is found and locked in one
 statement, and one read under the lock fetches the versions, the expired-hold check,
@@ -23,12 +23,12 @@ import pytest
 from protocol.errors import ErrorCode
 from protocol.messages import Book, Booked, Cancel, Hold, SlotView
 from protocol.vocabulary import AppointmentStatus, SlotStatus
-from store import commands as cmd
-from store import sql
+from store import commands, reads, runner, sql, steps
 from store.changes import Change
 from store.constants import LOCK_NS_DOCTOR, LOCK_NS_PATIENT
-from store.database import Store, open_store
 from store.errors import NotFound, SlotTaken, SlotUnavailable, TooLate
+from store.runner import Store, open_store
+from store.tx import Tx
 from tests.test_engine import (
     NOW,
     TTL,
@@ -50,13 +50,15 @@ async def test_a_retry_returns_the_first_booking_even_after_the_slot_changed_han
     calendar = await open_calendar(store)
     slot = calendar.slots[0]
     ann, bob = patient("p-ann"), patient("p-bob")
-    first = await store.book_command(ann, Book(slot_id=slot.id, idempotency_key="k-1"), now=NOW)
+    first = await commands.book(store, ann, Book(slot_id=slot.id, idempotency_key="k-1"), now=NOW)
     assert isinstance(first.reply, Booked)
-    await store.cancel(ann, Cancel(first.reply.appointment.id, "changed my mind"), now=NOW)
+    await commands.cancel(
+        store, ann, Cancel(first.reply.appointment.id, "changed my mind"), now=NOW
+    )
     await book(store, bob, slot)  # the slot is Bob's now
     state = await db_state(db)
 
-    again = await store.book_command(ann, Book(slot_id=slot.id, idempotency_key="k-1"), now=NOW)
+    again = await commands.book(store, ann, Book(slot_id=slot.id, idempotency_key="k-1"), now=NOW)
 
     # The stored reply, not slot_taken: the key is looked up before the slot is judged.
     assert again.reply == first.reply
@@ -70,12 +72,12 @@ async def test_a_replay_returns_before_expired_holds_are_cleared(
     calendar = await open_calendar(store)
     ann, bob = patient("p-ann"), patient("p-bob")
     request = Book(slot_id=calendar.slots[0].id, idempotency_key="k-2")
-    first = await store.book_command(ann, request, now=NOW)
+    first = await commands.book(store, ann, request, now=NOW)
     held = await hold(store, bob, calendar.slots[1])
     state = await db_state(db)
 
     # Bob's hold has expired, but a replay writes nothing, not even the expiry.
-    again = await store.book_command(ann, request, now=NOW + TTL)
+    again = await commands.book(store, ann, request, now=NOW + TTL)
 
     assert again.reply == first.reply
     assert again.changes == []
@@ -117,9 +119,9 @@ async def test_an_expired_hold_is_cleared_before_the_slot_is_checked(
     assert change.version == before + 1
     assert public_slots(change)[slot.id].status is status
     kinds = "hold.expired+" + ("slot.booked" if command == "book" else "slot.held")
-    log = await store.change_log(calendar.id)
+    log = await reads.change_log(store, calendar.id)
     assert (log[-1]["version"], log[-1]["kind"]) == (before + 1, kinds)
-    assert [a["id"] for a in change.private["appointments"]] == [held.id, taken.id]
+    assert [a["id"] for a in change.private.appointments] == [held.id, taken.id]
 
 
 async def test_an_expired_hold_no_longer_keeps_its_buffer(
@@ -157,11 +159,11 @@ async def test_an_unknown_slot_or_hold_is_not_found_and_writes_nothing(
     ann = patient("p-ann")
 
     with pytest.raises(NotFound) as no_slot:
-        await store.book_command(ann, Book(slot_id=10**9, idempotency_key="k-3"), now=NOW)
+        await commands.book(store, ann, Book(slot_id=10**9, idempotency_key="k-3"), now=NOW)
     with pytest.raises(NotFound) as no_hold:
-        await store.book_command(ann, Book(hold_id=10**9, idempotency_key="k-4"), now=NOW)
+        await commands.book(store, ann, Book(hold_id=10**9, idempotency_key="k-4"), now=NOW)
     with pytest.raises(NotFound):
-        await store.hold(ann, Hold(10**9, "k-5"), ttl=TTL, max_holds=5, now=NOW)
+        await commands.hold(store, ann, Hold(10**9, "k-5"), ttl=TTL, max_holds=5, now=NOW)
 
     assert no_slot.value.code is ErrorCode.NOT_FOUND
     assert no_hold.value.code is ErrorCode.NOT_FOUND
@@ -222,8 +224,8 @@ async def test_a_session_lock_never_outlives_its_checkout(
 ) -> None:
     # Make `exclusive` forget to unlock, as if its unlock had been cancelled: the full reset
     # that its connection gets on release must still free the lock.
-    monkeypatch.setattr("store.database.sql.SESSION_UNLOCK", "SELECT $1::int4, $2::int4")
-    async with store.exclusive(0x5C99, 7):
+    monkeypatch.setattr("store.runner.sql.SESSION_UNLOCK", "SELECT $1::int4, $2::int4")
+    async with runner.exclusive(store, 0x5C99, 7):
         held = await db.fetchval(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1"
             " AND objid = 7",
@@ -244,14 +246,14 @@ async def test_a_refusal_after_the_first_reads_insert_rolls_it_back(
     still decide. Were they ever stricter, their refusal must undo that insert."""
     calendar = await open_calendar(store)
     state = await db_state(db)
-    original = cmd.bookable_slot
+    original = steps.bookable_slot
 
-    async def stricter(tx: cmd.Tx, slot_id: int, *, moving: int | None = None) -> Any:
+    async def stricter(tx: Tx, slot_id: int, *, moving: int | None = None) -> Any:
         await original(tx, slot_id, moving=moving)
         assert tx.taken is not None  # the first read did insert
         raise TooLate("a rule only Python knows")
 
-    monkeypatch.setattr(cmd, "bookable_slot", stricter)
+    monkeypatch.setattr(steps, "bookable_slot", stricter)
     take = book if command == "book" else hold
     with pytest.raises(TooLate):
         await take(store, patient("p-ann"), calendar.slots[0])
@@ -271,7 +273,7 @@ async def test_confirming_a_hold_while_another_has_expired_frees_that_one_first(
 
     # Ann's hold has expired, Bob's has not: the appointment read first is re-read after
     # the expiry is written, and the confirm goes on.
-    outcome = await store.book_command(bob, Book(hold_id=bobs.id), now=NOW + TTL)
+    outcome = await commands.book(store, bob, Book(hold_id=bobs.id), now=NOW + TTL)
 
     assert isinstance(outcome.reply, Booked)
     assert outcome.reply.appointment.status is AppointmentStatus.BOOKED
@@ -280,7 +282,7 @@ async def test_confirming_a_hold_while_another_has_expired_frees_that_one_first(
     assert (await slot_row(db, calendar.slots[1].id))["status"] == "busy"
     [change] = outcome.changes
     assert change.version == before + 1 == await version(db, calendar.id)
-    log = await store.change_log(calendar.id)
+    log = await reads.change_log(store, calendar.id)
     assert log[-1]["kind"] == "hold.expired+slot.booked"
 
 
@@ -292,7 +294,7 @@ async def test_round_trips_of_a_booking_a_hold_and_a_confirm(database_url: str) 
     async with open_store(database_url, min_size=1, max_size=1) as store:
         calendar = await open_calendar(store)
         sent: list[str] = []
-        async with store._pool.acquire() as conn:
+        async with store.pool.acquire() as conn:
             conn.add_query_logger(lambda q: sent.append(names.get(q.query, q.query.strip())))
         ann, bob = patient("p-ann"), patient("p-bob")
 
@@ -305,18 +307,18 @@ async def test_round_trips_of_a_booking_a_hold_and_a_confirm(database_url: str) 
         free, held = calendar.slots[0], calendar.slots[1]
         request = Book(slot_id=free.id, idempotency_key="k-7")
         lock, first = "SLOT_DOCTOR_LOCK", "SLOT_PRELUDE"
-        assert await statements(store.book_command(ann, request, now=NOW)) == [
+        assert await statements(commands.book(store, ann, request, now=NOW)) == [
             *("BEGIN;", lock, first, "RECORD", "COMMIT;")
         ]
-        assert await statements(store.book_command(ann, request, now=NOW)) == [
+        assert await statements(commands.book(store, ann, request, now=NOW)) == [
             *("BEGIN;", lock, first, "COMMIT;")  # the replay
         ]
         assert await statements(book(store, bob, free)) == ["BEGIN;", lock, first, "ROLLBACK;"]
         assert await statements(hold(store, bob, held)) == [
             *("BEGIN;", "SLOT_DOCTOR_PATIENT_LOCK", first, "RECORD", "COMMIT;")
         ]
-        hold_id = (await store.patient_appointments("p-bob", now=NOW))[0].id
-        assert await statements(store.book_command(bob, Book(hold_id=hold_id), now=NOW)) == [
+        hold_id = (await reads.patient_appointments(store, "p-bob", now=NOW))[0].id
+        assert await statements(commands.book(store, bob, Book(hold_id=hold_id), now=NOW)) == [
             *("BEGIN;", "APPOINTMENT_DOCTOR_LOCK", "APPOINTMENT_PRELUDE", "HOLD_CONFIRM"),
             *("RECORD", "COMMIT;"),
         ]

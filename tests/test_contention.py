@@ -25,7 +25,8 @@ import pytest
 from client import ClientError, SlotcastClient
 from protocol.messages import AppointmentView, Rescheduled
 from protocol.vocabulary import SlotStatus
-from store.database import Store
+from store import commands
+from store.runner import Store
 from tests.conftest import SeededDoctor, Spawn, seed_doctor, token
 from tests.harness import ServerProcess
 
@@ -186,8 +187,8 @@ async def test_crossed_reschedules_through_different_instances_neither_deadlock_
     pairs = 10  # per direction
     moves: list[tuple[str, int, int]] = []  # (patient, appointment, target slot)
     for i in range(pairs):
-        on_a = await store.book(slot_id=a.slots[i].id, patient_id=f"pa-{i}")
-        on_b = await store.book(slot_id=b.slots[i].id, patient_id=f"pb-{i}")
+        on_a = await commands.book_slot(store, slot_id=a.slots[i].id, patient_id=f"pa-{i}")
+        on_b = await commands.book_slot(store, slot_id=b.slots[i].id, patient_id=f"pb-{i}")
         moves.append((f"pa-{i}", on_a.appointment.id, b.slots[pairs + i].id))
         moves.append((f"pb-{i}", on_b.appointment.id, a.slots[pairs + i].id))
     # Consecutive moves go in opposite directions through different processes.

@@ -44,9 +44,8 @@ from protocol.messages import (
     WeeklyBlock,
 )
 from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
+from store import commands, doctors, reads
 from store.changes import Change
-from store.commands import Actor
-from store.database import Outcome, Store, open_store
 from store.errors import (
     Forbidden,
     HoldExpired,
@@ -60,6 +59,8 @@ from store.errors import (
     StoreError,
     TooLate,
 )
+from store.runner import Store, open_store
+from store.tx import Actor, Outcome
 from tests.conftest import EVERY_DAY
 
 # A Monday morning in UTC, two hours before a UTC doctor's first slot of the day.
@@ -89,11 +90,11 @@ class Calendar:
 async def open_calendar(
     store: Store, *, name: str = "Dr. Engine", days: int = 4, **rules: int
 ) -> Calendar:
-    doctor_id = await store.create_doctor(
-        name=name, timezone="UTC", schedule=EVERY_DAY, horizon_days=days, **rules
+    doctor_id = await doctors.create_doctor(
+        store, name=name, timezone="UTC", schedule=EVERY_DAY, horizon_days=days, **rules
     )
-    await store.materialize_slots(doctor_id, now=NOW)
-    snapshot = await store.snapshot(doctor_id, DAY, DAY + timedelta(days=days), now=NOW)
+    await commands.materialize_slots(store, doctor_id, now=NOW)
+    snapshot = await reads.snapshot(store, doctor_id, DAY, DAY + timedelta(days=days), now=NOW)
     assert snapshot.slots, "the calendar opened no slots"
     return Calendar(doctor_id, snapshot.slots)
 
@@ -115,13 +116,13 @@ async def hold(
     max_holds: int = 5,
     now: datetime = NOW,
 ) -> AppointmentView:
-    outcome = await store.hold(who, Hold(slot.id), ttl=ttl, max_holds=max_holds, now=now)
+    outcome = await commands.hold(store, who, Hold(slot.id), ttl=ttl, max_holds=max_holds, now=now)
     assert isinstance(outcome.reply, Held)
     return outcome.reply.appointment
 
 
 async def book(store: Store, who: Actor, slot: SlotView, *, now: datetime = NOW) -> AppointmentView:
-    outcome = await store.book_command(who, Book(slot_id=slot.id), now=now)
+    outcome = await commands.book(store, who, Book(slot_id=slot.id), now=now)
     assert isinstance(outcome.reply, Booked)
     return outcome.reply.appointment
 
@@ -134,7 +135,7 @@ async def mark(
     *,
     now: datetime = NOW,
 ) -> AppointmentView:
-    outcome = await store.mark(who, Mark(appointment.id, status), now=now)
+    outcome = await commands.mark(store, who, Mark(appointment.id, status), now=now)
     assert isinstance(outcome.reply, AppointmentUpdated)
     return outcome.reply.appointment
 
@@ -191,7 +192,7 @@ async def db_state(db: asyncpg.Connection) -> dict[str, list[tuple[Any, ...]]]:
 
 
 async def snapshot_slot(store: Store, doctor_id: int, slot_id: int) -> SlotView | None:
-    snapshot = await store.snapshot(doctor_id, DAY, DAY + timedelta(days=8), now=NOW)
+    snapshot = await reads.snapshot(store, doctor_id, DAY, DAY + timedelta(days=8), now=NOW)
     return next((s for s in snapshot.slots if s.id == slot_id), None)
 
 
@@ -204,7 +205,9 @@ async def test_a_hold_shows_the_slot_tentative_with_its_expiry(
     calendar = await open_calendar(store)
     slot = calendar.slots[0]
 
-    outcome = await store.hold(patient("p-ann"), Hold(slot.id), ttl=TTL, max_holds=2, now=NOW)
+    outcome = await commands.hold(
+        store, patient("p-ann"), Hold(slot.id), ttl=TTL, max_holds=2, now=NOW
+    )
 
     assert isinstance(outcome.reply, Held)
     held = outcome.reply.appointment
@@ -225,8 +228,8 @@ async def test_the_holder_confirms_and_the_slot_turns_busy(
     slot = calendar.slots[0]
     held = await hold(store, patient("p-ann"), slot)
 
-    outcome = await store.book_command(
-        patient("p-ann"), Book(hold_id=held.id), now=NOW + timedelta(seconds=60)
+    outcome = await commands.book(
+        store, patient("p-ann"), Book(hold_id=held.id), now=NOW + timedelta(seconds=60)
     )
 
     assert isinstance(outcome.reply, Booked)
@@ -238,7 +241,7 @@ async def test_the_holder_confirms_and_the_slot_turns_busy(
     assert public_slots(change) == {slot.id: busy}
     assert await snapshot_slot(store, calendar.id, slot.id) == busy
     # A booking never expires: the sweep long after the hold's time leaves it alone.
-    assert await store.expire_holds(now=NOW + timedelta(hours=1)) == []
+    assert await commands.expire_holds(store, now=NOW + timedelta(hours=1)) == []
     assert (await appointment_row(db, held.id))["status"] == "booked"
 
 
@@ -248,9 +251,9 @@ async def test_only_the_holder_may_confirm_or_release(store: Store, db: asyncpg.
     before = await db_state(db)
 
     with pytest.raises(NotHolder) as confirm:
-        await store.book_command(patient("p-bob"), Book(hold_id=held.id), now=NOW)
+        await commands.book(store, patient("p-bob"), Book(hold_id=held.id), now=NOW)
     with pytest.raises(NotHolder):
-        await store.release(patient("p-bob"), Release(held.id), now=NOW)
+        await commands.release(store, patient("p-bob"), Release(held.id), now=NOW)
 
     assert confirm.value.code is ErrorCode.NOT_HOLDER
     assert await db_state(db) == before
@@ -269,14 +272,14 @@ async def test_confirming_after_expiry_is_refused_but_the_expiry_commits(
     store.on_commit = published.append
 
     # One microsecond before the expiry is still in time.
-    await store.book_command(
-        ann, Book(hold_id=in_time.id), now=NOW + TTL - timedelta(microseconds=1)
+    await commands.book(
+        store, ann, Book(hold_id=in_time.id), now=NOW + TTL - timedelta(microseconds=1)
     )
     before = await version(db, calendar.id)
     published.clear()
 
     with pytest.raises(HoldExpired) as caught:
-        await store.book_command(ann, Book(hold_id=too_late.id), now=NOW + TTL)
+        await commands.book(store, ann, Book(hold_id=too_late.id), now=NOW + TTL)
 
     assert caught.value.code is ErrorCode.HOLD_EXPIRED
     row = await appointment_row(db, too_late.id)
@@ -290,7 +293,7 @@ async def test_confirming_after_expiry_is_refused_but_the_expiry_commits(
     assert public_slots(change) == {
         late.id: SlotView(late.id, late.start, late.end, SlotStatus.FREE)
     }
-    log = await store.change_log(calendar.id)
+    log = await reads.change_log(store, calendar.id)
     assert (log[-1]["version"], log[-1]["kind"]) == (before + 1, "hold.expired")
     assert await snapshot_slot(store, calendar.id, late.id) == public_slots(change)[late.id]
     # The slot really is free: someone else can take it now.
@@ -304,7 +307,7 @@ async def test_release_gives_the_slot_back(store: Store, db: asyncpg.Connection)
     held = await hold(store, ann, slot)
     released_at = NOW + timedelta(seconds=30)
 
-    outcome = await store.release(ann, Release(held.id), now=released_at)
+    outcome = await commands.release(store, ann, Release(held.id), now=released_at)
 
     assert isinstance(outcome.reply, AppointmentUpdated)
     released = outcome.reply.appointment
@@ -320,9 +323,9 @@ async def test_release_gives_the_slot_back(store: Store, db: asyncpg.Connection)
     assert await snapshot_slot(store, calendar.id, slot.id) == free
     # A released hold is gone: neither released again nor confirmed.
     with pytest.raises(InvalidTransition):
-        await store.release(ann, Release(held.id), now=released_at)
+        await commands.release(store, ann, Release(held.id), now=released_at)
     with pytest.raises(InvalidTransition):
-        await store.book_command(ann, Book(hold_id=held.id), now=released_at)
+        await commands.book(store, ann, Book(hold_id=held.id), now=released_at)
 
 
 async def test_the_hold_limit_counts_only_active_holds(
@@ -395,7 +398,7 @@ async def test_expire_holds_frees_every_expired_hold_once_per_doctor(
     lasting = await hold(store, patient("p-dan"), calendars[1].slots[1], ttl=timedelta(hours=1))
     before = {c.id: await version(db, c.id) for c in calendars}
 
-    changes = await store.expire_holds(now=NOW + TTL)
+    changes = await commands.expire_holds(store, now=NOW + TTL)
 
     assert sorted(c.doctor_id for c in changes) == sorted(before)
     for change in changes:
@@ -404,7 +407,9 @@ async def test_expire_holds_frees_every_expired_hold_once_per_doctor(
         freed = {s.id for s in public_slots(change).values() if s.status is SlotStatus.FREE}
         assert freed == {slot.id for c, slot, _ in expiring if c.id == change.doctor_id}
         [row] = [
-            r for r in await store.change_log(change.doctor_id) if r["version"] == change.version
+            r
+            for r in await reads.change_log(store, change.doctor_id)
+            if r["version"] == change.version
         ]
         assert (row["kind"], row["actor"]) == ("hold.expired", "admin:system")
     for _, slot, _ in expiring:
@@ -412,7 +417,7 @@ async def test_expire_holds_frees_every_expired_hold_once_per_doctor(
     # The hold with time left keeps its slot; a second sweep finds nothing to do.
     assert (await appointment_row(db, lasting.id))["status"] == "pending"
     assert (await slot_row(db, lasting.slot_id))["status"] == "busy-tentative"
-    assert await store.expire_holds(now=NOW + TTL) == []
+    assert await commands.expire_holds(store, now=NOW + TTL) == []
 
 
 async def test_a_hold_needs_a_free_offered_slot(store: Store, db: asyncpg.Connection) -> None:
@@ -421,10 +426,10 @@ async def test_a_hold_needs_a_free_offered_slot(store: Store, db: asyncpg.Connec
     retired = calendar.at(1, 17)
     await book(store, patient("p-ann"), booked)
     await hold(store, patient("p-bob"), held)
-    await store.set_blocked(doctor_of(calendar), Block(blocked.id), blocked=True, now=NOW)
+    await commands.block(store, doctor_of(calendar), Block(blocked.id), now=NOW)
     shorter = [WeeklyBlock(d, time(8), time(12)) for d in range(1, 8)]
-    await store.set_schedule(
-        doctor_of(calendar), SetSchedule(calendar.id, shorter, horizon_days=4), now=NOW
+    await commands.set_schedule(
+        store, doctor_of(calendar), SetSchedule(calendar.id, shorter, horizon_days=4), now=NOW
     )
     assert (await slot_row(db, retired.id))["retired_at"] == NOW
     before = await db_state(db)
@@ -454,7 +459,8 @@ async def test_a_hold_needs_a_free_offered_slot(store: Store, db: asyncpg.Connec
 
 async def test_minimum_notice_refuses_a_slot_too_soon(store: Store, db: asyncpg.Connection) -> None:
     calendar = await open_calendar(store)
-    await store.set_schedule(
+    await commands.set_schedule(
+        store,
         doctor_of(calendar),
         SetSchedule(calendar.id, OPEN_ALL_DAY, min_notice_minutes=60, horizon_days=4),
         now=NOW,
@@ -470,7 +476,7 @@ async def test_minimum_notice_refuses_a_slot_too_soon(store: Store, db: asyncpg.
 
     assert booking.value.code is ErrorCode.TOO_LATE
     assert await db_state(db) == before
-    snapshot = await store.snapshot(calendar.id, DAY, DAY + timedelta(days=2), now=soon)
+    snapshot = await reads.snapshot(store, calendar.id, DAY, DAY + timedelta(days=2), now=soon)
     assert snapshot.bookable_from == soon + timedelta(minutes=60)
     # Exactly the notice ahead is enough.
     booked = await book(store, patient("p-ann"), slot, now=slot.start - timedelta(minutes=60))
@@ -482,9 +488,9 @@ async def test_the_horizon_refuses_a_slot_too_far_ahead(
 ) -> None:
     calendar = await open_calendar(store, days=3)
     # Slots five days out exist (opened as of a later day) but are beyond a 3-day horizon now.
-    await store.materialize_slots(calendar.id, today=DAY + timedelta(days=5), now=NOW)
-    far_snapshot = await store.snapshot(
-        calendar.id, DAY + timedelta(days=5), DAY + timedelta(days=6), now=NOW
+    await commands.materialize_slots(store, calendar.id, today=DAY + timedelta(days=5), now=NOW)
+    far_snapshot = await reads.snapshot(
+        store, calendar.id, DAY + timedelta(days=5), DAY + timedelta(days=6), now=NOW
     )
     far = far_snapshot.slots[0]
     assert far.start - NOW > timedelta(days=5)
@@ -543,7 +549,9 @@ async def test_the_buffer_keeps_other_appointments_away(
     # A slot exactly the buffer away is fine.
     assert (await book(store, patient("p-bob"), third)).slot_id == third.id
     # Moving an appointment into its own buffer is fine: the one being moved does not count.
-    outcome = await store.reschedule(patient("p-ann"), Reschedule(ann.id, before.id), now=NOW)
+    outcome = await commands.reschedule(
+        store, patient("p-ann"), Reschedule(ann.id, before.id), now=NOW
+    )
     assert isinstance(outcome.reply, Rescheduled)
     assert outcome.reply.appointment.slot_id == before.id
 
@@ -561,7 +569,7 @@ async def test_cancel_by_the_patient_the_doctor_or_an_admin(
     actor = {"patient": patient("p-ann"), "doctor": doctor_of(calendar), "admin": ADMIN}[who]
     at = NOW + timedelta(minutes=5)
 
-    outcome = await store.cancel(actor, Cancel(appointment.id, "feeling better"), now=at)
+    outcome = await commands.cancel(store, actor, Cancel(appointment.id, "feeling better"), now=at)
 
     assert isinstance(outcome.reply, AppointmentUpdated)
     cancelled = outcome.reply.appointment
@@ -586,7 +594,7 @@ async def test_cancel_by_someone_else_is_forbidden(store: Store, db: asyncpg.Con
 
     for intruder in (patient("p-bob"), doctor_of(other)):
         with pytest.raises(Forbidden) as caught:
-            await store.cancel(intruder, Cancel(appointment.id, "mine now"), now=NOW)
+            await commands.cancel(store, intruder, Cancel(appointment.id, "mine now"), now=NOW)
         assert caught.value.code is ErrorCode.FORBIDDEN
 
     assert await db_state(db) == before
@@ -600,16 +608,16 @@ async def test_only_a_booked_appointment_can_be_cancelled(
     arrived = await book(store, patient("p-bob"), calendar.slots[1])
     await mark(store, doctor_of(calendar), arrived, AppointmentStatus.ARRIVED)
     gone = await book(store, patient("p-cat"), calendar.slots[2])
-    await store.cancel(patient("p-cat"), Cancel(gone.id, "first time"), now=NOW)
+    await commands.cancel(store, patient("p-cat"), Cancel(gone.id, "first time"), now=NOW)
     before = await db_state(db)
 
     for who, appointment in (("p-ann", held), ("p-bob", arrived), ("p-cat", gone)):
         with pytest.raises(InvalidTransition) as caught:
-            await store.cancel(patient(who), Cancel(appointment.id, "again"), now=NOW)
+            await commands.cancel(store, patient(who), Cancel(appointment.id, "again"), now=NOW)
         assert caught.value.code is ErrorCode.INVALID_TRANSITION
     # The doctor cannot cancel a hold either: holds are released or expire.
     with pytest.raises(InvalidTransition):
-        await store.cancel(doctor_of(calendar), Cancel(held.id, "no"), now=NOW)
+        await commands.cancel(store, doctor_of(calendar), Cancel(held.id, "no"), now=NOW)
 
     assert await db_state(db) == before
 
@@ -626,7 +634,9 @@ async def test_reschedule_within_one_doctor_is_one_version(
     before = await version(db, calendar.id)
     at = NOW + timedelta(minutes=1)
 
-    outcome = await store.reschedule(patient("p-ann"), Reschedule(old.id, new_slot.id), now=at)
+    outcome = await commands.reschedule(
+        store, patient("p-ann"), Reschedule(old.id, new_slot.id), now=at
+    )
 
     assert isinstance(outcome.reply, Rescheduled)
     new, replaced = outcome.reply.appointment, outcome.reply.replaced
@@ -661,7 +671,9 @@ async def test_reschedule_across_doctors_is_one_version_each(
     old = await book(store, patient("p-ann"), here.slots[0])
     before = {c.id: await version(db, c.id) for c in (here, there)}
 
-    outcome = await store.reschedule(ADMIN, Reschedule(old.id, there.slots[3].id), now=NOW)
+    outcome = await commands.reschedule(
+        store, ADMIN, Reschedule(old.id, there.slots[3].id), now=NOW
+    )
 
     assert isinstance(outcome.reply, Rescheduled)
     new = outcome.reply.appointment
@@ -678,8 +690,8 @@ async def test_reschedule_across_doctors_is_one_version_each(
         there.slots[3].id: SlotStatus.BUSY
     }
     # Each doctor's private side carries its own appointment.
-    assert [a["id"] for a in changes[here.id].private["appointments"]] == [old.id]
-    assert [a["id"] for a in changes[there.id].private["appointments"]] == [new.id]
+    assert [a["id"] for a in changes[here.id].private.appointments] == [old.id]
+    assert [a["id"] for a in changes[there.id].private.appointments] == [new.id]
 
 
 @pytest.mark.parametrize("taken_by", ["booking", "hold", "unseen booking"])
@@ -708,7 +720,7 @@ async def test_reschedule_to_a_taken_slot_changes_nothing(
     before = await db_state(db)
 
     with pytest.raises(SlotTaken) as caught:
-        await store.reschedule(patient("p-ann"), Reschedule(old.id, target.id), now=NOW)
+        await commands.reschedule(store, patient("p-ann"), Reschedule(old.id, target.id), now=NOW)
 
     assert caught.value.code is ErrorCode.SLOT_TAKEN
     assert await db_state(db) == before
@@ -727,20 +739,22 @@ async def test_who_may_move_a_patient_to_another_doctor(
     # The patient's doctor may not hand the patient to a colleague, nor take one.
     for doctor in (doctor_of(here), doctor_of(there)):
         with pytest.raises(Forbidden):
-            await store.reschedule(doctor, Reschedule(ann.id, there.slots[0].id), now=NOW)
+            await commands.reschedule(store, doctor, Reschedule(ann.id, there.slots[0].id), now=NOW)
     assert await db_state(db) == before
 
     # Within the doctor's own calendar the doctor may.
-    moved = await store.reschedule(doctor_of(here), Reschedule(ann.id, here.slots[1].id), now=NOW)
+    moved = await commands.reschedule(
+        store, doctor_of(here), Reschedule(ann.id, here.slots[1].id), now=NOW
+    )
     assert isinstance(moved.reply, Rescheduled)
     # The patient and an admin may cross doctors.
-    by_patient = await store.reschedule(
-        patient("p-ann"), Reschedule(moved.reply.appointment.id, there.slots[0].id), now=NOW
+    by_patient = await commands.reschedule(
+        store, patient("p-ann"), Reschedule(moved.reply.appointment.id, there.slots[0].id), now=NOW
     )
     assert isinstance(by_patient.reply, Rescheduled)
     assert by_patient.reply.appointment.doctor_id == there.id
-    by_admin = await store.reschedule(
-        ADMIN, Reschedule(by_patient.reply.appointment.id, here.slots[2].id), now=NOW
+    by_admin = await commands.reschedule(
+        store, ADMIN, Reschedule(by_patient.reply.appointment.id, here.slots[2].id), now=NOW
     )
     assert isinstance(by_admin.reply, Rescheduled)
     assert by_admin.reply.appointment.doctor_id == here.id
@@ -767,13 +781,19 @@ async def test_crossed_reschedules_neither_deadlock_nor_lose_a_slot(
         moves: list[Awaitable[Outcome]] = []
         for i in range(n):  # interleaved, so both directions are in flight at once
             moves.append(
-                store.reschedule(
-                    patient(f"a-{i:02}"), Reschedule(a_patients[i].id, b.slots[n + i].id), now=NOW
+                commands.reschedule(
+                    store,
+                    patient(f"a-{i:02}"),
+                    Reschedule(a_patients[i].id, b.slots[n + i].id),
+                    now=NOW,
                 )
             )
             moves.append(
-                store.reschedule(
-                    patient(f"b-{i:02}"), Reschedule(b_patients[i].id, a.slots[n + i].id), now=NOW
+                commands.reschedule(
+                    store,
+                    patient(f"b-{i:02}"),
+                    Reschedule(b_patients[i].id, a.slots[n + i].id),
+                    now=NOW,
                 )
             )
 
@@ -824,7 +844,7 @@ async def test_only_a_free_slot_is_blocked_and_only_a_blocked_one_unblocked(
     await book(store, patient("p-ann"), booked)
     await hold(store, patient("p-bob"), held)
 
-    outcome = await store.set_blocked(doctor, Block(slot.id), blocked=True, now=NOW)
+    outcome = await commands.block(store, doctor, Block(slot.id), now=NOW)
 
     assert isinstance(outcome.reply, SlotUpdated)
     blocked_view = SlotView(slot.id, slot.start, slot.end, SlotStatus.BUSY_UNAVAILABLE)
@@ -836,10 +856,10 @@ async def test_only_a_free_slot_is_blocked_and_only_a_blocked_one_unblocked(
     for blocked, target in wrong:
         request = Block(target.id) if blocked else Unblock(target.id)
         with pytest.raises(InvalidTransition):
-            await store.set_blocked(ADMIN, request, blocked=blocked, now=NOW)
+            await (commands.block if blocked else commands.unblock)(store, ADMIN, request, now=NOW)
     assert await db_state(db) == before
 
-    unblocked = await store.set_blocked(ADMIN, Unblock(slot.id), blocked=False, now=NOW)
+    unblocked = await commands.unblock(store, ADMIN, Unblock(slot.id), now=NOW)
 
     assert isinstance(unblocked.reply, SlotUpdated)
     assert unblocked.reply.slot.status is SlotStatus.FREE
@@ -851,14 +871,14 @@ async def test_blocking_is_for_the_doctor_alone(store: Store, db: asyncpg.Connec
     calendar = await open_calendar(store, name="Dr. Mine")
     other = await open_calendar(store, name="Dr. Other", days=1)
     free, blocked = calendar.slots[0], calendar.slots[1]
-    await store.set_blocked(doctor_of(calendar), Block(blocked.id), blocked=True, now=NOW)
+    await commands.block(store, doctor_of(calendar), Block(blocked.id), now=NOW)
     before = await db_state(db)
 
     for intruder in (patient("p-ann"), doctor_of(other)):
         with pytest.raises(Forbidden):
-            await store.set_blocked(intruder, Block(free.id), blocked=True, now=NOW)
+            await commands.block(store, intruder, Block(free.id), now=NOW)
         with pytest.raises(Forbidden):
-            await store.set_blocked(intruder, Unblock(blocked.id), blocked=False, now=NOW)
+            await commands.unblock(store, intruder, Unblock(blocked.id), now=NOW)
 
     assert await db_state(db) == before
 
@@ -945,7 +965,7 @@ async def _hold_case(store: Store, calendar: Calendar) -> Case:
     return Case(
         Hold(calendar.slots[0].id, KEY),
         Hold(calendar.slots[1].id, KEY),
-        lambda r: store.hold(who, r, ttl=TTL, max_holds=5, now=NOW),
+        lambda r: commands.hold(store, who, r, ttl=TTL, max_holds=5, now=NOW),
     )
 
 
@@ -954,7 +974,9 @@ async def _release_case(store: Store, calendar: Calendar) -> Case:
     first = await hold(store, who, calendar.slots[0])
     second = await hold(store, who, calendar.slots[1])
     return Case(
-        Release(first.id, KEY), Release(second.id, KEY), lambda r: store.release(who, r, now=NOW)
+        Release(first.id, KEY),
+        Release(second.id, KEY),
+        lambda r: commands.release(store, who, r, now=NOW),
     )
 
 
@@ -963,7 +985,7 @@ async def _book_case(store: Store, calendar: Calendar) -> Case:
     return Case(
         Book(slot_id=calendar.slots[0].id, idempotency_key=KEY),
         Book(slot_id=calendar.slots[1].id, idempotency_key=KEY),
-        lambda r: store.book_command(who, r, now=NOW),
+        lambda r: commands.book(store, who, r, now=NOW),
     )
 
 
@@ -974,7 +996,7 @@ async def _confirm_case(store: Store, calendar: Calendar) -> Case:
     return Case(
         Book(hold_id=first.id, idempotency_key=KEY),
         Book(hold_id=second.id, idempotency_key=KEY),
-        lambda r: store.book_command(who, r, now=NOW),
+        lambda r: commands.book(store, who, r, now=NOW),
     )
 
 
@@ -984,7 +1006,7 @@ async def _cancel_case(store: Store, calendar: Calendar) -> Case:
     return Case(
         Cancel(appointment.id, "ill", KEY),
         Cancel(appointment.id, "better", KEY),
-        lambda r: store.cancel(who, r, now=NOW),
+        lambda r: commands.cancel(store, who, r, now=NOW),
     )
 
 
@@ -994,7 +1016,7 @@ async def _reschedule_case(store: Store, calendar: Calendar) -> Case:
     return Case(
         Reschedule(appointment.id, calendar.slots[1].id, KEY),
         Reschedule(appointment.id, calendar.slots[2].id, KEY),
-        lambda r: store.reschedule(who, r, now=NOW),
+        lambda r: commands.reschedule(store, who, r, now=NOW),
     )
 
 
@@ -1003,18 +1025,18 @@ async def _block_case(store: Store, calendar: Calendar) -> Case:
     return Case(
         Block(calendar.slots[0].id, KEY),
         Block(calendar.slots[1].id, KEY),
-        lambda r: store.set_blocked(who, r, blocked=True, now=NOW),
+        lambda r: commands.block(store, who, r, now=NOW),
     )
 
 
 async def _unblock_case(store: Store, calendar: Calendar) -> Case:
     who = doctor_of(calendar)
     for slot in calendar.slots[:2]:
-        await store.set_blocked(who, Block(slot.id), blocked=True, now=NOW)
+        await commands.block(store, who, Block(slot.id), now=NOW)
     return Case(
         Unblock(calendar.slots[0].id, KEY),
         Unblock(calendar.slots[1].id, KEY),
-        lambda r: store.set_blocked(who, r, blocked=False, now=NOW),
+        lambda r: commands.unblock(store, who, r, now=NOW),
     )
 
 
@@ -1024,7 +1046,7 @@ async def _mark_case(store: Store, calendar: Calendar) -> Case:
     return Case(
         Mark(appointment.id, AppointmentStatus.ARRIVED, KEY),
         Mark(appointment.id, AppointmentStatus.NOSHOW, KEY),
-        lambda r: store.mark(who, r, now=NOW),
+        lambda r: commands.mark(store, who, r, now=NOW),
     )
 
 
@@ -1035,7 +1057,7 @@ async def _set_schedule_case(store: Store, calendar: Calendar) -> Case:
     return Case(
         SetSchedule(calendar.id, mornings, horizon_days=4, idempotency_key=KEY),
         SetSchedule(calendar.id, afternoons, horizon_days=4, idempotency_key=KEY),
-        lambda r: store.set_schedule(who, r, now=NOW),
+        lambda r: commands.set_schedule(store, who, r, now=NOW),
     )
 
 
@@ -1121,11 +1143,11 @@ async def test_a_key_belongs_to_the_actor_not_just_the_subject_string(
     calendar = await open_calendar(store)
     appointment = await book(store, patient("p-ann"), calendar.slots[0])
     request = Cancel(appointment.id, "clinic closed", "k-shared")
-    await store.cancel(doctor_of(calendar), request, now=NOW)
+    await commands.cancel(store, doctor_of(calendar), request, now=NOW)
     namesake = patient(str(calendar.id))  # a patient whose id happens to be "1"
 
     with pytest.raises(Forbidden):
-        await store.cancel(namesake, request, now=NOW)
+        await commands.cancel(store, namesake, request, now=NOW)
 
 
 async def test_a_patient_cannot_spoil_a_doctors_key_by_sharing_its_subject(
@@ -1134,12 +1156,12 @@ async def test_a_patient_cannot_spoil_a_doctors_key_by_sharing_its_subject(
     """The other side of the same collision: the doctor's retry-safe command is refused."""
     calendar = await open_calendar(store)
     namesake = patient(str(calendar.id))
-    await store.book_command(
-        namesake, Book(slot_id=calendar.slots[0].id, idempotency_key="k-7"), now=NOW
+    await commands.book(
+        store, namesake, Book(slot_id=calendar.slots[0].id, idempotency_key="k-7"), now=NOW
     )
 
-    outcome = await store.set_blocked(
-        doctor_of(calendar), Block(calendar.slots[1].id, "k-7"), blocked=True, now=NOW
+    outcome = await commands.block(
+        store, doctor_of(calendar), Block(calendar.slots[1].id, "k-7"), now=NOW
     )
 
     assert isinstance(outcome.reply, SlotUpdated)
@@ -1157,23 +1179,23 @@ async def test_every_change_row_is_an_audit_record(store: Store, db: asyncpg.Con
     minute = timedelta(minutes=1)
 
     held = await hold(store, patient(x), calendar.slots[0])
-    await store.book_command(patient(x), Book(hold_id=held.id), now=NOW + minute)
-    await store.cancel(doctor, Cancel(held.id, "doctor ill"), now=NOW + 2 * minute)
+    await commands.book(store, patient(x), Book(hold_id=held.id), now=NOW + minute)
+    await commands.cancel(store, doctor, Cancel(held.id, "doctor ill"), now=NOW + 2 * minute)
     first = await book(store, patient(y), calendar.slots[1], now=NOW + 3 * minute)
-    moved = await store.reschedule(
-        ADMIN, Reschedule(first.id, calendar.slots[2].id), now=NOW + 4 * minute
+    moved = await commands.reschedule(
+        store, ADMIN, Reschedule(first.id, calendar.slots[2].id), now=NOW + 4 * minute
     )
     assert isinstance(moved.reply, Rescheduled)
     second = moved.reply.appointment
     await mark(store, doctor, second, AppointmentStatus.ARRIVED, now=NOW + 5 * minute)
-    await store.set_blocked(doctor, Block(calendar.slots[3].id), blocked=True, now=NOW)
+    await commands.block(store, doctor, Block(calendar.slots[3].id), now=NOW)
     lapsed = await hold(store, patient(z), calendar.slots[4], now=NOW + 6 * minute)
-    await store.expire_holds(now=NOW + 6 * minute + TTL)
+    await commands.expire_holds(store, now=NOW + 6 * minute + TTL)
     schedule = SetSchedule(calendar.id, OPEN_ALL_DAY, horizon_days=4)
-    updated = await store.set_schedule(doctor, schedule, now=NOW + 7 * minute)
+    updated = await commands.set_schedule(store, doctor, schedule, now=NOW + 7 * minute)
     assert isinstance(updated.reply, ScheduleUpdated)
 
-    log = await store.change_log(calendar.id)
+    log = await reads.change_log(store, calendar.id)
     finished = await db.fetchval("SELECT clock_timestamp()")
 
     system, admin = "admin:system", str(ADMIN)
@@ -1218,11 +1240,11 @@ async def test_every_change_row_is_an_audit_record(store: Store, db: asyncpg.Con
 async def test_a_doctors_day_is_the_doctors_local_day(store: Store) -> None:
     tokyo = ZoneInfo("Asia/Tokyo")
     day = date(2030, 1, 8)  # Tokyo's 08:00 that day is 23:00 UTC the day before
-    doctor_id = await store.create_doctor(
-        name="Dr. Sato", timezone="Asia/Tokyo", schedule=EVERY_DAY, horizon_days=4
+    doctor_id = await doctors.create_doctor(
+        store, name="Dr. Sato", timezone="Asia/Tokyo", schedule=EVERY_DAY, horizon_days=4
     )
-    await store.materialize_slots(doctor_id, today=day, now=NOW)
-    slots = (await store.snapshot(doctor_id, day, day + timedelta(days=3), now=NOW)).slots
+    await commands.materialize_slots(store, doctor_id, today=day, now=NOW)
+    slots = (await reads.snapshot(store, doctor_id, day, day + timedelta(days=3), now=NOW)).slots
 
     def local(on: date, hour: int, minute: int = 0) -> SlotView:
         start = datetime.combine(on, time(hour, minute), tokyo)
@@ -1237,13 +1259,13 @@ async def test_a_doctors_day_is_the_doctors_local_day(store: Store) -> None:
     assert early.start.date() != day
     assert following.start.date() == late.start.date()
 
-    on_day = await store.doctor_appointments(doctor_id, day)
-    on_next = await store.doctor_appointments(doctor_id, next_day)
+    on_day = await reads.doctor_appointments(store, doctor_id, day)
+    on_next = await reads.doctor_appointments(store, doctor_id, next_day)
 
     assert [a.id for a in on_day] == [early.id, noon.id, late.id]
     assert [a.id for a in on_next] == [following.id]
     assert {a.start.astimezone(tokyo).date() for a in on_day} == {day}
-    assert await store.doctor_appointments(doctor_id, day - timedelta(days=1)) == []
+    assert await reads.doctor_appointments(store, doctor_id, day - timedelta(days=1)) == []
 
 
 async def test_a_patients_list_holds_only_what_is_still_ahead(store: Store) -> None:
@@ -1260,16 +1282,16 @@ async def test_a_patients_list_holds_only_what_is_still_ahead(store: Store) -> N
     noshow = await book(store, ann, calendar.at(0, 13))
     await mark(store, doctor, noshow, AppointmentStatus.NOSHOW)
     cancelled = await book(store, ann, calendar.at(0, 14))
-    await store.cancel(ann, Cancel(cancelled.id, "busy"), now=NOW)
+    await commands.cancel(store, ann, Cancel(cancelled.id, "busy"), now=NOW)
     await hold(store, ann, calendar.at(0, 15), ttl=timedelta(minutes=1))  # lapses unswept
     live = await hold(store, ann, calendar.at(1, 9), ttl=timedelta(days=1))
     await book(store, patient("p-bob"), calendar.at(0, 16))
     query_at = past.end + timedelta(minutes=1)
 
-    upcoming = await store.patient_appointments("p-ann", now=query_at)
+    upcoming = await reads.patient_appointments(store, "p-ann", now=query_at)
 
     assert [a.id for a in upcoming] == [booked.id, arrived.id, live.id]
     assert [a.status for a in upcoming] == ["booked", "arrived", "pending"]
     # Seen from before the first slot ended, the past booking was still ahead.
-    earlier = await store.patient_appointments("p-ann", now=NOW)
+    earlier = await reads.patient_appointments(store, "p-ann", now=NOW)
     assert [a.id for a in earlier][:2] == [past.id, booked.id]

@@ -54,10 +54,11 @@ from protocol.messages import (
     Unblock,
 )
 from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
-from store.commands import Actor
-from store.database import Outcome, Store, open_store
+from store import commands, doctors, reads
 from store.errors import StoreError
+from store.runner import Store, open_store
 from store.schedule import Block as WeeklyHours
+from store.tx import Actor, Outcome
 from tests.conftest import TEMPLATE, scratch_database
 
 T = TypeVar("T")
@@ -163,19 +164,20 @@ class EngineModel(RuleBasedStateMachine):
 
     def _add_doctor(self, notice: timedelta) -> None:
         async def create() -> int:
-            doctor_id = await self.store.create_doctor(
+            doctor_id = await doctors.create_doctor(
+                self.store,
                 name=f"Dr. Model {len(self.doctors)}",
                 timezone="UTC",
                 schedule=HOURS,
                 horizon_days=HORIZON.days,
                 min_notice_minutes=int(notice.total_seconds() // 60),
             )
-            await self.store.materialize_slots(doctor_id, now=self.now)
+            await commands.materialize_slots(self.store, doctor_id, now=self.now)
             return doctor_id
 
         doctor_id = self.run(create())
         snapshot = self.run(
-            self.store.snapshot(doctor_id, T0.date(), T0.date() + HORIZON, now=self.now)
+            reads.snapshot(self.store, doctor_id, T0.date(), T0.date() + HORIZON, now=self.now)
         )
         assert snapshot.version == 1  # the materialization was one change
         assert len(snapshot.slots) == SLOTS_PER_DOCTOR
@@ -186,7 +188,7 @@ class EngineModel(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         """Every example shares one database: leave no hold for a later example's sweep."""
-        self.run(self.store.expire_holds(now=T0 + timedelta(days=365)))
+        self.run(commands.expire_holds(self.store, now=T0 + timedelta(days=365)))
 
     # ---- picking things -------------------------------------------------------------------
 
@@ -383,8 +385,8 @@ class EngineModel(RuleBasedStateMachine):
             doctors=[s.doctor],
             actor=actor,
             request=request,
-            call=lambda: self.store.hold(
-                actor, request, ttl=TTL, max_holds=MAX_HOLDS, now=self.now
+            call=lambda: commands.hold(
+                self.store, actor, request, ttl=TTL, max_holds=MAX_HOLDS, now=self.now
             ),
             work=work,
         )
@@ -415,7 +417,7 @@ class EngineModel(RuleBasedStateMachine):
             doctors=[a.doctor],
             actor=actor,
             request=request,
-            call=lambda: self.store.release(actor, request, now=self.now),
+            call=lambda: commands.release(self.store, actor, request, now=self.now),
             work=work,
         )
 
@@ -445,7 +447,7 @@ class EngineModel(RuleBasedStateMachine):
             doctors=[s.doctor],
             actor=actor,
             request=request,
-            call=lambda: self.store.book_command(actor, request, now=self.now),
+            call=lambda: commands.book(self.store, actor, request, now=self.now),
             work=work,
         )
 
@@ -475,7 +477,7 @@ class EngineModel(RuleBasedStateMachine):
             doctors=[a.doctor],
             actor=actor,
             request=request,
-            call=lambda: self.store.book_command(actor, request, now=self.now),
+            call=lambda: commands.book(self.store, actor, request, now=self.now),
             work=work,
         )
 
@@ -506,7 +508,7 @@ class EngineModel(RuleBasedStateMachine):
             doctors=[a.doctor],
             actor=actor,
             request=request,
-            call=lambda: self.store.cancel(actor, request, now=self.now),
+            call=lambda: commands.cancel(self.store, actor, request, now=self.now),
             work=work,
         )
 
@@ -548,7 +550,7 @@ class EngineModel(RuleBasedStateMachine):
             doctors=[a.doctor, s.doctor],
             actor=actor,
             request=request,
-            call=lambda: self.store.reschedule(actor, request, now=self.now),
+            call=lambda: commands.reschedule(self.store, actor, request, now=self.now),
             work=work,
         )
 
@@ -583,7 +585,9 @@ class EngineModel(RuleBasedStateMachine):
             doctors=[s.doctor],
             actor=actor,
             request=request,
-            call=lambda: self.store.set_blocked(actor, request, blocked=blocked, now=self.now),
+            call=lambda: (commands.block if blocked else commands.unblock)(
+                self.store, actor, request, now=self.now
+            ),
             work=work,
             # Ownership needs no lock, so it is refused before the key is even looked up.
             refused_before_lock=None if self._owns(actor, s.doctor) else ErrorCode.FORBIDDEN,
@@ -597,7 +601,7 @@ class EngineModel(RuleBasedStateMachine):
     def sweep(self) -> None:
         """The background sweep: each doctor with expired holds gets exactly one version."""
         touched = sorted(d for d in self.doctors if self._expire(d))
-        changes = self.run(self.store.expire_holds(now=self.now))
+        changes = self.run(commands.expire_holds(self.store, now=self.now))
         for doctor in touched:
             self.versions[doctor] += 1
         assert [(c.doctor_id, c.version) for c in changes] == [
@@ -655,7 +659,7 @@ class EngineModel(RuleBasedStateMachine):
     def change_log_replays_into_the_slots(self) -> None:
         """What a watcher rebuilds from snapshot-free deltas is what the table says."""
         for doctor in self.doctors:
-            log = self.run(self.store.change_log(doctor))
+            log = self.run(reads.change_log(self.store, doctor))
             versions = [r["version"] for r in log]
             assert versions == list(range(1, self.versions[doctor] + 1)), f"doctor {doctor}"
             replayed: dict[int, dict[str, Any]] = {}

@@ -28,7 +28,8 @@ from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
 from server.api import HTTP_STATUS
 from server.app import create_app
 from server.settings import Settings
-from store.database import Store
+from store import commands, doctors, reads
+from store.runner import Store
 from tests.conftest import SeededDoctor, token, ws_url
 
 AppClient = TestClient[web.Request, web.Application]
@@ -240,7 +241,7 @@ async def test_rest_cancel_replays_its_first_reply_for_the_same_idempotency_key(
     )
     url = f"/api/appointments/{booked['appointment']['id']}/cancel"
     keyed = {**me, "Idempotency-Key": "cancel-1"}
-    version = await store.doctor_version(doctor.id)
+    version = await reads.doctor_version(store, doctor.id)
 
     first = await json_of(await client.post(url, json={"reason": "ill"}, headers=keyed), 200)
     second = await json_of(await client.post(url, json={"reason": "ill"}, headers=keyed), 200)
@@ -248,7 +249,7 @@ async def test_rest_cancel_replays_its_first_reply_for_the_same_idempotency_key(
     assert first == second
     assert first["appointment"]["status"] == "cancelled"
     assert first["appointment"]["cancel_reason"] == "ill"
-    assert await store.doctor_version(doctor.id) == version + 1  # one commit, then a replay
+    assert await reads.doctor_version(store, doctor.id) == version + 1  # one commit, then a replay
     assert (await slot_statuses(client, doctor))[slot.id] == "free"
     # Without the key, the second cancel is what it is: a cancelled one cannot be cancelled.
     again = await client.post(url, json={"reason": "ill"}, headers=me)
@@ -351,13 +352,13 @@ async def test_rest_schedule_and_the_three_lists(
     weekly = [{"weekday": b.weekday, "start": "08:00:00", "end": "12:00:00"} for b in MORNINGS]
     schedule_url = f"/api/doctors/{doctor.id}/schedule"
     body = {"weekly": weekly, "horizon_days": 9}
-    version = await store.doctor_version(doctor.id)
+    version = await reads.doctor_version(store, doctor.id)
     await rest_error(await client.put(schedule_url, json=body, headers=me), ErrorCode.FORBIDDEN)
     updated = await json_of(
         await client.put(schedule_url, json=body, headers=doctor_of(doctor)), 200
     )
     assert updated["doctor_id"] == doctor.id
-    assert updated["version"] == version + 1 == await store.doctor_version(doctor.id)
+    assert updated["version"] == version + 1 == await reads.doctor_version(store, doctor.id)
     assert updated["removed"] > 0
     assert updated["conflicts"] == []  # the only booking is in the morning, still offered
     statuses = await slot_statuses(client, doctor)
@@ -430,8 +431,8 @@ async def test_invalid_transition(client: AppClient, doctor: SeededDoctor) -> No
 async def test_outside_horizon(client: AppClient, doctor: SeededDoctor, store: Store) -> None:
     """Slots laid out as of a later day exist, but are beyond today's horizon."""
     later = date.today() + timedelta(days=5)
-    await store.materialize_slots(doctor.id, today=later)
-    horizon = (await store.doctor(doctor.id)).horizon_days
+    await commands.materialize_slots(store, doctor.id, today=later)
+    horizon = (await doctors.doctor(store, doctor.id)).horizon_days
     beyond = date.today() + timedelta(days=horizon + 2)
     async with connect(client) as watcher, connect(client, "p-eager") as patient:
         snapshot = await watcher.watch(doctor.id, beyond, beyond + timedelta(days=1))

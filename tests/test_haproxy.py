@@ -31,7 +31,8 @@ import pytest
 from client import ClientError, SlotcastClient
 from protocol.messages import AppointmentView, SlotView
 from protocol.vocabulary import SlotStatus
-from store.database import Store
+from store import reads
+from store.runner import Store
 from tests.conftest import SeededDoctor, Spawn, seed_doctor, token
 from tests.harness import REPO, ServerProcess, free_port
 from tests.tools import ensure_haproxy
@@ -454,7 +455,7 @@ async def test_rolling_restart_through_haproxy_loses_and_doubles_nothing(
 
         async def converged() -> bool:
             nonlocal truth
-            snapshot = await store.snapshot(doctor.id, doctor.start, doctor.end)
+            snapshot = await reads.snapshot(store, doctor.id, doctor.start, doctor.end)
             truth = {s.id: s.status for s in snapshot.slots}
             return all(w.ready.is_set() and statuses(w, doctor.id) == truth for w in watchers)
 

@@ -60,9 +60,10 @@ from server.connection import (
 from server.keys import BROKER, CONNECTIONS, STATE
 from server.rooms import Frames
 from server.settings import Settings
+from store import commands, outbox, reads
 from store.changes import Change, unpack
-from store.database import Store
 from store.errors import Unavailable
+from store.runner import Store
 from tests.conftest import SeededDoctor, seed_doctor, token, ws_url
 
 AppClient = TestClient[web.Request, web.Application]
@@ -123,7 +124,7 @@ def statuses(slots: Iterable[SlotView]) -> dict[int, SlotStatus]:
 
 
 async def db_statuses(store: Store, doctor: SeededDoctor) -> dict[int, SlotStatus]:
-    return statuses((await store.snapshot(doctor.id, doctor.start, doctor.end)).slots)
+    return statuses((await reads.snapshot(store, doctor.id, doctor.start, doctor.end)).slots)
 
 
 def in_range(slots: dict[int, Any], doctor: SeededDoctor) -> dict[int, Any]:
@@ -173,8 +174,8 @@ async def test_dashboard_is_the_day_then_live_private_deltas(
     early, nine, late = doctor.slots[0], doctor.slots[2], doctor.slots[19]
     assert {s.start.date() for s in (early, nine, late)} == {day}
     assert (early.start.time(), late.start.time()) == (clock(8), clock(17, 30))
-    await store.book(slot_id=early.id, patient_id="p-early")
-    await store.book(slot_id=late.id, patient_id="p-late")
+    await commands.book_slot(store, slot_id=early.id, patient_id="p-early")
+    await commands.book_slot(store, slot_id=late.id, patient_id="p-late")
     url = ws_url(client)
     async with SlotcastClient.connect(url, token=doctor_token(doctor.id)) as doc:
         # Mornings only: the booked 17:30 slot stays, flagged as a conflict.
@@ -183,7 +184,7 @@ async def test_dashboard_is_the_day_then_live_private_deltas(
         assert updated.conflicts == [late.id]
 
         dashboard = await doc.watch_dashboard(doctor.id, day)
-        version = await store.doctor_version(doctor.id)
+        version = await reads.doctor_version(store, doctor.id)
         assert dashboard.version == version == updated.version
         assert (dashboard.doctor_id, dashboard.date, dashboard.timezone) == (doctor.id, day, "UTC")
         assert dashboard.watchers == 0
@@ -191,7 +192,9 @@ async def test_dashboard_is_the_day_then_live_private_deltas(
             early.id: ("p-early", AppointmentStatus.BOOKED),
             late.id: ("p-late", AppointmentStatus.BOOKED),
         }
-        expected_slots = (await store.snapshot(doctor.id, day, day + timedelta(days=1))).slots
+        expected_slots = (
+            await reads.snapshot(store, doctor.id, day, day + timedelta(days=1))
+        ).slots
         assert dashboard.slots == expected_slots
         assert len(dashboard.slots) == 8 + 1  # 08:00-12:00 in half hours, plus the conflict
         assert dashboard.conflicts == [late.id]
@@ -231,7 +234,7 @@ async def test_dashboard_is_the_day_then_live_private_deltas(
             assert delta.slots == []  # arrival changes no slot
 
         assert await events_before_pong(doc) == []
-        assert await store.doctor_version(doctor.id) == version + 3
+        assert await reads.doctor_version(store, doctor.id) == version + 3
 
 
 @pytest.mark.parametrize(
@@ -266,7 +269,7 @@ async def test_only_the_doctor_or_an_admin_may_watch_a_dashboard(
 
         dashboard = await admin.watch_dashboard(doctor.id, doctor.start)
         assert isinstance(dashboard, Dashboard)
-        assert dashboard.version == await store.doctor_version(doctor.id)
+        assert dashboard.version == await reads.doctor_version(store, doctor.id)
 
         # Only the admin hears the next change privately.
         async with SlotcastClient.connect(url, token=token(sub="p-x")) as patient:
@@ -372,8 +375,8 @@ async def test_patient_room_lists_upcoming_then_follows_own_appointments_only(
     store: Store, doctor: SeededDoctor, client: AppClient
 ) -> None:
     slots = doctor.slots
-    mine_before = await store.book(slot_id=slots[0].id, patient_id="p-1")
-    theirs_before = await store.book(slot_id=slots[1].id, patient_id="p-2")
+    mine_before = await commands.book_slot(store, slot_id=slots[0].id, patient_id="p-1")
+    theirs_before = await commands.book_slot(store, slot_id=slots[1].id, patient_id="p-2")
     url = ws_url(client)
     async with (
         SlotcastClient.connect(url, token=token(sub="p-1")) as p1,
@@ -391,7 +394,7 @@ async def test_patient_room_lists_upcoming_then_follows_own_appointments_only(
             assert event.doctor_id == doctor.id
             assert event.appointment.patient_id == "p-1"
             assert (event.appointment.slot_id, event.appointment.status) == (slot.id, status)
-            assert event.version == await store.doctor_version(doctor.id)
+            assert event.version == await reads.doctor_version(store, doctor.id)
             return event
 
         hold = await p1.hold(slots[2].id)
@@ -504,7 +507,7 @@ async def test_resume_too_far_behind_or_ahead_gets_a_fresh_snapshot(
         for slot in doctor.slots[2:5]:
             await patient.book(slot.id)
         current = base + 5
-        assert await store.doctor_version(doctor.id) == current
+        assert await reads.doctor_version(store, doctor.id) == current
 
         for since in (base + 2, 0, current + 1, current + 1000):
             reply = await resume(watcher, doctor, since)
@@ -527,7 +530,9 @@ async def test_relay_delivers_a_commit_nobody_published(
         snapshot = await watcher.watch(doctor.id, doctor.start, doctor.end)
         slot = doctor.slots[0]
         started = time.monotonic()
-        booking = await store.book(slot_id=slot.id, patient_id="p-orphan")  # no publisher here
+        booking = await commands.book_slot(
+            store, slot_id=slot.id, patient_id="p-orphan"
+        )  # no publisher here
         assert booking.change is not None
         delta = await expect(watcher, Delta)
         elapsed = time.monotonic() - started
@@ -541,7 +546,7 @@ async def test_relay_delivers_a_commit_nobody_published(
         assert metric(found, "slotcast_relayed_changes_total") >= 1
 
         async def nothing_left() -> bool:
-            return not await store.unpublished(older_than=datetime.now(UTC))
+            return not await outbox.unpublished(store, older_than=datetime.now(UTC))
 
         deadline = time.monotonic() + WAIT_S
         while not await nothing_left():
@@ -623,10 +628,10 @@ async def flood(
         await doc.set_schedule(doctor.id, open_all_day(), slot_minutes=minutes, horizon_days=28)
     free = [
         s.id
-        for s in (await store.snapshot(doctor.id, doctor.start, doctor.end)).slots
+        for s in (await reads.snapshot(store, doctor.id, doctor.start, doctor.end)).slots
         if s.status is SlotStatus.FREE
     ]
-    first = await store.doctor_version(doctor.id) + 1
+    first = await reads.doctor_version(store, doctor.id) + 1
     for slot_id in free[:blocks]:
         await doc.block(slot_id)
     return first, first + blocks - 1
@@ -685,7 +690,7 @@ async def test_a_slow_watcher_gets_merged_deltas_and_ends_equal_to_the_database(
                 state.pop(slot_id, None)
             version = body["version"]
 
-        assert version == last == await store.doctor_version(doctor.id)
+        assert version == last == await reads.doctor_version(store, doctor.id)
         assert len(merged) == 1, [(m["since"], m["version"]) for m in merged]
         assert merged[0]["since"] >= first - 1  # only the small deltas queued past the limit
         assert len(merged[0]["slots"]) == merged[0]["version"] - merged[0]["since"]
@@ -726,7 +731,7 @@ async def test_a_watcher_too_slow_even_for_merging_is_closed_4008_and_resumes(
         # And it is live again on the new connection.
         free = next(
             s
-            for s in (await store.snapshot(doctor.id, doctor.start, doctor.end)).slots
+            for s in (await reads.snapshot(store, doctor.id, doctor.start, doctor.end)).slots
             if s.status is SlotStatus.FREE
         )
         while not watcher.events.empty():  # what the reconnect replayed

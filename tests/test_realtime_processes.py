@@ -27,7 +27,8 @@ from protocol.messages import (
     SlotView,
 )
 from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
-from store.database import Store
+from store import reads
+from store.runner import Store
 from tests.conftest import SeededDoctor, Spawn, token
 from tests.harness import RedisServer, ServerProcess
 from tests.test_realtime import expect
@@ -71,7 +72,7 @@ def in_range(slots: dict[int, SlotView], doctor: SeededDoctor) -> dict[int, Slot
 
 
 async def db_statuses(store: Store, doctor: SeededDoctor) -> dict[int, SlotStatus]:
-    snapshot = await store.snapshot(doctor.id, doctor.start, doctor.end)
+    snapshot = await reads.snapshot(store, doctor.id, doctor.start, doctor.end)
     return {s.id: s.status for s in snapshot.slots}
 
 
@@ -144,7 +145,7 @@ async def test_dashboard_and_patient_streams_cross_instances(
         assert own.appointment.patient_id == "p-other"
         await other.ping()
         assert other.events.empty()
-        assert await store.doctor_version(doctor.id) == dashboard.version + 3
+        assert await reads.doctor_version(store, doctor.id) == dashboard.version + 3
 
 
 async def test_sigterm_clients_come_back_and_catch_up(
@@ -170,7 +171,7 @@ async def test_sigterm_clients_come_back_and_catch_up(
         for slot in doctor.slots[:2]:  # while A is down
             await patient.book(slot.id)
         await asyncio.to_thread(a.start)
-        latest = await store.doctor_version(doctor.id)
+        latest = await reads.doctor_version(store, doctor.id)
         await eventually(
             lambda: watcher.ready.is_set() and calendar.version == latest,
             "the watcher to come back and catch up",

@@ -30,11 +30,12 @@ from server.connection import Connection
 from server.keys import BROKER
 from server.rooms import Member, Rooms
 from server.settings import Settings
+from store import commands, reads
 from store.broker import Broker, MemoryBroker, RedisBroker
 from store.changes import Change
 from store.constants import doctor_channel
-from store.database import Store
 from store.errors import NotFound
+from store.runner import Store
 from tests.conftest import SeededDoctor, token, ws_url
 from tests.harness import RedisServer
 
@@ -140,7 +141,7 @@ async def commit(
     """Book `n` slots through the Store only: committed and logged, but not yet published."""
     changes = []
     for i in range(first_slot, first_slot + n):
-        booking = await store.book(slot_id=doctor.slots[i].id, patient_id=f"p-{i}")
+        booking = await commands.book_slot(store, slot_id=doctor.slots[i].id, patient_id=f"p-{i}")
         assert booking.change is not None
         changes.append(booking.change)
     return changes
@@ -218,7 +219,9 @@ async def test_lost_publish_over_websocket(
         SlotcastClient.connect(url, token=token(sub="p-ws")) as patient,
     ):
         snapshot = await watcher.watch(doctor.id, doctor.start, doctor.end)
-        unpublished = await store.book(slot_id=snapshot.slots[0].id, patient_id="p-store")
+        unpublished = await commands.book_slot(
+            store, slot_id=snapshot.slots[0].id, patient_id="p-store"
+        )
         assert unpublished.change is not None
         await patient.book(snapshot.slots[1].id)
 
@@ -240,11 +243,11 @@ async def test_member_never_receives_what_its_snapshot_already_has(
 ) -> None:
     """A snapshot can be newer than the room, when it read commits whose publish is in flight."""
     early, _ = await watch(rooms, doctor.id)
-    base = await store.doctor_version(doctor.id)
+    base = await reads.doctor_version(store, doctor.id)
     late_conn = FakeConnection()
     late = await rooms.join(cast(Connection, late_conn), doctor.id)
     in_flight = await commit(store, doctor, 2)
-    snapshot = await store.snapshot(doctor.id, doctor.start, doctor.end)
+    snapshot = await reads.snapshot(store, doctor.id, doctor.start, doctor.end)
     assert snapshot.version == base + 2
     late.start(snapshot.version)
 
@@ -261,12 +264,12 @@ async def test_backlog_is_forwarded_if_newer_than_the_snapshot(
 ) -> None:
     """Changes that arrive while a snapshot is read wait; only those it missed go out."""
     live, _ = await watch(rooms, doctor.id)  # proves the room has processed each change
-    base = await store.doctor_version(doctor.id)
+    base = await reads.doctor_version(store, doctor.id)
     conn = FakeConnection()
     member = await rooms.join(cast(Connection, conn), doctor.id)
 
     (seen,) = await commit(store, doctor, 1)
-    snapshot = await store.snapshot(doctor.id, doctor.start, doctor.end)  # sees `seen` only
+    snapshot = await reads.snapshot(store, doctor.id, doctor.start, doctor.end)  # sees `seen` only
     (missed,) = await commit(store, doctor, 1, first_slot=1)
     await publish(broker, seen, missed)
     await live.wait_for(missed.version)

@@ -16,7 +16,8 @@ import asyncpg
 import pytest
 
 from protocol.vocabulary import SlotStatus
-from store.database import Store
+from store import commands, doctors, reads
+from store.runner import Store
 from store.schedule import Block, slot_times, zone
 
 MONDAY = date(2025, 1, 6)
@@ -109,15 +110,19 @@ def test_zone_refuses_unknown_names(name: str) -> None:
         zone(name)
 
 
-# ---- Store.materialize_slots -----------------------------------------------------------------
+# ---- materialize_slots -----------------------------------------------------------------------
 
 
 TOKYO_WEEK = [Block(1, time(9), time(11)), Block(4, time(14), time(15))]  # 4 + 2 slots a week
 
 
 async def tokyo_doctor(store: Store, *, horizon_days: int = 14) -> int:
-    return await store.create_doctor(
-        name="Dr. Tanaka", timezone="Asia/Tokyo", schedule=TOKYO_WEEK, horizon_days=horizon_days
+    return await doctors.create_doctor(
+        store,
+        name="Dr. Tanaka",
+        timezone="Asia/Tokyo",
+        schedule=TOKYO_WEEK,
+        horizon_days=horizon_days,
     )
 
 
@@ -143,7 +148,7 @@ async def test_materialize_adds_the_promised_slots_once(
     expected = list(slot_times(TOKYO_WEEK, zone("Asia/Tokyo"), FUTURE_MONDAY, 14, 30))
     assert len(expected) == 12
 
-    change = await store.materialize_slots(doctor_id, today=FUTURE_MONDAY)
+    change = await commands.materialize_slots(store, doctor_id, today=FUTURE_MONDAY)
 
     assert change is not None
     assert change.version == 1
@@ -151,23 +156,25 @@ async def test_materialize_adds_the_promised_slots_once(
     rows = await slot_rows(db, doctor_id)
     assert [start for start, _ in rows] == starts(expected)
     assert await change_kinds(db, doctor_id) == [(1, "slots.opened")]
-    assert await store.doctor_version(doctor_id) == 1
+    assert await reads.doctor_version(store, doctor_id) == 1
 
     # Again: nothing added, nothing recorded, the version untouched.
-    assert await store.materialize_slots(doctor_id, today=FUTURE_MONDAY) is None
+    assert await commands.materialize_slots(store, doctor_id, today=FUTURE_MONDAY) is None
     assert await slot_rows(db, doctor_id) == rows
     assert await change_kinds(db, doctor_id) == [(1, "slots.opened")]
-    assert await store.doctor_version(doctor_id) == 1
+    assert await reads.doctor_version(store, doctor_id) == 1
 
 
 async def test_materialize_a_week_later_adds_only_the_new_week(
     store: Store, db: asyncpg.Connection
 ) -> None:
     doctor_id = await tokyo_doctor(store)
-    await store.materialize_slots(doctor_id, today=FUTURE_MONDAY)
+    await commands.materialize_slots(store, doctor_id, today=FUTURE_MONDAY)
     before = await slot_rows(db, doctor_id)
 
-    change = await store.materialize_slots(doctor_id, today=FUTURE_MONDAY + timedelta(days=7))
+    change = await commands.materialize_slots(
+        store, doctor_id, today=FUTURE_MONDAY + timedelta(days=7)
+    )
 
     assert change is not None
     assert change.version == 2
@@ -184,14 +191,14 @@ async def test_materialize_never_reopens_a_booked_slot(
     store: Store, db: asyncpg.Connection
 ) -> None:
     doctor_id = await tokyo_doctor(store)
-    opened = await store.materialize_slots(doctor_id, today=FUTURE_MONDAY)
+    opened = await commands.materialize_slots(store, doctor_id, today=FUTURE_MONDAY)
     assert opened is not None
     slot_id = opened.public["slots"][0]["id"]
     # Book as of the week before, so the slot is inside the doctor's booking horizon.
     a_week_before = datetime.combine(FUTURE_MONDAY - timedelta(days=7), time(0), tzinfo=UTC)
-    await store.book(slot_id=slot_id, patient_id="p-booked", now=a_week_before)
+    await commands.book_slot(store, slot_id=slot_id, patient_id="p-booked", now=a_week_before)
 
-    assert await store.materialize_slots(doctor_id, today=FUTURE_MONDAY) is None
+    assert await commands.materialize_slots(store, doctor_id, today=FUTURE_MONDAY) is None
     status = await db.fetchval("SELECT status FROM slots WHERE id = $1", slot_id)
     assert status == SlotStatus.BUSY
 
@@ -202,7 +209,7 @@ async def test_concurrent_materialize_records_one_change(
     doctor_id = await tokyo_doctor(store)
 
     results = await asyncio.gather(
-        *(store.materialize_slots(doctor_id, today=FUTURE_MONDAY) for _ in range(4))
+        *(commands.materialize_slots(store, doctor_id, today=FUTURE_MONDAY) for _ in range(4))
     )
 
     assert sum(r is not None for r in results) == 1
@@ -213,18 +220,18 @@ async def test_concurrent_materialize_records_one_change(
 async def test_a_doctor_without_a_schedule_gets_no_slots_and_no_change(
     store: Store, db: asyncpg.Connection
 ) -> None:
-    doctor_id = await store.create_doctor(name="Dr. Away", timezone="Asia/Tokyo")
+    doctor_id = await doctors.create_doctor(store, name="Dr. Away", timezone="Asia/Tokyo")
 
-    assert await store.materialize_slots(doctor_id, today=FUTURE_MONDAY) is None
+    assert await commands.materialize_slots(store, doctor_id, today=FUTURE_MONDAY) is None
     assert await slot_rows(db, doctor_id) == []
     assert await change_kinds(db, doctor_id) == []
-    assert await store.doctor_version(doctor_id) == 0
+    assert await reads.doctor_version(store, doctor_id) == 0
 
 
 async def test_create_doctor_refuses_an_unknown_zone_before_writing(store: Store) -> None:
-    before = await store.doctor_count()
+    before = await doctors.doctor_count(store)
 
     with pytest.raises(ValueError, match="unknown IANA time zone"):
-        await store.create_doctor(name="Dr. Nowhere", timezone="Atlantis/Capital")
+        await doctors.create_doctor(store, name="Dr. Nowhere", timezone="Atlantis/Capital")
 
-    assert await store.doctor_count() == before
+    assert await doctors.doctor_count(store) == before

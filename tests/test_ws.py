@@ -29,7 +29,7 @@ from protocol.vocabulary import Role, SlotStatus
 from server import auth
 from server.app import create_app
 from server.settings import Settings
-from store.database import Store
+from store.runner import Store
 from tests.conftest import SeededDoctor, seed_doctor, token, ws_url
 
 AppClient = TestClient[web.Request, web.Application]

@@ -1,0 +1,141 @@
+"""The way out of the store: committed changes reach the broker in commit order, at least once.
+
+The `Outbox` is the store's commit hook: `enqueue` only queues, on the committing
+task, so a booking's reply never waits for the broker. Its publishing task sends
+each change to its doctor's channel and a note to every patient it touched, then
+advances the relay cursor, never past a version whose publish failed. The relay
+sweep (`Outbox.relay`) re-queues whatever stayed behind the cursor for longer than
+a grace period: a failed publish, or a crash between commit and publish.
+
+The outbox exists before the store (the store is built with its hook) and starts
+publishing once the broker exists (`publishing`); changes committed in between
+wait in the queue. Nothing here knows the server: metrics arrive as callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+
+from store import sql
+from store.broker import Broker
+from store.changes import Change, PatientNote
+from store.constants import doctor_channel, patient_channel
+from store.errors import StoreError, translated
+from store.runner import Store
+
+log = logging.getLogger(__name__)
+
+BATCH = 256  # changes published between two advances of the relay cursor
+
+
+def _ignore(count: int) -> None:
+    return None
+
+
+class Outbox:
+    def __init__(self, *, on_relayed: Callable[[int], None] | None = None) -> None:
+        self._on_relayed = on_relayed or _ignore
+        self._queue: asyncio.Queue[Change] = asyncio.Queue()
+        self._done: dict[int, int] = {}  # doctor -> highest version published this batch
+        self._failed: dict[int, set[int]] = {}  # doctor -> versions whose publish failed
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def enqueue(self, changes: list[Change]) -> None:
+        """The store's commit hook. After `publishing` ended, changes are left to the relay
+        of whichever instance runs next: the cursor never passed them."""
+        if self._closed:
+            return
+        for change in changes:
+            self._queue.put_nowait(change)
+
+    @contextlib.asynccontextmanager
+    async def publishing(
+        self, store: Store, broker: Broker, *, drain_timeout: float = 2.0
+    ) -> AsyncIterator[None]:
+        """Publish while inside; on the way out, publish what is queued (bounded), then stop."""
+        if self._task is not None or self._closed:
+            raise RuntimeError("an outbox publishes once")
+        self._task = asyncio.create_task(self._run(store, broker), name="publisher")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(drain_timeout):
+                    await self._queue.join()
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._closed = True
+
+    async def relay(self, store: Store, *, grace_s: float) -> None:
+        """Queue what was committed `grace_s` ago or more and never confirmed published."""
+        older_than = datetime.now(UTC) - timedelta(seconds=grace_s)
+        changes = await unpublished(store, older_than=older_than)
+        if changes:
+            log.info("relaying %d unpublished changes", len(changes))
+            self._on_relayed(len(changes))
+            self.enqueue(changes)
+
+    async def _run(self, store: Store, broker: Broker) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty() and len(batch) < BATCH:
+                batch.append(self._queue.get_nowait())
+            try:
+                for change in batch:
+                    failed = self._failed.setdefault(change.doctor_id, set())
+                    if await self._publish(broker, change):
+                        failed.discard(change.version)
+                        self._done[change.doctor_id] = max(
+                            self._done.get(change.doctor_id, 0), change.version
+                        )
+                    else:
+                        failed.add(change.version)
+                # The cursor never passes a version whose publish failed: the relay
+                # resends from there (a patient room has no log to fill gaps from).
+                cursor = {
+                    doctor: min(done, min(self._failed.get(doctor) or {done + 1}) - 1)
+                    for doctor, done in self._done.items()
+                }
+                self._done.clear()
+                await mark_published(store, cursor)
+            except StoreError as exc:
+                log.warning("could not advance the relay cursor: %s", exc)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    @staticmethod
+    async def _publish(broker: Broker, change: Change) -> bool:
+        try:
+            await broker.publish(doctor_channel(change.doctor_id), change.pack())
+            for note in PatientNote.of_change(change):
+                await broker.publish(patient_channel(note.patient_id), note.pack())
+        except StoreError as exc:
+            log.warning(
+                "publish of doctor %s v%s failed: %s", change.doctor_id, change.version, exc
+            )
+            return False
+        return True
+
+
+# ---- the relay cursor --------------------------------------------------------------------------
+
+
+async def unpublished(store: Store, *, older_than: datetime, limit: int = 500) -> list[Change]:
+    """Changes committed before `older_than` that no publish has confirmed yet."""
+    with translated():
+        rows = await store.pool.fetch(sql.CHANGES_UNPUBLISHED, older_than, limit)
+    return [Change.of_record(r["doctor_id"], r) for r in rows]
+
+
+async def mark_published(store: Store, highest: dict[int, int]) -> None:
+    """Advance doctors' relay cursors (never backwards) to the versions given."""
+    if highest:
+        with translated():
+            await store.pool.execute(sql.RELAY_ADVANCE, list(highest), list(highest.values()))

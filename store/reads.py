@@ -1,0 +1,123 @@
+"""Everything the server reads without a lock: snapshots, dashboards, the change log.
+
+A read that pairs rows with a doctor's version (a snapshot, a dashboard) reads
+both in one repeatable-read transaction, so the version describes exactly the
+rows sent with it and the deltas after it apply on top without a gap or a
+repeat. The other reads are single statements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import date, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from protocol.messages import AppointmentView, Dashboard, DoctorView, Snapshot
+from store import sql
+from store.changes import Change
+from store.errors import NotFound, translated
+from store.runner import Store
+from store.steps import appointment_view, slot_view
+from store.tx import resolve_now
+
+
+@contextlib.asynccontextmanager
+async def _consistent(
+    store: Store, doctor_id: int
+) -> AsyncIterator[tuple[asyncpg.Connection, asyncpg.Record]]:
+    """One repeatable-read snapshot: the doctor's row (its version) and what is read
+    with it describe the same moment."""
+    with translated():
+        async with (
+            store.pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            doctor = await conn.fetchrow(sql.DOCTOR_GET, doctor_id)
+            if doctor is None:
+                raise NotFound(f"no doctor {doctor_id}")
+            yield conn, doctor
+
+
+async def snapshot(
+    store: Store, doctor_id: int, start: date, end: date, *, now: datetime | None = None
+) -> Snapshot:
+    """Slots of [start, end) in the doctor's local dates, stamped with one version."""
+    now = resolve_now(now)
+    async with _consistent(store, doctor_id) as (conn, doctor):
+        rows = await conn.fetch(sql.SLOTS_IN_RANGE, doctor_id, start, end)
+    return Snapshot(
+        doctor_id=doctor_id,
+        version=doctor["version"],
+        timezone=doctor["timezone"],
+        start=start,
+        end=end,
+        slots=[slot_view(r, hold_expires_at=r["hold_expires_at"]) for r in rows],
+        bookable_from=now + timedelta(minutes=doctor["min_notice_minutes"]),
+        bookable_until=now + timedelta(days=doctor["horizon_days"]),
+    )
+
+
+async def dashboard(store: Store, doctor_id: int, day: date) -> Dashboard:
+    """A doctor's local day: appointments, slots and conflicts, stamped with one version."""
+    async with _consistent(store, doctor_id) as (conn, doctor):
+        next_day = day + timedelta(days=1)
+        slots = await conn.fetch(sql.SLOTS_IN_RANGE, doctor_id, day, next_day)
+        appointments = await conn.fetch(sql.APPOINTMENTS_OF_DOCTOR_ON, doctor_id, day)
+    return Dashboard(
+        doctor_id=doctor_id,
+        version=doctor["version"],
+        timezone=doctor["timezone"],
+        date=day,
+        appointments=[appointment_view(r) for r in appointments],
+        slots=[slot_view(r, hold_expires_at=r["hold_expires_at"]) for r in slots],
+        conflicts=[r["id"] for r in slots if r["conflict"]],
+    )
+
+
+async def doctor_version(store: Store, doctor_id: int) -> int:
+    with translated():
+        version: int | None = await store.pool.fetchval(sql.DOCTOR_VERSION, doctor_id)
+    if version is None:
+        raise NotFound(f"no doctor {doctor_id}")
+    return version
+
+
+async def changes_between(store: Store, doctor_id: int, after: int, upto: int) -> list[Change]:
+    """Committed changes with after < version <= upto, in order: the gap filler's source."""
+    with translated():
+        rows = await store.pool.fetch(sql.CHANGES_BETWEEN, doctor_id, after, upto)
+    return [Change.of_record(doctor_id, r) for r in rows]
+
+
+async def change_log(store: Store, doctor_id: int) -> list[dict[str, Any]]:
+    """The whole log of a doctor, rows as stored (audit, replay checks)."""
+    with translated():
+        rows = await store.pool.fetch(sql.CHANGES_ALL, doctor_id)
+    return [dict(r) for r in rows]
+
+
+async def search_doctors(
+    store: Store, query: str | None, *, limit: int = 20, offset: int = 0
+) -> list[DoctorView]:
+    with translated():
+        rows = await store.pool.fetch(sql.DOCTOR_SEARCH, query or None, limit, offset)
+    return [DoctorView(**dict(r)) for r in rows]
+
+
+async def doctor_appointments(store: Store, doctor_id: int, day: date) -> list[AppointmentView]:
+    with translated():
+        rows = await store.pool.fetch(sql.APPOINTMENTS_OF_DOCTOR_ON, doctor_id, day)
+    return [appointment_view(r) for r in rows]
+
+
+async def patient_appointments(
+    store: Store, patient_id: str, *, now: datetime | None = None
+) -> list[AppointmentView]:
+    with translated():
+        rows = await store.pool.fetch(
+            sql.APPOINTMENTS_OF_PATIENT_UPCOMING, patient_id, resolve_now(now)
+        )
+    return [appointment_view(r) for r in rows]

@@ -1,0 +1,187 @@
+"""The vocabulary of a write: who acts, what it locks, what it changed, what it returns.
+
+Shared by the runner (which opens the transaction and records it), the steps
+(which re-check and write under the locks) and the commands (which say what to
+lock and what to do). It holds no SQL, so each of those reads it without
+reading the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Generic, TypeVar
+
+import asyncpg
+import msgspec
+
+from protocol.messages import AppointmentView, Message, SlotView
+from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
+from store.changes import Change, ChangeDetail
+
+# ---- who acts --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who runs a command. A doctor's subject is the doctor's id, as a string."""
+
+    subject: str
+    role: Role
+
+    def __str__(self) -> str:
+        return f"{self.role.value}:{self.subject}"
+
+    def owns_doctor(self, doctor_id: int) -> bool:
+        return self.role is Role.ADMIN or (
+            self.role is Role.DOCTOR and self.subject == str(doctor_id)
+        )
+
+    def may_manage(self, appointment: AppointmentView) -> bool:
+        """The appointment's patient, its doctor, or an admin."""
+        return self.owns_doctor(appointment.doctor_id) or (
+            self.role is Role.PATIENT and self.subject == appointment.patient_id
+        )
+
+
+SYSTEM = Actor("system", Role.ADMIN)
+
+
+def resolve_now(now: datetime | None) -> datetime:
+    """Tests and sweeps pass their clock; everyone else means the wall clock."""
+    return now if now is not None else datetime.now(UTC)
+
+
+# ---- what a command locks ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Taking:
+    """The appointment a booking or a hold means to insert on its slot, told to the runner
+    in advance so that its first read can insert it at once when every check passes
+    (`sql.SLOT_PRELUDE`); `steps.insert_appointment` then returns that row."""
+
+    patient_id: str
+    status: AppointmentStatus
+    slot_status: SlotStatus
+    hold_expires_at: datetime | None = None
+    max_holds: int | None = None  # a hold: the patient's limit, checked with the slot
+
+
+@dataclass(frozen=True, slots=True)
+class LockTarget:
+    """Whose locks a command takes: `doctor_ids`, or the doctor of a slot or appointment,
+    found by the locking statement itself so that finding costs no extra round trip."""
+
+    doctor_ids: list[int]
+    slot_id: int | None = None
+    appointment_id: int | None = None
+    patient: str | None = None  # also the patient's lock (holds), taken after the doctor's
+    taking: Taking | None = None  # with slot_id: what the command inserts on the slot
+
+
+# ---- the transaction -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _DoctorChanges:
+    kinds: list[str] = field(default_factory=list)
+    slots: dict[int, SlotView] = field(default_factory=dict)
+    removed: list[int] = field(default_factory=list)
+    appointments: dict[int, AppointmentView] = field(default_factory=dict)
+    conflicts: list[int] = field(default_factory=list)
+
+
+class Tx:
+    """One command's transaction: its connection, clock, actor and what it changed.
+
+    Steps report their changes here instead of recording them, so a command that
+    touches a doctor many times still becomes one version and one change record
+    per doctor, written by the runner only when the command succeeds.
+    """
+
+    def __init__(self, conn: asyncpg.Connection, now: datetime, actor: Actor) -> None:
+        self.conn = conn
+        self.now = now
+        self.actor = actor
+        self._doctors: dict[int, _DoctorChanges] = {}
+        # A slot row the runner's first read under the locks already fetched FOR UPDATE
+        # (`sql.SLOT_PRELUDE`), handed to `locked_slot` once instead of a second query.
+        # The runner only sets it when nothing was written in between.
+        self.prefetched_slot: asyncpg.Record | None = None
+        # The appointment that read inserted (`taken_` columns), for `insert_appointment`;
+        # the runner refuses to commit if the command does not claim it.
+        self.taken: tuple[Taking, asyncpg.Record] | None = None
+        # Likewise an appointment row read FOR UPDATE by `sql.APPOINTMENT_PRELUDE`.
+        self.prefetched_appointment: asyncpg.Record | None = None
+
+    def _of(self, doctor_id: int, kind: str | None) -> _DoctorChanges:
+        changes = self._doctors.setdefault(doctor_id, _DoctorChanges())
+        if kind is not None and kind not in changes.kinds:
+            changes.kinds.append(kind)
+        return changes
+
+    def slot(self, doctor_id: int, slot: SlotView, kind: str | None = None) -> None:
+        self._of(doctor_id, kind).slots[slot.id] = slot
+
+    def removed(self, doctor_id: int, slot_id: int, kind: str | None = None) -> None:
+        changes = self._of(doctor_id, kind)
+        changes.slots.pop(slot_id, None)
+        changes.removed.append(slot_id)
+
+    def appointment(self, view: AppointmentView, kind: str | None = None) -> None:
+        self._of(view.doctor_id, kind).appointments[view.id] = view
+
+    def conflict(self, doctor_id: int, slot_id: int) -> None:
+        self._of(doctor_id, None).conflicts.append(slot_id)
+
+    def touched(self, doctor_id: int, kind: str) -> None:
+        self._of(doctor_id, kind)
+
+    def checkpoint(self) -> dict[int, _DoctorChanges]:
+        return {
+            d: _DoctorChanges(
+                list(c.kinds),
+                dict(c.slots),
+                list(c.removed),
+                dict(c.appointments),
+                list(c.conflicts),
+            )
+            for d, c in self._doctors.items()
+        }
+
+    def restore(self, checkpoint: dict[int, _DoctorChanges]) -> None:
+        self._doctors = checkpoint
+
+    def changes(self, versions: dict[int, int]) -> list[tuple[str, Change]]:
+        """One change (with its `kind`) per touched doctor, in doctor order, each labelled
+        with the doctor's next version: `versions` holds the versions read under the locks.
+        The runner writes them all (`sql.RECORD`) and checks every version was the next."""
+        changes = []
+        for doctor_id in sorted(self._doctors):
+            c = self._doctors[doctor_id]
+            if doctor_id not in versions:  # pragma: no cover - a command touched an unlocked doctor
+                raise RuntimeError(f"doctor {doctor_id} changed without its lock")
+            detail = ChangeDetail(
+                kinds=c.kinds,
+                actor=str(self.actor),
+                appointments=msgspec.to_builtins(list(c.appointments.values())),
+                conflicts=c.conflicts,
+            )
+            change = Change.build(
+                doctor_id, versions[doctor_id] + 1, list(c.slots.values()), c.removed, detail
+            )
+            changes.append(("+".join(c.kinds) or "change", change))
+        self._doctors.clear()
+        return changes
+
+
+# ---- what a command returns --------------------------------------------------------------------
+
+Reply = TypeVar("Reply", bound=Message | None)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome(Generic[Reply]):
+    reply: Reply  # None for system work (expiry, slot upkeep)
+    changes: list[Change]  # empty for an idempotent replay
