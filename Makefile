@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test tools lint typecheck pytest fmt bench clean screenshots
+.PHONY: run test test-fast tools lint typecheck pytest fmt bench clean screenshots
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,8 @@ run: $(STAMP)
 
 ## System tools some tests need: HAProxy and Chromium, installed with apt-get when missing (as root).
 tools: $(STAMP)
-	$(BIN)/python -c 'import sys; from tests.tools import ensure_haproxy; r = []; p = ensure_haproxy(r); print(p or "haproxy unavailable (its test will skip): " + r[0], file=sys.stderr)'
-	$(BIN)/python -c 'import sys; from tests.tools import ensure_chromium; r = []; p = ensure_chromium(r); print(p or "chromium unavailable (the browser tests will skip): " + r[0], file=sys.stderr)'
+	$(BIN)/python -c 'import sys; from testkit.tools import ensure_haproxy; r = []; p = ensure_haproxy(r); print(p or "haproxy unavailable (its test will skip): " + r[0], file=sys.stderr)'
+	$(BIN)/python -c 'import sys; from testkit.tools import ensure_chromium; r = []; p = ensure_chromium(r); print(p or "chromium unavailable (the browser tests will skip): " + r[0], file=sys.stderr)'
 
 ## Lint, type-check and run the whole suite (starts its own PostgreSQL and Redis).
 test: $(STAMP) tools
@@ -28,9 +28,13 @@ test: $(STAMP) tools
 	$(BIN)/mypy
 	$(BIN)/pytest
 
+## The fast loop: tests/unit only, which starts no PostgreSQL, Redis or server (a few seconds).
+test-fast: $(STAMP)
+	$(BIN)/pytest tests/unit
+
 ## docs/screenshots/*.png: a demo server with a little activity, photographed with Chromium.
 screenshots: $(STAMP) tools
-	$(BIN)/python -m tests.screenshots
+	$(BIN)/python -m testkit.screenshots
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .

@@ -91,7 +91,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # `tests.harness` is not an installed package
+sys.path.insert(0, str(REPO))  # `testkit` is not an installed package
 
 import aiohttp  # noqa: E402
 import asyncpg  # noqa: E402
@@ -105,7 +105,7 @@ from store import runner as store_runner  # noqa: E402
 from store.migrate import migrate  # noqa: E402
 from store.runner import Store, open_store  # noqa: E402
 from store.schedule import Block  # noqa: E402
-from tests.harness import ServerProcess, free_port, with_database  # noqa: E402
+from testkit.harness import ServerProcess, free_port, with_database  # noqa: E402
 
 BENCH_DB = "slotcast_bench"
 JWT_SECRET = "bench-secret-that-is-long-enough-for-hs256"
@@ -516,7 +516,7 @@ def database(url: str | None, *, no_fsync: bool, settings: list[str]) -> Iterato
             conn = await asyncpg.connect(admin)
             try:
                 chosen = [s.split("=", 1) for s in settings]
-                if no_fsync:  # what tests/harness.py does; not what `make run` does
+                if no_fsync:  # what testkit/harness.py does; not what `make run` does
                     unsafe = ("fsync", "synchronous_commit", "full_page_writes")
                     chosen += [[name, "off"] for name in unsafe]
                 for name, value in chosen:

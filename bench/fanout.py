@@ -135,7 +135,7 @@ from protocol.codec import JSON, MSGPACK, Codec  # noqa: E402
 from protocol.messages import Watch  # noqa: E402
 from protocol.vocabulary import Role  # noqa: E402
 from server import auth  # noqa: E402
-from tests.harness import ServerProcess, free_port, wait_until, with_database  # noqa: E402
+from testkit.harness import ServerProcess, free_port, wait_until, with_database  # noqa: E402
 
 JWT_SECRET: Final = "fanout-bench-secret-that-is-long-enough-for-hs256"
 SLOT_MINUTES: Final = 30
@@ -1547,7 +1547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     reports: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
-        from tests.harness import postgres_server, redis_server
+        from testkit.harness import postgres_server, redis_server
 
         admin = args.database_url or stack.enter_context(postgres_server())
         dsn = asyncio.run(prepare_database(admin, external=bool(args.database_url)))

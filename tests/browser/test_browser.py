@@ -1,0 +1,1003 @@
+"""The pages in a real browser: Chromium (Debian's) against real `slotcast serve` processes.
+
+The patient page (`/`) and the doctor dashboard (`/doctor`) are built to the
+contract in the issue (data-testid attributes, ARIA roles and names); these tests
+use a page the way a person does, through that contract only: they click, type
+and read what is on screen, never the pages' internals. Everything behind the
+pages is real: server processes on their own ports, one PostgreSQL, one Redis,
+WebSockets through Chromium's network stack. An uncaught error in any page, or
+an error it logs, fails the test (see tests/browser.py).
+
+Waits are Playwright's auto-waiting `expect`s with generous timeouts: a test
+never sleeps and hopes, and no test measures how fast anything is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import date, datetime, timedelta
+from typing import Any
+from urllib.parse import urlencode
+from zoneinfo import ZoneInfo
+
+import aiohttp
+import asyncpg
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from axe_playwright_python.async_playwright import Axe
+from playwright.async_api import Browser, Locator, Page, WebSocketRoute, async_playwright, expect
+
+from protocol.vocabulary import Role
+from store.runner import open_store
+from testkit.browser import PHONE, Pages, launch, pages_of
+from testkit.fixtures import Spawn, seed_doctor, token
+from testkit.harness import ServerProcess, free_port
+from testkit.tools import APT_TIMEOUT_S, ensure_chromium, find_chromium
+
+# The first test installs Chromium if it is missing (apt-get update, then install): give
+# that run the time apt-get may take, and every other run the usual generous limit.
+TIMEOUT_S = 90 + (0 if find_chromium() else 2 * APT_TIMEOUT_S)
+
+# One browser for the module (launching is the slow part), so one event loop too.
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.processes,
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.timeout(TIMEOUT_S),
+]
+
+# Generous: 2 shared cores run Chromium, two servers, PostgreSQL and Redis at once.
+EXPECT_MS = 15_000
+# Back from a restart: the page's reconnect backoff is capped at about 10 s plus jitter.
+RECONNECT_MS = 30_000
+# No load balancer in front: stopping an instance need not wait for one to notice.
+FAST_DRAIN = {"SLOTCAST_DRAIN_GRACE_S": "0.2"}
+PATIENT_TZ = "Europe/London"  # the browser's zone: what the patient page shows times in
+
+
+# ---- fixtures --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    reasons: list[str] = []
+    path = ensure_chromium(reasons)
+    if path is None:
+        pytest.skip(reasons[0])
+    return path
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser(chromium: str) -> AsyncIterator[Browser]:
+    expect.set_options(timeout=EXPECT_MS)
+    async with async_playwright() as playwright:
+        b = await launch(playwright, chromium)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def pages(browser: Browser, spawn_server: Spawn) -> AsyncIterator[Pages]:
+    """Fresh contexts for the test; closed before its servers stop (spawn_server is older)."""
+    async with pages_of(browser) as p:
+        yield p
+        problems = p.problems()
+        assert not problems, "the pages reported errors:\n" + "\n".join(problems)
+        leaked = await p.leaked_values()
+        assert not leaked, "the pages show unformatted values:\n" + "\n".join(leaked)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+# ---- the world behind the pages ----------------------------------------------------------------
+
+
+async def start(spawn: Spawn, *names: str, **kw: Any) -> list[ServerProcess]:
+    """Start instances side by side (startup is most of a test's time)."""
+    kw.setdefault("args", ["--demo"])
+    kw["env"] = {**FAST_DRAIN, **kw.get("env", {})}
+    return list(await asyncio.gather(*(asyncio.to_thread(spawn, n, **kw) for n in names)))
+
+
+async def get_json(http: aiohttp.ClientSession, url: str, **kw: Any) -> Any:
+    async with http.get(url, **kw) as resp:
+        assert resp.status == 200, f"GET {url}: {resp.status} {await resp.text()}"
+        return await resp.json()
+
+
+async def post_json(
+    http: aiohttp.ClientSession, url: str, body: dict[str, Any], status: int, **kw: Any
+) -> Any:
+    async with http.post(url, json=body, **kw) as resp:
+        assert resp.status == status, f"POST {url}: {resp.status} {await resp.text()}"
+        return await resp.json()
+
+
+async def demo_doctor(http: aiohttp.ClientSession, server: ServerProcess, name: str) -> Any:
+    demo = await get_json(http, f"{server.http_url}/api/demo")
+    return next(d for d in demo["doctors"] if d["name"] == name)
+
+
+async def slot_start(
+    http: aiohttp.ClientSession, server: ServerProcess, doctor_id: int, slot_id: int
+) -> datetime:
+    """When a slot starts (UTC), from the REST API: what the pages must agree with."""
+    today = date.today()
+    snapshot = await get_json(
+        http,
+        f"{server.http_url}/api/doctors/{doctor_id}/slots",
+        params={
+            "start": (today - timedelta(days=1)).isoformat(),
+            "end": (today + timedelta(days=15)).isoformat(),
+        },
+    )
+    found = next(s for s in snapshot["slots"] if s["id"] == slot_id)
+    return datetime.fromisoformat(found["start"].replace("Z", "+00:00"))
+
+
+async def open_slots(
+    http: aiohttp.ClientSession, server: ServerProcess, doctor: dict[str, Any], count: int
+) -> list[tuple[int, datetime]]:
+    """The first `count` free slots of the doctor's first local date that has that many."""
+    today = date.today()
+    snapshot = await get_json(
+        http,
+        f"{server.http_url}/api/doctors/{doctor['id']}/slots",
+        params={"start": today.isoformat(), "end": (today + timedelta(days=7)).isoformat()},
+    )
+    by_day: dict[date, list[tuple[int, datetime]]] = {}
+    for s in snapshot["slots"]:
+        if s["status"] == "free":
+            at = datetime.fromisoformat(s["start"].replace("Z", "+00:00"))
+            by_day.setdefault(local(at, doctor["timezone"]).date(), []).append((s["id"], at))
+    return next(slots[:count] for _, slots in sorted(by_day.items()) if len(slots) >= count)
+
+
+def local(at: datetime, zone: str) -> datetime:
+    return at.astimezone(ZoneInfo(zone))
+
+
+async def appointments(database_url: str, slot_id: int) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return list(
+            await conn.fetch(
+                "SELECT id, patient_id, status FROM appointments WHERE slot_id = $1 ORDER BY id",
+                slot_id,
+            )
+        )
+    finally:
+        await conn.close()
+
+
+def patient_url(server: ServerProcess, doctor_id: int, sub: str) -> str:
+    return f"{server.http_url}/?doctor={doctor_id}#token={token(Role.PATIENT, sub)}"
+
+
+def doctor_url(server: ServerProcess, doctor_id: int) -> str:
+    return f"{server.http_url}/doctor#token={token(Role.DOCTOR, str(doctor_id))}"
+
+
+# ---- reading the pages (the contract's selectors) -----------------------------------------------
+
+
+def connection(page: Page) -> Locator:
+    return page.get_by_test_id("connection")
+
+
+async def online(page: Page, timeout: float = EXPECT_MS) -> None:
+    await expect(connection(page)).to_have_attribute("data-state", "online", timeout=timeout)
+    await expect(connection(page)).to_have_text("Live")
+
+
+def calendar(page: Page) -> Locator:
+    return page.get_by_test_id("calendar")
+
+
+def slot(page: Page, slot_id: int) -> Locator:
+    return calendar(page).locator(f'.slot[data-slot-id="{slot_id}"]')
+
+
+def message(page: Page, code: str) -> Locator:
+    return page.locator(f'[data-testid=message][data-code="{code}"]')
+
+
+def hold_panel(page: Page) -> Locator:
+    return page.get_by_role("region", name="Your hold")
+
+
+def my_appointment(page: Page, appointment_id: int) -> Locator:
+    return page.get_by_test_id("my-appointments").locator(
+        f'li[data-appointment-id="{appointment_id}"]'
+    )
+
+
+async def calendar_loaded(page: Page, doctor_id: int) -> None:
+    cal = calendar(page)
+    await expect(cal).to_have_attribute("data-doctor-id", str(doctor_id))
+    await expect(cal).to_have_attribute("data-version", re.compile(r"^\d+$"))
+    await expect(cal.get_by_test_id("day").first).to_be_visible()
+
+
+async def next_week(page: Page) -> None:
+    first_day = calendar(page).get_by_test_id("day").first
+    before = await first_day.get_attribute("data-date")
+    await page.get_by_role("button", name="Next week").click()
+    await expect(first_day).not_to_have_attribute("data-date", before or "")
+
+
+async def first_free_slot(page: Page, doctor_id: int) -> int:
+    """The first slot a patient could pick, going to the next weeks if this one is full."""
+    await calendar_loaded(page, doctor_id)
+    for _ in range(3):
+        free = calendar(page).locator('.slot[data-status="free"]:enabled')
+        if await free.count():
+            return int(await free.first.get_attribute("data-slot-id") or "")
+        await next_week(page)
+    raise AssertionError("no free slot in three weeks of the calendar")
+
+
+async def show_slot(page: Page, doctor_id: int, slot_id: int) -> Locator:
+    """The slot's button, after going to the week that has it."""
+    await calendar_loaded(page, doctor_id)
+    for _ in range(3):
+        if await slot(page, slot_id).count():
+            return slot(page, slot_id)
+        await next_week(page)
+    raise AssertionError(f"slot {slot_id} is in none of three weeks of the calendar")
+
+
+async def countdown_seconds(page: Page) -> int:
+    timer = hold_panel(page).get_by_role("timer")
+    await expect(timer).to_have_text(re.compile(r"^\s*\d+:[0-5]\d\s*$"))
+    minutes, seconds = (await timer.inner_text()).strip().split(":")
+    return int(minutes) * 60 + int(seconds)
+
+
+async def dashboard_day(page: Page, day: date) -> Locator:
+    """The timeline of one of the doctor's local dates, after picking its tab."""
+    tab = page.get_by_role("tablist", name="Days").locator(
+        f'[role=tab][data-date="{day.isoformat()}"]'
+    )
+    await tab.click()
+    await expect(tab).to_have_attribute("aria-selected", "true")
+    timeline = page.get_by_test_id("timeline")
+    await expect(timeline).to_have_attribute("data-date", day.isoformat())
+    await expect(timeline).to_have_attribute("data-version", re.compile(r"^\d+$"))
+    return timeline
+
+
+def row(timeline: Locator, slot_id: int) -> Locator:
+    return timeline.locator(f'[data-testid=slot-row][data-slot-id="{slot_id}"]')
+
+
+# ---- the tests ---------------------------------------------------------------------------------
+
+
+async def test_a_booking_shows_up_live_in_every_page_across_instances(
+    spawn_server: Spawn,
+    redis_url: str,
+    database_url: str,
+    http: aiohttp.ClientSession,
+    pages: Pages,
+) -> None:
+    """Alice on instance 1 books; Bob on instance 2 and the doctor on 1 see each step live."""
+    s1, s2 = await start(spawn_server, "s1", "s2", broker_url=redis_url)
+    ada = await demo_doctor(http, s1, "Dr. Ada Moreau")
+    doctor_tz = ada["timezone"]
+
+    dash = await pages.open(doctor_url(s1, ada["id"]), name="doctor")
+    alice = await pages.open(patient_url(s1, ada["id"], "alice"), name="alice")
+    bob = await pages.open(patient_url(s2, ada["id"], "bob"), name="bob")
+    for page in (dash, alice, bob):
+        await online(page)
+    await expect(alice.get_by_test_id("whoami")).to_contain_text(re.compile("alice", re.I))
+    await expect(dash.get_by_test_id("whoami")).to_contain_text("Ada Moreau")
+
+    # Both patient pages watch the doctor's calendar, one on each instance.
+    watchers = dash.get_by_test_id("watchers")
+    await expect(watchers).to_have_text(re.compile(r"^\D*\b2\b\D*$"))
+
+    slot_id = await first_free_slot(alice, ada["id"])
+    starts = await slot_start(http, s1, ada["id"], slot_id)
+    patient_time = local(starts, PATIENT_TZ).strftime("%H:%M")
+    doctor_time = local(starts, doctor_tz).strftime("%H:%M")
+    # Times are the patient's own (the browser's zone), not the doctor's or UTC.
+    await expect(slot(alice, slot_id)).to_have_text(re.compile(rf"\b{patient_time}\b"))
+    await expect(alice.get_by_test_id("tz-note")).to_contain_text(PATIENT_TZ)
+    await expect(alice.get_by_test_id("tz-note")).to_contain_text(doctor_tz)
+    on_bob = await show_slot(bob, ada["id"], slot_id)
+    await expect(on_bob).to_have_attribute("data-status", "free")
+    timeline = await dashboard_day(dash, local(starts, doctor_tz).date())
+    await expect(row(timeline, slot_id)).to_contain_text(doctor_time)
+    await expect(row(timeline, slot_id)).to_have_attribute("data-status", "free")
+
+    # Alice holds it: Bob's page shows it held by someone, live, from the other instance.
+    await slot(alice, slot_id).click()
+    await expect(hold_panel(alice)).to_be_visible()
+    await expect(hold_panel(alice)).to_contain_text(patient_time)
+    assert await countdown_seconds(alice) > 0
+    await expect(on_bob).to_have_attribute("data-status", "busy-tentative")
+    await expect(on_bob).to_be_disabled()
+    await expect(row(timeline, slot_id)).to_have_attribute("data-status", "busy-tentative")
+
+    # Alice confirms: booked everywhere.
+    await hold_panel(alice).get_by_role("button", name="Confirm booking").click()
+    booked = message(alice, "booked")
+    await expect(booked).to_be_visible()
+    await expect(booked).to_have_attribute("role", "status")
+    await expect(booked).to_contain_text(patient_time)
+    await expect(hold_panel(alice)).to_have_count(0)
+    await expect(on_bob).to_have_attribute("data-status", "busy")
+    await expect(slot(alice, slot_id)).to_have_attribute("data-status", "busy")
+
+    rows = await appointments(database_url, slot_id)
+    assert [(r["patient_id"], r["status"]) for r in rows] == [("alice", "booked")]
+    appointment_id = rows[0]["id"]
+
+    badge = row(timeline, slot_id).locator(f'[data-appointment-id="{appointment_id}"]')
+    await expect(badge).to_have_attribute("data-status", "booked")
+    await expect(row(timeline, slot_id)).to_contain_text(re.compile("alice", re.I))
+    feed_top = dash.get_by_test_id("feed").locator("li").first
+    await expect(feed_top).to_contain_text(re.compile(rf"{doctor_time}.*booked.*alice", re.I))
+    mine = my_appointment(alice, appointment_id)
+    await expect(mine).to_have_attribute("data-status", "booked")
+    await expect(mine).to_contain_text("Booked")
+    await expect(mine).to_contain_text("Ada Moreau")
+    await expect(mine).to_contain_text(patient_time)
+
+    # The patient arrives: the doctor marks it, Alice's page follows.
+    await row(timeline, slot_id).get_by_role("button", name=f"Mark {doctor_time} arrived").click()
+    await expect(badge).to_have_attribute("data-status", "arrived")
+    await expect(feed_top).to_contain_text(re.compile(rf"{doctor_time}.*arrived", re.I))
+    await expect(mine).to_have_attribute("data-status", "arrived")
+    await expect(mine).to_contain_text("Arrived")
+    rows = await appointments(database_url, slot_id)
+    assert [(r["patient_id"], r["status"]) for r in rows] == [("alice", "arrived")]
+    # Bob never saw an appointment that is not his.
+    await expect(bob.get_by_test_id("my-appointments").locator("li")).to_have_count(0)
+
+
+async def test_a_hold_counts_down_and_expires_everywhere(
+    spawn_server: Spawn, http: aiohttp.ClientSession, pages: Pages
+) -> None:
+    """A short hold: the countdown runs, then the panel goes and the slot is free again."""
+    (server,) = await start(
+        spawn_server, "s1", env={"SLOTCAST_HOLD_TTL_S": "6", "SLOTCAST_HOLD_SWEEP_S": "0.5"}
+    )
+    ada = await demo_doctor(http, server, "Dr. Ada Moreau")
+    alice = await pages.open(patient_url(server, ada["id"], "alice"), name="alice")
+    bob = await pages.open(patient_url(server, ada["id"], "bob"), name="bob")
+    slot_id = await first_free_slot(alice, ada["id"])
+    on_bob = await show_slot(bob, ada["id"], slot_id)
+    starts = await slot_start(http, server, ada["id"], slot_id)
+    patient_time = local(starts, PATIENT_TZ).strftime("%H:%M")
+
+    await slot(alice, slot_id).click()
+    await expect(hold_panel(alice)).to_be_visible()
+    await expect(on_bob).to_have_attribute("data-status", "busy-tentative")
+    first = await countdown_seconds(alice)
+    assert 0 < first <= 6
+    timer = hold_panel(alice).get_by_role("timer")
+    await expect(timer).to_have_attribute("data-testid", "countdown")
+    await expect(timer).not_to_have_text(re.compile(rf"^\s*{first // 60}:{first % 60:02d}\s*$"))
+    assert await countdown_seconds(alice) < first  # it counts down, not up
+
+    expired = message(alice, "hold_expired")
+    await expect(expired).to_be_visible()
+    await expect(expired).to_have_attribute("role", "status")
+    await expect(expired).to_contain_text(patient_time)
+    await expect(hold_panel(alice)).to_have_count(0)
+    await expect(on_bob).to_have_attribute("data-status", "free")
+    await expect(on_bob).to_be_enabled()
+    await expect(slot(alice, slot_id)).to_have_attribute("data-status", "free")
+
+
+async def test_the_hold_counts_down_by_the_servers_clock_not_the_browsers(
+    spawn_server: Spawn, http: aiohttp.ClientSession, database_url: str, pages: Pages
+) -> None:
+    """A browser clock five minutes fast still shows a fresh hold's two minutes, and books."""
+    (server,) = await start(spawn_server, "s1")
+    ada = await demo_doctor(http, server, "Dr. Ada Moreau")
+    alice = await pages.open("about:blank", name="alice")
+    await alice.clock.install(time=datetime.now().astimezone() + timedelta(minutes=5))
+    await alice.goto(patient_url(server, ada["id"], "alice"))
+    await online(alice)
+    slot_id = await first_free_slot(alice, ada["id"])
+
+    await slot(alice, slot_id).click()
+    await expect(hold_panel(alice)).to_be_visible()
+    left = await countdown_seconds(alice)
+    assert 100 < left <= 120, f"a fresh two-minute hold shows {left} s left"
+    await expect(message(alice, "hold_expired")).to_have_count(0)
+
+    await hold_panel(alice).get_by_role("button", name="Confirm booking").click()
+    await expect(message(alice, "booked")).to_be_visible()
+    rows = await appointments(database_url, slot_id)
+    assert [(r["patient_id"], r["status"]) for r in rows] == [("alice", "booked")]
+    # The panel that had the keyboard is gone; the keyboard did not fall back to <body>.
+    assert await alice.evaluate("document.activeElement !== document.body")
+
+
+async def test_pages_reconnect_and_catch_up_after_a_server_restart(
+    spawn_server: Spawn,
+    redis_url: str,
+    database_url: str,
+    http: aiohttp.ClientSession,
+    pages: Pages,
+) -> None:
+    """Instance 1 restarts under Alice's hold; she keeps it, sees what changed, and books."""
+    s1, s2 = await start(spawn_server, "s1", "s2", broker_url=redis_url)
+    # While s1 is down the browser's reconnect attempts fail, and Chromium logs each one.
+    pages.allow(r"WebSocket connection to 'ws://127\.0\.0\.1:\d+/ws' failed")
+    ada = await demo_doctor(http, s1, "Dr. Ada Moreau")
+    alice = await pages.open(patient_url(s1, ada["id"], "alice"), name="alice")
+    dash = await pages.open(doctor_url(s1, ada["id"]), name="doctor")
+    await online(alice)
+    await online(dash)
+    slot_id = await first_free_slot(alice, ada["id"])
+    await slot(alice, slot_id).click()
+    await expect(hold_panel(alice)).to_be_visible()
+    await expect(dash.get_by_test_id("watchers")).to_have_text(re.compile(r"^\D*\b1\b\D*$"))
+    # Another slot of the same week, which Bob books while Alice's page is cut off.
+    other = calendar(alice).locator(
+        f'.slot[data-status="free"]:enabled:not([data-slot-id="{slot_id}"])'
+    )
+    other_id = int(await other.first.get_attribute("data-slot-id") or "")
+
+    await asyncio.to_thread(s1.stop)
+    for page in (alice, dash):
+        await expect(connection(page)).to_have_attribute("data-state", "offline")
+        await expect(connection(page)).to_have_text("Offline — reconnecting")
+    await post_json(
+        http,
+        f"{s2.http_url}/api/appointments",
+        {"slot_id": other_id, "idempotency_key": f"bob-{other_id}"},
+        201,
+        headers={"Authorization": f"Bearer {token(Role.PATIENT, 'bob')}"},
+    )
+    await asyncio.to_thread(s1.start)  # the same port: the pages come back on their own
+
+    await online(alice, RECONNECT_MS)
+    await online(dash, RECONNECT_MS)
+    # Caught up on what happened while away, and the hold is still there, counting.
+    await expect(slot(alice, other_id)).to_have_attribute("data-status", "busy")
+    await expect(slot(alice, slot_id)).to_have_attribute("data-status", "busy-tentative")
+    await expect(hold_panel(alice)).to_be_visible()
+    left = await countdown_seconds(alice)
+    assert left > 0
+    timer = hold_panel(alice).get_by_role("timer")
+    await expect(timer).not_to_have_text(re.compile(rf"^\s*{left // 60}:{left % 60:02d}\s*$"))
+    await expect(dash.get_by_test_id("watchers")).to_have_text(re.compile(r"^\D*\b1\b\D*$"))
+
+    await hold_panel(alice).get_by_role("button", name="Confirm booking").click()
+    await expect(message(alice, "booked")).to_be_visible()
+    await expect(hold_panel(alice)).to_have_count(0)
+    await expect(slot(alice, slot_id)).to_have_attribute("data-status", "busy")
+    rows = await appointments(database_url, slot_id)
+    assert [(r["patient_id"], r["status"]) for r in rows] == [("alice", "booked")]
+    await expect(my_appointment(alice, rows[0]["id"])).to_have_attribute("data-status", "booked")
+
+
+async def test_a_network_loss_keeps_the_hold_and_a_confirm_sent_offline_books_once(
+    spawn_server: Spawn, database_url: str, http: aiohttp.ClientSession, pages: Pages
+) -> None:
+    """The browser goes offline with a hold; the patient presses Confirm anyway. Back
+    online, the page catches up and the queued confirm books the slot exactly once."""
+    (server,) = await start(spawn_server, "s1")
+    ada = await demo_doctor(http, server, "Dr. Ada Moreau")
+    alice = await pages.open(patient_url(server, ada["id"], "alice"), name="alice")
+    slot_id = await first_free_slot(alice, ada["id"])
+    await slot(alice, slot_id).click()
+    await expect(hold_panel(alice)).to_be_visible()
+    other = calendar(alice).locator(
+        f'.slot[data-status="free"]:enabled:not([data-slot-id="{slot_id}"])'
+    )
+    other_id = int(await other.first.get_attribute("data-slot-id") or "")
+
+    await alice.context.set_offline(True)
+    await expect(connection(alice)).to_have_attribute("data-state", "offline")
+    await post_json(
+        http,
+        f"{server.http_url}/api/appointments",
+        {"slot_id": other_id, "idempotency_key": f"bob-{other_id}"},
+        201,
+        headers={"Authorization": f"Bearer {token(Role.PATIENT, 'bob')}"},
+    )
+    await hold_panel(alice).get_by_role("button", name="Confirm booking").click()
+    await alice.context.set_offline(False)
+
+    await online(alice, RECONNECT_MS)
+    await expect(message(alice, "booked")).to_be_visible()
+    await expect(slot(alice, other_id)).to_have_attribute("data-status", "busy")  # caught up
+    await expect(slot(alice, slot_id)).to_have_attribute("data-status", "busy")
+    rows = await appointments(database_url, slot_id)
+    assert [(r["patient_id"], r["status"]) for r in rows] == [("alice", "booked")]
+    await expect(my_appointment(alice, rows[0]["id"])).to_have_attribute("data-status", "booked")
+    await expect(alice.get_by_role("alert")).to_have_count(0)  # no second attempt refused
+
+
+async def test_demo_sign_in_as_patient_then_doctor(
+    spawn_server: Spawn, http: aiohttp.ClientSession, pages: Pages
+) -> None:
+    """The demo form lists patients and doctors; each lands on its own page."""
+    (server,) = await start(spawn_server, "s1")
+    demo = await get_json(http, f"{server.http_url}/api/demo")
+    ada = next(d for d in demo["doctors"] if d["name"] == "Dr. Ada Moreau")
+    page = await pages.open(f"{server.http_url}/", name="visitor")
+
+    form = page.get_by_test_id("signin")
+    await expect(form).to_be_visible()
+    identity = form.get_by_label("Demo identity")
+    options = identity.locator("option")
+    expected = [f"patient:{p['subject']}" for p in demo["patients"]] + [
+        f"doctor:{d['id']}" for d in demo["doctors"]
+    ]
+    for value in expected:
+        await expect(options.and_(page.locator(f'[value="{value}"]'))).to_have_count(1)
+    await expect(identity.locator('option[value="patient:alice"]')).to_have_text(
+        "Alice Martin (patient)"
+    )
+    ada_option = identity.locator(f'option[value="doctor:{ada["id"]}"]')
+    await expect(ada_option).to_contain_text("Dr. Ada Moreau")
+    await expect(ada_option).to_contain_text("General practice")
+
+    await identity.select_option("patient:alice")
+    await form.get_by_role("button", name="Sign in").click()
+    await online(page)
+    await expect(page.get_by_test_id("whoami")).to_contain_text("Alice")
+    await expect(page.get_by_test_id("signin")).to_be_hidden()
+    search = page.get_by_role("searchbox", name="Find a doctor")
+    await expect(search).to_be_visible()
+    results = page.get_by_test_id("doctor-results").get_by_role("button")
+    await expect(results).to_have_count(len(demo["doctors"]))
+    await search.fill("cardio")
+    await expect(results).to_have_count(1)
+    await expect(results).to_have_accessible_name(re.compile("Dr. Kenji Sato.*Cardiology"))
+    await results.click()
+    sato = next(d for d in demo["doctors"] if d["name"] == "Dr. Kenji Sato")
+    await calendar_loaded(page, sato["id"])
+    await expect(page.get_by_test_id("tz-note")).to_contain_text("Asia/Tokyo")
+
+    await page.get_by_role("button", name="Sign out").click()
+    await expect(form).to_be_visible()
+    assert await page.evaluate("sessionStorage.getItem('slotcast.token')") is None
+
+    await form.get_by_label("Demo identity").select_option(f"doctor:{ada['id']}")
+    await form.get_by_role("button", name="Sign in").click()
+    await expect(page).to_have_url(re.compile(r"/doctor(#.*)?$"))
+    await online(page)
+    await expect(page.get_by_test_id("whoami")).to_contain_text("Ada Moreau")
+    await expect(page.get_by_test_id("timeline")).to_have_attribute(
+        "data-version", re.compile(r"^\d+$")
+    )
+    await expect(page.get_by_role("tablist", name="Days").get_by_role("tab")).to_have_count(7)
+
+    # And back: a patient chosen on the dashboard's form goes to the patient page.
+    await page.get_by_role("button", name="Sign out").click()
+    await expect(form).to_be_visible()
+    await form.get_by_label("Demo identity").select_option("patient:bob")
+    await form.get_by_role("button", name="Sign in").click()
+    await expect(page).to_have_url(re.compile(r"^http://127\.0\.0\.1:\d+/(\?[^#]*)?(#.*)?$"))
+    await online(page)
+    await expect(page.get_by_test_id("whoami")).to_contain_text("Bob")
+
+
+async def test_without_demo_mode_the_page_takes_the_host_apps_token(
+    spawn_server: Spawn, database_url: str, pages: Pages
+) -> None:
+    """No demo: the page says to sign in through the clinic's app; `#token=` signs in."""
+    # (Not the `store` fixture: its pool belongs to another event loop than this module's.)
+    async with open_store(database_url, min_size=1, max_size=2) as store:
+        doctor = await seed_doctor(store, name="Dr. Real", timezone="Europe/London")
+    (server,) = await start(spawn_server, "s1", args=[])
+    # The page asks /api/demo whether demo mode is on; the 404 is the answer, and Chromium
+    # logs every 404 it fetches.
+    pages.allow(r"status of 404 .*\(at http://127\.0\.0\.1:\d+/api/demo\)$")
+    page = await pages.open(f"{server.http_url}/", name="visitor")
+    await expect(page.get_by_text("Sign in through your clinic's application")).to_be_visible()
+    await expect(page.get_by_test_id("signin")).to_be_hidden()
+
+    zoe = token(Role.PATIENT, "zoe")
+    page = await pages.open(f"{server.http_url}/?doctor={doctor.id}#token={zoe}", name="zoe")
+    await online(page)
+    await expect(page.get_by_test_id("whoami")).to_contain_text("zoe")
+    assert "token=" not in page.url  # the fragment is gone from the address bar (and history)
+    assert await page.evaluate("sessionStorage.getItem('slotcast.token')") == zoe
+    await calendar_loaded(page, doctor.id)
+    await expect(calendar(page).locator('.slot[data-status="free"]').first).to_be_visible()
+
+    await page.reload()  # the token survives a reload, from sessionStorage
+    await online(page)
+    await expect(page.get_by_test_id("whoami")).to_contain_text("zoe")
+
+
+@asynccontextmanager
+async def another_origin() -> AsyncIterator[str]:
+    """A site of someone else's on this machine (its own port, so its own origin): its page
+    frames whatever `?frame=` names, as a host application embedding Slotcast would."""
+
+    async def page(request: web.Request) -> web.Response:
+        src = html.escape(request.query.get("frame", "about:blank"))
+        body = f'<!doctype html><iframe id="app" src="{src}" width="1200" height="800"></iframe>'
+        return web.Response(text=body, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    server = TestServer(app, host="127.0.0.1", port=free_port())
+    await server.start_server()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.close()
+
+
+async def test_only_the_configured_host_app_may_hand_the_page_a_token(
+    spawn_server: Spawn, database_url: str, pages: Pages
+) -> None:
+    """The host app (another origin, listed in SLOTCAST_HOST_ORIGINS) frames the page and
+    signs it in by postMessage; a site that is not listed cannot slip its token in."""
+    async with open_store(database_url, min_size=1, max_size=2) as store:
+        doctor = await seed_doctor(store, name="Dr. Framed", timezone="Europe/London")
+    async with another_origin() as host, another_origin() as stranger:
+        (server,) = await start(spawn_server, "s1", args=[], env={"SLOTCAST_HOST_ORIGINS": host})
+        pages.allow(r"status of 404 .*\(at http://127\.0\.0\.1:\d+/api/demo\)$")
+        app_url = f"{server.http_url}/?doctor={doctor.id}"
+
+        page = await pages.open(f"{host}/?{urlencode({'frame': app_url})}", name="host app")
+        framed = page.frame_locator("#app")
+        await expect(
+            framed.get_by_text("Sign in through your clinic's application")
+        ).to_be_visible()
+        await page.evaluate(
+            "t => document.getElementById('app').contentWindow.postMessage("
+            "{type: 'slotcast:token', token: t}, '*')",
+            token(Role.PATIENT, "zoe"),
+        )
+        await expect(framed.get_by_test_id("whoami")).to_contain_text("zoe")
+        await expect(framed.get_by_test_id("connection")).to_have_attribute("data-state", "online")
+
+        # A stranger may not frame it (CSP frame-ancestors): it opens it and posts a token.
+        lure = await pages.open(f"{stranger}/", name="stranger")
+        async with lure.expect_popup() as opened:
+            await lure.evaluate("u => { window.app = window.open(u); }", app_url)
+        popup = await opened.value
+        await expect(popup.get_by_text("Sign in through your clinic's application")).to_be_visible()
+        # The page's own origin is heard (the listener is live)...
+        mine = token(Role.PATIENT, "yara")
+        await popup.evaluate(
+            "t => window.postMessage({type: 'slotcast:token', token: t}, location.origin)", mine
+        )
+        await expect(popup.get_by_test_id("whoami")).to_contain_text("yara")
+        # ...the stranger's token is not, though it is a real one: only its sender is wrong.
+        # (Its messages arrive in order, so once the barrier is in, the token was handled.)
+        await popup.evaluate(
+            "() => { window.barrier = new Promise(r => addEventListener("
+            "'message', e => e.data === 'barrier' && r())); }"
+        )
+        await lure.evaluate(
+            "t => { window.app.postMessage({type: 'slotcast:token', token: t}, '*');"
+            " window.app.postMessage('barrier', '*'); }",
+            token(Role.PATIENT, "mallory"),
+        )
+        await popup.evaluate("() => window.barrier")
+        assert await popup.evaluate("sessionStorage.getItem('slotcast.token')") == mine
+        await expect(popup.get_by_test_id("whoami")).to_contain_text("yara")
+
+
+async def test_after_the_token_expires_the_host_apps_next_token_rejoins_the_rooms(
+    spawn_server: Spawn, http: aiohttp.ClientSession, database_url: str, pages: Pages
+) -> None:
+    """The server ends the private rooms with the token; a fresh one brings them back live."""
+    async with open_store(database_url, min_size=1, max_size=2) as store:
+        doctor = await seed_doctor(store, name="Dr. Brief", timezone="Europe/London")
+    (server,) = await start(spawn_server, "s1", args=[])
+    pages.allow(r"status of 404 .*\(at http://127\.0\.0\.1:\d+/api/demo\)$")
+    slot_id = doctor.slots[0].id
+    short = timedelta(seconds=8)  # long enough to open the page, short enough to wait for
+
+    dash_token = token(Role.DOCTOR, str(doctor.id), ttl=short)
+    dash = await pages.open(f"{server.http_url}/doctor#token={dash_token}", name="doctor")
+    timeline = await dashboard_day(dash, doctor.start)
+    zoe_token = token(Role.PATIENT, "zoe", ttl=short)
+    zoe = await pages.open(f"{server.http_url}/?doctor={doctor.id}#token={zoe_token}", name="zoe")
+    await online(zoe)
+    await expect(slot(zoe, slot_id)).to_have_attribute("data-status", "free")
+
+    for page in (dash, zoe):
+        await expect(message(page, "token_expired")).to_be_visible()
+    # The host application (same origin here) hands each page a fresh token.
+    for page, fresh in (
+        (dash, token(Role.DOCTOR, str(doctor.id))),
+        (zoe, token(Role.PATIENT, "zoe")),
+    ):
+        await page.evaluate(
+            "t => window.postMessage({type: 'slotcast:token', token: t}, location.origin)", fresh
+        )
+        await page.wait_for_function(
+            "t => sessionStorage.getItem('slotcast.token') === t", arg=fresh
+        )
+
+    booked = await post_json(
+        http,
+        f"{server.http_url}/api/appointments",
+        {"slot_id": slot_id, "idempotency_key": f"zoe-{slot_id}"},
+        201,
+        headers={"Authorization": f"Bearer {token(Role.PATIENT, 'zoe')}"},
+    )
+    # Her appointments and the doctor's day are live again, not only the public calendar.
+    await expect(my_appointment(zoe, booked["appointment"]["id"])).to_have_attribute(
+        "data-status", "booked"
+    )
+    await expect(row(timeline, slot_id)).to_have_attribute("data-status", "busy")
+    await expect(row(timeline, slot_id).locator("[data-appointment-id]")).to_have_attribute(
+        "data-status", "booked"
+    )
+    await expect(slot(zoe, slot_id)).to_have_attribute("data-status", "busy")
+    for page in (dash, zoe):
+        await online(page)
+
+
+async def test_errors_and_blocked_slots_are_shown_clearly(
+    spawn_server: Spawn, http: aiohttp.ClientSession, database_url: str, pages: Pages
+) -> None:
+    """The loser of a race is told so in words; a slot the doctor blocks turns unavailable."""
+    (server,) = await start(spawn_server, "s1")
+    ada = await demo_doctor(http, server, "Dr. Ada Moreau")
+    alice = await pages.open(patient_url(server, ada["id"], "alice"), name="alice")
+
+    # Bob is on a slow network: what the server sends him can be held back, then let go in
+    # order. Everything still goes through the real server; only the timing is Bob's.
+    routes: list[WebSocketRoute] = []
+    held_back: list[str | bytes] = []
+    delaying = False
+
+    async def slow_network(ws: WebSocketRoute) -> None:
+        server_side = ws.connect_to_server()
+        routes.append(ws)
+
+        def to_page(frame: str | bytes) -> None:
+            if delaying:
+                held_back.append(frame)
+            else:
+                ws.send(frame)
+
+        server_side.on_message(to_page)
+
+    def let_go() -> None:
+        nonlocal delaying
+        for frame in held_back:
+            routes[-1].send(frame)
+        held_back.clear()
+        delaying = False
+
+    def heard(code: str) -> bool:
+        needle = f'"{code}"'.encode()
+        return any(needle in (f if isinstance(f, bytes) else f.encode()) for f in held_back)
+
+    bob = await pages.open("about:blank", name="bob")
+    await bob.route_web_socket(re.compile(r"/ws$"), slow_network)
+    await bob.goto(patient_url(server, ada["id"], "bob"))
+    await online(bob)
+    slot_id = await first_free_slot(alice, ada["id"])
+    on_bob = await show_slot(bob, ada["id"], slot_id)
+    await expect(on_bob).to_have_attribute("data-status", "free")
+
+    delaying = True
+    await slot(alice, slot_id).click()
+    await expect(hold_panel(alice)).to_be_visible()
+    # Alice has it. Bob's page has not heard yet, so he clicks the slot he still sees free.
+    await expect(on_bob).to_have_attribute("data-status", "free")
+    await on_bob.click()
+    # His hold reached the server and was refused; the answer waits with the rest.
+    await wait_for(lambda: heard("slot_taken"), "the server to refuse Bob's hold")
+    let_go()
+    alert = message(bob, "slot_taken")
+    await expect(alert).to_be_visible()
+    await expect(alert).to_have_attribute("role", "alert")
+    await expect(alert).to_contain_text("Someone else just took that slot")
+    await expect(on_bob).to_have_attribute("data-status", "busy-tentative")
+    await expect(hold_panel(bob)).to_have_count(0)
+    await alert.get_by_role("button", name="Dismiss").click()
+    await expect(alert).to_have_count(0)
+    rows = await appointments(database_url, slot_id)
+    assert [(r["patient_id"], r["status"]) for r in rows] == [("alice", "pending")]
+
+    # The doctor blocks another slot of that day: both patients see it unavailable.
+    blocked_id = await first_free_slot(bob, ada["id"])
+    on_alice = await show_slot(alice, ada["id"], blocked_id)
+    starts = await slot_start(http, server, ada["id"], blocked_id)
+    doctor_time = local(starts, ada["timezone"]).strftime("%H:%M")
+    dash = await pages.open(doctor_url(server, ada["id"]), name="doctor")
+    timeline = await dashboard_day(dash, local(starts, ada["timezone"]).date())
+    await row(timeline, blocked_id).get_by_role("button", name=f"Block {doctor_time}").click()
+    await expect(row(timeline, blocked_id)).to_have_attribute("data-status", "busy-unavailable")
+    for page_slot in (on_alice, slot(bob, blocked_id)):
+        await expect(page_slot).to_have_attribute("data-status", "busy-unavailable")
+        await expect(page_slot).to_be_disabled()
+        await expect(page_slot).to_have_accessible_name(re.compile(r"unavailable$"))
+
+    await row(timeline, blocked_id).get_by_role("button", name=f"Unblock {doctor_time}").click()
+    await expect(on_alice).to_have_attribute("data-status", "free")
+    await expect(on_alice).to_be_enabled()
+    await expect(on_alice).to_have_accessible_name(re.compile(r"available$"))
+
+
+async def test_patient_page_on_a_phone_and_with_the_keyboard(
+    spawn_server: Spawn, http: aiohttp.ClientSession, pages: Pages
+) -> None:
+    """390x844: nothing scrolls sideways, slots are reachable; Tab and Enter hold a slot."""
+    (server,) = await start(spawn_server, "s1")
+    ada = await demo_doctor(http, server, "Dr. Ada Moreau")
+    page = await pages.open(
+        patient_url(server, ada["id"], "alice"),
+        name="phone",
+        viewport=PHONE,
+        is_mobile=True,
+        has_touch=True,
+    )
+    await online(page)
+    slot_id = await first_free_slot(page, ada["id"])
+    overflow = await page.evaluate(
+        "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    )
+    assert overflow <= 0, f"the page is {overflow}px wider than a phone's screen"
+
+    target = slot(page, slot_id)
+    await target.scroll_into_view_if_needed()
+    await expect(target).to_be_in_viewport()
+    box = await target.bounding_box()
+    assert box is not None
+    assert box["x"] >= 0
+    assert box["x"] + box["width"] <= PHONE["width"]
+    assert box["height"] >= 24, "a slot should be big enough to tap"
+
+    # Keyboard only: Tab until a free slot has the focus, then Enter holds it.
+    await page.locator("body").click(position={"x": 1, "y": 1})
+    focused: str | None = None
+    for _ in range(80):
+        await page.keyboard.press("Tab")
+        focused = await page.evaluate(
+            "() => document.activeElement?.matches('.slot[data-status=free]')"
+            " ? document.activeElement.dataset.slotId : null"
+        )
+        if focused is not None:
+            break
+    assert focused is not None, "no free slot took the focus within 80 presses of Tab"
+    await expect(slot(page, int(focused))).to_be_focused()
+    await page.keyboard.press("Enter")
+    await expect(hold_panel(page)).to_be_visible()
+    await expect(slot(page, int(focused))).to_have_attribute("data-status", "busy-tentative")
+    held = await countdown_seconds(page)
+
+    # A reload (the phone locked, the tab discarded) keeps the sign-in and the hold.
+    await page.reload()
+    await online(page)
+    await expect(hold_panel(page)).to_be_visible()
+    await expect(hold_panel(page)).to_contain_text("Ada Moreau")
+    assert 0 < await countdown_seconds(page) <= held
+    overflow = await page.evaluate(
+        "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    )
+    assert overflow <= 0, f"with the hold panel the page is {overflow}px too wide"
+
+
+async def test_cancelling_from_either_side_frees_the_slot_live(
+    spawn_server: Spawn, http: aiohttp.ClientSession, database_url: str, pages: Pages
+) -> None:
+    """Alice cancels one visit and the clinic cancels the other: every page follows live."""
+    (server,) = await start(spawn_server, "s1")
+    ada = await demo_doctor(http, server, "Dr. Ada Moreau")
+    zone = ada["timezone"]
+    (mine_id, mine_at), (theirs_id, theirs_at) = await open_slots(http, server, ada, 2)
+    ids = []
+    for slot_id in (mine_id, theirs_id):
+        booked = await post_json(
+            http,
+            f"{server.http_url}/api/appointments",
+            {"slot_id": slot_id, "idempotency_key": f"alice-{slot_id}"},
+            201,
+            headers={"Authorization": f"Bearer {token(Role.PATIENT, 'alice')}"},
+        )
+        ids.append(booked["appointment"]["id"])
+
+    alice = await pages.open(patient_url(server, ada["id"], "alice"), name="alice")
+    bob = await pages.open(patient_url(server, ada["id"], "bob"), name="bob")
+    dash = await pages.open(doctor_url(server, ada["id"]), name="doctor")
+    timeline = await dashboard_day(dash, local(mine_at, zone).date())
+    for appointment_id in ids:  # booked before the page opened: it lists them on load
+        await expect(my_appointment(alice, appointment_id)).to_have_attribute(
+            "data-status", "booked"
+        )
+    on_bob = [await show_slot(bob, ada["id"], i) for i in (mine_id, theirs_id)]
+    for button in on_bob:
+        await expect(button).to_have_attribute("data-status", "busy")
+
+    # Alice cancels the first, after confirming with a reason.
+    mine = my_appointment(alice, ids[0])
+    await mine.get_by_role("button", name=f"Cancel {local(mine_at, PATIENT_TZ):%H:%M}").click()
+    reason = alice.get_by_label("Reason")
+    await expect(reason).to_have_value("Cancelled by patient")
+    await alice.get_by_role("button", name="Confirm cancel").click()
+    await expect(mine).to_have_attribute("data-status", "cancelled")
+    await expect(on_bob[0]).to_have_attribute("data-status", "free")
+    await expect(on_bob[0]).to_be_enabled()
+    await expect(row(timeline, mine_id)).to_have_attribute("data-status", "free")
+    feed_top = dash.get_by_test_id("feed").locator("li").first
+    await expect(feed_top).to_contain_text(re.compile(rf"{local(mine_at, zone):%H:%M}.*cancelled"))
+
+    # The clinic cancels the second: Alice is told, in words, that it was the clinic.
+    doctor_time = f"{local(theirs_at, zone):%H:%M}"
+    await row(timeline, theirs_id).get_by_role("button", name=f"Cancel {doctor_time}").click()
+    await dash.get_by_role("button", name="Confirm cancel").click()
+    theirs = my_appointment(alice, ids[1])
+    await expect(theirs).to_have_attribute("data-status", "cancelled")
+    await expect(theirs).to_contain_text("Cancelled by the clinic")
+    await expect(on_bob[1]).to_have_attribute("data-status", "free")
+    await expect(row(timeline, theirs_id)).to_have_attribute("data-status", "free")
+    for slot_id in (mine_id, theirs_id):
+        rows = await appointments(database_url, slot_id)
+        assert [(r["patient_id"], r["status"]) for r in rows] == [("alice", "cancelled")]
+
+
+async def wait_for(predicate: Any, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + EXPECT_MS / 1000
+    while not predicate():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+# WCAG 2.1 levels A and AA: labels and names, contrast, landmarks, ARIA use, and the rest.
+WCAG_AA = {
+    "runOnly": {"type": "tag", "values": ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]},
+    "resultTypes": ["violations"],
+}
+
+
+async def audit(page: Page) -> str:
+    """axe-core's WCAG 2.1 AA violations on the page as it is now; empty when none."""
+    await page.evaluate("() => document.getAnimations().forEach(a => a.finish())")
+    results = await Axe().run(page, options=WCAG_AA)
+    return results.generate_report() if results.violations_count else ""
+
+
+async def test_every_screen_passes_a_wcag_aa_audit(
+    spawn_server: Spawn, http: aiohttp.ClientSession, pages: Pages
+) -> None:
+    """Sign-in, the slot picker with a hold, the dashboard, and the phone layout: no
+    missing label or name, no contrast below AA, no misused ARIA (axe-core's rules)."""
+    (server,) = await start(spawn_server, "s1")
+    doctor = await demo_doctor(http, server, "Dr. Ada Moreau")
+
+    visitor = await pages.open(f"{server.http_url}/", name="visitor")
+    await expect(visitor.get_by_test_id("signin")).to_be_visible()
+    assert await audit(visitor) == ""
+
+    alice = await pages.open(patient_url(server, doctor["id"], "alice"), name="alice")
+    slot_id = await first_free_slot(alice, doctor["id"])
+    await slot(alice, slot_id).click()
+    await expect(hold_panel(alice)).to_be_visible()
+    assert await audit(alice) == ""
+
+    bob = await pages.open(patient_url(server, doctor["id"], "bob"), name="bob", viewport=PHONE)
+    await expect(slot(bob, slot_id)).to_have_attribute("data-status", "busy-tentative")
+    assert await audit(bob) == ""
+
+    dash = await pages.open(doctor_url(server, doctor["id"]), name="doctor")
+    slot_day = local(await slot_start(http, server, doctor["id"], slot_id), "Europe/Paris").date()
+    timeline = await dashboard_day(dash, slot_day)
+    await expect(row(timeline, slot_id)).to_have_attribute("data-status", "busy-tentative")
+    assert await audit(dash) == ""
