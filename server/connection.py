@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
-from protocol.codec import Codec
+from protocol.codec import Codec, envelope
 from protocol.errors import SlotcastError
-from protocol.messages import Error, Message
+from protocol.messages import Delta, Error, Message
 from server.auth import Identity
 from server.frames import frame
 
@@ -56,15 +56,15 @@ class _Merged:
             self.slots.pop(slot_id, None)
             self.removed.add(slot_id)
 
-    def wire(self) -> dict[str, Any]:
-        body = {
+    def body(self) -> dict[str, Any]:
+        """The `delta` body covering (since, version]; keys in `Delta`'s field order."""
+        return {
             "doctor_id": self.doctor_id,
             "version": self.version,
             "slots": list(self.slots.values()),
             "removed": sorted(self.removed),
             "since": self.since,
         }
-        return {"type": "delta", "id": None, "body": body}
 
 
 class Connection:
@@ -226,7 +226,8 @@ class Connection:
                 if isinstance(item, _Merged):
                     if self._merged.get(item.doctor_id) is item:
                         del self._merged[item.doctor_id]
-                    item = frame(self.codec.dumps(item.wire()), binary=self.codec.binary)
+                    wire = envelope(Delta.TYPE, item.body())
+                    item = frame(self.codec.dumps(wire), binary=self.codec.binary)
                 transport.write(item)
 
     # ---- closing ----------------------------------------------------------------------------
