@@ -594,8 +594,8 @@ async def test_a_failed_publish_is_relayed_even_after_a_later_one_succeeds(
 
 
 def server_side(client: AppClient, doctor_id: int) -> Connection:
-    (conn,) = [c for c in client.app[CONNECTIONS] if doctor_id in c.watches]
-    return conn
+    (session,) = [s for s in client.app[CONNECTIONS] if doctor_id in s.watches]
+    return session.conn
 
 
 def back_up(client_ws: aiohttp.ClientWebSocketResponse, server: Connection) -> Any:
@@ -695,7 +695,7 @@ async def test_a_slow_watcher_gets_merged_deltas_and_ends_equal_to_the_database(
         assert len(merged[0]["slots"]) == merged[0]["version"] - merged[0]["since"]
         mine = {sid: SlotStatus(s["status"]) for sid, s in in_range(state, doctor).items()}
         assert mine == await db_statuses(store, doctor)
-        assert server in client.app[CONNECTIONS]  # merging kept it connected
+        assert server in {s.conn for s in client.app[CONNECTIONS]}  # merging kept it connected
         await ws.send_str(JSON.dumps({"type": "ping", "id": "p", "body": {}}).decode())
         assert JSON.loads((await ws.receive(timeout=WAIT_S)).data)["type"] == "pong"
 
