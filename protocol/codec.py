@@ -2,13 +2,17 @@
 
 Decoding is the only gate between untrusted bytes and handlers: it checks size,
 shape, message type and every field's type and range, and raises `ProtocolError`
-with a stable code instead of letting a bad frame reach further. Encoding is
-split in two so fan-out can convert a message to builtins once and serialize it
-once per codec, however many watchers receive it.
+with a stable code instead of letting a bad frame reach further.
+
+Encoding is split so fan-out pays for a change once, however many watchers
+receive it: a body is serialized once per codec (`encode_body`), then put in its
+envelope by `wrap`, which splices the bytes in rather than re-encoding them. Both
+produce exactly the bytes `encode` would, so a client cannot tell the paths apart.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -22,14 +26,21 @@ from protocol.messages import CLIENT_MESSAGES, PROTOCOL, Envelope, Message
 
 DEFAULT_MAX_FRAME: Final = 64 * 1024
 
+RequestId = str | int | None
 
-def to_wire(message: Message, request_id: str | int | None = None) -> dict[str, Any]:
+
+def envelope(kind: str, body: Any, request_id: RequestId = None) -> dict[str, Any]:
+    """The one place the envelope's shape is spelled: `body` is already builtins.
+
+    For bodies the server holds as builtins (a change's delta, a merge of several),
+    which would only be converted back and forth by going through a `Message`.
+    """
+    return {"type": kind, "id": request_id, "body": body}
+
+
+def to_wire(message: Message, request_id: RequestId = None) -> dict[str, Any]:
     """The codec-neutral envelope: builtins only, times as RFC 3339 strings."""
-    return {
-        "type": message.TYPE,
-        "id": request_id,
-        "body": msgspec.to_builtins(message),
-    }
+    return envelope(message.TYPE, msgspec.to_builtins(message), request_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +57,20 @@ class Codec:
     def loads(self, data: bytes | str) -> Any:
         raise NotImplementedError
 
-    def encode(self, message: Message, request_id: str | int | None = None) -> bytes:
+    def encode(self, message: Message, request_id: RequestId = None) -> bytes:
         return self.dumps(to_wire(message, request_id))
+
+    def encode_body(self, body: Any) -> bytes:
+        """A body (builtins) alone, serialized once to be `wrap`ped for many frames."""
+        raise NotImplementedError
+
+    def wrap(self, kind: str, body: bytes, request_id: RequestId = None) -> bytes:
+        """The envelope around a body `encode_body` made: the bytes `dumps(envelope(...))` gives.
+
+        The head before the body is built once per message type (for `id` null,
+        as fan-out sends), so framing a shared body costs one concatenation.
+        """
+        raise NotImplementedError
 
     def decode(
         self,
@@ -114,16 +137,62 @@ class JsonCodec(Codec):
     def loads(self, data: bytes | str) -> Any:
         return orjson.loads(data)
 
+    def encode_body(self, body: Any) -> bytes:
+        return orjson.dumps(body)
+
+    def wrap(self, kind: str, body: bytes, request_id: RequestId = None) -> bytes:
+        # orjson writes keys in insertion order with no spaces, as `envelope` orders them.
+        head = _json_head(kind) if request_id is None else _json_head_with_id(kind, request_id)
+        return b"".join((head, body, b"}"))
+
+
+@functools.cache
+def _json_head(kind: str) -> bytes:
+    return _json_head_with_id(kind, None)
+
+
+def _json_head_with_id(kind: str, request_id: RequestId) -> bytes:
+    return b'{"type":%b,"id":%b,"body":' % (orjson.dumps(kind), orjson.dumps(request_id))
+
 
 class MsgpackCodec(Codec):
     def dumps(self, wire: Mapping[str, Any]) -> bytes:
-        result: bytes = msgpack.packb(wire, use_bin_type=True)
-        return result
+        return _packb(wire)
 
     def loads(self, data: bytes | str) -> Any:
         if isinstance(data, str):
             raise ValueError("MessagePack frames must be binary")
         return msgpack.unpackb(data, raw=False, strict_map_key=True)
+
+    def encode_body(self, body: Any) -> bytes:
+        return _packb(body)
+
+    def wrap(self, kind: str, body: bytes, request_id: RequestId = None) -> bytes:
+        # A map's entries follow its header back to back, so the body's bytes can
+        # simply come last, where packing the whole envelope would have put them.
+        head = (
+            _msgpack_head(kind) if request_id is None else _msgpack_head_with_id(kind, request_id)
+        )
+        return head + body
+
+
+def _packb(value: Any) -> bytes:
+    packed: bytes = msgpack.packb(value, use_bin_type=True)
+    return packed
+
+
+_FIXMAP_3: Final = b"\x83"  # a map of three entries: type, id, body
+
+
+@functools.cache
+def _msgpack_head(kind: str) -> bytes:
+    return _msgpack_head_with_id(kind, None)
+
+
+def _msgpack_head_with_id(kind: str, request_id: RequestId) -> bytes:
+    return b"".join(
+        (_FIXMAP_3, _packb("type"), _packb(kind), _packb("id"), _packb(request_id), _packb("body"))
+    )
 
 
 JSON: Final[Codec] = JsonCodec("json", f"{PROTOCOL}.json", binary=False)

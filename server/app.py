@@ -29,8 +29,9 @@ from server.keys import (
     SETTINGS,
     STATE,
     STORE,
+    ServerState,
 )
-from server.lifecycle import ServerState, close_connections
+from server.lifecycle import close_connections
 from server.metrics import Metrics
 from server.rooms import Rooms
 from server.routes import setup_routes

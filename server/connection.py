@@ -1,4 +1,4 @@
-"""One client WebSocket: its codec, identity, rooms and ordered outbox.
+"""One client WebSocket as a transport: its codec, ordered outbox and close handshake.
 
 Frames arrive here already built (see `server.frames`). While the socket keeps
 up they are written straight to the transport, in order; when the kernel buffer
@@ -6,6 +6,10 @@ fills they queue in the outbox, drained by a writer task. A client that falls
 further behind gets its availability deltas merged (only the latest state of
 each slot is kept) instead of queued; one that still cannot keep up is closed
 with 4008 and recovers by reconnecting and resuming.
+
+Who the client is and what it watches live in `server.session`, one level up:
+rooms hold connections to write to, so a connection knows nothing of rooms or
+sessions.
 """
 
 from __future__ import annotations
@@ -16,18 +20,14 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from aiohttp import web
 
-from protocol.codec import Codec
+from protocol.codec import Codec, envelope
 from protocol.errors import SlotcastError
-from protocol.messages import Error, Message
-from server.auth import Identity
+from protocol.messages import Delta, Error, Message
 from server.frames import frame
-
-if TYPE_CHECKING:
-    from server.rooms import Member, PatientMember
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +56,15 @@ class _Merged:
             self.slots.pop(slot_id, None)
             self.removed.add(slot_id)
 
-    def wire(self) -> dict[str, Any]:
-        body = {
+    def body(self) -> dict[str, Any]:
+        """The `delta` body covering (since, version]; keys in `Delta`'s field order."""
+        return {
             "doctor_id": self.doctor_id,
             "version": self.version,
             "slots": list(self.slots.values()),
             "removed": sorted(self.removed),
             "since": self.since,
         }
-        return {"type": "delta", "id": None, "body": body}
 
 
 class Connection:
@@ -80,12 +80,8 @@ class Connection:
         "_transport",
         "_wakeup",
         "_writer",
-        "appointments",
         "busy",
         "codec",
-        "dashboards",
-        "identity",
-        "watches",
         "ws",
     )
 
@@ -100,10 +96,6 @@ class Connection:
     ) -> None:
         self.ws = ws
         self.codec = codec
-        self.identity: Identity | None = None
-        self.watches: dict[int, Member] = {}
-        self.dashboards: dict[int, Member] = {}
-        self.appointments: PatientMember | None = None
         self.busy = False  # handling a command: a drain waits for it to finish
         self._transport = transport
         self._outbox: deque[bytes | _Merged] = deque()  # built frames, or a merged delta
@@ -226,7 +218,8 @@ class Connection:
                 if isinstance(item, _Merged):
                     if self._merged.get(item.doctor_id) is item:
                         del self._merged[item.doctor_id]
-                    item = frame(self.codec.dumps(item.wire()), binary=self.codec.binary)
+                    wire = envelope(Delta.TYPE, item.body())
+                    item = frame(self.codec.dumps(wire), binary=self.codec.binary)
                 transport.write(item)
 
     # ---- closing ----------------------------------------------------------------------------

@@ -1,19 +1,32 @@
-"""Every `web.AppKey` of the application, in one place."""
+"""Every `web.AppKey` of the application, in one place, and the small state one of them holds.
+
+Modules that read the app's services import their keys from here; this module
+imports only what the keys hold, never a module that reads them, so it can sit
+below every handler and lifecycle step without an import cycle.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from aiohttp import web
 
-from server.connection import Connection
 from server.metrics import Metrics
 from server.rooms import Rooms
 from server.service import Clock, Scheduling
+from server.session import Session
 from server.settings import Settings
 from store.broker import Broker
 from store.outbox import Outbox
 from store.runner import Store
+
+
+@dataclass(slots=True)
+class ServerState:
+    """Flipped by the drain (`server.lifecycle`); read by `/readyz` and the WebSocket handshake."""
+
+    draining: bool = False
+
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
@@ -21,10 +34,8 @@ BROKER = web.AppKey("broker", Broker)
 ROOMS = web.AppKey("rooms", Rooms)
 SCHEDULING = web.AppKey("scheduling", Scheduling)
 OUTBOX = web.AppKey("outbox", Outbox)
-if TYPE_CHECKING:
-    from server.lifecycle import ServerState
-
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 METRICS = web.AppKey("metrics", Metrics)
-STATE: web.AppKey[ServerState] = web.AppKey("state")
-CONNECTIONS: web.AppKey[set[Connection]] = web.AppKey("connections")
+STATE = web.AppKey("state", ServerState)
+# One session per open WebSocket: what a drain closes and `slotcast_connections` counts.
+CONNECTIONS: web.AppKey[set[Session]] = web.AppKey("connections")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from dataclasses import dataclass
 
 from aiohttp import WSCloseCode, web
 
@@ -27,18 +26,13 @@ from server.keys import CONNECTIONS, SETTINGS, STATE
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class ServerState:
-    draining: bool = False
-
-
 async def drain(app: web.Application) -> None:
     settings = app[SETTINGS]
     app[STATE].draining = True
     log.info("draining: /readyz fails from now; closing clients in %.1fs", settings.drain_grace_s)
     await asyncio.sleep(settings.drain_grace_s)
     everyone = app[CONNECTIONS]
-    connections = list(everyone)
+    connections = [session.conn for session in everyone]
     spread_ms = max(1000, len(connections) // max(settings.drain_batch, 1) * 1000)
     for start in range(0, len(connections), settings.drain_batch):
         for conn in connections[start : start + settings.drain_batch]:
@@ -58,8 +52,8 @@ async def close_connections(app: web.Application) -> None:
     connected = app[CONNECTIONS]
     await asyncio.gather(
         *(
-            c.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
-            for c in tuple(connected)
+            s.conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+            for s in tuple(connected)
         ),
         return_exceptions=True,
     )

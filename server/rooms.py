@@ -12,8 +12,8 @@ one version sequence, so ordering and recovery are shared:
 - versions are delivered contiguously: duplicates are dropped, an early version
   waits, and a gap that does not close within GAP_WAIT_S is filled from the
   change log, as is everything after a broker reconnect;
-- each change is encoded and framed once per codec and kind, and the same bytes
-  are written to every member;
+- each change's body is encoded once per codec and kind, spliced into its
+  envelope (`Codec.wrap`) and framed, and the same bytes go to every member;
 - fan-out runs in rounds, off the broker's read path: a round takes every
   change that is ready, joins their frames into one buffer per codec, and
   writes that buffer to each live member with one `write` (so when the loop is
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from protocol.codec import Codec
-from protocol.messages import Presence, Resync
+from protocol.messages import AppointmentEvent, DashboardDelta, Delta, Presence, Resync
 from server.connection import Connection
 from server.frames import frame
 from store import reads
@@ -73,10 +73,11 @@ class Frames:
         data = self._built.get(key)
         if data is None:
             if kind == "availability":
-                wire = {"type": "delta", "id": None, "body": self.change.public}
+                payload = codec.wrap(Delta.TYPE, codec.encode_body(self.change.public))
             else:
-                wire = {"type": "dashboard_delta", "id": None, "body": self.change.dashboard_body()}
-            data = self._built[key] = frame(codec.dumps(wire), binary=codec.binary)
+                body = codec.encode_body(self.change.dashboard_body())
+                payload = codec.wrap(DashboardDelta.TYPE, body)
+            data = self._built[key] = frame(payload, binary=codec.binary)
         return data
 
 
@@ -447,21 +448,19 @@ class Rooms:
         if key in room.seen:
             return  # a relay's duplicate
         room.seen.append(key)
-        wire = {
-            "type": "appointment_event",
-            "id": None,
-            "body": {
-                "doctor_id": note.doctor_id,
-                "version": note.version,
-                "appointment": note.appointment,
-            },
+        # The `appointment_event` body, keys in the message's field order.
+        body = {
+            "doctor_id": note.doctor_id,
+            "version": note.version,
+            "appointment": note.appointment,
         }
         built: dict[str, bytes] = {}
         for member in tuple(room.members):
             codec = member.conn.codec
             data = built.get(codec.name)
             if data is None:
-                data = built[codec.name] = frame(codec.dumps(wire), binary=codec.binary)
+                payload = codec.wrap(AppointmentEvent.TYPE, codec.encode_body(body))
+                data = built[codec.name] = frame(payload, binary=codec.binary)
             member.conn.send_frame(data)
 
     # ---- presence ----------------------------------------------------------------------------

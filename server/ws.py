@@ -13,12 +13,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import WSMsgType, web
 
-from protocol.codec import SUBPROTOCOLS, codec_for
+from protocol.codec import SUBPROTOCOLS, RequestId, codec_for
 from protocol.errors import ErrorCode, ProtocolError, SlotcastError
 from protocol.messages import (
     PROTOCOL,
@@ -41,121 +40,67 @@ from protocol.messages import (
 from server import auth
 from server.connection import Connection
 from server.keys import CONNECTIONS, METRICS, ROOMS, SCHEDULING, SETTINGS, STATE
-from server.rooms import Frames, Rooms
-from server.service import COMMANDS, Scheduling
+from server.rooms import Frames
+from server.service import COMMANDS
+from server.session import Session
 
 log = logging.getLogger(__name__)
 
-RequestId = str | int | None
+M = TypeVar("M", bound=Message)
+Handler = Callable[[Session, RequestId, M], Awaitable[None]]
+
+# What only a session can do; every other message is a command in service.COMMANDS.
+HANDLERS: dict[type[Message], Handler[Any]] = {}
 
 
-class Context:
-    """What a handler may touch: its connection and the app's services."""
+def handles(kind: type[M]) -> Callable[[Handler[M]], Handler[M]]:
+    """Register the handler of `kind`: the one place its message type is paired with it.
 
-    __slots__ = (
-        "conn",
-        "max_frame",
-        "max_watches",
-        "metrics",
-        "reauthed",
-        "rooms",
-        "scheduling",
-        "secret",
-        "turn",
-    )
-
-    def __init__(self, conn: Connection, app: web.Application) -> None:
-        self.conn = conn
-        # One message at a time, and the token expiry waits its turn like a message.
-        self.turn = asyncio.Lock()
-        self.reauthed = asyncio.Event()
-        self.rooms: Rooms = app[ROOMS]
-        self.scheduling: Scheduling = app[SCHEDULING]
-        self.secret = app[SETTINGS].jwt_secret
-        self.max_watches = app[SETTINGS].max_watches
-        self.max_frame = app[SETTINGS].max_frame_bytes
-        self.metrics = app[METRICS]
-
-
-async def on_auth(ctx: Context, rid: RequestId, msg: Any) -> None:
-    assert isinstance(msg, Auth)
-    identity = auth.verify(ctx.secret, msg.token)
-    conn, before = ctx.conn, ctx.conn.identity
-    if before is not None and (before.subject, before.role) != (identity.subject, identity.role):
-        # Private rooms were joined as someone else: leave them (public watches stay).
-        await leave_private_rooms(ctx)
-    conn.identity = identity
-    ctx.reauthed.set()
-    ctx.conn.send(Authenticated(identity.subject, identity.role, identity.expires_at), rid)
-
-
-async def leave_private_rooms(ctx: Context) -> list[Unwatched]:
-    conn, left = ctx.conn, []
-    for doctor_id, member in list(conn.dashboards.items()):
-        await ctx.rooms.leave(member)
-        left.append(Unwatched(doctor_id, room="dashboard"))
-    conn.dashboards.clear()
-    if conn.appointments is not None:
-        await ctx.rooms.leave_patient(conn.appointments)
-        conn.appointments = None
-        left.append(Unwatched(room="appointments"))
-    return left
-
-
-async def expire_identity(ctx: Context) -> None:
-    """Dashboards and patient rooms carry patient details: they stop when the token does.
-
-    Commands check the token when they run; a room is joined once and then streams,
-    so its membership is what has to end. A fresh `auth` before then keeps it.
+    The decoder hands over a body of the frame's type, so a handler receives only its
+    own message; the type checker holds each registration to that, here and nowhere else.
     """
-    while True:
-        who = ctx.conn.identity
-        wait = None
-        if who is not None and who.expires_at is not None:
-            wait = max(0.0, (who.expires_at - datetime.now(UTC)).total_seconds())
-        try:
-            async with asyncio.timeout(wait):
-                await ctx.reauthed.wait()
-        except TimeoutError:
-            async with ctx.turn:
-                expired = ctx.conn.identity is who  # not renewed while waiting for the turn
-                if expired:
-                    left = await leave_private_rooms(ctx)
-                    ctx.conn.send_error(
-                        auth.AuthError("the token has expired", code=ErrorCode.TOKEN_EXPIRED)
-                    )
-                    for notice in left:
-                        ctx.conn.send(notice)
-            if expired:
-                await ctx.reauthed.wait()  # until then nothing is left to expire
-        ctx.reauthed.clear()
+
+    def register(handler: Handler[M]) -> Handler[M]:
+        if kind in HANDLERS:
+            raise ValueError(f"two handlers for {kind.TYPE!r}")
+        HANDLERS[kind] = handler
+        return handler
+
+    return register
 
 
-async def on_watch(ctx: Context, rid: RequestId, msg: Any) -> None:
-    assert isinstance(msg, Watch)
-    conn = ctx.conn
-    old = conn.watches.get(msg.doctor_id)  # a new range replaces it, once that succeeds
-    if old is None and len(conn.watches) >= ctx.max_watches:
+@handles(Auth)
+async def on_auth(session: Session, rid: RequestId, msg: Auth) -> None:
+    identity = auth.verify(session.secret, msg.token)
+    await session.authenticate(identity)
+    session.conn.send(Authenticated(identity.subject, identity.role, identity.expires_at), rid)
+
+
+@handles(Watch)
+async def on_watch(session: Session, rid: RequestId, msg: Watch) -> None:
+    conn, rooms, scheduling = session.conn, session.rooms, session.scheduling
+    old = session.watches.get(msg.doctor_id)  # a new range replaces it, once that succeeds
+    if old is None and len(session.watches) >= session.max_watches:
         raise SlotcastError(
-            f"at most {ctx.max_watches} watches per connection", code=ErrorCode.LIMIT_EXCEEDED
+            f"at most {session.max_watches} watches per connection", code=ErrorCode.LIMIT_EXCEEDED
         )
-    ctx.scheduling.check_range(msg.start, msg.end)
+    scheduling.check_range(msg.start, msg.end)
     # Join (and so subscribe) before reading anything: nothing committed after the
     # read can slip between the two.
-    member = await ctx.rooms.join(conn, msg.doctor_id)
+    member = await rooms.join(conn, msg.doctor_id)
     try:
         missed = None
         if msg.since is not None:
-            missed = await ctx.scheduling.missed(msg.doctor_id, msg.since)
+            missed = await scheduling.missed(msg.doctor_id, msg.since)
         snapshot = None
         if missed is None:
-            snapshot = await ctx.scheduling.snapshot(msg.doctor_id, msg.start, msg.end)
+            snapshot = await scheduling.snapshot(msg.doctor_id, msg.start, msg.end)
     except BaseException:
-        await ctx.rooms.leave(member)
+        await rooms.leave(member)
         raise
     if old is not None:  # the new member keeps the room open: no unsubscribe, no gap
-        await ctx.rooms.leave(old)
-    conn.watches[msg.doctor_id] = member
+        await rooms.leave(old)
+    session.watches[msg.doctor_id] = member
     conn.seal(msg.doctor_id)  # later deltas must follow the reply, not merge ahead of it
     if snapshot is not None:
         conn.send(snapshot, rid)
@@ -170,79 +115,69 @@ async def on_watch(ctx: Context, rid: RequestId, msg: Any) -> None:
     member.start(version)
 
 
-async def on_unwatch(ctx: Context, rid: RequestId, msg: Any) -> None:
-    assert isinstance(msg, Unwatch)
-    member = ctx.conn.watches.pop(msg.doctor_id, None)
+@handles(Unwatch)
+async def on_unwatch(session: Session, rid: RequestId, msg: Unwatch) -> None:
+    member = session.watches.pop(msg.doctor_id, None)
     if member is not None:
-        await ctx.rooms.leave(member)
-    ctx.conn.send(Unwatched(msg.doctor_id), rid)
+        await session.rooms.leave(member)
+    session.conn.send(Unwatched(msg.doctor_id), rid)
 
 
-async def on_watch_dashboard(ctx: Context, rid: RequestId, msg: Any) -> None:
-    assert isinstance(msg, WatchDashboard)
-    conn = ctx.conn
-    ctx.scheduling.require_doctor(conn.identity, msg.doctor_id)
-    old = conn.dashboards.get(msg.doctor_id)
-    if old is None and len(conn.dashboards) >= ctx.max_watches:
+@handles(WatchDashboard)
+async def on_watch_dashboard(session: Session, rid: RequestId, msg: WatchDashboard) -> None:
+    rooms = session.rooms
+    session.scheduling.require_doctor(session.identity, msg.doctor_id)
+    old = session.dashboards.get(msg.doctor_id)
+    if old is None and len(session.dashboards) >= session.max_watches:
         raise SlotcastError(
-            f"at most {ctx.max_watches} dashboards per connection", code=ErrorCode.LIMIT_EXCEEDED
+            f"at most {session.max_watches} dashboards per connection",
+            code=ErrorCode.LIMIT_EXCEEDED,
         )
-    member = await ctx.rooms.join(conn, msg.doctor_id, "dashboard")
+    member = await rooms.join(session.conn, msg.doctor_id, "dashboard")
     try:
-        dashboard = await ctx.scheduling.dashboard(msg.doctor_id, msg.date)
+        dashboard = await session.scheduling.dashboard(msg.doctor_id, msg.date)
     except BaseException:
-        await ctx.rooms.leave(member)
+        await rooms.leave(member)
         raise
     if old is not None:
-        await ctx.rooms.leave(old)
-    conn.dashboards[msg.doctor_id] = member
-    watchers = ctx.rooms.watchers(msg.doctor_id)
+        await rooms.leave(old)
+    session.dashboards[msg.doctor_id] = member
+    watchers = rooms.watchers(msg.doctor_id)
     member.room.watchers = watchers
-    conn.send(replace(dashboard, watchers=watchers), rid)
+    session.conn.send(replace(dashboard, watchers=watchers), rid)
     member.start(dashboard.version)
 
 
-async def on_unwatch_dashboard(ctx: Context, rid: RequestId, msg: Any) -> None:
-    assert isinstance(msg, UnwatchDashboard)
-    member = ctx.conn.dashboards.pop(msg.doctor_id, None)
+@handles(UnwatchDashboard)
+async def on_unwatch_dashboard(session: Session, rid: RequestId, msg: UnwatchDashboard) -> None:
+    member = session.dashboards.pop(msg.doctor_id, None)
     if member is not None:
-        await ctx.rooms.leave(member)
-    ctx.conn.send(Unwatched(msg.doctor_id, room="dashboard"), rid)
+        await session.rooms.leave(member)
+    session.conn.send(Unwatched(msg.doctor_id, room="dashboard"), rid)
 
 
-async def on_watch_appointments(ctx: Context, rid: RequestId, msg: Any) -> None:
-    assert isinstance(msg, WatchAppointments)
-    conn = ctx.conn
-    patient = ctx.scheduling.require_patient(conn.identity)
-    if conn.appointments is None:
-        conn.appointments = await ctx.rooms.join_patient(conn, patient.subject)
-    conn.send(await ctx.scheduling.my_appointments(conn.identity, MyAppointments()), rid)
+@handles(WatchAppointments)
+async def on_watch_appointments(session: Session, rid: RequestId, msg: WatchAppointments) -> None:
+    patient = session.scheduling.require_patient(session.identity)
+    if session.appointments is None:
+        session.appointments = await session.rooms.join_patient(session.conn, patient.subject)
+    reply = await session.scheduling.my_appointments(session.identity, MyAppointments())
+    session.conn.send(reply, rid)
 
 
-async def on_unwatch_appointments(ctx: Context, rid: RequestId, msg: Any) -> None:
-    assert isinstance(msg, UnwatchAppointments)
-    member, ctx.conn.appointments = ctx.conn.appointments, None
+@handles(UnwatchAppointments)
+async def on_unwatch_appointments(
+    session: Session, rid: RequestId, msg: UnwatchAppointments
+) -> None:
+    member, session.appointments = session.appointments, None
     if member is not None:
-        await ctx.rooms.leave_patient(member)
-    ctx.conn.send(Unwatched(room="appointments"), rid)
+        await session.rooms.leave_patient(member)
+    session.conn.send(Unwatched(room="appointments"), rid)
 
 
-async def on_ping(ctx: Context, rid: RequestId, msg: Any) -> None:
-    ctx.conn.send(Pong(), rid)
-
-
-Handler = Callable[[Context, RequestId, Any], Awaitable[None]]
-# What only a connection can do; every other message is a command in service.COMMANDS.
-HANDLERS: dict[type[Message], Handler] = {
-    Auth: on_auth,
-    Watch: on_watch,
-    Unwatch: on_unwatch,
-    WatchDashboard: on_watch_dashboard,
-    UnwatchDashboard: on_unwatch_dashboard,
-    WatchAppointments: on_watch_appointments,
-    UnwatchAppointments: on_unwatch_appointments,
-    Ping: on_ping,
-}
+@handles(Ping)
+async def on_ping(session: Session, rid: RequestId, msg: Ping) -> None:
+    session.conn.send(Pong(), rid)
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
@@ -267,16 +202,24 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         outbox_limit=settings.outbox_limit,
         on_slow=metrics.slow_consumers.inc,
     )
-    ctx = Context(conn, app)
-    app[CONNECTIONS].add(conn)
+    session = Session(
+        conn,
+        app[ROOMS],
+        app[SCHEDULING],
+        metrics,
+        secret=settings.jwt_secret,
+        max_watches=settings.max_watches,
+        max_frame=settings.max_frame_bytes,
+    )
+    app[CONNECTIONS].add(session)
     header_error: SlotcastError | None = None
     try:
         token = auth.bearer(request.headers.get("Authorization"))
         if token is not None:
-            conn.identity = auth.verify(settings.jwt_secret, token)
+            session.identity = auth.verify(settings.jwt_secret, token)
     except SlotcastError as exc:
         header_error = exc  # stay connected as anonymous; tell the client why
-    who = conn.identity
+    who = session.identity
     conn.send(
         Welcome(
             protocol=PROTOCOL,
@@ -287,7 +230,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     )
     if header_error is not None:
         conn.send_error(header_error)
-    expiry = asyncio.create_task(expire_identity(ctx), name="token-expiry")
+    expiry = asyncio.create_task(session.expire_identity(), name="token-expiry")
     try:
         async for frame in ws:
             if conn.closing:
@@ -298,10 +241,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                 frame.type is WSMsgType.TEXT and not codec.binary
             ):
                 metrics.messages_in.inc()
-                async with ctx.turn:
+                async with session.turn:
                     conn.busy = True
                     try:
-                        await _handle(ctx, frame.data)
+                        await _handle(session, frame.data)
                     finally:
                         conn.command_done()
             elif frame.type is WSMsgType.TEXT:
@@ -312,42 +255,39 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         expiry.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await expiry
-        app[CONNECTIONS].discard(conn)
-        for member in conn.watches.values():
-            await ctx.rooms.leave(member)
-        conn.watches.clear()
-        await leave_private_rooms(ctx)
+        app[CONNECTIONS].discard(session)
+        await session.leave_all()
         await conn.close()
     return ws
 
 
-async def _handle(ctx: Context, data: bytes | str) -> None:
-    conn = ctx.conn
+async def _handle(session: Session, data: bytes | str) -> None:
+    conn = session.conn
     request_id: RequestId = None
     started = time.perf_counter()
     kind_name = "invalid"
     try:
-        envelope = conn.codec.decode(data, max_size=ctx.max_frame)
+        envelope = conn.codec.decode(data, max_size=session.max_frame)
         request_id = envelope.id
         kind = type(envelope.body)
         kind_name = kind.TYPE
         handler = HANDLERS.get(kind)
         if handler is not None:
-            await handler(ctx, request_id, envelope.body)
+            await handler(session, request_id, envelope.body)
         else:
-            reply = await COMMANDS[kind](ctx.scheduling, conn.identity, envelope.body)
+            reply = await COMMANDS[kind](session.scheduling, session.identity, envelope.body)
             conn.send(reply, request_id)
     except ProtocolError as exc:
-        _refuse(ctx, exc, exc.request_id)
+        _refuse(session, exc, exc.request_id)
     except SlotcastError as exc:
-        _refuse(ctx, exc, request_id)
+        _refuse(session, exc, request_id)
     except Exception:
         log.exception("handler failed")
-        _refuse(ctx, SlotcastError("internal error", code=ErrorCode.INTERNAL), request_id)
+        _refuse(session, SlotcastError("internal error", code=ErrorCode.INTERNAL), request_id)
     finally:
-        ctx.metrics.command_latency.labels(kind_name).observe(time.perf_counter() - started)
+        session.metrics.command_latency.labels(kind_name).observe(time.perf_counter() - started)
 
 
-def _refuse(ctx: Context, error: SlotcastError, request_id: RequestId) -> None:
-    ctx.metrics.errors.labels(error.code.value).inc()
-    ctx.conn.send_error(error, request_id)
+def _refuse(session: Session, error: SlotcastError, request_id: RequestId) -> None:
+    session.metrics.errors.labels(error.code.value).inc()
+    session.conn.send_error(error, request_id)

@@ -34,6 +34,7 @@ from protocol.codec import JSON, MSGPACK, Codec
 from protocol.errors import ErrorCode
 from protocol.messages import (
     SERVER_MESSAGES,
+    AppointmentView,
     Dashboard,
     DashboardDelta,
     Delta,
@@ -57,11 +58,14 @@ from server.connection import (
     HIGH_WATER,
     Connection,
 )
+from server.frames import frame
 from server.keys import BROKER, CONNECTIONS, STATE
-from server.rooms import Frames
+from server.rooms import Frames, Rooms
 from server.settings import Settings
 from store import commands, outbox, reads
-from store.changes import Change, unpack
+from store.broker import MemoryBroker
+from store.changes import Change, PatientNote, unpack
+from store.constants import patient_channel
 from store.errors import Unavailable
 from store.runner import Store
 from testkit.fixtures import SeededDoctor, seed_doctor, token, ws_url
@@ -595,8 +599,8 @@ async def test_a_failed_publish_is_relayed_even_after_a_later_one_succeeds(
 
 
 def server_side(client: AppClient, doctor_id: int) -> Connection:
-    (conn,) = [c for c in client.app[CONNECTIONS] if doctor_id in c.watches]
-    return conn
+    (session,) = [s for s in client.app[CONNECTIONS] if doctor_id in s.watches]
+    return session.conn
 
 
 def back_up(client_ws: aiohttp.ClientWebSocketResponse, server: Connection) -> Any:
@@ -696,7 +700,7 @@ async def test_a_slow_watcher_gets_merged_deltas_and_ends_equal_to_the_database(
         assert len(merged[0]["slots"]) == merged[0]["version"] - merged[0]["since"]
         mine = {sid: SlotStatus(s["status"]) for sid, s in in_range(state, doctor).items()}
         assert mine == await db_statuses(store, doctor)
-        assert server in client.app[CONNECTIONS]  # merging kept it connected
+        assert server in {s.conn for s in client.app[CONNECTIONS]}  # merging kept it connected
         await ws.send_str(JSON.dumps({"type": "ping", "id": "p", "body": {}}).decode())
         assert JSON.loads((await ws.receive(timeout=WAIT_S)).data)["type"] == "pong"
 
@@ -1134,3 +1138,71 @@ async def test_auth_as_someone_else_leaves_private_rooms(
         await c.auth(token(Role.PATIENT, "p-switch"))
         resp = await client.get("/readyz")
         assert (await resp.json())["dashboards"] == 0
+
+
+# ---- the bytes fan-out writes: spliced envelopes, as clients have always received them -------
+
+
+def whole_envelope(codec: Codec, kind: str, body: dict[str, Any]) -> bytes:
+    """A server frame as built before bodies were spliced in: the whole envelope encoded."""
+    return frame(codec.dumps({"type": kind, "id": None, "body": body}), binary=codec.binary)
+
+
+@pytest.mark.parametrize("codec", [JSON, MSGPACK], ids=lambda c: c.name)
+async def test_deltas_and_merged_deltas_keep_their_bytes_on_the_wire(codec: Codec) -> None:
+    c = change(5, 7, [slot(1, SlotStatus.BUSY), slot(2, SlotStatus.FREE)], [3])
+    assert Frames(c).get("availability", codec) == whole_envelope(codec, "delta", c.public)
+
+    transport, ws = FakeTransport(), FakeSocket()
+    conn = Connection(cast(web.WebSocketResponse, ws), transport, codec, outbox_limit=1000)
+    try:
+        transport.buffered = HIGH_WATER
+        for _ in range(COALESCE_AFTER):
+            conn.send(Pong())
+        later = [change(5, v, [slot(v, SlotStatus.BUSY)], [v - 1]) for v in (8, 9)]
+        for c in later:
+            conn.send_delta(5, c.public, Frames(c).get("availability", codec))
+        transport.buffered = 0
+        conn.send(Pong())  # wakes the writer
+        await eventually(lambda: len(transport.written) == COALESCE_AFTER + 2, "the outbox")
+        merged = {  # 9 removed slot 8, which 8 had changed
+            "doctor_id": 5,
+            "version": 9,
+            "slots": later[1].public["slots"],
+            "removed": [7, 8],
+            "since": 7,
+        }
+        assert transport.written[COALESCE_AFTER] == whole_envelope(codec, "delta", merged)
+    finally:
+        await conn.close()
+
+
+async def test_appointment_events_keep_their_bytes_on_the_wire() -> None:
+    """One frame per codec for the patient's room, spliced; each codec's bytes as before."""
+    broker = MemoryBroker()
+    rooms = Rooms(cast(Store, None), broker, "test-instance")  # a patient room reads no store
+    transports = {codec.name: FakeTransport() for codec in (JSON, MSGPACK)}
+    conns = [
+        Connection(
+            cast(web.WebSocketResponse, FakeSocket()), transports[codec.name], codec, outbox_limit=9
+        )
+        for codec in (JSON, MSGPACK)
+    ]
+    try:
+        for conn in conns:
+            await rooms.join_patient(conn, "p-1")
+        start = datetime(2031, 1, 1, 8, tzinfo=UTC)
+        view = AppointmentView(
+            11, 3, 5, "p-1", start, start + timedelta(minutes=30), AppointmentStatus.BOOKED
+        )
+        note = PatientNote("p-1", 5, 42, msgspec.to_builtins(view))
+        await broker.publish(patient_channel("p-1"), note.pack())
+        await eventually(lambda: all(t.written for t in transports.values()), "the events")
+        body = {"doctor_id": 5, "version": 42, "appointment": note.appointment}
+        for codec in (JSON, MSGPACK):
+            expected = whole_envelope(codec, "appointment_event", body)
+            assert transports[codec.name].written == [expected], codec.name
+    finally:
+        await rooms.close()
+        for conn in conns:
+            await conn.close()

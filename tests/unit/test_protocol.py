@@ -527,6 +527,22 @@ def test_frames_have_the_documented_shape(
 
 
 @THOROUGH
+@given(data=st.data(), request_id=VALID_REQUEST_IDS)
+def test_a_wrapped_body_is_byte_for_byte_the_frame_encode_builds(
+    data: st.DataObject, request_id: RequestId
+) -> None:
+    """Fan-out serializes a body once and splices it into its envelope (`Codec.wrap`);
+    a client must not be able to tell that frame from one `encode` built whole."""
+    message = data.draw(any_message())
+    body = to_wire(message)["body"]
+    for codec in (JSON, MSGPACK):
+        wrapped = codec.wrap(message.TYPE, codec.encode_body(body), request_id)
+        assert wrapped == codec.encode(message, request_id), codec.name
+        decoded = codec.decode(wrapped, registry_of(type(message)), max_size=len(wrapped))
+        assert decoded == Envelope(request_id, message), codec.name
+
+
+@THOROUGH
 @given(
     codec=CODEC_STRATEGY,
     moment=st.datetimes(timezones=st.just(UTC)),

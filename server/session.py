@@ -1,0 +1,132 @@
+"""One client's session: who it is, which rooms it is in, and one message at a time.
+
+The socket itself (codec, outbox, close handshake) is `server.connection`. What
+the client has told us over it lives here: its identity (from the handshake's
+header or a later `auth`), its availability watches, the dashboards it follows
+and its own appointments room. Rooms hold only the connection, which is all they
+need to write to, so membership flows one way: the session joins and leaves
+rooms, rooms never reach back up to a session.
+
+A session is built per WebSocket and lives as long as it, so it carries, as
+plain references, the app's services its handlers call: one object per client,
+however many watches it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+from protocol.errors import ErrorCode
+from protocol.messages import Unwatched
+from server import auth
+from server.auth import Identity
+from server.connection import Connection
+from server.metrics import Metrics
+from server.rooms import Member, PatientMember, Rooms
+from server.service import Scheduling
+
+
+class Session:
+    __slots__ = (
+        "appointments",
+        "conn",
+        "dashboards",
+        "identity",
+        "max_frame",
+        "max_watches",
+        "metrics",
+        "reauthed",
+        "rooms",
+        "scheduling",
+        "secret",
+        "turn",
+        "watches",
+    )
+
+    def __init__(
+        self,
+        conn: Connection,
+        rooms: Rooms,
+        scheduling: Scheduling,
+        metrics: Metrics,
+        *,
+        secret: str,
+        max_watches: int,
+        max_frame: int,
+    ) -> None:
+        self.conn = conn
+        self.identity: Identity | None = None
+        self.watches: dict[int, Member] = {}
+        self.dashboards: dict[int, Member] = {}
+        self.appointments: PatientMember | None = None
+        # One message at a time, and the token expiry waits its turn like a message.
+        self.turn = asyncio.Lock()
+        self.reauthed = asyncio.Event()
+        self.rooms = rooms
+        self.scheduling = scheduling
+        self.metrics = metrics
+        self.secret = secret
+        self.max_watches = max_watches
+        self.max_frame = max_frame
+
+    async def authenticate(self, identity: Identity) -> None:
+        """Take a fresh token; the expiry timer restarts from it."""
+        before = self.identity
+        if before is not None and (before.subject, before.role) != (
+            identity.subject,
+            identity.role,
+        ):
+            # Private rooms were joined as someone else: leave them (public watches stay).
+            await self.leave_private_rooms()
+        self.identity = identity
+        self.reauthed.set()
+
+    async def leave_private_rooms(self) -> list[Unwatched]:
+        """Leave the rooms that carry patient details; returns the notices to tell the client."""
+        left = []
+        for doctor_id, member in list(self.dashboards.items()):
+            await self.rooms.leave(member)
+            left.append(Unwatched(doctor_id, room="dashboard"))
+        self.dashboards.clear()
+        if self.appointments is not None:
+            await self.rooms.leave_patient(self.appointments)
+            self.appointments = None
+            left.append(Unwatched(room="appointments"))
+        return left
+
+    async def leave_all(self) -> None:
+        """The socket is gone: leave every room, so rooms close and unsubscribe."""
+        for member in self.watches.values():
+            await self.rooms.leave(member)
+        self.watches.clear()
+        await self.leave_private_rooms()
+
+    async def expire_identity(self) -> None:
+        """Dashboards and patient rooms carry patient details: they stop when the token does.
+
+        Commands check the token when they run; a room is joined once and then streams,
+        so its membership is what has to end. A fresh `auth` before then keeps it.
+        Runs for the session's life, as its own task.
+        """
+        while True:
+            who = self.identity
+            wait = None
+            if who is not None and who.expires_at is not None:
+                wait = max(0.0, (who.expires_at - datetime.now(UTC)).total_seconds())
+            try:
+                async with asyncio.timeout(wait):
+                    await self.reauthed.wait()
+            except TimeoutError:
+                async with self.turn:
+                    expired = self.identity is who  # not renewed while waiting for the turn
+                    if expired:
+                        left = await self.leave_private_rooms()
+                        self.conn.send_error(
+                            auth.AuthError("the token has expired", code=ErrorCode.TOKEN_EXPIRED)
+                        )
+                        for notice in left:
+                            self.conn.send(notice)
+                if expired:
+                    await self.reauthed.wait()  # until then nothing is left to expire
+            self.reauthed.clear()
