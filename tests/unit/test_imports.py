@@ -1,9 +1,10 @@
-"""The import graph of the three packages, read from their source.
+"""The import graph of the packages, read from their source.
 
-Layers import one way (protocol <- store <- server; protocol <- client) and no module imports one that
-imports it back: a cycle is where a boundary starts to blur (a connection that
-knows its session's rooms, keys that know the drain), and it usually hides behind
-an `if TYPE_CHECKING:` or a function-level import, so both count here.
+Layers import one way (protocol <- store <- server; protocol <- client) and no
+module imports one that imports it back: a cycle is where a boundary starts to
+blur (a connection that knows its session's rooms, keys that know the drain), and
+it usually hides behind an `if TYPE_CHECKING:` or a function-level import, so both
+count here.
 """
 
 from __future__ import annotations
