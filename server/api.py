@@ -18,10 +18,9 @@ from aiohttp import web
 
 from protocol.codec import parse_body
 from protocol.errors import ErrorCode, ProtocolError, SlotcastError
-from protocol.messages import Message
 from server import auth
+from server.commands import Command, PublicCommand
 from server.keys import BROKER, METRICS, ROOMS, SCHEDULING, SETTINGS, STATE, STORE
-from server.service import COMMANDS
 from store import runner
 
 log = logging.getLogger(__name__)
@@ -112,11 +111,12 @@ def _doctor_id(request: web.Request) -> int:
     return value
 
 
-def command(cls: type[Message], status: int = 200) -> Handler:
-    """A REST endpoint for a command: path, query and body make the message, as on a socket.
+def endpoint(command: Command[Any] | PublicCommand[Any]) -> Handler:
+    """A command's REST endpoint: path, query and body make the message, as on a socket.
 
     Query strings are coerced (numbers, dates); JSON bodies are validated strictly.
     """
+    cls = command.message
 
     async def handler(request: web.Request) -> web.StreamResponse:
         raw: dict[str, Any] = {}
@@ -128,13 +128,13 @@ def command(cls: type[Message], status: int = 200) -> Handler:
                 raise ProtocolError("the body must be a JSON object", code=ErrorCode.INVALID)
             raw.update(body)
         key = request.headers.get("Idempotency-Key")
-        if key is not None and request.method != "GET":
+        if key is not None and command.idempotent:
             raw.setdefault("idempotency_key", key)
         for name, value in request.match_info.items():
             raw[name] = _path_id(name, value)
         message = parse_body(raw, cls, strict=request.method != "GET")
-        reply = await COMMANDS[cls](request.app[SCHEDULING], _caller(request), message)
-        return json_response(msgspec.to_builtins(reply), status=status)
+        reply = await command(request.app[SCHEDULING], _caller(request), message)
+        return json_response(msgspec.to_builtins(reply), status=command.route.status)
 
     handler.__name__ = f"{cls.TYPE}_endpoint"
     return handler

@@ -8,9 +8,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from protocol import messages as m
 from server import api, signin, ws
-from server.api import command
+from server.commands import REGISTRY
 from server.settings import Settings
 
 
@@ -22,22 +21,10 @@ def setup_routes(app: web.Application, settings: Settings) -> None:
     r.add_get("/readyz", api.readyz)
     r.add_get("/metrics", api.metrics)
     # Public availability (the WebSocket `watch` gives the same snapshot, then live deltas).
-    r.add_get("/api/doctors", command(m.SearchDoctors))
     r.add_get("/api/doctors/{doctor_id}/slots", api.doctor_slots)
-    # Patients.
-    r.add_post("/api/holds", command(m.Hold, 201))
-    r.add_delete("/api/holds/{appointment_id}", command(m.Release))
-    r.add_post("/api/appointments", command(m.Book, 201))
-    r.add_get("/api/me/appointments", command(m.MyAppointments))
-    # Patients, doctors and admins (ownership is checked).
-    r.add_post("/api/appointments/{appointment_id}/cancel", command(m.Cancel))
-    r.add_post("/api/appointments/{appointment_id}/reschedule", command(m.Reschedule, 201))
-    # Doctors and admins.
-    r.add_post("/api/appointments/{appointment_id}/status", command(m.Mark))
-    r.add_post("/api/slots/{slot_id}/block", command(m.Block))
-    r.add_delete("/api/slots/{slot_id}/block", command(m.Unblock))
-    r.add_put("/api/doctors/{doctor_id}/schedule", command(m.SetSchedule))
-    r.add_get("/api/doctors/{doctor_id}/appointments", command(m.ListAppointments))
+    # Every command, where its registry entry says (server.commands.REGISTRY).
+    for command in REGISTRY.values():
+        r.add_route(command.route.method, command.route.path, api.endpoint(command))
     # Demo mode only: development tokens for demo identities (`not_found` otherwise).
     r.add_get("/api/demo", signin.identities)
     r.add_post("/api/demo/token", signin.token)

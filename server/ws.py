@@ -24,7 +24,6 @@ from protocol.messages import (
     Auth,
     Authenticated,
     Message,
-    MyAppointments,
     Ping,
     Pong,
     Resumed,
@@ -38,10 +37,10 @@ from protocol.messages import (
     Welcome,
 )
 from server import auth
+from server.commands import REGISTRY
 from server.connection import Connection
 from server.keys import CONNECTIONS, METRICS, ROOMS, SCHEDULING, SETTINGS, STATE
 from server.rooms import Frames
-from server.service import COMMANDS
 from server.session import Session
 
 log = logging.getLogger(__name__)
@@ -49,7 +48,7 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 Handler = Callable[[Session, RequestId, M], Awaitable[None]]
 
-# What only a session can do; every other message is a command in service.COMMANDS.
+# What only a session can do; every other message is a command in server.commands.REGISTRY.
 HANDLERS: dict[type[Message], Handler[Any]] = {}
 
 
@@ -161,7 +160,7 @@ async def on_watch_appointments(session: Session, rid: RequestId, msg: WatchAppo
     patient = session.scheduling.require_patient(session.identity)
     if session.appointments is None:
         session.appointments = await session.rooms.join_patient(session.conn, patient.subject)
-    reply = await session.scheduling.my_appointments(session.identity, MyAppointments())
+    reply = await session.scheduling.my_appointments(patient)
     session.conn.send(reply, rid)
 
 
@@ -275,7 +274,7 @@ async def _handle(session: Session, data: bytes | str) -> None:
         if handler is not None:
             await handler(session, request_id, envelope.body)
         else:
-            reply = await COMMANDS[kind](session.scheduling, session.identity, envelope.body)
+            reply = await REGISTRY[kind](session.scheduling, session.identity, envelope.body)
             conn.send(reply, request_id)
     except ProtocolError as exc:
         _refuse(session, exc, exc.request_id)

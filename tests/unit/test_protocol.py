@@ -60,11 +60,12 @@ from protocol.messages import (
 )
 from protocol.vocabulary import Role
 from server.api import HTTP_STATUS
+from server.commands import REGISTRY
 from server.connection import CLOSE_SERVICE_RESTART, CLOSE_SLOW_CONSUMER
 from server.metrics import Metrics
 from server.routes import setup_routes
-from server.service import COMMANDS
 from server.settings import Settings
+from server.ws import HANDLERS
 from testkit.harness import REPO
 
 # Many parametrized cases share the time budget: the whole file must stay well under 10 s.
@@ -1264,4 +1265,19 @@ def test_every_command_has_one_rest_route_whose_path_names_its_fields() -> None:
         seen.append(cls.TYPE)
         params = set(re.findall(r"\{(\w+)\}", where))
         assert params <= {f.name for f in dataclasses.fields(cls)}, where
-    assert sorted(seen) == sorted(cls.TYPE for cls in COMMANDS)
+    assert sorted(seen) == sorted(cls.TYPE for cls in REGISTRY)
+
+
+def test_every_client_message_is_a_session_handler_or_a_registered_command() -> None:
+    """A message with neither would decode, then fail as `internal` on every socket."""
+    handled = set(HANDLERS)
+    registered = set(REGISTRY)
+    assert handled.isdisjoint(registered)
+    assert handled | registered == set(CLIENT_MESSAGES.values())
+
+
+def test_a_command_takes_an_idempotency_key_exactly_when_the_registry_says() -> None:
+    """REST copies `Idempotency-Key` into the message only for idempotent commands."""
+    for cls, command in REGISTRY.items():
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert command.idempotent == ("idempotency_key" in fields), cls.TYPE

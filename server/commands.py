@@ -1,0 +1,208 @@
+"""Every command Slotcast runs, once: who may run it, what runs it, where REST finds it.
+
+The WebSocket dispatcher (`server.ws`) and the REST routes (`server.routes`) are
+both generated from `REGISTRY`, so a hold over REST and a hold over a WebSocket
+are the same code under the same rules. Adding a command means: its message in
+`protocol.messages`, its store function in `store.commands` (or a read), one
+entry here, its docs and its tests.
+
+Role checks that need no data happen here, at the gate; ownership checks that
+need the row happen in the store, under the doctor's lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import Enum
+from typing import Any, Generic, Literal, TypeVar
+
+from protocol.messages import (
+    Appointments,
+    Block,
+    Book,
+    Cancel,
+    Doctors,
+    Hold,
+    ListAppointments,
+    Mark,
+    Message,
+    MyAppointments,
+    Release,
+    Reschedule,
+    SearchDoctors,
+    SetSchedule,
+    Unblock,
+)
+from server.auth import Identity
+from server.service import Scheduling, actor_of, forbidden
+from store import commands, doctors, reads
+from store.tx import Actor
+
+M = TypeVar("M", bound=Message)
+
+
+class Gate(Enum):
+    """Who may knock at all; what they may touch is the store's business."""
+
+    SIGNED_IN = "signed-in"  # any valid token; the store checks ownership
+    PATIENT = "patient"  # holds, bookings and one's own appointments
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where REST serves a command: path parameters are fields of the message."""
+
+    method: Literal["GET", "POST", "PUT", "DELETE"]
+    path: str
+    status: int = 200
+
+
+Run = Callable[[Scheduling, Actor, M], Awaitable[Message]]
+PublicRun = Callable[[Scheduling, M], Awaitable[Message]]
+
+
+@dataclass(frozen=True, slots=True)
+class Command(Generic[M]):
+    """One command: its message, its gate, its store call, its REST route.
+
+    `idempotent` commands carry an `idempotency_key` (REST takes it from the
+    `Idempotency-Key` header too): a retry returns the first reply, never acts twice.
+    """
+
+    message: type[M]
+    gate: Gate
+    run: Run[M]
+    route: Route
+    idempotent: bool = True
+
+    async def __call__(self, scheduling: Scheduling, who: Identity | None, msg: M) -> Message:
+        if self.gate is Gate.PATIENT:
+            actor = scheduling.require_patient(who)
+        else:
+            actor = actor_of(who, scheduling.clock())
+        return await self.run(scheduling, actor, msg)
+
+
+@dataclass(frozen=True, slots=True)
+class PublicCommand(Generic[M]):
+    """A read anyone may make, token or not (public availability and the directory)."""
+
+    message: type[M]
+    run: PublicRun[M]
+    route: Route
+    idempotent: bool = False
+
+    async def __call__(self, scheduling: Scheduling, who: Identity | None, msg: M) -> Message:
+        return await self.run(scheduling, msg)
+
+
+# ---- the commands, in the order of docs/protocol.md -------------------------------------------
+
+
+async def _hold(s: Scheduling, actor: Actor, msg: Hold) -> Message:
+    outcome = await commands.hold(
+        s.store,
+        actor,
+        msg,
+        ttl=timedelta(seconds=s.settings.hold_ttl_s),
+        max_holds=s.settings.max_holds_per_patient,
+        now=s.clock(),
+    )
+    return outcome.reply
+
+
+async def _release(s: Scheduling, actor: Actor, msg: Release) -> Message:
+    return (await commands.release(s.store, actor, msg, now=s.clock())).reply
+
+
+async def _book(s: Scheduling, actor: Actor, msg: Book) -> Message:
+    return (await commands.book(s.store, actor, msg, now=s.clock())).reply
+
+
+async def _cancel(s: Scheduling, actor: Actor, msg: Cancel) -> Message:
+    return (await commands.cancel(s.store, actor, msg, now=s.clock())).reply
+
+
+async def _reschedule(s: Scheduling, actor: Actor, msg: Reschedule) -> Message:
+    return (await commands.reschedule(s.store, actor, msg, now=s.clock())).reply
+
+
+async def _block(s: Scheduling, actor: Actor, msg: Block) -> Message:
+    return (await commands.block(s.store, actor, msg, now=s.clock())).reply
+
+
+async def _unblock(s: Scheduling, actor: Actor, msg: Unblock) -> Message:
+    return (await commands.unblock(s.store, actor, msg, now=s.clock())).reply
+
+
+async def _mark(s: Scheduling, actor: Actor, msg: Mark) -> Message:
+    return (await commands.mark(s.store, actor, msg, now=s.clock())).reply
+
+
+async def _set_schedule(s: Scheduling, actor: Actor, msg: SetSchedule) -> Message:
+    return (await commands.set_schedule(s.store, actor, msg, now=s.clock())).reply
+
+
+async def _list_appointments(s: Scheduling, actor: Actor, msg: ListAppointments) -> Message:
+    if not actor.owns_doctor(msg.doctor_id):
+        raise forbidden("only the doctor or an admin sees the doctor's appointments")
+    await doctors.doctor(s.store, msg.doctor_id)  # not_found for an unknown doctor
+    return Appointments(await reads.doctor_appointments(s.store, msg.doctor_id, msg.date))
+
+
+async def _my_appointments(s: Scheduling, actor: Actor, msg: MyAppointments) -> Message:
+    return await s.my_appointments(actor)
+
+
+async def _search_doctors(s: Scheduling, msg: SearchDoctors) -> Message:
+    found = await reads.search_doctors(s.store, msg.q, limit=msg.limit, offset=msg.offset)
+    return Doctors(found, msg.limit, msg.offset)
+
+
+_ALL: tuple[Command[Any] | PublicCommand[Any], ...] = (
+    Command(Hold, Gate.PATIENT, _hold, Route("POST", "/api/holds", 201)),
+    Command(Release, Gate.PATIENT, _release, Route("DELETE", "/api/holds/{appointment_id}")),
+    Command(Book, Gate.PATIENT, _book, Route("POST", "/api/appointments", 201)),
+    Command(
+        Cancel,
+        Gate.SIGNED_IN,
+        _cancel,
+        Route("POST", "/api/appointments/{appointment_id}/cancel"),
+    ),
+    Command(
+        Reschedule,
+        Gate.SIGNED_IN,
+        _reschedule,
+        Route("POST", "/api/appointments/{appointment_id}/reschedule", 201),
+    ),
+    Command(Block, Gate.SIGNED_IN, _block, Route("POST", "/api/slots/{slot_id}/block")),
+    Command(Unblock, Gate.SIGNED_IN, _unblock, Route("DELETE", "/api/slots/{slot_id}/block")),
+    Command(
+        Mark, Gate.SIGNED_IN, _mark, Route("POST", "/api/appointments/{appointment_id}/status")
+    ),
+    Command(
+        SetSchedule,
+        Gate.SIGNED_IN,
+        _set_schedule,
+        Route("PUT", "/api/doctors/{doctor_id}/schedule"),
+    ),
+    Command(
+        ListAppointments,
+        Gate.SIGNED_IN,
+        _list_appointments,
+        Route("GET", "/api/doctors/{doctor_id}/appointments"),
+        idempotent=False,
+    ),
+    Command(
+        MyAppointments,
+        Gate.PATIENT,
+        _my_appointments,
+        Route("GET", "/api/me/appointments"),
+        idempotent=False,
+    ),
+    PublicCommand(SearchDoctors, _search_doctors, Route("GET", "/api/doctors")),
+)
+
+REGISTRY: dict[type[Message], Command[Any] | PublicCommand[Any]] = {c.message: c for c in _ALL}
