@@ -1,6 +1,6 @@
 """Periodic upkeep every instance runs: holds, the slot horizon, and the relay's sweep.
 
-Every instance runs both; the doctor's lock and the re-checks under it make that
+Every instance runs all three; the doctor's lock and the re-checks under it make that
 safe, and it means a hold expires on time even when its holder is gone and its
 instance has died, and after any restart.
 """

@@ -8,7 +8,7 @@ The order matters to a load balancer and to clients:
    does not send every client to the other instances in the same instant;
 3. a connection that is running a command is closed right after that command,
    so in-flight work finishes and its reply is sent;
-4. then the app shuts down: rooms, publisher (flushing what is queued), broker, pool.
+4. then the app shuts down: rooms, the outbox (publishing what is queued), broker, pool.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every field is `SLOTCAST_<NAME>` in the environment; `DATABASE_URL` and
 `REDIS_URL` are honoured too, since that is what hosting platforms set. The
-README lists every setting with its default; `slotcast serve --help` shows the
+docs/configuration.md lists every setting with its default; `slotcast serve --help` shows the
 flags that override them.
 """
 

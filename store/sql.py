@@ -79,7 +79,7 @@ LEFT JOIN idempotency_keys k ON k.subject = $3 AND k.key = $4"""
 # And, optimistically, the command's own write (APPOINTMENT_INSERT_TAKING_SLOT: patient $5,
 # status $6, hold expiry $7, slot status $8), only when nothing else is to happen first
 # (no stored key, no expired hold) and the slot passes every check of
-# `commands.bookable_slot` and the hold limit, computed here from the same row. The `taken_`
+# `steps.bookable_slot` and the hold limit, computed here from the same row. The `taken_`
 # columns return the inserted appointment. This only saves a round trip: the command still
 # re-checks the returned row in Python, and any refusal there rolls back the whole
 # transaction, insert included (no savepoint is open when no hold expired); a slot this
