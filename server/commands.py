@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import Enum
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from protocol.messages import (
     Appointments,
@@ -38,9 +38,11 @@ from protocol.messages import (
 from server.auth import Identity
 from server.service import Scheduling, actor_of, forbidden
 from store import commands, doctors, reads
-from store.tx import Actor
+from store.runner import Store
+from store.tx import Actor, Outcome
 
 M = TypeVar("M", bound=Message)
+C = TypeVar("C", bound=Message, contravariant=True)
 
 
 class Gate(Enum):
@@ -113,36 +115,23 @@ async def _hold(s: Scheduling, actor: Actor, msg: Hold) -> Message:
     return outcome.reply
 
 
-async def _release(s: Scheduling, actor: Actor, msg: Release) -> Message:
-    return (await commands.release(s.store, actor, msg, now=s.clock())).reply
+class StoreCommand(Protocol[C]):
+    """A `store.commands` function: the caller's actor, the message, the instant it runs."""
+
+    def __call__(
+        self, store: Store, actor: Actor, msg: C, *, now: datetime | None = None
+    ) -> Awaitable[Outcome[Any]]: ...
 
 
-async def _book(s: Scheduling, actor: Actor, msg: Book) -> Message:
-    return (await commands.book(s.store, actor, msg, now=s.clock())).reply
+def plain(command: StoreCommand[M]) -> Run[M]:
+    """Run a store command that needs nothing from the settings, at the server's clock."""
 
+    async def run(s: Scheduling, actor: Actor, msg: M) -> Message:
+        outcome = await command(s.store, actor, msg, now=s.clock())
+        reply: Message = outcome.reply
+        return reply
 
-async def _cancel(s: Scheduling, actor: Actor, msg: Cancel) -> Message:
-    return (await commands.cancel(s.store, actor, msg, now=s.clock())).reply
-
-
-async def _reschedule(s: Scheduling, actor: Actor, msg: Reschedule) -> Message:
-    return (await commands.reschedule(s.store, actor, msg, now=s.clock())).reply
-
-
-async def _block(s: Scheduling, actor: Actor, msg: Block) -> Message:
-    return (await commands.block(s.store, actor, msg, now=s.clock())).reply
-
-
-async def _unblock(s: Scheduling, actor: Actor, msg: Unblock) -> Message:
-    return (await commands.unblock(s.store, actor, msg, now=s.clock())).reply
-
-
-async def _mark(s: Scheduling, actor: Actor, msg: Mark) -> Message:
-    return (await commands.mark(s.store, actor, msg, now=s.clock())).reply
-
-
-async def _set_schedule(s: Scheduling, actor: Actor, msg: SetSchedule) -> Message:
-    return (await commands.set_schedule(s.store, actor, msg, now=s.clock())).reply
+    return run
 
 
 async def _list_appointments(s: Scheduling, actor: Actor, msg: ListAppointments) -> Message:
@@ -163,29 +152,44 @@ async def _search_doctors(s: Scheduling, msg: SearchDoctors) -> Message:
 
 _ALL: tuple[Command[Any] | PublicCommand[Any], ...] = (
     Command(Hold, Gate.PATIENT, _hold, Route("POST", "/api/holds", 201)),
-    Command(Release, Gate.PATIENT, _release, Route("DELETE", "/api/holds/{appointment_id}")),
-    Command(Book, Gate.PATIENT, _book, Route("POST", "/api/appointments", 201)),
+    Command(
+        Release,
+        Gate.PATIENT,
+        plain(commands.release),
+        Route("DELETE", "/api/holds/{appointment_id}"),
+    ),
+    Command(Book, Gate.PATIENT, plain(commands.book), Route("POST", "/api/appointments", 201)),
     Command(
         Cancel,
         Gate.SIGNED_IN,
-        _cancel,
+        plain(commands.cancel),
         Route("POST", "/api/appointments/{appointment_id}/cancel"),
     ),
     Command(
         Reschedule,
         Gate.SIGNED_IN,
-        _reschedule,
+        plain(commands.reschedule),
         Route("POST", "/api/appointments/{appointment_id}/reschedule", 201),
     ),
-    Command(Block, Gate.SIGNED_IN, _block, Route("POST", "/api/slots/{slot_id}/block")),
-    Command(Unblock, Gate.SIGNED_IN, _unblock, Route("DELETE", "/api/slots/{slot_id}/block")),
     Command(
-        Mark, Gate.SIGNED_IN, _mark, Route("POST", "/api/appointments/{appointment_id}/status")
+        Block, Gate.SIGNED_IN, plain(commands.block), Route("POST", "/api/slots/{slot_id}/block")
+    ),
+    Command(
+        Unblock,
+        Gate.SIGNED_IN,
+        plain(commands.unblock),
+        Route("DELETE", "/api/slots/{slot_id}/block"),
+    ),
+    Command(
+        Mark,
+        Gate.SIGNED_IN,
+        plain(commands.mark),
+        Route("POST", "/api/appointments/{appointment_id}/status"),
     ),
     Command(
         SetSchedule,
         Gate.SIGNED_IN,
-        _set_schedule,
+        plain(commands.set_schedule),
         Route("PUT", "/api/doctors/{doctor_id}/schedule"),
     ),
     Command(
