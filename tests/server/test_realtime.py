@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as clock
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import aiohttp
 import msgspec
@@ -69,11 +69,10 @@ from store.constants import patient_channel
 from store.errors import Unavailable
 from store.runner import Store
 from testkit.fixtures import SeededDoctor, seed_doctor, token, ws_url
+from testkit.wire import WAIT_S, events_before_pong, eventually, expect
 
 AppClient = TestClient[web.Request, web.Application]
-M = TypeVar("M", bound=Message)
 
-WAIT_S = 5.0
 PRESENCE_S = 4.0  # a local join is told to dashboards on the next full announce (every 2 s)
 EVERY_DAY = range(1, 8)
 
@@ -87,40 +86,6 @@ def doctor_token(doctor_id: int) -> str:
 
 async def serve(aiohttp_client: AiohttpClient, settings: Settings) -> AppClient:
     return cast(AppClient, await aiohttp_client(create_app(settings)))
-
-
-async def expect(
-    client: SlotcastClient,
-    kind: type[M],
-    *,
-    skip: tuple[type[Message], ...] = (),
-    timeout: float = WAIT_S,
-) -> M:
-    """The next event, which must be a `kind`; only the `skip` kinds may come first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        event = await client.next_event(max(deadline - time.monotonic(), 0.001))
-        if isinstance(event, skip):
-            continue
-        assert isinstance(event, kind), f"expected {kind.TYPE}, got {event!r}"
-        return event
-
-
-async def events_before_pong(client: SlotcastClient) -> list[Message]:
-    """Every event the server sent `client` before answering a ping: a barrier, not a sleep."""
-    await client.ping()
-    events = []
-    while not client.events.empty():
-        events.append(client.events.get_nowait())
-    return events
-
-
-async def eventually(predicate: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
-    """Poll a condition that has no event to wait on (gauges, reconnects), with a deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 def statuses(slots: Iterable[SlotView]) -> dict[int, SlotStatus]:

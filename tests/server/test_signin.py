@@ -19,7 +19,7 @@ from server.app import create_app
 from server.settings import Settings
 from store import demo
 from testkit.fixtures import JWT_SECRET, SeededDoctor
-from tests.server.test_api import error_code
+from testkit.wire import error_code
 
 AppClient = TestClient[web.Request, web.Application]
 
