@@ -120,3 +120,11 @@ async def db_state(db: asyncpg.Connection) -> dict[str, list[tuple[Any, ...]]]:
         "keys": "SELECT subject, key, command FROM idempotency_keys ORDER BY subject, key",
     }
     return {name: [tuple(r) for r in await db.fetch(query)] for name, query in queries.items()}
+
+
+async def active_appointments(db: asyncpg.Connection, slot_id: int) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await db.fetch(
+        "SELECT id, patient_id FROM appointments WHERE slot_id = $1 AND status <> 'cancelled'",
+        slot_id,
+    )
+    return rows

@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any, Literal
 
 import aiohttp
+import asyncpg
 import msgpack
 import orjson
 import pytest
@@ -24,12 +25,13 @@ from pytest_aiohttp import AiohttpClient
 from client import ClientError, SlotcastClient
 from protocol.codec import JSON
 from protocol.errors import ErrorCode
-from protocol.messages import Delta, Error, Message, Pong, Welcome
-from protocol.vocabulary import Role, SlotStatus
+from protocol.messages import AppointmentView, Delta, Error, Message, Pong, Welcome
+from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
 from server import auth
 from server.app import create_app
 from server.settings import Settings
 from store.runner import Store
+from testkit.engine import active_appointments
 from testkit.fixtures import SeededDoctor, seed_doctor, token, ws_url
 
 AppClient = TestClient[web.Request, web.Application]
@@ -535,6 +537,34 @@ async def test_concurrent_bookings_still_arrive_contiguously(
             range(snapshot.version + 1, snapshot.version + n + 1)
         )
         assert sorted(d.slots[0].id for d in deltas) == sorted(booked)
+
+
+async def test_two_patients_racing_over_websockets_exactly_one_is_booked(
+    client: TestClient[web.Request, web.Application], doctor: SeededDoctor, db: asyncpg.Connection
+) -> None:
+    url = ws_url(client)
+    slot = doctor.slots[0]
+    async with (
+        SlotcastClient.connect(url, token=token(sub="ws-alice")) as alice,
+        SlotcastClient.connect(url, token=token(sub="ws-bob")) as bob,
+    ):
+        results = await asyncio.gather(
+            alice.book(slot.id), bob.book(slot.id), return_exceptions=True
+        )
+
+    booked = [r for r in results if isinstance(r, AppointmentView)]
+    refused = [r for r in results if isinstance(r, ClientError)]
+    assert len(booked) == 1, results
+    assert len(refused) == 1, results
+    assert refused[0].code is ErrorCode.SLOT_TAKEN
+    assert refused[0].wire_code == "slot_taken"
+    # The winner is whoever the server says it is, and it booked under its own identity.
+    winner = "ws-alice" if results[0] is booked[0] else "ws-bob"
+    assert booked[0].patient_id == winner
+    assert booked[0].slot_id == slot.id
+    assert booked[0].status is AppointmentStatus.BOOKED
+    rows = await active_appointments(db, slot.id)
+    assert [(r["id"], r["patient_id"]) for r in rows] == [(booked[0].id, winner)]
 
 
 async def test_double_booking_over_websocket_is_slot_taken(
