@@ -1,6 +1,6 @@
 """Demo sign-in and the pages: development tokens only in demo mode, pages at `/` and `/doctor`.
 
-The pages themselves are exercised in a real browser by tests/test_browser.py;
+The pages themselves are exercised in a real browser by tests/browser/test_browser.py;
 this checks the HTTP contract they rely on.
 """
 
