@@ -15,7 +15,7 @@ from typing import TypeVar
 from aiohttp import ClientResponse
 
 from client import SlotcastClient
-from protocol.messages import Message
+from protocol.messages import Delta, Message
 
 M = TypeVar("M", bound=Message)
 
@@ -46,6 +46,20 @@ async def events_before_pong(client: SlotcastClient) -> list[Message]:
     while not client.events.empty():
         events.append(client.events.get_nowait())
     return events
+
+
+async def deltas_before_pong(client: SlotcastClient) -> list[Delta]:
+    """The deltas that reached `client` before a ping round-trip: a barrier, never a sleep.
+
+    The server's outbox is FIFO and the in-memory broker delivers a commit's change one
+    loop turn after publishing it, before the booking's reply is even written, so any
+    delta a change was going to cause is queued ahead of this pong.
+    """
+    return [e for e in await events_before_pong(client) if isinstance(e, Delta)]
+
+
+async def assert_no_delta_before_pong(client: SlotcastClient) -> None:
+    assert await deltas_before_pong(client) == []
 
 
 async def eventually(predicate: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:

@@ -4,7 +4,7 @@ These tests attack the guarantees in the order they are layered: the per-doctor
 advisory lock, the checks re-done under it, the idempotency keys that make a
 retry safe, the change log that watchers are fed from, and the exclusion
 constraint that stands behind all of it should the code above ever be wrong.
-They call the store directly; the same race over WebSockets is in tests/server/test_ws.py.
+They call the store directly; the same race over WebSockets is in tests/server/test_commands.py.
 """
 
 from __future__ import annotations
