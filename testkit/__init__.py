@@ -1,4 +1,5 @@
-"""Test support code: services (harness), system tools, Chromium, screenshots, fixtures.
+"""Test support code: services (harness), system tools, Chromium, screenshots, fixtures,
+and the helpers more than one test file uses (wire, engine, layout).
 
 Imported by the suite (tests/), by `bench/` and by the Makefile (`make tools`,
 `make screenshots`). It is not installed (pyproject's packages leave it out, so

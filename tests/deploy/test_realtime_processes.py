@@ -31,7 +31,7 @@ from store import reads
 from store.runner import Store
 from testkit.fixtures import SeededDoctor, Spawn, token
 from testkit.harness import RedisServer, ServerProcess
-from tests.server.test_realtime import expect
+from testkit.wire import expect
 
 pytestmark = pytest.mark.processes
 

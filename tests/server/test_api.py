@@ -10,7 +10,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 import pytest
-from aiohttp import ClientResponse, web
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from client import SlotcastClient
@@ -19,6 +19,7 @@ from store import reads
 from store.doctors import create_doctor
 from store.runner import Store
 from testkit.fixtures import SeededDoctor, token, ws_url
+from testkit.wire import error_code
 
 AppClient = TestClient[web.Request, web.Application]
 BOOK = "/api/appointments"
@@ -29,18 +30,6 @@ def bearer(role: Role = Role.PATIENT, sub: str = "patient-1", **kw: Any) -> dict
 
 
 READY = {"status": "ready", "rooms": 0, "watchers": 0, "dashboards": 0, "patient_rooms": 0}
-
-
-async def error_code(resp: ClientResponse, status: int) -> str:
-    """The stable code of a JSON error reply, after checking it is one."""
-    assert resp.status == status, await resp.text()
-    assert resp.content_type == "application/json"
-    body = await resp.json()
-    assert set(body) == {"error"}
-    assert isinstance(body["error"]["message"], str)
-    assert body["error"]["message"]
-    code: str = body["error"]["code"]
-    return code
 
 
 # ---- doctors ---------------------------------------------------------------------------------

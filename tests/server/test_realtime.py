@@ -3,8 +3,8 @@
 Everything goes through a real loopback WebSocket to the in-process server, so
 what is asserted is what a browser or the Python client would see on the wire.
 The slow-consumer tests make the server's socket genuinely back up (a paused
-client transport and a small server send buffer); the Connection itself is also
-driven with a fake transport, where the exact merge and close rules can be
+client transport and a small server send buffer); tests/unit/test_outbox.py drives
+the Connection with a fake transport, where the exact merge and close rules can be
 pinned without depending on kernel buffer sizes.
 
 Tests that serve an app list the database fixtures (`doctor`, `settings`) before
@@ -16,13 +16,12 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable, Iterable
-from datetime import UTC, date, datetime, timedelta
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 from datetime import time as clock
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import aiohttp
-import msgspec
 import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
@@ -32,48 +31,38 @@ from pytest_aiohttp import AiohttpClient
 from client import ClientError, SlotcastClient
 from protocol.codec import JSON, MSGPACK, Codec
 from protocol.errors import ErrorCode
+from protocol.messages import AppointmentEvent as Event
 from protocol.messages import (
-    SERVER_MESSAGES,
-    AppointmentView,
     Dashboard,
     DashboardDelta,
     Delta,
     Message,
-    Pong,
     Presence,
-    Reconnect,
     Resumed,
     SlotView,
     Snapshot,
     Watch,
     WeeklyBlock,
 )
-from protocol.messages import AppointmentEvent as Event
 from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
 from server.app import INSTANCE_COOKIE, create_app
 from server.connection import (
-    CLOSE_SERVICE_RESTART,
     CLOSE_SLOW_CONSUMER,
     COALESCE_AFTER,
     HIGH_WATER,
     Connection,
 )
-from server.frames import frame
 from server.keys import BROKER, CONNECTIONS, STATE
-from server.rooms import Frames, Rooms
 from server.settings import Settings
 from store import commands, outbox, reads
-from store.broker import MemoryBroker
-from store.changes import Change, PatientNote, unpack
-from store.constants import patient_channel
+from store.changes import Change, unpack
 from store.errors import Unavailable
 from store.runner import Store
 from testkit.fixtures import SeededDoctor, seed_doctor, token, ws_url
+from testkit.wire import WAIT_S, events_before_pong, eventually, expect
 
 AppClient = TestClient[web.Request, web.Application]
-M = TypeVar("M", bound=Message)
 
-WAIT_S = 5.0
 PRESENCE_S = 4.0  # a local join is told to dashboards on the next full announce (every 2 s)
 EVERY_DAY = range(1, 8)
 
@@ -87,40 +76,6 @@ def doctor_token(doctor_id: int) -> str:
 
 async def serve(aiohttp_client: AiohttpClient, settings: Settings) -> AppClient:
     return cast(AppClient, await aiohttp_client(create_app(settings)))
-
-
-async def expect(
-    client: SlotcastClient,
-    kind: type[M],
-    *,
-    skip: tuple[type[Message], ...] = (),
-    timeout: float = WAIT_S,
-) -> M:
-    """The next event, which must be a `kind`; only the `skip` kinds may come first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        event = await client.next_event(max(deadline - time.monotonic(), 0.001))
-        if isinstance(event, skip):
-            continue
-        assert isinstance(event, kind), f"expected {kind.TYPE}, got {event!r}"
-        return event
-
-
-async def events_before_pong(client: SlotcastClient) -> list[Message]:
-    """Every event the server sent `client` before answering a ping: a barrier, not a sleep."""
-    await client.ping()
-    events = []
-    while not client.events.empty():
-        events.append(client.events.get_nowait())
-    return events
-
-
-async def eventually(predicate: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
-    """Poll a condition that has no event to wait on (gauges, reconnects), with a deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 def statuses(slots: Iterable[SlotView]) -> dict[int, SlotStatus]:
@@ -746,253 +701,6 @@ async def test_a_watcher_too_slow_even_for_merging_is_closed_4008_and_resumes(
         assert calendar.slots[free.id].status is SlotStatus.BUSY_UNAVAILABLE
 
 
-# ---- the Connection's outbox, with a transport whose buffer the test controls ---------------
-
-
-class FakeTransport:
-    """The slice of an asyncio transport a Connection uses; the test decides how full it is."""
-
-    def __init__(self) -> None:
-        self.buffered = 0
-        self.written: list[bytes] = []
-
-    def is_closing(self) -> bool:
-        return False
-
-    def get_write_buffer_size(self) -> int:
-        return self.buffered
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-
-class FakeSocket:
-    """Stands in for the aiohttp WebSocketResponse: only its close is used, and recorded."""
-
-    def __init__(self) -> None:
-        self.closed = asyncio.Event()
-        self.close_args: tuple[int, bytes] | None = None
-
-    async def close(self, *, code: int, message: bytes) -> bool:
-        self.close_args = (code, message)
-        self.closed.set()
-        return True
-
-
-def payload(frame: bytes) -> bytes:
-    """The payload of one unmasked server frame (RFC 6455 section 5.2)."""
-    length = frame[1] & 0x7F
-    return frame[{126: 4, 127: 10}.get(length, 2) :]
-
-
-def decode(frame: bytes) -> Message:
-    return JSON.decode(payload(frame), SERVER_MESSAGES, max_size=1 << 30).body
-
-
-def slot(slot_id: int, status: SlotStatus) -> SlotView:
-    start = datetime(2031, 1, 1, 8, tzinfo=UTC) + timedelta(minutes=30 * slot_id)
-    return SlotView(slot_id, start, start + timedelta(minutes=30), status)
-
-
-def change(doctor_id: int, version: int, slots: list[SlotView], removed: list[int]) -> Change:
-    return Change.build(doctor_id, version, slots, removed)
-
-
-def offer(conn: Connection, c: Change) -> None:
-    conn.send_delta(c.doctor_id, c.public, Frames(c).get("availability", JSON))
-
-
-async def test_outbox_merges_a_doctors_deltas_once_behind_and_keeps_order() -> None:
-    """Past COALESCE_AFTER queued frames a doctor's deltas collapse into one, sent where the
-    first of them would have been, covering (since, version]; applied after what came
-    before, the client ends exactly where applying every delta would have left it."""
-    transport, ws = FakeTransport(), FakeSocket()
-    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=1000)
-    try:
-        transport.buffered = HIGH_WATER  # the kernel has stopped taking data
-        cycle = [SlotStatus.BUSY, SlotStatus.BUSY_TENTATIVE, SlotStatus.FREE]
-        changes = []
-        for v in range(1, 41):
-            slots = [slot(v % 3 + 1, cycle[v % 3])]
-            removed = []
-            if v == 35:
-                slots, removed = [], [2]  # removed ...
-            if v == 38:
-                slots = [slot(2, SlotStatus.BUSY_UNAVAILABLE)]  # ... and offered again
-            if v == 39:
-                slots, removed = [], [7]  # removed for good
-            changes.append(change(5, v, slots, removed))
-        for c in changes[:COALESCE_AFTER]:
-            offer(conn, c)
-        conn.send(Pong())  # a reply queued between deltas keeps its place
-        for c in changes[COALESCE_AFTER:]:
-            offer(conn, c)
-        other = change(6, 12, [slot(100, SlotStatus.BUSY)], [])
-        offer(conn, other)
-        assert transport.written == []
-
-        transport.buffered = 0
-        await eventually(lambda: len(transport.written) == COALESCE_AFTER + 3, "the outbox")
-        sent = [decode(f) for f in transport.written]
-        individual = sent[:COALESCE_AFTER]
-        assert [(d.version, d.since) for d in individual if isinstance(d, Delta)] == [
-            (v, None) for v in range(1, COALESCE_AFTER + 1)
-        ]
-        assert isinstance(sent[COALESCE_AFTER], Pong)
-        merged, merged_other = sent[COALESCE_AFTER + 1 :]
-        assert isinstance(merged, Delta)
-        assert isinstance(merged_other, Delta)
-        assert (merged.doctor_id, merged.since, merged.version) == (5, COALESCE_AFTER, 40)
-        assert (merged_other.doctor_id, merged_other.since, merged_other.version) == (6, 11, 12)
-
-        # Applying the stream gives what applying every change would.
-        def apply(state: dict[int, SlotView], d: Delta) -> None:
-            state.update({s.id: s for s in d.slots})
-            for sid in d.removed:
-                state.pop(sid, None)
-
-        initial = {i: slot(i, SlotStatus.FREE) for i in (1, 2, 3, 7)}
-        expected, got = dict(initial), dict(initial)
-        for c in changes:
-            apply(expected, msgspec.convert(c.public, Delta))
-        for d in [*individual, merged]:
-            assert isinstance(d, Delta)
-            apply(got, d)
-        assert got == expected
-        assert 2 in got
-        assert 7 not in got
-        assert merged.removed == [7]  # 2 came back, so it is not in `removed`
-    finally:
-        await conn.close()
-
-
-async def test_outbox_over_the_limit_closes_4008_once_the_command_is_done() -> None:
-    transport, ws = FakeTransport(), FakeSocket()
-    slow: list[int] = []
-    conn = Connection(
-        cast(web.WebSocketResponse, ws),
-        transport,
-        JSON,
-        outbox_limit=3,
-        on_slow=lambda: slow.append(1),
-    )
-    transport.buffered = HIGH_WATER
-    conn.busy = True  # a command is in flight: its reply must not be cut off
-    for _ in range(3):
-        conn.send(Pong())
-    assert slow == []
-    assert not ws.closed.is_set()
-    conn.send(Pong())  # one too many
-    assert slow == [1]
-    await asyncio.sleep(0)  # deliberately let any premature close task run
-    assert not ws.closed.is_set()
-    conn.command_done()
-    await asyncio.wait_for(ws.closed.wait(), WAIT_S)
-    assert ws.close_args == (CLOSE_SLOW_CONSUMER, b"slow consumer")
-    assert conn.closing
-    conn.send(Pong())  # ignored: closing
-    assert slow == [1]
-    await conn.close()  # what the handler does once the socket has closed
-    transport.buffered = 0
-    conn.send(Pong())
-    offer(conn, change(5, 1, [slot(1, SlotStatus.BUSY)], []))
-    assert transport.written == []  # the queue was dropped; the client will resume
-
-
-async def test_closing_while_the_writer_waits_for_the_socket_does_not_crash_it() -> None:
-    """The close clears the outbox while the writer waits for the kernel to take data;
-    when the socket then drains (the client reads the backlog before the close frame),
-    the writer must notice there is nothing left rather than die, since the handler's
-    `Connection.close()` awaits it and would re-raise its error."""
-    transport, ws = FakeTransport(), FakeSocket()
-    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=3)
-    transport.buffered = HIGH_WATER
-    for _ in range(3):
-        conn.send(Pong())
-    await asyncio.sleep(0.02)  # deliberately: the writer is now waiting for the socket
-    conn.send(Pong())  # one too many: closed, and the outbox cleared
-    await asyncio.wait_for(ws.closed.wait(), WAIT_S)
-    transport.buffered = 0  # the client reads what the kernel held
-    await asyncio.sleep(0.05)  # deliberately: the writer polls every 5 ms
-    await conn.close()  # IndexError: pop from an empty deque, from the writer task
-    assert transport.written == []
-
-
-async def test_a_batch_of_deltas_is_one_write_while_the_socket_keeps_up() -> None:
-    transport, ws = FakeTransport(), FakeSocket()
-    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=1000)
-    try:
-        changes = [change(5, v, [slot(v, SlotStatus.BUSY)], []) for v in (1, 2, 3)]
-        frames = [Frames(c).get("availability", JSON) for c in changes]
-        conn.send_deltas(5, [c.public for c in changes], frames, b"".join(frames))
-        assert transport.written == [b"".join(frames)]
-    finally:
-        await conn.close()
-
-
-async def test_a_batch_of_deltas_for_a_client_behind_queues_and_merges_each_change() -> None:
-    """Behind, a batch is not one opaque item: each delta counts toward the merge threshold
-    and the outbox limit, and the merged delta covers exactly the batch's tail."""
-    transport, ws = FakeTransport(), FakeSocket()
-    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=1000)
-    try:
-        transport.buffered = HIGH_WATER
-        total = COALESCE_AFTER + 5
-        changes = [change(5, v, [slot(v, SlotStatus.BUSY)], []) for v in range(1, total + 1)]
-        frames = [Frames(c).get("availability", JSON) for c in changes]
-        conn.send_deltas(5, [c.public for c in changes], frames, b"".join(frames))
-        assert transport.written == []
-        transport.buffered = 0
-        await eventually(lambda: len(transport.written) == COALESCE_AFTER + 1, "the outbox")
-        sent = [decode(f) for f in transport.written]
-        assert all(isinstance(d, Delta) for d in sent)
-        deltas = cast(list[Delta], sent)
-        assert [(d.version, d.since) for d in deltas[:COALESCE_AFTER]] == [
-            (v, None) for v in range(1, COALESCE_AFTER + 1)
-        ]
-        merged = deltas[-1]
-        assert (merged.since, merged.version) == (COALESCE_AFTER, total)
-        assert sorted(s.id for s in merged.slots) == list(range(COALESCE_AFTER + 1, total + 1))
-    finally:
-        await conn.close()
-
-
-async def test_a_connection_that_never_queued_starts_no_writer_and_closes_with_its_code() -> None:
-    """The writer task is created on the first queued frame only; and `close()` returns
-    after the close frame we began has gone out, so the handler returning cannot let
-    aiohttp close with 1000 first."""
-    transport, ws = FakeTransport(), FakeSocket()
-    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=10)
-    conn.send(Pong())
-    assert conn._writer is None
-    conn.close_soon(CLOSE_SERVICE_RESTART, "service restart")
-    await conn.close()
-    assert ws.close_args == (CLOSE_SERVICE_RESTART, b"service restart")
-    transport.buffered = HIGH_WATER
-    other = Connection(cast(web.WebSocketResponse, FakeSocket()), transport, JSON, outbox_limit=10)
-    other.send(Pong())  # behind: queued, so now there is a writer
-    assert other._writer is not None
-    await other.close()
-
-
-async def test_a_client_that_is_behind_still_gets_the_reconnect_notice_of_a_drain() -> None:
-    """On SIGTERM every client is told when to come back (a jittered `retry_after_ms`) and
-    then closed with 1012. A client whose outbox is not empty at that moment must still
-    get the notice; otherwise all such clients fall back to their own backoff at once."""
-    transport, ws = FakeTransport(), FakeSocket()
-    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=100)
-    transport.buffered = HIGH_WATER
-    conn.send(Pong())  # the client is a little behind: this waits in the outbox
-    conn.send_now(Reconnect(retry_after_ms=700))  # what lifecycle.drain does, then:
-    conn.close_soon(CLOSE_SERVICE_RESTART, "service restart")
-    await asyncio.wait_for(ws.closed.wait(), WAIT_S)
-    assert ws.close_args == (CLOSE_SERVICE_RESTART, b"service restart")
-    transport.buffered = 0
-    await conn.close()
-    notices = [m for m in map(decode, transport.written) if isinstance(m, Reconnect)]
-    assert notices == [Reconnect(retry_after_ms=700)], "the notice was dropped with the outbox"
-
-
 # ---- metrics ---------------------------------------------------------------------------------
 
 
@@ -1102,31 +810,6 @@ async def test_draining_fails_readiness_and_refuses_new_websockets(client: AppCl
             assert resp.status == 200
 
 
-async def test_deltas_after_a_new_snapshot_are_not_merged_ahead_of_it() -> None:
-    """A merge open when the client re-watches sits before the new snapshot in the outbox;
-    versions after that snapshot must come after it, or the client would miss them."""
-    transport, ws = FakeTransport(), FakeSocket()
-    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=1000)
-    transport.buffered = HIGH_WATER  # the client is behind: everything queues
-    for _ in range(COALESCE_AFTER):
-        conn.send(Pong())
-    offer(conn, change(1, 11, [slot(1, SlotStatus.BUSY)], []))  # opens a merge
-    conn.seal(1)  # what a re-watch does before its reply
-    conn.send(Snapshot(1, 12, "UTC", date(2031, 1, 1), date(2031, 1, 2), []))
-    offer(conn, change(1, 13, [slot(2, SlotStatus.BUSY)], []))
-    transport.buffered = 0
-    conn.send(Pong())  # wakes the writer
-    await asyncio.sleep(0.05)  # deliberately: the writer drains on its own task
-    await conn.close()
-    order = [
-        (type(m).__name__, getattr(m, "version", None))
-        for m in map(decode, transport.written)
-        if not isinstance(m, Pong)
-    ]
-    assert order[-1] == ("Delta", 13), order
-    assert order.index(("Snapshot", 12)) < order.index(("Delta", 13)), order
-
-
 async def test_auth_as_someone_else_leaves_private_rooms(
     client: AppClient, doctor: SeededDoctor
 ) -> None:
@@ -1138,71 +821,3 @@ async def test_auth_as_someone_else_leaves_private_rooms(
         await c.auth(token(Role.PATIENT, "p-switch"))
         resp = await client.get("/readyz")
         assert (await resp.json())["dashboards"] == 0
-
-
-# ---- the bytes fan-out writes: spliced envelopes, as clients have always received them -------
-
-
-def whole_envelope(codec: Codec, kind: str, body: dict[str, Any]) -> bytes:
-    """A server frame as built before bodies were spliced in: the whole envelope encoded."""
-    return frame(codec.dumps({"type": kind, "id": None, "body": body}), binary=codec.binary)
-
-
-@pytest.mark.parametrize("codec", [JSON, MSGPACK], ids=lambda c: c.name)
-async def test_deltas_and_merged_deltas_keep_their_bytes_on_the_wire(codec: Codec) -> None:
-    c = change(5, 7, [slot(1, SlotStatus.BUSY), slot(2, SlotStatus.FREE)], [3])
-    assert Frames(c).get("availability", codec) == whole_envelope(codec, "delta", c.public)
-
-    transport, ws = FakeTransport(), FakeSocket()
-    conn = Connection(cast(web.WebSocketResponse, ws), transport, codec, outbox_limit=1000)
-    try:
-        transport.buffered = HIGH_WATER
-        for _ in range(COALESCE_AFTER):
-            conn.send(Pong())
-        later = [change(5, v, [slot(v, SlotStatus.BUSY)], [v - 1]) for v in (8, 9)]
-        for c in later:
-            conn.send_delta(5, c.public, Frames(c).get("availability", codec))
-        transport.buffered = 0
-        conn.send(Pong())  # wakes the writer
-        await eventually(lambda: len(transport.written) == COALESCE_AFTER + 2, "the outbox")
-        merged = {  # 9 removed slot 8, which 8 had changed
-            "doctor_id": 5,
-            "version": 9,
-            "slots": later[1].public["slots"],
-            "removed": [7, 8],
-            "since": 7,
-        }
-        assert transport.written[COALESCE_AFTER] == whole_envelope(codec, "delta", merged)
-    finally:
-        await conn.close()
-
-
-async def test_appointment_events_keep_their_bytes_on_the_wire() -> None:
-    """One frame per codec for the patient's room, spliced; each codec's bytes as before."""
-    broker = MemoryBroker()
-    rooms = Rooms(cast(Store, None), broker, "test-instance")  # a patient room reads no store
-    transports = {codec.name: FakeTransport() for codec in (JSON, MSGPACK)}
-    conns = [
-        Connection(
-            cast(web.WebSocketResponse, FakeSocket()), transports[codec.name], codec, outbox_limit=9
-        )
-        for codec in (JSON, MSGPACK)
-    ]
-    try:
-        for conn in conns:
-            await rooms.join_patient(conn, "p-1")
-        start = datetime(2031, 1, 1, 8, tzinfo=UTC)
-        view = AppointmentView(
-            11, 3, 5, "p-1", start, start + timedelta(minutes=30), AppointmentStatus.BOOKED
-        )
-        note = PatientNote("p-1", 5, 42, msgspec.to_builtins(view))
-        await broker.publish(patient_channel("p-1"), note.pack())
-        await eventually(lambda: all(t.written for t in transports.values()), "the events")
-        body = {"doctor_id": 5, "version": 42, "appointment": note.appointment}
-        for codec in (JSON, MSGPACK):
-            expected = whole_envelope(codec, "appointment_event", body)
-            assert transports[codec.name].written == [expected], codec.name
-    finally:
-        await rooms.close()
-        for conn in conns:
-            await conn.close()

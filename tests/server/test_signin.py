@@ -1,6 +1,6 @@
 """Demo sign-in and the pages: development tokens only in demo mode, pages at `/` and `/doctor`.
 
-The pages themselves are exercised in a real browser by tests/test_browser.py;
+The pages themselves are exercised in a real browser by tests/browser/test_browser.py;
 this checks the HTTP contract they rely on.
 """
 
@@ -19,7 +19,7 @@ from server.app import create_app
 from server.settings import Settings
 from store import demo
 from testkit.fixtures import JWT_SECRET, SeededDoctor
-from tests.server.test_api import error_code
+from testkit.wire import error_code
 
 AppClient = TestClient[web.Request, web.Application]
 

@@ -27,7 +27,7 @@ from protocol.messages import (
 )
 from protocol.vocabulary import Role
 from testkit.fixtures import SeededDoctor, token, ws_url
-from tests.server.test_realtime import events_before_pong, expect
+from testkit.wire import events_before_pong, expect
 
 AppClient = TestClient[web.Request, web.Application]
 SHORT = timedelta(seconds=2)

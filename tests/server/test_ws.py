@@ -24,13 +24,14 @@ from pytest_aiohttp import AiohttpClient
 from client import ClientError, SlotcastClient
 from protocol.codec import JSON
 from protocol.errors import ErrorCode
-from protocol.messages import Delta, Error, Message, Pong, Welcome
+from protocol.messages import Error, Message, Pong, Welcome
 from protocol.vocabulary import Role, SlotStatus
 from server import auth
 from server.app import create_app
 from server.settings import Settings
 from store.runner import Store
 from testkit.fixtures import SeededDoctor, seed_doctor, token, ws_url
+from testkit.wire import assert_no_delta_before_pong, deltas_before_pong
 
 AppClient = TestClient[web.Request, web.Application]
 RequestId = str | int | None
@@ -68,24 +69,6 @@ async def next_error(client: SlotcastClient, timeout: float = 5.0) -> Error:
     event = await client.next_event(timeout)
     assert isinstance(event, Error), f"expected an error event, got {event!r}"
     return event
-
-
-async def deltas_before_pong(client: SlotcastClient) -> list[Delta]:
-    """The deltas that reached `client` before a ping round-trip: a barrier, never a sleep.
-
-    The server's outbox is FIFO and the in-memory broker delivers a commit's change one
-    loop turn after publishing it, before the booking's reply is even written, so any
-    delta a change was going to cause is queued ahead of this pong.
-    """
-    await client.ping()
-    events = []
-    while not client.events.empty():
-        events.append(client.events.get_nowait())
-    return [e for e in events if isinstance(e, Delta)]
-
-
-async def assert_no_delta_before_pong(client: SlotcastClient) -> None:
-    assert await deltas_before_pong(client) == []
 
 
 def encode(codec: CodecName, wire: Any) -> bytes:
@@ -535,46 +518,3 @@ async def test_concurrent_bookings_still_arrive_contiguously(
             range(snapshot.version + 1, snapshot.version + n + 1)
         )
         assert sorted(d.slots[0].id for d in deltas) == sorted(booked)
-
-
-async def test_double_booking_over_websocket_is_slot_taken(
-    client: AppClient, doctor: SeededDoctor
-) -> None:
-    url = ws_url(client)
-    async with (
-        SlotcastClient.connect(url, token=token(sub="p-1")) as first,
-        SlotcastClient.connect(url, token=token(sub="p-2")) as second,
-    ):
-        await first.book(doctor.slots[0].id)
-        with pytest.raises(ClientError) as caught:
-            await second.book(doctor.slots[0].id)
-        assert caught.value.code == ErrorCode.SLOT_TAKEN
-
-
-async def test_idempotent_rebook_over_websocket_returns_first_result(
-    client: AppClient, doctor: SeededDoctor
-) -> None:
-    """A retry after a lost reply must not book twice nor fail as slot_taken."""
-    async with (
-        SlotcastClient.connect(ws_url(client)) as watcher,
-        SlotcastClient.connect(ws_url(client), token=token(sub="p-idem")) as patient,
-    ):
-        snapshot = await watcher.watch(doctor.id, doctor.start, doctor.end)
-        first = await patient.book(doctor.slots[0].id, idempotency_key="k-1")
-        again = await patient.book(doctor.slots[0].id, idempotency_key="k-1")
-        assert again == first
-        assert (await watcher.next_delta()).version == snapshot.version + 1
-        await assert_no_delta_before_pong(watcher)
-        with pytest.raises(ClientError) as caught:
-            await patient.book(doctor.slots[1].id, idempotency_key="k-1")
-        assert caught.value.code == ErrorCode.IDEMPOTENCY_CONFLICT
-
-
-async def test_nul_in_idempotency_key_is_invalid(client: AppClient, doctor: SeededDoctor) -> None:
-    """Client input must fail as `invalid`, never as the server's own `internal` error."""
-    async with SlotcastClient.connect(ws_url(client), token=token(sub="p-nul")) as patient:
-        with pytest.raises(ClientError) as caught:
-            await patient.book(doctor.slots[0].id, idempotency_key="a\x00b")
-        assert caught.value.code == ErrorCode.INVALID
-        # The slot is still free for an honest retry.
-        assert (await patient.book(doctor.slots[0].id)).slot_id == doctor.slots[0].id

@@ -10,9 +10,7 @@ is checked in both directions in zones on both hemispheres.
 
 from __future__ import annotations
 
-from collections import Counter
 from datetime import UTC, date, datetime, time, timedelta
-from itertools import pairwise
 from typing import Any
 
 import asyncpg
@@ -38,6 +36,15 @@ from store.runner import Store
 from store.schedule import slot_times, zone
 from store.tx import Actor, Outcome
 from testkit.fixtures import EVERY_DAY
+from testkit.layout import (
+    DST_BLOCKS,
+    MORNING,
+    NIGHT,
+    TRANSITION_IDS,
+    TRANSITIONS,
+    check_transition,
+    half_hours,
+)
 
 NOW = datetime(2030, 1, 7, 6, 0, tzinfo=UTC)  # a Monday, before a UTC doctor's day begins
 DAY = NOW.date()
@@ -342,86 +349,6 @@ async def test_the_buffer_lays_slots_apart(store: Store) -> None:
 
 
 # ---- daylight saving -------------------------------------------------------------------------
-
-# (zone, transition date, the wall-clock hour that is skipped or repeated, hours gained)
-TRANSITIONS = [
-    ("America/New_York", date(2026, 3, 8), 2, -1),
-    ("America/New_York", date(2026, 11, 1), 1, +1),
-    ("Europe/Berlin", date(2026, 3, 29), 2, -1),
-    ("Europe/Berlin", date(2026, 10, 25), 2, +1),
-    ("Australia/Sydney", date(2026, 10, 4), 2, -1),
-    ("Australia/Sydney", date(2026, 4, 5), 2, +1),
-]
-NIGHT, MORNING = (time(0), time(4)), (time(9), time(12))
-DST_BLOCKS = [schedule.Block(d, *hours) for d in range(1, 8) for hours in (NIGHT, MORNING)]
-TRANSITION_IDS = [f"{name}-{day}" for name, day, _, _ in TRANSITIONS]
-
-
-def half_hours(first: time, last: time) -> list[time]:
-    """Wall-clock starts every 30 minutes from `first` up to `last` (excluded)."""
-    base = datetime.combine(DAY, first)
-    count = int((datetime.combine(DAY, last) - base) / SLOT)
-    return [(base + i * SLOT).time() for i in range(count)]
-
-
-def check_transition(
-    times: list[tuple[datetime, datetime]], name: str, day: date, hour: int, gained: int
-) -> None:
-    """The three days around a transition, as laid out from DST_BLOCKS."""
-    tz = zone(name)
-    # The data itself: the zone's offset really changes by `gained` hours that day.
-    offset_before = datetime.combine(day - timedelta(days=1), time(12), tz).utcoffset()
-    offset_after = datetime.combine(day + timedelta(days=1), time(12), tz).utcoffset()
-    assert offset_before is not None
-    assert offset_after is not None
-    assert offset_before - offset_after == timedelta(hours=gained)
-
-    starts = [s for s, _ in times]
-    assert len(set(starts)) == len(starts), "two slots share a UTC instant"
-    ordered = sorted(times)
-    for (_, end), (next_start, _) in pairwise(ordered):
-        assert end <= next_start, "slots overlap"
-    assert all(end - start == SLOT for start, end in times)
-
-    by_date: dict[date, list[time]] = {}
-    for start in sorted(starts):
-        local = start.astimezone(tz)
-        by_date.setdefault(local.date(), []).append(local.time())
-    assert sorted(by_date) == [day + timedelta(days=d) for d in (-1, 0, 1)]
-    ordinary_night = half_hours(*NIGHT)
-    morning = half_hours(*MORNING)
-    transition_hour = [time(hour), time(hour, 30)]
-    for d in (-1, 1):
-        assert by_date[day + timedelta(days=d)] == ordinary_night + morning
-    wall = by_date[day]
-    night = [t for t in wall if t < time(4)]
-    if gained < 0:  # the skipped hour has no slots
-        assert night == [t for t in ordinary_night if t not in transition_hour]
-    else:  # the repeated hour has them twice, in order of real time
-        assert Counter(night) == Counter(ordinary_night + transition_hour)
-    assert len(night) == len(ordinary_night) + 2 * gained
-    # Morning hours are untouched by the change: 09:00 local every day...
-    assert [t for t in wall if t >= time(4)] == morning
-    nine = {
-        local_date: next(
-            s
-            for s in starts
-            if s.astimezone(tz).date() == local_date and s.astimezone(tz).time() == time(9)
-        )
-        for local_date in by_date
-    }
-    # ...which is a different UTC instant once the clocks have changed.
-    shift = nine[day + timedelta(days=1)] - nine[day - timedelta(days=1)]
-    assert shift == timedelta(days=2, hours=gained)
-
-
-@pytest.mark.parametrize(("name", "day", "hour", "gained"), TRANSITIONS, ids=TRANSITION_IDS)
-def test_slot_times_across_a_daylight_saving_change(
-    name: str, day: date, hour: int, gained: int
-) -> None:
-    times = list(slot_times(DST_BLOCKS, zone(name), day - timedelta(days=1), 3, 30))
-
-    check_transition(times, name, day, hour, gained)
 
 
 @pytest.mark.parametrize(("name", "day", "hour", "gained"), TRANSITIONS, ids=TRANSITION_IDS)

@@ -29,7 +29,7 @@ from store.constants import LOCK_NS_DOCTOR, LOCK_NS_PATIENT
 from store.errors import NotFound, SlotTaken, SlotUnavailable, TooLate
 from store.runner import Store, open_store
 from store.tx import Tx
-from tests.store.test_engine import (
+from testkit.engine import (
     NOW,
     TTL,
     appointment_row,

@@ -1,6 +1,6 @@
 """What the pages promise that needs no browser: every error code has words, every import a file.
 
-The browser tests (tests/test_browser.py) show a few error messages for real; this
+The browser tests (tests/browser/test_browser.py) show a few error messages for real; this
 keeps the rest from drifting when protocol/errors.py gains a code.
 """
 

@@ -1,9 +1,7 @@
-"""Small pure pieces: settings, error-to-status mapping, tokens, the CLI."""
+"""Small pure pieces of the server: settings, tokens, and the HTTP status of each error code."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,7 +12,6 @@ from protocol.vocabulary import Role
 from server import auth
 from server.api import HTTP_STATUS
 from server.settings import DEV_SECRET, Settings
-from testkit.harness import REPO
 
 
 def test_every_error_code_has_an_http_status() -> None:
@@ -68,16 +65,3 @@ def test_tokens_round_trip_and_expire() -> None:
     with pytest.raises(auth.AuthError) as caught:
         auth.verify("s" * 32, expired)
     assert caught.value.code is ErrorCode.TOKEN_EXPIRED
-
-
-def test_cli_prints_a_token_signed_with_the_configured_secret() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "server.cli", "token", "--role", "admin", "--sub", "root"],
-        cwd=REPO,
-        env={"SLOTCAST_JWT_SECRET": "t" * 40, "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    who = auth.verify("t" * 40, out.stdout.strip())
-    assert (who.subject, who.role) == ("root", Role.ADMIN)

@@ -4,6 +4,7 @@ These tests attack the guarantees in the order they are layered: the per-doctor
 advisory lock, the checks re-done under it, the idempotency keys that make a
 retry safe, the change log that watchers are fed from, and the exclusion
 constraint that stands behind all of it should the code above ever be wrong.
+They call the store directly; the same race over WebSockets is in tests/server/test_commands.py.
 """
 
 from __future__ import annotations
@@ -16,39 +17,23 @@ from datetime import timedelta
 
 import asyncpg
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 
-from client import ClientError, SlotcastClient
 from protocol.errors import ErrorCode
-from protocol.messages import AppointmentView
-from protocol.vocabulary import AppointmentStatus, SlotStatus
+from protocol.vocabulary import SlotStatus
 from store import commands, reads
 from store.commands import Booking
 from store.constants import LOCK_NS_DOCTOR
 from store.errors import Busy, IdempotencyConflict, NotFound, SlotTaken, SlotUnavailable, TooLate
 from store.runner import Store, open_store
-from testkit.fixtures import SeededDoctor, seed_doctor, token, ws_url
+from testkit.engine import active_appointments, version
+from testkit.fixtures import SeededDoctor, seed_doctor
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-async def active_appointments(db: asyncpg.Connection, slot_id: int) -> list[asyncpg.Record]:
-    rows: list[asyncpg.Record] = await db.fetch(
-        "SELECT id, patient_id FROM appointments WHERE slot_id = $1 AND status <> 'cancelled'",
-        slot_id,
-    )
-    return rows
 
 
 async def slot_status(db: asyncpg.Connection, slot_id: int) -> str:
     status: str = await db.fetchval("SELECT status FROM slots WHERE id = $1", slot_id)
     return status
-
-
-async def version(db: asyncpg.Connection, doctor_id: int) -> int:
-    value: int = await db.fetchval("SELECT version FROM doctors WHERE id = $1", doctor_id)
-    return value
 
 
 async def change_log(db: asyncpg.Connection, doctor_id: int) -> list[tuple[int, str, str]]:
@@ -119,34 +104,6 @@ async def test_patients_racing_for_one_slot_exactly_one_wins(
     assert [(r["id"], r["patient_id"]) for r in rows] == [(winner.id, winner.patient_id)]
     assert await slot_status(db, slot.id) == SlotStatus.BUSY
     assert await version(db, doctor.id) == before + 1
-
-
-async def test_two_patients_racing_over_websockets_exactly_one_is_booked(
-    client: TestClient[web.Request, web.Application], doctor: SeededDoctor, db: asyncpg.Connection
-) -> None:
-    url = ws_url(client)
-    slot = doctor.slots[0]
-    async with (
-        SlotcastClient.connect(url, token=token(sub="ws-alice")) as alice,
-        SlotcastClient.connect(url, token=token(sub="ws-bob")) as bob,
-    ):
-        results = await asyncio.gather(
-            alice.book(slot.id), bob.book(slot.id), return_exceptions=True
-        )
-
-    booked = [r for r in results if isinstance(r, AppointmentView)]
-    refused = [r for r in results if isinstance(r, ClientError)]
-    assert len(booked) == 1, results
-    assert len(refused) == 1, results
-    assert refused[0].code is ErrorCode.SLOT_TAKEN
-    assert refused[0].wire_code == "slot_taken"
-    # The winner is whoever the server says it is, and it booked under its own identity.
-    winner = "ws-alice" if results[0] is booked[0] else "ws-bob"
-    assert booked[0].patient_id == winner
-    assert booked[0].slot_id == slot.id
-    assert booked[0].status is AppointmentStatus.BOOKED
-    rows = await active_appointments(db, slot.id)
-    assert [(r["id"], r["patient_id"]) for r in rows] == [(booked[0].id, winner)]
 
 
 # ---- the exclusion constraint: the last guard ------------------------------------------------

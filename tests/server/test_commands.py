@@ -1,4 +1,4 @@
-"""The booking engine as clients meet it: over real WebSockets and over REST.
+"""The commands as clients meet them: over real WebSockets and over REST.
 
 The store's own tests prove the rules; these prove that every rule's outcome
 reaches the people who act on it: watchers see holds, confirmations, expiries and
@@ -6,6 +6,10 @@ schedule edits as live deltas; the caller gets each refusal under its stable
 code on either front door; and REST exposes every command with the status and
 body a plain HTTP client expects. Time is the test's to move (a fake server
 clock), so hold expiry is proven without sleeping through a TTL.
+
+Beside it, tests/server/test_ws.py holds the WebSocket protocol and session (input
+hygiene, identity, watches, delta order) and tests/server/test_api.py the REST
+surface (routes, request bodies, status codes, the directory, health).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from contextlib import AbstractAsyncContextManager
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
@@ -23,14 +28,16 @@ from pytest_aiohttp import AiohttpClient
 
 from client import ClientError, SlotcastClient
 from protocol.errors import ErrorCode
-from protocol.messages import Delta, SlotView, WeeklyBlock
+from protocol.messages import AppointmentView, Delta, SlotView, WeeklyBlock
 from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
 from server.api import HTTP_STATUS
 from server.app import create_app
 from server.settings import Settings
 from store import commands, doctors, reads
 from store.runner import Store
+from testkit.engine import active_appointments
 from testkit.fixtures import SeededDoctor, token, ws_url
+from testkit.wire import assert_no_delta_before_pong, deltas_before_pong
 
 AppClient = TestClient[web.Request, web.Application]
 # Long enough to outlive any move of the fake clock (tokens are checked against it).
@@ -110,15 +117,6 @@ async def next_slot(watcher: SlotcastClient, slot_id: int, timeout: float = 5.0)
             delta = await watcher.next_delta(timeout)
             if any(s.id == slot_id for s in delta.slots) or slot_id in delta.removed:
                 return delta
-
-
-async def deltas_before_pong(client: SlotcastClient) -> list[Delta]:
-    """Deltas already sent to `client`: the outbox is FIFO, so a pong comes after them."""
-    await client.ping()
-    events = []
-    while not client.events.empty():
-        events.append(client.events.get_nowait())
-    return [e for e in events if isinstance(e, Delta)]
 
 
 async def slot_statuses(client: AppClient, doctor: SeededDoctor) -> dict[int, str]:
@@ -479,6 +477,80 @@ async def test_forbidden(client: AppClient, doctor: SeededDoctor) -> None:
         )
         await rest_error(rest, ErrorCode.FORBIDDEN)
         assert [a.id for a in await first.my_appointments()] == [appointment.id]
+
+
+# ---- booking over WebSockets: a race, a refusal, a retry, a bad key ------------------------
+
+
+async def test_two_patients_racing_over_websockets_exactly_one_is_booked(
+    client: TestClient[web.Request, web.Application], doctor: SeededDoctor, db: asyncpg.Connection
+) -> None:
+    url = ws_url(client)
+    slot = doctor.slots[0]
+    async with (
+        SlotcastClient.connect(url, token=token(sub="ws-alice")) as alice,
+        SlotcastClient.connect(url, token=token(sub="ws-bob")) as bob,
+    ):
+        results = await asyncio.gather(
+            alice.book(slot.id), bob.book(slot.id), return_exceptions=True
+        )
+
+    booked = [r for r in results if isinstance(r, AppointmentView)]
+    refused = [r for r in results if isinstance(r, ClientError)]
+    assert len(booked) == 1, results
+    assert len(refused) == 1, results
+    assert refused[0].code is ErrorCode.SLOT_TAKEN
+    assert refused[0].wire_code == "slot_taken"
+    # The winner is whoever the server says it is, and it booked under its own identity.
+    winner = "ws-alice" if results[0] is booked[0] else "ws-bob"
+    assert booked[0].patient_id == winner
+    assert booked[0].slot_id == slot.id
+    assert booked[0].status is AppointmentStatus.BOOKED
+    rows = await active_appointments(db, slot.id)
+    assert [(r["id"], r["patient_id"]) for r in rows] == [(booked[0].id, winner)]
+
+
+async def test_double_booking_over_websocket_is_slot_taken(
+    client: AppClient, doctor: SeededDoctor
+) -> None:
+    url = ws_url(client)
+    async with (
+        SlotcastClient.connect(url, token=token(sub="p-1")) as first,
+        SlotcastClient.connect(url, token=token(sub="p-2")) as second,
+    ):
+        await first.book(doctor.slots[0].id)
+        with pytest.raises(ClientError) as caught:
+            await second.book(doctor.slots[0].id)
+        assert caught.value.code == ErrorCode.SLOT_TAKEN
+
+
+async def test_idempotent_rebook_over_websocket_returns_first_result(
+    client: AppClient, doctor: SeededDoctor
+) -> None:
+    """A retry after a lost reply must not book twice nor fail as slot_taken."""
+    async with (
+        SlotcastClient.connect(ws_url(client)) as watcher,
+        SlotcastClient.connect(ws_url(client), token=token(sub="p-idem")) as patient,
+    ):
+        snapshot = await watcher.watch(doctor.id, doctor.start, doctor.end)
+        first = await patient.book(doctor.slots[0].id, idempotency_key="k-1")
+        again = await patient.book(doctor.slots[0].id, idempotency_key="k-1")
+        assert again == first
+        assert (await watcher.next_delta()).version == snapshot.version + 1
+        await assert_no_delta_before_pong(watcher)
+        with pytest.raises(ClientError) as caught:
+            await patient.book(doctor.slots[1].id, idempotency_key="k-1")
+        assert caught.value.code == ErrorCode.IDEMPOTENCY_CONFLICT
+
+
+async def test_nul_in_idempotency_key_is_invalid(client: AppClient, doctor: SeededDoctor) -> None:
+    """Client input must fail as `invalid`, never as the server's own `internal` error."""
+    async with SlotcastClient.connect(ws_url(client), token=token(sub="p-nul")) as patient:
+        with pytest.raises(ClientError) as caught:
+            await patient.book(doctor.slots[0].id, idempotency_key="a\x00b")
+        assert caught.value.code == ErrorCode.INVALID
+        # The slot is still free for an honest retry.
+        assert (await patient.book(doctor.slots[0].id)).slot_id == doctor.slots[0].id
 
 
 # ---- schedule edits, live --------------------------------------------------------------------
