@@ -165,13 +165,9 @@ async def test_outbox_merges_a_doctors_deltas_once_behind_and_keeps_order() -> N
 
 async def test_outbox_over_the_limit_closes_4008_once_the_command_is_done() -> None:
     transport, ws = FakeTransport(), FakeSocket()
-    slow: list[int] = []
+    slow: list[str] = []
     conn = Connection(
-        cast(web.WebSocketResponse, ws),
-        transport,
-        JSON,
-        outbox_limit=3,
-        on_slow=lambda: slow.append(1),
+        cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=3, on_slow=slow.append
     )
     transport.buffered = HIGH_WATER
     conn.busy = True  # a command is in flight: its reply must not be cut off
@@ -180,7 +176,7 @@ async def test_outbox_over_the_limit_closes_4008_once_the_command_is_done() -> N
     assert slow == []
     assert not ws.closed.is_set()
     conn.send(Pong())  # one too many
-    assert slow == [1]
+    assert slow == ["frames"]
     await asyncio.sleep(0)  # deliberately let any premature close task run
     assert not ws.closed.is_set()
     conn.command_done()
@@ -188,7 +184,7 @@ async def test_outbox_over_the_limit_closes_4008_once_the_command_is_done() -> N
     assert ws.close_args == (CLOSE_SLOW_CONSUMER, b"slow consumer")
     assert conn.closing
     conn.send(Pong())  # ignored: closing
-    assert slow == [1]
+    assert slow == ["frames"]
     await conn.close()  # what the handler does once the socket has closed
     transport.buffered = 0
     conn.send(Pong())
