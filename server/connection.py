@@ -15,7 +15,8 @@ is closed. `police` runs over every connection now and then: one that stays over
 `HIGH_WATER` too long is closed, and when all of them together hold more than the
 server's budget the biggest are closed first. A slow consumer's close frame waits
 behind what it did not read, so its transport is aborted if it has not drained
-`ABORT_AFTER_S` later: the memory comes back even from a client that never reads.
+`ABORT_AFTER_S` later (as is any connection whose handler ends with bytes still
+unsent): the memory comes back even from a client that never reads.
 
 Who the client is and what it watches live in `server.session`, one level up:
 rooms hold connections to write to, so a connection knows nothing of rooms or
@@ -320,10 +321,10 @@ class Connection:
         self._queued = 0
 
     def _abort_if_stuck(self) -> None:
-        """A slow consumer that has not read up to its close frame by now never will:
-        drop the connection, and with it the bytes its transport still holds."""
+        """A client that has not read up to its close frame by now never will: drop the
+        connection, and with it the bytes its transport still holds."""
         if self._transport.get_write_buffer_size():
-            log.info("aborting a slow consumer that does not read its close frame")
+            log.info("aborting a connection whose client does not read its close frame")
             self._transport.abort()
 
     async def close(self) -> None:
@@ -331,6 +332,9 @@ class Connection:
 
         Awaiting the handshake we began (4008, 1012) matters: once the handler returns,
         aiohttp closes the socket itself with 1000 if no close frame has gone out yet.
+        Closing a transport waits for its buffer to be sent, which for a client that
+        stopped reading (one the heartbeat dropped, say) is never: if bytes are still
+        there `ABORT_AFTER_S` from now, the transport is aborted.
         """
         self._closing = True
         if self._writer is not None:
@@ -339,6 +343,8 @@ class Connection:
                 await self._writer
         if self._closer is not None and not self._closer.done():
             await asyncio.wait([self._closer])  # its outcome is the done callback's business
+        if self._transport.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(ABORT_AFTER_S, self._abort_if_stuck)
 
 
 def police(connections: Iterable[Connection], *, budget: int, stall_s: float, now: float) -> int:

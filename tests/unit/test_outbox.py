@@ -515,6 +515,20 @@ async def test_a_slow_consumer_that_never_reads_its_close_frame_is_aborted(
     await b.close()
 
 
+async def test_a_connection_that_ends_with_bytes_its_client_never_read_is_aborted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """However the handler ended (the heartbeat dropped the client, say), closing a transport
+    waits for its buffer to go out; from a client that never reads, it never does."""
+    monkeypatch.setattr(connection, "ABORT_AFTER_S", 0.01)
+    stuck, drained = FakeTransport(buffered=1000), FakeTransport()
+    for transport in (stuck, drained):
+        conn, _ = connect(transport, outbox_bytes=1 << 20)
+        await conn.close()  # what the handler does once the socket has closed
+    await eventually(lambda: stuck.aborted, "the stuck transport to be aborted")
+    assert not drained.aborted
+
+
 # ---- the bytes fan-out writes: spliced envelopes, as clients have always received them -------
 
 
