@@ -18,6 +18,7 @@ from pathlib import Path
 from aiohttp import hdrs, web
 
 from server.background import every, sweep_holds, sweep_horizon
+from server.connection import pending_total, police
 from server.keys import (
     BROKER,
     CLOCK,
@@ -119,6 +120,8 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         rooms=rooms.stats,
         broker_connected=lambda: broker_.healthy,
     )
+    metrics.outbox_bytes.set_function(lambda: float(outbox_stats(app)[0]))
+    metrics.backed_up.set_function(lambda: float(outbox_stats(app)[1]))
     yield
     await rooms.close()
 
@@ -143,11 +146,31 @@ async def upkeep(app: web.Application) -> AsyncIterator[None]:
             every(settings.horizon_sweep_s, lambda: sweep_horizon(store, clock), "horizon sweep"),
             name="horizon-sweep",
         ),
+        asyncio.create_task(
+            every(settings.outbox_sweep_s, lambda: sweep_outboxes(app), "outbox sweep"),
+            name="outbox-sweep",
+        ),
     ]
     yield
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def outbox_stats(app: web.Application) -> tuple[int, int]:
+    """Bytes pending over every WebSocket, and how many are backed up (for the gauges)."""
+    return pending_total(session.conn for session in app[CONNECTIONS])
+
+
+async def sweep_outboxes(app: web.Application) -> None:
+    """Stalled clients, and the biggest when the server's budget is spent, are closed."""
+    settings = app[SETTINGS]
+    police(
+        [session.conn for session in app[CONNECTIONS]],
+        budget=settings.server_outbox_bytes,
+        stall_s=settings.slow_consumer_s,
+        now=asyncio.get_running_loop().time(),
+    )
 
 
 async def stamp_instance(request: web.Request, response: web.StreamResponse) -> None:

@@ -134,6 +134,13 @@ def plain(command: StoreCommand[M]) -> Run[M]:
     return run
 
 
+async def _set_schedule(s: Scheduling, actor: Actor, msg: SetSchedule) -> Message:
+    outcome = await commands.set_schedule(
+        s.store, actor, msg, now=s.clock(), max_slots_per_day=s.settings.max_slots_per_day
+    )
+    return outcome.reply
+
+
 async def _list_appointments(s: Scheduling, actor: Actor, msg: ListAppointments) -> Message:
     if not actor.owns_doctor(msg.doctor_id):
         raise forbidden("only the doctor or an admin sees the doctor's appointments")
@@ -189,7 +196,7 @@ _ALL: tuple[Command[Any] | PublicCommand[Any], ...] = (
     Command(
         SetSchedule,
         Gate.SIGNED_IN,
-        plain(commands.set_schedule),
+        _set_schedule,
         Route("PUT", "/api/doctors/{doctor_id}/schedule"),
     ),
     Command(

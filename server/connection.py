@@ -7,6 +7,17 @@ further behind gets its availability deltas merged (only the latest state of
 each slot is kept) instead of queued; one that still cannot keep up is closed
 with 4008 and recovers by reconnecting and resuming.
 
+What a connection holds is counted in bytes: its outbox plus whatever sits in the
+transport's write buffer (`pending`), replies as well as deltas. Over `HIGH_WATER`
+the handler stops taking its requests (`backed_up`, `drained`: back-pressure, so
+pipelining cannot queue work); past `outbox_bytes` (or `outbox_limit` frames) it
+is closed. `police` runs over every connection now and then: one that stays over
+`HIGH_WATER` too long is closed, and when all of them together hold more than the
+server's budget the biggest are closed first. A slow consumer's close frame waits
+behind what it did not read, so its transport is aborted if it has not drained
+`ABORT_AFTER_S` later (as is any connection whose handler ends with bytes still
+unsent): the memory comes back even from a client that never reads.
+
 Who the client is and what it watches live in `server.session`, one level up:
 rooms hold connections to write to, so a connection knows nothing of rooms or
 sessions.
@@ -18,9 +29,9 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from aiohttp import web
 
@@ -35,6 +46,11 @@ CLOSE_SLOW_CONSUMER: Final = 4008
 CLOSE_SERVICE_RESTART: Final = 1012
 HIGH_WATER: Final = 256 * 1024  # bytes buffered in the kernel/transport before we queue
 COALESCE_AFTER: Final = 32  # queued frames before availability deltas are merged
+ABORT_AFTER_S: Final = 5.0  # a slow consumer's close frame waits this long for it to read
+_DRAIN_POLL_S: Final = (0.005, 0.05)  # back-pressure polls the socket, backing off to 50 ms
+
+# Why a slow consumer was closed: the `reason` label of slotcast_slow_consumers_total.
+SlowReason = Literal["frames", "bytes", "stalled", "budget"]
 
 
 @dataclass(slots=True)
@@ -46,6 +62,7 @@ class _Merged:
     version: int
     slots: dict[int, Any] = field(default_factory=dict)
     removed: set[int] = field(default_factory=set)
+    size: int = 0  # the bytes of the deltas merged in: what the outbox counts for it
 
     def add(self, public: dict[str, Any]) -> None:
         self.version = public["version"]
@@ -75,13 +92,16 @@ class Connection:
         "_merged",
         "_on_slow",
         "_outbox",
+        "_outbox_bytes",
         "_outbox_limit",
+        "_queued",
         "_reason",
         "_transport",
         "_wakeup",
         "_writer",
         "busy",
         "codec",
+        "stalled_since",
         "ws",
     )
 
@@ -92,7 +112,8 @@ class Connection:
         codec: Codec,
         *,
         outbox_limit: int,
-        on_slow: Any = None,
+        outbox_bytes: int = 1024 * 1024,
+        on_slow: Callable[[SlowReason], object] | None = None,
     ) -> None:
         self.ws = ws
         self.codec = codec
@@ -101,6 +122,9 @@ class Connection:
         self._outbox: deque[bytes | _Merged] = deque()  # built frames, or a merged delta
         self._merged: dict[int, _Merged] = {}  # the merge still open, per doctor
         self._outbox_limit = outbox_limit
+        self._outbox_bytes = outbox_bytes
+        self._queued = 0  # bytes in the outbox (a merged delta counts what was merged in)
+        self.stalled_since: float | None = None  # over HIGH_WATER since then (`police`)
         self._on_slow = on_slow
         # The writer task and its event exist only once something has had to queue:
         # most connections never fall behind, and each would cost a task and ~1.5 KiB.
@@ -114,6 +138,32 @@ class Connection:
     @property
     def closing(self) -> bool:
         return self._closing
+
+    @property
+    def ending(self) -> bool:
+        """Closing, or to be closed once the command in flight is done."""
+        return self._closing or self._close_code is not None
+
+    def pending(self) -> int:
+        """Bytes written or queued but not yet taken by the kernel: what this client costs."""
+        buffered: int = self._transport.get_write_buffer_size()
+        return buffered + self._queued
+
+    def backed_up(self) -> bool:
+        """Output at or over the high-water mark: take no more of this client's requests."""
+        buffered: int = self._transport.get_write_buffer_size()
+        return buffered + self._queued >= HIGH_WATER
+
+    async def drained(self) -> None:
+        """Until the output is back under the high-water mark, or the connection closes.
+
+        Only a client that has stopped reading waits here, so polling (backing off to
+        50 ms) costs nothing on the fast path and little per stalled client.
+        """
+        delay, longest = _DRAIN_POLL_S
+        while self.backed_up() and not self.ending and not self._transport.is_closing():
+            await asyncio.sleep(delay)  # the transport has no event to wait on for this
+            delay = min(delay * 2, longest)
 
     # ---- sending ----------------------------------------------------------------------------
 
@@ -140,25 +190,32 @@ class Connection:
                 transport.write(data)
                 return
         if len(self._outbox) >= self._outbox_limit:
-            self._too_slow()
+            self.too_slow("frames")
+            return
+        if self.pending() + len(data) > self._outbox_bytes:
+            self.too_slow("bytes")
             return
         self._outbox.append(data)
+        self._queued += len(data)
         self._kick()
 
     def send_delta(self, doctor_id: int, public: dict[str, Any], data: bytes) -> None:
         """An availability delta: like `send_frame`, but merged while the client is behind."""
         merged = self._merged.get(doctor_id)
-        if merged is not None:
-            merged.add(public)
+        if merged is None and (len(self._outbox) < COALESCE_AFTER or self._closing):
+            self.send_frame(data)
             return
-        if len(self._outbox) >= COALESCE_AFTER and not self._closing:
+        if self.pending() + len(data) > self._outbox_bytes:
+            self.too_slow("bytes")
+            return
+        if merged is None:
             merged = _Merged(doctor_id, public["version"] - 1, public["version"])
             self._merged[doctor_id] = merged
-            merged.add(public)
             self._outbox.append(merged)
             self._kick()
-            return
-        self.send_frame(data)
+        merged.add(public)
+        merged.size += len(data)  # an upper bound: a slot changed twice is counted twice
+        self._queued += len(data)
 
     def send_deltas(
         self,
@@ -186,10 +243,18 @@ class Connection:
         """Close the doctor's open merge: what follows a new snapshot must come after it."""
         self._merged.pop(doctor_id, None)
 
-    def _too_slow(self) -> None:
-        log.warning("closing slow consumer after %d queued frames", len(self._outbox))
+    def too_slow(self, reason: SlowReason) -> None:
+        """Close with 4008: the client has fallen too far behind (or costs too much)."""
+        if self._close_code is not None:
+            return
+        log.warning(
+            "closing slow consumer (%s): %d queued frames, %d bytes pending",
+            reason,
+            len(self._outbox),
+            self.pending(),
+        )
         if self._on_slow is not None:
-            self._on_slow()
+            self._on_slow(reason)
         self.close_soon(CLOSE_SLOW_CONSUMER, "slow consumer")
 
     def _kick(self) -> None:
@@ -206,8 +271,7 @@ class Connection:
             wakeup.clear()
             while self._outbox:
                 if transport.is_closing():
-                    self._outbox.clear()
-                    self._merged.clear()
+                    self._drop_outbox()
                     break
                 # Slow path only: wait for the kernel to take what is buffered.
                 while transport.get_write_buffer_size() >= HIGH_WATER:  # noqa: ASYNC110
@@ -216,10 +280,13 @@ class Connection:
                     break
                 item = self._outbox.popleft()
                 if isinstance(item, _Merged):
+                    self._queued -= item.size
                     if self._merged.get(item.doctor_id) is item:
                         del self._merged[item.doctor_id]
                     wire = envelope(Delta.TYPE, item.body())
                     item = frame(self.codec.dumps(wire), binary=self.codec.binary)
+                else:
+                    self._queued -= len(item)
                 transport.write(item)
 
     # ---- closing ----------------------------------------------------------------------------
@@ -240,18 +307,34 @@ class Connection:
 
     def _close_now(self) -> None:
         self._closing = True
-        self._outbox.clear()
-        self._merged.clear()
+        self._drop_outbox()
         task = self._closer = asyncio.create_task(
             self.ws.close(code=self._close_code or 1000, message=self._reason.encode())
         )
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+        if self._close_code == CLOSE_SLOW_CONSUMER:
+            asyncio.get_running_loop().call_later(ABORT_AFTER_S, self._abort_if_stuck)
+
+    def _drop_outbox(self) -> None:
+        self._outbox.clear()
+        self._merged.clear()
+        self._queued = 0
+
+    def _abort_if_stuck(self) -> None:
+        """A client that has not read up to its close frame by now never will: drop the
+        connection, and with it the bytes its transport still holds."""
+        if self._transport.get_write_buffer_size():
+            log.info("aborting a connection whose client does not read its close frame")
+            self._transport.abort()
 
     async def close(self) -> None:
         """The handler is done with the socket: stop writing, and finish our close handshake.
 
         Awaiting the handshake we began (4008, 1012) matters: once the handler returns,
         aiohttp closes the socket itself with 1000 if no close frame has gone out yet.
+        Closing a transport waits for its buffer to be sent, which for a client that
+        stopped reading (one the heartbeat dropped, say) is never: if bytes are still
+        there `ABORT_AFTER_S` from now, the transport is aborted.
         """
         self._closing = True
         if self._writer is not None:
@@ -260,3 +343,53 @@ class Connection:
                 await self._writer
         if self._closer is not None and not self._closer.done():
             await asyncio.wait([self._closer])  # its outcome is the done callback's business
+        if self._transport.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(ABORT_AFTER_S, self._abort_if_stuck)
+
+
+def police(connections: Iterable[Connection], *, budget: int, stall_s: float, now: float) -> int:
+    """Close what costs too much; returns the bytes all `connections` have pending.
+
+    A connection over `HIGH_WATER` for `stall_s` is closed ("stalled"): a client
+    that stopped reading, whether or not it answers pings. Then, while all of them
+    together hold more than `budget` bytes, the biggest are closed first ("budget");
+    connections already closing count as freed, since their bytes are on the way out.
+    """
+    total = 0
+    freeing = 0
+    candidates: list[tuple[int, Connection]] = []
+    for conn in connections:
+        pending = conn.pending()
+        total += pending
+        if conn.ending:
+            freeing += pending
+            continue
+        if pending < HIGH_WATER:
+            conn.stalled_since = None
+        elif conn.stalled_since is None:
+            conn.stalled_since = now
+        elif now - conn.stalled_since >= stall_s:
+            conn.too_slow("stalled")
+            freeing += pending
+            continue
+        if pending:
+            candidates.append((pending, conn))
+    kept = total - freeing
+    if kept > budget:
+        candidates.sort(key=lambda c: c[0], reverse=True)
+        for pending, conn in candidates:
+            if kept <= budget:
+                break
+            conn.too_slow("budget")
+            kept -= pending
+    return total
+
+
+def pending_total(connections: Iterable[Connection]) -> tuple[int, int]:
+    """Bytes pending over all `connections`, and how many of them are backed up."""
+    total = backed_up = 0
+    for conn in connections:
+        pending = conn.pending()
+        total += pending
+        backed_up += pending >= HIGH_WATER
+    return total, backed_up

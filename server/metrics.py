@@ -11,6 +11,9 @@ from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+# Why a connection was closed as a slow consumer (server.connection.SlowReason).
+SLOW_REASONS = ("frames", "bytes", "stalled", "budget")
+
 # Fine around the 100 ms fan-out target, and long enough to show a saturated one.
 LATENCY_BUCKETS = (
     0.001,
@@ -59,7 +62,22 @@ class Metrics:
         )
         self.errors = Counter("slotcast_errors", "Error replies by code", ["code"], registry=r)
         self.slow_consumers = Counter(
-            "slotcast_slow_consumers", "Connections closed for falling behind", registry=r
+            "slotcast_slow_consumers",
+            "Connections closed (4008) for falling behind, by reason",
+            ["reason"],
+            registry=r,
+        )
+        for reason in SLOW_REASONS:
+            self.slow_consumers.labels(reason)  # every reason exported, at 0 until it happens
+        self.outbox_bytes = Gauge(
+            "slotcast_outbox_bytes",
+            "Bytes written to WebSockets or queued for them that the kernel has not taken yet",
+            registry=r,
+        )
+        self.backed_up = Gauge(
+            "slotcast_backed_up_connections",
+            "WebSockets over the high-water mark, whose requests are not being read",
+            registry=r,
         )
         self.broker_connected = Gauge(
             "slotcast_broker_connected", "1 while the broker listener hears", registry=r
@@ -67,6 +85,9 @@ class Metrics:
         self.relayed = Counter(
             "slotcast_relayed_changes", "Changes published by the relay sweep", registry=r
         )
+
+    def slow_consumer(self, reason: str) -> None:
+        self.slow_consumers.labels(reason).inc()
 
     def fanout(self, delivered: int, latency: float) -> None:
         self.messages_out.inc(delivered)

@@ -74,7 +74,14 @@ class Scheduling:
 
     async def snapshot(self, doctor_id: int, start: date, end: date) -> Snapshot:
         self.check_range(start, end)
-        return await reads.snapshot(self.store, doctor_id, start, end, now=self.clock())
+        return await reads.snapshot(
+            self.store,
+            doctor_id,
+            start,
+            end,
+            now=self.clock(),
+            max_slots=self.settings.max_snapshot_slots,
+        )
 
     async def missed(self, doctor_id: int, since: int) -> list[Change] | None:
         """The changes after `since`, if the log can replay them; None means: snapshot."""
@@ -85,7 +92,9 @@ class Scheduling:
         return changes if len(changes) == current - since else None
 
     async def dashboard(self, doctor_id: int, day: date) -> Dashboard:
-        return await reads.dashboard(self.store, doctor_id, day)
+        return await reads.dashboard(
+            self.store, doctor_id, day, max_slots=self.settings.max_snapshot_slots
+        )
 
     async def my_appointments(self, patient: Actor) -> Appointments:
         """Shared by the `my_appointments` command and `watch_appointments`' first reply."""

@@ -46,6 +46,19 @@ class Settings:
     max_frame_bytes: int = 64 * 1024
     # Frames waiting to be written to one connection; a client this far behind is cut off.
     outbox_limit: int = 1024
+    # Bytes one connection may have pending (its transport's buffer and its outbox,
+    # replies included) before it is cut off (4008); from 256 KiB on, its requests wait.
+    outbox_bytes: int = 1024 * 1024
+    # Bytes all connections together may have pending; past it the biggest are cut off.
+    server_outbox_bytes: int = 64 * 1024 * 1024
+    # A connection whose output stays over 256 KiB this long is cut off (4008); every
+    # connection is checked against that and the budget every outbox_sweep_s.
+    slow_consumer_s: float = 20.0
+    outbox_sweep_s: float = 1.0
+    # Slots one snapshot (a watch, GET .../slots) or dashboard may carry; more is `invalid`.
+    max_snapshot_slots: int = 3000
+    # Slots a schedule may open on one local date; a `set_schedule` opening more is `invalid`.
+    max_slots_per_day: int = 144
     max_watches: int = 32
     max_watch_days: int = 62
     heartbeat_s: float = 20.0

@@ -199,7 +199,8 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         request.transport,
         codec,
         outbox_limit=settings.outbox_limit,
-        on_slow=metrics.slow_consumers.inc,
+        outbox_bytes=settings.outbox_bytes,
+        on_slow=metrics.slow_consumer,
     )
     session = Session(
         conn,
@@ -250,6 +251,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                 conn.send_error(ProtocolError("MessagePack connections send binary frames"))
             elif frame.type is WSMsgType.ERROR:
                 log.info("connection error: %s", ws.exception())
+            if conn.backed_up():
+                # Back-pressure: take no more requests while the client leaves its replies
+                # unread, so pipelining cannot queue work (frames wait in the socket).
+                await conn.drained()
     finally:
         expiry.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, time, timedelta
 
 from protocol.messages import (
     AppointmentUpdated,
@@ -33,7 +33,7 @@ from protocol.messages import (
     Unblock,
 )
 from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
-from store import doctors, sql, steps
+from store import doctors, schedule, sql, steps
 from store.changes import Change
 from store.errors import Forbidden, HoldLimit, Invalid, InvalidTransition, translated
 from store.runner import Store, doctor_of_appointment, doctor_of_slot, run
@@ -314,9 +314,18 @@ async def mark(
 
 
 async def set_schedule(
-    store: Store, actor: Actor, msg: SetSchedule, *, now: datetime | None = None
+    store: Store,
+    actor: Actor,
+    msg: SetSchedule,
+    *,
+    now: datetime | None = None,
+    max_slots_per_day: int | None = None,
 ) -> Outcome[ScheduleUpdated]:
-    """Replace the doctor's rules and weekly blocks and overrides; slots follow."""
+    """Replace the doctor's rules and weekly blocks and overrides; slots follow.
+
+    A schedule that would open more than `max_slots_per_day` slots on any one local
+    date (a weekday's blocks, or a date's overrides) is `Invalid`.
+    """
     doctor_id = msg.doctor_id
     if not actor.owns_doctor(doctor_id):
         raise Forbidden("only the doctor or an admin edits the schedule")
@@ -327,6 +336,8 @@ async def set_schedule(
     for o in msg.overrides:
         if (o.start is None) != (o.end is None) or (o.start and o.end and o.start >= o.end):
             raise Invalid(f"{o.date}: give both times with start before end, or neither")
+    if max_slots_per_day is not None:
+        _check_slots_per_day(msg, max_slots_per_day)
 
     async def work(tx: Tx) -> ScheduleUpdated:
         version = await tx.conn.fetchval(sql.DOCTOR_VERSION, doctor_id)
@@ -359,6 +370,22 @@ async def set_schedule(
         )
 
     return await _command(store, [doctor_id], actor, msg, now, work)
+
+
+def _check_slots_per_day(msg: SetSchedule, limit: int) -> None:
+    """Refuse a schedule whose busiest local date would open more than `limit` slots."""
+    days: dict[str, list[tuple[time, time]]] = {}
+    for b in msg.weekly:
+        days.setdefault(f"weekday {b.weekday}", []).append((b.start, b.end))
+    for o in msg.overrides:
+        if o.start is not None and o.end is not None:
+            days.setdefault(o.date.isoformat(), []).append((o.start, o.end))
+    for day, hours in days.items():
+        count = schedule.slots_in(hours, msg.slot_minutes, msg.buffer_minutes)
+        if count > limit:
+            raise Invalid(
+                f"{day} would open {count} slots: a schedule opens at most {limit} slots a day"
+            )
 
 
 # A client's command that locks its doctors up front (not by slot: `hold`, `book`).

@@ -18,7 +18,7 @@ import asyncpg
 from protocol.messages import AppointmentView, Dashboard, DoctorView, Snapshot
 from store import sql
 from store.changes import Change
-from store.errors import NotFound, translated
+from store.errors import Invalid, NotFound, translated
 from store.runner import Store
 from store.steps import appointment_view, slot_view
 from store.tx import resolve_now
@@ -42,12 +42,21 @@ async def _consistent(
 
 
 async def snapshot(
-    store: Store, doctor_id: int, start: date, end: date, *, now: datetime | None = None
+    store: Store,
+    doctor_id: int,
+    start: date,
+    end: date,
+    *,
+    now: datetime | None = None,
+    max_slots: int | None = None,
 ) -> Snapshot:
-    """Slots of [start, end) in the doctor's local dates, stamped with one version."""
+    """Slots of [start, end) in the doctor's local dates, stamped with one version.
+
+    More than `max_slots` slots is `Invalid`, without reading the rest.
+    """
     now = resolve_now(now)
     async with _consistent(store, doctor_id) as (conn, doctor):
-        rows = await conn.fetch(sql.SLOTS_IN_RANGE, doctor_id, start, end)
+        rows = await _slots(conn, doctor_id, start, end, max_slots, "the range")
     return Snapshot(
         doctor_id=doctor_id,
         version=doctor["version"],
@@ -60,11 +69,13 @@ async def snapshot(
     )
 
 
-async def dashboard(store: Store, doctor_id: int, day: date) -> Dashboard:
+async def dashboard(
+    store: Store, doctor_id: int, day: date, *, max_slots: int | None = None
+) -> Dashboard:
     """A doctor's local day: appointments, slots and conflicts, stamped with one version."""
     async with _consistent(store, doctor_id) as (conn, doctor):
         next_day = day + timedelta(days=1)
-        slots = await conn.fetch(sql.SLOTS_IN_RANGE, doctor_id, day, next_day)
+        slots = await _slots(conn, doctor_id, day, next_day, max_slots, "the day")
         appointments = await conn.fetch(sql.APPOINTMENTS_OF_DOCTOR_ON, doctor_id, day)
     return Dashboard(
         doctor_id=doctor_id,
@@ -75,6 +86,22 @@ async def dashboard(store: Store, doctor_id: int, day: date) -> Dashboard:
         slots=[slot_view(r, hold_expires_at=r["hold_expires_at"]) for r in slots],
         conflicts=[r["id"] for r in slots if r["conflict"]],
     )
+
+
+async def _slots(
+    conn: asyncpg.Connection,
+    doctor_id: int,
+    start: date,
+    end: date,
+    max_slots: int | None,
+    what: str,
+) -> list[asyncpg.Record]:
+    """The doctor's slots of [start, end), refused past `max_slots` (None: no bound)."""
+    limit = None if max_slots is None else max_slots + 1
+    rows: list[asyncpg.Record] = await conn.fetch(sql.SLOTS_IN_RANGE, doctor_id, start, end, limit)
+    if max_slots is not None and len(rows) > max_slots:
+        raise Invalid(f"{what} holds more than {max_slots} slots: ask for fewer days")
+    return rows
 
 
 async def doctor_version(store: Store, doctor_id: int) -> int:

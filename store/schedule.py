@@ -70,3 +70,20 @@ def slot_times(
             while start + length <= end:
                 yield start, start + length
                 start += step
+
+
+def slots_in(hours: Iterable[tuple[time, time]], slot_minutes: int, buffer_minutes: int = 0) -> int:
+    """How many slots these hours of one local date open, as `slot_times` lays them out.
+
+    Counted on the wall clock: on a daylight-saving day a block spanning the change
+    holds an hour's worth of slots more or less. Overlapping blocks count twice.
+    """
+    length = timedelta(minutes=slot_minutes)
+    step = length + timedelta(minutes=buffer_minutes)
+    day = date(2000, 1, 3)  # any date: only the difference of the two times matters
+    total = 0
+    for starts, ends in hours:
+        span = datetime.combine(day, ends) - datetime.combine(day, starts)
+        if span >= length:
+            total += (span - length) // step + 1
+    return total

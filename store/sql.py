@@ -190,7 +190,8 @@ WHERE s.doctor_id = $1
   AND s.retired_at IS NULL
   AND s.starts_at >= ($2::date::timestamp AT TIME ZONE d.timezone)
   AND s.starts_at <  ($3::date::timestamp AT TIME ZONE d.timezone)
-ORDER BY s.starts_at"""
+ORDER BY s.starts_at
+LIMIT $4"""
 SLOT_DOCTOR: Final = "SELECT doctor_id FROM slots WHERE id = $1"
 SLOT_FOR_UPDATE: Final = """
 SELECT s.id, s.doctor_id, s.starts_at, s.ends_at, s.status, s.conflict, s.retired_at,

@@ -675,7 +675,8 @@ async def test_a_watcher_too_slow_even_for_merging_is_closed_4008_and_resumes(
         assert watcher._ws is not None
         paused = back_up(watcher._ws, server_side(client, doctor.id))
         _, last = await flood(doc, store, doctor, blocks=10)
-        assert metric(await scrape(client), "slotcast_slow_consumers_total") == 1
+        found = await scrape(client)
+        assert metric(found, "slotcast_slow_consumers_total", reason="frames") == 1
         paused.resume_reading()
 
         calendar = watcher.calendars[doctor.id]

@@ -2,8 +2,11 @@
 
 The Connection is driven with a fake transport whose buffer the test controls, so
 the exact merge and close rules are pinned without depending on kernel buffer
-sizes; tests/server/test_realtime.py makes a real socket back up. The last tests
-hold the spliced envelopes fan-out writes to the bytes clients have always had.
+sizes; tests/server/test_realtime.py makes a real socket back up. A section pins
+what a connection costs in bytes (back-pressure, the byte limit, `police`'s stall
+and budget rules; tests/server/test_memory.py holds them against raw sockets). The
+last tests hold the spliced envelopes fan-out writes to the bytes clients have
+always had.
 """
 
 from __future__ import annotations
@@ -28,12 +31,15 @@ from protocol.messages import (
     Snapshot,
 )
 from protocol.vocabulary import AppointmentStatus, SlotStatus
+from server import connection
 from server.connection import (
     CLOSE_SERVICE_RESTART,
     CLOSE_SLOW_CONSUMER,
     COALESCE_AFTER,
     HIGH_WATER,
     Connection,
+    pending_total,
+    police,
 )
 from server.frames import frame
 from server.rooms import Frames, Rooms
@@ -49,12 +55,17 @@ from testkit.wire import WAIT_S, eventually
 class FakeTransport:
     """The slice of an asyncio transport a Connection uses; the test decides how full it is."""
 
-    def __init__(self) -> None:
-        self.buffered = 0
+    def __init__(self, buffered: int = 0) -> None:
+        self.buffered = buffered
         self.written: list[bytes] = []
+        self.aborted = False
 
     def is_closing(self) -> bool:
-        return False
+        return self.aborted
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.buffered = 0
 
     def get_write_buffer_size(self) -> int:
         return self.buffered
@@ -165,13 +176,9 @@ async def test_outbox_merges_a_doctors_deltas_once_behind_and_keeps_order() -> N
 
 async def test_outbox_over_the_limit_closes_4008_once_the_command_is_done() -> None:
     transport, ws = FakeTransport(), FakeSocket()
-    slow: list[int] = []
+    slow: list[str] = []
     conn = Connection(
-        cast(web.WebSocketResponse, ws),
-        transport,
-        JSON,
-        outbox_limit=3,
-        on_slow=lambda: slow.append(1),
+        cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=3, on_slow=slow.append
     )
     transport.buffered = HIGH_WATER
     conn.busy = True  # a command is in flight: its reply must not be cut off
@@ -180,7 +187,7 @@ async def test_outbox_over_the_limit_closes_4008_once_the_command_is_done() -> N
     assert slow == []
     assert not ws.closed.is_set()
     conn.send(Pong())  # one too many
-    assert slow == [1]
+    assert slow == ["frames"]
     await asyncio.sleep(0)  # deliberately let any premature close task run
     assert not ws.closed.is_set()
     conn.command_done()
@@ -188,7 +195,7 @@ async def test_outbox_over_the_limit_closes_4008_once_the_command_is_done() -> N
     assert ws.close_args == (CLOSE_SLOW_CONSUMER, b"slow consumer")
     assert conn.closing
     conn.send(Pong())  # ignored: closing
-    assert slow == [1]
+    assert slow == ["frames"]
     await conn.close()  # what the handler does once the socket has closed
     transport.buffered = 0
     conn.send(Pong())
@@ -313,6 +320,213 @@ async def test_deltas_after_a_new_snapshot_are_not_merged_ahead_of_it() -> None:
     ]
     assert order[-1] == ("Delta", 13), order
     assert order.index(("Snapshot", 12)) < order.index(("Delta", 13)), order
+
+
+# ---- what a connection costs, in bytes -------------------------------------------------------
+
+
+def snapshot_of(slots: int) -> Snapshot:
+    """A reply the size of a real one: `slots` slots, about 115 bytes each in JSON."""
+    views = [slot(i, SlotStatus.FREE) for i in range(slots)]
+    return Snapshot(1, 12, "UTC", date(2031, 1, 1), date(2031, 1, 8), views)
+
+
+def connect(
+    transport: FakeTransport, *, outbox_bytes: int, slow: list[str] | None = None
+) -> tuple[Connection, FakeSocket]:
+    ws = FakeSocket()
+    on_slow = slow.append if slow is not None else None
+    conn = Connection(
+        cast(web.WebSocketResponse, ws),
+        transport,
+        JSON,
+        outbox_limit=1000,
+        outbox_bytes=outbox_bytes,
+        on_slow=on_slow,
+    )
+    return conn, ws
+
+
+async def test_replies_count_in_bytes_and_past_the_limit_the_client_is_closed_4008() -> None:
+    """Snapshots are few frames but many bytes: the byte limit, not the frame limit, stops
+    a client that asks for them and does not read; its pending bytes never pass the limit."""
+    reply = snapshot_of(40)
+    size = len(frame(JSON.encode(reply, 1), binary=False))
+    transport, slow = FakeTransport(buffered=HIGH_WATER), []
+    conn, ws = connect(transport, outbox_bytes=HIGH_WATER + 5 * size + size // 2, slow=slow)
+    assert conn.pending() == HIGH_WATER  # what the transport holds counts too
+    assert conn.backed_up()
+    for sent in range(1, 6):
+        conn.send(reply, 1)
+        assert conn.pending() == HIGH_WATER + sent * size
+    assert slow == []
+    conn.send(reply, 1)  # the sixth would pass the limit
+    assert slow == ["bytes"]
+    await asyncio.wait_for(ws.closed.wait(), WAIT_S)
+    assert ws.close_args == (CLOSE_SLOW_CONSUMER, b"slow consumer")
+    assert conn.pending() == HIGH_WATER  # the outbox is dropped at once; the transport aborts
+    conn.send(reply, 1)
+    assert slow == ["bytes"], "closed once, counted once"
+    await conn.close()
+
+
+async def test_bytes_in_the_transport_count_when_nothing_is_queued() -> None:
+    """A client that answers pings but never reads grows the transport's buffer, not the
+    outbox: with nothing queued at all it is still over the limit."""
+    transport, slow = FakeTransport(), []
+    conn, _ = connect(transport, outbox_bytes=HIGH_WATER * 2, slow=slow)
+    try:
+        big = snapshot_of(5000)  # over the limit, yet written straight: the socket keeps up
+        assert len(frame(JSON.encode(big, 1), binary=False)) > HIGH_WATER * 2
+        conn.send(big, 1)
+        assert len(transport.written) == 1
+        assert slow == []
+        transport.buffered = HIGH_WATER * 2 - 10  # the kernel took none of it
+        conn.send(Pong(), 2)
+        assert slow == ["bytes"]
+        assert len(transport.written) == 1
+    finally:
+        await conn.close()
+
+
+async def test_merged_deltas_count_toward_the_byte_limit_and_leave_with_the_outbox() -> None:
+    """Merging keeps one delta per doctor, but what it holds grows with every change merged
+    in: each counts (an upper bound) until the merged delta is written."""
+    transport = FakeTransport(buffered=HIGH_WATER)
+    conn, _ = connect(transport, outbox_bytes=HIGH_WATER * 4)
+    try:
+        for _ in range(COALESCE_AFTER):
+            conn.send(Pong())
+        queued = conn.pending() - HIGH_WATER
+        changes = [change(5, v, [slot(v, SlotStatus.BUSY)], []) for v in range(1, 11)]
+        sizes = 0
+        for c in changes:
+            data = Frames(c).get("availability", JSON)
+            conn.send_delta(5, c.public, data)
+            sizes += len(data)
+        assert conn.pending() == HIGH_WATER + queued + sizes
+        assert len(conn._outbox) == COALESCE_AFTER + 1  # merged into one
+        transport.buffered = 0
+        await eventually(lambda: len(transport.written) == COALESCE_AFTER + 1, "the outbox")
+        assert conn.pending() == 0
+    finally:
+        await conn.close()
+
+
+async def test_merging_past_the_byte_limit_closes_the_connection() -> None:
+    transport, slow = FakeTransport(buffered=HIGH_WATER), []
+    conn, ws = connect(transport, outbox_bytes=HIGH_WATER + 4096, slow=slow)
+    for _ in range(COALESCE_AFTER):
+        conn.send(Pong())
+    version = 0
+    while not slow:
+        version += 1
+        offer(conn, change(5, version, [slot(version, SlotStatus.BUSY)], []))
+        assert conn.pending() <= HIGH_WATER + 4096
+    assert slow == ["bytes"]
+    await asyncio.wait_for(ws.closed.wait(), WAIT_S)
+    await conn.close()
+
+
+async def test_a_backed_up_connection_waits_until_its_output_drains_or_it_closes() -> None:
+    """Back-pressure: the handler awaits `drained` before taking the client's next request."""
+    transport = FakeTransport(buffered=HIGH_WATER - 1)
+    conn, _ = connect(transport, outbox_bytes=HIGH_WATER * 4)
+    assert not conn.backed_up()
+    await asyncio.wait_for(conn.drained(), WAIT_S)  # under the mark: no wait at all
+    transport.buffered = HIGH_WATER
+    assert conn.backed_up()
+    waiting = asyncio.create_task(conn.drained())
+    await asyncio.sleep(0.03)  # deliberately: it must still be waiting
+    assert not waiting.done()
+    transport.buffered = HIGH_WATER // 2
+    await asyncio.wait_for(waiting, WAIT_S)
+
+    transport.buffered = HIGH_WATER
+    waiting = asyncio.create_task(conn.drained())
+    conn.close_soon(CLOSE_SLOW_CONSUMER, "slow consumer")  # a close ends the wait too
+    await asyncio.wait_for(waiting, WAIT_S)
+    await conn.close()
+
+
+async def test_police_closes_a_connection_stuck_over_the_high_water_mark() -> None:
+    """However the client keeps the socket alive (answering pings, sending frames), output
+    that stays over the high-water mark for `stall_s` closes it; draining resets the clock."""
+    stuck, reading = FakeTransport(buffered=HIGH_WATER), FakeTransport(buffered=HIGH_WATER)
+    slow: list[str] = []
+    (a, ws_a), (b, ws_b) = (
+        connect(t, outbox_bytes=HIGH_WATER * 4, slow=slow) for t in (stuck, reading)
+    )
+    budget = 1 << 30
+    assert police([a, b], budget=budget, stall_s=10, now=100.0) == 2 * HIGH_WATER
+    reading.buffered = 0  # b reads
+    police([a, b], budget=budget, stall_s=10, now=105.0)
+    reading.buffered = HIGH_WATER  # b falls behind again: its clock starts over
+    police([a, b], budget=budget, stall_s=10, now=109.9)
+    assert slow == []
+    police([a, b], budget=budget, stall_s=10, now=110.0)
+    assert slow == ["stalled"]
+    await asyncio.wait_for(ws_a.closed.wait(), WAIT_S)
+    assert not ws_b.closed.is_set()
+    await a.close()
+    await b.close()
+
+
+async def test_police_closes_the_biggest_first_when_the_budget_is_spent() -> None:
+    sizes = [100_000, 300_000, 50_000, 200_000]
+    transports = [FakeTransport(buffered=n) for n in sizes]
+    slow: list[str] = []
+    conns = [connect(t, outbox_bytes=1 << 20, slow=slow) for t in transports]
+    everyone = [c for c, _ in conns]
+    assert pending_total(everyone) == (650_000, 1)  # one of them is over the high-water mark
+    assert police(everyone, budget=400_000, stall_s=60, now=0.0) == 650_000
+    assert slow == ["budget"]  # 300 kB closed: 350 kB left, under the budget
+    await asyncio.wait_for(conns[1][1].closed.wait(), WAIT_S)
+    # Until its transport lets go, the closed one still holds its bytes: they count as
+    # freed, so the next sweep closes no one else.
+    police(everyone, budget=400_000, stall_s=60, now=1.0)
+    assert slow == ["budget"]
+    transports[0].buffered = 260_000
+    police(everyone, budget=400_000, stall_s=60, now=2.0)  # 510 kB kept: the 260 kB one goes
+    assert slow == ["budget", "budget"]
+    assert conns[0][0].ending
+    assert not conns[3][0].ending
+    for conn, _ in conns:
+        await conn.close()
+
+
+async def test_a_slow_consumer_that_never_reads_its_close_frame_is_aborted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The close frame waits behind everything the client did not read; a client that never
+    reads would keep those bytes in the transport for good, so the transport is aborted."""
+    monkeypatch.setattr(connection, "ABORT_AFTER_S", 0.01)
+    stuck, reads = FakeTransport(buffered=HIGH_WATER), FakeTransport(buffered=HIGH_WATER)
+    a, _ = connect(stuck, outbox_bytes=1 << 20)
+    b, _ = connect(reads, outbox_bytes=1 << 20)
+    a.too_slow("stalled")
+    b.too_slow("stalled")
+    reads.buffered = 0  # b read up to its close frame
+    await eventually(lambda: stuck.aborted, "the stuck transport to be aborted")
+    await asyncio.sleep(0.02)  # deliberately: b's timer has fired too
+    assert not reads.aborted
+    assert a.pending() == 0
+    await a.close()
+    await b.close()
+
+
+async def test_a_connection_that_ends_with_bytes_its_client_never_read_is_aborted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """However the handler ended (the heartbeat dropped the client, say), closing a transport
+    waits for its buffer to go out; from a client that never reads, it never does."""
+    monkeypatch.setattr(connection, "ABORT_AFTER_S", 0.01)
+    stuck, drained = FakeTransport(buffered=1000), FakeTransport()
+    for transport in (stuck, drained):
+        conn, _ = connect(transport, outbox_bytes=1 << 20)
+        await conn.close()  # what the handler does once the socket has closed
+    await eventually(lambda: stuck.aborted, "the stuck transport to be aborted")
+    assert not drained.aborted
 
 
 # ---- the bytes fan-out writes: spliced envelopes, as clients have always received them -------

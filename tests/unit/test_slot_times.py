@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from store.schedule import Block, slot_times, zone
+from store.schedule import Block, slot_times, slots_in, zone
 from testkit.layout import DST_BLOCKS, TRANSITION_IDS, TRANSITIONS, check_transition, starts
 
 MONDAY = date(2025, 1, 6)
@@ -83,6 +83,27 @@ def test_a_block_holds_only_whole_slots() -> None:
     times = list(slot_times([Block(1, time(9), time(10, 45))], tokyo, MONDAY, 7, 30))
     assert times[-1][1] == utc(2025, 1, 6, 1, 30)
     assert len(times) == 3
+
+
+@pytest.mark.parametrize(
+    ("hours", "minutes", "buffer"),
+    [
+        ([(time(8), time(18))], 30, 0),
+        ([(time(8), time(18))], 30, 10),
+        ([(time(0), time(23, 55))], 5, 0),  # 5-minute slots around the clock: 287
+        ([(time(9), time(9, 20))], 30, 0),  # too short for one slot
+        ([(time(9), time(12)), (time(13), time(17, 30))], 45, 5),
+        ([(time(9, 0, 30), time(10))], 15, 0),  # seconds: the last slot would end late
+        ([(time(9), time(11)), (time(10), time(12))], 30, 0),  # overlapping: counted twice
+    ],
+)
+def test_slots_in_counts_what_slot_times_lays_out(
+    hours: list[tuple[time, time]], minutes: int, buffer: int
+) -> None:
+    """The `set_schedule` cap counts a day's slots without laying them out."""
+    blocks = [Block(1, starts, ends) for starts, ends in hours]
+    laid_out = list(slot_times(blocks, zone("UTC"), MONDAY, 1, minutes, buffer_minutes=buffer))
+    assert slots_in(hours, minutes, buffer) == len(laid_out)
 
 
 def test_zone_accepts_iana_names() -> None:
