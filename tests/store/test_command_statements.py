@@ -50,7 +50,9 @@ async def test_a_retry_returns_the_first_booking_even_after_the_slot_changed_han
     calendar = await open_calendar(store)
     slot = calendar.slots[0]
     ann, bob = patient("p-ann"), patient("p-bob")
-    first = await commands.book(store, ann, Book(slot_id=slot.id, idempotency_key="k-1"), now=NOW)
+    first = await commands.book(
+        store, ann, Book(slot_id=slot.id, idempotency_key="k-1"), limits=None, now=NOW
+    )
     assert isinstance(first.reply, Booked)
     await commands.cancel(
         store, ann, Cancel(first.reply.appointment.id, "changed my mind"), now=NOW
@@ -58,7 +60,9 @@ async def test_a_retry_returns_the_first_booking_even_after_the_slot_changed_han
     await book(store, bob, slot)  # the slot is Bob's now
     state = await db_state(db)
 
-    again = await commands.book(store, ann, Book(slot_id=slot.id, idempotency_key="k-1"), now=NOW)
+    again = await commands.book(
+        store, ann, Book(slot_id=slot.id, idempotency_key="k-1"), limits=None, now=NOW
+    )
 
     # The stored reply, not slot_taken: the key is looked up before the slot is judged.
     assert again.reply == first.reply
@@ -72,12 +76,12 @@ async def test_a_replay_returns_before_expired_holds_are_cleared(
     calendar = await open_calendar(store)
     ann, bob = patient("p-ann"), patient("p-bob")
     request = Book(slot_id=calendar.slots[0].id, idempotency_key="k-2")
-    first = await commands.book(store, ann, request, now=NOW)
+    first = await commands.book(store, ann, request, limits=None, now=NOW)
     held = await hold(store, bob, calendar.slots[1])
     state = await db_state(db)
 
     # Bob's hold has expired, but a replay writes nothing, not even the expiry.
-    again = await commands.book(store, ann, request, now=NOW + TTL)
+    again = await commands.book(store, ann, request, limits=None, now=NOW + TTL)
 
     assert again.reply == first.reply
     assert again.changes == []
@@ -159,11 +163,17 @@ async def test_an_unknown_slot_or_hold_is_not_found_and_writes_nothing(
     ann = patient("p-ann")
 
     with pytest.raises(NotFound) as no_slot:
-        await commands.book(store, ann, Book(slot_id=10**9, idempotency_key="k-3"), now=NOW)
+        await commands.book(
+            store, ann, Book(slot_id=10**9, idempotency_key="k-3"), limits=None, now=NOW
+        )
     with pytest.raises(NotFound) as no_hold:
-        await commands.book(store, ann, Book(hold_id=10**9, idempotency_key="k-4"), now=NOW)
+        await commands.book(
+            store, ann, Book(hold_id=10**9, idempotency_key="k-4"), limits=None, now=NOW
+        )
     with pytest.raises(NotFound):
-        await commands.hold(store, ann, Hold(10**9, "k-5"), ttl=TTL, max_holds=5, now=NOW)
+        await commands.hold(
+            store, ann, Hold(10**9, "k-5"), ttl=TTL, max_holds=5, limits=None, now=NOW
+        )
 
     assert no_slot.value.code is ErrorCode.NOT_FOUND
     assert no_hold.value.code is ErrorCode.NOT_FOUND
@@ -273,7 +283,7 @@ async def test_confirming_a_hold_while_another_has_expired_frees_that_one_first(
 
     # Ann's hold has expired, Bob's has not: the appointment read first is re-read after
     # the expiry is written, and the confirm goes on.
-    outcome = await commands.book(store, bob, Book(hold_id=bobs.id), now=NOW + TTL)
+    outcome = await commands.book(store, bob, Book(hold_id=bobs.id), limits=None, now=NOW + TTL)
 
     assert isinstance(outcome.reply, Booked)
     assert outcome.reply.appointment.status is AppointmentStatus.BOOKED
@@ -307,10 +317,10 @@ async def test_round_trips_of_a_booking_a_hold_and_a_confirm(database_url: str) 
         free, held = calendar.slots[0], calendar.slots[1]
         request = Book(slot_id=free.id, idempotency_key="k-7")
         lock, first = "SLOT_DOCTOR_LOCK", "SLOT_PRELUDE"
-        assert await statements(commands.book(store, ann, request, now=NOW)) == [
+        assert await statements(commands.book(store, ann, request, limits=None, now=NOW)) == [
             *("BEGIN;", lock, first, "RECORD", "COMMIT;")
         ]
-        assert await statements(commands.book(store, ann, request, now=NOW)) == [
+        assert await statements(commands.book(store, ann, request, limits=None, now=NOW)) == [
             *("BEGIN;", lock, first, "COMMIT;")  # the replay
         ]
         assert await statements(book(store, bob, free)) == ["BEGIN;", lock, first, "ROLLBACK;"]
@@ -318,7 +328,9 @@ async def test_round_trips_of_a_booking_a_hold_and_a_confirm(database_url: str) 
             *("BEGIN;", "SLOT_DOCTOR_PATIENT_LOCK", first, "RECORD", "COMMIT;")
         ]
         hold_id = (await reads.patient_appointments(store, "p-bob", now=NOW))[0].id
-        assert await statements(commands.book(store, bob, Book(hold_id=hold_id), now=NOW)) == [
+        assert await statements(
+            commands.book(store, bob, Book(hold_id=hold_id), limits=None, now=NOW)
+        ) == [
             *("BEGIN;", "APPOINTMENT_DOCTOR_LOCK", "APPOINTMENT_PRELUDE", "HOLD_CONFIRM"),
             *("RECORD", "COMMIT;"),
         ]

@@ -386,7 +386,7 @@ class EngineModel(RuleBasedStateMachine):
             actor=actor,
             request=request,
             call=lambda: commands.hold(
-                self.store, actor, request, ttl=TTL, max_holds=MAX_HOLDS, now=self.now
+                self.store, actor, request, ttl=TTL, max_holds=MAX_HOLDS, limits=None, now=self.now
             ),
             work=work,
         )
@@ -447,7 +447,7 @@ class EngineModel(RuleBasedStateMachine):
             doctors=[s.doctor],
             actor=actor,
             request=request,
-            call=lambda: commands.book(self.store, actor, request, now=self.now),
+            call=lambda: commands.book(self.store, actor, request, limits=None, now=self.now),
             work=work,
         )
 
@@ -477,7 +477,7 @@ class EngineModel(RuleBasedStateMachine):
             doctors=[a.doctor],
             actor=actor,
             request=request,
-            call=lambda: commands.book(self.store, actor, request, now=self.now),
+            call=lambda: commands.book(self.store, actor, request, limits=None, now=self.now),
             work=work,
         )
 
@@ -550,7 +550,7 @@ class EngineModel(RuleBasedStateMachine):
             doctors=[a.doctor, s.doctor],
             actor=actor,
             request=request,
-            call=lambda: commands.reschedule(self.store, actor, request, now=self.now),
+            call=lambda: commands.reschedule(self.store, actor, request, limits=None, now=self.now),
             work=work,
         )
 
