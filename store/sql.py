@@ -135,8 +135,8 @@ WITH slot AS (
                count(*) AS active_total
         FROM appointments p
         WHERE p.patient_id = $5 AND p.starts_at > $1
-          AND (p.status IN ('booked', 'arrived')
-               OR (p.status = 'pending' AND p.hold_expires_at > $1))
+          AND p.status IN ('pending', 'booked', 'arrived')
+          AND (p.status <> 'pending' OR p.hold_expires_at > $1)
         HAVING $10::int IS NOT NULL
     ) AS q ON true
 ), taken AS (
@@ -335,13 +335,15 @@ SELECT
     ) AS cooled_until
 FROM appointments p
 WHERE p.patient_id = $1
-  AND (p.status IN ('booked', 'arrived') OR (p.status = 'pending' AND p.hold_expires_at > $2))"""
+  AND p.status IN ('pending', 'booked', 'arrived')
+  AND (p.status <> 'pending' OR p.hold_expires_at > $2)"""
 # A patient's ($1) active future appointments with one doctor ($2) at $3: what a move to
 # that doctor adds to (a reschedule).
 ACTIVE_WITH_DOCTOR: Final = """
 SELECT count(*) FROM appointments
 WHERE patient_id = $1 AND doctor_id = $2 AND starts_at > $3
-  AND (status IN ('booked', 'arrived') OR (status = 'pending' AND hold_expires_at > $3))"""
+  AND status IN ('pending', 'booked', 'arrived')
+  AND (status <> 'pending' OR hold_expires_at > $3)"""
 APPOINTMENTS_OF_DOCTOR_ON: Final = f"""
 SELECT {APPOINTMENT_COLUMNS} FROM appointments a JOIN doctors d ON d.id = a.doctor_id
 WHERE a.doctor_id = $1

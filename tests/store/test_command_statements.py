@@ -12,7 +12,6 @@ the patient's, and not_found stays not_found.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable
 from datetime import timedelta
 from typing import Any
@@ -21,14 +20,14 @@ import asyncpg
 import pytest
 
 from protocol.errors import ErrorCode
-from protocol.messages import Book, Booked, Cancel, Hold, SlotView
+from protocol.messages import Book, Booked, Cancel, Hold, Release, SlotView
 from protocol.vocabulary import AppointmentStatus, SlotStatus
 from store import commands, reads, runner, sql, steps
 from store.changes import Change
 from store.constants import LOCK_NS_DOCTOR, LOCK_NS_PATIENT
-from store.errors import NotFound, SlotTaken, SlotUnavailable, TooLate
+from store.errors import NotFound, SlotTaken, SlotUnavailable, StoreError, TooLate
 from store.runner import Store, open_store
-from store.tx import Tx
+from store.tx import Limits, Tx
 from testkit.engine import (
     NOW,
     TTL,
@@ -299,8 +298,12 @@ async def test_confirming_a_hold_while_another_has_expired_frees_that_one_first(
 async def test_round_trips_of_a_booking_a_hold_and_a_confirm(database_url: str) -> None:
     """What the folding bought, pinned: every statement the pool's one connection runs,
     its reset on release included, for each command (docs/benchmarks.md counts 14, 16
-    and 15 before)."""
+    and 15 before), under the patient's limits as the server passes them. Those cost no
+    round trip: the first read counts them with the slot, and a direct booking takes the
+    patient's lock in its locking statement (SLOT_DOCTOR_PATIENT_LOCK, as a hold always
+    did) instead of SLOT_DOCTOR_LOCK. A refusal at a limit is a rollback after that read."""
     names = {v: k for k, v in vars(sql).items() if k.isupper() and isinstance(v, str)}
+    limits = Limits(per_doctor=2, total=6, cooldown=timedelta(minutes=5))
     async with open_store(database_url, min_size=1, max_size=1) as store:
         calendar = await open_calendar(store)
         sent: list[str] = []
@@ -308,29 +311,43 @@ async def test_round_trips_of_a_booking_a_hold_and_a_confirm(database_url: str) 
             conn.add_query_logger(lambda q: sent.append(names.get(q.query, q.query.strip())))
         ann, bob = patient("p-ann"), patient("p-bob")
 
+        refusals: list[ErrorCode] = []
+
         async def statements(run: Awaitable[object]) -> list[str]:
             sent.clear()
-            with contextlib.suppress(SlotTaken):
+            try:
                 await run
+            except StoreError as exc:
+                refusals.append(exc.code)
             return list(sent)
 
         free, held = calendar.slots[0], calendar.slots[1]
         request = Book(slot_id=free.id, idempotency_key="k-7")
-        lock, first = "SLOT_DOCTOR_LOCK", "SLOT_PRELUDE"
-        assert await statements(commands.book(store, ann, request, limits=None, now=NOW)) == [
+        lock, first = "SLOT_DOCTOR_PATIENT_LOCK", "SLOT_PRELUDE"
+        refused = ["BEGIN;", lock, first, "ROLLBACK;"]
+        assert await statements(commands.book(store, ann, request, limits=limits, now=NOW)) == [
             *("BEGIN;", lock, first, "RECORD", "COMMIT;")
         ]
-        assert await statements(commands.book(store, ann, request, limits=None, now=NOW)) == [
+        assert await statements(commands.book(store, ann, request, limits=limits, now=NOW)) == [
             *("BEGIN;", lock, first, "COMMIT;")  # the replay
         ]
-        assert await statements(book(store, bob, free)) == ["BEGIN;", lock, first, "ROLLBACK;"]
-        assert await statements(hold(store, bob, held)) == [
-            *("BEGIN;", "SLOT_DOCTOR_PATIENT_LOCK", first, "RECORD", "COMMIT;")
+        assert await statements(book(store, bob, free, limits=limits)) == refused  # slot_taken
+        assert await statements(hold(store, bob, held, limits=limits)) == [
+            *("BEGIN;", lock, first, "RECORD", "COMMIT;")
         ]
         hold_id = (await reads.patient_appointments(store, "p-bob", now=NOW))[0].id
         assert await statements(
-            commands.book(store, bob, Book(hold_id=hold_id), limits=None, now=NOW)
+            commands.book(store, bob, Book(hold_id=hold_id), limits=limits, now=NOW)
         ) == [
             *("BEGIN;", "APPOINTMENT_DOCTOR_LOCK", "APPOINTMENT_PRELUDE", "HOLD_CONFIRM"),
             *("RECORD", "COMMIT;"),
         ]
+        # Without limits (seeding, benchmarks) a booking takes only the doctor's lock.
+        assert await statements(book(store, bob, calendar.slots[2])) == [
+            *("BEGIN;", "SLOT_DOCTOR_LOCK", first, "RECORD", "COMMIT;")
+        ]
+        assert await statements(book(store, bob, calendar.slots[3], limits=limits)) == refused
+        again = await hold(store, ann, calendar.slots[4], limits=limits)
+        await commands.release(store, ann, Release(again.id), now=NOW)
+        assert await statements(hold(store, ann, calendar.slots[4], limits=limits)) == refused
+        assert refusals == [ErrorCode.SLOT_TAKEN, ErrorCode.APPOINTMENT_LIMIT, ErrorCode.COOLDOWN]
