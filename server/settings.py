@@ -55,7 +55,7 @@ class Settings:
     # A patient's active future appointments (booked or held), per doctor and in all
     # (`appointment_limit` beyond), and how long a slot whose hold its patient released or
     # let lapse stays barred to that patient (`cooldown`; 0 turns it off). See
-    # docs/scheduling.md#limits-on-what-one-patient-may-claim.
+    # docs/scheduling.md#what-one-patient-may-claim.
     max_active_per_doctor: int = 2
     max_active_total: int = 6
     rehold_cooldown_s: float = 300.0
