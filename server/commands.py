@@ -103,7 +103,7 @@ class PublicCommand(Generic[M]):
 # ---- the commands, in the order of docs/protocol.md -------------------------------------------
 
 
-def limits(s: Scheduling) -> Limits:
+def patient_limits(s: Scheduling) -> Limits:
     """What one patient may claim: the store checks it under the locks, whichever door."""
     return Limits(
         per_doctor=s.settings.max_active_per_doctor,
@@ -119,19 +119,21 @@ async def _hold(s: Scheduling, actor: Actor, msg: Hold) -> Message:
         msg,
         ttl=timedelta(seconds=s.settings.hold_ttl_s),
         max_holds=s.settings.max_holds_per_patient,
-        limits=limits(s),
+        limits=patient_limits(s),
         now=s.clock(),
     )
     return outcome.reply
 
 
 async def _book(s: Scheduling, actor: Actor, msg: Book) -> Message:
-    outcome = await commands.book(s.store, actor, msg, limits=limits(s), now=s.clock())
+    outcome = await commands.book(s.store, actor, msg, limits=patient_limits(s), now=s.clock())
     return outcome.reply
 
 
 async def _reschedule(s: Scheduling, actor: Actor, msg: Reschedule) -> Message:
-    outcome = await commands.reschedule(s.store, actor, msg, limits=limits(s), now=s.clock())
+    outcome = await commands.reschedule(
+        s.store, actor, msg, limits=patient_limits(s), now=s.clock()
+    )
     return outcome.reply
 
 
