@@ -997,6 +997,9 @@ def started_servers(
                 SLOTCAST_JWT_SECRET=JWT_SECRET,
                 SLOTCAST_INSTANCE_ID=f"fanout-{i + 1}",
                 SLOTCAST_LOG_LEVEL="WARNING",
+                # A few driver patients book every slot: caps out of reach (still counted).
+                SLOTCAST_MAX_ACTIVE_PER_DOCTOR="1000000",
+                SLOTCAST_MAX_ACTIVE_TOTAL="1000000",
             )
             server = BenchServer(
                 f"instance-{i + 1}", free_port(), env, logs / f"{tag}-instance-{i + 1}.log"

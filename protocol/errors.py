@@ -28,6 +28,8 @@ class ErrorCode(StrEnum):
     HOLD_EXPIRED = "hold_expired"
     NOT_HOLDER = "not_holder"
     HOLD_LIMIT = "hold_limit"
+    APPOINTMENT_LIMIT = "appointment_limit"
+    COOLDOWN = "cooldown"
     INVALID_TRANSITION = "invalid_transition"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     LIMIT_EXCEEDED = "limit_exceeded"

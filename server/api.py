@@ -42,6 +42,8 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.HOLD_EXPIRED: 409,
     ErrorCode.NOT_HOLDER: 403,
     ErrorCode.HOLD_LIMIT: 409,
+    ErrorCode.APPOINTMENT_LIMIT: 409,
+    ErrorCode.COOLDOWN: 409,
     ErrorCode.INVALID_TRANSITION: 409,
     ErrorCode.IDEMPOTENCY_CONFLICT: 422,
     ErrorCode.LIMIT_EXCEEDED: 429,

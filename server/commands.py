@@ -39,7 +39,7 @@ from server.auth import Identity
 from server.service import Scheduling, actor_of, forbidden
 from store import commands, doctors, reads
 from store.runner import Store
-from store.tx import Actor, Outcome
+from store.tx import Actor, Limits, Outcome
 
 M = TypeVar("M", bound=Message)
 C = TypeVar("C", bound=Message, contravariant=True)
@@ -103,6 +103,15 @@ class PublicCommand(Generic[M]):
 # ---- the commands, in the order of docs/protocol.md -------------------------------------------
 
 
+def patient_limits(s: Scheduling) -> Limits:
+    """What one patient may claim: the store checks it under the locks, whichever door."""
+    return Limits(
+        per_doctor=s.settings.max_active_per_doctor,
+        total=s.settings.max_active_total,
+        cooldown=timedelta(seconds=s.settings.rehold_cooldown_s),
+    )
+
+
 async def _hold(s: Scheduling, actor: Actor, msg: Hold) -> Message:
     outcome = await commands.hold(
         s.store,
@@ -110,7 +119,20 @@ async def _hold(s: Scheduling, actor: Actor, msg: Hold) -> Message:
         msg,
         ttl=timedelta(seconds=s.settings.hold_ttl_s),
         max_holds=s.settings.max_holds_per_patient,
+        limits=patient_limits(s),
         now=s.clock(),
+    )
+    return outcome.reply
+
+
+async def _book(s: Scheduling, actor: Actor, msg: Book) -> Message:
+    outcome = await commands.book(s.store, actor, msg, limits=patient_limits(s), now=s.clock())
+    return outcome.reply
+
+
+async def _reschedule(s: Scheduling, actor: Actor, msg: Reschedule) -> Message:
+    outcome = await commands.reschedule(
+        s.store, actor, msg, limits=patient_limits(s), now=s.clock()
     )
     return outcome.reply
 
@@ -165,7 +187,7 @@ _ALL: tuple[Command[Any] | PublicCommand[Any], ...] = (
         plain(commands.release),
         Route("DELETE", "/api/holds/{appointment_id}"),
     ),
-    Command(Book, Gate.PATIENT, plain(commands.book), Route("POST", "/api/appointments", 201)),
+    Command(Book, Gate.PATIENT, _book, Route("POST", "/api/appointments", 201)),
     Command(
         Cancel,
         Gate.SIGNED_IN,
@@ -175,7 +197,7 @@ _ALL: tuple[Command[Any] | PublicCommand[Any], ...] = (
     Command(
         Reschedule,
         Gate.SIGNED_IN,
-        plain(commands.reschedule),
+        _reschedule,
         Route("POST", "/api/appointments/{appointment_id}/reschedule", 201),
     ),
     Command(

@@ -65,6 +65,13 @@ class Settings:
     # Holds: how long a held slot waits for confirmation, and how many one patient may have.
     hold_ttl_s: float = 120.0
     max_holds_per_patient: int = 3
+    # A patient's active future appointments (booked or held), per doctor and in all
+    # (`appointment_limit` beyond), and how long a slot whose hold its patient released or
+    # let lapse stays barred to that patient (`cooldown`; 0 turns it off). See
+    # docs/scheduling.md#what-one-patient-may-claim.
+    max_active_per_doctor: int = 2
+    max_active_total: int = 6
+    rehold_cooldown_s: float = 300.0
     # How often each instance sweeps expired holds, and tops slots up to the horizon.
     hold_sweep_s: float = 1.0
     horizon_sweep_s: float = 3600.0

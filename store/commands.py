@@ -35,9 +35,9 @@ from protocol.messages import (
 from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
 from store import doctors, schedule, sql, steps
 from store.changes import Change
-from store.errors import Forbidden, HoldLimit, Invalid, InvalidTransition, translated
+from store.errors import AppointmentLimit, Forbidden, Invalid, InvalidTransition, translated
 from store.runner import Store, doctor_of_appointment, doctor_of_slot, run
-from store.tx import SYSTEM, Actor, Outcome, Reply, Taking, Tx, resolve_now
+from store.tx import SYSTEM, Actor, Limits, Outcome, Reply, Taking, Tx, resolve_now
 
 # ---- patient commands --------------------------------------------------------------------------
 
@@ -49,19 +49,18 @@ async def hold(
     *,
     ttl: timedelta,
     max_holds: int,
+    limits: Limits | None,
     now: datetime | None = None,
 ) -> Outcome[Held]:
-    """Hold a free slot for `ttl`: the slot turns `busy-tentative` until confirmed."""
+    """Hold a free slot for `ttl`: the slot turns `busy-tentative` until confirmed.
+
+    A hold counts against the patient's `limits` like a booking (confirming it later
+    adds nothing), and at most `max_holds` may be live at once."""
     now = resolve_now(now)
 
     async def work(tx: Tx) -> Held:
         slot = await steps.bookable_slot(tx, msg.slot_id)
-        # Counted with the slot by the first read (`sql.SLOT_PRELUDE`), under both locks.
-        held = slot.get("active_holds")
-        if held is None:
-            held = await tx.conn.fetchval(sql.ACTIVE_HOLDS_OF_PATIENT, actor.subject, tx.now)
-        if held >= max_holds:
-            raise HoldLimit(f"at most {max_holds} holds at a time")
+        await steps.claimable(tx, slot, actor.subject, limits, max_holds=max_holds)
         expires = tx.now + ttl
         appointment = await steps.insert_appointment(
             tx,
@@ -91,6 +90,7 @@ async def hold(
             SlotStatus.BUSY_TENTATIVE,
             hold_expires_at=now + ttl,
             max_holds=max_holds,
+            limits=limits,
         ),
     )
 
@@ -114,9 +114,18 @@ async def release(
 
 
 async def book(
-    store: Store, actor: Actor, msg: Book, *, now: datetime | None = None
+    store: Store,
+    actor: Actor,
+    msg: Book,
+    *,
+    limits: Limits | None,
+    now: datetime | None = None,
 ) -> Outcome[Booked]:
-    """Book a free slot directly, or confirm the caller's own hold (`hold_id`)."""
+    """Book a free slot directly, or confirm the caller's own hold (`hold_id`).
+
+    A direct booking is held to the patient's `limits` (under the patient's lock too, so
+    two bookings with two doctors at once cannot both pass the total); confirming a hold
+    is not, since the hold already counted."""
     if (msg.slot_id is None) == (msg.hold_id is None):
         raise Invalid("give exactly one of `slot_id` and `hold_id`")
 
@@ -140,6 +149,7 @@ async def book(
         else:
             assert msg.slot_id is not None  # exactly one of the two, checked above
             booked = await steps.bookable_slot(tx, msg.slot_id)
+            await steps.claimable(tx, booked, actor.subject, limits)
             appointment = await steps.insert_appointment(
                 tx, booked, actor.subject, AppointmentStatus.BOOKED, slot_status=SlotStatus.BUSY
             )
@@ -157,7 +167,8 @@ async def book(
         work=work,
         request=msg,
         key=msg.idempotency_key,
-        taking=Taking(actor.subject, AppointmentStatus.BOOKED, SlotStatus.BUSY),
+        patient_lock=actor.subject if msg.slot_id is not None and limits is not None else None,
+        taking=Taking(actor.subject, AppointmentStatus.BOOKED, SlotStatus.BUSY, limits=limits),
     )
 
 
@@ -173,12 +184,18 @@ async def book_slot(
     slot_id: int,
     patient_id: str,
     idempotency_key: str | None = None,
+    limits: Limits | None = None,
     now: datetime | None = None,
 ) -> Booking:
     """Book a free slot for a patient, exactly once per idempotency key: `book` as the
-    patient would send it, for seeding, tests and the booking benchmark."""
+    patient would send it, for seeding, tests and the booking benchmark (no `limits`
+    unless given: the seed books many slots for few patients)."""
     outcome = await book(
-        store, Actor(patient_id, Role.PATIENT), Book(slot_id, idempotency_key), now=now
+        store,
+        Actor(patient_id, Role.PATIENT),
+        Book(slot_id, idempotency_key),
+        limits=limits,
+        now=now,
     )
     change = next((c for c in outcome.changes if c.public["slots"]), None)
     return Booking(outcome.reply.appointment, change)
@@ -213,9 +230,19 @@ async def cancel(
 
 
 async def reschedule(
-    store: Store, actor: Actor, msg: Reschedule, *, now: datetime | None = None
+    store: Store,
+    actor: Actor,
+    msg: Reschedule,
+    *,
+    limits: Limits | None,
+    now: datetime | None = None,
 ) -> Outcome[Rescheduled]:
-    """Move a booked appointment to another free slot, maybe another doctor's: atomic."""
+    """Move a booked appointment to another free slot, maybe another doctor's: atomic.
+
+    A move keeps the patient's count: one appointment out, one in. Only a move to
+    another doctor must fit under that doctor's cap in `limits` (counted under that
+    doctor's lock, which every claim on that doctor takes); the cool-down does not
+    apply, as a move claims nothing new."""
     old_doctor = await doctor_of_appointment(store, msg.appointment_id)
     new_doctor = await doctor_of_slot(store, msg.slot_id)
 
@@ -226,6 +253,15 @@ async def reschedule(
         if old.status is not AppointmentStatus.BOOKED:
             raise InvalidTransition(f"a {old.status.value} appointment cannot be moved")
         slot = await steps.bookable_slot(tx, msg.slot_id, moving=old.id)
+        if limits is not None and new_doctor != old_doctor:
+            there = await tx.conn.fetchval(
+                sql.ACTIVE_WITH_DOCTOR, old.patient_id, new_doctor, tx.now
+            )
+            if there >= limits.per_doctor:
+                raise AppointmentLimit(
+                    f"at most {limits.per_doctor} upcoming appointments (booked or held)"
+                    " with one doctor"
+                )
         row = await tx.conn.fetchrow(
             sql.APPOINTMENT_CANCEL, old.id, "rescheduled", tx.now, str(actor)
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from datetime import timedelta
 
 import asyncpg
 
@@ -52,6 +53,22 @@ class NotHolder(StoreError):
 
 class HoldLimit(StoreError):
     code = ErrorCode.HOLD_LIMIT
+
+
+class AppointmentLimit(StoreError):
+    """The patient already has as many active future appointments as `Limits` allows."""
+
+    code = ErrorCode.APPOINTMENT_LIMIT
+
+
+class Cooldown(StoreError):
+    """The patient's own hold on this slot ended too recently; `retry_after` says when."""
+
+    code = ErrorCode.COOLDOWN
+
+    def __init__(self, message: str, *, retry_after: timedelta) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class InvalidTransition(StoreError):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 import asyncpg
@@ -273,6 +273,7 @@ async def _slot_prelude(
 ) -> asyncpg.Record:
     taking = target.taking
     assert taking is not None, "a command locating its doctor by slot inserts on it"
+    limits = taking.limits
     try:
         row: asyncpg.Record | None = await conn.fetchrow(
             sql.SLOT_PRELUDE,
@@ -285,6 +286,9 @@ async def _slot_prelude(
             taking.hold_expires_at,
             taking.slot_status.value,
             taking.max_holds,
+            limits.per_doctor if limits is not None else None,
+            limits.total if limits is not None else None,
+            limits.cooldown if limits is not None and limits.cooldown > timedelta(0) else None,
         )
     except (asyncpg.ExclusionViolationError, asyncpg.UniqueViolationError) as exc:
         # As in `steps.insert_appointment`: the constraint behind every check fired, and

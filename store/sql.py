@@ -72,14 +72,20 @@ LEFT JOIN idempotency_keys k ON k.subject = $3 AND k.key = $4"""
 # re-checks about its slot ($4), locked as SLOT_FOR_UPDATE locks it: the doctor's rules,
 # whether another active appointment lies within the buffer (BUFFER_CLASH, only when the
 # doctor has a buffer) and, for a hold ($9 = the hold limit), how many live holds the
-# patient ($5) has (ACTIVE_HOLDS_OF_PATIENT). The doctor is the one SLOT_DOCTOR_LOCK
-# locked: a slot's doctor never changes. Valid only while nothing has been written: if
-# holds expired, the command frees them first and reads the slot again.
+# patient ($5) has (as PATIENT_QUOTA counts them). Under `store.tx.Limits` ($10 per
+# doctor, $11 in total, $12 the cool-down; all NULL without limits), the patient's active
+# future appointments with this doctor and in all (`active_here`, `active_total`), and
+# until when the patient's own ended holds on this slot bar it (`cooled_until`), as
+# PATIENT_QUOTA reads them. The doctor is the one SLOT_DOCTOR_LOCK (or
+# SLOT_DOCTOR_PATIENT_LOCK) locked: a slot's doctor never changes. Valid only while
+# nothing has been written: if holds expired, the command frees them first and reads the
+# slot again.
 #
 # And, optimistically, the command's own write (APPOINTMENT_INSERT_TAKING_SLOT: patient $5,
 # status $6, hold expiry $7, slot status $8), only when nothing else is to happen first
 # (no stored key, no expired hold) and the slot passes every check of
-# `steps.bookable_slot` and the hold limit, computed here from the same row. The `taken_`
+# `steps.bookable_slot`, the hold limit and `steps.claimable`, computed here from the
+# same row. The `taken_`
 # columns return the inserted appointment. This only saves a round trip: the command still
 # re-checks the returned row in Python, and any refusal there rolls back the whole
 # transaction, insert included (no savepoint is open when no hold expired); a slot this
@@ -113,9 +119,26 @@ WITH slot AS (
         CASE WHEN $9::bigint IS NOT NULL THEN (
             SELECT count(*) FROM appointments h
             WHERE h.patient_id = $5 AND h.status = 'pending' AND h.hold_expires_at > $1
-        ) END AS active_holds
+        ) END AS active_holds,
+        q.active_here, q.active_total,
+        CASE WHEN $12::interval IS NOT NULL THEN (
+            SELECT max(least(coalesce(c.cancelled_at, c.hold_expires_at), c.hold_expires_at))
+                   + $12::interval
+            FROM appointments c
+            WHERE c.slot_id = slot.id AND c.patient_id = $5 AND c.hold_expires_at IS NOT NULL
+              AND (c.status = 'cancelled' OR (c.status = 'pending' AND c.hold_expires_at <= $1))
+        ) END AS cooled_until
     FROM slot
     LEFT JOIN idempotency_keys k ON k.subject = $2 AND k.key = $3
+    LEFT JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE p.doctor_id = slot.doctor_id) AS active_here,
+               count(*) AS active_total
+        FROM appointments p
+        WHERE p.patient_id = $5 AND p.starts_at > $1
+          AND p.status IN ('pending', 'booked', 'arrived')
+          AND (p.status <> 'pending' OR p.hold_expires_at > $1)
+        HAVING $10::int IS NOT NULL
+    ) AS q ON true
 ), taken AS (
     INSERT INTO appointments AS a
         (doctor_id, slot_id, patient_id, starts_at, ends_at, status, hold_expires_at)
@@ -128,6 +151,9 @@ WITH slot AS (
       AND f.starts_at < $1 + make_interval(hours => 24 * f.horizon_days)
       AND NOT f.buffer_clash
       AND ($9::bigint IS NULL OR f.active_holds < $9)
+      AND ($10::int IS NULL OR f.active_here < $10)
+      AND ($11::int IS NULL OR f.active_total < $11)
+      AND (f.cooled_until IS NULL OR f.cooled_until <= $1)
     RETURNING a.id, a.slot_id, a.doctor_id, a.patient_id, a.starts_at, a.ends_at, a.status,
               a.hold_expires_at, a.replaces_id, a.cancel_reason, a.cancelled_at
 ), busy AS (
@@ -289,9 +315,36 @@ WHERE a.doctor_id = $1 AND a.status = 'pending' AND a.hold_expires_at <= $2
 RETURNING {APPOINTMENT_COLUMNS}"""
 DOCTORS_WITH_EXPIRED_HOLDS: Final = """
 SELECT DISTINCT doctor_id FROM appointments WHERE status = 'pending' AND hold_expires_at <= $1"""
-ACTIVE_HOLDS_OF_PATIENT: Final = """
+# What a patient ($1) may still claim at $2, for a hold or a booking whose slot ($4, of
+# doctor $3) was not read by SLOT_PRELUDE (holds expired first): the live holds, the
+# active future appointments (booked, arrived early, or held and unexpired, starting after
+# $2) with that doctor and in all, and until when the patient's own ended holds on the
+# slot (released: cancelled_at; lapsed: hold_expires_at, whenever the sweep noticed)
+# bar it, $5 (the cool-down) after the latest ended. The same expressions as SLOT_PRELUDE;
+# `appointments_patient_active` and `appointments_slot` serve them.
+PATIENT_QUOTA: Final = """
+SELECT
+    count(*) FILTER (WHERE p.status = 'pending' AND p.hold_expires_at > $2) AS active_holds,
+    count(*) FILTER (WHERE p.doctor_id = $3 AND p.starts_at > $2) AS active_here,
+    count(*) FILTER (WHERE p.starts_at > $2) AS active_total,
+    (
+        SELECT max(least(coalesce(c.cancelled_at, c.hold_expires_at), c.hold_expires_at))
+               + $5::interval
+        FROM appointments c
+        WHERE c.slot_id = $4 AND c.patient_id = $1 AND c.hold_expires_at IS NOT NULL
+          AND (c.status = 'cancelled' OR (c.status = 'pending' AND c.hold_expires_at <= $2))
+    ) AS cooled_until
+FROM appointments p
+WHERE p.patient_id = $1
+  AND p.status IN ('pending', 'booked', 'arrived')
+  AND (p.status <> 'pending' OR p.hold_expires_at > $2)"""
+# A patient's ($1) active future appointments with one doctor ($2) at $3: what a move to
+# that doctor adds to (a reschedule).
+ACTIVE_WITH_DOCTOR: Final = """
 SELECT count(*) FROM appointments
-WHERE patient_id = $1 AND status = 'pending' AND hold_expires_at > $2"""
+WHERE patient_id = $1 AND doctor_id = $2 AND starts_at > $3
+  AND status IN ('pending', 'booked', 'arrived')
+  AND (status <> 'pending' OR hold_expires_at > $3)"""
 APPOINTMENTS_OF_DOCTOR_ON: Final = f"""
 SELECT {APPOINTMENT_COLUMNS} FROM appointments a JOIN doctors d ON d.id = a.doctor_id
 WHERE a.doctor_id = $1

@@ -20,7 +20,10 @@ from protocol.messages import AppointmentView, SlotView
 from protocol.vocabulary import AppointmentStatus, SlotStatus
 from store import sql
 from store.errors import (
+    AppointmentLimit,
+    Cooldown,
     HoldExpired,
+    HoldLimit,
     InvalidTransition,
     NotFound,
     NotHolder,
@@ -31,7 +34,7 @@ from store.errors import (
     TooLate,
 )
 from store.schedule import Block, slot_times, zone
-from store.tx import Taking, Tx
+from store.tx import Limits, Taking, Tx
 
 # The FHIR lifecycle a doctor may record; cancellation and holds have their own commands.
 MARKABLE: dict[AppointmentStatus, frozenset[AppointmentStatus]] = {
@@ -170,6 +173,57 @@ async def bookable_slot(tx: Tx, slot_id: int, *, moving: int | None = None) -> a
     if buffer and clash:
         raise SlotUnavailable("the slot is too close to another appointment")
     return slot
+
+
+async def claimable(
+    tx: Tx,
+    slot: asyncpg.Record,
+    patient_id: str,
+    limits: Limits | None,
+    *,
+    max_holds: int | None = None,
+) -> None:
+    """Refuse a hold or a booking of `slot` (as `bookable_slot` returned it) that the
+    patient may not claim now: their own hold on it ended less than the cool-down ago
+    (`cooldown`), they hold `max_holds` slots already (holds only: `hold_limit`), or
+    `limits` caps their active future appointments with this doctor or in all
+    (`appointment_limit`). The first read counted it all with the slot when it could
+    (`sql.SLOT_PRELUDE`); otherwise it is counted now. Either way under the doctor's lock
+    (the per-doctor count and the slot's history) and the patient's (the totals)."""
+    if limits is None and max_holds is None:
+        return
+    cooldown = limits.cooldown if limits is not None else timedelta(0)
+    # A row of the first read has the columns (a `name in record` test is by field name).
+    quota: asyncpg.Record | None = slot if "cooled_until" in slot else None
+    if quota is None:
+        quota = await tx.conn.fetchrow(
+            sql.PATIENT_QUOTA,
+            patient_id,
+            tx.now,
+            slot["doctor_id"],
+            slot["id"],
+            cooldown if cooldown > timedelta(0) else None,
+        )
+        assert quota is not None  # an aggregate always returns its row
+    cooled_until: datetime | None = quota["cooled_until"]
+    if cooldown > timedelta(0) and cooled_until is not None and cooled_until > tx.now:
+        raise Cooldown(
+            "you gave this slot back a moment ago; it is open to other patients until "
+            + cooled_until.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+            retry_after=cooled_until - tx.now,
+        )
+    if max_holds is not None and quota["active_holds"] >= max_holds:
+        raise HoldLimit(f"at most {max_holds} holds at a time")
+    if limits is None:
+        return
+    if quota["active_here"] >= limits.per_doctor:
+        raise AppointmentLimit(
+            f"at most {limits.per_doctor} upcoming appointments (booked or held) with one doctor"
+        )
+    if quota["active_total"] >= limits.total:
+        raise AppointmentLimit(
+            f"at most {limits.total} upcoming appointments (booked or held) in all"
+        )
 
 
 async def insert_appointment(

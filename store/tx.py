@@ -9,7 +9,7 @@ reading the others.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 
 import asyncpg
@@ -52,6 +52,27 @@ def resolve_now(now: datetime | None) -> datetime:
     return now if now is not None else datetime.now(UTC)
 
 
+# ---- what a patient may claim -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one patient may claim at once, so that one identity cannot empty a calendar.
+
+    A patient's active future appointments (booked, or held and unexpired, starting after
+    now) are capped per doctor and in total (`appointment_limit`), and a patient whose
+    hold on a slot ended (released, or lapsed) may neither hold nor book that slot again
+    for `cooldown` (`cooldown`): a slot given back is someone else's turn. Checked by the
+    store under the locks, in the command's own transaction, whichever door the command
+    came through. The server passes its settings; None (seeding, benchmarks) means no
+    limit.
+    """
+
+    per_doctor: int
+    total: int
+    cooldown: timedelta = timedelta(0)
+
+
 # ---- what a command locks ----------------------------------------------------------------------
 
 
@@ -66,6 +87,7 @@ class Taking:
     slot_status: SlotStatus
     hold_expires_at: datetime | None = None
     max_holds: int | None = None  # a hold: the patient's limit, checked with the slot
+    limits: Limits | None = None  # the patient's caps and cool-down, checked with the slot
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +98,8 @@ class LockTarget:
     doctor_ids: list[int]
     slot_id: int | None = None
     appointment_id: int | None = None
-    patient: str | None = None  # also the patient's lock (holds), taken after the doctor's
+    # Also the patient's lock (holds, and bookings under `Limits`), after the doctor's.
+    patient: str | None = None
     taking: Taking | None = None  # with slot_id: what the command inserts on the slot
 
 

@@ -20,7 +20,7 @@ from protocol.vocabulary import Role
 from store import commands, doctors, reads
 from store.changes import Change
 from store.runner import Store
-from store.tx import Actor
+from store.tx import Actor, Limits
 from testkit.fixtures import EVERY_DAY
 
 # A Monday morning in UTC, two hours before a UTC doctor's first slot of the day.
@@ -65,15 +65,25 @@ async def hold(
     *,
     ttl: timedelta = TTL,
     max_holds: int = 5,
+    limits: Limits | None = None,
     now: datetime = NOW,
 ) -> AppointmentView:
-    outcome = await commands.hold(store, who, Hold(slot.id), ttl=ttl, max_holds=max_holds, now=now)
+    outcome = await commands.hold(
+        store, who, Hold(slot.id), ttl=ttl, max_holds=max_holds, limits=limits, now=now
+    )
     assert isinstance(outcome.reply, Held)
     return outcome.reply.appointment
 
 
-async def book(store: Store, who: Actor, slot: SlotView, *, now: datetime = NOW) -> AppointmentView:
-    outcome = await commands.book(store, who, Book(slot_id=slot.id), now=now)
+async def book(
+    store: Store,
+    who: Actor,
+    slot: SlotView,
+    *,
+    limits: Limits | None = None,
+    now: datetime = NOW,
+) -> AppointmentView:
+    outcome = await commands.book(store, who, Book(slot_id=slot.id), limits=limits, now=now)
     assert isinstance(outcome.reply, Booked)
     return outcome.reply.appointment
 

@@ -131,7 +131,13 @@ async def cluster(
     tmp_path: Path,
 ) -> AsyncIterator[Balancer]:
     """Three instances sharing this test's database and Redis, behind docs/haproxy.cfg."""
-    env = {"SLOTCAST_DRAIN_GRACE_S": str(DRAIN_GRACE_S)}
+    env = {
+        "SLOTCAST_DRAIN_GRACE_S": str(DRAIN_GRACE_S),
+        # Each booker books slot after slot across the restarts: lift the per-patient caps,
+        # which tests/server/test_booking_limits.py proves.
+        "SLOTCAST_MAX_ACTIVE_PER_DOCTOR": "100000",
+        "SLOTCAST_MAX_ACTIVE_TOTAL": "100000",
+    }
     procs = await asyncio.gather(
         *(asyncio.to_thread(spawn_server, name, broker_url=redis_url, env=env) for name in SERVERS)
     )

@@ -184,8 +184,10 @@ async def test_sigterm_clients_come_back_and_catch_up(
         for slot in doctor.slots[:2]:
             assert calendar.slots[slot.id].status is SlotStatus.BUSY
 
-        # Live again: a booking via B reaches the restarted A through Redis.
-        await patient.book(doctor.slots[2].id)
+        # Live again: a booking via B reaches the restarted A through Redis (by another
+        # patient: p-away has as many of this doctor's slots as one patient may).
+        async with SlotcastClient.connect(b.ws_url, token=token(sub="p-back")) as another:
+            await another.book(doctor.slots[2].id)
         delta = await expect(watcher, Delta)
         while delta.version <= latest:  # the replayed deltas precede it
             delta = await expect(watcher, Delta)

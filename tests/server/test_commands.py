@@ -216,8 +216,11 @@ async def test_rest_hold_release_and_confirm(client: AppClient, doctor: SeededDo
     assert released["appointment"]["cancel_reason"] == "released"
     assert (await slot_statuses(client, doctor))[slot.id] == "free"
 
+    # Another slot: the one given back is barred to its patient for the re-hold cool-down
+    # (tests/server/test_booking_limits.py).
+    other = doctor.slots[1]
     again = await json_of(
-        await client.post("/api/holds", json={"slot_id": slot.id}, headers=me), 201
+        await client.post("/api/holds", json={"slot_id": other.id}, headers=me), 201
     )
     hold_id = again["appointment"]["id"]
     booked = await json_of(
@@ -226,7 +229,7 @@ async def test_rest_hold_release_and_confirm(client: AppClient, doctor: SeededDo
     assert booked["appointment"]["id"] == hold_id
     assert booked["appointment"]["status"] == "booked"
     assert booked["appointment"]["hold_expires_at"] is None
-    assert (await slot_statuses(client, doctor))[slot.id] == "busy"
+    assert (await slot_statuses(client, doctor))[other.id] == "busy"
 
 
 async def test_rest_cancel_replays_its_first_reply_for_the_same_idempotency_key(

@@ -403,20 +403,24 @@ async def resume(client: SlotcastClient, doctor: SeededDoctor, since: int) -> Me
     return await client.request_any(watch, (Resumed, Snapshot))
 
 
+async def book_as_another(url: str, slot_id: int) -> None:
+    """A booking over a WebSocket by a patient of its own: one patient may have only a
+    few of a doctor's slots (`SLOTCAST_MAX_ACTIVE_PER_DOCTOR`)."""
+    async with SlotcastClient.connect(url, token=token(sub=f"p-r{slot_id}")) as patient:
+        await patient.book(slot_id)
+
+
 async def test_resume_replays_exactly_the_missed_deltas_then_goes_live(
     doctor: SeededDoctor, client: AppClient
 ) -> None:
     url = ws_url(client)
-    async with (
-        SlotcastClient.connect(url) as watcher,
-        SlotcastClient.connect(url, token=token(sub="p-r")) as patient,
-    ):
+    async with SlotcastClient.connect(url) as watcher:
         snapshot = await watcher.watch(doctor.id, doctor.start, doctor.end)
         since = snapshot.version
         await watcher.unwatch(doctor.id)
         missed = doctor.slots[:3]
         for slot in missed:
-            await patient.book(slot.id)
+            await book_as_another(url, slot.id)
         assert await events_before_pong(watcher) == []  # unwatched: nothing was sent
 
         reply = await resume(watcher, doctor, since)
@@ -426,7 +430,7 @@ async def test_resume_replays_exactly_the_missed_deltas_then_goes_live(
             assert (delta.version, delta.since) == (since + i, None)
             assert [(s.id, s.status) for s in delta.slots] == [(slot.id, SlotStatus.BUSY)]
 
-        await patient.book(doctor.slots[3].id)
+        await book_as_another(url, doctor.slots[3].id)
         live = await expect(watcher, Delta)
         assert live.version == since + 4
         assert [s.id for s in live.slots] == [doctor.slots[3].id]
@@ -455,16 +459,13 @@ async def test_resume_too_far_behind_or_ahead_gets_a_fresh_snapshot(
     """Replay covers up to `resume_max_versions` versions; beyond, or ahead: a snapshot."""
     client = await serve(aiohttp_client, settings.replace(resume_max_versions=2))
     url = ws_url(client)
-    async with (
-        SlotcastClient.connect(url) as watcher,
-        SlotcastClient.connect(url, token=token(sub="p-r")) as patient,
-    ):
+    async with SlotcastClient.connect(url) as watcher:
         base = (await watcher.watch(doctor.id, doctor.start, doctor.end)).version
         for slot in doctor.slots[:2]:
-            await patient.book(slot.id)
+            await book_as_another(url, slot.id)
         assert await resume(watcher, doctor, base) == Resumed(doctor.id, base, base + 2)
         for slot in doctor.slots[2:5]:
-            await patient.book(slot.id)
+            await book_as_another(url, slot.id)
         current = base + 5
         assert await reads.doctor_version(store, doctor.id) == current
 

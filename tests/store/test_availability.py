@@ -90,7 +90,7 @@ async def visible(store: Store, doctor_id: int, *, days: int = 8) -> dict[dateti
 async def book_at(store: Store, doctor_id: int, start: datetime, who: str) -> int:
     """Book the slot starting at `start`; the appointment's id."""
     slot = (await visible(store, doctor_id))[start]
-    outcome = await commands.book(store, patient(who), Book(slot_id=slot.id), now=NOW)
+    outcome = await commands.book(store, patient(who), Book(slot_id=slot.id), limits=None, now=NOW)
     assert isinstance(outcome.reply, Booked)
     return outcome.reply.appointment.id
 
@@ -221,7 +221,9 @@ async def test_a_hold_on_a_dropped_slot_retires_it_when_it_lapses(
 ) -> None:
     doctor_id = await utc_doctor(store)
     slot = (await visible(store, doctor_id))[utc(2, 16)]
-    await commands.hold(store, patient("p-ann"), Hold(slot.id), ttl=SLOT, max_holds=5, now=NOW)
+    await commands.hold(
+        store, patient("p-ann"), Hold(slot.id), ttl=SLOT, max_holds=5, limits=None, now=NOW
+    )
     flagged = await set_schedule(
         store, SetSchedule(doctor_id, weekly((time(8), time(12))), horizon_days=3)
     )
@@ -255,7 +257,9 @@ async def test_a_new_slot_length_never_opens_a_free_slot_over_a_booking(
     ]
     for slot in unbookable:  # what a patient who trusts the snapshot gets
         with pytest.raises(SlotTaken):
-            await commands.book(store, patient("p-bob"), Book(slot_id=slot.id), now=NOW)
+            await commands.book(
+                store, patient("p-bob"), Book(slot_id=slot.id), limits=None, now=NOW
+            )
     assert [(s.start, s.end) for s in unbookable] == [], "free slots that can never be booked"
 
 

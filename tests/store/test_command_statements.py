@@ -12,7 +12,6 @@ the patient's, and not_found stays not_found.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable
 from datetime import timedelta
 from typing import Any
@@ -21,14 +20,14 @@ import asyncpg
 import pytest
 
 from protocol.errors import ErrorCode
-from protocol.messages import Book, Booked, Cancel, Hold, SlotView
+from protocol.messages import Book, Booked, Cancel, Hold, Release, SlotView
 from protocol.vocabulary import AppointmentStatus, SlotStatus
 from store import commands, reads, runner, sql, steps
 from store.changes import Change
 from store.constants import LOCK_NS_DOCTOR, LOCK_NS_PATIENT
-from store.errors import NotFound, SlotTaken, SlotUnavailable, TooLate
+from store.errors import NotFound, SlotTaken, SlotUnavailable, StoreError, TooLate
 from store.runner import Store, open_store
-from store.tx import Tx
+from store.tx import Limits, Tx
 from testkit.engine import (
     NOW,
     TTL,
@@ -50,7 +49,9 @@ async def test_a_retry_returns_the_first_booking_even_after_the_slot_changed_han
     calendar = await open_calendar(store)
     slot = calendar.slots[0]
     ann, bob = patient("p-ann"), patient("p-bob")
-    first = await commands.book(store, ann, Book(slot_id=slot.id, idempotency_key="k-1"), now=NOW)
+    first = await commands.book(
+        store, ann, Book(slot_id=slot.id, idempotency_key="k-1"), limits=None, now=NOW
+    )
     assert isinstance(first.reply, Booked)
     await commands.cancel(
         store, ann, Cancel(first.reply.appointment.id, "changed my mind"), now=NOW
@@ -58,7 +59,9 @@ async def test_a_retry_returns_the_first_booking_even_after_the_slot_changed_han
     await book(store, bob, slot)  # the slot is Bob's now
     state = await db_state(db)
 
-    again = await commands.book(store, ann, Book(slot_id=slot.id, idempotency_key="k-1"), now=NOW)
+    again = await commands.book(
+        store, ann, Book(slot_id=slot.id, idempotency_key="k-1"), limits=None, now=NOW
+    )
 
     # The stored reply, not slot_taken: the key is looked up before the slot is judged.
     assert again.reply == first.reply
@@ -72,12 +75,12 @@ async def test_a_replay_returns_before_expired_holds_are_cleared(
     calendar = await open_calendar(store)
     ann, bob = patient("p-ann"), patient("p-bob")
     request = Book(slot_id=calendar.slots[0].id, idempotency_key="k-2")
-    first = await commands.book(store, ann, request, now=NOW)
+    first = await commands.book(store, ann, request, limits=None, now=NOW)
     held = await hold(store, bob, calendar.slots[1])
     state = await db_state(db)
 
     # Bob's hold has expired, but a replay writes nothing, not even the expiry.
-    again = await commands.book(store, ann, request, now=NOW + TTL)
+    again = await commands.book(store, ann, request, limits=None, now=NOW + TTL)
 
     assert again.reply == first.reply
     assert again.changes == []
@@ -159,11 +162,17 @@ async def test_an_unknown_slot_or_hold_is_not_found_and_writes_nothing(
     ann = patient("p-ann")
 
     with pytest.raises(NotFound) as no_slot:
-        await commands.book(store, ann, Book(slot_id=10**9, idempotency_key="k-3"), now=NOW)
+        await commands.book(
+            store, ann, Book(slot_id=10**9, idempotency_key="k-3"), limits=None, now=NOW
+        )
     with pytest.raises(NotFound) as no_hold:
-        await commands.book(store, ann, Book(hold_id=10**9, idempotency_key="k-4"), now=NOW)
+        await commands.book(
+            store, ann, Book(hold_id=10**9, idempotency_key="k-4"), limits=None, now=NOW
+        )
     with pytest.raises(NotFound):
-        await commands.hold(store, ann, Hold(10**9, "k-5"), ttl=TTL, max_holds=5, now=NOW)
+        await commands.hold(
+            store, ann, Hold(10**9, "k-5"), ttl=TTL, max_holds=5, limits=None, now=NOW
+        )
 
     assert no_slot.value.code is ErrorCode.NOT_FOUND
     assert no_hold.value.code is ErrorCode.NOT_FOUND
@@ -273,7 +282,7 @@ async def test_confirming_a_hold_while_another_has_expired_frees_that_one_first(
 
     # Ann's hold has expired, Bob's has not: the appointment read first is re-read after
     # the expiry is written, and the confirm goes on.
-    outcome = await commands.book(store, bob, Book(hold_id=bobs.id), now=NOW + TTL)
+    outcome = await commands.book(store, bob, Book(hold_id=bobs.id), limits=None, now=NOW + TTL)
 
     assert isinstance(outcome.reply, Booked)
     assert outcome.reply.appointment.status is AppointmentStatus.BOOKED
@@ -289,8 +298,12 @@ async def test_confirming_a_hold_while_another_has_expired_frees_that_one_first(
 async def test_round_trips_of_a_booking_a_hold_and_a_confirm(database_url: str) -> None:
     """What the folding bought, pinned: every statement the pool's one connection runs,
     its reset on release included, for each command (docs/benchmarks.md counts 14, 16
-    and 15 before)."""
+    and 15 before), under the patient's limits as the server passes them. Those cost no
+    round trip: the first read counts them with the slot, and a direct booking takes the
+    patient's lock in its locking statement (SLOT_DOCTOR_PATIENT_LOCK, as a hold always
+    did) instead of SLOT_DOCTOR_LOCK. A refusal at a limit is a rollback after that read."""
     names = {v: k for k, v in vars(sql).items() if k.isupper() and isinstance(v, str)}
+    limits = Limits(per_doctor=2, total=6, cooldown=timedelta(minutes=5))
     async with open_store(database_url, min_size=1, max_size=1) as store:
         calendar = await open_calendar(store)
         sent: list[str] = []
@@ -298,27 +311,43 @@ async def test_round_trips_of_a_booking_a_hold_and_a_confirm(database_url: str) 
             conn.add_query_logger(lambda q: sent.append(names.get(q.query, q.query.strip())))
         ann, bob = patient("p-ann"), patient("p-bob")
 
+        refusals: list[ErrorCode] = []
+
         async def statements(run: Awaitable[object]) -> list[str]:
             sent.clear()
-            with contextlib.suppress(SlotTaken):
+            try:
                 await run
+            except StoreError as exc:
+                refusals.append(exc.code)
             return list(sent)
 
         free, held = calendar.slots[0], calendar.slots[1]
         request = Book(slot_id=free.id, idempotency_key="k-7")
-        lock, first = "SLOT_DOCTOR_LOCK", "SLOT_PRELUDE"
-        assert await statements(commands.book(store, ann, request, now=NOW)) == [
+        lock, first = "SLOT_DOCTOR_PATIENT_LOCK", "SLOT_PRELUDE"
+        refused = ["BEGIN;", lock, first, "ROLLBACK;"]
+        assert await statements(commands.book(store, ann, request, limits=limits, now=NOW)) == [
             *("BEGIN;", lock, first, "RECORD", "COMMIT;")
         ]
-        assert await statements(commands.book(store, ann, request, now=NOW)) == [
+        assert await statements(commands.book(store, ann, request, limits=limits, now=NOW)) == [
             *("BEGIN;", lock, first, "COMMIT;")  # the replay
         ]
-        assert await statements(book(store, bob, free)) == ["BEGIN;", lock, first, "ROLLBACK;"]
-        assert await statements(hold(store, bob, held)) == [
-            *("BEGIN;", "SLOT_DOCTOR_PATIENT_LOCK", first, "RECORD", "COMMIT;")
+        assert await statements(book(store, bob, free, limits=limits)) == refused  # slot_taken
+        assert await statements(hold(store, bob, held, limits=limits)) == [
+            *("BEGIN;", lock, first, "RECORD", "COMMIT;")
         ]
         hold_id = (await reads.patient_appointments(store, "p-bob", now=NOW))[0].id
-        assert await statements(commands.book(store, bob, Book(hold_id=hold_id), now=NOW)) == [
+        assert await statements(
+            commands.book(store, bob, Book(hold_id=hold_id), limits=limits, now=NOW)
+        ) == [
             *("BEGIN;", "APPOINTMENT_DOCTOR_LOCK", "APPOINTMENT_PRELUDE", "HOLD_CONFIRM"),
             *("RECORD", "COMMIT;"),
         ]
+        # Without limits (seeding, benchmarks) a booking takes only the doctor's lock.
+        assert await statements(book(store, bob, calendar.slots[2])) == [
+            *("BEGIN;", "SLOT_DOCTOR_LOCK", first, "RECORD", "COMMIT;")
+        ]
+        assert await statements(book(store, bob, calendar.slots[3], limits=limits)) == refused
+        again = await hold(store, ann, calendar.slots[4], limits=limits)
+        await commands.release(store, ann, Release(again.id), now=NOW)
+        assert await statements(hold(store, ann, calendar.slots[4], limits=limits)) == refused
+        assert refusals == [ErrorCode.SLOT_TAKEN, ErrorCode.APPOINTMENT_LIMIT, ErrorCode.COOLDOWN]

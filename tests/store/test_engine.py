@@ -123,7 +123,7 @@ async def test_a_hold_shows_the_slot_tentative_with_its_expiry(
     slot = calendar.slots[0]
 
     outcome = await commands.hold(
-        store, patient("p-ann"), Hold(slot.id), ttl=TTL, max_holds=2, now=NOW
+        store, patient("p-ann"), Hold(slot.id), ttl=TTL, max_holds=2, limits=None, now=NOW
     )
 
     assert isinstance(outcome.reply, Held)
@@ -146,7 +146,7 @@ async def test_the_holder_confirms_and_the_slot_turns_busy(
     held = await hold(store, patient("p-ann"), slot)
 
     outcome = await commands.book(
-        store, patient("p-ann"), Book(hold_id=held.id), now=NOW + timedelta(seconds=60)
+        store, patient("p-ann"), Book(hold_id=held.id), limits=None, now=NOW + timedelta(seconds=60)
     )
 
     assert isinstance(outcome.reply, Booked)
@@ -168,7 +168,7 @@ async def test_only_the_holder_may_confirm_or_release(store: Store, db: asyncpg.
     before = await db_state(db)
 
     with pytest.raises(NotHolder) as confirm:
-        await commands.book(store, patient("p-bob"), Book(hold_id=held.id), now=NOW)
+        await commands.book(store, patient("p-bob"), Book(hold_id=held.id), limits=None, now=NOW)
     with pytest.raises(NotHolder):
         await commands.release(store, patient("p-bob"), Release(held.id), now=NOW)
 
@@ -190,13 +190,13 @@ async def test_confirming_after_expiry_is_refused_but_the_expiry_commits(
 
     # One microsecond before the expiry is still in time.
     await commands.book(
-        store, ann, Book(hold_id=in_time.id), now=NOW + TTL - timedelta(microseconds=1)
+        store, ann, Book(hold_id=in_time.id), limits=None, now=NOW + TTL - timedelta(microseconds=1)
     )
     before = await version(db, calendar.id)
     published.clear()
 
     with pytest.raises(HoldExpired) as caught:
-        await commands.book(store, ann, Book(hold_id=too_late.id), now=NOW + TTL)
+        await commands.book(store, ann, Book(hold_id=too_late.id), limits=None, now=NOW + TTL)
 
     assert caught.value.code is ErrorCode.HOLD_EXPIRED
     row = await appointment_row(db, too_late.id)
@@ -242,7 +242,7 @@ async def test_release_gives_the_slot_back(store: Store, db: asyncpg.Connection)
     with pytest.raises(InvalidTransition):
         await commands.release(store, ann, Release(held.id), now=released_at)
     with pytest.raises(InvalidTransition):
-        await commands.book(store, ann, Book(hold_id=held.id), now=released_at)
+        await commands.book(store, ann, Book(hold_id=held.id), limits=None, now=released_at)
 
 
 async def test_the_hold_limit_counts_only_active_holds(
@@ -467,7 +467,7 @@ async def test_the_buffer_keeps_other_appointments_away(
     assert (await book(store, patient("p-bob"), third)).slot_id == third.id
     # Moving an appointment into its own buffer is fine: the one being moved does not count.
     outcome = await commands.reschedule(
-        store, patient("p-ann"), Reschedule(ann.id, before.id), now=NOW
+        store, patient("p-ann"), Reschedule(ann.id, before.id), limits=None, now=NOW
     )
     assert isinstance(outcome.reply, Rescheduled)
     assert outcome.reply.appointment.slot_id == before.id
@@ -552,7 +552,7 @@ async def test_reschedule_within_one_doctor_is_one_version(
     at = NOW + timedelta(minutes=1)
 
     outcome = await commands.reschedule(
-        store, patient("p-ann"), Reschedule(old.id, new_slot.id), now=at
+        store, patient("p-ann"), Reschedule(old.id, new_slot.id), limits=None, now=at
     )
 
     assert isinstance(outcome.reply, Rescheduled)
@@ -589,7 +589,7 @@ async def test_reschedule_across_doctors_is_one_version_each(
     before = {c.id: await version(db, c.id) for c in (here, there)}
 
     outcome = await commands.reschedule(
-        store, ADMIN, Reschedule(old.id, there.slots[3].id), now=NOW
+        store, ADMIN, Reschedule(old.id, there.slots[3].id), limits=None, now=NOW
     )
 
     assert isinstance(outcome.reply, Rescheduled)
@@ -637,7 +637,9 @@ async def test_reschedule_to_a_taken_slot_changes_nothing(
     before = await db_state(db)
 
     with pytest.raises(SlotTaken) as caught:
-        await commands.reschedule(store, patient("p-ann"), Reschedule(old.id, target.id), now=NOW)
+        await commands.reschedule(
+            store, patient("p-ann"), Reschedule(old.id, target.id), limits=None, now=NOW
+        )
 
     assert caught.value.code is ErrorCode.SLOT_TAKEN
     assert await db_state(db) == before
@@ -656,22 +658,32 @@ async def test_who_may_move_a_patient_to_another_doctor(
     # The patient's doctor may not hand the patient to a colleague, nor take one.
     for doctor in (doctor_of(here), doctor_of(there)):
         with pytest.raises(Forbidden):
-            await commands.reschedule(store, doctor, Reschedule(ann.id, there.slots[0].id), now=NOW)
+            await commands.reschedule(
+                store, doctor, Reschedule(ann.id, there.slots[0].id), limits=None, now=NOW
+            )
     assert await db_state(db) == before
 
     # Within the doctor's own calendar the doctor may.
     moved = await commands.reschedule(
-        store, doctor_of(here), Reschedule(ann.id, here.slots[1].id), now=NOW
+        store, doctor_of(here), Reschedule(ann.id, here.slots[1].id), limits=None, now=NOW
     )
     assert isinstance(moved.reply, Rescheduled)
     # The patient and an admin may cross doctors.
     by_patient = await commands.reschedule(
-        store, patient("p-ann"), Reschedule(moved.reply.appointment.id, there.slots[0].id), now=NOW
+        store,
+        patient("p-ann"),
+        Reschedule(moved.reply.appointment.id, there.slots[0].id),
+        limits=None,
+        now=NOW,
     )
     assert isinstance(by_patient.reply, Rescheduled)
     assert by_patient.reply.appointment.doctor_id == there.id
     by_admin = await commands.reschedule(
-        store, ADMIN, Reschedule(by_patient.reply.appointment.id, here.slots[2].id), now=NOW
+        store,
+        ADMIN,
+        Reschedule(by_patient.reply.appointment.id, here.slots[2].id),
+        limits=None,
+        now=NOW,
     )
     assert isinstance(by_admin.reply, Rescheduled)
     assert by_admin.reply.appointment.doctor_id == here.id
@@ -702,6 +714,7 @@ async def test_crossed_reschedules_neither_deadlock_nor_lose_a_slot(
                     store,
                     patient(f"a-{i:02}"),
                     Reschedule(a_patients[i].id, b.slots[n + i].id),
+                    limits=None,
                     now=NOW,
                 )
             )
@@ -710,6 +723,7 @@ async def test_crossed_reschedules_neither_deadlock_nor_lose_a_slot(
                     store,
                     patient(f"b-{i:02}"),
                     Reschedule(b_patients[i].id, a.slots[n + i].id),
+                    limits=None,
                     now=NOW,
                 )
             )
@@ -882,7 +896,7 @@ async def _hold_case(store: Store, calendar: Calendar) -> Case:
     return Case(
         Hold(calendar.slots[0].id, KEY),
         Hold(calendar.slots[1].id, KEY),
-        lambda r: commands.hold(store, who, r, ttl=TTL, max_holds=5, now=NOW),
+        lambda r: commands.hold(store, who, r, ttl=TTL, max_holds=5, limits=None, now=NOW),
     )
 
 
@@ -902,7 +916,7 @@ async def _book_case(store: Store, calendar: Calendar) -> Case:
     return Case(
         Book(slot_id=calendar.slots[0].id, idempotency_key=KEY),
         Book(slot_id=calendar.slots[1].id, idempotency_key=KEY),
-        lambda r: commands.book(store, who, r, now=NOW),
+        lambda r: commands.book(store, who, r, limits=None, now=NOW),
     )
 
 
@@ -913,7 +927,7 @@ async def _confirm_case(store: Store, calendar: Calendar) -> Case:
     return Case(
         Book(hold_id=first.id, idempotency_key=KEY),
         Book(hold_id=second.id, idempotency_key=KEY),
-        lambda r: commands.book(store, who, r, now=NOW),
+        lambda r: commands.book(store, who, r, limits=None, now=NOW),
     )
 
 
@@ -933,7 +947,7 @@ async def _reschedule_case(store: Store, calendar: Calendar) -> Case:
     return Case(
         Reschedule(appointment.id, calendar.slots[1].id, KEY),
         Reschedule(appointment.id, calendar.slots[2].id, KEY),
-        lambda r: commands.reschedule(store, who, r, now=NOW),
+        lambda r: commands.reschedule(store, who, r, limits=None, now=NOW),
     )
 
 
@@ -1074,7 +1088,11 @@ async def test_a_patient_cannot_spoil_a_doctors_key_by_sharing_its_subject(
     calendar = await open_calendar(store)
     namesake = patient(str(calendar.id))
     await commands.book(
-        store, namesake, Book(slot_id=calendar.slots[0].id, idempotency_key="k-7"), now=NOW
+        store,
+        namesake,
+        Book(slot_id=calendar.slots[0].id, idempotency_key="k-7"),
+        limits=None,
+        now=NOW,
     )
 
     outcome = await commands.block(
@@ -1096,11 +1114,11 @@ async def test_every_change_row_is_an_audit_record(store: Store, db: asyncpg.Con
     minute = timedelta(minutes=1)
 
     held = await hold(store, patient(x), calendar.slots[0])
-    await commands.book(store, patient(x), Book(hold_id=held.id), now=NOW + minute)
+    await commands.book(store, patient(x), Book(hold_id=held.id), limits=None, now=NOW + minute)
     await commands.cancel(store, doctor, Cancel(held.id, "doctor ill"), now=NOW + 2 * minute)
     first = await book(store, patient(y), calendar.slots[1], now=NOW + 3 * minute)
     moved = await commands.reschedule(
-        store, ADMIN, Reschedule(first.id, calendar.slots[2].id), now=NOW + 4 * minute
+        store, ADMIN, Reschedule(first.id, calendar.slots[2].id), limits=None, now=NOW + 4 * minute
     )
     assert isinstance(moved.reply, Rescheduled)
     second = moved.reply.appointment

@@ -4,6 +4,9 @@ Hypothesis drives random sequences of holds, releases, bookings (direct and from
 hold), cancellations, reschedules, blocks, unblocks, clock moves and hold sweeps
 over two doctors, eight slots and three patients, with right and wrong actors and
 a tiny pool of idempotency keys so keys are reused, replayed and misused often.
+Caps small enough to be met every few steps hold each patient's active future
+appointments, per doctor and in all, and a cool-down bars a slot to the patient
+who gave it back, so those rules meet every other one.
 After every step the database must agree with the model: slot and appointment
 states, one version and one change row per doctor touched, and a change log that
 replays into the very slots table a watcher would otherwise have to trust.
@@ -58,7 +61,7 @@ from store import commands, doctors, reads
 from store.errors import StoreError
 from store.runner import Store, open_store
 from store.schedule import Block as WeeklyHours
-from store.tx import Actor, Outcome
+from store.tx import Actor, Limits, Outcome
 from testkit.fixtures import TEMPLATE, scratch_database
 
 T = TypeVar("T")
@@ -71,6 +74,10 @@ SLOTS_PER_DOCTOR = 4
 NOTICE = (timedelta(0), timedelta(minutes=20))  # the second doctor wants 20 minutes' notice
 TTL = timedelta(minutes=10)
 MAX_HOLDS = 1  # one live hold per patient: the limit, and what counts as live, get hit often
+# Two active future appointments with one doctor, three in all; a slot given back is barred
+# to its patient for as long as a hold lasts (so clock moves of 9, 10 and 11 minutes
+# straddle its end too).
+LIMITS = Limits(per_doctor=1, total=2, cooldown=timedelta(minutes=15))
 PATIENTS = 3
 KEYS = st.one_of(st.none(), st.sampled_from(["k0", "k1", "k2"]))
 REASONS = st.sampled_from(["changed plans", "feeling better"])
@@ -108,6 +115,7 @@ class ModelAppointment:
     hold_expires_at: datetime | None
     cancel_reason: str | None = None
     replaces: int | None = None
+    cancelled_at: datetime | None = None  # not compared: the model's own bookkeeping
 
     def row(self) -> tuple[Any, ...]:
         return (
@@ -226,6 +234,7 @@ class EngineModel(RuleBasedStateMachine):
             ):
                 a.status = AppointmentStatus.CANCELLED
                 a.cancel_reason = "hold expired"
+                a.cancelled_at = self.now
                 self.slots[a.slot].status = SlotStatus.FREE
                 expired = True
         return expired
@@ -269,6 +278,47 @@ class EngineModel(RuleBasedStateMachine):
             and a.hold_expires_at is not None
             and a.hold_expires_at > self.now
         )
+
+    def _active(self, patient: str, doctor: int | None = None) -> int:
+        """Active future appointments: booked (or arrived), or held and unexpired, starting
+        after now; with one doctor or in all."""
+        return sum(
+            1
+            for a in self.appointments.values()
+            if a.patient == patient
+            and (doctor is None or a.doctor == doctor)
+            and self.slots[a.slot].start > self.now
+            and (
+                a.status in (AppointmentStatus.BOOKED, AppointmentStatus.ARRIVED)
+                or (
+                    a.status is AppointmentStatus.PENDING
+                    and a.hold_expires_at is not None
+                    and a.hold_expires_at > self.now
+                )
+            )
+        )
+
+    def _claim(self, patient: str, slot: ModelSlot, *, holding: bool) -> ErrorCode | None:
+        """A hold's or a direct booking's checks after the slot's: the cool-down, the
+        hold limit (holds), then the caps per doctor and in all."""
+        ended = [
+            min(a.cancelled_at, a.hold_expires_at)
+            for a in self.appointments.values()
+            if a.patient == patient
+            and a.slot == slot.id
+            and a.status is AppointmentStatus.CANCELLED
+            and a.hold_expires_at is not None  # a hold, released or lapsed
+            and a.cancelled_at is not None
+        ]
+        if ended and max(ended) + LIMITS.cooldown > self.now:
+            return ErrorCode.COOLDOWN
+        if holding and self._active_holds(patient) >= MAX_HOLDS:
+            return ErrorCode.HOLD_LIMIT
+        if self._active(patient, slot.doctor) >= LIMITS.per_doctor:
+            return ErrorCode.APPOINTMENT_LIMIT
+        if self._active(patient) >= LIMITS.total:
+            return ErrorCode.APPOINTMENT_LIMIT
+        return None
 
     def _new(self, view: AppointmentView, doctor: int) -> None:
         assert view.id not in self.appointments
@@ -358,16 +408,15 @@ class EngineModel(RuleBasedStateMachine):
 
     @rule(slot=SLOT, patient=HOLDER, key=KEYS)
     def hold(self, slot: int, patient: str, key: str | None) -> None:
-        s = self._slot(slot)
-        actor = self._patient(patient)
+        self._hold(self._slot(slot), self._patient(patient), key)
+
+    def _hold(self, s: ModelSlot, actor: Actor, key: str | None) -> None:
         request = Hold(s.id, key)
 
         def work() -> Expected:
-            refused = self._bookable(s)
+            refused = self._bookable(s) or self._claim(actor.subject, s, holding=True)
             if refused is not None:
                 return refused
-            if self._active_holds(actor.subject) >= MAX_HOLDS:
-                return ErrorCode.HOLD_LIMIT
 
             def apply(reply: Message) -> set[int]:
                 assert isinstance(reply, Held)
@@ -386,7 +435,13 @@ class EngineModel(RuleBasedStateMachine):
             actor=actor,
             request=request,
             call=lambda: commands.hold(
-                self.store, actor, request, ttl=TTL, max_holds=MAX_HOLDS, now=self.now
+                self.store,
+                actor,
+                request,
+                ttl=TTL,
+                max_holds=MAX_HOLDS,
+                limits=LIMITS,
+                now=self.now,
             ),
             work=work,
         )
@@ -407,6 +462,7 @@ class EngineModel(RuleBasedStateMachine):
                 assert isinstance(reply, AppointmentUpdated)
                 a.status = AppointmentStatus.CANCELLED
                 a.cancel_reason = "released"
+                a.cancelled_at = self.now
                 self._check_view(reply.appointment, a)
                 self.slots[a.slot].status = SlotStatus.FREE
                 return {a.doctor}
@@ -423,12 +479,13 @@ class EngineModel(RuleBasedStateMachine):
 
     @rule(slot=SLOT, patient=ANY_PATIENT, key=KEYS)
     def book(self, slot: int, patient: str, key: str | None) -> None:
-        s = self._slot(slot)
-        actor = self._patient(patient)
+        self._book(self._slot(slot), self._patient(patient), key)
+
+    def _book(self, s: ModelSlot, actor: Actor, key: str | None) -> None:
         request = Book(slot_id=s.id, idempotency_key=key)
 
         def work() -> Expected:
-            refused = self._bookable(s)
+            refused = self._bookable(s) or self._claim(actor.subject, s, holding=False)
             if refused is not None:
                 return refused
 
@@ -447,8 +504,34 @@ class EngineModel(RuleBasedStateMachine):
             doctors=[s.doctor],
             actor=actor,
             request=request,
-            call=lambda: commands.book(self.store, actor, request, now=self.now),
+            call=lambda: commands.book(self.store, actor, request, limits=LIMITS, now=self.now),
             work=work,
+        )
+
+    def _ended_holds(self) -> list[ModelAppointment]:
+        """Holds released, or lapsed (swept or not yet), newest first."""
+        return sorted(
+            (
+                a
+                for a in self.appointments.values()
+                if a.hold_expires_at is not None
+                and (
+                    a.status is AppointmentStatus.CANCELLED
+                    or (a.status is AppointmentStatus.PENDING and a.hold_expires_at <= self.now)
+                )
+            ),
+            key=lambda a: a.id,
+            reverse=True,
+        )
+
+    @precondition(lambda self: self._ended_holds())
+    @rule(appointment=APPOINTMENT, booking=st.booleans(), key=KEYS)
+    def take_back(self, appointment: int, booking: bool, key: str | None) -> None:
+        """The patient whose hold ended holds or books its slot again: the cool-down."""
+        ended = self._ended_holds()
+        a = ended[appointment % len(ended)]
+        (self._book if booking else self._hold)(
+            self.slots[a.slot], Actor(a.patient, Role.PATIENT), key
         )
 
     @precondition(lambda self: self.appointments)
@@ -477,7 +560,7 @@ class EngineModel(RuleBasedStateMachine):
             doctors=[a.doctor],
             actor=actor,
             request=request,
-            call=lambda: commands.book(self.store, actor, request, now=self.now),
+            call=lambda: commands.book(self.store, actor, request, limits=LIMITS, now=self.now),
             work=work,
         )
 
@@ -498,6 +581,7 @@ class EngineModel(RuleBasedStateMachine):
                 assert isinstance(reply, AppointmentUpdated)
                 a.status = AppointmentStatus.CANCELLED
                 a.cancel_reason = reason
+                a.cancelled_at = self.now
                 self._check_view(reply.appointment, a)
                 self.slots[a.slot].status = SlotStatus.FREE
                 return {a.doctor}
@@ -530,11 +614,15 @@ class EngineModel(RuleBasedStateMachine):
             refused = self._bookable(s)
             if refused is not None:
                 return refused
+            # A move keeps the count; only a move to another doctor needs room there.
+            if s.doctor != a.doctor and self._active(a.patient, s.doctor) >= LIMITS.per_doctor:
+                return ErrorCode.APPOINTMENT_LIMIT
 
             def apply(reply: Message) -> set[int]:
                 assert isinstance(reply, Rescheduled)
                 a.status = AppointmentStatus.CANCELLED
                 a.cancel_reason = "rescheduled"
+                a.cancelled_at = self.now
                 self._check_view(reply.replaced, a)
                 new = reply.appointment
                 assert (new.slot_id, new.patient_id) == (s.id, a.patient)
@@ -550,7 +638,9 @@ class EngineModel(RuleBasedStateMachine):
             doctors=[a.doctor, s.doctor],
             actor=actor,
             request=request,
-            call=lambda: commands.reschedule(self.store, actor, request, now=self.now),
+            call=lambda: commands.reschedule(
+                self.store, actor, request, limits=LIMITS, now=self.now
+            ),
             work=work,
         )
 
