@@ -274,16 +274,19 @@ WITH slot AS (
 )
 SELECT a.*, slot.starts_at AS slot_starts_at, slot.ends_at AS slot_ends_at
 FROM a JOIN slot ON slot.id = a.slot_id"""
+# A cancelled hold (released) has no expiry any more: `hold_expires_at` is only a pending's.
 APPOINTMENT_CANCEL: Final = f"""
 UPDATE appointments AS a
 SET status = 'cancelled', cancel_reason = $2, cancelled_at = $3, cancelled_by = $4,
-    updated_at = $3
+    hold_expires_at = NULL, updated_at = $3
 WHERE a.id = $1
 RETURNING {APPOINTMENT_COLUMNS}"""
+# `cancelled_by = 'system'` is how a lapsed hold is told from a released one afterwards
+# (`steps.expired_hold`); its `hold_expires_at` is cleared like any cancelled hold's.
 HOLDS_EXPIRE: Final = f"""
 UPDATE appointments AS a
 SET status = 'cancelled', cancel_reason = 'hold expired', cancelled_at = $2,
-    cancelled_by = 'system', updated_at = $2
+    cancelled_by = 'system', hold_expires_at = NULL, updated_at = $2
 WHERE a.doctor_id = $1 AND a.status = 'pending' AND a.hold_expires_at <= $2
 RETURNING {APPOINTMENT_COLUMNS}"""
 DOCTORS_WITH_EXPIRED_HOLDS: Final = """

@@ -12,6 +12,7 @@ import hashlib
 import os
 import sys
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
@@ -170,3 +171,55 @@ async def test_an_applied_migration_that_changed_is_refused(
         "UPDATE schema_migrations SET checksum = $1 WHERE version = 1", shipped()[1][1]
     )
     assert await asyncio.wait_for(migrate(empty_database_url), 10) == []
+
+
+async def test_upgrading_clears_the_expiry_of_holds_already_released_or_lapsed(
+    empty_database_url: str, admin: asyncpg.Connection
+) -> None:
+    """Before migration 4 a released or lapsed hold kept its `hold_expires_at`; the
+    protocol says null. An upgraded database says null too, and keeps saying it."""
+    await migrate(empty_database_url)
+    # Back to the database as migration 3 left it, with the rows it could hold.
+    await admin.execute(
+        "ALTER TABLE appointments DROP CONSTRAINT appointments_expires_only_pending;"
+        "DELETE FROM schema_migrations WHERE version = 4"
+    )
+    doctor = await admin.fetchval(
+        "INSERT INTO doctors (name, timezone) VALUES ('Dr. Old', 'UTC') RETURNING id"
+    )
+    expires = datetime(2030, 1, 7, 6, 2, tzinfo=UTC)
+    rows = [("pending", None), ("cancelled", "released"), ("cancelled", "hold expired")]
+    for hour, (status, reason) in enumerate(rows):
+        slot = await admin.fetchval(
+            "INSERT INTO slots (doctor_id, starts_at, ends_at) VALUES"
+            " ($1, '2030-01-08'::timestamptz + make_interval(hours => $2),"
+            "  '2030-01-08'::timestamptz + make_interval(hours => $2, mins => 30)) RETURNING id",
+            doctor,
+            hour,
+        )
+        await admin.execute(
+            "INSERT INTO appointments (doctor_id, slot_id, patient_id, starts_at, ends_at,"
+            " status, hold_expires_at, cancel_reason, cancelled_at)"
+            " SELECT doctor_id, id, 'p', starts_at, ends_at, $2, $3::timestamptz, $4,"
+            " CASE WHEN $2 = 'cancelled' THEN $3::timestamptz END FROM slots WHERE id = $1",
+            slot,
+            status,
+            expires,
+            reason,
+        )
+
+    assert await migrate(empty_database_url) == [4]
+
+    found = await admin.fetch(
+        "SELECT status, cancel_reason, hold_expires_at IS NOT NULL AS expires"
+        " FROM appointments ORDER BY id"
+    )
+    assert [tuple(r) for r in found] == [
+        ("pending", None, True),
+        ("cancelled", "released", False),
+        ("cancelled", "hold expired", False),
+    ]
+    with pytest.raises(asyncpg.CheckViolationError):
+        await admin.execute(
+            "UPDATE appointments SET hold_expires_at = now() WHERE status <> 'pending'"
+        )

@@ -226,6 +226,7 @@ class EngineModel(RuleBasedStateMachine):
             ):
                 a.status = AppointmentStatus.CANCELLED
                 a.cancel_reason = "hold expired"
+                a.hold_expires_at = None  # only a pending hold has an expiry
                 self.slots[a.slot].status = SlotStatus.FREE
                 expired = True
         return expired
@@ -407,6 +408,7 @@ class EngineModel(RuleBasedStateMachine):
                 assert isinstance(reply, AppointmentUpdated)
                 a.status = AppointmentStatus.CANCELLED
                 a.cancel_reason = "released"
+                a.hold_expires_at = None
                 self._check_view(reply.appointment, a)
                 self.slots[a.slot].status = SlotStatus.FREE
                 return {a.doctor}
