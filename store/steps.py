@@ -98,7 +98,7 @@ async def locked_appointment_row(tx: Tx, appointment_id: int) -> asyncpg.Record:
 def expired_hold(row: asyncpg.Record) -> bool:
     """Cancelled by the system's expiry (`sql.HOLDS_EXPIRE`, the only canceller named
     'system': people are `role:subject`), not by anyone's words (reasons are free text)."""
-    return row["status"] == "cancelled" and row["cancelled_by"] == "system"
+    return bool(row["status"] == "cancelled" and row["cancelled_by"] == "system")
 
 
 async def own_hold(tx: Tx, appointment_id: int) -> AppointmentView:
