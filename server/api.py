@@ -18,6 +18,7 @@ from aiohttp import web
 
 from protocol.codec import parse_body
 from protocol.errors import ErrorCode, ProtocolError, SlotcastError
+from protocol.messages import check_date
 from server import auth
 from server.commands import Command, PublicCommand
 from server.keys import BROKER, METRICS, ROOMS, SCHEDULING, SETTINGS, STATE, STORE
@@ -86,11 +87,15 @@ def _date_param(request: web.Request, name: str) -> date:
     if raw is None:
         raise ProtocolError(f"`{name}` (YYYY-MM-DD) is required", code=ErrorCode.INVALID)
     try:
-        return date.fromisoformat(raw)
+        day = date.fromisoformat(raw)
     except ValueError:
         raise ProtocolError(
             f"`{name}` must be a date, YYYY-MM-DD", code=ErrorCode.INVALID
         ) from None
+    try:
+        return check_date(day, name)
+    except ValueError as exc:
+        raise ProtocolError(str(exc), code=ErrorCode.INVALID) from None
 
 
 # A POST or PUT always carries its message's fields, `{}` at least: an empty body is a
