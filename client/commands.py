@@ -219,7 +219,14 @@ class SlotcastClient(Connection):
             calendar.resyncs += 1
 
     def _on_push(self, message: Message) -> None:
-        if isinstance(message, Resync):
+        if isinstance(message, Unwatched):
+            # The server left a private room on its own (the token expired, or `auth`
+            # switched identity): it is not ours to restore after a reconnect any more.
+            if message.room == "dashboard" and message.doctor_id is not None:
+                self.dashboards.pop(message.doctor_id, None)
+            elif message.room == "appointments":
+                self.following = False
+        elif isinstance(message, Resync):
             if message.doctor_id in self.calendars:
                 self._resync(self.calendars[message.doctor_id])
             elif message.room == "appointments" and self.following:

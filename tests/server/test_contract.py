@@ -1,42 +1,43 @@
 """Edges of the protocol an independent client found vague or wrong, pinned as documented.
 
 Each test is one promise of docs/protocol.md that a client written from the page alone
-relies on: dates at the ends of the calendar, a `mark` to a status that is no mark, an
-identity switch by `auth`. Everything goes over a real loopback WebSocket (or REST) to
-the in-process server, so what is asserted is what any client sees on the wire.
+relies on: dates at the ends of the calendar, a `mark` to a status that is no mark.
+Everything goes over a real loopback WebSocket (or REST) to the in-process server, so
+what is asserted is what any client sees on the wire. (An identity switch by `auth` is
+in test_token_expiry.py, with the other ways private rooms end.)
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import date
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from client import ClientError, SlotcastClient
+from client import SlotcastClient
 from protocol.errors import ErrorCode
-from protocol.messages import Error, Message
+from protocol.messages import DashboardDelta, Delta, Error, Presence
 from protocol.vocabulary import Role
 from testkit.fixtures import SeededDoctor, token, ws_url
-from testkit.wire import error_code
+from testkit.wire import error_code, expect
 
 AppClient = TestClient[Any, Any]
 
-FIRST, LAST = "0001-01-01", "9999-12-31"  # what Python's and most languages' dates hold
 
-
-async def reply_to(client: SlotcastClient, kind: str, body: dict[str, Any]) -> Message:
-    """Send a raw frame (the Python client's own types would refuse some of these) and
-    return the reply with its id."""
-    await client.send_raw(client._codec.dumps({"type": kind, "id": "edge", "body": body}))
-    while True:
-        event = await client.next_event()
-        if isinstance(event, Error) or type(event).TYPE != "presence":
-            return event
+async def refusal(client: SlotcastClient, kind: str, body: dict[str, Any]) -> Error:
+    """The `error` answering a raw frame (the Python client's own types refuse some of
+    these): replies come in request order, so it is the next event but for pushes."""
+    frame = client._codec.dumps({"type": kind, "id": "edge", "body": body})
+    await client.send_raw(frame)
+    return await expect(client, Error, skip=(Presence, Delta, DashboardDelta))
 
 
 # ---- dates at the ends of the calendar ------------------------------------------------------
+
+FIRST, LAST = "0001-01-01", "9999-12-31"  # what a date holds in Python and most languages
 
 
 def date_frames(doctor_id: int) -> list[tuple[str, dict[str, Any]]]:
@@ -47,10 +48,7 @@ def date_frames(doctor_id: int) -> list[tuple[str, dict[str, Any]]]:
         ("watch", {"doctor_id": doctor_id, "start": FIRST, "end": "0001-01-05"}),
         ("list_appointments", {"doctor_id": doctor_id, "date": LAST}),
         ("list_appointments", {"doctor_id": doctor_id, "date": FIRST}),
-        (
-            "set_schedule",
-            {"doctor_id": doctor_id, "weekly": [], "overrides": [{"date": LAST}]},
-        ),
+        ("set_schedule", {"doctor_id": doctor_id, "weekly": [], "overrides": [{"date": LAST}]}),
     ]
 
 
@@ -63,13 +61,13 @@ async def test_dates_at_the_ends_of_the_calendar_are_invalid_not_internal(
     admin = token(Role.ADMIN, "ops")
     async with SlotcastClient.connect(ws_url(client), token=admin) as c:
         for kind, body in date_frames(doctor.id):
-            reply = await reply_to(c, kind, body)
-            assert isinstance(reply, Error), (kind, body, reply)
-            assert reply.code == ErrorCode.INVALID, (kind, body, reply)
-            assert "from 0001-01-02 to 9999-12-30" in reply.message
-        # The nearest dates that are inside are fine.
-        await c.watch_dashboard(doctor.id, date_of("9999-12-30"))
-        await c.list_appointments(doctor.id, date_of("0001-01-02"))
+            error = await refusal(c, kind, body)
+            assert error.code == ErrorCode.INVALID, (kind, body, error)
+            assert "must be a date from 0001-01-02 to 9999-12-30" in error.message
+        # The nearest dates inside are fine.
+        dashboard = await c.watch_dashboard(doctor.id, date(9999, 12, 30))
+        assert dashboard.appointments == []
+        assert await c.list_appointments(doctor.id, date(1, 1, 2)) == []
     headers = {"Authorization": f"Bearer {admin}"}
     for url in (
         f"/api/doctors/{doctor.id}/slots?start=9999-12-30&end={LAST}",
@@ -80,11 +78,50 @@ async def test_dates_at_the_ends_of_the_calendar_are_invalid_not_internal(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-def date_of(text: str) -> Any:
-    from datetime import date
-
-    return date.fromisoformat(text)
+# ---- a mark to a status that is no mark -----------------------------------------------------
 
 
-# keep ClientError imported for the tests below
-_ = ClientError
+@pytest.mark.parametrize("status", ["pending", "booked", "cancelled"])
+async def test_a_mark_to_a_status_that_is_never_marked_is_invalid_transition(
+    client: AppClient, doctor: SeededDoctor, db: asyncpg.Connection, status: str
+) -> None:
+    """`pending`, `booked` and `cancelled` are appointment statuses, so the frame is valid;
+    no mark leads to them (holds, bookings and cancellations have their own commands),
+    so the move is refused as `invalid_transition` from every status, once the appointment
+    is found and the caller may mark it; nothing changes."""
+    async with (
+        SlotcastClient.connect(ws_url(client), token=token(sub="p-mark")) as patient,
+        SlotcastClient.connect(ws_url(client), token=token(Role.DOCTOR, str(doctor.id))) as doc,
+        SlotcastClient.connect(ws_url(client), token=token(Role.DOCTOR, "999")) as other,
+    ):
+        held = await patient.hold(doctor.slots[0].id)
+        booked = await patient.book(doctor.slots[1].id)
+        for appointment in (held, booked):
+            body = {"appointment_id": appointment.id, "status": status}
+            error = await refusal(doc, "mark", body)
+            assert error.code == ErrorCode.INVALID_TRANSITION, (appointment.status, error)
+            assert (await refusal(other, "mark", body)).code == ErrorCode.FORBIDDEN
+        missing = {"appointment_id": booked.id + 100, "status": status}
+        assert (await refusal(doc, "mark", missing)).code == ErrorCode.NOT_FOUND
+    rows = await db.fetch("SELECT id, status FROM appointments ORDER BY id")
+    assert [(r["id"], r["status"]) for r in rows] == [(held.id, "pending"), (booked.id, "booked")]
+    resp = await client.post(
+        f"/api/appointments/{booked.id}/status",
+        json={"status": status},
+        headers={"Authorization": f"Bearer {token(Role.DOCTOR, str(doctor.id))}"},
+    )
+    assert await error_code(resp, 409) == "invalid_transition"
+
+
+@pytest.mark.parametrize("status", ["ARRIVED", "proposed", "waitlist", "", None, 3])
+async def test_a_mark_to_something_that_is_no_appointment_status_is_invalid(
+    client: AppClient, doctor: SeededDoctor, status: Any
+) -> None:
+    """Not one of the six statuses (FHIR's others included, case matters): the frame
+    does not validate, so it is `invalid` before anything is looked up."""
+    async with SlotcastClient.connect(
+        ws_url(client), token=token(Role.DOCTOR, str(doctor.id))
+    ) as doc:
+        error = await refusal(doc, "mark", {"appointment_id": 123456, "status": status})
+        assert error.code == ErrorCode.INVALID
+        assert "status" in error.message
