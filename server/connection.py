@@ -210,10 +210,15 @@ class Connection:
                     self._merged.clear()
                     break
                 # Slow path only: wait for the kernel to take what is buffered.
-                while transport.get_write_buffer_size() >= HIGH_WATER:  # noqa: ASYNC110
+                while (  # noqa: ASYNC110
+                    transport.get_write_buffer_size() >= HIGH_WATER and not transport.is_closing()
+                ):
                     await asyncio.sleep(0.005)
-                if not self._outbox:  # a close emptied it while we waited
-                    break
+                # A close emptied the outbox while we waited, or the socket was lost (its
+                # buffer is gone, not drained): look again before writing, since writing to
+                # a closed transport raises (uvloop) and would end this task with an error.
+                if not self._outbox or transport.is_closing():
+                    continue
                 item = self._outbox.popleft()
                 if isinstance(item, _Merged):
                     if self._merged.get(item.doctor_id) is item:

@@ -215,6 +215,50 @@ async def test_closing_while_the_writer_waits_for_the_socket_does_not_crash_it()
     assert transport.written == []
 
 
+class UvloopTransport(FakeTransport):
+    """As uvloop's TCPTransport behaves once the peer is gone: closing, nothing buffered
+    any more, and a write raises RuntimeError ("... the handler is closed")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def lose_connection(self) -> None:
+        self.closed, self.buffered = True, 0
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+        super().write(data)
+
+
+@pytest.mark.parametrize("then_close", [False, True], ids=["handler_done", "close_soon"])
+async def test_a_socket_lost_while_frames_wait_is_not_written_to(then_close: bool) -> None:
+    """The peer goes away (a reset) while the writer waits for the kernel with frames
+    queued: the wait ends because the buffer is gone, not drained, and the writer must
+    see the transport closed rather than write to it (uvloop raises, and the handler's
+    `close()` re-raised that as a logged traceback)."""
+    transport, ws = UvloopTransport(), FakeSocket()
+    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=100)
+    transport.buffered = HIGH_WATER
+    for _ in range(5):
+        conn.send(Pong())
+    await asyncio.sleep(0.02)  # deliberately: the writer is now waiting for the socket
+    transport.lose_connection()
+    await asyncio.sleep(0.05)  # deliberately: the writer polls every 5 ms
+    if then_close:
+        conn.close_soon(CLOSE_SERVICE_RESTART, "service restart")  # a drain, meanwhile
+    assert conn._writer is not None
+    assert not (conn._writer.done() and conn._writer.exception())
+    await conn.close()
+    assert transport.written == []
+    conn.send(Pong())  # late frames for a lost socket are dropped, not written
+    assert transport.written == []
+
+
 async def test_a_batch_of_deltas_is_one_write_while_the_socket_keeps_up() -> None:
     transport, ws = FakeTransport(), FakeSocket()
     conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=1000)
