@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from aiohttp import web
+from aiohttp import WSMessage, WSMsgType, web
 
 from protocol.codec import Codec, envelope
 from protocol.errors import SlotcastError
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 CLOSE_SLOW_CONSUMER: Final = 4008
 CLOSE_SERVICE_RESTART: Final = 1012
+# How long our close waits for the client's close frame before the socket is cut.
+CLOSE_HANDSHAKE_S: Final = 5.0
 HIGH_WATER: Final = 256 * 1024  # bytes buffered in the kernel/transport before we queue
 COALESCE_AFTER: Final = 32  # queued frames before availability deltas are merged
 
@@ -70,8 +72,8 @@ class _Merged:
 class Connection:
     __slots__ = (
         "_close_code",
-        "_closer",
         "_closing",
+        "_finished",
         "_merged",
         "_on_slow",
         "_outbox",
@@ -109,7 +111,12 @@ class Connection:
         self._closing = False
         self._close_code: int | None = None
         self._reason = ""
-        self._closer: asyncio.Task[bool] | None = None  # our close handshake, once begun
+        self._finished = False  # the handler is done and our close handshake is over
+
+    @property
+    def finished(self) -> bool:
+        """The socket is closed for good: a drain waits for this, not for the close frame."""
+        return self._finished
 
     @property
     def closing(self) -> bool:
@@ -244,24 +251,51 @@ class Connection:
             self._close_now()
 
     def _close_now(self) -> None:
+        """Stop sending, and have the handler leave its receive loop to close the socket.
+
+        The close itself is `close()`, run by the handler once out of `receive()`: aiohttp's
+        `WebSocketResponse.close()` called while another task waits in `receive()` sends
+        the close frame and then closes the transport at once, without the client's close
+        frame. A client still sending then gets a reset, which can destroy the close frame
+        it has not read yet: it sees 1006, not 4008 or 1012.
+        """
         self._closing = True
         self._outbox.clear()
         self._merged.clear()
-        task = self._closer = asyncio.create_task(
-            self.ws.close(code=self._close_code or 1000, message=self._reason.encode())
-        )
-        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+        _wake_receiver(self.ws)
 
     async def close(self) -> None:
-        """The handler is done with the socket: stop writing, and finish our close handshake.
+        """The handler is done with the socket: stop writing, and close it with our code.
 
-        Awaiting the handshake we began (4008, 1012) matters: once the handler returns,
-        aiohttp closes the socket itself with 1000 if no close frame has gone out yet.
+        Run by the handler after its receive loop, so aiohttp's close waits for the
+        client's close frame (the handshake), up to CLOSE_HANDSHAKE_S; a client that does
+        not answer by then (or does not even read) is cut off. Without our own close, once
+        the handler returns aiohttp closes the socket itself (1000, or the client's code).
         """
         self._closing = True
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
-        if self._closer is not None and not self._closer.done():
-            await asyncio.wait([self._closer])  # its outcome is the done callback's business
+        try:
+            if self._close_code is not None and not self.ws.closed:
+                try:
+                    async with asyncio.timeout(CLOSE_HANDSHAKE_S):
+                        await self.ws.close(code=self._close_code, message=self._reason.encode())
+                except TimeoutError:
+                    log.info("no close frame from the client in %.0fs: cut off", CLOSE_HANDSHAKE_S)
+                    self._transport.abort()  # unanswered: buffered bytes are not worth waiting on
+        finally:
+            self._finished = True
+
+
+# A frame the handler's loop never acts on: it wakes `receive()`, and the loop, which checks
+# `Connection.closing` before anything else, leaves. aiohttp's close reads past it.
+_WAKE: Final = WSMessage(WSMsgType.ERROR, None, None)
+
+
+def _wake_receiver(ws: web.WebSocketResponse) -> None:
+    """Make the handler's pending `receive()` return (aiohttp has no public way to)."""
+    reader = getattr(ws, "_reader", None)
+    if reader is not None and not ws.closed:
+        reader.feed_data(_WAKE, 0)

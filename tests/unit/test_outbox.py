@@ -28,6 +28,7 @@ from protocol.messages import (
     Snapshot,
 )
 from protocol.vocabulary import AppointmentStatus, SlotStatus
+from server import connection
 from server.connection import (
     CLOSE_SERVICE_RESTART,
     CLOSE_SLOW_CONSUMER,
@@ -63,16 +64,32 @@ class FakeTransport:
         self.written.append(data)
 
 
+class FakeReader:
+    def __init__(self) -> None:
+        self.fed: list[Any] = []
+
+    def feed_data(self, data: Any, size: int) -> None:
+        self.fed.append(data)
+
+
 class FakeSocket:
-    """Stands in for the aiohttp WebSocketResponse: only its close is used, and recorded."""
+    """Stands in for the aiohttp WebSocketResponse: a close wakes the handler's receive loop
+    through its reader (`woken`), and the handler's own close is recorded."""
 
     def __init__(self) -> None:
-        self.closed = asyncio.Event()
+        self._reader = FakeReader()
         self.close_args: tuple[int, bytes] | None = None
+
+    @property
+    def woken(self) -> bool:
+        return bool(self._reader.fed)
+
+    @property
+    def closed(self) -> bool:
+        return self.close_args is not None
 
     async def close(self, *, code: int, message: bytes) -> bool:
         self.close_args = (code, message)
-        self.closed.set()
         return True
 
 
@@ -178,18 +195,20 @@ async def test_outbox_over_the_limit_closes_4008_once_the_command_is_done() -> N
     for _ in range(3):
         conn.send(Pong())
     assert slow == []
-    assert not ws.closed.is_set()
+    assert not ws.woken
     conn.send(Pong())  # one too many
     assert slow == [1]
-    await asyncio.sleep(0)  # deliberately let any premature close task run
-    assert not ws.closed.is_set()
+    await asyncio.sleep(0)  # deliberately let anything premature run
+    assert not ws.woken
+    assert not conn.closing
     conn.command_done()
-    await asyncio.wait_for(ws.closed.wait(), WAIT_S)
-    assert ws.close_args == (CLOSE_SLOW_CONSUMER, b"slow consumer")
+    assert ws.woken  # the handler's loop leaves...
     assert conn.closing
     conn.send(Pong())  # ignored: closing
     assert slow == [1]
-    await conn.close()  # what the handler does once the socket has closed
+    await conn.close()  # ...and closes the socket with our code
+    assert ws.close_args == (CLOSE_SLOW_CONSUMER, b"slow consumer")
+    assert conn.finished
     transport.buffered = 0
     conn.send(Pong())
     offer(conn, change(5, 1, [slot(1, SlotStatus.BUSY)], []))
@@ -208,7 +227,7 @@ async def test_closing_while_the_writer_waits_for_the_socket_does_not_crash_it()
         conn.send(Pong())
     await asyncio.sleep(0.02)  # deliberately: the writer is now waiting for the socket
     conn.send(Pong())  # one too many: closed, and the outbox cleared
-    await asyncio.wait_for(ws.closed.wait(), WAIT_S)
+    assert ws.woken
     transport.buffered = 0  # the client reads what the kernel held
     await asyncio.sleep(0.05)  # deliberately: the writer polls every 5 ms
     await conn.close()  # IndexError: pop from an empty deque, from the writer task
@@ -316,6 +335,33 @@ async def test_a_connection_that_never_queued_starts_no_writer_and_closes_with_i
     await other.close()
 
 
+class SilentSocket(FakeSocket):
+    """A client that never answers our close frame."""
+
+    async def close(self, *, code: int, message: bytes) -> bool:
+        self.close_args = (code, message)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_close_the_client_never_answers_is_cut_off_after_a_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The handshake is waited for, but not forever: a drain waits on it, and a client that
+    does not even read would otherwise keep its socket and buffers."""
+    monkeypatch.setattr(connection, "CLOSE_HANDSHAKE_S", 0.05)
+    aborted: list[bool] = []
+    transport, ws = FakeTransport(), SilentSocket()
+    transport.abort = lambda: aborted.append(True)  # type: ignore[attr-defined]
+    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=10)
+    conn.close_soon(CLOSE_SERVICE_RESTART, "service restart")
+    assert not conn.finished
+    await asyncio.wait_for(conn.close(), WAIT_S)
+    assert ws.close_args == (CLOSE_SERVICE_RESTART, b"service restart")
+    assert aborted == [True]
+    assert conn.finished
+
+
 async def test_a_client_that_is_behind_still_gets_the_reconnect_notice_of_a_drain() -> None:
     """On SIGTERM every client is told when to come back (a jittered `retry_after_ms`) and
     then closed with 1012. A client whose outbox is not empty at that moment must still
@@ -326,10 +372,10 @@ async def test_a_client_that_is_behind_still_gets_the_reconnect_notice_of_a_drai
     conn.send(Pong())  # the client is a little behind: this waits in the outbox
     conn.send_now(Reconnect(retry_after_ms=700))  # what lifecycle.drain does, then:
     conn.close_soon(CLOSE_SERVICE_RESTART, "service restart")
-    await asyncio.wait_for(ws.closed.wait(), WAIT_S)
-    assert ws.close_args == (CLOSE_SERVICE_RESTART, b"service restart")
+    assert ws.woken
     transport.buffered = 0
     await conn.close()
+    assert ws.close_args == (CLOSE_SERVICE_RESTART, b"service restart")
     notices = [m for m in map(decode, transport.written) if isinstance(m, Reconnect)]
     assert notices == [Reconnect(retry_after_ms=700)], "the notice was dropped with the outbox"
 
