@@ -10,17 +10,23 @@ in test_token_expiry.py, with the other ways private rooms end.)
 from __future__ import annotations
 
 import logging
-from datetime import date
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
-from client import SlotcastClient
+from client import ClientError, SlotcastClient
 from protocol.errors import ErrorCode
 from protocol.messages import DashboardDelta, Delta, Error, Presence
 from protocol.vocabulary import Role
+from server.app import create_app
+from server.settings import Settings
+from store import doctors
+from store.runner import Store
+from store.schedule import Block
 from testkit.fixtures import SeededDoctor, token, ws_url
 from testkit.wire import error_code, expect
 
@@ -125,3 +131,62 @@ async def test_a_mark_to_something_that_is_no_appointment_status_is_invalid(
         error = await refusal(doc, "mark", {"appointment_id": 123456, "status": status})
         assert error.code == ErrorCode.INVALID
         assert "status" in error.message
+
+
+# ---- outside_horizon: when a slot one can see is still too far ahead ------------------------
+
+# Saturday 26 October 2030, 00:10 in Berlin (CEST, UTC+2); on Sunday the clocks go back
+# an hour, so Sunday has 25 hours and two local days hold 49.
+AUTUMN_NIGHT = datetime(2030, 10, 25, 22, 10, tzinfo=UTC)
+LATE_HOURS = [Block(d, time(23), time(23, 59)) for d in range(1, 8)]
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+async def test_outside_horizon_is_a_late_slot_of_the_last_day_across_an_autumn_clock_change(
+    store: Store, settings: Settings, aiohttp_client: AiohttpClient
+) -> None:
+    """The server opens slots for `horizon_days` whole local days, and refuses a slot that
+    starts `horizon_days` x 24 h or more from now. The two agree unless a day in between
+    is longer than 24 h: then, in the first hour after local midnight, the last day's
+    latest slots are open (seen in snapshots, after `bookable_until`) but `outside_horizon`,
+    until the window moves past them. This is the one way a client meets the code."""
+    doctor_id = await doctors.create_doctor(
+        store,
+        name="Dr. Herbst",
+        timezone="Europe/Berlin",
+        schedule=LATE_HOURS,
+        slot_minutes=15,
+        horizon_days=2,
+    )
+    clock = Clock(AUTUMN_NIGHT)
+    client = await aiohttp_client(create_app(settings, clock=clock))  # its upkeep opens them
+    patient = token(sub="p-late", ttl=timedelta(days=20 * 366))
+    async with SlotcastClient.connect(ws_url(client), token=patient) as c:
+        snapshot = await c.watch(doctor_id, date(2030, 10, 26), date(2030, 10, 28))
+        assert snapshot.bookable_until == AUTUMN_NIGHT + timedelta(days=2)
+        sunday = [s for s in snapshot.slots if s.start.date() == date(2030, 10, 27)]
+        # 23:00, 23:15 and 23:30 on Sunday in Berlin (UTC+1 by then).
+        assert [s.start.time() for s in sunday] == [time(22), time(22, 15), time(22, 30)]
+        inside, late, latest = sunday
+        assert inside.start < snapshot.bookable_until <= late.start
+        for slot in (late, latest):
+            with pytest.raises(ClientError) as caught:
+                await c.hold(slot.id)
+            assert caught.value.code == ErrorCode.OUTSIDE_HORIZON
+            with pytest.raises(ClientError) as caught:
+                await c.book(slot.id)
+            assert caught.value.code == ErrorCode.OUTSIDE_HORIZON
+        assert (await c.hold(inside.id)).slot_id == inside.id
+        # Ten minutes later the window has moved past 23:15: it can be booked now.
+        clock.now += timedelta(minutes=10)
+        assert (await c.book(late.id)).slot_id == late.id
+        with pytest.raises(ClientError) as caught:
+            await c.book(latest.id)
+        assert caught.value.code == ErrorCode.OUTSIDE_HORIZON
