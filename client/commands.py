@@ -196,12 +196,18 @@ class SlotcastClient(Connection):
     # ---- staying current --------------------------------------------------------------------
 
     async def _rejoin(self) -> None:
+        """Every room joined before the drop, each once per socket (see `_restored`)."""
         for calendar in list(self.calendars.values()):
-            await self._resume(calendar)
+            if ("availability", calendar.doctor_id) not in self._restored:
+                await self._resume(calendar)
+                self._restored.add(("availability", calendar.doctor_id))
         for doctor_id, day in list(self.dashboards.items()):
-            await self.watch_dashboard(doctor_id, day)
-        if self.following:
+            if ("dashboard", doctor_id) not in self._restored:
+                await self.watch_dashboard(doctor_id, day)
+                self._restored.add(("dashboard", doctor_id))
+        if self.following and ("appointments", None) not in self._restored:
             await self.watch_appointments()
+            self._restored.add(("appointments", None))
 
     async def _resume(self, calendar: Calendar) -> None:
         """Ask for what was missed since the calendar's version; accept a snapshot instead."""
@@ -213,11 +219,19 @@ class SlotcastClient(Connection):
             calendar.resyncs += 1
 
     def _on_push(self, message: Message) -> None:
-        if isinstance(message, Resync):
+        if isinstance(message, Unwatched):
+            # The server left a private room on its own (the token expired, or `auth`
+            # switched identity): it is not ours to restore after a reconnect any more.
+            if message.room == "dashboard" and message.doctor_id is not None:
+                self.dashboards.pop(message.doctor_id, None)
+            elif message.room == "appointments":
+                self.following = False
+        elif isinstance(message, Resync):
             if message.doctor_id in self.calendars:
                 self._resync(self.calendars[message.doctor_id])
             elif message.room == "appointments" and self.following:
-                self._spawn(self.watch_appointments())
+                rewatch = self._retrying(self._ws, self.watch_appointments, "appointments resync")
+                self._spawn(rewatch)
         elif isinstance(message, Delta):
             calendar = self.calendars.get(message.doctor_id)
             if calendar is not None and not calendar.apply(message):
@@ -230,15 +244,21 @@ class SlotcastClient(Connection):
                 self._resync(calendar)
 
     def _resync(self, calendar: Calendar) -> None:
-        """A fresh snapshot replaces the calendar; one at a time per doctor."""
+        """A fresh snapshot replaces the calendar; one at a time per doctor, retried with
+        backoff while it fails on this socket (a reconnect resumes the calendar instead)."""
         if calendar.doctor_id in self._resyncing:
             return
         self._resyncing.add(calendar.doctor_id)
 
+        async def snapshot() -> None:
+            if self.calendars.get(calendar.doctor_id) is not calendar:
+                return  # unwatched, or replaced by a newer watch meanwhile
+            await self.watch(calendar.doctor_id, calendar.start, calendar.end)
+            self.calendars[calendar.doctor_id].resyncs = calendar.resyncs + 1
+
         async def resync() -> None:
             try:
-                await self.watch(calendar.doctor_id, calendar.start, calendar.end)
-                self.calendars[calendar.doctor_id].resyncs = calendar.resyncs + 1
+                await self._retrying(self._ws, snapshot, f"resync of doctor {calendar.doctor_id}")
             finally:
                 self._resyncing.discard(calendar.doctor_id)
 

@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import logging
 import random
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Literal, Self, TypeVar
 
 import aiohttp
@@ -50,6 +50,13 @@ class ClientError(SlotcastError):
         self.wire_code = code
 
 
+def _transient(exc: BaseException) -> bool:
+    """What a server restart or a dependency outage looks like; anything else is logged louder."""
+    if isinstance(exc, ClientError):
+        return exc.code in {ErrorCode.UNAVAILABLE, ErrorCode.BUSY, ErrorCode.INTERNAL}
+    return isinstance(exc, (TimeoutError, aiohttp.ClientError, OSError))
+
+
 class Connection:
     def __init__(
         self,
@@ -61,6 +68,7 @@ class Connection:
         auth_token: str | None,
         reconnect: bool,
         max_backoff: float,
+        request_timeout: float = 10.0,
     ) -> None:
         self._http = http
         self._url = url
@@ -69,6 +77,7 @@ class Connection:
         self._auth_token = auth_token  # sent in an `auth` message after each (re)connect
         self._reconnect = reconnect
         self._max_backoff = max_backoff
+        self.request_timeout = request_timeout  # a request's default wait for its reply
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Message]] = {}
@@ -81,7 +90,11 @@ class Connection:
         self.close_code: int | None = None
         self.instance: str | None = None
         self.reconnects = 0
-        # Set while connected with every watch restored; cleared on each disconnect.
+        self.restore_failures = 0  # restore attempts after a reconnect that had to be retried
+        # What has been restored on the current socket (rooms, identity): a retried restore
+        # picks up where the failed attempt stopped. Emptied on each (re)connect.
+        self._restored: set[tuple[str, int | None]] = set()
+        # Set while connected with every room restored; cleared on each disconnect.
         self.ready = asyncio.Event()
 
     @classmethod
@@ -96,12 +109,16 @@ class Connection:
         session: aiohttp.ClientSession | None = None,
         reconnect: bool = False,
         max_backoff: float = 5.0,
+        request_timeout: float = 10.0,
     ) -> AsyncIterator[Self]:
         """Connect; with `token_in_header=False` the token goes in a first `auth` message.
 
         With `reconnect=True` a dropped connection is re-established with capped,
         fully jittered exponential backoff (or after the delay a `reconnect` notice
         asked for), the token re-presented, and every watch resumed from its version.
+        A restore that fails (the server answers `unavailable` while its database is
+        down, or a reply takes longer than `request_timeout`) is retried with the same
+        backoff until every room is back, the socket drops again, or the client closes.
         """
         chosen = MSGPACK if codec == "msgpack" else JSON
         headers = {"Authorization": f"Bearer {token}"} if token and token_in_header else {}
@@ -115,6 +132,7 @@ class Connection:
             auth_token=None if token_in_header else token,
             reconnect=reconnect,
             max_backoff=max_backoff,
+            request_timeout=request_timeout,
         )
         try:
             await client._open()
@@ -132,43 +150,53 @@ class Connection:
             self._url, protocols=[self._codec.subprotocol], headers=self._headers
         )
         self._welcome = asyncio.get_running_loop().create_future()
+        self._restored.clear()
         if self._reader is None:
             self._reader = asyncio.create_task(self._read_forever(), name="slotcast-client-reader")
 
     async def _restore(self) -> None:
-        """After (re)connecting: welcome, identity, then every watch, resumed where it was."""
+        """After (re)connecting: welcome, identity, then every room, resumed where it was.
+
+        Each step is done once per socket: a retry after a failure skips what is back.
+        """
         self.instance = (await self.welcome()).instance
-        if self._auth_token:
+        if self._auth_token and ("auth", None) not in self._restored:
             await self.auth(self._auth_token)
+            self._restored.add(("auth", None))
         await self._rejoin()
         self.ready.set()
 
     async def _rejoin(self) -> None:
-        """Overridden by the command API: join again every room joined before a drop."""
+        """Overridden by the command API: join again every room joined before a drop,
+        adding each to `_restored` once it is back."""
 
     def _on_push(self, message: Message) -> None:
         """Overridden by the command API: keep its live state current before `events` sees it."""
 
     # ---- requests ---------------------------------------------------------------------------
 
-    async def welcome(self, timeout: float = 10.0) -> Welcome:
-        return await asyncio.wait_for(asyncio.shield(self._welcome), timeout)
+    async def welcome(self, timeout: float | None = None) -> Welcome:
+        wait = self.request_timeout if timeout is None else timeout
+        return await asyncio.wait_for(asyncio.shield(self._welcome), wait)
 
-    async def request(self, message: Message, expect: type[M], timeout: float = 10.0) -> M:
-        """Send a command and wait for its reply; an `error` reply raises ClientError."""
+    async def request(self, message: Message, expect: type[M], timeout: float | None = None) -> M:
+        """Send a command and wait for its reply; an `error` reply raises ClientError.
+
+        `timeout` defaults to the client's `request_timeout` (10 s)."""
         reply = await self.request_any(message, (expect,), timeout)
         assert isinstance(reply, expect)
         return reply
 
     async def request_any(
-        self, message: Message, expect: tuple[type[Message], ...], timeout: float = 10.0
+        self, message: Message, expect: tuple[type[Message], ...], timeout: float | None = None
     ) -> Message:
         rid = next(self._ids)
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
+        wait = self.request_timeout if timeout is None else timeout
         try:
             await self.send_raw(self._codec.encode(message, rid))
-            reply = await asyncio.wait_for(future, timeout)
+            reply = await asyncio.wait_for(future, wait)
         finally:
             self._pending.pop(rid, None)
         if isinstance(reply, Error):
@@ -232,14 +260,17 @@ class Connection:
                 return
             await self._reconnect_with_backoff()
 
-    async def _reconnect_with_backoff(self) -> None:
+    def _backoff(self, attempt: int) -> float:
         """Full jitter: a restart's clients spread out instead of stampeding together."""
+        return random.uniform(0, min(self._max_backoff, 0.1 * 2**attempt))
+
+    async def _reconnect_with_backoff(self) -> None:
         attempt = 0
         while not self._closed:
             if self._retry_after is not None:
                 delay, self._retry_after = self._retry_after, None
             else:
-                delay = random.uniform(0, min(self._max_backoff, 0.1 * 2**attempt))
+                delay = self._backoff(attempt)
             await asyncio.sleep(delay)
             attempt += 1
             try:
@@ -248,14 +279,37 @@ class Connection:
                 log.info("reconnect attempt %d failed: %s", attempt, exc)
                 continue
             self.reconnects += 1
-            self._spawn(self._restore_quietly())
+            ws = self._ws
+            self._spawn(self._retrying(ws, self._restore, "restore after reconnect"))
             return
 
-    async def _restore_quietly(self) -> None:
-        try:
-            await self._restore()
-        except ClientError as exc:  # the connection dropped again; the reader retries
-            log.info("restore after reconnect failed: %s", exc)
+    async def _retrying(
+        self,
+        ws: aiohttp.ClientWebSocketResponse | None,
+        work: Callable[[], Awaitable[object]],
+        what: str,
+    ) -> bool:
+        """Run `work` until it succeeds on socket `ws`, with capped, fully jittered backoff.
+
+        Any failure is retried: an `unavailable` answer (the server's database is down),
+        a reply that timed out, anything else. It stops, returning False, once `ws` is
+        no longer the client's live socket (the reader reconnects and starts a fresh
+        restore) or the client is closed; cancellation (`close`) propagates.
+        """
+        attempt = 0
+        while True:
+            try:
+                await work()
+                return True
+            except Exception as exc:
+                if self._closed or ws is not self._ws or ws is None or ws.closed:
+                    log.info("%s stopped: the connection is gone (%r)", what, exc)
+                    return False
+                self.restore_failures += 1
+                level = logging.INFO if _transient(exc) else logging.WARNING
+                log.log(level, "%s failed (attempt %d), retrying: %r", what, attempt + 1, exc)
+                await asyncio.sleep(self._backoff(attempt))
+                attempt += 1
 
     def _dispatch(self, rid: str | int | None, message: Message) -> None:
         if isinstance(message, Welcome) and not self._welcome.done():

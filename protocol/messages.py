@@ -63,6 +63,24 @@ def _normalize_instants(obj: object, *names: str) -> None:
         object.__setattr__(obj, name, _utc(getattr(obj, name)))
 
 
+# The dates a client may send: one day inside what a date type holds at either end, since
+# the server steps a day either side of a date (a dashboard is [date, date + 1)) and that
+# must never overflow. 0001-01-01 and 9999-12-31 are `invalid`, never a server error.
+FIRST_DATE = date(1, 1, 2)
+LAST_DATE = date(9999, 12, 30)
+
+
+def check_date(value: date, name: str) -> date:
+    if not FIRST_DATE <= value <= LAST_DATE:
+        raise ValueError(f"`{name}` must be a date from {FIRST_DATE} to {LAST_DATE}")
+    return value
+
+
+def _bound_dates(obj: object, *names: str) -> None:
+    for name in names:
+        check_date(getattr(obj, name), name)
+
+
 # ---- shared value types -------------------------------------------------------------------
 
 
@@ -124,6 +142,9 @@ class DayOverride:
     start: LocalTime | None = None
     end: LocalTime | None = None
 
+    def __post_init__(self) -> None:
+        _bound_dates(self, "date")
+
 
 # ---- client -> server ---------------------------------------------------------------------
 
@@ -150,6 +171,9 @@ class Watch(Message):
     end: date
     since: Annotated[int, Meta(ge=0)] | None = None
 
+    def __post_init__(self) -> None:
+        _bound_dates(self, "start", "end")
+
 
 @dataclass(frozen=True, slots=True)
 class WatchDashboard(Message):
@@ -158,6 +182,9 @@ class WatchDashboard(Message):
     TYPE: ClassVar[str] = "watch_dashboard"
     doctor_id: DoctorId
     date: date
+
+    def __post_init__(self) -> None:
+        _bound_dates(self, "date")
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +310,9 @@ class ListAppointments(Message):
     TYPE: ClassVar[str] = "list_appointments"
     doctor_id: DoctorId
     date: date
+
+    def __post_init__(self) -> None:
+        _bound_dates(self, "date")
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from protocol.codec import parse_body
 from protocol.errors import ErrorCode, ProtocolError, SlotcastError
+from protocol.messages import check_date
 from server import auth
 from server.commands import Command, PublicCommand
 from server.keys import BROKER, METRICS, ROOMS, SCHEDULING, SETTINGS, STATE, STORE
@@ -88,26 +89,41 @@ def _date_param(request: web.Request, name: str) -> date:
     if raw is None:
         raise ProtocolError(f"`{name}` (YYYY-MM-DD) is required", code=ErrorCode.INVALID)
     try:
-        return date.fromisoformat(raw)
+        day = date.fromisoformat(raw)
     except ValueError:
         raise ProtocolError(
             f"`{name}` must be a date, YYYY-MM-DD", code=ErrorCode.INVALID
         ) from None
+    try:
+        return check_date(day, name)
+    except ValueError as exc:
+        raise ProtocolError(str(exc), code=ErrorCode.INVALID) from None
+
+
+# A POST or PUT always carries its message's fields, `{}` at least: an empty body is a
+# client that lost its payload, and acting on it (a block!) would be a guess. A DELETE
+# may carry none.
+BODY_REQUIRED = frozenset({"POST", "PUT"})
 
 
 async def read_json(request: web.Request) -> Any:
     """JSON is UTF-8 (RFC 8259), whatever charset the request claims."""
+    data = await request.read()
+    if not data.strip():
+        raise ProtocolError(f"a {request.method} needs a JSON body (`{{}}` at least)")
     try:
-        return orjson.loads(await request.read())
+        return orjson.loads(data)
     except orjson.JSONDecodeError:
         raise ProtocolError("the body must be JSON") from None
 
 
 def _doctor_id(request: web.Request) -> int:
-    try:
-        value = int(request.match_info["doctor_id"])
-    except ValueError:
-        raise ProtocolError("doctor id must be a whole number", code=ErrorCode.INVALID) from None
+    """A whole number in ASCII digits (else `invalid`); one out of range is `not_found`."""
+    raw = request.match_info["doctor_id"]
+    if not (raw.isascii() and raw.isdigit()):
+        raise ProtocolError("doctor id must be a whole number", code=ErrorCode.INVALID)
+    digits = raw.lstrip("0")
+    value = int(digits) if len(digits) <= 10 else 2**31  # never int() thousands of digits
     if not 1 <= value < 2**31:
         raise SlotcastError(f"no doctor {value}", code=ErrorCode.NOT_FOUND)
     return value
@@ -124,7 +140,7 @@ def endpoint(command: Command[Any] | PublicCommand[Any]) -> Handler:
         raw: dict[str, Any] = {}
         if request.method == "GET":
             raw.update(request.query)
-        elif request.can_read_body:  # no body at all means no fields, as `{}` would
+        elif request.can_read_body or request.method in BODY_REQUIRED:
             body = await read_json(request)
             if not isinstance(body, dict):
                 raise ProtocolError("the body must be a JSON object", code=ErrorCode.INVALID)
@@ -148,6 +164,7 @@ def _caller(request: web.Request) -> auth.Identity | None:
 
 
 def _path_id(name: str, value: str) -> int:
+    """ASCII digits only: int() would also take U+0661 (Arabic-Indic one), "1_0" and " 7"."""
     if not (value.isascii() and value.isdigit()) or len(value) > 16:
         raise ProtocolError(f"`{name}` must be a whole number", code=ErrorCode.INVALID)
     return int(value)

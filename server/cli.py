@@ -32,6 +32,8 @@ from server.settings import DEV_SECRET, Settings
 
 log = logging.getLogger("slotcast")
 
+SHUTDOWN_S = 10.0
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -129,7 +131,9 @@ async def serve(settings: Settings) -> int:
     if settings.jwt_secret == DEV_SECRET:
         log.warning("using the built-in development JWT secret; set SLOTCAST_JWT_SECRET")
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # After the drain, what is left (a REST request in flight, a WebSocket that joined
+    # late and was told 1001) gets SHUTDOWN_S to finish, not aiohttp's default minute.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_S)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from aiohttp import web
+from aiohttp import WSMessage, WSMsgType, web
 
 from protocol.codec import Codec, envelope
 from protocol.errors import SlotcastError
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 CLOSE_SLOW_CONSUMER: Final = 4008
 CLOSE_SERVICE_RESTART: Final = 1012
+# How long our close waits for the client's close frame before the socket is cut.
+CLOSE_HANDSHAKE_S: Final = 5.0
 HIGH_WATER: Final = 256 * 1024  # bytes buffered in the kernel/transport before we queue
 COALESCE_AFTER: Final = 32  # queued frames before availability deltas are merged
 ABORT_AFTER_S: Final = 5.0  # a slow consumer's close frame waits this long for it to read
@@ -87,8 +89,8 @@ class _Merged:
 class Connection:
     __slots__ = (
         "_close_code",
-        "_closer",
         "_closing",
+        "_finished",
         "_merged",
         "_on_slow",
         "_outbox",
@@ -133,7 +135,12 @@ class Connection:
         self._closing = False
         self._close_code: int | None = None
         self._reason = ""
-        self._closer: asyncio.Task[bool] | None = None  # our close handshake, once begun
+        self._finished = False  # the handler is done and our close handshake is over
+
+    @property
+    def finished(self) -> bool:
+        """The socket is closed for good: a drain waits for this, not for the close frame."""
+        return self._finished
 
     @property
     def closing(self) -> bool:
@@ -274,10 +281,15 @@ class Connection:
                     self._drop_outbox()
                     break
                 # Slow path only: wait for the kernel to take what is buffered.
-                while transport.get_write_buffer_size() >= HIGH_WATER:  # noqa: ASYNC110
+                while (  # noqa: ASYNC110
+                    transport.get_write_buffer_size() >= HIGH_WATER and not transport.is_closing()
+                ):
                     await asyncio.sleep(0.005)
-                if not self._outbox:  # a close emptied it while we waited
-                    break
+                # A close emptied the outbox while we waited, or the socket was lost (its
+                # buffer is gone, not drained): look again before writing, since writing to
+                # a closed transport raises (uvloop) and would end this task with an error.
+                if not self._outbox or transport.is_closing():
+                    continue
                 item = self._outbox.popleft()
                 if isinstance(item, _Merged):
                     self._queued -= item.size
@@ -306,14 +318,17 @@ class Connection:
             self._close_now()
 
     def _close_now(self) -> None:
+        """Stop sending, and have the handler leave its receive loop to close the socket.
+
+        The close itself is `close()`, run by the handler once out of `receive()`: aiohttp's
+        `WebSocketResponse.close()` called while another task waits in `receive()` sends
+        the close frame and then closes the transport at once, without the client's close
+        frame. A client still sending then gets a reset, which can destroy the close frame
+        it has not read yet: it sees 1006, not 4008 or 1012.
+        """
         self._closing = True
         self._drop_outbox()
-        task = self._closer = asyncio.create_task(
-            self.ws.close(code=self._close_code or 1000, message=self._reason.encode())
-        )
-        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
-        if self._close_code == CLOSE_SLOW_CONSUMER:
-            asyncio.get_running_loop().call_later(ABORT_AFTER_S, self._abort_if_stuck)
+        _wake_receiver(self.ws)
 
     def _drop_outbox(self) -> None:
         self._outbox.clear()
@@ -321,28 +336,38 @@ class Connection:
         self._queued = 0
 
     def _abort_if_stuck(self) -> None:
-        """A client that has not read up to its close frame by now never will: drop the
+        """A client that has not read what is buffered by now never will: drop the
         connection, and with it the bytes its transport still holds."""
         if self._transport.get_write_buffer_size():
-            log.info("aborting a connection whose client does not read its close frame")
+            log.info("aborting a connection whose client does not read")
             self._transport.abort()
 
     async def close(self) -> None:
-        """The handler is done with the socket: stop writing, and finish our close handshake.
+        """The handler is done with the socket: stop writing, and close it with our code.
 
-        Awaiting the handshake we began (4008, 1012) matters: once the handler returns,
-        aiohttp closes the socket itself with 1000 if no close frame has gone out yet.
+        Run by the handler after its receive loop, so aiohttp's close waits for the
+        client's close frame (the handshake), up to CLOSE_HANDSHAKE_S; a client that does
+        not answer by then (or does not even read) is cut off. Without our own close, once
+        the handler returns aiohttp closes the socket itself (1000, or the client's code).
         Closing a transport waits for its buffer to be sent, which for a client that
-        stopped reading (one the heartbeat dropped, say) is never: if bytes are still
-        there `ABORT_AFTER_S` from now, the transport is aborted.
+        stopped reading is never: if bytes are still there `ABORT_AFTER_S` from now, the
+        transport is aborted.
         """
         self._closing = True
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
-        if self._closer is not None and not self._closer.done():
-            await asyncio.wait([self._closer])  # its outcome is the done callback's business
+        try:
+            if self._close_code is not None and not self.ws.closed:
+                try:
+                    async with asyncio.timeout(CLOSE_HANDSHAKE_S):
+                        await self.ws.close(code=self._close_code, message=self._reason.encode())
+                except TimeoutError:
+                    log.info("no close frame from the client in %.0fs: cut off", CLOSE_HANDSHAKE_S)
+                    self._transport.abort()  # unanswered: buffered bytes are not worth waiting on
+        finally:
+            self._finished = True
         if self._transport.get_write_buffer_size():
             asyncio.get_running_loop().call_later(ABORT_AFTER_S, self._abort_if_stuck)
 
@@ -393,3 +418,15 @@ def pending_total(connections: Iterable[Connection]) -> tuple[int, int]:
         total += pending
         backed_up += pending >= HIGH_WATER
     return total, backed_up
+
+
+# A frame the handler's loop never acts on: it wakes `receive()`, and the loop, which checks
+# `Connection.closing` before anything else, leaves. aiohttp's close reads past it.
+_WAKE: Final = WSMessage(WSMsgType.ERROR, None, None)
+
+
+def _wake_receiver(ws: web.WebSocketResponse) -> None:
+    """Make the handler's pending `receive()` return (aiohttp has no public way to)."""
+    reader = getattr(ws, "_reader", None)
+    if reader is not None and not ws.closed:
+        reader.feed_data(_WAKE, 0)

@@ -70,17 +70,23 @@ class Session:
         self.max_watches = max_watches
         self.max_frame = max_frame
 
-    async def authenticate(self, identity: Identity) -> None:
-        """Take a fresh token; the expiry timer restarts from it."""
+    async def authenticate(self, identity: Identity) -> list[Unwatched]:
+        """Take a fresh token; the expiry timer restarts from it.
+
+        Returns the `unwatched` notices to send: the private rooms left because they
+        were joined as someone else (none when the token names the same identity).
+        """
         before = self.identity
+        left: list[Unwatched] = []
         if before is not None and (before.subject, before.role) != (
             identity.subject,
             identity.role,
         ):
             # Private rooms were joined as someone else: leave them (public watches stay).
-            await self.leave_private_rooms()
+            left = await self.leave_private_rooms()
         self.identity = identity
         self.reauthed.set()
+        return left
 
     async def leave_private_rooms(self) -> list[Unwatched]:
         """Leave the rooms that carry patient details; returns the notices to tell the client."""

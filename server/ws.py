@@ -71,7 +71,10 @@ def handles(kind: type[M]) -> Callable[[Handler[M]], Handler[M]]:
 @handles(Auth)
 async def on_auth(session: Session, rid: RequestId, msg: Auth) -> None:
     identity = auth.verify(session.secret, msg.token)
-    await session.authenticate(identity)
+    # Another identity leaves the private rooms joined as the previous one; the client
+    # hears which (id null) before the reply, as after a token expiry.
+    for notice in await session.authenticate(identity):
+        session.conn.send(notice)
     session.conn.send(Authenticated(identity.subject, identity.role, identity.expires_at), rid)
 
 

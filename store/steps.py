@@ -47,6 +47,12 @@ MARKABLE: dict[AppointmentStatus, frozenset[AppointmentStatus]] = {
 
 
 def appointment_view(row: asyncpg.Record, prefix: str = "") -> AppointmentView:
+    """The appointment as the protocol shows it: an expiry only while it is a pending hold.
+
+    The row keeps a released or lapsed hold's expiry (the re-hold cool-down counts from
+    it); clients see null, as `docs/protocol.md` says.
+    """
+    status = AppointmentStatus(row[prefix + "status"])
     return AppointmentView(
         id=row[prefix + "id"],
         slot_id=row[prefix + "slot_id"],
@@ -54,8 +60,10 @@ def appointment_view(row: asyncpg.Record, prefix: str = "") -> AppointmentView:
         patient_id=row[prefix + "patient_id"],
         start=row[prefix + "starts_at"],
         end=row[prefix + "ends_at"],
-        status=AppointmentStatus(row[prefix + "status"]),
-        hold_expires_at=row[prefix + "hold_expires_at"],
+        status=status,
+        hold_expires_at=row[prefix + "hold_expires_at"]
+        if status is AppointmentStatus.PENDING
+        else None,
         replaces_id=row[prefix + "replaces_id"],
         cancel_reason=row[prefix + "cancel_reason"],
         cancelled_at=row[prefix + "cancelled_at"],
@@ -99,12 +107,9 @@ async def locked_appointment_row(tx: Tx, appointment_id: int) -> asyncpg.Record:
 
 
 def expired_hold(row: asyncpg.Record) -> bool:
-    """Cancelled by the system's expiry, not by anyone's words (reasons are free text)."""
-    return (
-        row["status"] == "cancelled"
-        and row["cancelled_by"] == "system"
-        and bool(row["hold_expires_at"])
-    )
+    """Cancelled by the system's expiry (`sql.HOLDS_EXPIRE`, the only canceller named
+    'system': people are `role:subject`), not by anyone's words (reasons are free text)."""
+    return bool(row["status"] == "cancelled" and row["cancelled_by"] == "system")
 
 
 async def own_hold(tx: Tx, appointment_id: int) -> AppointmentView:

@@ -9,11 +9,17 @@
 //       `since`. The same code path serves the first connect and every
 //       reconnect, so resuming is not a special case.
 //
+//   conn.recover(error): a room (or a read onReady needs) could not be joined
+//       again; for a transient error (the server's database is down, say) the
+//       connection shows the page as not live and runs onReady again after a
+//       jittered backoff, until it succeeds. Returns false for other errors,
+//       which the page shows itself.
+//
 // The connection also emits a "state" event (detail: "connecting" | "online" |
-// "offline") for the indicator, "autherror" when the token is refused, and
-// "tokenexpired" when the token ran out on a live connection: the server has
-// then left the private rooms (dashboards, one's appointments), and the next
-// setToken() joins them again through onReady.
+// "recovering" | "offline") for the indicator, "autherror" when the token is
+// refused, and "tokenexpired" when the token ran out on a live connection: the
+// server has then left the private rooms (dashboards, one's appointments), and
+// the next setToken() joins them again through onReady.
 
 const SUBPROTOCOL = "slotcast.v1.json";
 // Full-jitter backoff: attempt n waits random(0, min(CAP, BASE * 2^n)).
@@ -86,6 +92,10 @@ export class Connection extends EventTarget {
     this.ws = null;
     this.ready = false; // welcome received and authenticated: requests may be sent
     this.joined = false; // onReady ran for this socket and its rooms still stand
+    this.entering = false; // onReady is running
+    this.rejoin = false; // a room failed transiently while onReady ran: run it again
+    this.rejoinTimer = null;
+    this.rejoinAttempt = 0;
     this.nextId = 1;
     this.pending = new Map(); // request id -> {type, body, retry, attempts, resolve, reject}
     this.outbox = []; // retryable commands waiting for the next connection
@@ -116,6 +126,7 @@ export class Connection extends EventTarget {
     this.stopped = true;
     clearTimeout(this.reconnectTimer);
     this.reconnectTimer = null;
+    this.cancelRejoin();
     this.drop();
   }
 
@@ -127,8 +138,33 @@ export class Connection extends EventTarget {
   async setToken(token) {
     this.token = token;
     if (!this.ready) return; // the next handshake presents it
-    if (this.joined) await this.authenticate();
-    else await this.join(this.ws);
+    const ws = this.ws;
+    if (this.joined) {
+      if (!(await this.authenticate())) return;
+      // Another identity: the server left the private rooms joined as the previous
+      // one (its `unwatched` notices came before the reply), so join them again.
+      if (this.joined || ws !== this.ws) return;
+      this.joined = true;
+      await this.enterRooms(ws);
+    } else {
+      await this.join(ws);
+    }
+  }
+
+  /**
+   * A room could not be (re)joined. Transient errors (the server's database is
+   * down or busy) are the connection's business: it shows the page as not live
+   * and runs onReady again after a jittered backoff, as often as it takes.
+   * "offline" needs nothing: the reconnect re-joins. Returns false for any other
+   * error, which the caller shows.
+   */
+  recover(error) {
+    const code = error?.code;
+    if (code === "offline") return true;
+    if (!TRANSIENT.has(code)) return false;
+    if (this.entering) this.rejoin = true;
+    else this.scheduleRejoin();
+    return true;
   }
 
   /**
@@ -200,7 +236,9 @@ export class Connection extends EventTarget {
       return;
     }
     if (id === null && type === "unwatched") {
-      this.joined = false; // only ever sent on its own for an expired token
+      // Sent on its own when the token expired or an `auth` switched identity:
+      // the private rooms are gone until setToken() joins them again.
+      this.joined = false;
       return;
     }
     if (type === "reconnect") {
@@ -257,16 +295,49 @@ export class Connection extends EventTarget {
     // the server does not take (it would only fail), until setToken() brings one.
     if (ws !== this.ws || !authenticated) return;
     this.joined = true;
+    await this.enterRooms(ws);
+  }
+
+  /** Run the page's onReady; live once every room is back, else retried (recover). */
+  async enterRooms(ws) {
+    this.cancelRejoin();
+    this.rejoin = false;
+    this.entering = true;
     try {
       await this.onReady();
     } catch (error) {
-      if (error?.code !== "offline") console.warn("re-joining rooms failed", error);
+      if (ws === this.ws && !this.recover(error)) console.warn("re-joining rooms failed", error);
+    } finally {
+      this.entering = false;
     }
-    if (ws !== this.ws) return;
+    if (ws !== this.ws || !this.joined) return;
+    if (this.rejoin) {
+      this.scheduleRejoin();
+      return;
+    }
+    this.rejoinAttempt = 0;
     this.setState("online");
     // Commands whose reply never came: send them again, keys unchanged.
     const waiting = this.outbox.splice(0);
     for (const entry of waiting) this.send(entry);
+  }
+
+  /** Not live: run onReady again on this socket after a jittered, capped backoff. */
+  scheduleRejoin() {
+    const ws = this.ws;
+    if (!ws || this.stopped || this.rejoinTimer !== null) return;
+    this.setState("recovering");
+    const delay = jitter(Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** this.rejoinAttempt));
+    this.rejoinAttempt += 1;
+    this.rejoinTimer = setTimeout(() => {
+      this.rejoinTimer = null;
+      if (ws === this.ws && this.joined && !this.entering) this.enterRooms(ws);
+    }, delay);
+  }
+
+  cancelRejoin() {
+    clearTimeout(this.rejoinTimer);
+    this.rejoinTimer = null;
   }
 
   closed(ws, code) {
@@ -274,6 +345,8 @@ export class Connection extends EventTarget {
     this.ws = null;
     this.ready = false;
     this.joined = false;
+    this.cancelRejoin();
+    this.rejoinAttempt = 0;
     this.stopPings();
     // Unanswered commands are kept to resend; reads are failed (onReady redoes them).
     for (const entry of this.pending.values()) {

@@ -95,12 +95,15 @@ export function dayTabs(page, { chosen, shifted }) {
 
   /** Read each shown day's appointments; merged by id as each reply comes, like a delta. */
   async function loadCounts() {
-    await Promise.allSettled(
+    const results = await Promise.allSettled(
       days.dates.map(async (date) => {
         const { body } = await page.conn.request("list_appointments", { doctor_id: page.doctorId, date });
         rememberCounts(body.appointments);
       }),
     );
+    // Counts missing because the database is down: read them again once it is back.
+    const failed = results.find((r) => r.status === "rejected");
+    if (failed) page.conn.recover(failed.reason);
   }
 
   return { loadDoctor, showDoctor, reset, onKey, rememberCounts, loadCounts };

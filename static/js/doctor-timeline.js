@@ -46,7 +46,7 @@ export function dayTimeline(page, { showZone, rememberCounts }) {
       rememberCounts(body.appointments);
       render();
     } catch (error) {
-      if (day === page.day && error.code !== "offline") page.fail(error);
+      if (day === page.day && !page.conn.recover(error)) page.fail(error);
     }
   }
 

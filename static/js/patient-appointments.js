@@ -23,7 +23,7 @@ export function myAppointments(page, { panel, loadAllDoctors }) {
       const { body } = await page.conn.request("watch_appointments", {});
       applyList(body.appointments);
     } catch (error) {
-      if (error.code !== "offline") page.fail(error);
+      if (!page.conn.recover(error)) page.fail(error);
     }
   }
 

@@ -40,7 +40,7 @@ export function doctorSearch(page, { onNamed, onPick }) {
       remember(body.doctors);
       renderResults(body.doctors, q);
     } catch (error) {
-      if (error.code !== "offline") page.fail(error);
+      if (!page.conn.recover(error)) page.fail(error);
     }
   }
 

@@ -37,8 +37,9 @@ export function weekGrid(page, { onPickSlot }) {
       }
       $("[data-testid=calendar]").dataset.version = calendar.version;
     } catch (error) {
-      if (calendar !== page.week.calendar || error.code === "offline") return;
-      page.fail(error);
+      if (calendar !== page.week.calendar) return;
+      // A transient failure (the database down) is retried by the connection.
+      if (!page.conn.recover(error)) page.fail(error);
     }
   }
 

@@ -56,7 +56,12 @@ export function showNotice(code, text) {
 
 // ---- connection indicator ------------------------------------------------------
 
-const STATE_TEXT = { connecting: "Connecting…", online: "Live", offline: "Offline — reconnecting" };
+const STATE_TEXT = {
+  connecting: "Connecting…",
+  online: "Live",
+  recovering: "Not live — retrying",
+  offline: "Offline — reconnecting",
+};
 
 export function bindIndicator(conn) {
   const indicator = document.querySelector("[data-testid=connection]");

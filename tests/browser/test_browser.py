@@ -26,6 +26,7 @@ from zoneinfo import ZoneInfo
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 import pytest_asyncio
 from aiohttp import web
@@ -527,6 +528,70 @@ async def test_a_network_loss_keeps_the_hold_and_a_confirm_sent_offline_books_on
     assert [(r["patient_id"], r["status"]) for r in rows] == [("alice", "booked")]
     await expect(my_appointment(alice, rows[0]["id"])).to_have_attribute("data-status", "booked")
     await expect(alice.get_by_role("alert")).to_have_count(0)  # no second attempt refused
+
+
+async def test_pages_keep_rejoining_while_the_server_answers_unavailable(
+    spawn_server: Spawn, http: aiohttp.ClientSession, pages: Pages
+) -> None:
+    """Back from a drop, the instance cannot read its database yet: every re-join is
+    answered `unavailable`. The pages say they are not live, keep trying with backoff,
+    and catch up once the database answers (what they missed meanwhile included)."""
+    (server,) = await start(spawn_server, "s1")
+    ada = await demo_doctor(http, server, "Dr. Ada Moreau")
+    refusing = False
+    refused: list[str] = []
+    routes: list[WebSocketRoute] = []
+
+    async def database_down(ws: WebSocketRoute) -> None:
+        server_side = ws.connect_to_server()
+        routes.append(ws)
+
+        def to_server(frame: str | bytes) -> None:
+            message = orjson.loads(frame)
+            if refusing and message["type"].startswith("watch"):
+                refused.append(message["type"])
+                error = {"code": "unavailable", "message": "the database is unreachable"}
+                ws.send(
+                    orjson.dumps({"type": "error", "id": message["id"], "body": error}).decode()
+                )
+            else:
+                server_side.send(frame)
+
+        ws.on_message(to_server)
+
+    alice = await pages.open("about:blank", name="alice")
+    dash = await pages.open("about:blank", name="doctor")
+    for page in (alice, dash):
+        await page.route_web_socket(re.compile(r"/ws$"), database_down)
+    await alice.goto(patient_url(server, ada["id"], "alice"))
+    await dash.goto(doctor_url(server, ada["id"]))
+    await online(alice)
+    await online(dash)
+    slot_id = await first_free_slot(alice, ada["id"])
+
+    refusing = True
+    for route in list(routes):
+        await route.close(code=1012, reason="service restart")
+    for page in (alice, dash):
+        await expect(connection(page)).to_have_attribute("data-state", "recovering")
+        await expect(connection(page)).to_have_text("Not live — retrying")
+    await post_json(
+        http,
+        f"{server.http_url}/api/appointments",
+        {"slot_id": slot_id, "idempotency_key": f"bob-{slot_id}"},
+        201,
+        headers={"Authorization": f"Bearer {token(Role.PATIENT, 'bob')}"},
+    )
+    await wait_for(lambda: refused.count("watch_dashboard") >= 2, "the dashboard to retry")
+    await wait_for(lambda: refused.count("watch") >= 2, "the calendar to retry")
+    await expect(connection(alice)).to_have_attribute("data-state", "recovering")
+    await expect(alice.get_by_role("alert")).to_have_count(0)  # the indicator says it all
+
+    refusing = False
+    await online(alice, RECONNECT_MS)
+    await online(dash, RECONNECT_MS)
+    await expect(slot(alice, slot_id)).to_have_attribute("data-status", "busy")
+    assert refused.count("watch_appointments") >= 2
 
 
 async def test_demo_sign_in_as_patient_then_doctor(

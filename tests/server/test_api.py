@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import date, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -287,13 +288,43 @@ async def test_non_json_body_is_bad_message(
     assert await error_code(resp, 400) == "bad_message"
 
 
-async def test_an_empty_body_means_no_fields(client: AppClient, doctor: SeededDoctor) -> None:
-    """Commands without body fields (block, release) need no `{}`; a book without one
-    is then refused for what it lacks, not for its encoding."""
-    resp = await client.post(
-        BOOK, data=b"", headers={**bearer(), "Content-Type": "application/json"}
-    )
-    assert await error_code(resp, 422) == "invalid"
+@pytest.mark.parametrize("content_type", ["application/json", None])
+@pytest.mark.parametrize("data", [b"", b"  \r\n"], ids=["empty", "blank"])
+async def test_an_empty_post_or_put_body_is_bad_message_and_does_nothing(
+    client: AppClient,
+    doctor: SeededDoctor,
+    db: asyncpg.Connection,
+    data: bytes,
+    content_type: str | None,
+) -> None:
+    """`{}` at least: a POST or PUT that lost its body must not run as if it had said
+    nothing, least of all a block (which has no required field) or a schedule."""
+    slot = doctor.slots[0]
+    headers = bearer(Role.DOCTOR, str(doctor.id))
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    before = await db.fetchval("SELECT version FROM doctors WHERE id = $1", doctor.id)
+    for method, url in [
+        ("POST", f"/api/slots/{slot.id}/block"),
+        ("PUT", f"/api/doctors/{doctor.id}/schedule"),
+        ("POST", BOOK),
+    ]:
+        resp = await client.request(method, url, data=data, headers=headers)
+        assert await error_code(resp, 400) == "bad_message", (method, url)
+    assert await db.fetchval("SELECT status FROM slots WHERE id = $1", slot.id) == "free"
+    assert await db.fetchval("SELECT version FROM doctors WHERE id = $1", doctor.id) == before
+    # `{}` is a body: the block runs.
+    resp = await client.post(f"/api/slots/{slot.id}/block", json={}, headers=headers)
+    assert resp.status == 200, await resp.text()
+
+
+async def test_a_delete_needs_no_body(client: AppClient, doctor: SeededDoctor) -> None:
+    headers = bearer(Role.DOCTOR, str(doctor.id))
+    slot = doctor.slots[0]
+    assert (await client.post(f"/api/slots/{slot.id}/block", json={}, headers=headers)).ok
+    resp = await client.delete(f"/api/slots/{slot.id}/block", headers=headers)
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["slot"]["status"] == "free"
 
 
 async def test_json_is_utf8_whatever_charset_is_claimed(
@@ -407,11 +438,40 @@ async def test_readyz_reports_rooms_and_watchers(client: AppClient, doctor: Seed
         assert await resp.json() == {**READY, "rooms": 1, "watchers": 2}
 
 
-@pytest.mark.parametrize("raw", ["%C2%B2", "x", "1.5", "-3", "99999999999999999"])
+# "²" (isdigit but not int), U+0661 (Arabic-Indic one), "1_0", " 1", "+3" (int() takes them).
+NOT_ASCII_NUMBERS = ["%C2%B2", "%D9%A1", "1_0", "%201", "1%20", "x", "1.5", "-3", "+3"]
+
+
+@pytest.mark.parametrize("raw", [*NOT_ASCII_NUMBERS, "99999999999999999"])
 async def test_path_ids_are_plain_ascii_numbers(client: AppClient, raw: str) -> None:
-    """`str.isdigit` accepts "²", which int() refuses: that must be `invalid`, not a 500."""
+    """`str.isdigit` accepts "²", which int() refuses: that must be `invalid`, not a 500;
+    int() accepts U+0661 and "1_0", which no client means as 1 and 10."""
     resp = await client.delete(f"/api/holds/{raw}", headers=bearer())
     assert await error_code(resp, 422) == "invalid"
+
+
+@pytest.mark.parametrize("raw", NOT_ASCII_NUMBERS)
+async def test_doctor_path_ids_are_plain_ascii_numbers(
+    client: AppClient, doctor: SeededDoctor, raw: str
+) -> None:
+    """The slots route parses its own id: the same rule, on a doctor that exists (1)."""
+    assert doctor.id == 1
+    resp = await client.get(slots_url(raw), params=dates(doctor.start, doctor.end))
+    assert await error_code(resp, 422) == "invalid"
+    headers = bearer(Role.ADMIN, "ops")
+    resp = await client.get(f"/api/doctors/{raw}/appointments?date=2030-01-01", headers=headers)
+    assert await error_code(resp, 422) == "invalid"
+
+
+async def test_a_doctor_id_of_many_digits_is_not_found_not_a_crash(
+    client: AppClient, doctor: SeededDoctor
+) -> None:
+    for raw in ("9" * 5000, "0" * 30 + str(doctor.id)):
+        resp = await client.get(slots_url(raw), params=dates(doctor.start, doctor.end))
+        if raw.startswith("0"):
+            assert resp.status == 200, await resp.text()
+        else:
+            assert await error_code(resp, 404) == "not_found"
 
 
 async def test_a_time_of_day_with_an_offset_is_invalid(

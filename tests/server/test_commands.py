@@ -28,7 +28,7 @@ from pytest_aiohttp import AiohttpClient
 
 from client import ClientError, SlotcastClient
 from protocol.errors import ErrorCode
-from protocol.messages import AppointmentView, Delta, SlotView, WeeklyBlock
+from protocol.messages import AppointmentEvent, AppointmentView, Delta, SlotView, WeeklyBlock
 from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
 from server.api import HTTP_STATUS
 from server.app import create_app
@@ -37,7 +37,7 @@ from store import commands, doctors, reads
 from store.runner import Store
 from testkit.engine import active_appointments
 from testkit.fixtures import SeededDoctor, token, ws_url
-from testkit.wire import assert_no_delta_before_pong, deltas_before_pong
+from testkit.wire import assert_no_delta_before_pong, deltas_before_pong, expect
 
 AppClient = TestClient[web.Request, web.Application]
 # Long enough to outlive any move of the fake clock (tokens are checked against it).
@@ -176,6 +176,7 @@ async def test_an_expired_hold_frees_its_slot_for_watchers_without_any_client_ac
     async with connect(timed) as watcher, connect(timed, "p-gone") as patient:
         snapshot = await watcher.watch(doctor.id, doctor.start, doctor.end)
         slot = snapshot.slots[0]
+        await patient.watch_appointments()
         hold = await patient.hold(slot.id)
         ttl = timedelta(seconds=settings.hold_ttl_s)
         assert hold.hold_expires_at == clock.now + ttl
@@ -188,6 +189,13 @@ async def test_an_expired_hold_frees_its_slot_for_watchers_without_any_client_ac
         assert freed.version == held.version + 1
         assert freed.slots == [SlotView(slot.id, slot.start, slot.end, SlotStatus.FREE)]
         assert watcher.calendars[doctor.id].slots[slot.id].status is SlotStatus.FREE
+        # The holder's own room hears it lapse: cancelled, and no expiry any more.
+        events = [await expect(patient, AppointmentEvent) for _ in range(2)]
+        assert [(e.appointment.status, e.appointment.cancel_reason) for e in events] == [
+            (AppointmentStatus.PENDING, None),
+            (AppointmentStatus.CANCELLED, "hold expired"),
+        ]
+        assert events[-1].appointment.hold_expires_at is None
         await refused(ErrorCode.HOLD_EXPIRED, patient.book(hold_id=hold.id))
         assert await patient.my_appointments() == []
         # The slot really is free again: someone else takes it.
@@ -214,6 +222,7 @@ async def test_rest_hold_release_and_confirm(client: AppClient, doctor: SeededDo
     assert released["appointment"]["id"] == hold["id"]
     assert released["appointment"]["status"] == "cancelled"
     assert released["appointment"]["cancel_reason"] == "released"
+    assert released["appointment"]["hold_expires_at"] is None  # only a pending hold expires
     assert (await slot_statuses(client, doctor))[slot.id] == "free"
 
     # Another slot: the one given back is barred to its patient for the re-hold cool-down

@@ -106,3 +106,40 @@ async def test_after_expiry_a_new_token_lets_the_client_join_again(
         await doc.auth(token(Role.DOCTOR, str(doctor.id)))
         dashboard = await doc.watch_dashboard(doctor.id, doctor.start)
         assert dashboard.doctor_id == doctor.id
+
+
+async def test_switching_identity_by_auth_leaves_the_private_rooms_and_says_so(
+    doctor: SeededDoctor, client: AppClient
+) -> None:
+    """Rooms joined as one identity are not kept for another: an `auth` naming someone
+    else leaves them, with an `unwatched` (id null) for each before the reply; the same
+    identity's fresh token keeps them; the public watch stays either way."""
+    url = ws_url(client)
+    async with (
+        SlotcastClient.connect(url, token=token(Role.DOCTOR, str(doctor.id))) as desk,
+        SlotcastClient.connect(url, token=token(sub="p-first")) as kiosk,
+        SlotcastClient.connect(url, token=token(sub="p-booker")) as booker,
+    ):
+        await desk.watch(doctor.id, doctor.start, doctor.end)
+        await desk.watch_dashboard(doctor.id, doctor.start)
+        await kiosk.watch_appointments()
+        await desk.auth(token(Role.DOCTOR, str(doctor.id)))  # the same doctor: nothing left
+        await kiosk.auth(token(sub="p-first"))
+        assert live_only(await events_before_pong(desk)) == []
+        assert live_only(await events_before_pong(kiosk)) == []
+
+        await desk.auth(token(Role.ADMIN, "ops"))  # another identity, even a mightier one
+        await kiosk.auth(token(sub="p-second"))
+        assert live_only(await events_before_pong(desk)) == [Unwatched(doctor.id, room="dashboard")]
+        assert live_only(await events_before_pong(kiosk)) == [Unwatched(room="appointments")]
+        assert (desk.dashboards, kiosk.following) == ({}, False)  # the client forgets them too
+
+        booked = await booker.book(doctor.slots[0].id)
+        delta = await expect(desk, Delta, skip=(Presence,))  # the public watch goes on
+        assert delta.slots[0].id == booked.slot_id
+        assert not any(isinstance(e, DashboardDelta) for e in await events_before_pong(desk))
+        # A patient's appointments are for that patient's eyes: p-first's own booking is not
+        # pushed to the kiosk now that it is p-second.
+        async with SlotcastClient.connect(url, token=token(sub="p-first")) as first:
+            await first.book(doctor.slots[1].id)
+        assert live_only(await events_before_pong(kiosk)) == []

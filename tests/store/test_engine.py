@@ -202,6 +202,8 @@ async def test_confirming_after_expiry_is_refused_but_the_expiry_commits(
     row = await appointment_row(db, too_late.id)
     assert (row["status"], row["cancel_reason"]) == ("cancelled", "hold expired")
     assert row["cancelled_at"] == NOW + TTL
+    # The row keeps when it lapsed (the re-hold cool-down counts from it); no view shows it.
+    assert row["hold_expires_at"] == NOW + TTL
     assert (await slot_row(db, late.id))["status"] == "free"
     # The refusal rolled back only the confirm: the expiry is one committed, published version.
     assert await version(db, calendar.id) == before + 1
@@ -210,6 +212,11 @@ async def test_confirming_after_expiry_is_refused_but_the_expiry_commits(
     assert public_slots(change) == {
         late.id: SlotView(late.id, late.start, late.end, SlotStatus.FREE)
     }
+    [lapsed] = change.private.appointments
+    assert (lapsed["status"], lapsed["hold_expires_at"]) == ("cancelled", None)
+    # And it stays told apart from a release: confirming or releasing it again says so.
+    with pytest.raises(HoldExpired):
+        await commands.release(store, ann, Release(too_late.id), now=NOW + TTL)
     log = await reads.change_log(store, calendar.id)
     assert (log[-1]["version"], log[-1]["kind"]) == (before + 1, "hold.expired")
     assert await snapshot_slot(store, calendar.id, late.id) == public_slots(change)[late.id]
@@ -237,6 +244,12 @@ async def test_release_gives_the_slot_back(store: Store, db: asyncpg.Connection)
     free = SlotView(slot.id, slot.start, slot.end, SlotStatus.FREE)
     [change] = outcome.changes
     assert public_slots(change) == {slot.id: free}
+    # A hold given back shows no expiry any more, in the reply and in what goes live; the
+    # row keeps it for the re-hold cool-down.
+    assert released.hold_expires_at is None
+    assert (await appointment_row(db, held.id))["hold_expires_at"] is not None
+    [live] = change.private.appointments
+    assert (live["id"], live["hold_expires_at"]) == (held.id, None)
     assert await snapshot_slot(store, calendar.id, slot.id) == free
     # A released hold is gone: neither released again nor confirmed.
     with pytest.raises(InvalidTransition):

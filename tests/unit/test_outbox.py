@@ -74,16 +74,32 @@ class FakeTransport:
         self.written.append(data)
 
 
+class FakeReader:
+    def __init__(self) -> None:
+        self.fed: list[Any] = []
+
+    def feed_data(self, data: Any, size: int) -> None:
+        self.fed.append(data)
+
+
 class FakeSocket:
-    """Stands in for the aiohttp WebSocketResponse: only its close is used, and recorded."""
+    """Stands in for the aiohttp WebSocketResponse: a close wakes the handler's receive loop
+    through its reader (`woken`), and the handler's own close is recorded."""
 
     def __init__(self) -> None:
-        self.closed = asyncio.Event()
+        self._reader = FakeReader()
         self.close_args: tuple[int, bytes] | None = None
+
+    @property
+    def woken(self) -> bool:
+        return bool(self._reader.fed)
+
+    @property
+    def closed(self) -> bool:
+        return self.close_args is not None
 
     async def close(self, *, code: int, message: bytes) -> bool:
         self.close_args = (code, message)
-        self.closed.set()
         return True
 
 
@@ -185,18 +201,20 @@ async def test_outbox_over_the_limit_closes_4008_once_the_command_is_done() -> N
     for _ in range(3):
         conn.send(Pong())
     assert slow == []
-    assert not ws.closed.is_set()
+    assert not ws.woken
     conn.send(Pong())  # one too many
     assert slow == ["frames"]
-    await asyncio.sleep(0)  # deliberately let any premature close task run
-    assert not ws.closed.is_set()
+    await asyncio.sleep(0)  # deliberately let anything premature run
+    assert not ws.woken
+    assert not conn.closing
     conn.command_done()
-    await asyncio.wait_for(ws.closed.wait(), WAIT_S)
-    assert ws.close_args == (CLOSE_SLOW_CONSUMER, b"slow consumer")
+    assert ws.woken  # the handler's loop leaves...
     assert conn.closing
     conn.send(Pong())  # ignored: closing
     assert slow == ["frames"]
-    await conn.close()  # what the handler does once the socket has closed
+    await conn.close()  # ...and closes the socket with our code
+    assert ws.close_args == (CLOSE_SLOW_CONSUMER, b"slow consumer")
+    assert conn.finished
     transport.buffered = 0
     conn.send(Pong())
     offer(conn, change(5, 1, [slot(1, SlotStatus.BUSY)], []))
@@ -215,10 +233,54 @@ async def test_closing_while_the_writer_waits_for_the_socket_does_not_crash_it()
         conn.send(Pong())
     await asyncio.sleep(0.02)  # deliberately: the writer is now waiting for the socket
     conn.send(Pong())  # one too many: closed, and the outbox cleared
-    await asyncio.wait_for(ws.closed.wait(), WAIT_S)
+    assert ws.woken
     transport.buffered = 0  # the client reads what the kernel held
     await asyncio.sleep(0.05)  # deliberately: the writer polls every 5 ms
     await conn.close()  # IndexError: pop from an empty deque, from the writer task
+    assert transport.written == []
+
+
+class UvloopTransport(FakeTransport):
+    """As uvloop's TCPTransport behaves once the peer is gone: closing, nothing buffered
+    any more, and a write raises RuntimeError ("... the handler is closed")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def lose_connection(self) -> None:
+        self.closed, self.buffered = True, 0
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+        super().write(data)
+
+
+@pytest.mark.parametrize("then_close", [False, True], ids=["handler_done", "close_soon"])
+async def test_a_socket_lost_while_frames_wait_is_not_written_to(then_close: bool) -> None:
+    """The peer goes away (a reset) while the writer waits for the kernel with frames
+    queued: the wait ends because the buffer is gone, not drained, and the writer must
+    see the transport closed rather than write to it (uvloop raises, and the handler's
+    `close()` re-raised that as a logged traceback)."""
+    transport, ws = UvloopTransport(), FakeSocket()
+    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=100)
+    transport.buffered = HIGH_WATER
+    for _ in range(5):
+        conn.send(Pong())
+    await asyncio.sleep(0.02)  # deliberately: the writer is now waiting for the socket
+    transport.lose_connection()
+    await asyncio.sleep(0.05)  # deliberately: the writer polls every 5 ms
+    if then_close:
+        conn.close_soon(CLOSE_SERVICE_RESTART, "service restart")  # a drain, meanwhile
+    assert conn._writer is not None
+    assert not (conn._writer.done() and conn._writer.exception())
+    await conn.close()
+    assert transport.written == []
+    conn.send(Pong())  # late frames for a lost socket are dropped, not written
     assert transport.written == []
 
 
@@ -279,6 +341,33 @@ async def test_a_connection_that_never_queued_starts_no_writer_and_closes_with_i
     await other.close()
 
 
+class SilentSocket(FakeSocket):
+    """A client that never answers our close frame."""
+
+    async def close(self, *, code: int, message: bytes) -> bool:
+        self.close_args = (code, message)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_close_the_client_never_answers_is_cut_off_after_a_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The handshake is waited for, but not forever: a drain waits on it, and a client that
+    does not even read would otherwise keep its socket and buffers."""
+    monkeypatch.setattr(connection, "CLOSE_HANDSHAKE_S", 0.05)
+    aborted: list[bool] = []
+    transport, ws = FakeTransport(), SilentSocket()
+    transport.abort = lambda: aborted.append(True)  # type: ignore[attr-defined]
+    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=10)
+    conn.close_soon(CLOSE_SERVICE_RESTART, "service restart")
+    assert not conn.finished
+    await asyncio.wait_for(conn.close(), WAIT_S)
+    assert ws.close_args == (CLOSE_SERVICE_RESTART, b"service restart")
+    assert aborted == [True]
+    assert conn.finished
+
+
 async def test_a_client_that_is_behind_still_gets_the_reconnect_notice_of_a_drain() -> None:
     """On SIGTERM every client is told when to come back (a jittered `retry_after_ms`) and
     then closed with 1012. A client whose outbox is not empty at that moment must still
@@ -289,10 +378,10 @@ async def test_a_client_that_is_behind_still_gets_the_reconnect_notice_of_a_drai
     conn.send(Pong())  # the client is a little behind: this waits in the outbox
     conn.send_now(Reconnect(retry_after_ms=700))  # what lifecycle.drain does, then:
     conn.close_soon(CLOSE_SERVICE_RESTART, "service restart")
-    await asyncio.wait_for(ws.closed.wait(), WAIT_S)
-    assert ws.close_args == (CLOSE_SERVICE_RESTART, b"service restart")
+    assert ws.woken
     transport.buffered = 0
     await conn.close()
+    assert ws.close_args == (CLOSE_SERVICE_RESTART, b"service restart")
     notices = [m for m in map(decode, transport.written) if isinstance(m, Reconnect)]
     assert notices == [Reconnect(retry_after_ms=700)], "the notice was dropped with the outbox"
 
@@ -362,12 +451,12 @@ async def test_replies_count_in_bytes_and_past_the_limit_the_client_is_closed_40
     assert slow == []
     conn.send(reply, 1)  # the sixth would pass the limit
     assert slow == ["bytes"]
-    await asyncio.wait_for(ws.closed.wait(), WAIT_S)
-    assert ws.close_args == (CLOSE_SLOW_CONSUMER, b"slow consumer")
+    assert ws.woken  # the handler's loop leaves, to close the socket with our code
     assert conn.pending() == HIGH_WATER  # the outbox is dropped at once; the transport aborts
     conn.send(reply, 1)
     assert slow == ["bytes"], "closed once, counted once"
     await conn.close()
+    assert ws.close_args == (CLOSE_SLOW_CONSUMER, b"slow consumer")
 
 
 async def test_bytes_in_the_transport_count_when_nothing_is_queued() -> None:
@@ -424,7 +513,7 @@ async def test_merging_past_the_byte_limit_closes_the_connection() -> None:
         offer(conn, change(5, version, [slot(version, SlotStatus.BUSY)], []))
         assert conn.pending() <= HIGH_WATER + 4096
     assert slow == ["bytes"]
-    await asyncio.wait_for(ws.closed.wait(), WAIT_S)
+    assert ws.woken  # the handler's loop leaves, to close the socket with our code
     await conn.close()
 
 
@@ -466,8 +555,8 @@ async def test_police_closes_a_connection_stuck_over_the_high_water_mark() -> No
     assert slow == []
     police([a, b], budget=budget, stall_s=10, now=110.0)
     assert slow == ["stalled"]
-    await asyncio.wait_for(ws_a.closed.wait(), WAIT_S)
-    assert not ws_b.closed.is_set()
+    assert ws_a.woken
+    assert not ws_b.woken
     await a.close()
     await b.close()
 
@@ -481,7 +570,7 @@ async def test_police_closes_the_biggest_first_when_the_budget_is_spent() -> Non
     assert pending_total(everyone) == (650_000, 1)  # one of them is over the high-water mark
     assert police(everyone, budget=400_000, stall_s=60, now=0.0) == 650_000
     assert slow == ["budget"]  # 300 kB closed: 350 kB left, under the budget
-    await asyncio.wait_for(conns[1][1].closed.wait(), WAIT_S)
+    assert conns[1][1].woken
     # Until its transport lets go, the closed one still holds its bytes: they count as
     # freed, so the next sweep closes no one else.
     police(everyone, budget=400_000, stall_s=60, now=1.0)
@@ -507,12 +596,12 @@ async def test_a_slow_consumer_that_never_reads_its_close_frame_is_aborted(
     a.too_slow("stalled")
     b.too_slow("stalled")
     reads.buffered = 0  # b read up to its close frame
+    await a.close()  # what each handler does once its loop has left
+    await b.close()
     await eventually(lambda: stuck.aborted, "the stuck transport to be aborted")
-    await asyncio.sleep(0.02)  # deliberately: b's timer has fired too
+    await asyncio.sleep(0.02)  # deliberately: b's timer would have fired too
     assert not reads.aborted
     assert a.pending() == 0
-    await a.close()
-    await b.close()
 
 
 async def test_a_connection_that_ends_with_bytes_its_client_never_read_is_aborted(

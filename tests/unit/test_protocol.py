@@ -164,8 +164,8 @@ def strategy_for(tp: Any, *, nonempty: bool = False) -> SearchStrategy[Any]:
         return text
     if base is datetime and meta.tz:
         return AWARE_DATETIMES
-    if base is date:
-        return st.dates()
+    if base is date:  # a client's dates keep a day from each end (messages.FIRST_DATE)
+        return st.dates(messages.FIRST_DATE, messages.LAST_DATE)
     if base is time:
         return LOCAL_TIMES
     if typing.get_origin(base) is list:
@@ -595,6 +595,34 @@ def test_instants_dates_and_times_travel_in_their_documented_formats(
     assert re.fullmatch(pattern, wire), wire
     assert ("." in wire) == (getattr(value, "microsecond", 0) != 0), wire
     assert kind.fromisoformat(wire) == value
+
+
+CLIENT_DATE_SITES = [s for s in sites_holding(date) if s.message.TYPE in CLIENT_MESSAGES]
+
+
+@pytest.mark.parametrize("edge", ["0001-01-01", "9999-12-31"])
+@settings(max_examples=10, deadline=None)
+@given(data=st.data(), codec=CODEC_STRATEGY)
+def test_a_client_date_at_an_end_of_the_calendar_is_invalid(
+    edge: str, data: st.DataObject, codec: Codec
+) -> None:
+    """The server steps a day either side of a date; on the first or last day a date type
+    holds that would overflow, so the decoder refuses them (`invalid`, the field named)."""
+    assert {s.message.TYPE for s in CLIENT_DATE_SITES} == {
+        "watch",
+        "watch_dashboard",
+        "list_appointments",
+        "set_schedule",
+    }
+    site = data.draw(st.sampled_from(CLIENT_DATE_SITES), label="site")
+    wire = to_wire(data.draw(message_strategy(site.message, nonempty=True)), 5)
+    set_at(wire["body"], site.path, edge)
+    error = rejected(codec, codec.dumps(wire), CLIENT_MESSAGES)
+    assert error.code is ErrorCode.INVALID
+    assert f"`{site.path[-1]}` must be a date from 0001-01-02 to 9999-12-30" in error.message
+    assert error.request_id == 5
+    set_at(wire["body"], site.path, "9999-12-30" if edge.startswith("9") else "0001-01-02")
+    assert not isinstance(decode_or_error(codec, codec.dumps(wire), CLIENT_MESSAGES), Exception)
 
 
 @pytest.mark.parametrize("codec", [JSON, MSGPACK], ids=lambda c: c.name)
