@@ -358,13 +358,16 @@ class Connection:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
+        # A client that has not read what is buffered reads our close frame no sooner:
+        # its handshake gets the slow consumer's bound.
+        wait = ABORT_AFTER_S if self._transport.get_write_buffer_size() else CLOSE_HANDSHAKE_S
         try:
             if self._close_code is not None and not self.ws.closed:
                 try:
-                    async with asyncio.timeout(CLOSE_HANDSHAKE_S):
+                    async with asyncio.timeout(wait):
                         await self.ws.close(code=self._close_code, message=self._reason.encode())
                 except TimeoutError:
-                    log.info("no close frame from the client in %.0fs: cut off", CLOSE_HANDSHAKE_S)
+                    log.info("no close frame from the client in %gs: cut off", wait)
                     self._transport.abort()  # unanswered: buffered bytes are not worth waiting on
         finally:
             self._finished = True

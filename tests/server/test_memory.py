@@ -121,7 +121,12 @@ async def test_a_client_that_pipelines_watches_and_never_reads_is_bounded_then_c
     closes it as stalled (4008) although it answers pings past the heartbeat's deadline,
     aborts it, and ordinary clients get every delta meanwhile."""
     monkeypatch.setattr(connection, "ABORT_AFTER_S", 0.5)
-    settings = settings.replace(heartbeat_s=1.0, slow_consumer_s=2.5, outbox_sweep_s=0.1)
+    settings = settings.replace(
+        heartbeat_s=1.0,
+        slow_consumer_s=2.5,
+        outbox_sweep_s=0.1,
+        max_active_per_doctor=10,  # one patient books several slots of one doctor below
+    )
     client = await serve(aiohttp_client, settings)
     url = ws_url(client)
     async with (

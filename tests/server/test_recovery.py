@@ -94,9 +94,16 @@ async def test_restore_is_retried_while_the_database_is_down_and_converges_after
             )
             # Meanwhile the clinic goes on elsewhere: bob books, alice holds from her phone.
             slots = doctor.slots
-            await commands.book(store, Actor("bob", Role.PATIENT), Book(slot_id=slots[0].id))
+            await commands.book(
+                store, Actor("bob", Role.PATIENT), Book(slot_id=slots[0].id), limits=None
+            )
             await commands.hold(
-                store, Actor("alice", Role.PATIENT), Hold(slots[1].id), ttl=HOLD, max_holds=3
+                store,
+                Actor("alice", Role.PATIENT),
+                Hold(slots[1].id),
+                ttl=HOLD,
+                max_holds=3,
+                limits=None,
             )
             assert not doc.ready.is_set()
             assert not alice.ready.is_set()
@@ -172,7 +179,9 @@ async def test_a_restore_that_times_out_is_retried_on_the_same_socket(
         )
         assert stalled == 1  # the retries queue behind the stalled one: one connection
         assert not watcher.ready.is_set()
-        await commands.book(store, Actor("bob", Role.PATIENT), Book(slot_id=doctor.slots[0].id))
+        await commands.book(
+            store, Actor("bob", Role.PATIENT), Book(slot_id=doctor.slots[0].id), limits=None
+        )
         gate.set()
         await eventually(watcher.ready.is_set, "the retried resume to be answered")
         expected = await truth(store, doctor)
