@@ -135,7 +135,13 @@ from protocol.codec import JSON, MSGPACK, Codec  # noqa: E402
 from protocol.messages import Watch  # noqa: E402
 from protocol.vocabulary import Role  # noqa: E402
 from server import auth  # noqa: E402
-from testkit.harness import ServerProcess, free_port, wait_until, with_database  # noqa: E402
+from testkit.harness import (  # noqa: E402
+    UNLIMITED,
+    ServerProcess,
+    free_port,
+    wait_until,
+    with_database,
+)
 
 JWT_SECRET: Final = "fanout-bench-secret-that-is-long-enough-for-hs256"
 SLOT_MINUTES: Final = 30
@@ -997,6 +1003,7 @@ def started_servers(
                 SLOTCAST_JWT_SECRET=JWT_SECRET,
                 SLOTCAST_INSTANCE_ID=f"fanout-{i + 1}",
                 SLOTCAST_LOG_LEVEL="WARNING",
+                **UNLIMITED,  # thousands of watchers from one address: not an attack here
             )
             server = BenchServer(
                 f"instance-{i + 1}", free_port(), env, logs / f"{tag}-instance-{i + 1}.log"

@@ -129,7 +129,11 @@ async def serve(settings: Settings) -> int:
     if settings.jwt_secret == DEV_SECRET:
         log.warning("using the built-in development JWT secret; set SLOTCAST_JWT_SECRET")
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # Slow HTTP: aiohttp's keep-alive timer runs from the moment a connection opens and
+    # closes one whose request head is not complete when it fires (server.guard).
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, keepalive_timeout=settings.header_timeout_s
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()

@@ -131,7 +131,15 @@ async def cluster(
     tmp_path: Path,
 ) -> AsyncIterator[Balancer]:
     """Three instances sharing this test's database and Redis, behind docs/haproxy.cfg."""
-    env = {"SLOTCAST_DRAIN_GRACE_S": str(DRAIN_GRACE_S)}
+    env = {
+        "SLOTCAST_DRAIN_GRACE_S": str(DRAIN_GRACE_S),
+        # As docs/operating.md says to: believe X-Forwarded-For from HAProxy, and only it.
+        "SLOTCAST_TRUSTED_PROXIES": "127.0.0.1",
+        # The rolling restart's bookers book ~10 times a second each, faster than people:
+        # the restarts are under test here, the rate limits in tests/deploy/test_limits.py.
+        "SLOTCAST_RATE_CONNECTION": "off",
+        "SLOTCAST_RATE_IDENTITY_WRITES": "off",
+    }
     procs = await asyncio.gather(
         *(asyncio.to_thread(spawn_server, name, broker_url=redis_url, env=env) for name in SERVERS)
     )
