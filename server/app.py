@@ -62,7 +62,8 @@ def create_app(settings: Settings, *, clock: Clock = utcnow) -> web.Application:
     guard = Guard(settings, metrics)
     limiter = Limiter(settings, metrics)
     app = web.Application(
-        middlewares=[errors, guard.body_deadline, limiter.rest(guard)],
+        # Rate limits before the body is read: a refused flood costs no body reads.
+        middlewares=[errors, limiter.rest(guard), guard.body_deadline],
         client_max_size=settings.max_frame_bytes,
     )
     app[SETTINGS] = settings

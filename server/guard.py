@@ -33,6 +33,7 @@ import contextlib
 import hmac
 import ipaddress
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterator
@@ -193,9 +194,10 @@ class Guard:
                     session.watches or session.dashboards or session.appointments
                 ):
                     started = idle[session] = since.get(session, now)
-                    if now - started >= self.idle_s and not session.conn.closing:
+                    if now - started >= self.idle_s:
                         self._metrics.connections_closed.labels("idle").inc()
                         session.conn.close_soon(CLOSE_IDLE, "idle")
+                        idle[session] = math.inf  # closing: not counted again
             since = idle  # a session that signed in, watched or left starts over
 
     # ---- every response ---------------------------------------------------------------------
