@@ -105,7 +105,7 @@ from store import runner as store_runner  # noqa: E402
 from store.migrate import migrate  # noqa: E402
 from store.runner import Store, open_store  # noqa: E402
 from store.schedule import Block  # noqa: E402
-from testkit.harness import ServerProcess, free_port, with_database  # noqa: E402
+from testkit.harness import UNLIMITED, ServerProcess, free_port, with_database  # noqa: E402
 
 BENCH_DB = "slotcast_bench"
 JWT_SECRET = "bench-secret-that-is-long-enough-for-hs256"
@@ -807,6 +807,7 @@ class Bench:
             # A few driver patients book every slot: caps out of reach (still counted).
             SLOTCAST_MAX_ACTIVE_PER_DOCTOR="1000000",
             SLOTCAST_MAX_ACTIVE_TOTAL="1000000",
+            **UNLIMITED,  # 1,000 bookings/s from one address: the booking path is measured
         )
         # Steady state: what was committed before this server started was published long
         # ago. The Store scenarios and the seeding never publish, and left unpublished the

@@ -39,7 +39,7 @@ M = TypeVar("M", bound=Message)
 class ClientError(SlotcastError):
     """An `error` reply from the server; `code` is its stable error code."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after_ms: int | None = None) -> None:
         # A newer server may send a code this client does not know yet: keep the
         # wire spelling and fall back to `internal` so `code` stays an ErrorCode.
         try:
@@ -48,6 +48,7 @@ class ClientError(SlotcastError):
             known = ErrorCode.INTERNAL
         super().__init__(message, code=known)
         self.wire_code = code
+        self.retry_after_ms = retry_after_ms  # set with `rate_limited`: wait this long
 
 
 def _transient(exc: BaseException) -> bool:
@@ -200,7 +201,7 @@ class Connection:
         finally:
             self._pending.pop(rid, None)
         if isinstance(reply, Error):
-            raise ClientError(reply.code, reply.message)
+            raise ClientError(reply.code, reply.message, reply.retry_after_ms)
         if not isinstance(reply, expect):
             names = "/".join(t.TYPE for t in expect)
             raise ClientError("bad_message", f"expected {names}, got {reply.TYPE}")

@@ -33,6 +33,8 @@ class ErrorCode(StrEnum):
     INVALID_TRANSITION = "invalid_transition"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     LIMIT_EXCEEDED = "limit_exceeded"
+    # Too many requests too fast: wait `retry_after_ms`, then try again.
+    RATE_LIMITED = "rate_limited"
     # Transient: retry with the same idempotency key.
     BUSY = "busy"
     UNAVAILABLE = "unavailable"
@@ -43,6 +45,8 @@ class SlotcastError(Exception):
     """An error with a stable code, raised anywhere and reported to the client as is."""
 
     code: ErrorCode = ErrorCode.INTERNAL
+    # When the server knows how long a retry must wait (rate limits), in milliseconds.
+    retry_after_ms: int | None = None
 
     def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
         super().__init__(message)
@@ -52,6 +56,16 @@ class SlotcastError(Exception):
     @property
     def message(self) -> str:
         return str(self.args[0]) if self.args else self.code.value
+
+
+class RateLimited(SlotcastError):
+    """A budget is spent: the same request would be accepted after `retry_after_ms`."""
+
+    code = ErrorCode.RATE_LIMITED
+
+    def __init__(self, message: str, *, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
 
 
 class ProtocolError(SlotcastError):

@@ -548,6 +548,8 @@ class Error(Message):
     TYPE: ClassVar[str] = "error"
     code: str
     message: str
+    # Set with `rate_limited`: how long to wait before sending the request again.
+    retry_after_ms: Annotated[int, Meta(ge=0)] | None = None
 
 
 def _registry(*types: type[Message]) -> dict[str, type[Message]]:

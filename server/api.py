@@ -8,6 +8,7 @@ HTTP status.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from datetime import date
 from typing import Any
@@ -48,6 +49,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_TRANSITION: 409,
     ErrorCode.IDEMPOTENCY_CONFLICT: 422,
     ErrorCode.LIMIT_EXCEEDED: 429,
+    ErrorCode.RATE_LIMITED: 429,
     ErrorCode.BUSY: 503,
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.INTERNAL: 500,
@@ -59,10 +61,14 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 def error_response(error: SlotcastError) -> web.Response:
-    return json_response(
-        {"error": {"code": error.code.value, "message": error.message}},
-        status=HTTP_STATUS.get(error.code, 500),
-    )
+    body: dict[str, Any] = {"code": error.code.value, "message": error.message}
+    if error.retry_after_ms is None:
+        return json_response({"error": body}, status=HTTP_STATUS.get(error.code, 500))
+    # Rate limits: the same wait in the body (ms) and in the standard header (whole seconds).
+    body["retry_after_ms"] = error.retry_after_ms
+    response = json_response({"error": body}, status=HTTP_STATUS.get(error.code, 500))
+    response.headers["Retry-After"] = str(math.ceil(error.retry_after_ms / 1000))
+    return response
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -140,7 +146,7 @@ def endpoint(command: Command[Any] | PublicCommand[Any]) -> Handler:
         raw: dict[str, Any] = {}
         if request.method == "GET":
             raw.update(request.query)
-        elif request.can_read_body or request.method in BODY_REQUIRED:
+        elif request.body_exists or request.method in BODY_REQUIRED:
             body = await read_json(request)
             if not isinstance(body, dict):
                 raise ProtocolError("the body must be a JSON object", code=ErrorCode.INVALID)

@@ -10,6 +10,7 @@ it as its commit hook, and it starts publishing once the broker is open.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from http.cookies import SimpleCookie
@@ -19,10 +20,13 @@ from aiohttp import hdrs, web
 
 from server.background import every, sweep_holds, sweep_horizon
 from server.connection import pending_total, police
+from server.guard import Guard
 from server.keys import (
     BROKER,
     CLOCK,
     CONNECTIONS,
+    GUARD,
+    LIMITER,
     METRICS,
     OUTBOX,
     ROOMS,
@@ -33,6 +37,7 @@ from server.keys import (
     ServerState,
 )
 from server.lifecycle import close_connections
+from server.limits import Limiter
 from server.metrics import Metrics
 from server.rooms import Rooms
 from server.routes import setup_routes
@@ -40,6 +45,7 @@ from server.service import Clock, Scheduling, utcnow
 from server.settings import Settings
 from store import demo, embedded
 from store.broker import open_broker
+from store.counters import open_counters
 from store.migrate import migrate
 from store.outbox import Outbox
 from store.runner import open_store
@@ -53,16 +59,26 @@ def create_app(settings: Settings, *, clock: Clock = utcnow) -> web.Application:
     """The whole server; `clock` is replaceable so tests can move time (holds, notice)."""
     from server.api import errors
 
-    app = web.Application(middlewares=[errors], client_max_size=settings.max_frame_bytes)
+    metrics = Metrics()
+    guard = Guard(settings, metrics)
+    limiter = Limiter(settings, metrics)
+    app = web.Application(
+        # Rate limits before the body is read: a refused flood costs no body reads.
+        middlewares=[errors, limiter.rest(guard), guard.body_deadline],
+        client_max_size=settings.max_frame_bytes,
+    )
     app[SETTINGS] = settings
     app[CLOCK] = clock
     app[CONNECTIONS] = set()
-    app[METRICS] = Metrics()
+    app[METRICS] = metrics
+    app[GUARD] = guard
+    app[LIMITER] = limiter
     app[OUTBOX] = Outbox(on_relayed=app[METRICS].relayed.inc)
     app[STATE] = ServerState()
-    app.cleanup_ctx.extend([database, broker, publishing, services, upkeep])
+    app.cleanup_ctx.extend([database, broker, protection, publishing, services, upkeep])
     app.on_shutdown.append(close_connections)
     app.on_response_prepare.append(stamp_instance)
+    app.on_response_prepare.append(guard.headers)
     setup_routes(app, settings)
     return app
 
@@ -102,6 +118,24 @@ async def broker(app: web.Application) -> AsyncIterator[None]:
         log.info("broker: %s", b.kind)
         app[BROKER] = b
         yield
+
+
+async def protection(app: web.Application) -> AsyncIterator[None]:
+    """Rate-limit counters in the broker's Redis (or in process); idle anonymous sockets closed."""
+    settings, limiter = app[SETTINGS], app[LIMITER]
+    timeout_s = settings.limiter_timeout_ms / 1000
+    async with open_counters(settings.broker_url, timeout_s=timeout_s) as counters:
+        limiter.shared = counters
+        log.info("rate limits: counted in %s", counters.kind)
+        sweeper = asyncio.create_task(app[GUARD].close_idle(app[CONNECTIONS]), name="idle-sweep")
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            limiter.shared = limiter.local
+    await limiter.close()
 
 
 async def publishing(app: web.Application) -> AsyncIterator[None]:

@@ -133,7 +133,15 @@ async def serve(settings: Settings) -> int:
     app = create_app(settings)
     # After the drain, what is left (a REST request in flight, a WebSocket that joined
     # late and was told 1001) gets SHUTDOWN_S to finish, not aiohttp's default minute.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_S)
+    # Slow HTTP: aiohttp's keep-alive timer runs from the moment a connection opens and
+    # closes one whose request head is not complete when it fires (server.guard).
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=SHUTDOWN_S,
+        keepalive_timeout=settings.header_timeout_s,
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()

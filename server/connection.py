@@ -183,7 +183,7 @@ class Connection:
             self._transport.write(frame(self.codec.encode(message), binary=self.codec.binary))
 
     def send_error(self, error: SlotcastError, request_id: str | int | None = None) -> None:
-        self.send(Error(code=error.code.value, message=error.message), request_id)
+        self.send(Error(error.code.value, error.message, error.retry_after_ms), request_id)
 
     def send_frame(self, data: bytes) -> None:
         """Write a built frame now if the socket keeps up, else queue it. Never awaits."""

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from server.guard import Guard
+from server.limits import Limiter
 from server.metrics import Metrics
 from server.rooms import Rooms
 from server.service import Clock, Scheduling
@@ -37,5 +39,8 @@ OUTBOX = web.AppKey("outbox", Outbox)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", ServerState)
+# Facing the internet: caps, origins, idle sockets (server.guard); rate limits (server.limits).
+GUARD = web.AppKey("guard", Guard)
+LIMITER = web.AppKey("limiter", Limiter)
 # One session per open WebSocket: what a drain closes and `slotcast_connections` counts.
 CONNECTIONS: web.AppKey[set[Session]] = web.AppKey("connections")

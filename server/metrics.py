@@ -85,6 +85,35 @@ class Metrics:
         self.relayed = Counter(
             "slotcast_relayed_changes", "Changes published by the relay sweep", registry=r
         )
+        # Facing the internet: every refusal counts (server.limits, server.guard).
+        self.rate_limited = Counter(
+            "slotcast_rate_limited", "Requests refused for rate, by budget", ["scope"], registry=r
+        )
+        self.limiter_unavailable = Counter(
+            "slotcast_rate_limiter_unavailable",
+            "Requests admitted unchecked because the rate-limit counters did not answer",
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "slotcast_connections_refused",
+            "WebSocket upgrades refused before the upgrade, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.connections_closed = Counter(
+            "slotcast_connections_closed",
+            "WebSockets the server closed to protect itself, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.requests_timed_out = Counter(
+            "slotcast_requests_timed_out",
+            "HTTP requests cut off for not sending their body in time",
+            registry=r,
+        )
+        self.metrics_refused = Counter(
+            "slotcast_metrics_refused", "/metrics requests from outside its allow list", registry=r
+        )
 
     def slow_consumer(self, reason: str) -> None:
         self.slow_consumers.labels(reason).inc()

@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Literal
@@ -91,6 +91,7 @@ class Member:
     since: int | None = None
     backlog: list[Frames] = field(default_factory=list)
     left: bool = False  # set on leave: a round already under way skips it
+    viewer: str | None = None  # who watches (role:subject) for presence; None: anonymous
 
     def offer(self, frames: Frames) -> None:
         if self.since is None:
@@ -128,6 +129,9 @@ class Room:
     catching_up: asyncio.Task[None] | None = None
     presence: dict[str, tuple[int, float]] = field(default_factory=dict)  # other instances
     watchers: int = 0  # the total last told to dashboards
+    # Presence: this instance's availability members by signed-in viewer. Anonymous
+    # members are not counted, and one viewer's many sockets count once.
+    viewers: Counter[str] = field(default_factory=Counter)
 
     def __bool__(self) -> bool:
         return bool(self.members or self.dashboards)
@@ -233,7 +237,7 @@ class Rooms:
             return 0
         now = time.monotonic()
         others = sum(n for n, at in room.presence.values() if now - at < PRESENCE_TTL_S)
-        return len(room.members) + others
+        return len(room.viewers) + others
 
     def stats(self) -> dict[str, int]:
         return {
@@ -245,15 +249,27 @@ class Rooms:
 
     # ---- membership --------------------------------------------------------------------------
 
-    async def join(self, conn: Connection, doctor_id: int, kind: Kind = "availability") -> Member:
-        """Add a member; returns once the room hears every change from now on."""
+    async def join(
+        self,
+        conn: Connection,
+        doctor_id: int,
+        kind: Kind = "availability",
+        *,
+        viewer: str | None = None,
+    ) -> Member:
+        """Add a member; returns once the room hears every change from now on.
+
+        `viewer` (a signed-in identity) is what presence counts; anonymous members are not.
+        """
         room = self._rooms.get(doctor_id)
         if room is None:
             room = self._rooms[doctor_id] = Room(doctor_id)
             room.opened = asyncio.create_task(self._open(room), name=f"room-open-{doctor_id}")
-        member = Member(conn, room, kind)
+        member = Member(conn, room, kind, viewer=viewer)
         (room.members if kind == "availability" else room.dashboards).add(member)
         if kind == "availability":
+            if viewer is not None:
+                room.viewers[viewer] += 1
             self._presence_dirty.add(doctor_id)
         assert room.opened is not None
         try:
@@ -265,10 +281,16 @@ class Rooms:
         return member
 
     async def leave(self, member: Member) -> None:
+        if member.left:
+            return
         member.left = True
         room = member.room
         (room.members if member.kind == "availability" else room.dashboards).discard(member)
         if member.kind == "availability":
+            if member.viewer is not None:
+                room.viewers[member.viewer] -= 1
+                if room.viewers[member.viewer] <= 0:
+                    del room.viewers[member.viewer]
             self._presence_dirty.add(room.doctor_id)
         if not room and self._rooms.get(room.doctor_id) is room:
             del self._rooms[room.doctor_id]
@@ -497,7 +519,7 @@ class Rooms:
             dirty, self._presence_dirty = self._presence_dirty, set()
             for doctor_id in dirty:
                 local = self._rooms.get(doctor_id)
-                count = len(local.members) if local else 0
+                count = len(local.viewers) if local else 0
                 note = PresenceNote(doctor_id, self._instance, count)
                 try:
                     await self._broker.publish(doctor_channel(doctor_id), note.pack())

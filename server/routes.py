@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -10,16 +9,18 @@ from aiohttp import web
 
 from server import api, signin, ws
 from server.commands import REGISTRY
+from server.guard import host_origins
+from server.keys import GUARD
 from server.settings import Settings
 
 
 def setup_routes(app: web.Application, settings: Settings) -> None:
     r = app.router
     static_dir = settings.static_dir
-    r.add_get("/ws", ws.websocket, name="ws")
+    r.add_get("/ws", _websocket, name="ws")
     r.add_get("/healthz", api.healthz)
     r.add_get("/readyz", api.readyz)
-    r.add_get("/metrics", api.metrics)
+    r.add_get("/metrics", _metrics)
     # Public availability (the WebSocket `watch` gives the same snapshot, then live deltas).
     r.add_get("/api/doctors/{doctor_id}/slots", api.doctor_slots)
     # Every command, where its registry entry says (server.commands.REGISTRY).
@@ -37,6 +38,16 @@ def setup_routes(app: web.Application, settings: Settings) -> None:
         r.add_static("/static/", static_dir, name="static")
 
 
+async def _websocket(request: web.Request) -> web.StreamResponse:
+    """Origin and connection caps are checked before the upgrade (server.guard)."""
+    return await request.app[GUARD].upgrade(request, ws.websocket)
+
+
+async def _metrics(request: web.Request) -> web.StreamResponse:
+    """Only for the allowed addresses, or with the metrics token (server.guard)."""
+    return await request.app[GUARD].metrics(request, api.metrics)
+
+
 # The pages load only their own modules and styles and talk only to this origin
 # (CSP 'self' covers the same-origin WebSocket); an injected script has nowhere
 # to come from and nowhere to send a token. Only the configured host application
@@ -45,18 +56,7 @@ _CSP = (
     "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
     "form-action 'self'; frame-ancestors 'self'"
 )
-_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?")
 _HOST_META = '<meta name="slotcast-host-origins" content="">'
-
-
-def host_origins(setting: str) -> list[str]:
-    origins = setting.split()
-    for origin in origins:
-        if not _ORIGIN.fullmatch(origin):
-            raise ValueError(
-                f"SLOTCAST_HOST_ORIGINS: {origin!r} is not an origin like https://host"
-            )
-    return origins
 
 
 def _page(file: Path, origins: list[str]) -> Callable[[web.Request], Awaitable[web.Response]]:

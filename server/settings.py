@@ -89,6 +89,41 @@ class Settings:
     # Origins of the host application(s) that may frame the pages and hand them tokens
     # by postMessage, space-separated (e.g. "https://app.clinic.example").
     host_origins: str = ""
+    # ---- facing the open internet (docs/protocol.md, "Limits"; docs/operating.md) ----
+    # Request budgets, in `limits` notation ("N/P units", e.g. "1000/15 minutes"); "off"
+    # turns one off. Each is a sliding window. Per WebSocket connection, every frame:
+    rate_connection: str = "100/10 seconds"
+    # Per identity (token subject and role), over all its connections, instances and REST:
+    rate_identity_reads: str = "1000/15 minutes"
+    rate_identity_writes: str = "300/15 minutes"
+    # Per client address, for requests without a token (a clinic's patients behind one
+    # NAT address each have their own token, so they count per identity instead):
+    rate_address: str = "1000/15 minutes"
+    # Per client address: tokens refused as invalid (signing in); past it, no token from
+    # that address is even checked until the window moves on.
+    rate_auth_failures: str = "10/15 minutes"
+    # A connection refused this many times in a row for rate is closed (4029).
+    rate_close_after: int = 20
+    # Bound on each call to the counters' Redis; slower or failing calls admit the request.
+    limiter_timeout_ms: int = 100
+    # Open WebSockets (and upgrades under way) per client address and per instance;
+    # past either, upgrades are refused with 503. 0: no cap.
+    max_connections_per_address: int = 500
+    max_connections: int = 10_000
+    # An anonymous connection that watches nothing is closed (4009) after this long.
+    idle_anonymous_s: float = 60.0
+    # Slow HTTP: a connection must finish its request head within header_timeout_s of
+    # opening (or of its previous response: also the keep-alive idle time), and a
+    # request its body within body_timeout_s of its head.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+    # Peers (addresses or networks, space-separated) whose X-Forwarded-For is believed:
+    # the balancer's. Anyone else's address is the peer's own.
+    trusted_proxies: str = ""
+    # Who may read /metrics: client addresses or networks (space-separated), or anyone
+    # presenting `Authorization: Bearer <metrics_token>` when it is set.
+    metrics_allow: str = "127.0.0.0/8 ::1"
+    metrics_token: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -39,7 +39,8 @@ from protocol.messages import (
 from server import auth
 from server.commands import REGISTRY
 from server.connection import Connection
-from server.keys import CONNECTIONS, METRICS, ROOMS, SCHEDULING, SETTINGS, STATE
+from server.keys import CONNECTIONS, GUARD, LIMITER, METRICS, ROOMS, SCHEDULING, SETTINGS, STATE
+from server.limits import Throttle, identity_key
 from server.rooms import Frames
 from server.session import Session
 
@@ -89,7 +90,9 @@ async def on_watch(session: Session, rid: RequestId, msg: Watch) -> None:
     scheduling.check_range(msg.start, msg.end)
     # Join (and so subscribe) before reading anything: nothing committed after the
     # read can slip between the two.
-    member = await rooms.join(conn, msg.doctor_id)
+    # Presence counts signed-in viewers only: anonymous sockets cannot inflate it.
+    viewer = identity_key(session.identity) if session.identity else None
+    member = await rooms.join(conn, msg.doctor_id, viewer=viewer)
     try:
         missed = None
         if msg.since is not None:
@@ -215,11 +218,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         max_frame=settings.max_frame_bytes,
     )
     app[CONNECTIONS].add(session)
+    throttle = app[LIMITER].throttle(conn, app[GUARD].address(request))
     header_error: SlotcastError | None = None
     try:
-        token = auth.bearer(request.headers.get("Authorization"))
-        if token is not None:
-            session.identity = auth.verify(settings.jwt_secret, token)
+        session.identity = await throttle.authenticate(request.headers.get("Authorization"))
     except SlotcastError as exc:
         header_error = exc  # stay connected as anonymous; tell the client why
     who = session.identity
@@ -247,7 +249,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                 async with session.turn:
                     conn.busy = True
                     try:
-                        await _handle(session, frame.data)
+                        await _handle(session, frame.data, throttle)
                     finally:
                         conn.command_done()
             elif frame.type is WSMsgType.TEXT:
@@ -268,16 +270,22 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def _handle(session: Session, data: bytes | str) -> None:
+async def _handle(session: Session, data: bytes | str, throttle: Throttle) -> None:
     conn = session.conn
     request_id: RequestId = None
     started = time.perf_counter()
     kind_name = "invalid"
     try:
-        envelope = conn.codec.decode(data, max_size=session.max_frame)
+        try:
+            envelope = conn.codec.decode(data, max_size=session.max_frame)
+        except ProtocolError as exc:
+            request_id = exc.request_id
+            await throttle.admit(None, session.identity)  # unreadable frames spend too
+            raise
         request_id = envelope.id
         kind = type(envelope.body)
         kind_name = kind.TYPE
+        await throttle.admit(kind, session.identity)  # server.limits: RateLimited if spent
         handler = HANDLERS.get(kind)
         if handler is not None:
             await handler(session, request_id, envelope.body)
@@ -285,9 +293,9 @@ async def _handle(session: Session, data: bytes | str) -> None:
             reply = await REGISTRY[kind](session.scheduling, session.identity, envelope.body)
             conn.send(reply, request_id)
     except ProtocolError as exc:
-        _refuse(session, exc, exc.request_id)
+        _refuse(session, await throttle.refusal(exc), exc.request_id)
     except SlotcastError as exc:
-        _refuse(session, exc, request_id)
+        _refuse(session, await throttle.refusal(exc), request_id)
     except Exception:
         log.exception("handler failed")
         _refuse(session, SlotcastError("internal error", code=ErrorCode.INTERNAL), request_id)

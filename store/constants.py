@@ -26,3 +26,8 @@ def doctor_channel(doctor_id: int) -> str:
 def patient_channel(patient_id: str) -> str:
     """Changes to one patient's own appointments."""
     return f"{CHANNEL_PREFIX}:patient:{patient_id}"
+
+
+# Rate-limit counters in the broker's Redis (store.counters): every instance counts in the
+# same keys, so a budget holds however a client's requests are spread over instances.
+LIMIT_KEY_PREFIX: Final = f"{CHANNEL_PREFIX}:limit"

@@ -163,6 +163,19 @@ def redis_server() -> Iterator[tuple[str, RedisServer | None]]:
 
 # ---- slotcast serve processes ----------------------------------------------------------------
 
+# For benchmarks and load tests, whose thousands of clients share one address (loopback)
+# and act faster than people: with the defaults, the server's defences against floods
+# (rate limits, per-address caps; server/limits.py, server/guard.py) would be what they
+# measure. Tests of those defences keep the defaults or set their own.
+UNLIMITED: dict[str, str] = {
+    "SLOTCAST_RATE_CONNECTION": "off",
+    "SLOTCAST_RATE_IDENTITY_READS": "off",
+    "SLOTCAST_RATE_IDENTITY_WRITES": "off",
+    "SLOTCAST_RATE_ADDRESS": "off",
+    "SLOTCAST_MAX_CONNECTIONS_PER_ADDRESS": "0",
+    "SLOTCAST_MAX_CONNECTIONS": "0",
+}
+
 
 @dataclass
 class ServerProcess:

@@ -35,6 +35,9 @@ const PING_TIMEOUT_MS = 8_000;
 // "offline" is ours: the request never reached the server.
 const TRANSIENT = new Set(["busy", "unavailable", "internal", "offline"]);
 const MAX_TRANSIENT_RETRIES = 3;
+// A command refused as `rate_limited` is resent after the wait the server names,
+// if that wait is short enough for a person to be still waiting on it.
+const RATE_WAIT_MAX_MS = 10_000;
 
 export class ServerError extends Error {
   constructor(code, message = code) {
@@ -265,6 +268,12 @@ export class Connection extends EventTarget {
       setTimeout(() => (this.ready ? this.send(entry) : this.outbox.push(entry)), jitter(500 * 2 ** entry.attempts));
       return;
     }
+    if (entry.retry && body.code === "rate_limited" && entry.attempts < MAX_TRANSIENT_RETRIES && body.retry_after_ms <= RATE_WAIT_MAX_MS) {
+      // Too fast: nothing was done. Send it again when the server says, same key.
+      entry.attempts += 1;
+      setTimeout(() => (this.ready ? this.send(entry) : this.outbox.push(entry)), body.retry_after_ms + jitter(250));
+      return;
+    }
     entry.reject(new ServerError(body.code, body.message));
   }
 
@@ -356,6 +365,8 @@ export class Connection extends EventTarget {
     this.pending.clear();
     this.setState("offline");
     if (code === 1012 && this.retryAfterMs === null) this.retryAfterMs = BACKOFF_BASE_MS;
+    // Closed for sending too fast (4029): come back slowly.
+    if (code === 4029 && this.retryAfterMs === null) this.retryAfterMs = BACKOFF_CAP_MS;
     this.scheduleReconnect();
   }
 

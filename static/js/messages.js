@@ -24,6 +24,7 @@ const ERROR_TEXT = {
   invalid_transition: "That change no longer applies: it was changed meanwhile. The page shows what stands now.",
   idempotency_conflict: "That request clashed with an earlier one. Please try again.",
   limit_exceeded: "Too many calendars are open on this connection. Close one and try again.",
+  rate_limited: "That was a lot of requests in a short time. Please wait a moment, then try again.",
   busy: "The clinic's calendar is busy right now. Please try again in a moment.",
   unavailable: "The service is briefly unavailable. Please try again in a moment.",
   internal: "Something went wrong on our side. Please try again.",

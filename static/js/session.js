@@ -8,13 +8,26 @@ import { learnServerTime } from "./clock.js";
 
 const KEY = "slotcast.token";
 
-/** Take a token from the URL fragment (then hide it from the address bar), else from storage. */
-export function takeToken() {
+/**
+ * Take a token from the URL fragment (then hide it from the address bar), else from storage.
+ *
+ * A link may be for someone else than the person this tab is signed in as (a
+ * link forwarded by mistake, or planted to make them act as another patient):
+ * it never replaces a live identity silently. `confirmSwitch(current, offered)`
+ * (claims of each) asks first, and resolves to whether to switch.
+ */
+export async function takeToken(confirmSwitch) {
   const match = location.hash.match(/(?:^#|&)token=([^&]+)/);
   if (match) {
-    sessionStorage.setItem(KEY, decodeURIComponent(match[1]));
     // Keep the token out of the history and out of any link the user copies.
     history.replaceState(null, "", location.pathname + location.search);
+    const offered = decodeURIComponent(match[1]);
+    const current = readClaims(sessionStorage.getItem(KEY) ?? "");
+    const next = readClaims(offered);
+    const live = current && !(current.exp && current.exp * 1000 <= Date.now());
+    const same = live && next && next.sub === current.sub && next.role === current.role;
+    if (!live || same) sessionStorage.setItem(KEY, offered);
+    else if (next && (await confirmSwitch(current, next))) sessionStorage.setItem(KEY, offered);
   }
   return sessionStorage.getItem(KEY);
 }

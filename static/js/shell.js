@@ -17,7 +17,7 @@ import {
   storeToken,
   takeToken,
 } from "./session.js";
-import { bindIndicator, showError } from "./ui.js";
+import { askToSwitch, bindIndicator, showError } from "./ui.js";
 
 function showSignin(demo) {
   document.getElementById("app-view").hidden = true;
@@ -79,8 +79,10 @@ function keepDemoTokenFresh(conn, claims) {
  * to null when the page shows the sign-in form or redirects instead.
  */
 export async function boot(pageRole) {
-  const token = takeToken();
   const demo = await loadDemo();
+  const token = await takeToken((current, offered) =>
+    askToSwitch(displayName(demo, current.role, current.sub), displayName(demo, offered.role, offered.sub)),
+  );
   let claims = token ? readClaims(token) : null;
   if (token && !claims) {
     clearToken();

@@ -73,3 +73,40 @@ export function bindIndicator(conn) {
   render(conn.state);
   conn.addEventListener("state", (event) => render(event.detail));
 }
+
+// ---- switching identity -------------------------------------------------------------
+
+/**
+ * Ask whether a `#token=` link for `offered` may replace `current` (display
+ * names) in this tab. A modal <dialog>: focus moves into it (to the safe
+ * choice), Tab stays inside, Escape keeps the current sign-in. Resolves to
+ * true only when the person chose to switch.
+ */
+export function askToSwitch(current, offered) {
+  const stay = el("button", { type: "submit", class: "btn", value: "stay", autofocus: true }, `Stay signed in as ${current}`);
+  const dialog = el(
+    "dialog",
+    { class: "switch-dialog card", "data-testid": "switch-identity", "aria-labelledby": "switch-h", "aria-describedby": "switch-p" },
+    el("h2", { id: "switch-h" }, "Switch who is signed in?"),
+    el(
+      "p",
+      { id: "switch-p" },
+      `This tab is signed in as ${current}. The link you opened would sign it in as ${offered} instead.`,
+    ),
+    el(
+      "form",
+      { method: "dialog", class: "switch-actions" },
+      stay,
+      el("button", { type: "submit", class: "btn btn-primary", value: "switch" }, `Sign in as ${offered}`),
+    ),
+  );
+  document.body.append(dialog);
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => {
+      dialog.remove();
+      resolve(dialog.returnValue === "switch");
+    });
+    dialog.showModal();
+    stay.focus();
+  });
+}

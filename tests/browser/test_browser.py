@@ -689,6 +689,50 @@ async def test_without_demo_mode_the_page_takes_the_host_apps_token(
     await expect(page.get_by_test_id("whoami")).to_contain_text("zoe")
 
 
+async def test_a_token_link_for_someone_else_asks_before_switching_the_tab(
+    spawn_server: Spawn, database_url: str, pages: Pages
+) -> None:
+    """A `#token=` link for another identity never silently replaces the one signed in:
+    the page asks (a modal dialog, the safe choice focused), and only a yes switches."""
+    async with open_store(database_url, min_size=1, max_size=2) as store:
+        doctor = await seed_doctor(store, name="Dr. Link", timezone="Europe/London")
+    (server,) = await start(spawn_server, "s1", args=[])
+    pages.allow(r"status of 404 .*\(at http://127\.0\.0\.1:\d+/api/demo\)$")
+    zoe = token(Role.PATIENT, "zoe")
+    page = await pages.open(f"{server.http_url}/?doctor={doctor.id}#token={zoe}", name="zoe")
+    await online(page)
+    await expect(page.get_by_test_id("whoami")).to_have_text("zoe")
+
+    async def follow(sub: str, hop: int) -> Locator:
+        # A new query string: a real navigation (a new fragment alone would not reload).
+        link = f"{server.http_url}/?doctor={doctor.id}&hop={hop}#token={token(Role.PATIENT, sub)}"
+        await page.goto(link)
+        return page.get_by_role("dialog", name="Switch who is signed in?")
+
+    dialog = await follow("mallory", 1)
+    await expect(dialog).to_be_visible()
+    await expect(dialog).to_contain_text("signed in as zoe")
+    stay = dialog.get_by_role("button", name="Stay signed in as zoe")
+    await expect(stay).to_be_focused()
+    assert "token=" not in page.url
+    await page.keyboard.press("Escape")  # the same as staying
+    await expect(dialog).to_be_hidden()
+    await online(page)
+    await expect(page.get_by_test_id("whoami")).to_have_text("zoe")
+    assert await page.evaluate("sessionStorage.getItem('slotcast.token')") == zoe
+
+    dialog = await follow("mallory", 2)
+    await dialog.get_by_role("button", name="Sign in as mallory").click()
+    await online(page)
+    await expect(page.get_by_test_id("whoami")).to_have_text("mallory")
+
+    # A fresh token for the identity already signed in is taken without asking.
+    await follow("mallory", 3)
+    await online(page)
+    await expect(page.get_by_test_id("whoami")).to_have_text("mallory")
+    await expect(page.get_by_role("dialog")).to_have_count(0)
+
+
 @asynccontextmanager
 async def another_origin() -> AsyncIterator[str]:
     """A site of someone else's on this machine (its own port, so its own origin): its page

@@ -17,6 +17,7 @@ import functools
 import os
 import random
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -137,6 +138,12 @@ async def cluster(
         # which tests/server/test_booking_limits.py proves.
         "SLOTCAST_MAX_ACTIVE_PER_DOCTOR": "100000",
         "SLOTCAST_MAX_ACTIVE_TOTAL": "100000",
+        # As docs/operating.md says to: believe X-Forwarded-For from HAProxy, and only it.
+        "SLOTCAST_TRUSTED_PROXIES": "127.0.0.1",
+        # The rolling restart's bookers book ~10 times a second each, faster than people:
+        # the restarts are under test here, the rate limits in tests/deploy/test_limits.py.
+        "SLOTCAST_RATE_CONNECTION": "off",
+        "SLOTCAST_RATE_IDENTITY_WRITES": "off",
     }
     procs = await asyncio.gather(
         *(asyncio.to_thread(spawn_server, name, broker_url=redis_url, env=env) for name in SERVERS)
@@ -275,6 +282,83 @@ async def test_cookie_stickiness_websockets_and_readiness(
 
 async def _moved_off(http: aiohttp.ClientSession, balancer: Balancer, cookie: str) -> bool:
     return (await answered_by(http, balancer, cookie))[0] != cookie
+
+
+# ---- facing the internet: slow requests, the client's address ----------------------------------
+
+
+@pytest.fixture
+async def single(haproxy: str, spawn_server: Spawn, tmp_path: Path) -> AsyncIterator[Balancer]:
+    """One instance behind docs/haproxy.cfg (its three `server` lines all point at it),
+    believing HAProxy's X-Forwarded-For, with a small anonymous budget to observe it."""
+    env = {"SLOTCAST_TRUSTED_PROXIES": "127.0.0.1", "SLOTCAST_RATE_ADDRESS": "2/minute"}
+    proc = await asyncio.to_thread(spawn_server, "solo", env=env)
+    balancer = Balancer(free_port(), tmp_path / "haproxy.log", dict.fromkeys(SERVERS, proc))
+    balancer.start(haproxy)
+
+    async def routed() -> bool:
+        async with fresh_session() as http:
+            try:
+                return (await answered_by(http, balancer))[0] == "solo"
+            except (aiohttp.ClientError, AssertionError, TimeoutError):
+                return False
+
+    try:
+        await until(routed, 10, "HAProxy to route to the instance", balancer)
+        yield balancer
+    finally:
+        balancer.stop()
+
+
+def _closed_after(request: bytes, port: int, source: str = "127.0.0.1") -> tuple[float, bytes]:
+    """Send `request` (maybe half of one) and read until the peer closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0)) as s:
+        s.sendall(request)
+        started = time.monotonic()
+        received = b""
+        while chunk := s.recv(4096):
+            received += chunk
+        return time.monotonic() - started, received
+
+
+async def test_haproxy_cuts_slow_request_heads_and_bodies(single: Balancer) -> None:
+    """`timeout http-request` (10 s) with `http-buffer-request`: a half-sent head or body
+    gets 408 from HAProxy and is closed; the instance never waits on it."""
+    half_head = b"GET /healthz HTTP/1.1\r\nHost: slotcast\r\nX-Slow: "
+    half_body = (
+        b"POST /api/holds HTTP/1.1\r\nHost: slotcast\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 64\r\n\r\n{"slot'
+    )
+    (head_s, head), (body_s, body) = await asyncio.gather(
+        asyncio.to_thread(_closed_after, half_head, single.port),
+        asyncio.to_thread(_closed_after, half_body, single.port),
+    )
+    for elapsed, answer in ((head_s, head), (body_s, body)):
+        assert 8 < elapsed < 16, f"closed after {elapsed:.1f}s"
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+
+
+async def test_instances_count_the_address_haproxy_saw_not_one_the_client_wrote(
+    single: Balancer,
+) -> None:
+    """HAProxy appends the address it saw to X-Forwarded-For; the instance believes only
+    that (SLOTCAST_TRUSTED_PROXIES), so a forged header does not buy a fresh budget.
+    Clients connect from 127.0.0.2 and 127.0.0.3, HAProxy to the instance from 127.0.0.1."""
+
+    def get(source: str, forged: str) -> bytes:
+        request = (
+            f"GET /api/doctors HTTP/1.1\r\nHost: slotcast\r\nConnection: close\r\n"
+            f"X-Forwarded-For: {forged}\r\n\r\n"
+        ).encode()
+        return _closed_after(request, single.port, source)[1]
+
+    answers = [
+        await asyncio.to_thread(get, "127.0.0.2", forged)
+        for forged in ("198.51.100.1", "198.51.100.2", "198.51.100.3")
+    ]
+    statuses = [a.split(b" ", 2)[1] for a in answers]
+    assert statuses == [b"200", b"200", b"429"], answers[-1][:300]
+    assert (await asyncio.to_thread(get, "127.0.0.3", "198.51.100.3")).startswith(b"HTTP/1.1 200")
 
 
 # ---- fan-out through the balancer ------------------------------------------------------------

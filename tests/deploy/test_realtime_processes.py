@@ -91,12 +91,13 @@ async def test_presence_is_the_sum_over_instances(
 
     async with SlotcastClient.connect(c.ws_url, token=token(Role.DOCTOR, str(doctor.id))) as doc:
         assert (await doc.watch_dashboard(doctor.id, doctor.start)).watchers == 0
+        # Presence counts signed-in viewers (anonymous sockets could inflate it at will).
         async with (
-            SlotcastClient.connect(a.ws_url) as a1,
-            SlotcastClient.connect(a.ws_url) as a2,
-            SlotcastClient.connect(c.ws_url) as c1,
+            SlotcastClient.connect(a.ws_url, token=token(sub="p-a1")) as a1,
+            SlotcastClient.connect(a.ws_url, token=token(sub="p-a2")) as a2,
+            SlotcastClient.connect(c.ws_url, token=token(sub="p-c1")) as c1,
         ):
-            async with SlotcastClient.connect(b.ws_url) as b1:
+            async with SlotcastClient.connect(b.ws_url, token=token(sub="p-b1")) as b1:
                 for watcher in (a1, a2, b1, c1):
                     await watcher.watch(doctor.id, doctor.start, doctor.end)
                 await until(doc, 4)

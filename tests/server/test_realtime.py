@@ -311,9 +311,10 @@ async def test_presence_counts_availability_watchers_as_they_come_and_go(
 
     async with SlotcastClient.connect(url, token=doctor_token(doctor.id)) as doc:
         assert (await doc.watch_dashboard(doctor.id, doctor.start)).watchers == 0
-        async with SlotcastClient.connect(url) as gone:
+        # Presence counts signed-in viewers (tests/server/test_guard.py: anonymous ones do not).
+        async with SlotcastClient.connect(url, token=token(sub="p-gone")) as gone:
             await gone.watch(doctor.id, doctor.start, doctor.end)
-            async with SlotcastClient.connect(url) as leaving:
+            async with SlotcastClient.connect(url, token=token(sub="p-leaving")) as leaving:
                 await leaving.watch(doctor.id, doctor.start, doctor.end)
                 await until(doc, 2)
                 assert seen in ([2], [1, 2])  # never more than there are

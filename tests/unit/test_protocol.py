@@ -62,6 +62,8 @@ from protocol.vocabulary import Role
 from server.api import HTTP_STATUS
 from server.commands import REGISTRY
 from server.connection import CLOSE_SERVICE_RESTART, CLOSE_SLOW_CONSUMER
+from server.guard import CLOSE_IDLE
+from server.limits import CLOSE_RATE_LIMITED
 from server.metrics import Metrics
 from server.routes import setup_routes
 from server.settings import Settings
@@ -1007,6 +1009,7 @@ DOCUMENTED_LIMITS: dict[str, tuple[Any, ...]] = {
     **nested("appointment_event.appointment", APPOINTMENT_LIMITS),
     "resync.doctor_id": DOCTOR_ID,
     "reconnect.retry_after_ms": COUNT,
+    "error.retry_after_ms": COUNT,
     **nested("held.appointment", APPOINTMENT_LIMITS),
     **nested("booked.appointment", APPOINTMENT_LIMITS),
     **nested("appointment.appointment", APPOINTMENT_LIMITS),
@@ -1278,6 +1281,8 @@ def test_every_close_code_the_server_uses_is_documented() -> None:
         WSCloseCode.MESSAGE_TOO_BIG,  # aiohttp, over 4x the frame limit
         CLOSE_SERVICE_RESTART,  # the drain, after a `reconnect` notice
         CLOSE_SLOW_CONSUMER,
+        CLOSE_IDLE,  # an anonymous connection in no room (server.guard)
+        CLOSE_RATE_LIMITED,  # kept sending while refused for rate (server.limits)
     }
     assert documented == {int(code) for code in used}
 

@@ -65,3 +65,51 @@ def test_tokens_round_trip_and_expire() -> None:
     with pytest.raises(auth.AuthError) as caught:
         auth.verify("s" * 32, expired)
     assert caught.value.code is ErrorCode.TOKEN_EXPIRED
+
+
+# ---- the front door's settings (server/limits.py, server/guard.py) ----------------------------
+
+
+def test_a_bad_rate_or_network_setting_is_named_at_startup() -> None:
+    from server.guard import networks
+    from server.limits import budget
+
+    assert budget("off", "rate_address") is None
+    limit = budget("1000/15 minutes", "rate_address")
+    assert limit is not None
+    assert (limit.amount, limit.get_expiry()) == (1000, 900)
+    with pytest.raises(ValueError, match="SLOTCAST_RATE_ADDRESS='lots'"):
+        budget("lots", "rate_address")
+    assert len(networks("10.0.0.0/8, ::1 192.0.2.7", "trusted_proxies")) == 3
+    with pytest.raises(ValueError, match="SLOTCAST_TRUSTED_PROXIES: 'haproxy'"):
+        networks("10.0.0.1 haproxy", "trusted_proxies")
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "client"),
+    [
+        ("203.0.113.1", "198.51.100.9", "203.0.113.1"),  # not a proxy: the header is ignored
+        ("10.0.0.5", "198.51.100.9", "198.51.100.9"),  # the proxy says who it saw
+        ("10.0.0.5", "1.2.3.4, 198.51.100.9", "198.51.100.9"),  # the client's own entry: left
+        ("10.0.0.5", "198.51.100.9, 10.0.0.6", "198.51.100.9"),  # proxies all the way
+        ("10.0.0.5", "10.0.0.7, 10.0.0.6", "10.0.0.7"),  # only proxies: the farthest
+        ("10.0.0.5", "1.2.3.4, garbage", "10.0.0.5"),  # unreadable: believe nothing further
+        ("10.0.0.5", None, "10.0.0.5"),
+    ],
+)
+def test_the_client_address_believes_forwarded_for_only_from_trusted_proxies(
+    peer: str, forwarded: str | None, client: str
+) -> None:
+    from unittest import mock
+
+    from aiohttp.test_utils import make_mocked_request
+
+    from server.guard import client_address, networks
+
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda name, default=None: (
+        (peer, 4242) if name == "peername" else default
+    )
+    headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+    request = make_mocked_request("GET", "/ws", headers=headers, transport=transport)
+    assert client_address(request, networks("10.0.0.0/24", "trusted_proxies")) == client
