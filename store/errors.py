@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -69,6 +70,8 @@ class Cooldown(StoreError):
     def __init__(self, message: str, *, retry_after: timedelta) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        # On the wire as on a rate limit: `retry_after_ms`, and `Retry-After` on REST.
+        self.retry_after_ms = max(1, math.ceil(retry_after.total_seconds() * 1000))
 
 
 class InvalidTransition(StoreError):

@@ -56,6 +56,10 @@ async def test_budgets_hold_across_instances_through_redis(
         "SLOTCAST_RATE_IDENTITY_WRITES": "4/minute",
         "SLOTCAST_RATE_ADDRESS": "4/minute",
         "SLOTCAST_RATE_AUTH_FAILURES": "3/minute",
+        # One patient books several slots of one doctor: the rate limits are under test,
+        # not the caps on what one patient may claim (tests/server/test_booking_limits.py).
+        "SLOTCAST_MAX_ACTIVE_PER_DOCTOR": "100",
+        "SLOTCAST_MAX_ACTIVE_TOTAL": "100",
     }
     a, b = await start(spawn_server, "a", "b", broker_url=redis_url, env=env)
 

@@ -150,7 +150,10 @@ async def test_release_then_take_again_waits_out_the_cooldown_on_both_doors(
             "/api/holds", json={"slot_id": slot.id}, headers=bearer("p-cycler")
         )
         assert await error_code(rest_hold, 409) == "cooldown"
+        # How long to wait is said, as for a rate limit: the whole cool-down, here.
+        assert rest_hold.headers["Retry-After"] == str(int(cooldown.total_seconds()))
         status, body = await rest_book(timed, "p-cycler", slot.id)
+        assert body["error"]["retry_after_ms"] == cooldown.total_seconds() * 1000
         assert (status, body["error"]["code"]) == (409, "cooldown")
 
         clock.now += cooldown - timedelta(seconds=1)
