@@ -139,7 +139,9 @@ async def seed(admin_dsn: str, count: int) -> tuple[str, list[int]]:
 
 
 @contextlib.contextmanager
-def instances(dsn: str, redis: str, count: int, logs: Path) -> Iterator[list[ServerProcess]]:
+def instances(
+    dsn: str, redis: str, count: int, logs: Path, extra_env: dict[str, str]
+) -> Iterator[list[ServerProcess]]:
     servers = []
     try:
         for n in range(count):
@@ -151,6 +153,7 @@ def instances(dsn: str, redis: str, count: int, logs: Path) -> Iterator[list[Ser
                 "SLOTCAST_INSTANCE_ID": f"i{n + 1}",
                 "SLOTCAST_TRUSTED_PROXIES": "127.0.0.1",
                 "SLOTCAST_LOG_LEVEL": "WARNING",
+                **extra_env,
             }
             server = ServerProcess(f"i{n + 1}", free_port(), env, logs / f"i{n + 1}.log")
             server.start()
@@ -401,7 +404,14 @@ async def command_flood(url: str, stop: asyncio.Event, report: Counter[str]) -> 
                         await client.search_doctors()
                         report["ok"] += 1
                     except ClientError as exc:
+                        if client.close_code is not None:
+                            break  # the server closed us
                         report[exc.code] += 1
+                    except (aiohttp.ClientError, OSError):
+                        break
+                    await asyncio.sleep(0)  # a refusal can come back without a pause
+                closed = client.close_code
+                report["open at the end" if closed is None else f"closed {closed}"] += 1
         except (aiohttp.ClientError, OSError, ClientError) as exc:
             report[f"connection ended: {type(exc).__name__}"] += 1
 
@@ -636,9 +646,11 @@ def report(quiet: Phase, loud: Phase) -> None:
 async def run(args: argparse.Namespace, admin_dsn: str, redis: str) -> None:
     dsn, doctor_ids = await seed(admin_dsn, args.doctors)
     logs = Path(tempfile.mkdtemp(prefix="slotcast-bench-abuse-"))
-    with instances(dsn, redis, args.instances, logs) as servers:
+    extra = dict(item.split("=", 1) for item in args.server_env)
+    with instances(dsn, redis, args.instances, logs, extra) as servers:
         top = Topology(dsn, servers, doctor_ids)
         slots = await free_slots(servers[0].http_url, doctor_ids)
+        print(f"instance settings beyond the defaults: {extra}")
         print(
             f"{args.instances} instances (logs in {logs}), {args.doctors} doctors, "
             f"{sum(map(len, slots.values()))} free slots; {args.watchers} watchers, "
@@ -667,6 +679,14 @@ def main() -> int:
     p.add_argument("--slowloris", type=int, default=300)
     p.add_argument(
         "--bad-auth", type=int, default=1000, help="failed sign-ins, REST and WebSocket each"
+    )
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=["SLOTCAST_IDLE_ANONYMOUS_S=10"],
+        metavar="KEY=VALUE",
+        help="a setting for the instances (default: idle anonymous sockets closed after 10 s,"
+        " so that it shows within a phase; the product's default is 60 s)",
     )
     p.add_argument("--database-url")
     p.add_argument("--redis-url")
