@@ -24,7 +24,7 @@ from store import sql
 from store.broker import Broker
 from store.changes import Change, PatientNote
 from store.constants import doctor_channel, patient_channel
-from store.errors import StoreError, translated
+from store.errors import StoreError
 from store.runner import Store
 
 log = logging.getLogger(__name__)
@@ -129,13 +129,11 @@ class Outbox:
 
 async def unpublished(store: Store, *, older_than: datetime, limit: int = 500) -> list[Change]:
     """Changes committed before `older_than` that no publish has confirmed yet."""
-    with translated():
-        rows = await store.pool.fetch(sql.CHANGES_UNPUBLISHED, older_than, limit)
+    rows = await store.fetch(sql.CHANGES_UNPUBLISHED, older_than, limit)
     return [Change.of_record(r["doctor_id"], r) for r in rows]
 
 
 async def mark_published(store: Store, highest: dict[int, int]) -> None:
     """Advance doctors' relay cursors (never backwards) to the versions given."""
     if highest:
-        with translated():
-            await store.pool.execute(sql.RELAY_ADVANCE, list(highest), list(highest.values()))
+        await store.execute(sql.RELAY_ADVANCE, list(highest), list(highest.values()))
