@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from server.health import Health
 from server.metrics import Metrics
 from server.rooms import Rooms
 from server.service import Clock, Scheduling
@@ -37,5 +38,6 @@ OUTBOX = web.AppKey("outbox", Outbox)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", ServerState)
+HEALTH = web.AppKey("health", Health)
 # One session per open WebSocket: what a drain closes and `slotcast_connections` counts.
 CONNECTIONS: web.AppKey[set[Session]] = web.AppKey("connections")
