@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -175,7 +176,14 @@ async def serve(settings: Settings) -> int:
         log.error("cannot start: %s", exc)
         code = 1
     finally:
-        await _close(runner, settings.shutdown_timeout_s)
+        if not await _close(runner, settings.shutdown_timeout_s):
+            # What is still closing would be finalized half-way by the event loop's own
+            # shutdown (and log errors about it); the operating system closes it better.
+            log.warning(
+                "closing took longer than %g s; exiting anyway", settings.shutdown_timeout_s
+            )
+            logging.shutdown()
+            os._exit(code)
     log.info("stopped")
     return code
 
@@ -209,12 +217,14 @@ async def _start(runner: web.AppRunner, settings: Settings, stop: asyncio.Event)
     return True
 
 
-async def _close(runner: web.AppRunner, timeout_s: float) -> None:
+async def _close(runner: web.AppRunner, timeout_s: float) -> bool:
+    """Close everything that was opened; False if that took longer than `timeout_s`."""
     try:
         async with asyncio.timeout(timeout_s):
             await runner.cleanup()
     except TimeoutError:
-        log.warning("closing took longer than %g s; exiting anyway", timeout_s)
+        return False
+    return True
 
 
 def _without_traceback(record: logging.LogRecord) -> bool:
