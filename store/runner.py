@@ -105,7 +105,7 @@ class Store:
             def expire() -> None:
                 nonlocal expired
                 expired = True
-                conn.terminate()
+                _drop(conn)
 
             watchdog = None
             if bounded and self.timeout_s is not None:
@@ -116,7 +116,7 @@ class Store:
                 if expired:
                     raise Unavailable("the database did not answer in time") from exc
                 if isinstance(exc, asyncio.CancelledError) or transient(exc):
-                    conn.terminate()
+                    _drop(conn)
                 raise
             finally:
                 if watchdog is not None:
@@ -141,6 +141,12 @@ class Store:
         async with self.connection() as conn:
             status: str = await conn.execute(query, *args)
         return status
+
+
+def _drop(conn: asyncpg.Connection) -> None:
+    """Terminate a pooled connection, unless the driver already did (and released it)."""
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

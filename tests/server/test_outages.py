@@ -155,7 +155,12 @@ async def test_a_postgres_restart_is_unavailable_on_both_front_doors_never_inter
             workers.append(asyncio.create_task(websocket(conn)))
             await asyncio.sleep(0.3)
             await asyncio.to_thread(cluster.restart)
-            await eventually(lambda: outcomes[-6:].count("ok") >= 4, "requests to succeed", 15)
+            # Answered again: booked, or the slot was taken by then (the slots run out).
+            await eventually(
+                lambda: len(outcomes) > 6 and "unavailable" not in outcomes[-6:],
+                "requests to be answered again",
+                15,
+            )
             stop.set()
             await asyncio.gather(*workers)
     assert "unavailable" in outcomes  # the restart was seen
