@@ -21,11 +21,13 @@ from aiohttp import hdrs, web
 from server.background import every, sweep_holds, sweep_horizon
 from server.connection import pending_total, police
 from server.guard import Guard
+from server.health import Health
 from server.keys import (
     BROKER,
     CLOCK,
     CONNECTIONS,
     GUARD,
+    HEALTH,
     LIMITER,
     METRICS,
     OUTBOX,
@@ -48,7 +50,8 @@ from store.broker import open_broker
 from store.counters import open_counters
 from store.migrate import migrate
 from store.outbox import Outbox
-from store.runner import open_store
+from store.runner import open_store, wait_for_database
+from store.startup import where_postgres
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +95,12 @@ async def database(app: web.Application) -> AsyncIterator[None]:
         log.info("database: embedded PostgreSQL, data in %s", pgdata.resolve())
     else:
         dsn = settings.database_url
-        log.info("database: external PostgreSQL")
-    applied = await migrate(dsn)
+        log.info("database: %s", where_postgres(dsn))
+        # It may be starting too (a whole stack booting): wait for it, within a limit.
+        await wait_for_database(
+            dsn, limit_s=settings.startup_wait_s, connect_timeout_s=settings.db_timeout_ms / 1000
+        )
+    applied = await migrate(dsn, connect_timeout_s=settings.db_timeout_ms / 1000)
     if applied:
         log.info("applied migrations %s", applied)
     async with open_store(
@@ -102,6 +109,8 @@ async def database(app: web.Application) -> AsyncIterator[None]:
         max_size=settings.db_pool_max,
         lock_timeout_ms=settings.lock_timeout_ms,
         statement_timeout_ms=settings.statement_timeout_ms,
+        timeout_ms=settings.db_timeout_ms,
+        acquire_timeout_ms=settings.db_acquire_timeout_ms,
         on_commit=app[OUTBOX].enqueue,
     ) as store:
         app[STORE] = store
@@ -113,9 +122,13 @@ async def database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def broker(app: web.Application) -> AsyncIterator[None]:
-    url = app[SETTINGS].broker_url
-    async with open_broker(url) as b:
-        log.info("broker: %s", b.kind)
+    settings = app[SETTINGS]
+    async with open_broker(
+        settings.broker_url,
+        timeout_s=settings.broker_timeout_ms / 1000,
+        wait_s=settings.startup_wait_s,
+    ) as b:
+        log.info("broker: %s", getattr(b, "where", b.kind))
         app[BROKER] = b
         yield
 
@@ -145,10 +158,13 @@ async def publishing(app: web.Application) -> AsyncIterator[None]:
 
 
 async def services(app: web.Application) -> AsyncIterator[None]:
-    store, broker_, metrics = app[STORE], app[BROKER], app[METRICS]
-    rooms = Rooms(store, broker_, app[SETTINGS].instance_id, on_fanout=metrics.fanout)
+    store, broker_, metrics, settings = app[STORE], app[BROKER], app[METRICS], app[SETTINGS]
+    rooms = Rooms(store, broker_, settings.instance_id, on_fanout=metrics.fanout)
     app[ROOMS] = rooms
-    app[SCHEDULING] = Scheduling(store, app[SETTINGS], app[CLOCK])
+    app[SCHEDULING] = Scheduling(store, settings, app[CLOCK])
+    app[HEALTH] = Health(store, broker_, timeout_s=settings.ready_timeout_ms / 1000)
+    # What this instance commits reaches its own members at once, broker or not.
+    app[OUTBOX].deliver_to(rooms.deliver)
     metrics.track(
         connections=lambda: len(app[CONNECTIONS]),
         rooms=rooms.stats,
@@ -156,7 +172,10 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     )
     metrics.outbox_bytes.set_function(lambda: float(outbox_stats(app)[0]))
     metrics.backed_up.set_function(lambda: float(outbox_stats(app)[1]))
+    metrics.track_broker(lambda: broker_.up)
     yield
+    app[OUTBOX].deliver_to(None)
+    await app[HEALTH].close()
     await rooms.close()
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -24,15 +26,15 @@ from typing import Any
 from aiohttp import web
 
 from client import demo
+from protocol.errors import SlotcastError
 from protocol.vocabulary import Role
 from server import auth
 from server.app import create_app
 from server.lifecycle import drain
 from server.settings import DEV_SECRET, Settings
+from store.startup import describe
 
 log = logging.getLogger("slotcast")
-
-SHUTDOWN_S = 10.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # asyncpg logs each failed attempt to refill its pool with a traceback: during a
+    # database outage that is a screenful a second that says nothing our own lines do not.
+    logging.getLogger("asyncpg.pool").addFilter(_without_traceback)
     if args.command == "token":
         print(
             auth.issue(
@@ -116,48 +121,123 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
 async def _migrate(settings: Settings) -> int:
     from store import embedded
     from store.migrate import migrate
+    from store.runner import wait_for_database
 
-    if settings.database_url is None:
-        dsn, _ = await asyncio.to_thread(embedded.start, settings.data_dir / "pg")
-    else:
-        dsn = settings.database_url
-    applied = await migrate(dsn)
+    connect_timeout_s = settings.db_timeout_ms / 1000
+    try:
+        if settings.database_url is None:
+            dsn, _ = await asyncio.to_thread(embedded.start, settings.data_dir / "pg")
+        else:
+            dsn = settings.database_url
+            await wait_for_database(
+                dsn, limit_s=settings.startup_wait_s, connect_timeout_s=connect_timeout_s
+            )
+        applied = await migrate(dsn, connect_timeout_s=connect_timeout_s)
+    except SlotcastError as exc:
+        log.error("cannot migrate: %s", exc.message)
+        return 1
     log.info("applied %s", applied or "nothing: up to date")
     return 0
 
 
+class NotStarted(Exception):
+    """Start-up gave up; the message is the whole story, for one log line."""
+
+
 async def serve(settings: Settings) -> int:
-    """Run until SIGINT or SIGTERM, then drain (see server.lifecycle) and close in order."""
+    """Run until SIGINT or SIGTERM, then drain (see server.lifecycle) and close in order.
+
+    Start-up waits for PostgreSQL, then Redis, up to `startup_wait_s` each. If one never
+    answers (or refuses us, or the port is taken), the reason is one ERROR line and the
+    exit code 1. A signal during start-up stops it. Whatever was opened is closed, within
+    `shutdown_timeout_s` after the drain, so the process exits even if a dependency froze.
+    """
     if settings.jwt_secret == DEV_SECRET:
         log.warning("using the built-in development JWT secret; set SLOTCAST_JWT_SECRET")
-    app = create_app(settings)
-    # After the drain, what is left (a REST request in flight, a WebSocket that joined
-    # late and was told 1001) gets SHUTDOWN_S to finish, not aiohttp's default minute.
-    # Slow HTTP: aiohttp's keep-alive timer runs from the moment a connection opens and
-    # closes one whose request head is not complete when it fires (server.guard).
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        handle_signals=False,
-        shutdown_timeout=SHUTDOWN_S,
-        keepalive_timeout=settings.header_timeout_s,
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
-    for address in runner.addresses:
-        host, port = address[0], address[1]
-        log.info("listening on http://%s:%s (instance %s)", host, port, settings.instance_id)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down")
-    await drain(app)
-    await runner.cleanup()
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        # In-flight handlers get half the closing time; the database and broker the rest.
+        shutdown_timeout=settings.shutdown_timeout_s / 2,
+        # Slow HTTP: aiohttp's keep-alive timer runs from the moment a connection opens and
+        # closes one whose request head is not complete when it fires (server.guard).
+        keepalive_timeout=settings.header_timeout_s,
+    )
+    code = 0
+    try:
+        if await _start(runner, settings, stop):
+            await stop.wait()
+            log.info("shutting down")
+            await drain(app)
+    except NotStarted as exc:
+        log.error("cannot start: %s", exc)
+        code = 1
+    finally:
+        if not await _close(runner, settings.shutdown_timeout_s):
+            # What is still closing would be finalized half-way by the event loop's own
+            # shutdown (and log errors about it); the operating system closes it better.
+            log.warning(
+                "closing took longer than %g s; exiting anyway", settings.shutdown_timeout_s
+            )
+            logging.shutdown()
+            os._exit(code)
     log.info("stopped")
-    return 0
+    return code
+
+
+async def _start(runner: web.AppRunner, settings: Settings, stop: asyncio.Event) -> bool:
+    """Open everything and listen; False if a signal came first."""
+    setup = asyncio.create_task(runner.setup(), name="startup")
+    stopped = asyncio.create_task(stop.wait(), name="startup-signal")
+    await asyncio.wait([setup, stopped], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not setup.done():
+        log.info("stopped while starting")
+        setup.cancel()
+        with contextlib.suppress(asyncio.CancelledError, SlotcastError):
+            await setup
+        return False
+    try:
+        setup.result()
+    except SlotcastError as exc:  # a dependency that never answered, or refused us
+        raise NotStarted(exc.message) from exc
+    site = web.TCPSite(runner, settings.host, settings.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise NotStarted(
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+        ) from exc
+    for address in runner.addresses:
+        host, port = address[0], address[1]
+        log.info("listening on http://%s:%s (instance %s)", host, port, settings.instance_id)
+    return True
+
+
+async def _close(runner: web.AppRunner, timeout_s: float) -> bool:
+    """Close everything that was opened; False if that took longer than `timeout_s`."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await runner.cleanup()
+    except TimeoutError:
+        return False
+    return True
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """A library's warning about an outage, as one line: its message and the error's."""
+    if record.exc_info and record.exc_info[1] is not None and record.levelno < logging.ERROR:
+        record.msg = f"{record.getMessage()}: {describe(record.exc_info[1])}"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+    return True
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from server.guard import Guard
+from server.health import Health
 from server.limits import Limiter
 from server.metrics import Metrics
 from server.rooms import Rooms
@@ -42,5 +43,6 @@ STATE = web.AppKey("state", ServerState)
 # Facing the internet: caps, origins, idle sockets (server.guard); rate limits (server.limits).
 GUARD = web.AppKey("guard", Guard)
 LIMITER = web.AppKey("limiter", Limiter)
+HEALTH = web.AppKey("health", Health)
 # One session per open WebSocket: what a drain closes and `slotcast_connections` counts.
 CONNECTIONS: web.AppKey[set[Session]] = web.AppKey("connections")

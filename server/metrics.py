@@ -114,6 +114,12 @@ class Metrics:
         self.metrics_refused = Counter(
             "slotcast_metrics_refused", "/metrics requests from outside its allow list", registry=r
         )
+        self.broker_up = Gauge(
+            "slotcast_broker_up",
+            "1 while the broker answers and its listener hears; 0 while this instance is "
+            "degraded (it still serves its clients and delivers its own changes)",
+            registry=r,
+        )
 
     def slow_consumer(self, reason: str) -> None:
         self.slow_consumers.labels(reason).inc()
@@ -133,6 +139,10 @@ class Metrics:
         for kind in ("rooms", "patient_rooms"):
             self.rooms.labels(kind).set_function(partial(_pick, rooms, kind))
         self.broker_connected.set_function(lambda: float(broker_connected()))
+
+    def track_broker(self, up: Callable[[], bool]) -> None:
+        """`slotcast_broker_up`, read at scrape time."""
+        self.broker_up.set_function(lambda: float(up()))
 
     def render(self) -> bytes:
         data: bytes = generate_latest(self.registry)

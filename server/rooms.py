@@ -362,6 +362,17 @@ class Rooms:
         else:
             self._on_patient(note)
 
+    def deliver(self, change: Change) -> None:
+        """A change committed by this instance: to its members at once, broker or not.
+
+        The outbox calls this on the committing task. The broker's copy, arriving
+        later, is dropped as a duplicate: by version in a doctor's room, by (doctor,
+        version, appointment) in a patient's.
+        """
+        self.receive(change)
+        for note in PatientNote.of_change(change):
+            self._on_patient(note)
+
     def receive(self, change: Change) -> None:
         room = self._rooms.get(change.doctor_id)
         if room is None:

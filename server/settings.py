@@ -41,6 +41,17 @@ class Settings:
     db_pool_max: int = 10
     lock_timeout_ms: int = 1000
     statement_timeout_ms: int = 2000
+    # Client-side bounds, for when PostgreSQL or Redis cannot enforce their own (frozen,
+    # unreachable): a statement or a whole transaction, waiting for a pooled connection,
+    # one broker call, the /readyz probe. Past them a request gets `unavailable`.
+    db_timeout_ms: int = 3000
+    db_acquire_timeout_ms: int = 1000
+    broker_timeout_ms: int = 1000
+    ready_timeout_ms: int = 800
+    # At start, how long to wait for PostgreSQL, then for Redis, before giving up;
+    # at exit, how long closing may take after the drain before the process just exits.
+    startup_wait_s: float = 30.0
+    shutdown_timeout_s: float = 10.0
     # Frames above max_frame_bytes get a `too_large` error and the connection lives on;
     # above 4x that, aiohttp closes the connection (1009), since it must not buffer more.
     max_frame_bytes: int = 64 * 1024

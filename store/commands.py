@@ -35,7 +35,12 @@ from protocol.messages import (
 from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
 from store import doctors, schedule, sql, steps
 from store.changes import Change
-from store.errors import AppointmentLimit, Forbidden, Invalid, InvalidTransition, translated
+from store.errors import (
+    AppointmentLimit,
+    Forbidden,
+    Invalid,
+    InvalidTransition,
+)
 from store.runner import Store, doctor_of_appointment, doctor_of_slot, run
 from store.tx import SYSTEM, Actor, Limits, Outcome, Reply, Taking, Tx, resolve_now
 
@@ -470,10 +475,7 @@ async def materialize_slots(
 async def expire_holds(store: Store, *, now: datetime | None = None) -> list[Change]:
     """Free every hold whose time is up, doctor by doctor (each under its lock)."""
     now = resolve_now(now)
-    with translated():
-        doctor_ids = [
-            r["doctor_id"] for r in await store.pool.fetch(sql.DOCTORS_WITH_EXPIRED_HOLDS, now)
-        ]
+    doctor_ids = [r["doctor_id"] for r in await store.fetch(sql.DOCTORS_WITH_EXPIRED_HOLDS, now)]
     changes: list[Change] = []
     for doctor_id in doctor_ids:
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from store import sql
-from store.errors import NotFound, translated
+from store.errors import NotFound
 from store.runner import Store
 from store.schedule import Block, zone
 
@@ -43,42 +43,38 @@ async def create_doctor(
 ) -> int:
     """A doctor with rules and weekly hours but no slots yet: `materialize_slots` opens them."""
     zone(timezone)  # refuse an unknown zone before it reaches the table
-    with translated():
-        async with store.pool.acquire() as conn, conn.transaction():
-            doctor_id: int = await conn.fetchval(
-                sql.DOCTOR_INSERT, name, specialty, timezone, slot_minutes, horizon_days
-            )
-            await conn.execute(
-                sql.DOCTOR_SET_RULES,
-                doctor_id,
-                slot_minutes,
-                buffer_minutes,
-                min_notice_minutes,
-                horizon_days,
-            )
-            await conn.executemany(
-                sql.SCHEDULE_INSERT,
-                [(doctor_id, b.weekday, b.starts, b.ends) for b in schedule],
-            )
-            # Without its cursor row the relay would never see this doctor's changes.
-            await conn.execute(sql.RELAY_CURSOR_CREATE, doctor_id)
+    async with store.connection() as conn, conn.transaction():
+        doctor_id: int = await conn.fetchval(
+            sql.DOCTOR_INSERT, name, specialty, timezone, slot_minutes, horizon_days
+        )
+        await conn.execute(
+            sql.DOCTOR_SET_RULES,
+            doctor_id,
+            slot_minutes,
+            buffer_minutes,
+            min_notice_minutes,
+            horizon_days,
+        )
+        await conn.executemany(
+            sql.SCHEDULE_INSERT,
+            [(doctor_id, b.weekday, b.starts, b.ends) for b in schedule],
+        )
+        # Without its cursor row the relay would never see this doctor's changes.
+        await conn.execute(sql.RELAY_CURSOR_CREATE, doctor_id)
     return doctor_id
 
 
 async def doctor(store: Store, doctor_id: int) -> Doctor:
-    with translated():
-        row = await store.pool.fetchrow(sql.DOCTOR_GET, doctor_id)
+    row = await store.fetchrow(sql.DOCTOR_GET, doctor_id)
     if row is None:
         raise NotFound(f"no doctor {doctor_id}")
     return Doctor(**dict(row))
 
 
 async def doctor_ids(store: Store) -> list[int]:
-    with translated():
-        return [r["id"] for r in await store.pool.fetch(sql.DOCTOR_IDS)]
+    return [r["id"] for r in await store.fetch(sql.DOCTOR_IDS)]
 
 
 async def doctor_count(store: Store) -> int:
-    with translated():
-        count: int = await store.pool.fetchval(sql.DOCTOR_COUNT)
+    count: int = await store.fetchval(sql.DOCTOR_COUNT)
     return count

@@ -3,6 +3,13 @@
 Each carries the protocol error code the client will see, so the mapping from
 "what went wrong in the database" to "what the client can do about it" is made
 once, here, at the boundary.
+
+Two kinds of failure must never be confused. A *transient* one says that
+PostgreSQL or Redis is away, restarting, frozen, or out of connections, or that
+the way to it broke: the request was not wrong and the same request (with the
+same idempotency key) may succeed in a moment, so it is `unavailable` (HTTP
+503). Anything else the driver raises is a bug of ours, `internal`, and is
+logged with its traceback. `transient` and `broker_transient` draw that line.
 """
 
 from __future__ import annotations
@@ -10,14 +17,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 
 import asyncpg
+from redis.exceptions import AuthenticationError as RedisAuthenticationError
+from redis.exceptions import AuthorizationError as RedisAuthorizationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol.errors import ErrorCode, SlotcastError
 
 log = logging.getLogger(__name__)
+
+# SQLSTATEs of a server that is going away, not there yet, or out of room, whatever the
+# request: 08 connection exceptions, 53 insufficient resources (53300 too many
+# connections), 57P01-57P05 admin and crash shutdown, "cannot connect now" (starting up
+# or shutting down), database dropped, idle session timeout; 25P03 idle-in-transaction
+# timeout (the server closed the session).
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57P", "25P03")
 
 
 class StoreError(SlotcastError):
@@ -97,9 +117,49 @@ class Busy(StoreError):
 
 
 class Unavailable(StoreError):
-    """The database could not be reached."""
+    """The database or the broker is away, restarting, frozen or full: retry shortly."""
 
     code = ErrorCode.UNAVAILABLE
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether `exc` says PostgreSQL (or the way to it) is unavailable, not that a request
+    or the code is wrong. A connection that raised one is in an unknown state."""
+    if isinstance(exc, OSError):  # refused, reset, unreachable; TimeoutError is one too
+        return True
+    if isinstance(exc, asyncpg.DataError | asyncpg.ClientConfigurationError):
+        return False  # an argument the driver cannot encode, a bad DSN: bugs, not outages
+    if isinstance(exc, asyncpg.InterfaceError | asyncpg.InternalClientError):
+        # "connection is closed", "another operation is in progress", "cannot switch to
+        # state 12": the client side of a connection that broke under it.
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return (exc.sqlstate or "").startswith(_TRANSIENT_SQLSTATE_PREFIXES)
+    return False
+
+
+def broker_transient(exc: BaseException) -> bool:
+    """Whether `exc` says Redis is unavailable (rather than refusing our credentials)."""
+    if isinstance(exc, RedisAuthenticationError | RedisAuthorizationError):
+        return False
+    return isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError)
+
+
+class _Quiet:
+    """At most one warning per `every_s` for a condition that may hit every request."""
+
+    def __init__(self, every_s: float = 5.0) -> None:
+        self._every_s = every_s
+        self._last = -every_s
+
+    def warn(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last >= self._every_s:
+            self._last = now
+            log.warning(message, *args)
+
+
+_database_away = _Quiet()
 
 
 @contextlib.contextmanager
@@ -115,8 +175,28 @@ def translated() -> Iterator[None]:
         raise SlotTaken("the slot overlaps an active appointment") from exc
     except (asyncpg.LockNotAvailableError, asyncpg.QueryCanceledError) as exc:
         raise Busy("the doctor's calendar is busy; retry shortly") from exc
-    except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
-        raise Unavailable("the database is unreachable") from exc
-    except asyncpg.PostgresError as exc:
-        log.exception("unexpected database error")
-        raise StoreError("internal database error") from exc
+    except TimeoutError as exc:
+        # One of the store's own bounds: the server may be frozen or unreachable.
+        _database_away.warn("database did not answer in time (client-side bound)")
+        raise Unavailable("the database did not answer in time; retry shortly") from exc
+    except Exception as exc:
+        if transient(exc):
+            _database_away.warn("database unavailable: %s: %s", type(exc).__name__, exc)
+            raise Unavailable("the database is unavailable; retry shortly") from exc
+        if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+            log.exception("unexpected database error")
+            raise StoreError("internal database error") from exc
+        raise
+
+
+@contextlib.contextmanager
+def broker_translated() -> Iterator[None]:
+    """Turn redis-py errors (and the broker's own time bounds) into `Unavailable`."""
+    try:
+        yield
+    except SlotcastError:
+        raise
+    except TimeoutError as exc:
+        raise Unavailable("the broker did not answer in time") from exc
+    except (RedisError, OSError) as exc:
+        raise Unavailable(f"the broker is unavailable: {exc}") from exc

@@ -42,10 +42,13 @@ def available() -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
-async def migrate(dsn: str) -> list[int]:
-    """Apply what is missing; return the versions applied by this call."""
+async def migrate(dsn: str, *, connect_timeout_s: float = 60.0) -> list[int]:
+    """Apply what is missing; return the versions applied by this call.
+
+    Connecting is bounded; the migrations are not (a migration may rightly be long,
+    and another instance may hold the lock while it applies them)."""
     with translated():
-        conn = await asyncpg.connect(dsn)
+        conn = await asyncpg.connect(dsn, timeout=connect_timeout_s)
     try:
         with translated():
             return await _migrate(conn)

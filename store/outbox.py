@@ -10,6 +10,13 @@ a grace period: a failed publish, or a crash between commit and publish.
 The outbox exists before the store (the store is built with its hook) and starts
 publishing once the broker exists (`publishing`); changes committed in between
 wait in the queue. Nothing here knows the server: metrics arrive as callbacks.
+
+A broker outage must not silence the instance that commits: each change is also
+handed at once to a local delivery callback (`deliver_to`; the server's rooms),
+whatever the broker does. The broker's own copy, when it comes, is a duplicate the
+rooms drop. While the broker is away the publisher stops trying after the first
+failure of each batch and says so once; the relay resends from the change log
+when it is back, and other instances catch up from that log as well.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from store import sql
 from store.broker import Broker
 from store.changes import Change, PatientNote
 from store.constants import doctor_channel, patient_channel
-from store.errors import StoreError, translated
+from store.errors import StoreError
 from store.runner import Store
 
 log = logging.getLogger(__name__)
@@ -36,6 +43,10 @@ def _ignore(count: int) -> None:
     return None
 
 
+def _keep(change: Change) -> None:
+    return None
+
+
 class Outbox:
     def __init__(self, *, on_relayed: Callable[[int], None] | None = None) -> None:
         self._on_relayed = on_relayed or _ignore
@@ -44,14 +55,37 @@ class Outbox:
         self._failed: dict[int, set[int]] = {}  # doctor -> versions whose publish failed
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._deliver: Callable[[Change], None] = _keep
+        # (doctor, version) queued and not yet tried: the relay does not queue them twice.
+        self._queued: set[tuple[int, int]] = set()
+        self._paused = False  # the last publish failed: the broker is away
+
+    def deliver_to(self, deliver: Callable[[Change], None] | None) -> None:
+        """Hand every change committed here to `deliver` too, at once, on the committing
+        task (so it must only queue). None stops it."""
+        self._deliver = deliver or _keep
 
     def enqueue(self, changes: list[Change]) -> None:
-        """The store's commit hook. After `publishing` ended, changes are left to the relay
-        of whichever instance runs next: the cursor never passed them."""
+        """The store's commit hook: local delivery now, the broker soon. After `publishing`
+        ended, changes are left to the relay of whichever instance runs next: the cursor
+        never passed them."""
+        for change in changes:
+            try:
+                self._deliver(change)
+            except Exception:  # the commit stands whatever a local member's state
+                log.exception(
+                    "local delivery of doctor %s v%s failed", change.doctor_id, change.version
+                )
+        self._put(changes)
+
+    def _put(self, changes: list[Change]) -> None:
         if self._closed:
             return
         for change in changes:
-            self._queue.put_nowait(change)
+            key = (change.doctor_id, change.version)
+            if key not in self._queued:
+                self._queued.add(key)
+                self._queue.put_nowait(change)
 
     @contextlib.asynccontextmanager
     async def publishing(
@@ -79,7 +113,7 @@ class Outbox:
         if changes:
             log.info("relaying %d unpublished changes", len(changes))
             self._on_relayed(len(changes))
-            self.enqueue(changes)
+            self._put(changes)
 
     async def _run(self, store: Store, broker: Broker) -> None:
         while True:
@@ -87,14 +121,18 @@ class Outbox:
             while not self._queue.empty() and len(batch) < BATCH:
                 batch.append(self._queue.get_nowait())
             try:
+                away = False
                 for change in batch:
                     failed = self._failed.setdefault(change.doctor_id, set())
-                    if await self._publish(broker, change):
+                    # Once one publish failed, the rest of the batch waits for the relay:
+                    # each try against a frozen broker would cost its whole time bound.
+                    if not away and await self._publish(broker, change):
                         failed.discard(change.version)
                         self._done[change.doctor_id] = max(
                             self._done.get(change.doctor_id, 0), change.version
                         )
                     else:
+                        away = True
                         failed.add(change.version)
                 # The cursor never passes a version whose publish failed: the relay
                 # resends from there (a patient room has no log to fill gaps from).
@@ -107,20 +145,29 @@ class Outbox:
             except StoreError as exc:
                 log.warning("could not advance the relay cursor: %s", exc)
             finally:
-                for _ in batch:
+                for change in batch:
+                    self._queued.discard((change.doctor_id, change.version))
                     self._queue.task_done()
 
-    @staticmethod
-    async def _publish(broker: Broker, change: Change) -> bool:
+    async def _publish(self, broker: Broker, change: Change) -> bool:
         try:
             await broker.publish(doctor_channel(change.doctor_id), change.pack())
             for note in PatientNote.of_change(change):
                 await broker.publish(patient_channel(note.patient_id), note.pack())
         except StoreError as exc:
-            log.warning(
-                "publish of doctor %s v%s failed: %s", change.doctor_id, change.version, exc
-            )
+            if not self._paused:
+                self._paused = True
+                log.warning(
+                    "publishing paused at doctor %s v%s (%s): local watchers still get every "
+                    "change; the relay resends to the others once the broker is back",
+                    change.doctor_id,
+                    change.version,
+                    exc.message,
+                )
             return False
+        if self._paused:
+            self._paused = False
+            log.info("publishing resumed")
         return True
 
 
@@ -129,13 +176,11 @@ class Outbox:
 
 async def unpublished(store: Store, *, older_than: datetime, limit: int = 500) -> list[Change]:
     """Changes committed before `older_than` that no publish has confirmed yet."""
-    with translated():
-        rows = await store.pool.fetch(sql.CHANGES_UNPUBLISHED, older_than, limit)
+    rows = await store.fetch(sql.CHANGES_UNPUBLISHED, older_than, limit)
     return [Change.of_record(r["doctor_id"], r) for r in rows]
 
 
 async def mark_published(store: Store, highest: dict[int, int]) -> None:
     """Advance doctors' relay cursors (never backwards) to the versions given."""
     if highest:
-        with translated():
-            await store.pool.execute(sql.RELAY_ADVANCE, list(highest), list(highest.values()))
+        await store.execute(sql.RELAY_ADVANCE, list(highest), list(highest.values()))

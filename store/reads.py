@@ -18,7 +18,7 @@ import asyncpg
 from protocol.messages import AppointmentView, Dashboard, DoctorView, Snapshot
 from store import sql
 from store.changes import Change
-from store.errors import Invalid, NotFound, translated
+from store.errors import Invalid, NotFound
 from store.runner import Store
 from store.steps import appointment_view, slot_view
 from store.tx import resolve_now
@@ -30,15 +30,14 @@ async def _consistent(
 ) -> AsyncIterator[tuple[asyncpg.Connection, asyncpg.Record]]:
     """One repeatable-read snapshot: the doctor's row (its version) and what is read
     with it describe the same moment."""
-    with translated():
-        async with (
-            store.pool.acquire() as conn,
-            conn.transaction(isolation="repeatable_read", readonly=True),
-        ):
-            doctor = await conn.fetchrow(sql.DOCTOR_GET, doctor_id)
-            if doctor is None:
-                raise NotFound(f"no doctor {doctor_id}")
-            yield conn, doctor
+    async with (
+        store.connection() as conn,
+        conn.transaction(isolation="repeatable_read", readonly=True),
+    ):
+        doctor = await conn.fetchrow(sql.DOCTOR_GET, doctor_id)
+        if doctor is None:
+            raise NotFound(f"no doctor {doctor_id}")
+        yield conn, doctor
 
 
 async def snapshot(
@@ -105,8 +104,7 @@ async def _slots(
 
 
 async def doctor_version(store: Store, doctor_id: int) -> int:
-    with translated():
-        version: int | None = await store.pool.fetchval(sql.DOCTOR_VERSION, doctor_id)
+    version: int | None = await store.fetchval(sql.DOCTOR_VERSION, doctor_id)
     if version is None:
         raise NotFound(f"no doctor {doctor_id}")
     return version
@@ -114,37 +112,30 @@ async def doctor_version(store: Store, doctor_id: int) -> int:
 
 async def changes_between(store: Store, doctor_id: int, after: int, upto: int) -> list[Change]:
     """Committed changes with after < version <= upto, in order: the gap filler's source."""
-    with translated():
-        rows = await store.pool.fetch(sql.CHANGES_BETWEEN, doctor_id, after, upto)
+    rows = await store.fetch(sql.CHANGES_BETWEEN, doctor_id, after, upto)
     return [Change.of_record(doctor_id, r) for r in rows]
 
 
 async def change_log(store: Store, doctor_id: int) -> list[dict[str, Any]]:
     """The whole log of a doctor, rows as stored (audit, replay checks)."""
-    with translated():
-        rows = await store.pool.fetch(sql.CHANGES_ALL, doctor_id)
+    rows = await store.fetch(sql.CHANGES_ALL, doctor_id)
     return [dict(r) for r in rows]
 
 
 async def search_doctors(
     store: Store, query: str | None, *, limit: int = 20, offset: int = 0
 ) -> list[DoctorView]:
-    with translated():
-        rows = await store.pool.fetch(sql.DOCTOR_SEARCH, query or None, limit, offset)
+    rows = await store.fetch(sql.DOCTOR_SEARCH, query or None, limit, offset)
     return [DoctorView(**dict(r)) for r in rows]
 
 
 async def doctor_appointments(store: Store, doctor_id: int, day: date) -> list[AppointmentView]:
-    with translated():
-        rows = await store.pool.fetch(sql.APPOINTMENTS_OF_DOCTOR_ON, doctor_id, day)
+    rows = await store.fetch(sql.APPOINTMENTS_OF_DOCTOR_ON, doctor_id, day)
     return [appointment_view(r) for r in rows]
 
 
 async def patient_appointments(
     store: Store, patient_id: str, *, now: datetime | None = None
 ) -> list[AppointmentView]:
-    with translated():
-        rows = await store.pool.fetch(
-            sql.APPOINTMENTS_OF_PATIENT_UPCOMING, patient_id, resolve_now(now)
-        )
+    rows = await store.fetch(sql.APPOINTMENTS_OF_PATIENT_UPCOMING, patient_id, resolve_now(now))
     return [appointment_view(r) for r in rows]

@@ -8,10 +8,19 @@ then the command re-checks everything under the locks and writes; finally each
 touched doctor's version is bumped once and its change record appended, all in
 that transaction. The exclusion constraint on appointments stands behind it all.
 After the commit the changes go to the store's commit hook (the outbox).
+
+Every use of the database is bounded on this side too (`Store.connection`): a
+connection is waited for at most `acquire_timeout_s`, and one unit of work (a
+statement, or a whole transaction) may take at most `timeout_s`, each call
+included. PostgreSQL's own `statement_timeout` cannot help when PostgreSQL itself
+is frozen or the network has gone quiet; these bounds turn that into
+`unavailable` in a known time, and the connection, whose state is then unknown,
+is terminated rather than handed to the next request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -26,7 +35,16 @@ from protocol.messages import SERVER_MESSAGES, Message
 from store import sql, steps
 from store.changes import Change
 from store.constants import LOCK_NS_DOCTOR, LOCK_NS_PATIENT
-from store.errors import IdempotencyConflict, NotFound, SlotTaken, StoreError, translated
+from store.errors import (
+    IdempotencyConflict,
+    NotFound,
+    SlotTaken,
+    StoreError,
+    Unavailable,
+    transient,
+    translated,
+)
+from store.startup import wait_until_up, where_postgres
 from store.tx import Actor, LockTarget, Outcome, Reply, Taking, Tx
 
 log = logging.getLogger(__name__)
@@ -39,7 +57,8 @@ def _ignore(changes: list[Change]) -> None:
 
 
 class Store:
-    """The handle every store function takes: the pool and what must follow each commit.
+    """The handle every store function takes: the pool, its time bounds, and what must
+    follow each commit.
 
     `on_commit` is told of every commit's changes, in commit order per doctor; it is
     given when the store is opened (the server passes its outbox) and runs on the
@@ -52,11 +71,82 @@ class Store:
         session_state: set[int] | None = None,
         *,
         on_commit: OnCommit | None = None,
+        timeout_s: float | None = None,
+        acquire_timeout_s: float | None = None,
     ) -> None:
         self.pool = pool
         # Backend pids of pooled connections that may hold session state (see open_store).
         self.session_state = session_state if session_state is not None else set()
         self.on_commit: OnCommit = on_commit or _ignore
+        self.timeout_s = timeout_s
+        self.acquire_timeout_s = acquire_timeout_s
+
+    @contextlib.asynccontextmanager
+    async def connection(self, *, bounded: bool = True) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection for one unit of work, with driver errors translated.
+
+        Acquired within `acquire_timeout_s`; the block must end within `timeout_s`
+        (unless `bounded` is False: work that spans several transactions on purpose,
+        each call still bounded by the pool's `command_timeout`). At the deadline the
+        connection is terminated, which fails whatever waits on it at once: cancelling
+        the task instead would leave a transaction's ROLLBACK waiting on the very
+        server that stopped answering. Any block that ends in a timeout, a cancellation
+        or a transient error leaves the connection in an unknown state (a query may
+        still run, an exchange be half done), so it is terminated rather than reused;
+        the pool opens a fresh one when next needed.
+        """
+        with translated():
+            try:
+                conn = await self.pool.acquire(timeout=self.acquire_timeout_s)
+            except TimeoutError:
+                raise Unavailable("no database connection was free in time") from None
+            expired = False
+
+            def expire() -> None:
+                nonlocal expired
+                expired = True
+                _drop(conn)
+
+            watchdog = None
+            if bounded and self.timeout_s is not None:
+                watchdog = asyncio.get_running_loop().call_later(self.timeout_s, expire)
+            try:
+                yield conn
+            except BaseException as exc:
+                if expired:
+                    raise Unavailable("the database did not answer in time") from exc
+                if isinstance(exc, asyncio.CancelledError) or transient(exc):
+                    _drop(conn)
+                raise
+            finally:
+                if watchdog is not None:
+                    watchdog.cancel()
+                await self.pool.release(conn)
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        async with self.connection() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+        return rows
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        async with self.connection() as conn:
+            row: asyncpg.Record | None = await conn.fetchrow(query, *args)
+        return row
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        async with self.connection() as conn:
+            return await conn.fetchval(query, *args)
+
+    async def execute(self, query: str, *args: Any) -> str:
+        async with self.connection() as conn:
+            status: str = await conn.execute(query, *args)
+        return status
+
+
+def _drop(conn: asyncpg.Connection) -> None:
+    """Terminate a pooled connection, unless the driver already did (and released it)."""
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -76,28 +166,70 @@ async def open_store(
     max_size: int = 10,
     lock_timeout_ms: int = 1000,
     statement_timeout_ms: int = 2000,
+    timeout_ms: int | None = 3000,
+    acquire_timeout_ms: int | None = 1000,
     on_commit: OnCommit | None = None,
 ) -> AsyncIterator[Store]:
-    """A pool whose every connection fails fast on a stuck lock or a runaway statement."""
+    """A pool whose every connection fails fast on a stuck lock or a runaway statement,
+    and whose every use is bounded on this side too (`timeout_ms`, `acquire_timeout_ms`;
+    None: unbounded). `timeout_ms` also bounds each call, the connecting and the close."""
+    timeout_s = _seconds(timeout_ms)
     session_state: set[int] = set()
     with translated():
-        pool = await asyncpg.create_pool(
-            dsn,
-            min_size=min_size,
-            max_size=max_size,
-            init=_init_connection,
-            reset=_reset_only_if(session_state),
-            server_settings={
-                "lock_timeout": str(lock_timeout_ms),
-                "statement_timeout": str(statement_timeout_ms),
-                "idle_in_transaction_session_timeout": str(statement_timeout_ms * 5),
-                "application_name": "slotcast",
-            },
-        )
+        async with asyncio.timeout(timeout_s):
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                init=_init_connection,
+                reset=_reset_only_if(session_state),
+                # Every call's default bound, BEGIN and COMMIT included; and connecting.
+                command_timeout=timeout_s,
+                timeout=timeout_s or 60.0,
+                server_settings={
+                    "lock_timeout": str(lock_timeout_ms),
+                    "statement_timeout": str(statement_timeout_ms),
+                    "idle_in_transaction_session_timeout": str(statement_timeout_ms * 5),
+                    "application_name": "slotcast",
+                },
+            )
     try:
-        yield Store(pool, session_state, on_commit=on_commit)
+        yield Store(
+            pool,
+            session_state,
+            on_commit=on_commit,
+            timeout_s=timeout_s,
+            acquire_timeout_s=_seconds(acquire_timeout_ms),
+        )
     finally:
-        await pool.close()
+        await _close(pool, timeout_s)
+
+
+async def _close(pool: asyncpg.Pool, timeout_s: float | None) -> None:
+    """Close gracefully if PostgreSQL lets us (every unit of work is bounded, so in-use
+    connections come back within `timeout_s`); else drop the connections."""
+    try:
+        async with asyncio.timeout(None if timeout_s is None else timeout_s + 1.0):
+            await pool.close()
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.warning("database pool did not close cleanly (%s); connections dropped", exc)
+        pool.terminate()
+
+
+def _seconds(ms: int | None) -> float | None:
+    return None if ms is None else ms / 1000
+
+
+async def wait_for_database(dsn: str, *, limit_s: float, connect_timeout_s: float) -> None:
+    """Return once PostgreSQL at `dsn` takes a connection; `Unavailable` after `limit_s`
+    (or at once when waiting cannot help, e.g. a wrong password or database name)."""
+
+    async def attempt() -> None:
+        async with asyncio.timeout(connect_timeout_s):
+            conn = await asyncpg.connect(dsn, timeout=connect_timeout_s)
+            await conn.close()
+
+    await wait_until_up(where_postgres(dsn), attempt, transient=transient, limit_s=limit_s)
 
 
 def _reset_only_if(session_state: set[int]) -> Callable[[asyncpg.Connection], Awaitable[None]]:
@@ -154,9 +286,8 @@ async def run(
         outcome, error = await _attempt(store, target, actor, now, work, command, fingerprint, key)
     except _KeyRace:
         # The same subject's key was stored by a concurrent command on another doctor.
-        with translated():
-            async with store.pool.acquire() as conn:
-                replay = await _replay(conn, actor, key, command, fingerprint)
+        async with store.connection() as conn:
+            replay = await _replay(conn, actor, key, command, fingerprint)
         if replay is None:  # pragma: no cover - the conflicting insert committed
             raise IdempotencyConflict("key in use by an unfinished request") from None
         return Outcome(cast(Reply, replay), [])
@@ -208,60 +339,59 @@ async def _attempt(
     fingerprint: dict[str, Any],
     key: str | None,
 ) -> tuple[Outcome[Reply], StoreError | None]:
-    with translated():
-        async with store.pool.acquire() as conn, conn.transaction():
-            doctor_ids = await _lock(conn, target)
-            # One round trip for the versions, the expired-hold check, the idempotency
-            # record and the slot or appointment named: its snapshot follows the locks.
-            if target.slot_id is not None:
-                first = await _slot_prelude(conn, target, now, actor, key)
-            elif target.appointment_id is not None:
-                first = await conn.fetchrow(
-                    sql.APPOINTMENT_PRELUDE, now, str(actor), key, target.appointment_id
-                )
-                if first is None:  # pragma: no cover - appointments are never deleted
-                    raise NotFound(f"no appointment {target.appointment_id}")
-            else:
-                first = await conn.fetchrow(sql.COMMAND_PRELUDE, doctor_ids, now, str(actor), key)
-            if first["key_command"] is not None:
-                # The stored reply is of the type this very command returned the first time.
-                replayed = _replayed(first, command, fingerprint)
-                return Outcome(cast(Reply, replayed), []), None
-            versions = dict(zip(first["doctor_ids"] or [], first["versions"] or [], strict=True))
-            tx = Tx(conn, now, actor)
-            if first["expired_holds"]:
-                for doctor_id in doctor_ids:
-                    await steps.expire_holds(tx, doctor_id)
-            elif target.slot_id is not None:
-                tx.prefetched_slot = first  # nothing written since it was read
-                if first["taken_id"] is not None:
-                    assert target.taking is not None
-                    tx.taken = (target.taking, first)
-            elif target.appointment_id is not None:
-                tx.prefetched_appointment = first  # nothing written since it was read
-            before = tx.checkpoint()
-            error: StoreError | None = None
-            reply: Reply | None = None
-            if before:
-                # Expired holds to keep even if the command is refused: a savepoint
-                # lets a refusal undo only the command's own work.
-                try:
-                    async with conn.transaction():
-                        reply = await work(tx)
-                except StoreError as exc:
-                    tx.restore(before)
-                    error = exc
-            else:
-                # Nothing to keep: a refusal rolls the whole transaction back, and
-                # the two round trips of a savepoint are saved on every command.
-                reply = await work(tx)
-            if tx.taken is not None:  # pragma: no cover - the command must claim it
-                raise StoreError("an inserted appointment was not the command's")
-            tx.prefetched_slot = tx.prefetched_appointment = None
-            changes = await _record(conn, tx, versions, actor, key, command, fingerprint, reply)
-            # A refused command still commits the holds it found expired; its `reply` is
-            # None then, but `run` raises `error` instead of returning it.
-            return Outcome(cast(Reply, reply), changes), error
+    async with store.connection() as conn, conn.transaction():
+        doctor_ids = await _lock(conn, target)
+        # One round trip for the versions, the expired-hold check, the idempotency
+        # record and the slot or appointment named: its snapshot follows the locks.
+        if target.slot_id is not None:
+            first = await _slot_prelude(conn, target, now, actor, key)
+        elif target.appointment_id is not None:
+            first = await conn.fetchrow(
+                sql.APPOINTMENT_PRELUDE, now, str(actor), key, target.appointment_id
+            )
+            if first is None:  # pragma: no cover - appointments are never deleted
+                raise NotFound(f"no appointment {target.appointment_id}")
+        else:
+            first = await conn.fetchrow(sql.COMMAND_PRELUDE, doctor_ids, now, str(actor), key)
+        if first["key_command"] is not None:
+            # The stored reply is of the type this very command returned the first time.
+            replayed = _replayed(first, command, fingerprint)
+            return Outcome(cast(Reply, replayed), []), None
+        versions = dict(zip(first["doctor_ids"] or [], first["versions"] or [], strict=True))
+        tx = Tx(conn, now, actor)
+        if first["expired_holds"]:
+            for doctor_id in doctor_ids:
+                await steps.expire_holds(tx, doctor_id)
+        elif target.slot_id is not None:
+            tx.prefetched_slot = first  # nothing written since it was read
+            if first["taken_id"] is not None:
+                assert target.taking is not None
+                tx.taken = (target.taking, first)
+        elif target.appointment_id is not None:
+            tx.prefetched_appointment = first  # nothing written since it was read
+        before = tx.checkpoint()
+        error: StoreError | None = None
+        reply: Reply | None = None
+        if before:
+            # Expired holds to keep even if the command is refused: a savepoint
+            # lets a refusal undo only the command's own work.
+            try:
+                async with conn.transaction():
+                    reply = await work(tx)
+            except StoreError as exc:
+                tx.restore(before)
+                error = exc
+        else:
+            # Nothing to keep: a refusal rolls the whole transaction back, and
+            # the two round trips of a savepoint are saved on every command.
+            reply = await work(tx)
+        if tx.taken is not None:  # pragma: no cover - the command must claim it
+            raise StoreError("an inserted appointment was not the command's")
+        tx.prefetched_slot = tx.prefetched_appointment = None
+        changes = await _record(conn, tx, versions, actor, key, command, fingerprint, reply)
+        # A refused command still commits the holds it found expired; its `reply` is
+        # None then, but `run` raises `error` instead of returning it.
+        return Outcome(cast(Reply, reply), changes), error
 
 
 async def _slot_prelude(
@@ -376,16 +506,16 @@ class _KeyRace(Exception):
 
 
 async def doctor_of_slot(store: Store, slot_id: int) -> int:
-    with translated():  # a slot never changes doctor, so this is safe before the lock
-        doctor_id: int | None = await store.pool.fetchval(sql.SLOT_DOCTOR, slot_id)
+    # A slot never changes doctor, so this is safe before the lock.
+    doctor_id: int | None = await store.fetchval(sql.SLOT_DOCTOR, slot_id)
     if doctor_id is None:
         raise NotFound(f"no slot {slot_id}")
     return doctor_id
 
 
 async def doctor_of_appointment(store: Store, appointment_id: int) -> int:
-    with translated():  # nor does an appointment
-        doctor_id: int | None = await store.pool.fetchval(sql.APPOINTMENT_DOCTOR, appointment_id)
+    # Nor does an appointment.
+    doctor_id: int | None = await store.fetchval(sql.APPOINTMENT_DOCTOR, appointment_id)
     if doctor_id is None:
         raise NotFound(f"no appointment {appointment_id}")
     return doctor_id
@@ -396,18 +526,22 @@ async def doctor_of_appointment(store: Store, appointment_id: int) -> int:
 
 @contextlib.asynccontextmanager
 async def exclusive(store: Store, namespace: int, key: int = 0) -> AsyncIterator[None]:
-    """Hold a session advisory lock across several transactions (e.g. seeding)."""
-    with translated():
-        async with store.pool.acquire() as conn:
-            # Fully reset on release even if the unlock below never runs.
-            store.session_state.add(conn.get_server_pid())
-            await conn.execute(sql.SESSION_LOCK, namespace, key)
-            try:
-                yield
-            finally:
-                await conn.execute(sql.SESSION_UNLOCK, namespace, key)
+    """Hold a session advisory lock across several transactions (e.g. seeding): each
+    call is bounded, the whole is not."""
+    async with store.connection(bounded=False) as conn:
+        # Fully reset on release even if the unlock below never runs.
+        store.session_state.add(conn.get_server_pid())
+        await conn.execute(sql.SESSION_LOCK, namespace, key)
+        try:
+            yield
+        finally:
+            await conn.execute(sql.SESSION_UNLOCK, namespace, key)
 
 
-async def ping(store: Store) -> None:
+async def ping(store: Store, *, timeout_s: float | None = None) -> None:
+    """Raise `Unavailable` unless the database answers, within `timeout_s` (waiting for a
+    pooled connection included) or the store's own bounds."""
     with translated():
-        await store.pool.fetchval("SELECT 1")
+        async with asyncio.timeout(timeout_s):
+            async with store.connection() as conn:
+                await conn.fetchval("SELECT 1")

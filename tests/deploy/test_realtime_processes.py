@@ -196,44 +196,65 @@ async def test_sigterm_clients_come_back_and_catch_up(
         assert calendar.slots[doctor.slots[2].id].status is SlotStatus.BUSY
 
 
-async def test_booking_during_a_redis_outage_reaches_other_instances_after_it(
+async def broker_up(http: aiohttp.ClientSession, server: ServerProcess) -> float:
+    async with http.get(f"{server.http_url}/metrics") as resp:
+        for line in (await resp.text()).splitlines():
+            if line.startswith("slotcast_broker_up "):
+                return float(line.split()[1])
+    raise AssertionError("no slotcast_broker_up in /metrics")
+
+
+async def test_a_redis_outage_degrades_the_instances_and_the_change_log_heals_it(
     spawn_server: Spawn,
     redis_url: str,
     redis_process: RedisServer,
     doctor: SeededDoctor,
     http: aiohttp.ClientSession,
 ) -> None:
-    """B's publish fails while Redis is down; A's watcher still gets the booking once
-    Redis is back (A's catch-up from the change log, or B's relay), exactly once."""
+    """With Redis down every instance stays ready (an outage of the one shared Redis must
+    not empty the balancer) and says `broker: down`. B's booking reaches B's own watcher
+    at once; A's watcher gets it once Redis is back (A's catch-up from the change log, or
+    B's relay), and each gets it exactly once."""
     a, b = await start(spawn_server, "a", "b", broker_url=redis_url, env=FAST_DRAIN)
     async with (
-        SlotcastClient.connect(a.ws_url) as watcher,
+        SlotcastClient.connect(a.ws_url) as far,
+        SlotcastClient.connect(b.ws_url) as near,
         SlotcastClient.connect(b.ws_url, token=token(sub="p-outage")) as patient,
     ):
-        snapshot = await watcher.watch(doctor.id, doctor.start, doctor.end)
+        snapshot = await far.watch(doctor.id, doctor.start, doctor.end)
+        await near.watch(doctor.id, doctor.start, doctor.end)
         slot = doctor.slots[0]
         await asyncio.to_thread(redis_process.stop)
         try:
-            deadline = time.monotonic() + WAIT_S
-            while (await readiness(http, a))[1].get("reason") != "broker listener reconnecting":
-                assert time.monotonic() < deadline, "A never noticed the outage"
-                await asyncio.sleep(0.05)
+            for server in (a, b):
+                deadline = time.monotonic() + WAIT_S
+                while (status := await readiness(http, server))[1]["broker"] != "down":
+                    assert status[0] == 200, status
+                    assert time.monotonic() < deadline, f"{server.name} never noticed"
+                    await asyncio.sleep(0.05)
+                assert status[0] == 200, status  # degraded, still in the balancer
+                assert await broker_up(http, server) == 0
             appointment = await patient.book(slot.id)  # committed; the publish fails
             assert appointment.slot_id == slot.id
-            await watcher.ping()
-            assert watcher.events.empty()  # nothing could have carried it yet
+            delta = await expect(near, Delta, timeout=2.0)  # local delivery, no broker
+            assert delta.version == snapshot.version + 1
+            await far.ping()
+            assert far.events.empty()  # nothing could have carried it to A yet
         finally:
             if redis_process.process is None:
                 await asyncio.to_thread(redis_process.start)
 
-        delta = await expect(watcher, Delta, timeout=RECOVERY_S)
+        delta = await expect(far, Delta, timeout=RECOVERY_S)
         assert delta.version == snapshot.version + 1
         assert [(s.id, s.status) for s in delta.slots] == [(slot.id, SlotStatus.BUSY)]
         await patient.book(doctor.slots[1].id)
-        delta = await expect(watcher, Delta, timeout=RECOVERY_S)
-        assert delta.version == snapshot.version + 2  # no duplicate of the first came between
-        assert watcher.calendars[doctor.id].resyncs == 0
-        deadline = time.monotonic() + RECOVERY_S
-        while (await readiness(http, a))[0] != 200:
-            assert time.monotonic() < deadline, "A never became ready again"
-            await asyncio.sleep(0.05)
+        for watcher in (far, near):  # no duplicate of the first came between
+            delta = await expect(watcher, Delta, timeout=RECOVERY_S)
+            assert delta.version == snapshot.version + 2
+            assert watcher.calendars[doctor.id].resyncs == 0
+        for server in (a, b):
+            deadline = time.monotonic() + RECOVERY_S
+            while (await readiness(http, server))[1]["broker"] != "up":
+                assert time.monotonic() < deadline, f"{server.name}'s broker never came back"
+                await asyncio.sleep(0.05)
+            assert await broker_up(http, server) == 1

@@ -30,7 +30,15 @@ def bearer(role: Role = Role.PATIENT, sub: str = "patient-1", **kw: Any) -> dict
     return {"Authorization": f"Bearer {token(role, sub, **kw)}"}
 
 
-READY = {"status": "ready", "rooms": 0, "watchers": 0, "dashboards": 0, "patient_rooms": 0}
+READY = {
+    "status": "ready",
+    "database": "up",
+    "broker": "up",
+    "rooms": 0,
+    "watchers": 0,
+    "dashboards": 0,
+    "patient_rooms": 0,
+}
 
 
 # ---- doctors ---------------------------------------------------------------------------------

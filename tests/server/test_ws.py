@@ -62,7 +62,15 @@ async def recording(url: str, codec: CodecName) -> AsyncIterator[RecordingClient
         yield client
 
 
-READY = {"status": "ready", "rooms": 0, "watchers": 0, "dashboards": 0, "patient_rooms": 0}
+READY = {
+    "status": "ready",
+    "database": "up",
+    "broker": "up",
+    "rooms": 0,
+    "watchers": 0,
+    "dashboards": 0,
+    "patient_rooms": 0,
+}
 
 
 async def next_error(client: SlotcastClient, timeout: float = 5.0) -> Error:
