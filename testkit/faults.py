@@ -278,17 +278,31 @@ class Load:
         self.waits: list[tuple[float, float]] = []  # (began, seconds until answered)
         self.stopping = False
         self.settle_by: float | None = None
+        self.last_unready: float | None = None  # the last time a watcher was seen not ready
         self._stack = contextlib.AsyncExitStack()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []  # the bookers
+        self._sampler: asyncio.Task[None] | None = None
 
     def client_error(self, code: str, message: str, via: str) -> None:
         self.errors.append(SeenError(self.now(), code, message, via))
 
     async def __aenter__(self) -> Load:
         await self._stack.__aenter__()
-        self.watchers = list(await asyncio.gather(*(self._watcher(i) for i in range(WATCHERS))))
+        try:
+            watchers = await asyncio.gather(*(self._watcher(i) for i in range(WATCHERS)))
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        self.watchers = list(watchers)
         self._tasks = [asyncio.create_task(b.run(), name=b.patient) for b in self.bookers]
+        self._sampler = asyncio.create_task(self._sample(), name="watcher sampler")
         return self
+
+    async def _sample(self) -> None:
+        while True:
+            if not all(w.ready.is_set() for w in self.watchers):
+                self.last_unready = self.now()
+            await asyncio.sleep(0.02)
 
     async def _watcher(self, index: int) -> FaultClient:
         codec = "json" if index % 2 == 0 else "msgpack"
@@ -308,9 +322,10 @@ class Load:
     async def __aexit__(self, *exc: object) -> None:
         self.stopping = True
         self.settle_by = self.settle_by or self.now()
-        for task in self._tasks:
+        tasks = [t for t in (*self._tasks, self._sampler) if t is not None]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self._stack.aclose()
 
     async def acked(self, count: int, after: float, timeout: float) -> float | None:
@@ -373,7 +388,8 @@ class Balancer:
         self.now = now
         self.port = free_port()
         self._server: asyncio.Server | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []  # the bookers
+        self._sampler: asyncio.Task[None] | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._http: aiohttp.ClientSession | None = None
 
@@ -439,6 +455,13 @@ class Balancer:
         """The fewest instances the balancer had ready at once between `since` and `until`."""
         counts = [n for at, n in self._history() if since <= at <= until]
         return min(counts, default=len(self.backends))
+
+    def first_unready(self, since: float) -> float | None:
+        """When the balancer first saw an instance not ready from `since` on."""
+        return next(
+            (at - since for at, n in self._history() if at >= since and n < len(self.backends)),
+            None,
+        )
 
     def all_ready(self, since: float) -> float | None:
         """When every instance was first seen ready from `since` on (`since` if they all were)."""
@@ -619,6 +642,7 @@ class Cluster:
         if report.fault_ended > 1.0:
             report.heard = load.heard_during(self.began + 0.5, end)
         report.fewest_ready = self.balancer.fewest_ready(self.began, end)
+        report.unready_at = self.balancer.first_unready(self.began)
         async with _connect(self.database_url) as db:
             versions = {d.id: await _version(db, d.id) for d in self.doctors}
         caught_up = asyncio.create_task(load.caught_up(versions, RECOVERY_S))
@@ -637,6 +661,8 @@ class Cluster:
         report.acks, report.cancels = len(load.acks), len(load.cancelled)
         caught = await caught_up
         report.caught_up_after = None if caught is None else caught - end
+        if load.last_unready is not None and load.last_unready > self.began:
+            report.watchers_back = self.rel(load.last_unready) if caught is not None else None
         await self._judge_readiness(report, end)
         async with _connect(self.database_url) as db:
             await self._judge_convergence(report, load, db, end)
@@ -757,6 +783,8 @@ class Report:
     converged_after_stop: float | None = None
     caught_up_after: float | None = None
     heard: int | None = None  # watchers that got a live update during the fault
+    unready_at: float | None = None  # the balancer first saw an instance unready
+    watchers_back: float | None = None  # every watcher connected and restored again
     fewest_ready: int = 0  # instances the balancer saw ready, at worst, during the fault
     pause: float = 0.0
     longest_wait: float = 0.0
@@ -786,7 +814,10 @@ class Report:
             f" every watcher back with every change committed by then {secs(self.caught_up_after)},"
             f" all equal to the database {secs(self.converged_after)}"
             f" ({secs(self.converged_after_stop)} after the load stopped)",
-            f"   during the fault: instances ready at worst {self.fewest_ready} of {INSTANCES};"
+            f"   during the fault: first instance unready at {secs(self.unready_at)},"
+            f" watchers all back at"
+            f" {secs(self.watchers_back) if self.reconnected else '- (none left)'};"
+            f" instances ready at worst {self.fewest_ready} of {INSTANCES};"
             f" watchers that heard a live update {self.heard if self.heard is not None else '-'}"
             f" of {WATCHERS}",
             f"   errors clients saw: {dict(self.codes) or 'none'}",
