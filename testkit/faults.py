@@ -933,15 +933,27 @@ async def _audit(
         report.problems.append(f"{disagree} slots whose status disagrees with their appointments")
 
 
+STAMPED = re.compile(r"^\d{4}-\d\d-\d\d \S+ ")  # a log record's first line (server/cli.py)
+
+
 def _tracebacks(log_text: str) -> list[str]:
-    """The exception line that ends each traceback in a log."""
-    found, lines = [], log_text.splitlines()
-    for i, line in enumerate(lines):
-        if TRACEBACK in line:
-            for tail in lines[i + 1 :]:
-                if tail and not tail.startswith((" ", "\t")) and TRACEBACK not in tail:
-                    found.append(re.sub(r"\d+", "N", tail)[:120])
-                    break
+    """Each log record with a traceback: what it said, and the exception that ended it."""
+    records: list[list[str]] = []
+    for line in log_text.splitlines():
+        if STAMPED.match(line) or not records:
+            records.append([line])
+        else:
+            records[-1].append(line)
+    found = []
+    for record in records:
+        if not any(TRACEBACK in line for line in record):
+            continue
+        ends = [ln for ln in record[1:] if ln and not ln[0].isspace() and TRACEBACK not in ln]
+        exception = re.sub(r"^[\w.]*\.(\w+:)", r"\1", ends[-1]) if ends else "?"
+        said = STAMPED.sub("", record[0])
+        if said.startswith(("INFO", "DEBUG")):  # nothing logs these with a traceback
+            said = "uncaught, the process died"
+        found.append(re.sub(r"\d+", "N", f"{said} <- {exception}")[:160])
     return found
 
 
