@@ -24,7 +24,8 @@ test reads as the fault alone. One test is:
   equal to the database within `RECOVERY_S` of the fault's end, no `internal`
   seen by any client, no traceback in any instance's log, no instance exiting
   unless the test made it, `/readyz` answering within `READYZ_BOUND_S` all along,
-  and every instance ready within `RECOVERY_S` of the fault's end.
+  every instance ready within `RECOVERY_S` of the fault's end, and bookings
+  acknowledged again within `WRITES_BACK_S` of it.
 
 The numbers measured along the way (how long bookings paused, when every instance
 was ready again, when every watcher had converged) are printed with the report;
@@ -59,8 +60,6 @@ from protocol.vocabulary import Role
 from store.runner import open_store
 from testkit.fixtures import JWT_SECRET, SeededDoctor, seed_doctor, token
 from testkit.harness import ControlledPostgres, RedisServer, ServerProcess, free_port
-
-log = logging.getLogger(__name__)
 
 INSTANCES = 3
 DOCTORS = 2
@@ -1006,6 +1005,6 @@ async def cluster(
         await asyncio.gather(*(asyncio.to_thread(s.start) for s in servers))
         yield Cluster(postgres, database_url, redis, servers, doctors)
     finally:
-        for server in servers:
-            await asyncio.to_thread(server.stop)
+        postgres.thaw()  # a frozen database would hold every drain up
+        await asyncio.gather(*(asyncio.to_thread(s.stop) for s in servers))
         await asyncio.to_thread(redis.stop)
