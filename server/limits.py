@@ -122,7 +122,8 @@ class Limiter:
         except Unavailable as exc:
             self._unavailable(exc)
             return
-        self._available()
+        if counters is self.shared:  # a connection's in-process budget says nothing of Redis
+            self._available()
         if wait > 0:
             self._block(scope, key, wait)
             self._refuse(scope, wait)

@@ -59,7 +59,7 @@ from protocol.messages import AppointmentUpdated, Book, Booked, Cancel, Delta, E
 from protocol.vocabulary import Role
 from store.runner import open_store
 from testkit.fixtures import JWT_SECRET, SeededDoctor, seed_doctor, token
-from testkit.harness import ControlledPostgres, RedisServer, ServerProcess, free_port
+from testkit.harness import UNLIMITED, ControlledPostgres, RedisServer, ServerProcess, free_port
 
 INSTANCES = 3
 DOCTORS = 2
@@ -85,6 +85,11 @@ INSTANCE_ENV = {
     "SLOTCAST_DRAIN_GRACE_S": "0.5",  # twice the balancer's check interval
     "SLOTCAST_DB_POOL_MIN": "1",
     "SLOTCAST_LOG_LEVEL": "INFO",
+    # Six bookers book slot after slot as fast as the faults allow: the faults are under
+    # test here; rate limits and a patient's caps have tests of their own.
+    **UNLIMITED,
+    "SLOTCAST_MAX_ACTIVE_PER_DOCTOR": "1000000",
+    "SLOTCAST_MAX_ACTIVE_TOTAL": "1000000",
 }
 TRANSIENT = {"unavailable", "busy"}
 TRACEBACK = "Traceback (most recent call last)"
