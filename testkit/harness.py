@@ -216,6 +216,15 @@ class ControlledPostgres:
             proc.send_signal(signal.SIGSTOP)  # type: ignore[attr-defined]
         self.frozen = True
 
+    @contextlib.contextmanager
+    def frozen_for(self) -> Iterator[None]:
+        """Frozen inside the block, thawed after it whatever happens."""
+        self.freeze()
+        try:
+            yield
+        finally:
+            self.thaw()
+
     def thaw(self) -> None:
         if not self.frozen:
             return
@@ -227,6 +236,18 @@ class ControlledPostgres:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def own_postgres() -> Iterator[ControlledPostgres]:
+    """A started `ControlledPostgres` for one test (about a second), removed after it:
+    the outage tests' database, never the shared one."""
+    server = ControlledPostgres(Path(tempfile.mkdtemp(prefix="slotcast-own-pg-")))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
 
     def logs(self) -> str:
         try:

@@ -28,8 +28,14 @@ from client import SlotcastClient
 from store.migrate import migrate
 from store.runner import open_store
 from testkit.fixtures import SeededDoctor, Spawn, seed_doctor, token
-from testkit.harness import RedisServer, ServerProcess, free_port
-from testkit.pgcluster import Cluster, own_cluster
+from testkit.harness import (
+    UNLIMITED,
+    ControlledPostgres,
+    RedisServer,
+    ServerProcess,
+    free_port,
+    own_postgres,
+)
 
 pytestmark = pytest.mark.processes
 
@@ -38,9 +44,9 @@ FAST_DRAIN = {"SLOTCAST_DRAIN_GRACE_S": "0.2"}
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    with own_cluster() as c:
-        asyncio.run(migrate(c.dsn))
+def cluster() -> Iterator[ControlledPostgres]:
+    with own_postgres() as c:
+        asyncio.run(migrate(c.dsn()))
         yield c
 
 
@@ -154,19 +160,26 @@ async def test_sigterm_while_waiting_stops_start_up(spawn_server: Spawn) -> None
 
 
 @pytest.fixture
-async def doctor_on_cluster(cluster: Cluster) -> SeededDoctor:
-    async with open_store(cluster.dsn, min_size=1, max_size=2) as store:
+async def doctor_on_cluster(cluster: ControlledPostgres) -> SeededDoctor:
+    async with open_store(cluster.dsn(), min_size=1, max_size=2) as store:
         return await seed_doctor(store)
 
 
 async def test_a_postgres_restart_under_a_running_instance_costs_only_unavailable(
     spawn_server: Spawn,
-    cluster: Cluster,
+    cluster: ControlledPostgres,
     doctor_on_cluster: SeededDoctor,
     http: aiohttp.ClientSession,
 ) -> None:
     doctor = doctor_on_cluster
-    proc = await asyncio.to_thread(spawn_server, "restarted", database=cluster.dsn)
+    # One patient books slot after slot through the restart: the outage is under test, not
+    # what one patient may claim nor how fast (tests of their own).
+    uncapped = {
+        **UNLIMITED,
+        "SLOTCAST_MAX_ACTIVE_PER_DOCTOR": "1000000",
+        "SLOTCAST_MAX_ACTIVE_TOTAL": "1000000",
+    }
+    proc = await asyncio.to_thread(spawn_server, "restarted", database=cluster.dsn(), env=uncapped)
     url = f"{proc.http_url}/api/appointments"
     outcomes: list[str] = []
     stop = asyncio.Event()
@@ -206,17 +219,17 @@ async def test_a_postgres_restart_under_a_running_instance_costs_only_unavailabl
 
 
 async def test_sigterm_with_postgres_frozen_still_exits_in_bounded_time(
-    spawn_server: Spawn, cluster: Cluster, doctor_on_cluster: SeededDoctor
+    spawn_server: Spawn, cluster: ControlledPostgres, doctor_on_cluster: SeededDoctor
 ) -> None:
     """Leaving rooms, the outbox's last publishes and closing the pool all wait on the
     database; each is bounded, and so is the whole (SLOTCAST_SHUTDOWN_TIMEOUT_S)."""
     doctor = doctor_on_cluster
     proc = await asyncio.to_thread(
-        spawn_server, "frozen-exit", database=cluster.dsn, env=FAST_DRAIN
+        spawn_server, "frozen-exit", database=cluster.dsn(), env=FAST_DRAIN
     )
     async with SlotcastClient.connect(proc.ws_url) as watcher:
         await watcher.watch(doctor.id, doctor.start, doctor.end)
-        with cluster.frozen():
+        with cluster.frozen_for():
             assert proc.process is not None
             signalled = time.monotonic()
             proc.process.send_signal(signal.SIGTERM)

@@ -4,7 +4,7 @@ The store bounds every use of the database on its own side, since a frozen serve
 cannot enforce its `statement_timeout`: a call against a SIGSTOPped PostgreSQL is
 `unavailable` within the bound, its connection is terminated rather than reused, and
 the pool closes in bounded time. A restart is `unavailable`, never `internal`. These
-tests own their PostgreSQL (testkit.pgcluster), so they can stop and freeze it.
+tests own their PostgreSQL (`testkit.harness.own_postgres`), so they can stop and freeze it.
 
 The outbox's half: with the broker away, each commit still reaches the local
 delivery callback at once, the publisher says once that it paused, and the relay
@@ -31,7 +31,7 @@ from store.migrate import migrate
 from store.outbox import Outbox
 from store.runner import Store, open_store, ping
 from testkit.fixtures import SeededDoctor, seed_doctor
-from testkit.pgcluster import Cluster, own_cluster
+from testkit.harness import ControlledPostgres, own_postgres
 from testkit.wire import eventually
 
 TIMEOUT_MS = 1500  # the store's bound on one unit of work, in these tests
@@ -40,16 +40,16 @@ SLACK_S = 0.5  # scheduling on a shared, loaded machine
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    with own_cluster() as c:
-        asyncio.run(migrate(c.dsn))
+def cluster() -> Iterator[ControlledPostgres]:
+    with own_postgres() as c:
+        asyncio.run(migrate(c.dsn()))
         yield c
 
 
 @pytest.fixture
-async def own_store(cluster: Cluster) -> AsyncIterator[Store]:
+async def own_store(cluster: ControlledPostgres) -> AsyncIterator[Store]:
     async with open_store(
-        cluster.dsn, min_size=1, max_size=3, timeout_ms=TIMEOUT_MS, acquire_timeout_ms=ACQUIRE_MS
+        cluster.dsn(), min_size=1, max_size=3, timeout_ms=TIMEOUT_MS, acquire_timeout_ms=ACQUIRE_MS
     ) as s:
         yield s
 
@@ -63,12 +63,12 @@ def answers_within(seconds: float) -> Iterator[None]:
 
 
 async def test_a_frozen_database_is_unavailable_within_the_bound(
-    cluster: Cluster, own_store: Store
+    cluster: ControlledPostgres, own_store: Store
 ) -> None:
     doctor = await seed_doctor(own_store)
     slot = doctor.slots[0]
     bound = TIMEOUT_MS / 1000 + SLACK_S
-    with cluster.frozen():
+    with cluster.frozen_for():
         with answers_within(bound), pytest.raises(Unavailable):
             await commands.book_slot(
                 own_store, slot_id=slot.id, patient_id="p", idempotency_key="k"
@@ -87,15 +87,17 @@ async def test_a_frozen_database_is_unavailable_within_the_bound(
     assert again.appointment.id == booking.appointment.id
 
 
-async def test_a_connection_that_timed_out_is_terminated_not_reused(cluster: Cluster) -> None:
+async def test_a_connection_that_timed_out_is_terminated_not_reused(
+    cluster: ControlledPostgres,
+) -> None:
     """Its state is unknown (a query may still be running, a reply half read): the next
     request must get a fresh connection, not "another operation is in progress"."""
     async with open_store(
-        cluster.dsn, min_size=1, max_size=1, timeout_ms=TIMEOUT_MS, acquire_timeout_ms=ACQUIRE_MS
+        cluster.dsn(), min_size=1, max_size=1, timeout_ms=TIMEOUT_MS, acquire_timeout_ms=ACQUIRE_MS
     ) as store:
         async with store.connection() as conn:
             before = conn.get_server_pid()
-        with cluster.frozen(), pytest.raises(Unavailable, match="did not answer in time"):
+        with cluster.frozen_for(), pytest.raises(Unavailable, match="did not answer in time"):
             await store.fetchval("SELECT 1")
         async with store.connection() as conn:
             after = conn.get_server_pid()
@@ -116,11 +118,13 @@ async def eventually_async(read: object, want: object, timeout: float = 5.0) -> 
         await asyncio.sleep(0.05)
 
 
-async def test_closing_the_pool_is_bounded_when_the_database_is_frozen(cluster: Cluster) -> None:
-    store_cm = open_store(cluster.dsn, min_size=2, max_size=2, timeout_ms=TIMEOUT_MS)
+async def test_closing_the_pool_is_bounded_when_the_database_is_frozen(
+    cluster: ControlledPostgres,
+) -> None:
+    store_cm = open_store(cluster.dsn(), min_size=2, max_size=2, timeout_ms=TIMEOUT_MS)
     store = await store_cm.__aenter__()
     await ping(store)
-    with cluster.frozen():
+    with cluster.frozen_for():
         busy = asyncio.create_task(store.fetchval("SELECT 1"))  # in use when closing starts
         await asyncio.sleep(0.1)
         with answers_within(TIMEOUT_MS / 1000 + 1.0 + SLACK_S):
@@ -130,7 +134,7 @@ async def test_closing_the_pool_is_bounded_when_the_database_is_frozen(cluster: 
 
 
 async def test_a_restart_is_unavailable_never_internal(
-    cluster: Cluster, own_store: Store, caplog: pytest.LogCaptureFixture
+    cluster: ControlledPostgres, own_store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The pool's connections die with the server (admin shutdown, closed sockets), new
     ones are refused or told "the database system is starting up": all of it is
