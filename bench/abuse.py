@@ -40,6 +40,7 @@ import asyncio
 import base64
 import contextlib
 import math
+import multiprocessing
 import os
 import random
 import struct
@@ -53,6 +54,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from datetime import time as clock
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `testkit` is not an installed package
@@ -204,6 +206,7 @@ class Ordinary:
     command_ms: list[float] = field(default_factory=list)
     delta_ms: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    retried: Counter[str] = field(default_factory=Counter)  # transient, retried as clients do
     sent_at: dict[int, float] = field(default_factory=dict)  # slot id -> book sent (monotonic)
     bookings: int = 0
 
@@ -223,7 +226,15 @@ async def watcher(
             http_as(ADDRESSES[n % len(ADDRESSES)]) as http,
             SlotcastClient.connect(url, token=patient_token(f"w{n}"), session=http) as client,
         ):
-            await client.watch(doctor_id, today, today + timedelta(days=7))
+            for attempt in range(20):  # as a page does: `unavailable` is retried, jittered
+                try:
+                    await client.watch(doctor_id, today, today + timedelta(days=7))
+                    break
+                except ClientError as exc:
+                    if exc.code != "unavailable" or attempt == 19:
+                        raise
+                    out.retried[f"watch {exc.code}"] += 1
+                    await asyncio.sleep(random.uniform(0, min(2.0, 0.1 * 2**attempt)))
             ready.arrive()
             await ready.go.wait()
             while not stop.is_set():
@@ -437,7 +448,14 @@ async def connection_flood(
             writer.close()
     await stop.wait()
     for reader, writer in held:
-        report["closed by server" if reader.at_eof() or writer.is_closing() else "still open"] += 1
+        try:
+            data = await asyncio.wait_for(reader.read(4096), 0.05)
+            closed = data == b"" or b"\x88" in data  # EOF, or a close frame (4009: idle)
+        except TimeoutError:
+            closed = False
+        except (ConnectionError, OSError):
+            closed = True
+        report["closed by server" if closed else "still open"] += 1
         writer.close()
 
 
@@ -506,6 +524,50 @@ async def sign_in_storm(url: str, port: int, tries: int, report: Counter[str]) -
     writer.close()
 
 
+@dataclass(frozen=True)
+class Target:
+    port: int  # the attacked instance
+    ws_url: str
+    doctor_id: int
+
+
+def run_attackers(target: Target, options: dict[str, Any]) -> dict[str, Counter[str]]:
+    """Every attacker at once for `seconds`, in a process of its own (see `phase`)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_attack_in_process, (target, options))
+
+
+def _attack_in_process(target: Target, options: dict[str, Any]) -> dict[str, Counter[str]]:
+    return asyncio.run(_attack(target, argparse.Namespace(**options)))
+
+
+async def _attack(target: Target, args: argparse.Namespace) -> dict[str, Counter[str]]:
+    names = ("pipeliners", "command flood", "connection flood", "slowloris", "sign-in storm")
+    report = {name: Counter[str]() for name in names}
+    stop = asyncio.Event()
+    http_url = f"http://127.0.0.1:{target.port}"
+    tasks = [
+        *(
+            asyncio.create_task(
+                pipeliner(target.port, target.doctor_id, args.pipeline_frames, report["pipeliners"])
+            )
+            for _ in range(args.pipeliners)
+        ),
+        asyncio.create_task(command_flood(target.ws_url, stop, report["command flood"])),
+        asyncio.create_task(
+            connection_flood(target.port, args.flood, stop, report["connection flood"])
+        ),
+        asyncio.create_task(slowloris(target.port, args.slowloris, stop, report["slowloris"])),
+        asyncio.create_task(
+            sign_in_storm(http_url, target.port, args.bad_auth, report["sign-in storm"])
+        ),
+    ]
+    await asyncio.sleep(args.seconds)
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return report
+
+
 # ---- a phase: the ordinary load, maybe beside the attackers -------------------------------------
 
 
@@ -551,33 +613,19 @@ async def phase(
     ]
     await asyncio.wait_for(ready.go.wait(), 120)
     attackers: dict[str, Counter[str]] = {}
-    attack_tasks = []
+    attacking: asyncio.Future[dict[str, Counter[str]]] | None = None
     if attack:
-        port = top.servers[0].port
-        http_url = top.servers[0].http_url
-        names = ("pipeliners", "command flood", "connection flood", "slowloris", "sign-in storm")
-        attackers = {name: Counter() for name in names}
-        attack_tasks = [
-            *(
-                asyncio.create_task(
-                    pipeliner(
-                        port, top.doctor_ids[0], args.pipeline_frames, attackers["pipeliners"]
-                    )
-                )
-                for _ in range(args.pipeliners)
-            ),
-            asyncio.create_task(command_flood(urls[0], stop, attackers["command flood"])),
-            asyncio.create_task(
-                connection_flood(port, args.flood, stop, attackers["connection flood"])
-            ),
-            asyncio.create_task(slowloris(port, args.slowloris, stop, attackers["slowloris"])),
-            asyncio.create_task(
-                sign_in_storm(http_url, port, args.bad_auth, attackers["sign-in storm"])
-            ),
-        ]
+        # In a process of their own: attackers sharing the ordinary clients' event loop
+        # would delay the very timers that measure those clients.
+        target = Target(top.servers[0].port, urls[0], top.doctor_ids[0])
+        attacking = asyncio.get_running_loop().run_in_executor(
+            None, run_attackers, target, vars(args)
+        )
     await asyncio.sleep(args.seconds)
     stop.set()
-    await asyncio.gather(*tasks, *attack_tasks, return_exceptions=True)
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if attacking is not None:
+        attackers = await attacking
     rss_stop.set()
     await sampler
     return Phase(out, peaks, attackers)
@@ -626,6 +674,8 @@ def report(quiet: Phase, loud: Phase) -> None:
     for what, phase_ in (("quiet", quiet), ("under attack", loud)):
         if phase_.ordinary.errors:
             print(f"ordinary errors ({what}): {dict(phase_.ordinary.errors)}")
+        if phase_.ordinary.retried:
+            print(f"retried, then served ({what}): {dict(phase_.ordinary.retried)}")
     print("\n| attacker | outcome |\n|---|---|")
     for name, outcome in loud.attackers.items():
         seen = ", ".join(f"{k}: {v}" for k, v in sorted(outcome.items()))
@@ -657,6 +707,14 @@ async def run(args: argparse.Namespace, admin_dsn: str, redis: str) -> None:
             f"{args.bookers} bookers at {args.rate}/s each, {args.seconds:.0f} s per phase",
             flush=True,
         )
+        if args.warmup:  # caches, pools and connections warm before anything is measured
+            await phase(
+                argparse.Namespace(**{**vars(args), "seconds": args.warmup}),
+                top,
+                slots,
+                attack=False,
+            )
+            print("warm-up done", flush=True)
         quiet = await phase(args, top, slots, attack=False)
         print("quiet phase done", flush=True)
         loud = await phase(args, top, slots, attack=True)
@@ -673,6 +731,7 @@ def main() -> int:
     p.add_argument("--doctors", type=int, default=10)
     p.add_argument("--instances", type=int, default=2)
     p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--warmup", type=float, default=8.0, help="an unmeasured quiet phase first")
     p.add_argument("--pipeliners", type=int, default=8)
     p.add_argument("--pipeline-frames", type=int, default=1000)
     p.add_argument("--flood", type=int, default=2000, help="anonymous sockets from one address")
