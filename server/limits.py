@@ -40,7 +40,7 @@ from aiohttp.typedefs import Middleware
 from limits import RateLimitItem, parse
 
 from protocol.errors import ErrorCode, RateLimited, SlotcastError
-from protocol.messages import Auth, Message
+from protocol.messages import Auth, Message, Watch
 from server import auth
 from server.auth import AuthError, Identity
 from server.commands import REGISTRY
@@ -88,6 +88,19 @@ def is_write(kind: type[Message]) -> bool:
     return command is not None and command.route.method != "GET"
 
 
+def cost(message: Message | None) -> int:
+    """What a frame costs against its budgets, in requests.
+
+    A watch reads and sends a snapshot of every slot in its range: a week costs one
+    request, two months nine. A client that asks for the largest snapshots over and over
+    spends its budget as fast as the server spends its time on them; a patient watching
+    a week, as the pages do, pays what any command pays.
+    """
+    if isinstance(message, Watch):
+        return max(1, math.ceil((message.end - message.start).days / 7))
+    return 1
+
+
 class Limiter:
     """One instance's rate limits: budgets, counters, and what a refusal says."""
 
@@ -105,8 +118,8 @@ class Limiter:
         self._failing = False
         self._ids = itertools.count(1)
 
-    async def check(self, scope: Scope, key: str) -> None:
-        """Spend one request of `key`'s `scope` budget; `RateLimited` if it is spent."""
+    async def check(self, scope: Scope, key: str, cost: int = 1) -> None:
+        """Spend `cost` requests of `key`'s `scope` budget; `RateLimited` if it is spent."""
         limit = self.budgets[scope]
         if limit is None:
             return
@@ -118,7 +131,7 @@ class Limiter:
             del self._blocked[(scope, key)]
         counters = self.local if scope is Scope.CONNECTION else self.shared
         try:
-            wait = await counters.hit(limit, scope.value, key)
+            wait = await counters.hit(limit, scope.value, key, cost=cost)
         except Unavailable as exc:
             self._unavailable(exc)
             return
@@ -245,19 +258,22 @@ class Throttle:
         self.key = key
         self.streak = 0  # refusals for rate since the last admitted frame
 
-    async def admit(self, kind: type[Message] | None, identity: Identity | None) -> None:
-        """Spend a frame's budgets (`kind` None: it did not decode); `RateLimited` if spent."""
+    async def admit(self, message: Message | None, identity: Identity | None) -> None:
+        """Spend a frame's budgets (`message` None: it did not decode); `RateLimited` if
+        spent. A frame costs what it makes the server do (`cost`)."""
         limiter = self.limiter
-        await limiter.check(Scope.CONNECTION, self.key)
+        kind = type(message) if message is not None else None
+        price = cost(message)
+        await limiter.check(Scope.CONNECTION, self.key, price)
         if kind is Auth:
             await limiter.sign_in_allowed(self.address)
         elif kind is None:
             pass  # unreadable: nothing was done, and the connection's budget paid for it
         elif identity is not None:
             scope = Scope.IDENTITY_WRITES if is_write(kind) else Scope.IDENTITY_READS
-            await limiter.check(scope, identity_key(identity))
+            await limiter.check(scope, identity_key(identity), price)
         else:
-            await limiter.check(Scope.ADDRESS, self.address)
+            await limiter.check(Scope.ADDRESS, self.address, price)
         self.streak = 0
 
     async def authenticate(self, header: str | None) -> Identity | None:

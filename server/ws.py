@@ -285,7 +285,7 @@ async def _handle(session: Session, data: bytes | str, throttle: Throttle) -> No
         request_id = envelope.id
         kind = type(envelope.body)
         kind_name = kind.TYPE
-        await throttle.admit(kind, session.identity)  # server.limits: RateLimited if spent
+        await throttle.admit(envelope.body, session.identity)  # RateLimited if spent
         handler = HANDLERS.get(kind)
         if handler is not None:
             await handler(session, request_id, envelope.body)

@@ -52,9 +52,9 @@ class Counters:
         self._timeout_s = timeout_s
         self._down_until = 0.0
 
-    async def hit(self, limit: RateLimitItem, *key: str) -> float:
-        """Count one request; 0 if it fits `limit`, else the seconds until one would."""
-        if await self._call(lambda: self._strategy.hit(limit, *key)):
+    async def hit(self, limit: RateLimitItem, *key: str, cost: int = 1) -> float:
+        """Count `cost` requests; 0 if they fit `limit`, else the seconds until they would."""
+        if await self._call(lambda: self._strategy.hit(limit, *key, cost=cost)):
             return 0.0
         return await self._wait(limit, key)
 

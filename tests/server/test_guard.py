@@ -105,6 +105,31 @@ async def test_one_connection_flooding_is_refused_with_retry_after_then_closed_4
     await other.close()
 
 
+async def test_a_watch_costs_its_budget_by_the_weeks_it_reads(
+    serve: Callable[..., Any], doctor: SeededDoctor
+) -> None:
+    """A snapshot of two months is nine weeks of slots to read and send: asked over and
+    over, it spends the budget nine times as fast as a week does (`limits.cost`)."""
+    client = await serve(rate_connection="20/minute")
+    start = doctor.start.isoformat()
+    weeks = await welcomed(client)
+    for rid in range(10):  # a week at a time: well inside the budget
+        end = (doctor.start + timedelta(days=7)).isoformat()
+        reply = await request(weeks, rid, "watch", doctor_id=doctor.id, start=start, end=end)
+        assert reply["type"] == "snapshot"
+    months = await welcomed(client)
+    end = (doctor.start + timedelta(days=62)).isoformat()
+    replies = [
+        await request(months, rid, "watch", doctor_id=doctor.id, start=start, end=end)
+        for rid in range(3)
+    ]
+    # 9 + 9 fit in 20; the third would make 27.
+    assert [r["type"] for r in replies] == ["snapshot", "snapshot", "error"]
+    assert replies[2]["body"]["code"] == "rate_limited"
+    await weeks.close()
+    await months.close()
+
+
 async def test_identity_budgets_are_per_identity_and_separate_for_reads_and_writes(
     serve: Callable[..., Any], doctor: SeededDoctor
 ) -> None:
