@@ -66,7 +66,7 @@ import orjson  # noqa: E402
 from client import ClientError, SlotcastClient  # noqa: E402
 from protocol.codec import JSON  # noqa: E402
 from protocol.messages import Delta  # noqa: E402
-from protocol.vocabulary import Role, SlotStatus  # noqa: E402
+from protocol.vocabulary import Role  # noqa: E402
 from server import auth  # noqa: E402
 from store import commands, doctors  # noqa: E402
 from store.migrate import migrate  # noqa: E402
@@ -237,6 +237,7 @@ async def watcher(
                     await asyncio.sleep(random.uniform(0, min(2.0, 0.1 * 2**attempt)))
             ready.arrive()
             await ready.go.wait()
+            seen: dict[int, float] = {}  # slot -> the booking whose delta was timed
             while not stop.is_set():
                 try:
                     delta: Delta = await client.next_delta(timeout=0.5)
@@ -244,8 +245,11 @@ async def watcher(
                     continue
                 now = time.monotonic()
                 for slot in delta.slots:
+                    # The first delta after a booking was sent, whatever it says: a watcher
+                    # that fell behind gets booking and cancel merged into one (`since`).
                     sent = out.sent_at.get(slot.id)
-                    if sent is not None and slot.status is SlotStatus.BUSY:
+                    if sent is not None and seen.get(slot.id) != sent:
+                        seen[slot.id] = sent
                         out.delta_ms.append((now - sent) * 1000)
     except ClientError as exc:
         out.errors[f"watcher {exc.code}"] += 1
@@ -272,6 +276,8 @@ async def booker(
         ):
             ready.arrive()
             await ready.go.wait()
+            # Keys new in every phase: the same key again would replay, not book.
+            tag = uuid.uuid4().hex[:8]
             await asyncio.sleep(random.random() / rate)
             for slot_id in slot_ids:
                 if stop.is_set():
@@ -279,10 +285,10 @@ async def booker(
                 started = time.monotonic()
                 out.sent_at[slot_id] = started
                 try:
-                    booked = await client.book(slot_id, idempotency_key=f"b{n}-{slot_id}")
+                    booked = await client.book(slot_id, idempotency_key=f"{tag}-b{n}-{slot_id}")
                     out.command_ms.append((time.monotonic() - started) * 1000)
                     began = time.monotonic()
-                    await client.cancel(booked.id, "bench", idempotency_key=f"c{n}-{slot_id}")
+                    await client.cancel(booked.id, "bench", idempotency_key=f"{tag}-c{n}-{slot_id}")
                     out.command_ms.append((time.monotonic() - began) * 1000)
                     out.bookings += 1
                 except ClientError as exc:
