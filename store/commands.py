@@ -107,12 +107,7 @@ async def release(
 
     async def work(tx: Tx) -> AppointmentUpdated:
         hold = await steps.own_hold(tx, msg.appointment_id)
-        row = await tx.conn.fetchrow(
-            sql.APPOINTMENT_CANCEL, hold.id, "released", tx.now, str(actor)
-        )
-        view = steps.appointment_view(row)
-        tx.appointment(view, "hold.released")
-        await steps.free_slot(tx, doctor_id, view.slot_id, "hold.released")
+        view = await steps.cancel_appointment(tx, doctor_id, hold.id, "released", "hold.released")
         return AppointmentUpdated(view)
 
     return await _command(store, [doctor_id], actor, msg, now, work)
@@ -223,12 +218,9 @@ async def cancel(
             raise InvalidTransition(
                 f"cannot cancel an appointment that is {appointment.status.value}{hint}"
             )
-        row = await tx.conn.fetchrow(
-            sql.APPOINTMENT_CANCEL, appointment.id, msg.reason, tx.now, str(actor)
+        view = await steps.cancel_appointment(
+            tx, doctor_id, appointment.id, msg.reason, "appointment.cancelled"
         )
-        view = steps.appointment_view(row)
-        tx.appointment(view, "appointment.cancelled")
-        await steps.free_slot(tx, doctor_id, view.slot_id, "appointment.cancelled")
         return AppointmentUpdated(view)
 
     return await _command(store, [doctor_id], actor, msg, now, work)
@@ -267,12 +259,9 @@ async def reschedule(
                     f"at most {limits.per_doctor} upcoming appointments (booked or held)"
                     " with one doctor"
                 )
-        row = await tx.conn.fetchrow(
-            sql.APPOINTMENT_CANCEL, old.id, "rescheduled", tx.now, str(actor)
+        replaced = await steps.cancel_appointment(
+            tx, old_doctor, old.id, "rescheduled", "appointment.rescheduled"
         )
-        replaced = steps.appointment_view(row)
-        tx.appointment(replaced, "appointment.rescheduled")
-        await steps.free_slot(tx, old_doctor, old.slot_id, "appointment.rescheduled")
         new = await steps.insert_appointment(
             tx,
             slot,

@@ -136,6 +136,20 @@ async def expire_holds(tx: Tx, doctor_id: int) -> None:
         await free_slot(tx, doctor_id, view.slot_id, "hold.expired")
 
 
+async def cancel_appointment(
+    tx: Tx, doctor_id: int, appointment_id: int, reason: str, kind: str
+) -> AppointmentView:
+    """Cancel an appointment and give its slot back, as one change of `kind`: a release,
+    a cancellation and the old half of a reschedule are the same two writes."""
+    row = await tx.conn.fetchrow(
+        sql.APPOINTMENT_CANCEL, appointment_id, reason, tx.now, str(tx.actor)
+    )
+    view = appointment_view(row)
+    tx.appointment(view, kind)
+    await free_slot(tx, doctor_id, view.slot_id, kind)
+    return view
+
+
 async def free_slot(tx: Tx, doctor_id: int, slot_id: int, kind: str) -> None:
     """Give a slot back: free again, or retired if the schedule no longer offers it."""
     slot = await locked_slot(tx, slot_id)
