@@ -13,6 +13,7 @@ see each other's rows and never pay for migrations twice.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import uuid
@@ -33,9 +34,11 @@ from store.migrate import migrate
 from store.runner import Store, open_store
 from store.schedule import Block
 from testkit.harness import (
+    ControlledPostgres,
     RedisServer,
     ServerProcess,
     free_port,
+    own_postgres,
     postgres_server,
     redis_server,
     with_database,
@@ -251,3 +254,12 @@ def spawn_server(
     if report is not None and report.failed:
         for proc in started:
             print(f"\n----- {proc.name} log -----\n{proc.logs()}")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[ControlledPostgres]:
+    """A migrated PostgreSQL the module's tests own, to stop, restart and freeze: outage
+    tests must never touch the shared server every other test uses."""
+    with own_postgres() as server:
+        asyncio.run(migrate(server.dsn()))
+        yield server

@@ -18,14 +18,13 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from client import SlotcastClient
-from store.migrate import migrate
 from store.runner import open_store
 from testkit.fixtures import SeededDoctor, Spawn, seed_doctor, token
 from testkit.harness import (
@@ -34,20 +33,12 @@ from testkit.harness import (
     RedisServer,
     ServerProcess,
     free_port,
-    own_postgres,
 )
 
 pytestmark = pytest.mark.processes
 
 WAIT_S = 1.5  # SLOTCAST_STARTUP_WAIT_S in the tests that give up
 FAST_DRAIN = {"SLOTCAST_DRAIN_GRACE_S": "0.2"}
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[ControlledPostgres]:
-    with own_postgres() as c:
-        asyncio.run(migrate(c.dsn()))
-        yield c
 
 
 @pytest.fixture

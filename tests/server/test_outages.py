@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, cast
 
 import aiohttp
@@ -26,22 +26,14 @@ from client import ClientError, SlotcastClient
 from server.app import create_app
 from server.keys import STORE
 from server.settings import Settings
-from store.migrate import migrate
 from testkit.fixtures import JWT_SECRET, SeededDoctor, seed_doctor, token, ws_url
-from testkit.harness import ControlledPostgres, own_postgres
+from testkit.harness import ControlledPostgres
 from testkit.wire import eventually
 
 AppClient = TestClient[web.Request, web.Application]
 
 DEFAULTS = Settings()
 SLACK_S = 0.7  # scheduling on a shared, loaded machine
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[ControlledPostgres]:
-    with own_postgres() as c:
-        asyncio.run(migrate(c.dsn()))
-        yield c
 
 
 @pytest.fixture

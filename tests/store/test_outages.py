@@ -27,23 +27,15 @@ from store.broker import MemoryBroker
 from store.changes import Change, unpack
 from store.constants import doctor_channel
 from store.errors import StoreError, Unavailable
-from store.migrate import migrate
 from store.outbox import Outbox
 from store.runner import Store, open_store, ping
 from testkit.fixtures import SeededDoctor, seed_doctor
-from testkit.harness import ControlledPostgres, own_postgres
+from testkit.harness import ControlledPostgres
 from testkit.wire import eventually
 
 TIMEOUT_MS = 1500  # the store's bound on one unit of work, in these tests
 ACQUIRE_MS = 500
 SLACK_S = 0.5  # scheduling on a shared, loaded machine
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[ControlledPostgres]:
-    with own_postgres() as c:
-        asyncio.run(migrate(c.dsn()))
-        yield c
 
 
 @pytest.fixture
