@@ -70,7 +70,7 @@ from protocol.vocabulary import Role  # noqa: E402
 from server import auth  # noqa: E402
 from store import commands, doctors  # noqa: E402
 from store.migrate import migrate  # noqa: E402
-from store.runner import open_store  # noqa: E402
+from store.pool import open_store  # noqa: E402
 from store.schedule import Block  # noqa: E402
 from testkit.harness import (  # noqa: E402
     ServerProcess,

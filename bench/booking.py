@@ -103,7 +103,7 @@ from server import auth  # noqa: E402
 from store import commands, doctors, embedded, sql  # noqa: E402
 from store import runner as store_runner  # noqa: E402
 from store.migrate import migrate  # noqa: E402
-from store.runner import Store, open_store  # noqa: E402
+from store.pool import Store, open_store  # noqa: E402
 from store.schedule import Block  # noqa: E402
 from testkit.harness import UNLIMITED, ServerProcess, free_port, with_database  # noqa: E402
 

@@ -850,7 +850,7 @@ def server_histogram(
 async def seed(dsn: str, slots_needed: int) -> tuple[int, date, list[int]]:
     """A doctor open around the clock, and the free slot ids the driver books, in order."""
     from store import commands, doctors, reads
-    from store.runner import open_store
+    from store.pool import open_store
     from store.schedule import Block
 
     days = math.ceil(slots_needed / (24 * 60 // SLOT_MINUTES - 1)) + 3

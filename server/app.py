@@ -50,7 +50,7 @@ from store.broker import open_broker
 from store.counters import open_counters
 from store.migrate import migrate
 from store.outbox import Outbox
-from store.runner import open_store, wait_for_database
+from store.pool import open_store, wait_for_database
 from store.startup import where_postgres
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from protocol.errors import SlotcastError
 from server.service import Clock
 from store import commands, doctors
-from store.runner import Store
+from store.pool import Store
 
 log = logging.getLogger(__name__)
 

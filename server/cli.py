@@ -121,7 +121,7 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
 async def _migrate(settings: Settings) -> int:
     from store import embedded
     from store.migrate import migrate
-    from store.runner import wait_for_database
+    from store.pool import wait_for_database
 
     connect_timeout_s = settings.db_timeout_ms / 1000
     try:

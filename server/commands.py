@@ -38,7 +38,7 @@ from protocol.messages import (
 from server.auth import Identity
 from server.service import Scheduling, actor_of, forbidden
 from store import commands, doctors, reads
-from store.runner import Store
+from store.pool import Store
 from store.tx import Actor, Limits, Outcome
 
 M = TypeVar("M", bound=Message)

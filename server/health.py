@@ -23,9 +23,9 @@ import asyncio
 from dataclasses import dataclass
 
 from protocol.errors import SlotcastError
-from store import runner
+from store import pool
 from store.broker import Broker
-from store.runner import Store
+from store.pool import Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +56,7 @@ class Health:
 
     async def _database(self) -> str | None:
         try:
-            await runner.ping(self._store, timeout_s=self._timeout_s)
+            await pool.ping(self._store, timeout_s=self._timeout_s)
         except SlotcastError as exc:
             return exc.message
         return None

@@ -21,7 +21,7 @@ from server.session import Session
 from server.settings import Settings
 from store.broker import Broker
 from store.outbox import Outbox
-from store.runner import Store
+from store.pool import Store
 
 
 @dataclass(slots=True)

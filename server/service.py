@@ -19,7 +19,7 @@ from server.auth import Identity
 from server.settings import Settings
 from store import reads
 from store.changes import Change
-from store.runner import Store
+from store.pool import Store
 from store.tx import Actor
 
 Clock = Callable[[], datetime]

@@ -23,7 +23,8 @@ from server import auth
 from server.auth import Identity
 from server.connection import Connection
 from server.metrics import Metrics
-from server.rooms import Member, PatientMember, Rooms
+from server.room import Member, PatientMember
+from server.rooms import Rooms
 from server.service import Scheduling
 
 

@@ -41,7 +41,7 @@ from server.commands import REGISTRY
 from server.connection import Connection
 from server.keys import CONNECTIONS, GUARD, LIMITER, METRICS, ROOMS, SCHEDULING, SETTINGS, STATE
 from server.limits import Throttle, identity_key
-from server.rooms import Frames
+from server.room import Frames
 from server.session import Session
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,8 @@ from store.errors import (
     Invalid,
     InvalidTransition,
 )
-from store.runner import Store, doctor_of_appointment, doctor_of_slot, run
+from store.pool import Store
+from store.runner import doctor_of_appointment, doctor_of_slot, run
 from store.tx import SYSTEM, Actor, Limits, Outcome, Reply, Taking, Tx, resolve_now
 
 # ---- patient commands --------------------------------------------------------------------------

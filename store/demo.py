@@ -11,7 +11,7 @@ from datetime import time
 
 from store.constants import LOCK_NS_SEED
 from store.doctors import create_doctor, doctor_count
-from store.runner import Store, exclusive
+from store.pool import Store, exclusive
 from store.schedule import Block
 
 log = logging.getLogger(__name__)

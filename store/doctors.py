@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from store import sql
 from store.errors import NotFound
-from store.runner import Store
+from store.pool import Store
 from store.schedule import Block, zone
 
 

@@ -32,7 +32,7 @@ from store.broker import Broker
 from store.changes import Change, PatientNote
 from store.constants import doctor_channel, patient_channel
 from store.errors import StoreError
-from store.runner import Store
+from store.pool import Store
 
 log = logging.getLogger(__name__)
 

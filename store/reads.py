@@ -19,7 +19,7 @@ from protocol.messages import AppointmentView, Dashboard, DoctorView, Snapshot
 from store import sql
 from store.changes import Change
 from store.errors import Invalid, NotFound
-from store.runner import Store
+from store.pool import Store
 from store.steps import appointment_view, slot_view
 from store.tx import resolve_now
 

@@ -19,7 +19,7 @@ from protocol.messages import AppointmentView, Book, Booked, Held, Hold, SlotVie
 from protocol.vocabulary import Role
 from store import commands, doctors, reads
 from store.changes import Change
-from store.runner import Store
+from store.pool import Store
 from store.tx import Actor, Limits
 from testkit.fixtures import EVERY_DAY
 

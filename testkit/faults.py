@@ -57,7 +57,7 @@ import orjson
 from client import ClientError, SlotcastClient
 from protocol.messages import AppointmentUpdated, Book, Booked, Cancel, Delta, Error, Message
 from protocol.vocabulary import Role
-from store.runner import open_store
+from store.pool import open_store
 from testkit.fixtures import JWT_SECRET, SeededDoctor, seed_doctor, token
 from testkit.harness import UNLIMITED, ControlledPostgres, RedisServer, ServerProcess, free_port
 

@@ -31,7 +31,7 @@ from protocol.vocabulary import Role
 from server import auth
 from store import commands, doctors, reads
 from store.migrate import migrate
-from store.runner import Store, open_store
+from store.pool import Store, open_store
 from store.schedule import Block
 from testkit.harness import (
     ControlledPostgres,

@@ -35,7 +35,7 @@ from axe_playwright_python.async_playwright import Axe
 from playwright.async_api import Browser, Locator, Page, WebSocketRoute, async_playwright, expect
 
 from protocol.vocabulary import Role
-from store.runner import open_store
+from store.pool import open_store
 from testkit.browser import PHONE, Pages, launch, pages_of
 from testkit.fixtures import Spawn, seed_doctor, token
 from testkit.harness import ServerProcess, free_port

@@ -26,7 +26,7 @@ from client import ClientError, SlotcastClient
 from protocol.messages import AppointmentView, Rescheduled
 from protocol.vocabulary import SlotStatus
 from store import commands
-from store.runner import Store
+from store.pool import Store
 from testkit.fixtures import SeededDoctor, Spawn, seed_doctor, token
 from testkit.harness import ServerProcess
 

@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 
 from client import SlotcastClient
-from store.runner import open_store
+from store.pool import open_store
 from testkit.fixtures import SeededDoctor, Spawn, seed_doctor, token
 from testkit.harness import (
     UNLIMITED,

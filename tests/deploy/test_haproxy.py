@@ -33,7 +33,7 @@ from client import ClientError, SlotcastClient
 from protocol.messages import AppointmentView, SlotView
 from protocol.vocabulary import SlotStatus
 from store import reads
-from store.runner import Store
+from store.pool import Store
 from testkit.fixtures import SeededDoctor, Spawn, seed_doctor, token
 from testkit.harness import REPO, ServerProcess, free_port
 from testkit.tools import ensure_haproxy

@@ -28,7 +28,7 @@ from protocol.messages import (
 )
 from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
 from store import reads
-from store.runner import Store
+from store.pool import Store
 from testkit.fixtures import SeededDoctor, Spawn, token
 from testkit.harness import RedisServer, ServerProcess
 from testkit.wire import expect

@@ -18,7 +18,7 @@ from client import SlotcastClient
 from protocol.vocabulary import Role, SlotStatus
 from store import reads
 from store.doctors import create_doctor
-from store.runner import Store
+from store.pool import Store
 from testkit.fixtures import SeededDoctor, token, ws_url
 from testkit.wire import error_code
 

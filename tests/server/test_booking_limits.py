@@ -24,7 +24,7 @@ from client import ClientError, SlotcastClient
 from protocol.vocabulary import AppointmentStatus, Role
 from server.app import create_app
 from server.settings import Settings
-from store.runner import Store
+from store.pool import Store
 from testkit.fixtures import SeededDoctor, seed_doctor, token, ws_url
 from testkit.wire import error_code
 

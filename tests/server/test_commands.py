@@ -34,7 +34,7 @@ from server.api import HTTP_STATUS
 from server.app import create_app
 from server.settings import Settings
 from store import commands, doctors, reads
-from store.runner import Store
+from store.pool import Store
 from testkit.engine import active_appointments
 from testkit.fixtures import SeededDoctor, token, ws_url
 from testkit.wire import assert_no_delta_before_pong, deltas_before_pong, expect

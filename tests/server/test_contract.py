@@ -25,7 +25,7 @@ from protocol.vocabulary import Role
 from server.app import create_app
 from server.settings import Settings
 from store import doctors
-from store.runner import Store
+from store.pool import Store
 from store.schedule import Block
 from testkit.fixtures import SeededDoctor, token, ws_url
 from testkit.wire import error_code, expect

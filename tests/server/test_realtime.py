@@ -57,7 +57,7 @@ from server.settings import Settings
 from store import commands, outbox, reads
 from store.changes import Change, unpack
 from store.errors import Unavailable
-from store.runner import Store
+from store.pool import Store
 from testkit.fixtures import SeededDoctor, seed_doctor, token, ws_url
 from testkit.wire import WAIT_S, events_before_pong, eventually, expect
 

@@ -30,7 +30,7 @@ from server.keys import CONNECTIONS
 from server.service import Scheduling
 from server.settings import Settings
 from store import commands, reads
-from store.runner import Store
+from store.pool import Store
 from store.tx import Actor
 from testkit.fixtures import SeededDoctor, token, ws_url
 from testkit.proxy import pg_proxy

@@ -28,14 +28,15 @@ from protocol.vocabulary import SlotStatus
 from server.app import create_app
 from server.connection import Connection
 from server.keys import BROKER, METRICS
-from server.rooms import Member, Rooms
+from server.room import Member
+from server.rooms import Rooms
 from server.settings import Settings
 from store import commands, reads
 from store.broker import Broker, MemoryBroker, RedisBroker
 from store.changes import Change
 from store.constants import doctor_channel
 from store.errors import NotFound
-from store.runner import Store
+from store.pool import Store
 from testkit.fixtures import SeededDoctor, token, ws_url
 from testkit.harness import RedisServer
 from testkit.wire import eventually, expect

@@ -29,7 +29,7 @@ from protocol.vocabulary import Role, SlotStatus
 from server import auth
 from server.app import create_app
 from server.settings import Settings
-from store.runner import Store
+from store.pool import Store
 from testkit.fixtures import SeededDoctor, seed_doctor, token, ws_url
 from testkit.wire import assert_no_delta_before_pong, deltas_before_pong
 

@@ -32,7 +32,7 @@ from protocol.vocabulary import Role, SlotStatus
 from store import commands, doctors, reads, schedule
 from store.changes import Change
 from store.errors import SlotTaken
-from store.runner import Store
+from store.pool import Store
 from store.schedule import slot_times, zone
 from store.tx import Actor, Outcome
 from testkit.fixtures import EVERY_DAY

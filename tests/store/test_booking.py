@@ -24,7 +24,7 @@ from store import commands, reads
 from store.commands import Booking
 from store.constants import LOCK_NS_DOCTOR
 from store.errors import Busy, IdempotencyConflict, NotFound, SlotTaken, SlotUnavailable, TooLate
-from store.runner import Store, open_store
+from store.pool import Store, open_store
 from testkit.engine import active_appointments, version
 from testkit.fixtures import SeededDoctor, seed_doctor
 

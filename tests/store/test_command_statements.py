@@ -22,11 +22,11 @@ import pytest
 from protocol.errors import ErrorCode
 from protocol.messages import Book, Booked, Cancel, Hold, Release, SlotView
 from protocol.vocabulary import AppointmentStatus, SlotStatus
-from store import commands, reads, runner, sql, steps
+from store import commands, pool, reads, sql, steps
 from store.changes import Change
 from store.constants import LOCK_NS_DOCTOR, LOCK_NS_PATIENT
 from store.errors import NotFound, SlotTaken, SlotUnavailable, StoreError, TooLate
-from store.runner import Store, open_store
+from store.pool import Store, open_store
 from store.tx import Limits, Tx
 from testkit.engine import (
     NOW,
@@ -234,7 +234,7 @@ async def test_a_session_lock_never_outlives_its_checkout(
     # Make `exclusive` forget to unlock, as if its unlock had been cancelled: the full reset
     # that its connection gets on release must still free the lock.
     monkeypatch.setattr("store.runner.sql.SESSION_UNLOCK", "SELECT $1::int4, $2::int4")
-    async with runner.exclusive(store, 0x5C99, 7):
+    async with pool.exclusive(store, 0x5C99, 7):
         held = await db.fetchval(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1"
             " AND objid = 7",

@@ -58,7 +58,7 @@ from store.errors import (
     StoreError,
     TooLate,
 )
-from store.runner import Store, open_store
+from store.pool import Store, open_store
 from store.tx import Actor, Outcome
 from testkit.engine import (
     DAY,

@@ -59,7 +59,7 @@ from protocol.messages import (
 from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
 from store import commands, doctors, reads
 from store.errors import StoreError
-from store.runner import Store, open_store
+from store.pool import Store, open_store
 from store.schedule import Block as WeeklyHours
 from store.tx import Actor, Limits, Outcome
 from testkit.fixtures import TEMPLATE, scratch_database

@@ -28,7 +28,7 @@ from store.changes import Change, unpack
 from store.constants import doctor_channel
 from store.errors import StoreError, Unavailable
 from store.outbox import Outbox
-from store.runner import Store, open_store, ping
+from store.pool import Store, open_store, ping
 from testkit.fixtures import SeededDoctor, seed_doctor
 from testkit.harness import ControlledPostgres
 from testkit.wire import eventually

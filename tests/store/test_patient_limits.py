@@ -23,7 +23,7 @@ from protocol.vocabulary import AppointmentStatus, Role
 from store import commands
 from store.constants import LOCK_NS_PATIENT
 from store.errors import AppointmentLimit, Cooldown, StoreError
-from store.runner import Store
+from store.pool import Store
 from store.tx import Actor, Limits
 from testkit.engine import (
     NOW,

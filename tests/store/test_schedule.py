@@ -16,7 +16,7 @@ import pytest
 
 from protocol.vocabulary import SlotStatus
 from store import commands, doctors, reads
-from store.runner import Store
+from store.pool import Store
 from store.schedule import Block, slot_times, zone
 from testkit.layout import starts
 

@@ -42,11 +42,12 @@ from server.connection import (
     police,
 )
 from server.frames import frame
-from server.rooms import Frames, Rooms
+from server.room import Frames
+from server.rooms import Rooms
 from store.broker import MemoryBroker
 from store.changes import Change, PatientNote
 from store.constants import patient_channel
-from store.runner import Store
+from store.pool import Store
 from testkit.wire import WAIT_S, eventually
 
 # ---- the Connection's outbox, with a transport whose buffer the test controls ---------------
