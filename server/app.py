@@ -159,7 +159,14 @@ async def publishing(app: web.Application) -> AsyncIterator[None]:
 
 async def services(app: web.Application) -> AsyncIterator[None]:
     store, broker_, metrics, settings = app[STORE], app[BROKER], app[METRICS], app[SETTINGS]
-    rooms = Rooms(store, broker_, settings.instance_id, on_fanout=metrics.fanout)
+    rooms = Rooms(
+        store,
+        broker_,
+        settings.instance_id,
+        on_fanout=metrics.fanout,
+        on_snapshot=metrics.snapshot_read,
+        cache_slots=settings.snapshot_cache_slots,
+    )
     app[ROOMS] = rooms
     app[SCHEDULING] = Scheduling(store, settings, app[CLOCK])
     app[HEALTH] = Health(store, broker_, timeout_s=settings.ready_timeout_ms / 1000)

@@ -91,6 +91,9 @@ class Settings:
     relay_grace_s: float = 2.0
     # A client resuming further behind than this gets a fresh snapshot instead.
     resume_max_versions: int = 1000
+    # Slots that rooms may keep in memory, over all doctors, so that watchers joining a
+    # watched doctor cost no database read (server/calendars.py); 0 turns it off.
+    snapshot_cache_slots: int = 100_000
     # On SIGTERM: fail /readyz, wait drain_grace_s for the load balancer to notice,
     # then close clients (1012) drain_batch at a time, drain_interval_s apart.
     drain_grace_s: float = 1.0

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any, TypeVar
 
 from aiohttp import WSMsgType, web
@@ -99,7 +100,13 @@ async def on_watch(session: Session, rid: RequestId, msg: Watch) -> None:
             missed = await scheduling.missed(msg.doctor_id, msg.since)
         snapshot = None
         if missed is None:
-            snapshot = await scheduling.snapshot(msg.doctor_id, msg.start, msg.end)
+            snapshot = await rooms.snapshot(
+                member,
+                msg.start,
+                msg.end,
+                read=partial(scheduling.snapshot_at, msg.doctor_id, msg.start, msg.end),
+                clock=scheduling.clock,
+            )
     except BaseException:
         await rooms.leave(member)
         raise
