@@ -197,7 +197,11 @@ def identity_of(claims: Mapping[str, Any], *, subject: object, role: object) -> 
         raise AuthError(f"unknown role {str(role)[:64]!r}") from None
     if not isinstance(subject, str) or not 0 < len(subject) <= 128 or "\x00" in subject:
         raise AuthError("the token's subject must be a string of 1-128 characters")
-    return Identity(subject, known, datetime.fromtimestamp(claims["exp"], UTC))
+    try:
+        expires_at = datetime.fromtimestamp(claims["exp"], UTC)
+    except (ValueError, OverflowError, OSError):  # past year 9999: a token that never ends
+        raise AuthError("the token's `exp` is out of range") from None
+    return Identity(subject, known, expires_at)
 
 
 def issue(secret: str, *, subject: str, role: Role, ttl: timedelta = timedelta(hours=12)) -> str:

@@ -75,8 +75,9 @@ class IdentityProvider:
         self.timeout_s = timeout_s
         self.fetches = 0  # attempts, for tests and the curious
         self._keys: dict[str, jwt.PyJWK] = {}
-        self._fetched_at: float | None = None  # the last fetch that worked (monotonic)
-        self._tried_at: float | None = None  # the last attempt
+        self._fetched_at: float | None = None  # when the last fetch that worked began
+        self._tried_at: float | None = None  # when the last attempt began (monotonic)
+        self._ended_at: float | None = None  # and when it ended
         self._failure: str | None = None  # why the last attempt failed
         self._lock = asyncio.Lock()
 
@@ -138,33 +139,43 @@ class IdentityProvider:
         raise AuthError(f"the identity provider has no key {kid[:64]!r}")
 
     async def _refresh(self, asked_at: float) -> None:
+        """Fetch the keys, unless an attempt ended since `asked_at` (its answer is as new as
+        ours would be: a burst of tokens costs one fetch) or began under `refresh_s` ago."""
         async with self._lock:
-            tried = self._tried_at
-            if tried is not None and (tried >= asked_at or asked_at - tried < self.refresh_s):
-                return  # fetched while we waited for the lock, or too recently to ask again
-            self._tried_at = time.monotonic()
-            self.fetches += 1
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    found = await asyncio.to_thread(self._client.get_jwk_set, refresh=True)
-            except (TimeoutError, OSError, ValueError, jwt.PyJWTError) as exc:
-                failure = str(exc) or f"no answer within {self.timeout_s:g} s"
-                if self._failure is None:
-                    log.warning("identity provider keys: cannot fetch %s: %s", self.url, failure)
-                self._failure = failure
+            tried, ended = self._tried_at, self._ended_at
+            if ended is not None and ended >= asked_at:
                 return
-            keys = {
-                k.key_id: k
-                for k in found.keys
-                if k.key_id
-                and k.public_key_use in {"sig", None}
-                and k.algorithm_name in self.algorithms
-            }
-            if self._failure is not None or set(keys) != set(self._keys):
-                log.info("identity provider keys from %s: %s", self.url, " ".join(sorted(keys)))
-            self._keys = keys
-            self._fetched_at = self._tried_at
-            self._failure = None
+            if tried is not None and time.monotonic() - tried < self.refresh_s:
+                return
+            self._tried_at = time.monotonic()
+            try:
+                await self._fetch()
+            finally:
+                self._ended_at = time.monotonic()
+
+    async def _fetch(self) -> None:
+        self.fetches += 1
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                found = await asyncio.to_thread(self._client.get_jwk_set, refresh=True)
+        except (TimeoutError, OSError, ValueError, jwt.PyJWTError) as exc:
+            failure = str(exc) or f"no answer within {self.timeout_s:g} s"
+            if self._failure is None:
+                log.warning("identity provider keys: cannot fetch %s: %s", self.url, failure)
+            self._failure = failure
+            return
+        keys = {
+            k.key_id: k
+            for k in found.keys
+            if k.key_id
+            and k.public_key_use in {"sig", None}
+            and k.algorithm_name in self.algorithms
+        }
+        if self._failure is not None or set(keys) != set(self._keys):
+            log.info("identity provider keys from %s: %s", self.url, " ".join(sorted(keys)))
+        self._keys = keys
+        self._fetched_at = self._tried_at
+        self._failure = None
 
     def _subject(self, claims: Mapping[str, Any]) -> object:
         subject = _dig(claims, self.subject_claim)
