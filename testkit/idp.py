@@ -7,6 +7,7 @@ the fetches, so tests can rotate its keys, take it down and see how often it is 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,6 +34,7 @@ class TestIdentityProvider:
         self.keys: dict[str, tuple[str, PrivateKey]] = {}
         self.fetches = 0
         self.up = True
+        self.hanging = False  # answers nothing until the block of `serving` ends
         self.port = free_port()
 
     @property
@@ -78,8 +80,12 @@ class TestIdentityProvider:
     async def serving(self) -> AsyncIterator[TestIdentityProvider]:
         """Publish the JWKS on the running event loop until the block ends."""
 
+        released = asyncio.Event()
+
         async def jwks(request: web.Request) -> web.Response:
             self.fetches += 1
+            if self.hanging:
+                await released.wait()
             if not self.up:
                 return web.Response(status=503, text="identity provider down")
             return web.json_response(self.jwks())
@@ -92,4 +98,5 @@ class TestIdentityProvider:
         try:
             yield self
         finally:
+            released.set()
             await runner.cleanup()
