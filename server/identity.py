@@ -73,7 +73,6 @@ class IdentityProvider:
         self.cache_s = cache_s
         self.refresh_s = refresh_s
         self.timeout_s = timeout_s
-        self.fetches = 0  # attempts, for tests and the curious
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at: float | None = None  # when the last fetch that worked began
         self._tried_at: float | None = None  # when the last attempt began (monotonic)
@@ -154,7 +153,6 @@ class IdentityProvider:
                 self._ended_at = time.monotonic()
 
     async def _fetch(self) -> None:
-        self.fetches += 1
         try:
             async with asyncio.timeout(self.timeout_s):
                 found = await asyncio.to_thread(self._client.get_jwk_set, refresh=True)
