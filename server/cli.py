@@ -47,7 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--database-url", help="PostgreSQL DSN (default: embedded PostgreSQL)")
+    serve.add_argument(
+        "--database-url",
+        help="PostgreSQL DSN (default: embedded PostgreSQL); shown by `ps`: with a password, "
+        "set SLOTCAST_DATABASE_URL_FILE instead",
+    )
     serve.add_argument("--broker-url", help="memory:// (default) or redis://host:port/0")
     serve.add_argument("--data-dir", type=Path, help="where embedded PostgreSQL keeps its data")
     serve.add_argument("--instance-id")

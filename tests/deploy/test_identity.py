@@ -22,6 +22,7 @@ import aiohttp
 import jwt
 import pytest
 
+from client import ClientError, SlotcastClient
 from protocol.vocabulary import Role
 from server.auth import KeyRing
 from testkit.fixtures import Spawn
@@ -185,12 +186,19 @@ async def test_keys_rotate_and_the_identity_provider_signs_in_through_processes(
         assert (await me(after, idp.token("rsa-2", sub="erin")))[0] == 200
         assert idp.fetches == fetched + 1
 
-        # The provider is down: known keys still sign in; the others cannot be checked.
+        # The provider is down: known keys still sign in; the others cannot be checked,
+        # over REST as over a WebSocket's `auth`.
         idp.up = False
         assert (await me(after, idp.token("rsa-2")))[0] == 200
         idp.add_key("rsa-3", "RS256")
         status, body = await me(after, idp.token("rsa-3"))
         assert (status, body["code"]) == (503, "unavailable")
+        async with SlotcastClient.connect(after.ws_url) as ws:
+            who = await ws.auth(idp.token("ec-1", sub="7", role="doctor"))
+            assert (who.subject, who.role) == ("7", Role.DOCTOR)
+            with pytest.raises(ClientError) as refused:
+                await ws.auth(idp.token("rsa-3"))
+            assert refused.value.code == "unavailable"
         idp.up = True
 
         # Refused tokens of every kind count toward the address's failed sign-ins (12 in
