@@ -130,9 +130,9 @@ class IdentityProvider:
         key = self._keys.get(kid)
         if key is not None:
             return key
-        if self._failure is not None:
+        if self._failure is not None:  # the reason is in the log, not for the client
             raise SlotcastError(
-                f"the identity provider's keys cannot be fetched: {self._failure}",
+                "the identity provider's keys cannot be fetched to check this token: retry later",
                 code=ErrorCode.UNAVAILABLE,
             )
         raise AuthError(f"the identity provider has no key {kid[:64]!r}")
