@@ -37,10 +37,19 @@ from protocol.messages import (
     WatchDashboard,
     Welcome,
 )
-from server import auth
 from server.commands import REGISTRY
 from server.connection import Connection
-from server.keys import CONNECTIONS, GUARD, LIMITER, METRICS, ROOMS, SCHEDULING, SETTINGS, STATE
+from server.keys import (
+    CONNECTIONS,
+    GUARD,
+    LIMITER,
+    METRICS,
+    ROOMS,
+    SCHEDULING,
+    SETTINGS,
+    STATE,
+    VERIFIER,
+)
 from server.limits import Throttle, identity_key
 from server.room import Frames
 from server.session import Session
@@ -72,7 +81,7 @@ def handles(kind: type[M]) -> Callable[[Handler[M]], Handler[M]]:
 
 @handles(Auth)
 async def on_auth(session: Session, rid: RequestId, msg: Auth) -> None:
-    identity = auth.verify(session.secret, msg.token)
+    identity = await session.verifier.verify(msg.token)
     # Another identity leaves the private rooms joined as the previous one; the client
     # hears which (id null) before the reply, as after a token expiry.
     for notice in await session.authenticate(identity):
@@ -220,7 +229,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         app[ROOMS],
         app[SCHEDULING],
         metrics,
-        secret=settings.jwt_secret,
+        verifier=app[VERIFIER],
         max_watches=settings.max_watches,
         max_frame=settings.max_frame_bytes,
     )
