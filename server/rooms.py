@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import Final
 
 from protocol.messages import AppointmentEvent, Presence, Resync
+from server import logs
 from server.connection import Connection
 from server.frames import frame
 from server.room import Kind, Member, PatientMember, PatientRoom, Room, Round
@@ -114,7 +115,10 @@ class Rooms:
         room = self._rooms.get(doctor_id)
         if room is None:
             room = self._rooms[doctor_id] = Room(doctor_id)
-            room.opened = asyncio.create_task(self._open(room), name=f"room-open-{doctor_id}")
+            # The room's own work serves every member: no request's ids on its lines.
+            room.opened = asyncio.create_task(
+                self._open(room), name=f"room-open-{doctor_id}", context=logs.detached()
+            )
         member = Member(conn, room, kind, viewer=viewer)
         (room.members if kind == "availability" else room.dashboards).add(member)
         if kind == "availability":
@@ -245,7 +249,7 @@ class Rooms:
             room.fanning = True
             # Not now: let the broker reader take whatever else has arrived first,
             # so that a loop that is behind sends it all in one round.
-            asyncio.get_running_loop().call_soon(self._fan_out, room)
+            asyncio.get_running_loop().call_soon(self._fan_out, room, context=logs.detached())
         if room.pending and room.catching_up is None:
             self._start_catch_up(room, GAP_WAIT_S)
 
@@ -290,7 +294,9 @@ class Rooms:
 
     def _start_catch_up(self, room: Room, delay: float) -> None:
         room.catching_up = asyncio.create_task(
-            self._catch_up(room, delay), name=f"room-catch-up-{room.doctor_id}"
+            self._catch_up(room, delay),
+            name=f"room-catch-up-{room.doctor_id}",
+            context=logs.detached(),
         )
 
     async def _catch_up(self, room: Room, delay: float) -> None:

@@ -135,6 +135,12 @@ class Settings:
     # presenting `Authorization: Bearer <metrics_token>` when it is set.
     metrics_allow: str = "127.0.0.0/8 ::1"
     metrics_token: str = ""
+    # ---- logs (docs/operations.md, "Logs") ----
+    # `text` (the default) or `json`: one JSON object per line, with instance, request or
+    # connection id and subject as fields.
+    log_format: str = "text"
+    # One line per HTTP request (`slotcast.access`); health checks and scrapes only at DEBUG.
+    access_log: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
