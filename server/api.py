@@ -232,7 +232,16 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """The metrics, readiness included: the same bounded, shared probe as `/readyz`, so an
+    alert on `slotcast_ready` needs no balancer in front of the instance."""
+    app = request.app
+    probe = await app[HEALTH].probe()
+    draining = app[STATE].draining
+    found = app[METRICS]
+    found.draining.set(draining)
+    found.database_up.set(probe.database is None)
+    found.ready.set(not draining and probe.database is None)
     return web.Response(
-        body=request.app[METRICS].render(),
+        body=found.render(),
         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
     )

@@ -176,6 +176,19 @@ class Metrics:
             "Age of the oldest committed change no publish has confirmed (0: none)",
             registry=r,
         )
+        self.ready = Gauge(
+            "slotcast_ready",
+            "1 if /readyz would answer ready at the last scrape (each scrape probes, bounded)",
+            registry=r,
+        )
+        self.draining = Gauge(
+            "slotcast_draining", "1 while this instance drains for shutdown", registry=r
+        )
+        self.database_up = Gauge(
+            "slotcast_database_up",
+            "1 if the database answered the probe at the last scrape",
+            registry=r,
+        )
         self.readings = Readings()
         r.register(self.readings)
         # The process: CPU, memory, open files (Linux), the interpreter and its collector.
