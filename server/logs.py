@@ -28,7 +28,7 @@ import secrets
 import sys
 from collections.abc import Awaitable, Callable
 from contextvars import Context, ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -87,23 +87,30 @@ class ContextFields(logging.Filter):
 
 def configure(*, level: str, fmt: str, instance: str) -> None:
     """The root logger's one handler (stderr), in `fmt`, with the context on every line."""
+    logging.basicConfig(
+        level=level.upper(), handlers=[handler(fmt, instance, sys.stderr)], force=True
+    )
+
+
+def handler(fmt: str, instance: str, stream: IO[str]) -> logging.Handler:
+    """A handler writing `fmt` lines to `stream`; ValueError for an unknown format."""
     if fmt not in FORMATS:
         raise ValueError(f"SLOTCAST_LOG_FORMAT={fmt!r}: expected one of {', '.join(FORMATS)}")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(ContextFields(instance))
+    out = logging.StreamHandler(stream)
+    out.addFilter(ContextFields(instance))
     if fmt == "json":
-        handler.setFormatter(
+        out.setFormatter(
             OrjsonFormatter(
                 JSON_FIELDS,
                 rename_fields={"levelname": "level", "name": "logger"},
                 timestamp="time",
-                # Text-format helper; everything else the filter adds is a field.
+                # The text format's helper; everything else the filter adds is a field.
                 reserved_attrs=[*RESERVED_ATTRS, "ids"],
             )
         )
     else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+        out.setFormatter(logging.Formatter(TEXT_FORMAT))
+    return out
 
 
 def identify(identity: Identity | None) -> None:
