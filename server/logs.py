@@ -47,7 +47,7 @@ REQUEST_ID: ContextVar[str | None] = ContextVar("slotcast_request_id", default=N
 CONNECTION_ID: ContextVar[str | None] = ContextVar("slotcast_connection_id", default=None)
 IDENTITY: ContextVar[Identity | None] = ContextVar("slotcast_identity", default=None)
 
-# Separate loggers, so an operator can turn either off (or down) on its own.
+# Names of their own, so a log collector can route or filter them.
 access_log = logging.getLogger("slotcast.access")
 command_log = logging.getLogger("slotcast.commands")
 
