@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 FORMATS = ("text", "json")
 REQUEST_ID_HEADER = "X-Request-Id"
 # A balancer's id is believed only if it looks like one: bounded, no spaces or quotes.
-_GOOD_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_GOOD_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("slotcast_request_id", default=None)
 CONNECTION_ID: ContextVar[str | None] = ContextVar("slotcast_connection_id", default=None)
