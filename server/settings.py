@@ -172,6 +172,12 @@ class Settings:
     jwt_jwks_cache_s: float = 300.0
     jwt_jwks_refresh_s: float = 10.0
     jwt_jwks_timeout_ms: int = 2000
+    # ---- logs (docs/operations.md, "Logs") ----
+    # `text` (the default) or `json`: one JSON object per line, with instance, request or
+    # connection id and subject as fields.
+    log_format: str = "text"
+    # One line per HTTP request (`slotcast.access`); health checks and scrapes only at DEBUG.
+    access_log: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

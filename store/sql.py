@@ -401,6 +401,12 @@ RELAY_ADVANCE: Final = """
 UPDATE relay_cursor AS r SET published_version = t.v
 FROM unnest($1::int[], $2::bigint[]) AS t(d, v)
 WHERE r.doctor_id = t.d AND r.published_version < t.v"""
+# The relay's lag: the age of the oldest change no publish has confirmed, 0 when none.
+# Versions are consecutive, so each doctor's oldest is the one after its cursor (by key).
+RELAY_LAG: Final = """
+SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(c.created_at)), 0)::float8
+FROM relay_cursor r
+JOIN changes c ON c.doctor_id = r.doctor_id AND c.version = r.published_version + 1"""
 CHANGES_ALL: Final = """
 SELECT version, kind, actor, public, private, created_at FROM changes
 WHERE doctor_id = $1 ORDER BY version"""
