@@ -133,8 +133,18 @@ async def test_a_rolling_upgrade_serves_throughout_and_old_code_refuses_a_contra
         await book(http, beside.http_url, slots[6].id, "p-6")
         assert (await watcher.next_delta(timeout=5)).version == base + 7
 
-        # A contract step that only newer code survives: `--check` and a start both refuse.
-        contracted = await migrate(database_url, migrations=[*available(), EXPAND, CONTRACT])
+        # A contract step waits for the operator: an instance's start, like a plain
+        # `slotcast migrate`, stops before it, and the release that ships it runs without.
+        newest = [*available(), EXPAND, CONTRACT]
+        assert await migrate(database_url, migrations=newest, contract=False) == []
+        waiting = await check(database_url, migrations=newest)
+        assert [m.label for m in waiting.pending] == [
+            "9002 test_contract (contract: needs code 9002)"
+        ]
+        assert waiting.problem(pending_allowed=False) is None
+
+        # Once applied, only newer code may run: `--check` and a start both refuse.
+        contracted = await migrate(database_url, migrations=newest)
         assert contracted == [CONTRACT.version]
         state = await check(database_url)
         assert state.min_code == CONTRACT.version
