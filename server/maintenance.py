@@ -65,10 +65,11 @@ async def schema_ready(dsn: str, settings: Settings) -> None:
 async def pruning(app: web.Application) -> AsyncIterator[None]:
     """Every instance prunes now and then; the prune lock lets one at a time do it."""
     settings = app[SETTINGS]
+    retention = retention_of(settings)  # refuses nonsense at start, not an hour later
     if settings.prune_interval_s <= 0:
         yield
         return
-    store, clock, retention = app[STORE], app[CLOCK], retention_of(settings)
+    store, clock = app[STORE], app[CLOCK]
 
     async def round_() -> None:
         done = await prune(store, retention, now=clock(), max_batches=ROUND_BATCHES)

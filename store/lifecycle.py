@@ -44,6 +44,7 @@ from store.tx import resolve_now
 log = logging.getLogger(__name__)
 
 PSEUDONYM_PREFIX = "erased-"
+MIN_AUDIT = timedelta(days=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,14 @@ class Retention:
     # Never shorter than this for ended holds: the re-hold cool-down reads them.
     cooldown: timedelta = timedelta(0)
     batch: int = 1000
+
+    def __post_init__(self) -> None:
+        # Live rooms fill gaps and the relay republishes from the most recent records,
+        # and a batch of nothing would never finish.
+        if self.audit < MIN_AUDIT:
+            raise StoreError("the audit period must be at least a day")
+        if self.batch < 1:
+            raise StoreError("a prune batch must delete at least one row")
 
 
 @dataclass(slots=True)

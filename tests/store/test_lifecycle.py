@@ -20,6 +20,7 @@ from server.service import Scheduling
 from server.settings import Settings
 from store import commands
 from store.constants import LOCK_NS_PRUNE
+from store.errors import StoreError
 from store.lifecycle import PSEUDONYM_PREFIX, Retention, erase_patient, prune
 from store.pool import Store
 from store.tx import Actor, resolve_now
@@ -202,3 +203,10 @@ async def test_erasure_pseudonymises_the_patient_everywhere_and_keeps_the_audit_
     again = await erase_patient(store, "alice")
     assert again.total == 0
     assert again.doctors == []
+
+
+def test_retention_refuses_what_would_break_live_rooms_or_never_finish() -> None:
+    with pytest.raises(StoreError, match="at least a day"):
+        Retention(audit=timedelta(hours=23))
+    with pytest.raises(StoreError, match="at least one row"):
+        Retention(batch=0)
