@@ -28,8 +28,10 @@ from store.migrate import check, migrate
 log = logging.getLogger(__name__)
 
 MIGRATE_MODES = ("auto", "off")
-# A background round deletes at most this many batches; the next round goes on.
-ROUND_BATCHES = 20
+# A background round goes on until nothing is left, but at most this many batches (each
+# its own short transaction, the connection back in the pool between them): enough to
+# keep up with a million stored replies an hour, and the next round goes on.
+ROUND_BATCHES = 1000
 
 
 def retention_of(settings: Settings) -> Retention:
