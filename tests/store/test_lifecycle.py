@@ -9,6 +9,7 @@ than who a row names).
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -210,3 +211,30 @@ def test_retention_refuses_what_would_break_live_rooms_or_never_finish() -> None
         Retention(audit=timedelta(hours=23))
     with pytest.raises(StoreError, match="at least one row"):
         Retention(batch=0)
+
+
+async def test_an_erasure_racing_the_patients_bookings_never_leaves_them_half_named(
+    store: Store, db: asyncpg.Connection, doctor: SeededDoctor
+) -> None:
+    """Under the doctor's lock, each booking commits wholly before or wholly after the
+    erasure: its appointment row and its change records name the same patient."""
+    now = resolve_now(None)
+    await commands.book(store, ALICE, Book(slot_id=doctor.slots[0].id), limits=None, now=now)
+
+    async def booking(i: int) -> None:
+        await commands.book(store, ALICE, Book(slot_id=doctor.slots[i].id), limits=None, now=now)
+
+    await asyncio.gather(
+        *(booking(i) for i in range(1, 6)), erase_patient(store, "alice"), booking(6)
+    )
+
+    rows = await db.fetch(
+        """SELECT a.id, a.patient_id, e->>'patient_id' AS logged
+           FROM appointments a
+           JOIN changes c ON c.doctor_id = a.doctor_id
+           CROSS JOIN LATERAL jsonb_array_elements(c.private->'appointments') AS e
+           WHERE (e->>'id')::bigint = a.id"""
+    )
+    assert len(rows) == 7
+    assert all(r["patient_id"] == r["logged"] for r in rows), rows
+    assert any(r["patient_id"].startswith(PSEUDONYM_PREFIX) for r in rows)
