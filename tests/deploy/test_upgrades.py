@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import aiohttp
+import asyncpg
 import pytest
 
 from client import SlotcastClient
@@ -160,3 +161,29 @@ async def test_a_rolling_upgrade_serves_throughout_and_old_code_refuses_a_contra
             "cannot start: the database schema requires code of schema 9002 or newer; "
             f"this instance knows up to {code_schema():04d}: deploy a newer release"
         ) in line, line
+
+
+async def test_a_database_migrated_by_a_release_before_kinds_is_read_and_upgraded(
+    database_url: str,
+) -> None:
+    """Releases before 0006 kept no `min_code`: such a database counts as allowing any code,
+    and the first migrate adds the column without touching the recorded rows."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("ALTER TABLE schema_migrations DROP COLUMN min_code")
+        await conn.execute("DELETE FROM schema_migrations WHERE version >= 6")
+        before = await conn.fetch("SELECT version, checksum FROM schema_migrations ORDER BY 1")
+        state = await check(database_url)
+        early = [m for m in available() if m.version < 6]
+        assert state.min_code == 0
+        assert state.pending == [m for m in available() if m.version >= 6]
+        assert await migrate(database_url, migrations=early) == []
+        assert (
+            await conn.fetch(
+                "SELECT version, checksum FROM schema_migrations WHERE version < 6 ORDER BY 1"
+            )
+            == before
+        )
+        assert await conn.fetchval("SELECT max(min_code) FROM schema_migrations") == 0
+    finally:
+        await conn.close()
