@@ -43,6 +43,7 @@ from server.keys import (
 )
 from server.lifecycle import close_connections
 from server.limits import Limiter
+from server.maintenance import pruning, schema_ready
 from server.metrics import Metrics, PoolReading
 from server.rooms import Rooms
 from server.routes import setup_routes
@@ -52,7 +53,6 @@ from store import demo, embedded
 from store.broker import open_broker
 from store.changes import Change
 from store.counters import open_counters
-from store.migrate import migrate
 from store.outbox import Outbox, relay_lag
 from store.pool import open_store, wait_for_database
 from store.startup import where_postgres
@@ -89,7 +89,7 @@ def create_app(settings: Settings, *, clock: Clock = utcnow) -> web.Application:
     app[VERIFIER] = verifier
     app[OUTBOX] = Outbox(on_relayed=app[METRICS].relayed.inc)
     app[STATE] = ServerState()
-    app.cleanup_ctx.extend([database, broker, protection, publishing, services, upkeep])
+    app.cleanup_ctx.extend([database, broker, protection, publishing, services, upkeep, pruning])
     app.on_shutdown.append(close_connections)
     app.on_response_prepare.append(stamp_instance)
     app.on_response_prepare.append(guard.headers)
@@ -112,9 +112,7 @@ async def database(app: web.Application) -> AsyncIterator[None]:
         await wait_for_database(
             dsn, limit_s=settings.startup_wait_s, connect_timeout_s=settings.db_timeout_ms / 1000
         )
-    applied = await migrate(dsn, connect_timeout_s=settings.db_timeout_ms / 1000)
-    if applied:
-        log.info("applied migrations %s", applied)
+    await schema_ready(dsn, settings)  # SLOTCAST_MIGRATE: apply, or refuse to start
     async with open_store(
         dsn,
         min_size=settings.db_pool_min,

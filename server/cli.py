@@ -4,7 +4,9 @@ Usage::
 
     slotcast serve [--demo] [--port 8080] [--database-url ...] [--broker-url ...]
     slotcast token --role admin --sub ops  # signed with the configured signing key
-    slotcast migrate
+    slotcast migrate [--check] [--contract]
+    slotcast prune
+    slotcast erase-patient SUBJECT
     slotcast watch 1                       # print a doctor's live slot changes
     slotcast book --doctor 1 --sub alice   # book that doctor's first free slot
 """
@@ -28,7 +30,7 @@ from aiohttp import web
 from client import demo
 from protocol.errors import SlotcastError
 from protocol.vocabulary import Role
-from server import auth, logs
+from server import auth, logs, maintenance_cli
 from server.app import create_app
 from server.keys import VERIFIER
 from server.lifecycle import drain
@@ -82,9 +84,7 @@ def _parser() -> argparse.ArgumentParser:
         help="allow the built-in development secret (for a --demo server)",
     )
 
-    migrate = sub.add_parser("migrate", help="apply database migrations and exit")
-    migrate.add_argument("--database-url")
-
+    maintenance_cli.add_parsers(sub)  # migrate, prune, erase-patient
     demo.add_parsers(sub)  # watch, book: implemented by the client package
     return p
 
@@ -110,8 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("asyncpg.pool").addFilter(_without_traceback)
     if args.command == "token":
         return _token(settings, args)
-    if args.command == "migrate":
-        return _run(_migrate(settings))
+    if args.command in maintenance_cli.COMMANDS:
+        return _run(maintenance_cli.run(args, settings))
     if args.command in demo.COMMANDS:
         return _run(
             demo.run(
@@ -160,28 +160,6 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
             return runner.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
-
-
-async def _migrate(settings: Settings) -> int:
-    from store import embedded
-    from store.migrate import migrate
-    from store.pool import wait_for_database
-
-    connect_timeout_s = settings.db_timeout_ms / 1000
-    try:
-        if settings.database_url is None:
-            dsn, _ = await asyncio.to_thread(embedded.start, settings.data_dir / "pg")
-        else:
-            dsn = settings.database_url
-            await wait_for_database(
-                dsn, limit_s=settings.startup_wait_s, connect_timeout_s=connect_timeout_s
-            )
-        applied = await migrate(dsn, connect_timeout_s=connect_timeout_s)
-    except SlotcastError as exc:
-        log.error("cannot migrate: %s", exc.message)
-        return 1
-    log.info("applied %s", applied or "nothing: up to date")
-    return 0
 
 
 class NotStarted(Exception):

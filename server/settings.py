@@ -178,6 +178,23 @@ class Settings:
     log_format: str = "text"
     # One line per HTTP request (`slotcast.access`); health checks and scrapes only at DEBUG.
     access_log: bool = True
+    # ---- upgrades and data lifecycle (docs/operating.md, "Upgrades"; docs/operations.md,
+    # "Retention and erasure"; server/maintenance.py) ----
+    # At start, "auto" applies pending expand migrations (never a contract step); "off"
+    # applies none and refuses to start while this code needs one (`slotcast migrate`).
+    # Either way an instance refuses a database whose schema requires newer code.
+    migrate: str = "auto"
+    # Stored replies to idempotency keys are kept this long; a retry after that runs anew.
+    idempotency_retention_s: float = 86400.0
+    # Change records (the audit trail, and what a resume replays) are kept this many days.
+    audit_retention_days: int = 400
+    # Rows of holds that ended without a booking (released, lapsed) are kept this long (at
+    # least the re-hold cool-down); the change log keeps their story for the audit period.
+    ended_hold_retention_s: float = 86400.0
+    # Each instance tries to prune every prune_interval_s (0: never; see `slotcast prune`),
+    # prune_batch rows per transaction, one instance at a time.
+    prune_interval_s: float = 3600.0
+    prune_batch: int = 1000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
