@@ -5,6 +5,8 @@ Usage::
     slotcast serve [--demo] [--port 8080] [--database-url ...] [--broker-url ...]
     slotcast token --role patient --sub 7
     slotcast migrate
+    slotcast doctors import doctors.csv    # upsert the clinic's doctors by external_id
+    slotcast doctors export [--format csv|json] [--include-retired]
     slotcast watch 1                       # print a doctor's live slot changes
     slotcast book --doctor 1 --sub alice   # book that doctor's first free slot
 """
@@ -66,6 +68,20 @@ def _parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="apply database migrations and exit")
     migrate.add_argument("--database-url")
 
+    doctors = sub.add_parser("doctors", help="import or export the doctor directory")
+    doctors_sub = doctors.add_subparsers(dest="doctors_command", required=True)
+    imports = doctors_sub.add_parser(
+        "import", help="create or update doctors from a .csv or .json file, by external_id"
+    )
+    imports.add_argument("file", type=Path)
+    imports.add_argument("--database-url")
+    exports = doctors_sub.add_parser("export", help="write the directory to stdout")
+    exports.add_argument("--format", choices=["csv", "json"], default="csv")
+    exports.add_argument(
+        "--include-retired", action="store_true", help="retired doctors too, with a retired column"
+    )
+    exports.add_argument("--database-url")
+
     demo.add_parsers(sub)  # watch, book: implemented by the client package
     return p
 
@@ -95,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "migrate":
         return _run(_migrate(settings))
+    if args.command == "doctors":
+        return _run(_doctors(settings, args))
     if args.command in demo.COMMANDS:
         return _run(
             demo.run(
@@ -118,25 +136,68 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
-async def _migrate(settings: Settings) -> int:
+async def _database(settings: Settings) -> str:
+    """The DSN `serve` would use: `DATABASE_URL` (waited for), else embedded PostgreSQL."""
     from store import embedded
-    from store.migrate import migrate
     from store.pool import wait_for_database
+
+    if settings.database_url is None:
+        dsn, _ = await asyncio.to_thread(embedded.start, settings.data_dir / "pg")
+        return dsn
+    await wait_for_database(
+        settings.database_url,
+        limit_s=settings.startup_wait_s,
+        connect_timeout_s=settings.db_timeout_ms / 1000,
+    )
+    return settings.database_url
+
+
+async def _migrate(settings: Settings) -> int:
+    from store.migrate import migrate
 
     connect_timeout_s = settings.db_timeout_ms / 1000
     try:
-        if settings.database_url is None:
-            dsn, _ = await asyncio.to_thread(embedded.start, settings.data_dir / "pg")
-        else:
-            dsn = settings.database_url
-            await wait_for_database(
-                dsn, limit_s=settings.startup_wait_s, connect_timeout_s=connect_timeout_s
-            )
+        dsn = await _database(settings)
         applied = await migrate(dsn, connect_timeout_s=connect_timeout_s)
     except SlotcastError as exc:
         log.error("cannot migrate: %s", exc.message)
         return 1
     log.info("applied %s", applied or "nothing: up to date")
+    return 0
+
+
+# An import writes a whole file in one transaction, each row checked by PostgreSQL's
+# time zone trigger (about 15 ms): the bounds are a batch job's, not a request's.
+BATCH_TIMEOUT_MS = 300_000
+
+
+async def _doctors(settings: Settings, args: argparse.Namespace) -> int:
+    """`slotcast doctors import|export`: one summary line (stdout) or one error (stderr)."""
+    from server import directory as files
+    from store import directory
+    from store.pool import open_store
+
+    try:
+        entries = files.read_entries(args.file) if args.doctors_command == "import" else []
+        dsn = await _database(settings)
+        async with open_store(
+            dsn,
+            min_size=1,
+            max_size=2,
+            lock_timeout_ms=settings.lock_timeout_ms,
+            statement_timeout_ms=BATCH_TIMEOUT_MS,
+            timeout_ms=BATCH_TIMEOUT_MS,
+        ) as store:
+            await directory.check_schema(store)
+            if args.doctors_command == "import":
+                summary = await directory.import_entries(store, entries, actor=files.OPERATOR)
+                print(f"{args.file}: {summary}")
+                return 0
+            found = await directory.export_entries(store, include_retired=args.include_retired)
+    except SlotcastError as exc:
+        print(f"slotcast doctors {args.doctors_command}: {exc.message}", file=sys.stderr)
+        return 1
+    files.write_entries(found, args.format, sys.stdout, with_retired=args.include_retired)
     return 0
 
 
