@@ -85,7 +85,8 @@ async def test_admins_create_update_and_retire_over_rest_and_no_one_else_may(
     resp = await client.post(f"{path}/retire", json={}, headers=ADMIN)
     assert resp.status == 200, await resp.text()
     retired = await resp.json()
-    assert retired["doctor"]["retired_at"] is not None and retired["version"] == 3
+    assert retired["doctor"]["retired_at"] is not None
+    assert retired["version"] == 3
     resp = await client.post(f"{path}/retire", json={}, headers=ADMIN)
     assert await error_code(resp, 409) == "invalid_transition"
 
@@ -163,13 +164,15 @@ async def test_over_websocket_a_watcher_sees_the_rename_and_the_retirement_live(
 
         await admin.update_doctor(doctor_id, name="Dr. Kenji Sato-Ito")
         renamed = await expect(alice, Delta)
-        assert renamed.doctor is not None and renamed.doctor.name == "Dr. Kenji Sato-Ito"
+        assert renamed.doctor is not None
+        assert renamed.doctor.name == "Dr. Kenji Sato-Ito"
         assert renamed.doctor.external_id is None  # the staff id is for admins
 
         retired = await admin.retire_doctor(doctor_id)
         assert retired.doctor.retired_at is not None
         delta = await expect(alice, Delta, skip=(AppointmentEvent,))
-        assert delta.doctor is not None and delta.doctor.retired_at is not None
+        assert delta.doctor is not None
+        assert delta.doctor.retired_at is not None
         assert {second.id, third.id} <= set(delta.removed)  # the held slot too, once released
         assert first.id not in delta.removed  # booked: kept, as a conflict
 
