@@ -149,13 +149,13 @@ async def update(
 
     async def work(tx: Tx) -> DoctorUpdated:
         row = await _locked(tx, msg.doctor_id)
+        external_id = msg.external_id or row["external_id"]
         entry = Entry(
-            external_id=msg.external_id or row["external_id"] or "",
+            external_id=external_id or "",
             name=(msg.name or row["name"]).strip(),
             specialty=(msg.specialty if msg.specialty is not None else row["specialty"]).strip(),
             timezone=msg.timezone or row["timezone"],
         )
-        external_id = msg.external_id or row["external_id"]
         row, changed = await _set(tx, row, entry, external_id)
         return DoctorUpdated(view(row), row["version"] + (1 if changed else 0))
 
@@ -347,7 +347,10 @@ async def _insert(tx: Tx, doctor_id: int, entry: Entry, external_id: str | None)
 async def _set(
     tx: Tx, row: asyncpg.Record, entry: Entry, external_id: str | None
 ) -> tuple[asyncpg.Record, bool]:
-    """Write the entry if it differs; a new zone re-lays the hours (not for the retired)."""
+    """Write the entry if it differs; a new zone re-lays the hours (not for the retired).
+
+    `external_id` comes apart from the entry: a doctor created through the API may have
+    none (NULL), which an `Entry` cannot say."""
     same = (row["name"], row["specialty"], row["timezone"], row["external_id"]) == (
         entry.name,
         entry.specialty,

@@ -17,6 +17,7 @@ from protocol.errors import ErrorCode
 from protocol.messages import AppointmentEvent, Delta, WeeklyBlock
 from protocol.vocabulary import AppointmentStatus, Role
 from store import reads
+from store.errors import Invalid
 from store.pool import Store
 from testkit.fixtures import token, ws_url
 from testkit.wire import error_code, events_before_pong, expect
@@ -119,9 +120,12 @@ async def test_a_time_zone_that_is_not_an_iana_name_is_invalid(
 
 
 async def test_the_database_refuses_a_zone_the_application_did_not_check(
-    client: AppClient, db: asyncpg.Connection
+    db: asyncpg.Connection, store: Store
 ) -> None:
-    """Rows written behind the server's back (psql, an old script) are checked too."""
+    """Rows written behind the server's back (psql, an old script) are checked too, and
+    the store says so as `invalid` naming the field, not as an internal error."""
+    with pytest.raises(Invalid, match=r"^timezone: Mars/Base is not an IANA time zone name"):
+        await store.execute("INSERT INTO doctors (name, timezone) VALUES ('Dr. X', 'Mars/Base')")
     with pytest.raises(asyncpg.CheckViolationError) as caught:
         await db.execute("INSERT INTO doctors (name, timezone) VALUES ('Dr. X', 'Mars/Base')")
     assert caught.value.constraint_name == "doctors_timezone_iana"
