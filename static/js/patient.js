@@ -78,7 +78,11 @@ function onDirectoryChange(doctor) {
   panel.renderText();
   appointments.render();
   search.search().catch(() => {});
-  if (doctor.retired_at && page.week.doctor?.id === doctor.id) showError("doctor_retired");
+  if (page.week.doctor?.id !== doctor.id) return;
+  page.week.doctor = { ...page.week.doctor, ...doctor };
+  $("#doctor-heading").textContent = doctor.name;
+  $("#doctor-specialty").textContent = doctor.specialty;
+  if (doctor.retired_at) showError("doctor_retired");
 }
 
 async function main() {
