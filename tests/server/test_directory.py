@@ -200,3 +200,35 @@ async def test_over_websocket_a_watcher_sees_the_rename_and_the_retirement_live(
         local_day = first.start.astimezone(ZoneInfo("Asia/Tokyo")).date()
         dashboard = await admin.watch_dashboard(doctor_id, local_day)
         assert first.id in dashboard.conflicts  # the clinic's to resolve
+
+
+async def test_a_new_time_zone_keeps_the_hours_on_the_wall_clock(
+    client: AppClient, store: Store
+) -> None:
+    """09:00 in Paris becomes 09:00 in Tokyo: the free slots move, in one version."""
+    resp = await client.post(
+        "/api/doctors", json={"name": "Dr. Away", "timezone": "Europe/Paris"}, headers=ADMIN
+    )
+    doctor_id = (await resp.json())["doctor"]["id"]
+    hours = {
+        "weekly": [{"weekday": d, "start": "09:00:00", "end": "10:00:00"} for d in range(1, 8)]
+    }
+    resp = await client.put(f"/api/doctors/{doctor_id}/schedule", json=hours, headers=ADMIN)
+    assert resp.status == 200, await resp.text()
+    start = date.today() + timedelta(days=3)
+    before = await reads.snapshot(store, doctor_id, start, start + timedelta(days=1))
+
+    resp = await client.patch(
+        f"/api/doctors/{doctor_id}", json={"timezone": "Asia/Tokyo"}, headers=ADMIN
+    )
+    assert resp.status == 200, await resp.text()
+    after = await reads.snapshot(store, doctor_id, start, start + timedelta(days=1))
+    assert after.timezone == "Asia/Tokyo"
+    assert {s.start.astimezone(ZoneInfo("Asia/Tokyo")).time() for s in after.slots} == {
+        time(9),
+        time(9, 30),
+    }
+    assert not {s.id for s in before.slots} & {s.id for s in after.slots}
+    last = (await reads.change_log(store, doctor_id))[-1]
+    assert last["version"] == after.version
+    assert "doctor.updated" in last["kind"].split("+")
