@@ -27,7 +27,7 @@ import asyncpg
 from protocol.messages import CreateDoctor, DoctorUpdated, DoctorView, RetireDoctor, UpdateDoctor
 from protocol.vocabulary import Role
 from store import schedule, sql, steps
-from store.errors import Busy, Forbidden, Invalid, InvalidTransition, NotFound, StoreError
+from store.errors import Busy, Forbidden, Invalid, InvalidTransition, NotFound
 from store.pool import Store
 from store.runner import run
 from store.tx import Actor, Outcome, Tx, resolve_now
@@ -143,7 +143,10 @@ async def update(
     _require_admin(actor)
     if msg.timezone is not None:
         check_zone(msg.timezone)
-    for field, value, most in (("name", msg.name, MAX_NAME), ("specialty", msg.specialty, 200)):
+    for field, value, most in (
+        ("name", msg.name, MAX_NAME),
+        ("specialty", msg.specialty, MAX_SPECIALTY),
+    ):
         if value is not None:
             _text(field, value.strip(), 1 if field == "name" else 0, most)
 
@@ -213,10 +216,8 @@ class Imported:
 
 async def check_schema(store: Store) -> None:
     """Refuse to run against a database `slotcast migrate` has not brought this far."""
-    try:
-        version = await store.fetchval(sql.SCHEMA_VERSION)
-    except StoreError:
-        version = 0
+    migrated = await store.fetchval(sql.SCHEMA_MIGRATED)
+    version = await store.fetchval(sql.SCHEMA_VERSION) if migrated else 0
     if version < SCHEMA_VERSION:
         raise Invalid(
             f"the database schema is at version {version}; the doctor directory needs"

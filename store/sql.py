@@ -230,6 +230,7 @@ ORDER BY external_id NULLS LAST, id"""
 # A retiring doctor's live holds (expired ones the runner has freed already).
 HOLDS_OF_DOCTOR: Final = """
 SELECT id FROM appointments WHERE doctor_id = $1 AND status = 'pending' ORDER BY id"""
+SCHEMA_MIGRATED: Final = "SELECT to_regclass('schema_migrations') IS NOT NULL"
 SCHEMA_VERSION: Final = "SELECT coalesce(max(version), 0) FROM schema_migrations"
 DOCTOR_COUNT: Final = "SELECT count(*) FROM doctors"
 DOCTOR_VERSION: Final = "SELECT version FROM doctors WHERE id = $1"

@@ -128,6 +128,10 @@ async def test_import_is_idempotent_all_or_nothing_and_round_trips_through_expor
     assert active.stdout.splitlines()[0] == HEADER.strip()
     assert [line.split(",")[0] for line in active.stdout.splitlines()[1:]] == ["HR-1", "HR-2"]
 
+    unmigrated = slotcast(empty_database_url, "doctors", "import", str(tmp_path / "export.json"))
+    assert unmigrated.returncode == 1
+    assert "run `slotcast migrate` first" in unmigrated.stderr
+    assert "Traceback" not in unmigrated.stderr
     migrated = slotcast(empty_database_url, "migrate")
     assert migrated.returncode == 0, migrated.stderr
     assert imported(empty_database_url, tmp_path / "export.json").startswith(
