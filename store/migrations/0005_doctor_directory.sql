@@ -2,7 +2,7 @@
 -- upsert on), retirement (a retired doctor keeps its rows and change log, and is
 -- offered no more), and a time zone the database itself checks.
 --
--- Expand only: two nullable columns, two indexes and a trigger, so an
+-- Expand only: two nullable columns, two indexes and a time zone trigger, so an
 -- instance of the previous version keeps running beside this schema (it neither reads
 -- nor writes the new columns; a retired doctor's schedule is empty, so its horizon
 -- sweep opens nothing for them either).
@@ -20,7 +20,7 @@ CREATE UNIQUE INDEX doctors_external_id ON doctors (external_id);
 -- about 15 ms, and a CHECK would pay it on every row update (every command bumps the
 -- doctor's version), where `UPDATE OF timezone` pays it only when the zone is written.
 -- Rows written before this migration are not re-read (the application always checked
--- them with zoneinfo); operations.md shows the query that finds a hand-inserted one.
+-- them with zoneinfo); operating.md shows the query that finds a hand-inserted one.
 CREATE FUNCTION doctors_timezone_iana() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = NEW.timezone) THEN
