@@ -109,7 +109,15 @@ async def test_json_logs_and_metrics_of_a_real_instance(
     assert moved("slotcast_cancellations_total", by="patient") == 1
     assert after[("slotcast_db_pool_max", frozenset())] == 10  # SLOTCAST_DB_POOL_MAX
     assert after[("slotcast_db_pool_connections", frozenset())] >= 1
-    assert after[("slotcast_db_pool_waiting", frozenset())] == 0
+    # A sweep or the scrape's own probe may be taking a connection at that instant:
+    # idle, the instance has no caller left waiting for one.
+    waiting = after[("slotcast_db_pool_waiting", frozenset())]
+    for _ in range(50):
+        if waiting == 0:
+            break
+        await asyncio.sleep(0.1)
+        waiting = (await metrics())[("slotcast_db_pool_waiting", frozenset())]
+    assert waiting == 0
     assert ("slotcast_relay_lag_seconds", frozenset()) in after
     assert after[("slotcast_broker_reconnects_total", frozenset())] == 0
     assert after[("slotcast_ready", frozenset())] == 1
