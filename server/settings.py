@@ -135,6 +135,11 @@ class Settings:
     # presenting `Authorization: Bearer <metrics_token>` when it is set.
     metrics_allow: str = "127.0.0.0/8 ::1"
     metrics_token: str = ""
+    # ---- behind TLS (docs/deploy.md, "TLS") ----
+    # Strict-Transport-Security max-age, in seconds, sent on responses to requests that
+    # came over https (directly, or `X-Forwarded-Proto: https` from a trusted proxy);
+    # 0 sends none. Cookies on such responses are always `Secure`, whatever this says.
+    hsts_max_age: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
