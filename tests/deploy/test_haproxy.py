@@ -36,7 +36,7 @@ from store import reads
 from store.pool import Store
 from testkit.fixtures import SeededDoctor, Spawn, seed_doctor, token
 from testkit.harness import REPO, ServerProcess, free_port
-from testkit.tools import ensure_haproxy
+from testkit.tools import ensure_haproxy, self_signed_certificate
 
 pytestmark = pytest.mark.processes
 
@@ -218,6 +218,56 @@ async def instance_behind(http: aiohttp.ClientSession, balancer: Balancer, cooki
         return (await answered_by(http, balancer, cookie))[0] == cookie
     except (aiohttp.ClientError, AssertionError, TimeoutError):
         return False
+
+
+# ---- the file itself -------------------------------------------------------------------------
+
+
+def check_config(haproxy: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`haproxy -c` on the shipped file with exactly these SLOTCAST_* variables."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SLOTCAST_")}
+    return subprocess.run(
+        [haproxy, "-c", "-f", str(CONFIG)],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def self_signed_pem(directory: Path) -> Path:
+    reasons: list[str] = []
+    pem = self_signed_certificate(directory, reasons)
+    if pem is None:
+        pytest.skip(reasons[0])
+    return pem
+
+
+def test_the_shipped_config_takes_any_number_of_instances_and_tls(
+    haproxy: str, tmp_path: Path
+) -> None:
+    """Unset SLOTCAST_Sn are no servers: one, two or nine instances all pass `haproxy -c`,
+    none is refused with a line saying what to set, and TLS is one variable away."""
+    bind = {"SLOTCAST_LB_BIND": "127.0.0.1:8443"}
+    for count in (1, 2, 3, 9):
+        servers = {f"SLOTCAST_S{n}": f"10.0.0.{10 + n}:8080" for n in range(1, count + 1)}
+        done = check_config(haproxy, **bind, **servers)
+        assert done.returncode == 0, f"{count} instances: {done.stdout}{done.stderr}"
+    two = {"SLOTCAST_S1": "10.0.0.11:8080", "SLOTCAST_S2": "10.0.0.12:8080"}
+    done = check_config(haproxy, **bind)
+    assert done.returncode != 0
+    assert "SLOTCAST_S1 is not set" in done.stdout + done.stderr
+    done = check_config(haproxy, **two)
+    assert done.returncode != 0
+    assert "SLOTCAST_LB_BIND is not set" in done.stdout + done.stderr
+
+    pem = self_signed_pem(tmp_path)
+    tls = {"SLOTCAST_LB_CERT": str(pem), "SLOTCAST_LB_REDIRECT_BIND": "127.0.0.1:8080"}
+    done = check_config(haproxy, **bind, **two, **tls)
+    assert done.returncode == 0, f"with TLS: {done.stdout}{done.stderr}"
+    missing = {**tls, "SLOTCAST_LB_CERT": str(tmp_path / "nowhere.pem")}
+    assert check_config(haproxy, **bind, **two, **missing).returncode != 0
 
 
 # ---- stickiness and readiness ----------------------------------------------------------------
