@@ -51,3 +51,19 @@ def assignments(text: str) -> dict[str, str]:
             name, _, value = line.partition("=")
             found[name.strip()] = value.strip()
     return found
+
+
+def unit_sections(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A systemd unit as {section: {key: [values]}} (a key may repeat, e.g. Environment)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        key, _, value = line.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections

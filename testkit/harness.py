@@ -282,6 +282,7 @@ class RedisServer:
     port: int
     workdir: Path
     process: subprocess.Popen[bytes] | None = None
+    binary: str | None = None  # another redis-server than `redis_binary()` (Debian's 7)
 
     @property
     def url(self) -> str:
@@ -290,7 +291,7 @@ class RedisServer:
     def start(self) -> None:
         self.process = subprocess.Popen(
             [
-                redis_binary(),
+                self.binary or redis_binary(),
                 "--port",
                 str(self.port),
                 "--bind",

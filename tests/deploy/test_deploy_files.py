@@ -20,27 +20,12 @@ import pytest
 from server.connection import CLOSE_HANDSHAKE_S
 from server.lifecycle import DRAIN_SLACK_S
 from server.settings import Settings
+from testkit.deploydoc import unit_sections
 from testkit.harness import REPO
 from testkit.tools import ensure_systemd_analyze
 
 UNIT = REPO / "deploy" / "slotcast@.service"
 ENV_FILE = REPO / "deploy" / "slotcast.env"
-
-
-def unit_sections() -> dict[str, dict[str, list[str]]]:
-    """The unit as {section: {key: [values]}} (a key may repeat, e.g. Environment)."""
-    sections: dict[str, dict[str, list[str]]] = {}
-    current: dict[str, list[str]] = {}
-    for raw in UNIT.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("[") and line.endswith("]"):
-            current = sections.setdefault(line[1:-1], {})
-            continue
-        key, _, value = line.partition("=")
-        current.setdefault(key.strip(), []).append(value.strip())
-    return sections
 
 
 def env_file() -> dict[str, str]:
@@ -60,7 +45,7 @@ def seconds(value: str) -> float:
 
 
 def test_the_unit_outlasts_the_drain_and_holds_every_allowed_connection() -> None:
-    service = unit_sections()["Service"]
+    service = unit_sections(UNIT)["Service"]
     env = env_file()
     settings = Settings.from_env({k: v for k, v in env.items() if not k.endswith("_FILE")})
 
