@@ -18,6 +18,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -59,6 +60,7 @@ class Balancer:
     log_path: Path
     servers: dict[str, ServerProcess]  # by the cookie value that pins a client to it
     process: subprocess.Popen[bytes] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. SLOTCAST_LB_CERT
 
     @property
     def http_url(self) -> str:
@@ -77,6 +79,7 @@ class Balancer:
                 f"SLOTCAST_{name.upper()}": f"127.0.0.1:{s.port}"
                 for name, s in self.servers.items()
             },
+            **self.extra_env,
         }
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -268,6 +271,52 @@ def test_the_shipped_config_takes_any_number_of_instances_and_tls(
     assert done.returncode == 0, f"with TLS: {done.stdout}{done.stderr}"
     missing = {**tls, "SLOTCAST_LB_CERT": str(tmp_path / "nowhere.pem")}
     assert check_config(haproxy, **bind, **two, **missing).returncode != 0
+
+
+async def test_behind_tls_every_cookie_is_secure_hsts_is_sent_and_http_redirects(
+    haproxy: str, spawn_server: Spawn, tmp_path: Path
+) -> None:
+    """SLOTCAST_LB_CERT: HAProxy terminates TLS and marks its own cookie `Secure`; it
+    tells the instance `X-Forwarded-Proto: https` (whatever the client claimed), so the
+    instance marks its cookie `Secure` too and sends HSTS; plain http is redirected."""
+    pem = self_signed_pem(tmp_path)
+    env = {"SLOTCAST_TRUSTED_PROXIES": "127.0.0.1", "SLOTCAST_HSTS_MAX_AGE": "600"}
+    proc = await asyncio.to_thread(spawn_server, "tls", env=env)
+    redirect = free_port()
+    tls = {"SLOTCAST_LB_CERT": str(pem), "SLOTCAST_LB_REDIRECT_BIND": f"127.0.0.1:{redirect}"}
+    balancer = Balancer(free_port(), tmp_path / "haproxy.log", {"s1": proc}, extra_env=tls)
+    balancer.start(haproxy)
+    origin = f"https://localhost:{balancer.port}"
+    context = ssl.create_default_context(cafile=str(pem))
+    try:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=context, force_close=True),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=5),
+        ) as http:
+
+            async def served() -> bool:
+                try:
+                    async with http.get(f"{origin}/healthz") as resp:
+                        return resp.status == 200
+                except (aiohttp.ClientError, TimeoutError):
+                    return False
+
+            await until(served, 10, "HAProxy to serve https", balancer)
+            lie = {"X-Forwarded-Proto": "http"}  # overwritten by HAProxy: it saw TLS
+            async with http.get(f"{origin}/", headers=lie) as resp:
+                assert resp.status == 200
+                cookies = resp.headers.getall("Set-Cookie")
+                assert resp.headers["Strict-Transport-Security"] == "max-age=600"
+            for name in ("SLOTCAST_LB=s1", "slotcast_instance=tls"):
+                (cookie,) = [c for c in cookies if c.startswith(name)]
+                assert "; secure" in cookie.lower(), cookie
+            plain = f"http://127.0.0.1:{redirect}/doctor"
+            async with http.get(plain, allow_redirects=False) as resp:
+                assert resp.status == 301
+                assert resp.headers["Location"] == f"https://127.0.0.1:{redirect}/doctor"
+    finally:
+        balancer.stop()
 
 
 # ---- stickiness and readiness ----------------------------------------------------------------
