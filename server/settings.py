@@ -135,7 +135,7 @@ class Settings:
     # presenting `Authorization: Bearer <metrics_token>` when it is set.
     metrics_allow: str = "127.0.0.0/8 ::1"
     metrics_token: str = ""
-    # ---- behind TLS (docs/deploy.md, "TLS") ----
+    # ---- behind TLS (docs/deploy.md, "HAProxy and TLS at the balancer") ----
     # Strict-Transport-Security max-age, in seconds, sent on responses to requests that
     # came over https (directly, or `X-Forwarded-Proto: https` from a trusted proxy);
     # 0 sends none. Cookies on such responses are always `Secure`, whatever this says.
