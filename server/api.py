@@ -22,7 +22,7 @@ from protocol.errors import ErrorCode, ProtocolError, SlotcastError
 from protocol.messages import check_date
 from server import auth
 from server.commands import Command, PublicCommand
-from server.keys import HEALTH, METRICS, ROOMS, SCHEDULING, SETTINGS, STATE
+from server.keys import HEALTH, METRICS, ROOMS, SCHEDULING, SETTINGS, STATE, VERIFIER
 
 log = logging.getLogger(__name__)
 
@@ -156,16 +156,16 @@ def endpoint(command: Command[Any] | PublicCommand[Any]) -> Handler:
         for name, value in request.match_info.items():
             raw[name] = _path_id(name, value)
         message = parse_body(raw, cls, strict=request.method != "GET")
-        reply = await command(request.app[SCHEDULING], _caller(request), message)
+        reply = await command(request.app[SCHEDULING], await _caller(request), message)
         return json_response(msgspec.to_builtins(reply), status=command.route.status)
 
     handler.__name__ = f"{cls.TYPE}_endpoint"
     return handler
 
 
-def _caller(request: web.Request) -> auth.Identity | None:
+async def _caller(request: web.Request) -> auth.Identity | None:
     token = auth.bearer(request.headers.get("Authorization"))
-    return auth.verify(request.app[SETTINGS].jwt_secret, token) if token is not None else None
+    return await request.app[VERIFIER].verify(token) if token is not None else None
 
 
 def _path_id(name: str, value: str) -> int:

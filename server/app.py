@@ -22,6 +22,7 @@ from server.background import every, sweep_holds, sweep_horizon
 from server.connection import pending_total, police
 from server.guard import Guard
 from server.health import Health
+from server.identity import Verifier
 from server.keys import (
     BROKER,
     CLOCK,
@@ -36,6 +37,7 @@ from server.keys import (
     SETTINGS,
     STATE,
     STORE,
+    VERIFIER,
     ServerState,
 )
 from server.lifecycle import close_connections
@@ -59,12 +61,17 @@ INSTANCE_COOKIE = "slotcast_instance"
 
 
 def create_app(settings: Settings, *, clock: Clock = utcnow) -> web.Application:
-    """The whole server; `clock` is replaceable so tests can move time (holds, notice)."""
+    """The whole server; `clock` is replaceable so tests can move time (holds, notice).
+
+    `server.auth.ConfigError` (a `ValueError`) for identity settings that must not be
+    served: no secret outside demo mode, a short one, an incomplete identity provider.
+    """
     from server.api import errors
 
+    verifier = Verifier.from_settings(settings)
     metrics = Metrics()
     guard = Guard(settings, metrics)
-    limiter = Limiter(settings, metrics)
+    limiter = Limiter(settings, metrics, verifier)
     app = web.Application(
         # Rate limits before the body is read: a refused flood costs no body reads.
         middlewares=[errors, limiter.rest(guard), guard.body_deadline],
@@ -76,6 +83,7 @@ def create_app(settings: Settings, *, clock: Clock = utcnow) -> web.Application:
     app[METRICS] = metrics
     app[GUARD] = guard
     app[LIMITER] = limiter
+    app[VERIFIER] = verifier
     app[OUTBOX] = Outbox(on_relayed=app[METRICS].relayed.inc)
     app[STATE] = ServerState()
     app.cleanup_ctx.extend([database, broker, protection, publishing, services, upkeep])
@@ -159,7 +167,14 @@ async def publishing(app: web.Application) -> AsyncIterator[None]:
 
 async def services(app: web.Application) -> AsyncIterator[None]:
     store, broker_, metrics, settings = app[STORE], app[BROKER], app[METRICS], app[SETTINGS]
-    rooms = Rooms(store, broker_, settings.instance_id, on_fanout=metrics.fanout)
+    rooms = Rooms(
+        store,
+        broker_,
+        settings.instance_id,
+        on_fanout=metrics.fanout,
+        on_snapshot=metrics.snapshot_read,
+        cache_slots=settings.snapshot_cache_slots,
+    )
     app[ROOMS] = rooms
     app[SCHEDULING] = Scheduling(store, settings, app[CLOCK])
     app[HEALTH] = Health(store, broker_, timeout_s=settings.ready_timeout_ms / 1000)

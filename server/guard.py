@@ -36,13 +36,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import ipaddress
 import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -93,24 +94,29 @@ def networks(setting: str, name: str) -> tuple[Network, ...]:
     return tuple(found)
 
 
-def _within(address: str, nets: Collection[Network]) -> bool:
+@functools.lru_cache(maxsize=4096)
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """Parsed once per address seen lately: every request asks, most from a few peers."""
     try:
-        ip = ipaddress.ip_address(address)
+        return ipaddress.ip_address(address)
     except ValueError:
-        return False
-    return any(ip in net for net in nets)
+        return None
 
 
-def client_address(request: web.Request, trusted: Collection[Network]) -> str:
+@functools.lru_cache(maxsize=4096)
+def _within(address: str, nets: tuple[Network, ...]) -> bool:
+    ip = _ip(address)
+    return ip is not None and any(ip in net for net in nets)
+
+
+def client_address(request: web.Request, trusted: tuple[Network, ...]) -> str:
     """The client's address, believing `X-Forwarded-For` only from a trusted proxy."""
     peer = request.remote or ""
     if not trusted or not _within(peer, trusted):
         return peer
     hops = [h.strip() for v in request.headers.getall("X-Forwarded-For", ()) for h in v.split(",")]
     for hop in reversed(hops):
-        try:
-            ipaddress.ip_address(hop)
-        except ValueError:
+        if _ip(hop) is None:
             break  # garbage: believe nothing to its left
         if not _within(hop, trusted):
             return hop

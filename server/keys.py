@@ -13,6 +13,7 @@ from aiohttp import web
 
 from server.guard import Guard
 from server.health import Health
+from server.identity import Verifier
 from server.limits import Limiter
 from server.metrics import Metrics
 from server.rooms import Rooms
@@ -44,5 +45,7 @@ STATE = web.AppKey("state", ServerState)
 GUARD = web.AppKey("guard", Guard)
 LIMITER = web.AppKey("limiter", Limiter)
 HEALTH = web.AppKey("health", Health)
+# Whose tokens are accepted, and the key `slotcast token` and the demo sign-in sign with.
+VERIFIER = web.AppKey("verifier", Verifier)
 # One session per open WebSocket: what a drain closes and `slotcast_connections` counts.
 CONNECTIONS: web.AppKey[set[Session]] = web.AppKey("connections")

@@ -46,6 +46,7 @@ from server.auth import AuthError, Identity
 from server.commands import REGISTRY
 from server.connection import Connection
 from server.guard import Guard, Handler
+from server.identity import Verifier
 from server.metrics import Metrics
 from server.settings import Settings
 from store.counters import Counters, memory_counters
@@ -104,13 +105,13 @@ def cost(message: Message | None) -> int:
 class Limiter:
     """One instance's rate limits: budgets, counters, and what a refusal says."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, verifier: Verifier) -> None:
         self.budgets: dict[Scope, RateLimitItem | None] = {
             scope: budget(getattr(settings, f"rate_{scope.value}"), f"rate_{scope.value}")
             for scope in Scope
         }
         self.close_after = settings.rate_close_after
-        self.secret = settings.jwt_secret
+        self.verifier = verifier
         self.local = memory_counters()  # a connection's budget: it lives on one instance
         self.shared: Counters = self.local  # the broker's Redis, once `limiting` opens it
         self._metrics = metrics
@@ -172,7 +173,7 @@ class Limiter:
         try:
             token = auth.bearer(header)
             assert token is not None  # a non-empty header is a token or an AuthError
-            return auth.verify(self.secret, token)
+            return await self.verifier.verify(token)
         except AuthError as exc:
             if exc.code is ErrorCode.TOKEN_INVALID:
                 await self.sign_in_failed(address)

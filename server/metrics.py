@@ -47,6 +47,12 @@ class Metrics:
         self.messages_out = Counter(
             "slotcast_messages_out", "Live updates delivered to clients", registry=r
         )
+        self.snapshot_reads = Counter(
+            "slotcast_snapshot_reads",
+            "Watch snapshots served, by where from (cache: a room's calendar; database)",
+            ["source"],
+            registry=r,
+        )
         self.fanout_latency = Histogram(
             "slotcast_fanout_latency_seconds",
             "From commit to this instance handing a change to its members",
@@ -123,6 +129,9 @@ class Metrics:
 
     def slow_consumer(self, reason: str) -> None:
         self.slow_consumers.labels(reason).inc()
+
+    def snapshot_read(self, source: str) -> None:
+        self.snapshot_reads.labels(source).inc()
 
     def fanout(self, delivered: int, latency: float) -> None:
         self.messages_out.inc(delivered)

@@ -18,6 +18,7 @@ from typing import Literal
 
 from protocol.codec import Codec
 from protocol.messages import DashboardDelta, Delta
+from server.calendars import Calendars
 from server.connection import Connection
 from server.frames import frame
 from store.changes import Change
@@ -60,6 +61,7 @@ class Member:
     backlog: list[Frames] = field(default_factory=list)
     left: bool = False  # set on leave: a round already under way skips it
     viewer: str | None = None  # who watches (role:subject) for presence; None: anonymous
+    joined_at: int = 0  # the room's version once it had joined: its snapshot needs this much
 
     def offer(self, frames: Frames) -> None:
         if self.since is None:
@@ -86,6 +88,7 @@ class Member:
 @dataclass(eq=False, slots=True)
 class Room:
     doctor_id: int
+    calendars: Calendars  # ranges read before, kept at the room's version
     members: set[Member] = field(default_factory=set)  # availability
     dashboards: set[Member] = field(default_factory=set)
     version: int | None = None  # highest contiguous version (delivered, or ready to be)
@@ -103,6 +106,10 @@ class Room:
 
     def __bool__(self) -> bool:
         return bool(self.members or self.dashboards)
+
+    def current(self) -> int | None:
+        """The version a cached calendar must have to be served: None while one waits."""
+        return None if self.pending else self.version
 
 
 class Round:

@@ -34,9 +34,11 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from datetime import date, datetime
 from typing import Final
 
-from protocol.messages import AppointmentEvent, Presence, Resync
+from protocol.messages import AppointmentEvent, Presence, Resync, Snapshot
+from server.calendars import Budget, Calendars, Read
 from server.connection import Connection
 from server.frames import frame
 from server.room import Kind, Member, PatientMember, PatientRoom, Room, Round
@@ -63,9 +65,13 @@ class Rooms:
         instance: str,
         *,
         on_fanout: Callable[[int, float], None] | None = None,
+        on_snapshot: Callable[[str], None] | None = None,
         fanout_slice: int = FANOUT_SLICE,
+        cache_slots: int = 0,
     ) -> None:
         self._store = store
+        self._budget = Budget(cache_slots)
+        self._on_snapshot = on_snapshot or (lambda source: None)
         self._slice = fanout_slice
         self._broker = broker
         self._instance = instance
@@ -113,7 +119,8 @@ class Rooms:
         """
         room = self._rooms.get(doctor_id)
         if room is None:
-            room = self._rooms[doctor_id] = Room(doctor_id)
+            calendars = Calendars(doctor_id, self._budget, self._on_snapshot)
+            room = self._rooms[doctor_id] = Room(doctor_id, calendars)
             room.opened = asyncio.create_task(self._open(room), name=f"room-open-{doctor_id}")
         member = Member(conn, room, kind, viewer=viewer)
         (room.members if kind == "availability" else room.dashboards).add(member)
@@ -127,8 +134,18 @@ class Rooms:
         except BaseException:
             await self.leave(member)
             raise
+        member.joined_at = room.version or 0
         self._tell_presence(room)
         return member
+
+    async def snapshot(
+        self, member: Member, start: date, end: date, read: Read, clock: Callable[[], datetime]
+    ) -> Snapshot:
+        """A joined member's snapshot: from its room's calendars when they are current."""
+        room = member.room
+        return await room.calendars.snapshot(
+            start, end, current=room.current, joined_at=member.joined_at, read=read, clock=clock
+        )
 
     async def leave(self, member: Member) -> None:
         if member.left:
@@ -144,6 +161,7 @@ class Rooms:
             self._presence_dirty.add(room.doctor_id)
         if not room and self._rooms.get(room.doctor_id) is room:
             del self._rooms[room.doctor_id]
+            room.calendars.close()
             for task in (room.catching_up, room.opened):
                 if task is not None and not task.done():
                     task.cancel()
@@ -194,6 +212,8 @@ class Rooms:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        for room in self._rooms.values():
+            room.calendars.close()
         self._rooms.clear()
         self._patients.clear()
 
@@ -241,6 +261,7 @@ class Rooms:
         while (change := room.pending.pop(room.version + 1, None)) is not None:
             room.version = change.version
             room.ready.append(change)
+            room.calendars.advance(change)
         if room.ready and not room.fanning:
             room.fanning = True
             # Not now: let the broker reader take whatever else has arrived first,

@@ -73,15 +73,24 @@ class Scheduling:
             )
 
     async def snapshot(self, doctor_id: int, start: date, end: date) -> Snapshot:
+        snapshot, _ = await self.snapshot_at(doctor_id, start, end)
+        return snapshot
+
+    async def snapshot_at(
+        self, doctor_id: int, start: date, end: date
+    ) -> tuple[Snapshot, datetime]:
+        """A snapshot and the `now` its bookable bounds were taken at (what a cache keeps)."""
         self.check_range(start, end)
-        return await reads.snapshot(
+        now = self.clock()
+        snapshot = await reads.snapshot(
             self.store,
             doctor_id,
             start,
             end,
-            now=self.clock(),
+            now=now,
             max_slots=self.settings.max_snapshot_slots,
         )
+        return snapshot, now
 
     async def missed(self, doctor_id: int, since: int) -> list[Change] | None:
         """The changes after `since`, if the log can replay them; None means: snapshot."""

@@ -22,6 +22,7 @@ from protocol.messages import Unwatched
 from server import auth
 from server.auth import Identity
 from server.connection import Connection
+from server.identity import Verifier
 from server.metrics import Metrics
 from server.room import Member, PatientMember
 from server.rooms import Rooms
@@ -40,8 +41,8 @@ class Session:
         "reauthed",
         "rooms",
         "scheduling",
-        "secret",
         "turn",
+        "verifier",
         "watches",
     )
 
@@ -52,7 +53,7 @@ class Session:
         scheduling: Scheduling,
         metrics: Metrics,
         *,
-        secret: str,
+        verifier: Verifier,
         max_watches: int,
         max_frame: int,
     ) -> None:
@@ -67,7 +68,7 @@ class Session:
         self.rooms = rooms
         self.scheduling = scheduling
         self.metrics = metrics
-        self.secret = secret
+        self.verifier = verifier
         self.max_watches = max_watches
         self.max_frame = max_frame
 

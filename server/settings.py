@@ -4,6 +4,11 @@ Every field is `SLOTCAST_<NAME>` in the environment; `DATABASE_URL` and
 `REDIS_URL` are honoured too, since that is what hosting platforms set. The
 docs/configuration.md lists every setting with its default; `slotcast serve --help` shows the
 flags that override them.
+
+A field marked `SECRET` (a key, a password-bearing DSN) may also come from a file,
+`SLOTCAST_<NAME>_FILE` (and `DATABASE_URL_FILE`, `REDIS_URL_FILE`): that is how
+container secrets and systemd credentials are handed over, and it keeps them out of
+the environment other processes and crash reports see, and out of `ps`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 DEV_SECRET = "slotcast-dev-secret-change-me-in-production"
+# Settings that may be read from a file named by `<VARIABLE>_FILE` (module docstring).
+SECRET: Mapping[str, bool] = {"secret": True}
+# The generic variables hosting platforms set, honoured after the SLOTCAST_ ones.
+ALIASES: Mapping[str, str] = {"database_url": "DATABASE_URL", "broker_url": "REDIS_URL"}
 
 
 def _default_instance_id() -> str:
@@ -29,11 +38,11 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     # No DATABASE_URL: run the embedded PostgreSQL with its data under data_dir.
-    database_url: str | None = None
+    database_url: str | None = field(default=None, metadata=SECRET)
     # No broker URL: REDIS_URL if set, else the in-process broker (single instance).
-    broker_url: str = "memory://"
+    broker_url: str = field(default="memory://", metadata=SECRET)
     data_dir: Path = Path("var")
-    jwt_secret: str = DEV_SECRET
+    jwt_secret: str = field(default=DEV_SECRET, metadata=SECRET)
     instance_id: str = field(default_factory=_default_instance_id)
     demo: bool = False
     log_level: str = "INFO"
@@ -91,6 +100,9 @@ class Settings:
     relay_grace_s: float = 2.0
     # A client resuming further behind than this gets a fresh snapshot instead.
     resume_max_versions: int = 1000
+    # Slots that rooms may keep in memory, over all doctors, so that watchers joining a
+    # watched doctor cost no database read (server/calendars.py); 0 turns it off.
+    snapshot_cache_slots: int = 100_000
     # On SIGTERM: fail /readyz, wait drain_grace_s for the load balancer to notice,
     # then close clients (1012) drain_batch at a time, drain_interval_s apart.
     drain_grace_s: float = 1.0
@@ -134,7 +146,32 @@ class Settings:
     # Who may read /metrics: client addresses or networks (space-separated), or anyone
     # presenting `Authorization: Bearer <metrics_token>` when it is set.
     metrics_allow: str = "127.0.0.0/8 ::1"
-    metrics_token: str = ""
+    metrics_token: str = field(default="", metadata=SECRET)
+    # ---- identity (server/auth.py, server/jwks.py; docs/operating.md, "Signing in in
+    # production"). Outside --demo, start-up needs a secret or keys of at least 32 bytes
+    # (jwt_secret, jwt_keys) or an identity provider (jwt_jwks_url).
+    # Keys with ids, "kid:secret" space-separated: a token names its key in its `kid`
+    # header, so a new key can sign while the old one still verifies (rotation).
+    jwt_keys: str = field(default="", metadata=SECRET)
+    # The jwt_keys entry that signs (`slotcast token`, the demo sign-in); with a single
+    # key, that one. Tokens without a `kid` verify against jwt_secret if it is set, else
+    # against this key.
+    jwt_signing_key_id: str = ""
+    # An identity provider's tokens (RS256/ES256), checked against its JWKS. Issuer and
+    # audience are required with it; the claims naming Slotcast's subject and role are
+    # settings (dotted for nested claims, e.g. "realm_access.roles").
+    jwt_jwks_url: str = ""
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_algorithms: str = "RS256 ES256"
+    jwt_subject_claim: str = "sub"
+    jwt_role_claim: str = "role"
+    # Its keys are fetched again after jwt_jwks_cache_s, or for a key id not yet seen, but
+    # never more often than once per jwt_jwks_refresh_s (random key ids cost the provider
+    # nothing); one fetch may take jwt_jwks_timeout_ms.
+    jwt_jwks_cache_s: float = 300.0
+    jwt_jwks_refresh_s: float = 10.0
+    jwt_jwks_timeout_ms: int = 2000
     # ---- behind TLS (docs/deploy.md, "HAProxy and TLS at the balancer") ----
     # Strict-Transport-Security max-age, in seconds, sent on responses to requests that
     # came over https (directly, or `X-Forwarded-Proto: https` from a trusted proxy);
@@ -146,19 +183,36 @@ class Settings:
         """Defaults, then the environment, then explicit overrides (CLI flags)."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
-        if env.get("DATABASE_URL"):
-            values["database_url"] = env["DATABASE_URL"]
-        if env.get("REDIS_URL"):
-            values["broker_url"] = env["REDIS_URL"]
         for f in fields(cls):
-            raw = env.get(f"SLOTCAST_{f.name.upper()}")
-            if raw is not None and raw != "":
+            secret = bool(f.metadata.get("secret"))
+            raw = _lookup(env, f"SLOTCAST_{f.name.upper()}", secret)
+            if raw is None and f.name in ALIASES:
+                raw = _lookup(env, ALIASES[f.name], secret)
+            if raw is not None:
                 values[f.name] = _parse(f.type, raw, f.name)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def _lookup(env: Mapping[str, str], name: str, secret: bool) -> str | None:
+    """`name`'s value, or for a secret the content of the file `name_FILE` names."""
+    raw = env.get(name) or None
+    path = env.get(f"{name}_FILE") if secret else None
+    if not path:
+        return raw
+    if raw is not None:
+        raise ValueError(f"both {name} and {name}_FILE are set: keep one")
+    try:
+        content = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"{name}_FILE={path!r} cannot be read: {reason}") from None
+    if not content:
+        raise ValueError(f"{name}_FILE={path!r} is empty")
+    return content
 
 
 def _parse(kind: Any, raw: str, name: str) -> Any:

@@ -15,9 +15,8 @@ from aiohttp import web
 
 from protocol.errors import ErrorCode, ProtocolError, SlotcastError
 from protocol.vocabulary import Role
-from server import auth
 from server.api import json_response, read_json
-from server.keys import SETTINGS, STORE
+from server.keys import SETTINGS, STORE, VERIFIER
 from store import demo, doctors, reads
 
 _OFF = "demo sign-in is off: sign in through your clinic's application"
@@ -56,7 +55,8 @@ async def token(request: web.Request) -> web.Response:
     elif wanted.subject not in {p["subject"] for p in demo.PATIENTS}:
         raise ProtocolError(f"no demo patient {wanted.subject!r}", code=ErrorCode.INVALID)
     role = Role(wanted.role)
-    signed = auth.issue(request.app[SETTINGS].jwt_secret, subject=wanted.subject, role=role)
-    who = auth.verify(request.app[SETTINGS].jwt_secret, signed)
+    verifier = request.app[VERIFIER]
+    signed = verifier.issue(subject=wanted.subject, role=role)
+    who = await verifier.verify(signed)
     body = {"token": signed, "subject": who.subject, "role": role.value}
     return json_response({**body, "expires_at": msgspec.to_builtins(who.expires_at)}, 201)

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any, TypeVar
 
 from aiohttp import WSMsgType, web
@@ -36,10 +37,19 @@ from protocol.messages import (
     WatchDashboard,
     Welcome,
 )
-from server import auth
 from server.commands import REGISTRY
 from server.connection import Connection
-from server.keys import CONNECTIONS, GUARD, LIMITER, METRICS, ROOMS, SCHEDULING, SETTINGS, STATE
+from server.keys import (
+    CONNECTIONS,
+    GUARD,
+    LIMITER,
+    METRICS,
+    ROOMS,
+    SCHEDULING,
+    SETTINGS,
+    STATE,
+    VERIFIER,
+)
 from server.limits import Throttle, identity_key
 from server.room import Frames
 from server.session import Session
@@ -71,7 +81,7 @@ def handles(kind: type[M]) -> Callable[[Handler[M]], Handler[M]]:
 
 @handles(Auth)
 async def on_auth(session: Session, rid: RequestId, msg: Auth) -> None:
-    identity = auth.verify(session.secret, msg.token)
+    identity = await session.verifier.verify(msg.token)
     # Another identity leaves the private rooms joined as the previous one; the client
     # hears which (id null) before the reply, as after a token expiry.
     for notice in await session.authenticate(identity):
@@ -99,7 +109,13 @@ async def on_watch(session: Session, rid: RequestId, msg: Watch) -> None:
             missed = await scheduling.missed(msg.doctor_id, msg.since)
         snapshot = None
         if missed is None:
-            snapshot = await scheduling.snapshot(msg.doctor_id, msg.start, msg.end)
+            snapshot = await rooms.snapshot(
+                member,
+                msg.start,
+                msg.end,
+                read=partial(scheduling.snapshot_at, msg.doctor_id, msg.start, msg.end),
+                clock=scheduling.clock,
+            )
     except BaseException:
         await rooms.leave(member)
         raise
@@ -213,7 +229,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         app[ROOMS],
         app[SCHEDULING],
         metrics,
-        secret=settings.jwt_secret,
+        verifier=app[VERIFIER],
         max_watches=settings.max_watches,
         max_frame=settings.max_frame_bytes,
     )
