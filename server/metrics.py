@@ -6,10 +6,25 @@ so measuring costs nothing per delivered message.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from functools import partial
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from protocol.errors import ErrorCode
+from store.changes import Change
 
 # Why a connection was closed as a slow consumer (server.connection.SlowReason).
 SLOW_REASONS = ("frames", "bytes", "stalled", "budget")
@@ -66,7 +81,15 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.errors = Counter("slotcast_errors", "Error replies by code", ["code"], registry=r)
+        self.errors = Counter(
+            "slotcast_errors",
+            "Error replies by code and transport (ws: `error` messages; rest: error responses)",
+            ["code", "transport"],
+            registry=r,
+        )
+        for code in ErrorCode:  # exported at 0, so a rule's increase() sees the first one
+            for transport in TRANSPORTS:
+                self.errors.labels(code.value, transport)
         self.slow_consumers = Counter(
             "slotcast_slow_consumers",
             "Connections closed (4008) for falling behind, by reason",
@@ -127,6 +150,79 @@ class Metrics:
             registry=r,
         )
 
+        self._operations(r)
+
+    def _operations(self, r: CollectorRegistry) -> None:
+        """What issue 15 added for operators: bookings, the pool, the relay, the process."""
+        self.bookings = Counter(
+            "slotcast_bookings", "Appointments booked (committed on this instance)", registry=r
+        )
+        self.cancellations = Counter(
+            "slotcast_cancellations",
+            "Appointments cancelled (committed on this instance), by who cancelled",
+            ["by"],
+            registry=r,
+        )
+        for by in CANCELLED_BY:
+            self.cancellations.labels(by)
+        self.reschedules = Counter(
+            "slotcast_reschedules", "Appointments moved to another slot", registry=r
+        )
+        self.holds = Counter("slotcast_holds", "Slots held for a patient", registry=r)
+        self.holds_ended = Counter(
+            "slotcast_holds_ended",
+            "Holds that ended without a booking, by how (released, expired)",
+            ["how"],
+            registry=r,
+        )
+        for how in ("released", "expired"):
+            self.holds_ended.labels(how)
+        self.relay_lag = Gauge(
+            "slotcast_relay_lag_seconds",
+            "Age of the oldest committed change no publish has confirmed (0: none)",
+            registry=r,
+        )
+        self.ready = Gauge(
+            "slotcast_ready",
+            "1 if /readyz would answer ready at the last scrape (each scrape probes, bounded)",
+            registry=r,
+        )
+        self.draining = Gauge(
+            "slotcast_draining", "1 while this instance drains for shutdown", registry=r
+        )
+        self.database_up = Gauge(
+            "slotcast_database_up",
+            "1 if the database answered the probe at the last scrape",
+            registry=r,
+        )
+        self.readings = Readings()
+        r.register(self.readings)
+        # The process: CPU, memory, open files (Linux), the interpreter and its collector.
+        ProcessCollector(registry=r)
+        r.register(PLATFORM_COLLECTOR)
+        r.register(GC_COLLECTOR)
+
+    def committed(self, changes: list[Change]) -> None:
+        """Count what this instance committed (the store's commit hook): once per commit,
+        so summing over instances counts every booking once, and a replay none."""
+        for change in changes:
+            for kind in change.private.kinds:
+                if kind == "slot.booked":
+                    self.bookings.inc()
+                elif kind == "slot.held":
+                    self.holds.inc()
+                elif kind == "appointment.cancelled":
+                    self.cancellations.labels(_cancelled_by(change.private.actor)).inc()
+                elif kind == "appointment.rescheduled":
+                    self.reschedules.inc()
+                elif kind == "hold.released":
+                    self.holds_ended.labels("released").inc()
+                elif kind == "hold.expired":
+                    self.holds_ended.labels("expired").inc()
+
+    def error(self, code: ErrorCode, transport: str) -> None:
+        self.errors.labels(code.value, transport).inc()
+
     def slow_consumer(self, reason: str) -> None:
         self.slow_consumers.labels(reason).inc()
 
@@ -156,6 +252,61 @@ class Metrics:
     def render(self) -> bytes:
         data: bytes = generate_latest(self.registry)
         return data
+
+
+TRANSPORTS = ("ws", "rest")
+CANCELLED_BY = ("patient", "doctor", "admin", "system")
+
+
+def _cancelled_by(actor: str | None) -> str:
+    """`role:subject` (store.tx.Actor) as the label: the role, or `system` for expiry and
+    upkeep, never the subject (a label per patient would grow without bound)."""
+    if actor is None or actor == "admin:system":
+        return "system"
+    role = actor.partition(":")[0]
+    return role if role in CANCELLED_BY else "system"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolReading:
+    """The database pool as the store sees it (the server never touches asyncpg)."""
+
+    size: int  # connections open
+    idle: int
+    max: int
+    waiting: int  # callers waiting for a connection
+
+
+class Readings(Collector):
+    """Values read from their owners at scrape time, so no hot path ever updates them."""
+
+    def __init__(self) -> None:
+        # Zero until the app's lifetimes open the pool and the broker.
+        self.pool: Callable[[], PoolReading] = lambda: PoolReading(0, 0, 0, 0)
+        self.broker_reconnects: Callable[[], int] = lambda: 0
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        pool = self.pool()
+        yield _gauge("slotcast_db_pool_connections", "Pooled connections open", pool.size)
+        yield _gauge(
+            "slotcast_db_pool_in_use", "Pooled connections lent out", pool.size - pool.idle
+        )
+        yield _gauge("slotcast_db_pool_max", "The pool's size limit", pool.max)
+        yield _gauge(
+            "slotcast_db_pool_waiting", "Requests waiting for a pooled connection", pool.waiting
+        )
+        yield CounterMetricFamily(
+            "slotcast_broker_reconnects",
+            "Times the broker listener lost Redis and came back",
+            value=self.broker_reconnects(),
+        )
+
+    def describe(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        return ()  # read lazily: registering must not call the owners yet
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
 
 
 def _pick(read: Callable[[], dict[str, int]], key: str) -> float:

@@ -38,6 +38,7 @@ from datetime import date, datetime
 from typing import Final
 
 from protocol.messages import AppointmentEvent, Presence, Resync, Snapshot
+from server import logs
 from server.calendars import Budget, Calendars, Read
 from server.connection import Connection
 from server.frames import frame
@@ -121,7 +122,10 @@ class Rooms:
         if room is None:
             calendars = Calendars(doctor_id, self._budget, self._on_snapshot)
             room = self._rooms[doctor_id] = Room(doctor_id, calendars)
-            room.opened = asyncio.create_task(self._open(room), name=f"room-open-{doctor_id}")
+            # The room's own work serves every member: no request's ids on its lines.
+            room.opened = asyncio.create_task(
+                self._open(room), name=f"room-open-{doctor_id}", context=logs.detached()
+            )
         member = Member(conn, room, kind, viewer=viewer)
         (room.members if kind == "availability" else room.dashboards).add(member)
         if kind == "availability":
@@ -266,7 +270,7 @@ class Rooms:
             room.fanning = True
             # Not now: let the broker reader take whatever else has arrived first,
             # so that a loop that is behind sends it all in one round.
-            asyncio.get_running_loop().call_soon(self._fan_out, room)
+            asyncio.get_running_loop().call_soon(self._fan_out, room, context=logs.detached())
         if room.pending and room.catching_up is None:
             self._start_catch_up(room, GAP_WAIT_S)
 
@@ -311,7 +315,9 @@ class Rooms:
 
     def _start_catch_up(self, room: Room, delay: float) -> None:
         room.catching_up = asyncio.create_task(
-            self._catch_up(room, delay), name=f"room-catch-up-{room.doctor_id}"
+            self._catch_up(room, delay),
+            name=f"room-catch-up-{room.doctor_id}",
+            context=logs.detached(),
         )
 
     async def _catch_up(self, room: Room, delay: float) -> None:

@@ -172,6 +172,29 @@ class Settings:
     jwt_jwks_cache_s: float = 300.0
     jwt_jwks_refresh_s: float = 10.0
     jwt_jwks_timeout_ms: int = 2000
+    # ---- logs (docs/operations.md, "Logs") ----
+    # `text` (the default) or `json`: one JSON object per line, with instance, request or
+    # connection id and subject as fields.
+    log_format: str = "text"
+    # One line per HTTP request (`slotcast.access`); health checks and scrapes only at DEBUG.
+    access_log: bool = True
+    # ---- upgrades and data lifecycle (docs/operating.md, "Upgrades"; docs/operations.md,
+    # "Retention and erasure"; server/maintenance.py) ----
+    # At start, "auto" applies pending expand migrations (never a contract step); "off"
+    # applies none and refuses to start while this code needs one (`slotcast migrate`).
+    # Either way an instance refuses a database whose schema requires newer code.
+    migrate: str = "auto"
+    # Stored replies to idempotency keys are kept this long; a retry after that runs anew.
+    idempotency_retention_s: float = 86400.0
+    # Change records (the audit trail, and what a resume replays) are kept this many days.
+    audit_retention_days: int = 400
+    # Rows of holds that ended without a booking (released, lapsed) are kept this long (at
+    # least the re-hold cool-down); the change log keeps their story for the audit period.
+    ended_hold_retention_s: float = 86400.0
+    # Each instance tries to prune every prune_interval_s (0: never; see `slotcast prune`),
+    # prune_batch rows per transaction, one instance at a time.
+    prune_interval_s: float = 3600.0
+    prune_batch: int = 1000
     # ---- behind TLS (docs/deploy.md, "HAProxy and TLS at the balancer") ----
     # Strict-Transport-Security max-age, in seconds, sent on responses to requests that
     # came over https (directly, or `X-Forwarded-Proto: https` from a trusted proxy);

@@ -37,6 +37,7 @@ from protocol.messages import (
     WatchDashboard,
     Welcome,
 )
+from server import logs
 from server.commands import REGISTRY
 from server.connection import Connection
 from server.keys import (
@@ -82,6 +83,7 @@ def handles(kind: type[M]) -> Callable[[Handler[M]], Handler[M]]:
 @handles(Auth)
 async def on_auth(session: Session, rid: RequestId, msg: Auth) -> None:
     identity = await session.verifier.verify(msg.token)
+    logs.identify(identity)
     # Another identity leaves the private rooms joined as the previous one; the client
     # hears which (id null) before the reply, as after a token expiry.
     for notice in await session.authenticate(identity):
@@ -214,6 +216,8 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         compress=False,  # frames are built once and shared; see server.frames
     )
     await ws.prepare(request)
+    # Every line about this connection, from any of its tasks, names it.
+    logs.CONNECTION_ID.set(logs.REQUEST_ID.get())
     codec = codec_for(ws.ws_protocol)
     metrics = app[METRICS]
     conn = Connection(
@@ -291,6 +295,8 @@ async def _handle(session: Session, data: bytes | str, throttle: Throttle) -> No
     request_id: RequestId = None
     started = time.perf_counter()
     kind_name = "invalid"
+    outcome = "ok"
+    doctor_id: int | None = None
     try:
         try:
             envelope = conn.codec.decode(data, max_size=session.max_frame)
@@ -301,6 +307,7 @@ async def _handle(session: Session, data: bytes | str, throttle: Throttle) -> No
         request_id = envelope.id
         kind = type(envelope.body)
         kind_name = kind.TYPE
+        doctor_id = getattr(envelope.body, "doctor_id", None)
         await throttle.admit(envelope.body, session.identity)  # RateLimited if spent
         handler = HANDLERS.get(kind)
         if handler is not None:
@@ -308,17 +315,25 @@ async def _handle(session: Session, data: bytes | str, throttle: Throttle) -> No
         else:
             reply = await REGISTRY[kind](session.scheduling, session.identity, envelope.body)
             conn.send(reply, request_id)
+            if doctor_id is None:  # a booking names its doctor only in the reply
+                doctor_id = logs.doctor_of(reply)
     except ProtocolError as exc:
-        _refuse(session, await throttle.refusal(exc), exc.request_id)
+        outcome = _refuse(session, await throttle.refusal(exc), exc.request_id)
     except SlotcastError as exc:
-        _refuse(session, await throttle.refusal(exc), request_id)
+        outcome = _refuse(session, await throttle.refusal(exc), request_id)
     except Exception:
         log.exception("handler failed")
-        _refuse(session, SlotcastError("internal error", code=ErrorCode.INTERNAL), request_id)
+        outcome = _refuse(
+            session, SlotcastError("internal error", code=ErrorCode.INTERNAL), request_id
+        )
     finally:
-        session.metrics.command_latency.labels(kind_name).observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        session.metrics.command_latency.labels(kind_name).observe(elapsed)
+        logs.command_done("ws", kind_name, outcome, elapsed, doctor_id)
 
 
-def _refuse(session: Session, error: SlotcastError, request_id: RequestId) -> None:
-    session.metrics.errors.labels(error.code.value).inc()
+def _refuse(session: Session, error: SlotcastError, request_id: RequestId) -> str:
+    """Send the error reply; its code is the command's outcome."""
+    session.metrics.error(error.code, "ws")
     session.conn.send_error(error, request_id)
+    return error.code.value

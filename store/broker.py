@@ -44,6 +44,8 @@ class Broker(abc.ABC):
     healthy: bool = True
     # False since the last command (publish, ping) failed, until one succeeds.
     answering: bool = True
+    # Times the listener lost the broker and came back (read by the server's metrics).
+    reconnects: int = 0
 
     def __init__(self) -> None:
         self._on_message: OnMessage = lambda channel, data: None
@@ -277,6 +279,7 @@ class RedisBroker(Broker):
             return False
         self._lost = False
         self.healthy = True
+        self.reconnects += 1
         log.info("reconnected to %s; resubscribed %d channels", self.where, len(channels))
         self._on_reconnect(channels)
         return True

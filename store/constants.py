@@ -11,6 +11,7 @@ LOCK_NS_MIGRATIONS: Final = 0x5C01
 LOCK_NS_DOCTOR: Final = 0x5C02
 LOCK_NS_SEED: Final = 0x5C03
 LOCK_NS_PATIENT: Final = 0x5C04
+LOCK_NS_PRUNE: Final = 0x5C05  # one instance prunes at a time (store.lifecycle)
 
 CHANNEL_PREFIX: Final = "slotcast:v1"
 

@@ -180,6 +180,15 @@ async def unpublished(store: Store, *, older_than: datetime, limit: int = 500) -
     return [Change.of_record(r["doctor_id"], r) for r in rows]
 
 
+async def relay_lag(store: Store) -> float:
+    """Seconds since the oldest change that no publish has confirmed was committed (0: none).
+
+    Measured on the database's clock, so instances whose clocks drift agree.
+    """
+    lag: float = await store.fetchval(sql.RELAY_LAG)
+    return max(0.0, lag)
+
+
 async def mark_published(store: Store, highest: dict[int, int]) -> None:
     """Advance doctors' relay cursors (never backwards) to the versions given."""
     if highest:

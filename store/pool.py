@@ -59,6 +59,12 @@ class Store:
         self.on_commit: OnCommit = on_commit or _ignore
         self.timeout_s = timeout_s
         self.acquire_timeout_s = acquire_timeout_s
+        self.waiting = 0  # callers in `connection` waiting for the pool, for pool_stats
+
+    def pool_stats(self) -> tuple[int, int, int, int]:
+        """(open, idle, max, waiting): the pool's load, for the server's metrics."""
+        pool = self.pool
+        return pool.get_size(), pool.get_idle_size(), pool.get_max_size(), self.waiting
 
     @contextlib.asynccontextmanager
     async def connection(self, *, bounded: bool = True) -> AsyncIterator[asyncpg.Connection]:
@@ -75,10 +81,13 @@ class Store:
         the pool opens a fresh one when next needed.
         """
         with translated():
+            self.waiting += 1
             try:
                 conn = await self.pool.acquire(timeout=self.acquire_timeout_s)
             except TimeoutError:
                 raise Unavailable("no database connection was free in time") from None
+            finally:
+                self.waiting -= 1
             expired = False
 
             def expire() -> None:

@@ -15,10 +15,16 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     checksum    text NOT NULL,
     applied_at  timestamptz NOT NULL DEFAULT now()
 )"""
-MIGRATIONS_APPLIED: Final = "SELECT version, name, checksum FROM schema_migrations ORDER BY version"
-MIGRATION_RECORD: Final = (
-    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)"
-)
+# The oldest code schema that may run once a step is applied (store.migrate: contract
+# steps); added here rather than in a migration, since the check reads it before any.
+MIGRATIONS_MIN_CODE: Final = """
+ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS min_code integer NOT NULL DEFAULT 0"""
+MIGRATIONS_EXIST: Final = "SELECT to_regclass('schema_migrations') IS NOT NULL"
+# Rows as json text: a database an older release migrated has no min_code column yet.
+MIGRATIONS_READ: Final = """
+SELECT array_agg(to_jsonb(m)::text ORDER BY m.version) FROM schema_migrations m"""
+MIGRATION_RECORD: Final = """
+INSERT INTO schema_migrations (version, name, checksum, min_code) VALUES ($1, $2, $3, $4)"""
 SESSION_LOCK: Final = "SELECT pg_advisory_lock($1::int4, $2::int4)"
 SESSION_UNLOCK: Final = "SELECT pg_advisory_unlock($1::int4, $2::int4)"
 
@@ -401,6 +407,12 @@ RELAY_ADVANCE: Final = """
 UPDATE relay_cursor AS r SET published_version = t.v
 FROM unnest($1::int[], $2::bigint[]) AS t(d, v)
 WHERE r.doctor_id = t.d AND r.published_version < t.v"""
+# The relay's lag: the age of the oldest change no publish has confirmed, 0 when none.
+# Versions are consecutive, so each doctor's oldest is the one after its cursor (by key).
+RELAY_LAG: Final = """
+SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(c.created_at)), 0)::float8
+FROM relay_cursor r
+JOIN changes c ON c.doctor_id = r.doctor_id AND c.version = r.published_version + 1"""
 CHANGES_ALL: Final = """
 SELECT version, kind, actor, public, private, created_at FROM changes
 WHERE doctor_id = $1 ORDER BY version"""
@@ -414,3 +426,62 @@ ORDER BY version"""
 # The prelude reads keys inside the command; this is for the retry after a key race.
 IDEMPOTENCY_GET: Final = """
 SELECT command, request, response FROM idempotency_keys WHERE subject = $1 AND key = $2"""
+
+# ---- data lifecycle: pruning and erasure (store/lifecycle.py) -----------------------------------
+
+# One instance prunes at a time: each batch's transaction first tries this lock (and gives
+# the round up if another instance holds it), so a batch never waits on another's.
+PRUNE_TRY_LOCK: Final = "SELECT pg_try_advisory_xact_lock($1::int4, 0)"
+# The one door through the change log's append-only trigger (migration 0006): names the
+# maintenance this transaction does ('prune' or 'erase'), until it ends.
+MAINTENANCE: Final = "SELECT set_config('slotcast.maintenance', $1, true)"
+# An erasure scans the change log: its own bound ($1, ms) for this transaction only.
+LOCAL_STATEMENT_TIMEOUT: Final = "SELECT set_config('statement_timeout', $1, true)"
+# Each deletes at most $2 rows older than $1, oldest first; rows locked by someone else
+# are skipped, never waited for.
+PRUNE_IDEMPOTENCY_KEYS: Final = """
+DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM idempotency_keys WHERE created_at < $1
+    ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED))"""
+PRUNE_CHANGES: Final = """
+DELETE FROM changes WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM changes WHERE created_at < $1
+    LIMIT $2 FOR UPDATE SKIP LOCKED))"""
+# Holds that ended without a booking (released or lapsed) and that nothing points at. The
+# change log keeps their story; the row was only needed for the re-hold cool-down.
+PRUNE_ENDED_HOLDS: Final = """
+DELETE FROM appointments WHERE ctid = ANY(ARRAY(
+    SELECT a.ctid FROM appointments a
+    WHERE a.status = 'cancelled' AND a.hold_expires_at IS NOT NULL AND a.cancelled_at < $1
+      AND NOT EXISTS (SELECT 1 FROM appointments r WHERE r.replaces_id = a.id)
+    ORDER BY a.cancelled_at LIMIT $2 FOR UPDATE OF a SKIP LOCKED))"""
+
+# Erasure: the doctors whose rows name the patient ($1; as an actor, $2): in appointments
+# (by index) or in the change log (a scan: erasure is rare, and a pruned hold leaves its
+# story only there).
+ERASE_DOCTORS: Final = """
+SELECT coalesce(array_agg(DISTINCT d.doctor_id ORDER BY d.doctor_id), '{}') FROM (
+    SELECT doctor_id FROM appointments WHERE patient_id = $1
+    UNION
+    SELECT doctor_id FROM changes
+    WHERE actor = $2 OR private->'appointments' @> jsonb_build_array(
+        jsonb_build_object('patient_id', $1::text))
+) AS d"""
+ERASE_APPOINTMENTS: Final = """
+UPDATE appointments
+SET patient_id = $2, cancelled_by = CASE WHEN cancelled_by = $3 THEN $4 ELSE cancelled_by END
+WHERE patient_id = $1"""
+# Change records of doctors $1 that name the patient ($2) as actor ($3) or in an
+# appointment: rewritten in Python (store.lifecycle), written back by ERASE_CHANGES_WRITE.
+ERASE_CHANGES_FIND: Final = """
+SELECT doctor_id, version, actor, private FROM changes
+WHERE doctor_id = ANY($1::int[])
+  AND (actor = $3 OR private->'appointments' @> jsonb_build_array(
+        jsonb_build_object('patient_id', $2::text)))"""
+ERASE_CHANGES_WRITE: Final = """
+UPDATE changes AS c SET actor = t.actor, private = t.private
+FROM unnest($1::int[], $2::bigint[], $3::text[], $4::jsonb[])
+    AS t(doctor_id, version, actor, private)
+WHERE c.doctor_id = t.doctor_id AND c.version = t.version"""
+# The patient's stored replies name them, and are only there for retries.
+ERASE_IDEMPOTENCY_KEYS: Final = "DELETE FROM idempotency_keys WHERE subject = $1"

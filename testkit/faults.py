@@ -937,7 +937,7 @@ async def _audit(
         report.problems.append(f"{disagree} slots whose status disagrees with their appointments")
 
 
-STAMPED = re.compile(r"^\d{4}-\d\d-\d\d \S+ ")  # a log record's first line (server/cli.py)
+STAMPED = re.compile(r"^\d{4}-\d\d-\d\d \S+ ")  # a log record's first line (server/logs.py)
 
 
 def _tracebacks(log_text: str) -> list[str]:

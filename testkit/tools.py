@@ -40,6 +40,15 @@ def ensure_chromium(reasons: list[str] | None = None) -> str | None:
     return ensure_apt_tool("chromium", CHROMIUM, reasons)
 
 
+def ensure_promtool(reasons: list[str] | None = None) -> str | None:
+    """promtool's path (Debian's `prometheus` package ships it), installed like `ensure_haproxy`.
+
+    The alert rules in docs/alerts.yml are checked with it, so a rule that Prometheus
+    would refuse to load fails the suite instead of a clinic's monitoring.
+    """
+    return ensure_apt_tool("prometheus", ("promtool",), reasons)
+
+
 def ensure_openssl(reasons: list[str] | None = None) -> str | None:
     """openssl's path: the deployment tests make a self-signed certificate for HAProxy's TLS."""
     return ensure_apt_tool("openssl", ("openssl",), reasons)

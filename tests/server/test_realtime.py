@@ -737,8 +737,8 @@ async def test_metrics_move_with_traffic(doctor: SeededDoctor, client: AppClient
     assert moved("slotcast_command_seconds_count", type="book") == 1
     assert moved("slotcast_command_seconds_count", type="watch") == 1
     assert moved("slotcast_command_seconds_count", type="ping") == 2
-    assert moved("slotcast_errors_total", code="forbidden") == 1
-    assert moved("slotcast_errors_total", code="slot_taken") == 0
+    assert moved("slotcast_errors_total", code="forbidden", transport="ws") == 1
+    assert moved("slotcast_errors_total", code="slot_taken", transport="ws") == 0
     assert metric(during, "slotcast_rooms", kind="rooms") == 1
 
     await eventually(lambda: not client.app[CONNECTIONS], "the connections to close")

@@ -218,6 +218,7 @@ async def test_reconnects_resubscribes_and_delivers_after_restart(
 
         await inbox.until(lambda: bool(inbox.reconnects), "on_reconnect", RECOVERY_S)
         assert inbox.reconnects[0] == {"a", "b"}
+        assert broker.reconnects == 1  # what slotcast_broker_reconnects_total reads
 
         # At-most-once: a publish racing the resubscription may be lost (or fail on a
         # connection that died with the old server), so keep publishing until one lands.

@@ -203,6 +203,7 @@ async def test_with_the_broker_away_commits_are_delivered_locally_and_relayed_la
     committing = Store(store.pool, store.session_state, on_commit=box.enqueue)
     # The seeding was never published (no outbox then): out of the relay's way.
     await outbox.mark_published(store, {doctor.id: await reads.doctor_version(store, doctor.id)})
+    assert await outbox.relay_lag(store) == 0  # nothing unpublished
     broker.down = True
     with caplog.at_level(logging.INFO, logger="store.outbox"):
         async with box.publishing(committing, broker):
@@ -220,6 +221,7 @@ async def test_with_the_broker_away_commits_are_delivered_locally_and_relayed_la
             assert box._queue.qsize() <= len(versions)
             await asyncio.sleep(0.2)
             assert broker.published == []
+            assert await outbox.relay_lag(store) >= 0.2  # the oldest waits since its commit
             broker.down = False
             await box.relay(committing, grace_s=0)
             await eventually(lambda: [c.version for c in broker.published] == versions, "the relay")
@@ -227,10 +229,26 @@ async def test_with_the_broker_away_commits_are_delivered_locally_and_relayed_la
             await eventually_async(
                 lambda: outbox.unpublished(committing, older_than=datetime.now(UTC)), []
             )
+            assert await outbox.relay_lag(store) == 0
     assert local == versions  # each once
     paused = [r for r in caplog.records if "publishing paused" in r.getMessage()]
     assert len(paused) == 1  # said once, not once per change
     assert any("publishing resumed" in r.getMessage() for r in caplog.records)
+
+
+async def test_pool_stats_count_connections_lent_and_callers_waiting(own_store: Store) -> None:
+    """The server's pool gauges read these: a saturated pool must show its queue."""
+    size, _idle, max_size, waiting = own_store.pool_stats()
+    assert (max_size, waiting) == (3, 0)
+    assert 1 <= size <= 3
+    async with contextlib.AsyncExitStack() as lent:
+        for _ in range(3):
+            await lent.enter_async_context(own_store.connection())
+        assert own_store.pool_stats()[:2] == (3, 0)  # all open, none idle
+        queued = asyncio.create_task(own_store.fetchval("SELECT 1"))
+        await eventually(lambda: own_store.pool_stats()[3] == 1, "a caller waiting")
+    assert await queued == 1
+    assert own_store.pool_stats()[3] == 0
 
 
 async def test_a_failing_local_delivery_does_not_undo_the_commit(
