@@ -3,8 +3,8 @@
 docs/deploy.md creates two roles: the owner, which `slotcast migrate` runs as, and
 `slotcast_app`, which the instances run as with only the privileges listed there.
 This runs that very SQL on Debian's PostgreSQL 15 binaries, migrates as the owner,
-and serves a booking from a real `slotcast serve` connected as the runtime role: the
-listed GRANTs are enough, and the role can change no schema.
+and serves a booking from a real `slotcast serve` connected as the runtime role (and
+prunes as it): the listed GRANTs are enough, and the role can change no schema.
 """
 
 from __future__ import annotations
@@ -109,4 +109,16 @@ async def test_postgresql_15_migrates_as_the_owner_and_serves_as_the_runtime_rol
             snapshot = await resp.json()
     statuses = {s["id"]: s["status"] for s in snapshot["slots"]}
     assert statuses[slot.id] == "busy"
+    # The instances prune in the background as this role: its GRANTs are enough for that too
+    # (the change log's maintenance door is a setting, not a privilege).
+    prune = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "server.cli", "prune", "--database-url", app],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert prune.returncode == 0, prune.stdout + prune.stderr
     assert "permission denied" not in server.logs()
