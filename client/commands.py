@@ -22,10 +22,12 @@ from protocol.messages import (
     Book,
     Booked,
     Cancel,
+    CreateDoctor,
     Dashboard,
     DayOverride,
     Delta,
     Doctors,
+    DoctorUpdated,
     DoctorView,
     Held,
     Hold,
@@ -40,6 +42,7 @@ from protocol.messages import (
     Rescheduled,
     Resumed,
     Resync,
+    RetireDoctor,
     ScheduleUpdated,
     SearchDoctors,
     SetSchedule,
@@ -50,6 +53,7 @@ from protocol.messages import (
     Unwatch,
     UnwatchDashboard,
     Unwatched,
+    UpdateDoctor,
     Watch,
     WatchAppointments,
     WatchDashboard,
@@ -186,9 +190,46 @@ class SlotcastClient(Connection):
         return (await self.request(MyAppointments(), Appointments)).appointments
 
     async def search_doctors(
-        self, q: str | None = None, limit: int = 20, offset: int = 0
+        self,
+        q: str | None = None,
+        limit: int = 20,
+        offset: int = 0,
+        *,
+        include_retired: bool = False,
     ) -> list[DoctorView]:
-        return (await self.request(SearchDoctors(q, limit, offset), Doctors)).doctors
+        msg = SearchDoctors(q, limit, offset, include_retired)
+        return (await self.request(msg, Doctors)).doctors
+
+    # ---- the doctor directory (admins) --------------------------------------------------------
+
+    async def create_doctor(
+        self,
+        name: str,
+        timezone: str,
+        specialty: str = "",
+        external_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> DoctorUpdated:
+        msg = CreateDoctor(name, timezone, specialty, external_id, idempotency_key)
+        return await self.request(msg, DoctorUpdated)
+
+    async def update_doctor(
+        self,
+        doctor_id: int,
+        *,
+        name: str | None = None,
+        specialty: str | None = None,
+        timezone: str | None = None,
+        external_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> DoctorUpdated:
+        msg = UpdateDoctor(doctor_id, name, specialty, timezone, external_id, idempotency_key)
+        return await self.request(msg, DoctorUpdated)
+
+    async def retire_doctor(
+        self, doctor_id: int, idempotency_key: str | None = None
+    ) -> DoctorUpdated:
+        return await self.request(RetireDoctor(doctor_id, idempotency_key), DoctorUpdated)
 
     async def ping(self) -> None:
         await self.request(Ping(), Pong)

@@ -31,6 +31,13 @@ Query = Annotated[str, Meta(max_length=100, pattern=NO_NUL)]
 Instant = Annotated[datetime, Meta(tz=True)]
 # A wall-clock time in the doctor's zone: an offset would contradict the zone.
 LocalTime = Annotated[time, Meta(tz=False)]
+# The doctor directory's fields. A zone is checked against the IANA database by the
+# server (and by PostgreSQL), not here: the list changes with the tz database.
+DoctorName = Annotated[str, Meta(min_length=1, max_length=200, pattern=NO_NUL)]
+Specialty = Annotated[str, Meta(max_length=200, pattern=NO_NUL)]
+ZoneName = Annotated[str, Meta(min_length=1, max_length=64, pattern=NO_NUL)]
+# The doctor's id in the clinic's own staff system: what imports match on.
+ExternalId = Annotated[str, Meta(min_length=1, max_length=128, pattern=NO_NUL)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,10 +126,19 @@ class AppointmentView:
 
 @dataclass(frozen=True, slots=True)
 class DoctorView:
+    """A doctor as the directory shows them. `external_id` (the clinic's staff-system id)
+    is filled in for admins only; `retired_at` is set once the doctor is retired (only
+    admins find retired doctors in the directory; watchers learn it from a `delta`)."""
+
     id: DoctorId
     name: str
     specialty: str
     timezone: str
+    external_id: str | None = None
+    retired_at: Instant | None = None
+
+    def __post_init__(self) -> None:
+        _normalize_instants(self, "retired_at")
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,10 +340,55 @@ class MyAppointments(Message):
 
 @dataclass(frozen=True, slots=True)
 class SearchDoctors(Message):
+    """The directory: active doctors whose name or specialty contains `q`.
+
+    `include_retired` (admins only) lists retired doctors too, with their external ids.
+    """
+
     TYPE: ClassVar[str] = "search_doctors"
     q: Query | None = None
     limit: Annotated[int, Meta(ge=1, le=100)] = 20
     offset: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
+    include_retired: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CreateDoctor(Message):
+    """An admin adds a doctor to the directory (no hours yet: `set_schedule` opens slots)."""
+
+    TYPE: ClassVar[str] = "create_doctor"
+    name: DoctorName
+    timezone: ZoneName
+    specialty: Specialty = ""
+    external_id: ExternalId | None = None
+    idempotency_key: Key | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateDoctor(Message):
+    """An admin corrects a doctor's directory entry; fields left out stay as they are.
+
+    A new `timezone` keeps the weekly hours as wall-clock times in the new zone: free
+    slots move, booked ones that no longer fit are flagged as conflicts.
+    """
+
+    TYPE: ClassVar[str] = "update_doctor"
+    doctor_id: DoctorId
+    name: DoctorName | None = None
+    specialty: Specialty | None = None
+    timezone: ZoneName | None = None
+    external_id: ExternalId | None = None
+    idempotency_key: Key | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetireDoctor(Message):
+    """An admin retires a doctor: their free slots and hours close, holds are released,
+    booked appointments and the whole history stay (docs/protocol.md says why)."""
+
+    TYPE: ClassVar[str] = "retire_doctor"
+    doctor_id: DoctorId
+    idempotency_key: Key | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,6 +456,9 @@ class Delta(Message):
     # Set when the server merged several versions for a client that fell behind:
     # the delta then covers (since, version] and applies on top of `since`.
     since: Annotated[int, Meta(ge=0)] | None = None
+    # Set when the version changed the doctor's directory entry (renamed, retired):
+    # the entry as it now stands, public fields only.
+    doctor: DoctorView | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -525,6 +589,16 @@ class ScheduleUpdated(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class DoctorUpdated(Message):
+    """The reply to create, update and retire: the entry, and the doctor's version that
+    recorded the change (its `delta` carries the same entry to every watcher)."""
+
+    TYPE: ClassVar[str] = "doctor"
+    doctor: DoctorView
+    version: Annotated[int, Meta(ge=0)]
+
+
+@dataclass(frozen=True, slots=True)
 class Appointments(Message):
     TYPE: ClassVar[str] = "appointments"
     appointments: list[AppointmentView] = field(default_factory=list)
@@ -576,6 +650,9 @@ CLIENT_MESSAGES = _registry(
     ListAppointments,
     MyAppointments,
     SearchDoctors,
+    CreateDoctor,
+    UpdateDoctor,
+    RetireDoctor,
     Ping,
 )
 SERVER_MESSAGES = _registry(
@@ -597,6 +674,7 @@ SERVER_MESSAGES = _registry(
     Rescheduled,
     SlotUpdated,
     ScheduleUpdated,
+    DoctorUpdated,
     Appointments,
     Doctors,
     Pong,

@@ -47,6 +47,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.APPOINTMENT_LIMIT: 409,
     ErrorCode.COOLDOWN: 409,
     ErrorCode.INVALID_TRANSITION: 409,
+    ErrorCode.DOCTOR_RETIRED: 410,
     ErrorCode.IDEMPOTENCY_CONFLICT: 422,
     ErrorCode.LIMIT_EXCEEDED: 429,
     ErrorCode.RATE_LIMITED: 429,
@@ -112,10 +113,10 @@ def _date_param(request: web.Request, name: str) -> date:
         raise ProtocolError(str(exc), code=ErrorCode.INVALID) from None
 
 
-# A POST or PUT always carries its message's fields, `{}` at least: an empty body is a
+# A POST, PUT or PATCH always carries its message's fields, `{}` at least: an empty body is a
 # client that lost its payload, and acting on it (a block!) would be a guess. A DELETE
 # may carry none.
-BODY_REQUIRED = frozenset({"POST", "PUT"})
+BODY_REQUIRED = frozenset({"POST", "PUT", "PATCH"})
 
 
 async def read_json(request: web.Request) -> Any:

@@ -7,6 +7,8 @@ Usage::
     slotcast migrate [--check] [--contract]
     slotcast prune
     slotcast erase-patient SUBJECT
+    slotcast doctors import doctors.csv    # upsert the clinic's doctors by external_id
+    slotcast doctors export [--format csv|json] [--include-retired]
     slotcast watch 1                       # print a doctor's live slot changes
     slotcast book --doctor 1 --sub alice   # book that doctor's first free slot
 """
@@ -84,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
         help="allow the built-in development secret (for a --demo server)",
     )
 
-    maintenance_cli.add_parsers(sub)  # migrate, prune, erase-patient
+    maintenance_cli.add_parsers(sub)  # migrate, prune, erase-patient, doctors
     demo.add_parsers(sub)  # watch, book: implemented by the client package
     return p
 

@@ -23,6 +23,7 @@ from protocol.messages import (
     Block,
     Book,
     Cancel,
+    CreateDoctor,
     Doctors,
     Hold,
     ListAppointments,
@@ -31,13 +32,15 @@ from protocol.messages import (
     MyAppointments,
     Release,
     Reschedule,
+    RetireDoctor,
     SearchDoctors,
     SetSchedule,
     Unblock,
+    UpdateDoctor,
 )
 from server.auth import Identity
 from server.service import Scheduling, actor_of, forbidden
-from store import commands, doctors, reads
+from store import commands, directory, doctors, reads
 from store.pool import Store
 from store.tx import Actor, Limits, Outcome
 
@@ -50,19 +53,21 @@ class Gate(Enum):
 
     SIGNED_IN = "signed-in"  # any valid token; the store checks ownership
     PATIENT = "patient"  # holds, bookings and one's own appointments
+    ADMIN = "admin"  # the doctor directory
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
     """Where REST serves a command: path parameters are fields of the message."""
 
-    method: Literal["GET", "POST", "PUT", "DELETE"]
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
     path: str
     status: int = 200
 
 
 Run = Callable[[Scheduling, Actor, M], Awaitable[Message]]
-PublicRun = Callable[[Scheduling, M], Awaitable[Message]]
+# A public read may still show more to some callers (admins see retired doctors).
+PublicRun = Callable[[Scheduling, Identity | None, M], Awaitable[Message]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +87,8 @@ class Command(Generic[M]):
     async def __call__(self, scheduling: Scheduling, who: Identity | None, msg: M) -> Message:
         if self.gate is Gate.PATIENT:
             actor = scheduling.require_patient(who)
+        elif self.gate is Gate.ADMIN:
+            actor = scheduling.require_admin(who)
         else:
             actor = actor_of(who, scheduling.clock())
         return await self.run(scheduling, actor, msg)
@@ -97,7 +104,7 @@ class PublicCommand(Generic[M]):
     idempotent: bool = False
 
     async def __call__(self, scheduling: Scheduling, who: Identity | None, msg: M) -> Message:
-        return await self.run(scheduling, msg)
+        return await self.run(scheduling, who, msg)
 
 
 # ---- the commands, in the order of docs/protocol.md -------------------------------------------
@@ -174,8 +181,12 @@ async def _my_appointments(s: Scheduling, actor: Actor, msg: MyAppointments) -> 
     return await s.my_appointments(actor)
 
 
-async def _search_doctors(s: Scheduling, msg: SearchDoctors) -> Message:
-    found = await reads.search_doctors(s.store, msg.q, limit=msg.limit, offset=msg.offset)
+async def _search_doctors(s: Scheduling, who: Identity | None, msg: SearchDoctors) -> Message:
+    if msg.include_retired:
+        s.require_admin(who)
+    found = await reads.search_doctors(
+        s.store, msg.q, limit=msg.limit, offset=msg.offset, include_retired=msg.include_retired
+    )
     return Doctors(found, msg.limit, msg.offset)
 
 
@@ -236,6 +247,19 @@ _ALL: tuple[Command[Any] | PublicCommand[Any], ...] = (
         idempotent=False,
     ),
     PublicCommand(SearchDoctors, _search_doctors, Route("GET", "/api/doctors")),
+    Command(CreateDoctor, Gate.ADMIN, plain(directory.create), Route("POST", "/api/doctors", 201)),
+    Command(
+        UpdateDoctor,
+        Gate.ADMIN,
+        plain(directory.update),
+        Route("PATCH", "/api/doctors/{doctor_id}"),
+    ),
+    Command(
+        RetireDoctor,
+        Gate.ADMIN,
+        plain(directory.retire),
+        Route("POST", "/api/doctors/{doctor_id}/retire"),
+    ),
 )
 
 REGISTRY: dict[type[Message], Command[Any] | PublicCommand[Any]] = {c.message: c for c in _ALL}

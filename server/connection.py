@@ -65,6 +65,7 @@ class _Merged:
     slots: dict[int, Any] = field(default_factory=dict)
     removed: set[int] = field(default_factory=set)
     size: int = 0  # the bytes of the deltas merged in: what the outbox counts for it
+    doctor: Any = None  # the latest directory entry a merged delta carried
 
     def add(self, public: dict[str, Any]) -> None:
         self.version = public["version"]
@@ -74,6 +75,8 @@ class _Merged:
         for slot_id in public["removed"]:
             self.slots.pop(slot_id, None)
             self.removed.add(slot_id)
+        if public.get("doctor") is not None:
+            self.doctor = public["doctor"]
 
     def body(self) -> dict[str, Any]:
         """The `delta` body covering (since, version]; keys in `Delta`'s field order."""
@@ -83,6 +86,7 @@ class _Merged:
             "slots": list(self.slots.values()),
             "removed": sorted(self.removed),
             "since": self.since,
+            "doctor": self.doctor,
         }
 
 

@@ -1,4 +1,4 @@
-"""`slotcast migrate`, `prune` and `erase-patient`: the operator's maintenance commands.
+"""`slotcast migrate`, `prune`, `erase-patient` and `doctors`: the operator's database commands.
 
 `server/cli.py` hands these subcommands to `add_parsers` and `run`, as it hands
 `watch` and `book` to the client. Each opens only what it needs (a connection, or a
@@ -13,20 +13,26 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
 from typing import Any
 
 from protocol.errors import SlotcastError
+from server import directory as files
 from server.maintenance import retention_of
 from server.settings import Settings
-from store import embedded
+from store import directory, embedded
 from store.lifecycle import erase_patient, prune
 from store.migrate import check, migrate
 from store.pool import Store, open_store, wait_for_database
 
 log = logging.getLogger("slotcast")
 
-COMMANDS = ("migrate", "prune", "erase-patient")
+COMMANDS = ("migrate", "prune", "erase-patient", "doctors")
+# An import writes a whole file in one transaction, each row checked by PostgreSQL's
+# time zone trigger (about 15 ms): the bounds are a batch job's, not a request's.
+BATCH_TIMEOUT_MS = 300_000
 # `migrate --check`: up to date; migrations pending; this code must not run on it.
 CHECK_OK, CHECK_PENDING, CHECK_REFUSED = 0, 1, 2
 
@@ -53,6 +59,19 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     e.add_argument("subject", help="the patient's subject (the `sub` of their tokens)")
     e.add_argument("--database-url")
     e.add_argument("--timeout-s", type=float, default=60.0)
+    doctors = sub.add_parser("doctors", help="import or export the doctor directory")
+    doctors_sub = doctors.add_subparsers(dest="doctors_command", required=True)
+    imports = doctors_sub.add_parser(
+        "import", help="create or update doctors from a .csv or .json file, by external_id"
+    )
+    imports.add_argument("file", type=Path)
+    imports.add_argument("--database-url")
+    exports = doctors_sub.add_parser("export", help="write the directory to stdout")
+    exports.add_argument("--format", choices=["csv", "json"], default="csv")
+    exports.add_argument(
+        "--include-retired", action="store_true", help="retired doctors too, with a retired column"
+    )
+    exports.add_argument("--database-url")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> Coroutine[Any, Any, int]:
@@ -61,6 +80,8 @@ def run(args: argparse.Namespace, settings: Settings) -> Coroutine[Any, Any, int
         return _migrate(settings, check_only=args.check, contract=args.contract)
     if args.command == "prune":
         return _prune(settings)
+    if args.command == "doctors":
+        return _doctors(settings, args)
     return _erase(settings, args.subject, args.timeout_s)
 
 
@@ -131,6 +152,31 @@ async def _erase(settings: Settings, subject: str, timeout_s: float) -> int:
     for table, count in erased.counts.items():
         verb = "deleted" if table == "idempotency_keys" else "rewritten"
         print(f"{table}: {count} {verb}")
+    return 0
+
+
+async def _doctors(settings: Settings, args: argparse.Namespace) -> int:
+    """`slotcast doctors import|export`: one summary line (stdout) or one error (stderr)."""
+    try:
+        entries = files.read_entries(args.file) if args.doctors_command == "import" else []
+        async with open_store(
+            await _dsn(settings),
+            min_size=1,
+            max_size=2,
+            lock_timeout_ms=settings.lock_timeout_ms,
+            statement_timeout_ms=BATCH_TIMEOUT_MS,
+            timeout_ms=BATCH_TIMEOUT_MS,
+        ) as store:
+            await directory.check_schema(store)
+            if args.doctors_command == "import":
+                summary = await directory.import_entries(store, entries, actor=files.OPERATOR)
+                print(f"{args.file}: {summary}")
+                return 0
+            found = await directory.export_entries(store, include_retired=args.include_retired)
+    except SlotcastError as exc:
+        print(f"slotcast doctors {args.doctors_command}: {exc.message}", file=sys.stderr)
+        return 1
+    files.write_entries(found, args.format, sys.stdout, with_retired=args.include_retired)
     return 0
 
 

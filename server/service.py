@@ -54,6 +54,12 @@ class Scheduling:
             raise forbidden("only patients hold, book and follow their appointments")
         return actor
 
+    def require_admin(self, who: Identity | None) -> Actor:
+        actor = actor_of(who, self.clock())
+        if actor.role is not Role.ADMIN:
+            raise forbidden("only an admin manages the doctor directory")
+        return actor
+
     def require_doctor(self, who: Identity | None, doctor_id: int) -> Actor:
         actor = actor_of(who, self.clock())
         if not actor.owns_doctor(doctor_id):

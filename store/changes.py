@@ -21,7 +21,7 @@ from typing import Any
 import msgpack
 import msgspec
 
-from protocol.messages import Delta, SlotView
+from protocol.messages import Delta, DoctorView, SlotView
 
 
 def _pack(data: dict[str, Any]) -> bytes:
@@ -85,8 +85,12 @@ class Change:
         slots: list[SlotView],
         removed: list[int] | None = None,
         private: ChangeDetail | None = None,
+        *,
+        doctor: DoctorView | None = None,
     ) -> Change:
-        delta = Delta(doctor_id=doctor_id, version=version, slots=slots, removed=removed or [])
+        delta = Delta(
+            doctor_id=doctor_id, version=version, slots=slots, removed=removed or [], doctor=doctor
+        )
         return cls(
             doctor_id, version, msgspec.to_builtins(delta), private or ChangeDetail(), time.time()
         )

@@ -37,6 +37,7 @@ from store import doctors, schedule, sql, steps
 from store.changes import Change
 from store.errors import (
     AppointmentLimit,
+    DoctorRetired,
     Forbidden,
     Invalid,
     InvalidTransition,
@@ -360,7 +361,8 @@ async def set_schedule(
     doctor_id = msg.doctor_id
     if not actor.owns_doctor(doctor_id):
         raise Forbidden("only the doctor or an admin edits the schedule")
-    await doctors.doctor(store, doctor_id)  # not_found before any lock
+    if (await doctors.doctor(store, doctor_id)).retired_at is not None:  # not_found too
+        raise DoctorRetired(f"doctor {doctor_id} is retired: no hours can be set")
     for b in msg.weekly:
         if not b.start < b.end:
             raise Invalid(f"weekday {b.weekday}: start must be before end")
@@ -371,7 +373,10 @@ async def set_schedule(
         _check_slots_per_day(msg, max_slots_per_day)
 
     async def work(tx: Tx) -> ScheduleUpdated:
-        version = await tx.conn.fetchval(sql.DOCTOR_VERSION, doctor_id)
+        current = await tx.conn.fetchrow(sql.DOCTOR_VERSION_RETIRED, doctor_id)
+        if current["retired_at"] is not None:  # retired since the check above
+            raise DoctorRetired(f"doctor {doctor_id} is retired: no hours can be set")
+        version = current["version"]
         await tx.conn.execute(
             sql.DOCTOR_SET_RULES,
             doctor_id,

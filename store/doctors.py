@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from store import sql
 from store.errors import NotFound
@@ -27,6 +28,7 @@ class Doctor:
     version: int
     buffer_minutes: int
     min_notice_minutes: int
+    retired_at: datetime | None = None
 
 
 async def create_doctor(

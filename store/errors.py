@@ -110,6 +110,12 @@ class IdempotencyConflict(StoreError):
     code = ErrorCode.IDEMPOTENCY_CONFLICT
 
 
+class DoctorRetired(StoreError):
+    """The doctor no longer practises here: nothing of theirs is offered or scheduled."""
+
+    code = ErrorCode.DOCTOR_RETIRED
+
+
 class Busy(StoreError):
     """A lock or statement timed out: safe to retry with the same idempotency key."""
 
@@ -173,6 +179,14 @@ def translated() -> Iterator[None]:
         # The last guard fired: something above it let an overlap through.
         log.error("exclusion constraint refused an overlapping appointment: %s", exc)
         raise SlotTaken("the slot overlaps an active appointment") from exc
+    except asyncpg.IntegrityConstraintViolationError as exc:
+        # The directory's own guards, behind the application's checks (a concurrent
+        # import, a row the application did not check): bad input, said as such.
+        refusal = _refusal(exc)
+        if refusal is None:
+            log.exception("unexpected constraint violation")
+            raise StoreError("internal database error") from exc
+        raise refusal from exc
     except (asyncpg.LockNotAvailableError, asyncpg.QueryCanceledError) as exc:
         raise Busy("the doctor's calendar is busy; retry shortly") from exc
     except TimeoutError as exc:
@@ -187,6 +201,17 @@ def translated() -> Iterator[None]:
             log.exception("unexpected database error")
             raise StoreError("internal database error") from exc
         raise
+
+
+def _refusal(exc: asyncpg.IntegrityConstraintViolationError) -> StoreError | None:
+    """The client's error behind a constraint of the doctor directory, if it is one."""
+    constraint = getattr(exc, "constraint_name", None)
+    if constraint == "doctors_timezone_iana":
+        # The trigger's own words: "timezone: <name> is not an IANA time zone name".
+        return Invalid(str(exc.args[0]) if exc.args else "timezone: not an IANA time zone")
+    if constraint == "doctors_external_id":
+        return Invalid("external_id: already used by another doctor")
+    return None
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import asyncpg
 from protocol.messages import AppointmentView, Dashboard, DoctorView, Snapshot
 from store import sql
 from store.changes import Change
-from store.errors import Invalid, NotFound
+from store.errors import DoctorRetired, Invalid, NotFound
 from store.pool import Store
 from store.steps import appointment_view, slot_view
 from store.tx import resolve_now
@@ -55,6 +55,8 @@ async def snapshot(
     """
     now = resolve_now(now)
     async with _consistent(store, doctor_id) as (conn, doctor):
+        if doctor["retired_at"] is not None:
+            raise DoctorRetired(f"doctor {doctor_id} is retired and offers no slots")
         rows = await _slots(conn, doctor_id, start, end, max_slots, "the range")
     return Snapshot(
         doctor_id=doctor_id,
@@ -123,9 +125,15 @@ async def change_log(store: Store, doctor_id: int) -> list[dict[str, Any]]:
 
 
 async def search_doctors(
-    store: Store, query: str | None, *, limit: int = 20, offset: int = 0
+    store: Store,
+    query: str | None,
+    *,
+    limit: int = 20,
+    offset: int = 0,
+    include_retired: bool = False,
 ) -> list[DoctorView]:
-    rows = await store.fetch(sql.DOCTOR_SEARCH, query or None, limit, offset)
+    """Active doctors; with `include_retired` (admins) all, with their staff-system ids."""
+    rows = await store.fetch(sql.DOCTOR_SEARCH, query or None, limit, offset, include_retired)
     return [DoctorView(**dict(r)) for r in rows]
 
 

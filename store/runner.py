@@ -171,6 +171,8 @@ async def _attempt(
         if tx.taken is not None:  # pragma: no cover - the command must claim it
             raise StoreError("an inserted appointment was not the command's")
         tx.prefetched_slot = tx.prefetched_appointment = None
+        for doctor_id in tx.created:  # inserted by this command, at version 0
+            versions.setdefault(doctor_id, 0)
         changes = await _record(conn, tx, versions, actor, key, command, fingerprint, reply)
         # A refused command still commits the holds it found expired; its `reply` is
         # None then, but `run` raises `error` instead of returning it.

@@ -182,22 +182,65 @@ VALUES ($1, $2, $3, $4, $5)
 RETURNING id"""
 DOCTOR_GET: Final = """
 SELECT id, name, specialty, timezone, slot_minutes, horizon_days, version,
-       buffer_minutes, min_notice_minutes
+       buffer_minutes, min_notice_minutes, retired_at
 FROM doctors WHERE id = $1"""
 DOCTOR_SET_RULES: Final = """
 UPDATE doctors
 SET slot_minutes = $2, buffer_minutes = $3, min_notice_minutes = $4, horizon_days = $5
 WHERE id = $1"""
-DOCTOR_IDS: Final = "SELECT id FROM doctors ORDER BY id"
+# The doctors whose slots the horizon sweep keeps open: a retired doctor has none.
+DOCTOR_IDS: Final = "SELECT id FROM doctors WHERE retired_at IS NULL ORDER BY id"
+# The directory: active doctors, or ($4, admins) every doctor with the fields only
+# admins see (the staff-system id, when retired).
 DOCTOR_SEARCH: Final = """
-SELECT id, name, specialty, timezone FROM doctors
-WHERE $1::text IS NULL
-   OR strpos(lower(name), lower($1)) > 0
-   OR strpos(lower(specialty), lower($1)) > 0
+SELECT id, name, specialty, timezone,
+       CASE WHEN $4 THEN external_id END AS external_id,
+       CASE WHEN $4 THEN retired_at END AS retired_at
+FROM doctors
+WHERE ($4 OR retired_at IS NULL)
+  AND ($1::text IS NULL
+       OR strpos(lower(name), lower($1)) > 0
+       OR strpos(lower(specialty), lower($1)) > 0)
 ORDER BY name, id
 LIMIT $2 OFFSET $3"""
+
+# ---- the doctor directory (store/directory.py) ----------------------------------------------
+
+DOCTOR_ENTRY_COLUMNS: Final = "id, name, specialty, timezone, external_id, retired_at, version"
+# An id for a doctor about to be created, taken before the transaction so that the
+# transaction can lock it first, as every command locks its doctors first.
+DOCTOR_NEW_IDS: Final = """
+SELECT nextval(pg_get_serial_sequence('doctors', 'id'))::int AS id
+FROM generate_series(1, $1)"""
+DOCTOR_CREATE: Final = f"""
+INSERT INTO doctors (id, name, specialty, timezone, external_id) VALUES ($1, $2, $3, $4, $5)
+RETURNING {DOCTOR_ENTRY_COLUMNS}"""
+DOCTOR_ENTRY_FOR_UPDATE: Final = f"""
+SELECT {DOCTOR_ENTRY_COLUMNS} FROM doctors WHERE id = $1 FOR UPDATE"""
+DOCTOR_ENTRY_SET: Final = f"""
+UPDATE doctors SET name = $2, specialty = $3, timezone = $4, external_id = $5
+WHERE id = $1
+RETURNING {DOCTOR_ENTRY_COLUMNS}"""
+DOCTOR_RETIRE: Final = f"""
+UPDATE doctors SET retired_at = $2 WHERE id = $1
+RETURNING {DOCTOR_ENTRY_COLUMNS}"""
+DOCTORS_BY_EXTERNAL_ID: Final = f"""
+SELECT {DOCTOR_ENTRY_COLUMNS} FROM doctors WHERE external_id = ANY($1::text[])"""
+DOCTORS_BY_EXTERNAL_ID_FOR_UPDATE: Final = f"""
+SELECT {DOCTOR_ENTRY_COLUMNS} FROM doctors WHERE external_id = ANY($1::text[])
+ORDER BY id FOR UPDATE"""
+DOCTORS_EXPORT: Final = f"""
+SELECT {DOCTOR_ENTRY_COLUMNS} FROM doctors
+WHERE $1 OR retired_at IS NULL
+ORDER BY external_id NULLS LAST, id"""
+# A retiring doctor's live holds (expired ones the runner has freed already).
+HOLDS_OF_DOCTOR: Final = """
+SELECT id FROM appointments WHERE doctor_id = $1 AND status = 'pending' ORDER BY id"""
+SCHEMA_MIGRATED: Final = "SELECT to_regclass('schema_migrations') IS NOT NULL"
+SCHEMA_VERSION: Final = "SELECT coalesce(max(version), 0) FROM schema_migrations"
 DOCTOR_COUNT: Final = "SELECT count(*) FROM doctors"
 DOCTOR_VERSION: Final = "SELECT version FROM doctors WHERE id = $1"
+DOCTOR_VERSION_RETIRED: Final = "SELECT version, retired_at FROM doctors WHERE id = $1"
 
 SCHEDULE_INSERT: Final = """
 INSERT INTO schedules (doctor_id, weekday, starts, ends) VALUES ($1, $2, $3, $4)"""

@@ -15,7 +15,7 @@ from typing import Generic, TypeVar
 import asyncpg
 import msgspec
 
-from protocol.messages import AppointmentView, Message, SlotView
+from protocol.messages import AppointmentView, DoctorView, Message, SlotView
 from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
 from store.changes import Change, ChangeDetail
 
@@ -113,6 +113,7 @@ class _DoctorChanges:
     removed: list[int] = field(default_factory=list)
     appointments: dict[int, AppointmentView] = field(default_factory=dict)
     conflicts: list[int] = field(default_factory=list)
+    doctor: DoctorView | None = None  # the directory entry, when the command changed it
 
 
 class Tx:
@@ -137,6 +138,9 @@ class Tx:
         self.taken: tuple[Taking, asyncpg.Record] | None = None
         # Likewise an appointment row read FOR UPDATE by `sql.APPOINTMENT_PRELUDE`.
         self.prefetched_appointment: asyncpg.Record | None = None
+        # Doctors this command inserted (their ids locked beforehand): version 0 before it,
+        # which the first read could not see.
+        self.created: set[int] = set()
 
     def _of(self, doctor_id: int, kind: str | None) -> _DoctorChanges:
         changes = self._doctors.setdefault(doctor_id, _DoctorChanges())
@@ -161,6 +165,10 @@ class Tx:
     def touched(self, doctor_id: int, kind: str) -> None:
         self._of(doctor_id, kind)
 
+    def doctor(self, view: DoctorView, kind: str) -> None:
+        """The doctor's directory entry changed: every watcher's delta carries it."""
+        self._of(view.id, kind).doctor = view
+
     def checkpoint(self) -> dict[int, _DoctorChanges]:
         return {
             d: _DoctorChanges(
@@ -169,6 +177,7 @@ class Tx:
                 list(c.removed),
                 dict(c.appointments),
                 list(c.conflicts),
+                c.doctor,
             )
             for d, c in self._doctors.items()
         }
@@ -192,7 +201,12 @@ class Tx:
                 conflicts=c.conflicts,
             )
             change = Change.build(
-                doctor_id, versions[doctor_id] + 1, list(c.slots.values()), c.removed, detail
+                doctor_id,
+                versions[doctor_id] + 1,
+                list(c.slots.values()),
+                c.removed,
+                detail,
+                doctor=c.doctor,
             )
             changes.append(("+".join(c.kinds) or "change", change))
         self._doctors.clear()

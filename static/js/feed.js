@@ -21,11 +21,18 @@ const KIND_WORDS = {
   "slots.conflict": () => "conflict with the schedule",
   "slots.conflict_resolved": () => "conflict resolved",
   "schedule.changed": () => "schedule changed",
+  "doctor.created": () => "added to the directory",
+  "doctor.updated": () => "directory entry updated",
 };
 
 /** A delta's feed line; times in `zone`, with the weekday unless the date is `today`. */
 export function feedText(delta, zone, today) {
   // A schedule change carries several kinds (closed, opened, conflict): one line says it.
+  // So does a retirement (holds released, slots closed, bookings kept as conflicts).
+  if (delta.kinds.includes("doctor.retired")) {
+    const n = delta.conflicts.length;
+    return n === 0 ? "Retired: no more appointments offered" : `Retired: ${n} ${n === 1 ? "booking needs" : "bookings need"} rescheduling or cancelling`;
+  }
   if (delta.kinds.includes("schedule.changed")) {
     const n = delta.conflicts.length;
     return n === 0 ? "Schedule changed" : `Schedule changed: ${n} ${n === 1 ? "booking is" : "bookings are"} now outside it`;

@@ -71,6 +71,20 @@ function selectDoctor(doctor) {
   week.open();
 }
 
+/** An admin renamed or retired a doctor this page watches: new names everywhere, a
+ * search that no longer lists a retired doctor, and a word if it is the one shown. */
+function onDirectoryChange(doctor) {
+  page.doctors.remember([doctor]);
+  panel.renderText();
+  appointments.render();
+  search.search().catch(() => {});
+  if (page.week.doctor?.id !== doctor.id) return;
+  page.week.doctor = { ...page.week.doctor, ...doctor };
+  $("#doctor-heading").textContent = doctor.name;
+  $("#doctor-specialty").textContent = doctor.specialty;
+  if (doctor.retired_at) showError("doctor_retired");
+}
+
 async function main() {
   const session = await boot("patient");
   if (!session) return;
@@ -78,7 +92,10 @@ async function main() {
   page.conn = conn;
   const wanted = Number(new URLSearchParams(location.search).get("doctor")) || null;
 
-  conn.on("delta", week.onDelta);
+  conn.on("delta", (delta) => {
+    week.onDelta(delta);
+    if (delta.doctor) onDirectoryChange(delta.doctor);
+  });
   conn.on("appointment_event", appointments.onEvent);
   conn.on("resync", ({ room }) => {
     if (room === "appointments") appointments.watch();

@@ -942,6 +942,26 @@ async def test_errors_and_blocked_slots_are_shown_clearly(
     await expect(on_alice).to_have_accessible_name(re.compile(r"available$"))
 
 
+async def test_a_rename_and_a_retirement_reach_an_open_patient_page(
+    spawn_server: Spawn, http: aiohttp.ClientSession, pages: Pages
+) -> None:
+    """An admin changes the directory over REST; the page watching that doctor follows."""
+    (server,) = await start(spawn_server, "s1")
+    ada = await demo_doctor(http, server, "Dr. Ada Moreau")
+    alice = await pages.open(patient_url(server, ada["id"], "alice"), name="alice")
+    await first_free_slot(alice, ada["id"])
+    admin = {"Authorization": f"Bearer {token(Role.ADMIN, 'root')}"}
+    doctor_url = f"{server.http_url}/api/doctors/{ada['id']}"
+    async with http.patch(doctor_url, json={"name": "Dr. Ada Moreau-Blanc"}, headers=admin) as r:
+        assert r.status == 200, await r.text()
+    await expect(alice.locator("#doctor-heading")).to_have_text("Dr. Ada Moreau-Blanc")
+    await post_json(http, f"{doctor_url}/retire", {}, 200, headers=admin)
+    await expect(message(alice, "doctor_retired")).to_be_visible()
+    await expect(calendar(alice).locator('.slot[data-status="free"]')).to_have_count(0)
+    results = alice.get_by_test_id("doctor-results")
+    await expect(results).not_to_contain_text("Ada Moreau")
+
+
 async def test_patient_page_on_a_phone_and_with_the_keyboard(
     spawn_server: Spawn, http: aiohttp.ClientSession, pages: Pages
 ) -> None:

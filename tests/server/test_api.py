@@ -79,6 +79,8 @@ async def test_list_doctors_without_query_returns_all_sorted_by_name(
         "name": "Dr. Ada Moreau",
         "specialty": "General practice",
         "timezone": "Europe/Paris",
+        "external_id": None,  # admins only
+        "retired_at": None,
     }
 
 

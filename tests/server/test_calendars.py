@@ -269,3 +269,17 @@ async def test_watchers_of_one_doctor_over_websockets_cost_one_read(
     }
     assert served.get("database", 0) == 1
     assert served.get("cache", 0) + served.get("shared", 0) == 20
+
+
+async def test_a_zero_budget_turns_sharing_off_too(store: Store, doctor: SeededDoctor) -> None:
+    """`SLOTCAST_SNAPSHOT_CACHE_SLOTS=0` is the server as it was: one read per watch."""
+    sources = Counter[str]()
+    r = Rooms(store, MemoryBroker(), "test-instance", on_snapshot=lambda s: sources.update([s]))
+    try:
+        read = Reads(store, doctor)
+        members = [await join(r, doctor.id) for _ in range(5)]
+        await asyncio.gather(*(snapshot(r, m, read) for m in members))
+        assert read.count == 5
+        assert sources == {"database": 5}
+    finally:
+        await r.close()

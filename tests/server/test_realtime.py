@@ -285,7 +285,8 @@ async def test_public_delta_never_carries_the_patient(
             assert secret_patient.encode() not in raw
             assert secret_reason.encode() not in raw
             body = codec.loads(raw)["body"]
-            assert set(body) == {"doctor_id", "version", "slots", "removed", "since"}
+            assert set(body) == {"doctor_id", "version", "slots", "removed", "since", "doctor"}
+            assert body["doctor"] is None  # only a directory change carries the entry
             assert all(
                 set(s) == {"id", "start", "end", "status", "hold_expires_at"} for s in body["slots"]
             )

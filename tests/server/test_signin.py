@@ -41,7 +41,14 @@ async def test_demo_lists_patients_and_every_doctor(
     assert body["patients"] == demo.PATIENTS
     ids = [d["id"] for d in body["doctors"]]
     assert doctor.id in ids
-    assert set(body["doctors"][0]) == {"id", "name", "specialty", "timezone"}
+    assert set(body["doctors"][0]) == {
+        "id",
+        "name",
+        "specialty",
+        "timezone",
+        "external_id",
+        "retired_at",
+    }
 
 
 @pytest.mark.parametrize(("role", "subject"), [("patient", "alice"), ("doctor", None)])

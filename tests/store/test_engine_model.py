@@ -758,7 +758,14 @@ class EngineModel(RuleBasedStateMachine):
             replayed: dict[int, dict[str, Any]] = {}
             for r in log:
                 public = r["public"]
-                assert set(public) == {"doctor_id", "version", "slots", "removed", "since"}
+                assert set(public) == {
+                    "doctor_id",
+                    "version",
+                    "slots",
+                    "removed",
+                    "since",
+                    "doctor",
+                }
                 assert (public["doctor_id"], public["version"]) == (doctor, r["version"])
                 for s in public["slots"]:
                     replayed[s["id"]] = s

@@ -650,6 +650,7 @@ async def test_deltas_and_merged_deltas_keep_their_bytes_on_the_wire(codec: Code
             "slots": later[1].public["slots"],
             "removed": [7, 8],
             "since": 7,
+            "doctor": None,
         }
         assert transport.written[COALESCE_AFTER] == whole_envelope(codec, "delta", merged)
     finally:
