@@ -270,7 +270,8 @@ async def sweep_outboxes(app: web.Application) -> None:
 
 
 async def stamp_instance(request: web.Request, response: web.StreamResponse) -> None:
-    """Say which instance answered, in a header and in a cookie a balancer can stick to."""
+    """Say which instance answered, in a header and in a cookie a balancer can stick to
+    (`Secure` when the client came over https, server.guard)."""
     instance = request.app[SETTINGS].instance_id
     response.headers["X-Slotcast-Instance"] = instance
     if request.cookies.get(INSTANCE_COOKIE) != instance:
@@ -281,4 +282,6 @@ async def stamp_instance(request: web.Request, response: web.StreamResponse) -> 
         morsel["path"] = "/"
         morsel["httponly"] = True
         morsel["samesite"] = "Lax"
+        if request.app[GUARD].https(request):
+            morsel["secure"] = True
         response.headers.add(hdrs.SET_COOKIE, morsel.OutputString())

@@ -22,6 +22,12 @@ may read, and how slowly it may talk.
   to deliver its body, then answers 408 and closes.
 - **Every response** says `X-Content-Type-Options: nosniff` and carries a
   Content-Security-Policy that allows nothing (the pages set their own, wider one).
+- **TLS** usually ends at the balancer, so a request arrives as plain http: it counts
+  as https when it came over TLS itself or when a trusted proxy says
+  `X-Forwarded-Proto: https` (the client's own header is never believed). Then the
+  instance cookie is `Secure`, so a browser never sends it in the clear, and with
+  `SLOTCAST_HSTS_MAX_AGE` the response carries Strict-Transport-Security (never on
+  plain http, where a browser ignores it and a misconfigured proxy would leak it).
 - **`/metrics`** answers only `SLOTCAST_METRICS_ALLOW` addresses (loopback by
   default) or a bearer of `SLOTCAST_METRICS_TOKEN`.
 """
@@ -130,12 +136,25 @@ class Guard:
         self.per_instance = settings.max_connections
         self.idle_s = settings.idle_anonymous_s
         self.body_timeout_s = settings.body_timeout_s
+        self.hsts = f"max-age={settings.hsts_max_age}" if settings.hsts_max_age > 0 else None
         self.open: dict[str, int] = {}  # WebSockets (and upgrades under way) per address
         self.total = 0
         self._metrics = metrics
 
     def address(self, request: web.Request) -> str:
         return client_address(request, self.trusted)
+
+    def https(self, request: web.Request) -> bool:
+        """Whether the client reached us over TLS, here or at a trusted proxy."""
+        if request.secure:
+            return True
+        if not self.trusted or not _within(request.remote or "", self.trusted):
+            return False
+        # The right-most value is the one our own proxy set (HAProxy replaces the header).
+        values = [
+            v.strip() for h in request.headers.getall("X-Forwarded-Proto", ()) for v in h.split(",")
+        ]
+        return bool(values) and values[-1].lower() == "https"
 
     # ---- /ws: refused before the upgrade ----------------------------------------------------
 
@@ -209,9 +228,12 @@ class Guard:
     # ---- every response ---------------------------------------------------------------------
 
     async def headers(self, request: web.Request, response: web.StreamResponse) -> None:
-        """`on_response_prepare`: nosniff and a closed CSP, unless the response set its own."""
+        """`on_response_prepare`: nosniff and a closed CSP, unless the response set its own;
+        HSTS on https when configured."""
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Content-Security-Policy", CSP_NONE)
+        if self.hsts is not None and self.https(request):
+            response.headers.setdefault("Strict-Transport-Security", self.hsts)
 
     @web.middleware
     async def body_deadline(self, request: web.Request, handler: Handler) -> web.StreamResponse:

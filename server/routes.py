@@ -33,7 +33,7 @@ def setup_routes(app: web.Application, settings: Settings) -> None:
     origins = host_origins(settings.host_origins)
     for path, page in (("/", "index.html"), ("/doctor", "doctor.html")):
         if (static_dir / page).is_file():
-            r.add_get(path, _page(static_dir / page, origins))
+            r.add_get(path, _page(static_dir / page, origins, demo=settings.demo))
     if static_dir.is_dir():
         r.add_static("/static/", static_dir, name="static")
 
@@ -57,14 +57,22 @@ _CSP = (
     "form-action 'self'; frame-ancestors 'self'"
 )
 _HOST_META = '<meta name="slotcast-host-origins" content="">'
+# Whether demo mode is on: the page asks the demo endpoints only then (a production page
+# that asked would get a 404 and log an error in every visitor's console).
+_DEMO_META = '<meta name="slotcast-demo" content="">'
 
 
-def _page(file: Path, origins: list[str]) -> Callable[[web.Request], Awaitable[web.Response]]:
+def _page(
+    file: Path, origins: list[str], *, demo: bool
+) -> Callable[[web.Request], Awaitable[web.Response]]:
     html = file.read_text()
-    if _HOST_META not in html:
-        raise ValueError(f"{file} lacks {_HOST_META}")
+    for meta in (_HOST_META, _DEMO_META):
+        if meta not in html:
+            raise ValueError(f"{file} lacks {meta}")
     listed = " ".join(origins)
     html = html.replace(_HOST_META, f'<meta name="slotcast-host-origins" content="{listed}">')
+    mode = "on" if demo else "off"
+    html = html.replace(_DEMO_META, f'<meta name="slotcast-demo" content="{mode}">')
     headers = {
         "Content-Security-Policy": " ".join([_CSP, *origins]),
         "Referrer-Policy": "no-referrer",

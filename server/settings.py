@@ -195,6 +195,11 @@ class Settings:
     # prune_batch rows per transaction, one instance at a time.
     prune_interval_s: float = 3600.0
     prune_batch: int = 1000
+    # ---- behind TLS (docs/deploy.md, "HAProxy and TLS at the balancer") ----
+    # Strict-Transport-Security max-age, in seconds, sent on responses to requests that
+    # came over https (directly, or `X-Forwarded-Proto: https` from a trusted proxy);
+    # 0 sends none. Cookies on such responses are always `Secure`, whatever this says.
+    hsts_max_age: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

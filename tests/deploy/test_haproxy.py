@@ -18,6 +18,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,7 +37,7 @@ from store import reads
 from store.pool import Store
 from testkit.fixtures import SeededDoctor, Spawn, seed_doctor, token
 from testkit.harness import REPO, ServerProcess, free_port
-from testkit.tools import ensure_haproxy
+from testkit.tools import ensure_haproxy, self_signed_certificate
 
 pytestmark = pytest.mark.processes
 
@@ -59,6 +60,7 @@ class Balancer:
     log_path: Path
     servers: dict[str, ServerProcess]  # by the cookie value that pins a client to it
     process: subprocess.Popen[bytes] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. SLOTCAST_LB_CERT
 
     @property
     def http_url(self) -> str:
@@ -77,6 +79,7 @@ class Balancer:
                 f"SLOTCAST_{name.upper()}": f"127.0.0.1:{s.port}"
                 for name, s in self.servers.items()
             },
+            **self.extra_env,
         }
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -218,6 +221,102 @@ async def instance_behind(http: aiohttp.ClientSession, balancer: Balancer, cooki
         return (await answered_by(http, balancer, cookie))[0] == cookie
     except (aiohttp.ClientError, AssertionError, TimeoutError):
         return False
+
+
+# ---- the file itself -------------------------------------------------------------------------
+
+
+def check_config(haproxy: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`haproxy -c` on the shipped file with exactly these SLOTCAST_* variables."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SLOTCAST_")}
+    return subprocess.run(
+        [haproxy, "-c", "-f", str(CONFIG)],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def self_signed_pem(directory: Path) -> Path:
+    reasons: list[str] = []
+    pem = self_signed_certificate(directory, reasons)
+    if pem is None:
+        pytest.skip(reasons[0])
+    return pem
+
+
+def test_the_shipped_config_takes_any_number_of_instances_and_tls(
+    haproxy: str, tmp_path: Path
+) -> None:
+    """Unset SLOTCAST_Sn are no servers: one, two or nine instances all pass `haproxy -c`,
+    none is refused with a line saying what to set, and TLS is one variable away."""
+    bind = {"SLOTCAST_LB_BIND": "127.0.0.1:8443"}
+    for count in (1, 2, 3, 9):
+        servers = {f"SLOTCAST_S{n}": f"10.0.0.{10 + n}:8080" for n in range(1, count + 1)}
+        done = check_config(haproxy, **bind, **servers)
+        assert done.returncode == 0, f"{count} instances: {done.stdout}{done.stderr}"
+    two = {"SLOTCAST_S1": "10.0.0.11:8080", "SLOTCAST_S2": "10.0.0.12:8080"}
+    done = check_config(haproxy, **bind)
+    assert done.returncode != 0
+    assert "SLOTCAST_S1 is not set" in done.stdout + done.stderr
+    done = check_config(haproxy, **two)
+    assert done.returncode != 0
+    assert "SLOTCAST_LB_BIND is not set" in done.stdout + done.stderr
+
+    pem = self_signed_pem(tmp_path)
+    tls = {"SLOTCAST_LB_CERT": str(pem), "SLOTCAST_LB_REDIRECT_BIND": "127.0.0.1:8080"}
+    done = check_config(haproxy, **bind, **two, **tls)
+    assert done.returncode == 0, f"with TLS: {done.stdout}{done.stderr}"
+    missing = {**tls, "SLOTCAST_LB_CERT": str(tmp_path / "nowhere.pem")}
+    assert check_config(haproxy, **bind, **two, **missing).returncode != 0
+
+
+async def test_behind_tls_every_cookie_is_secure_hsts_is_sent_and_http_redirects(
+    haproxy: str, spawn_server: Spawn, tmp_path: Path
+) -> None:
+    """SLOTCAST_LB_CERT: HAProxy terminates TLS and marks its own cookie `Secure`; it
+    tells the instance `X-Forwarded-Proto: https` (whatever the client claimed), so the
+    instance marks its cookie `Secure` too and sends HSTS; plain http is redirected."""
+    pem = self_signed_pem(tmp_path)
+    env = {"SLOTCAST_TRUSTED_PROXIES": "127.0.0.1", "SLOTCAST_HSTS_MAX_AGE": "600"}
+    proc = await asyncio.to_thread(spawn_server, "tls", env=env)
+    redirect = free_port()
+    tls = {"SLOTCAST_LB_CERT": str(pem), "SLOTCAST_LB_REDIRECT_BIND": f"127.0.0.1:{redirect}"}
+    balancer = Balancer(free_port(), tmp_path / "haproxy.log", {"s1": proc}, extra_env=tls)
+    balancer.start(haproxy)
+    origin = f"https://localhost:{balancer.port}"
+    context = ssl.create_default_context(cafile=str(pem))
+    try:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=context, force_close=True),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=5),
+        ) as http:
+
+            async def served() -> bool:
+                try:
+                    async with http.get(f"{origin}/healthz") as resp:
+                        return resp.status == 200
+                except (aiohttp.ClientError, TimeoutError):
+                    return False
+
+            await until(served, 10, "HAProxy to serve https", balancer)
+            lie = {"X-Forwarded-Proto": "http"}  # overwritten by HAProxy: it saw TLS
+            async with http.get(f"{origin}/", headers=lie) as resp:
+                assert resp.status == 200
+                cookies = resp.headers.getall("Set-Cookie")
+                assert resp.headers["Strict-Transport-Security"] == "max-age=600"
+            for name in ("SLOTCAST_LB=s1", "slotcast_instance=tls"):
+                (cookie,) = [c for c in cookies if c.startswith(name)]
+                assert "; secure" in cookie.lower(), cookie
+            plain = f"http://127.0.0.1:{redirect}/doctor"
+            async with http.get(plain, allow_redirects=False) as resp:
+                assert resp.status == 301
+                assert resp.headers["Location"] == f"https://127.0.0.1:{redirect}/doctor"
+    finally:
+        balancer.stop()
 
 
 # ---- stickiness and readiness ----------------------------------------------------------------

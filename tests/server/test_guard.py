@@ -403,6 +403,58 @@ async def test_metrics_are_served_to_allowed_addresses_or_the_token_only(
     assert (await client.get("/metrics", headers=outside)).status == 403
 
 
+# ---- behind TLS ------------------------------------------------------------------------------
+
+
+def instance_cookie(resp: aiohttp.ClientResponse) -> str:
+    (cookie,) = [c for c in resp.headers.getall("Set-Cookie") if c.startswith("slotcast_instance=")]
+    return cookie
+
+
+async def test_over_https_cookies_are_secure_and_hsts_is_sent_as_configured(
+    serve: Callable[..., Any],
+) -> None:
+    """TLS ends at the balancer: a request is https when the trusted proxy says so. Then
+    the instance cookie is `Secure` and, with SLOTCAST_HSTS_MAX_AGE, HSTS is sent; over
+    plain http neither, and a client that writes the header itself is not believed."""
+    https = {"X-Forwarded-Proto": "https"}
+    behind = await serve(trusted_proxies="127.0.0.1", hsts_max_age=31536000)
+    for path in ("/healthz", "/", "/api/doctors"):
+        resp = await behind.get(path, headers=https)
+        assert "; Secure" in instance_cookie(resp), path
+        assert resp.headers["Strict-Transport-Security"] == "max-age=31536000", path
+    plain = await behind.get("/healthz", headers={"X-Forwarded-Proto": "http"})
+    assert "Secure" not in instance_cookie(plain)
+    assert "Strict-Transport-Security" not in plain.headers
+
+    off = await serve(trusted_proxies="127.0.0.1")  # HSTS is opt-in; Secure is not
+    resp = await off.get("/healthz", headers=https)
+    assert "; Secure" in instance_cookie(resp)
+    assert "Strict-Transport-Security" not in resp.headers
+
+    untrusted = await serve(hsts_max_age=31536000)  # no proxy trusted: the header is the client's
+    resp = await untrusted.get("/healthz", headers=https)
+    assert "Secure" not in instance_cookie(resp)
+    assert "Strict-Transport-Security" not in resp.headers
+
+
+# ---- the pages and demo mode -----------------------------------------------------------------
+
+
+async def test_the_pages_say_whether_demo_mode_is_on(serve: Callable[..., Any]) -> None:
+    """A production page must not ask /api/demo (a 404 and a console error on every load):
+    the server tells it in a meta tag whether demo mode is on (static/js/session.js)."""
+    production = await serve()
+    for path in ("/", "/doctor"):
+        html = await (await production.get(path)).text()
+        assert '<meta name="slotcast-demo" content="off">' in html, path
+    assert (await production.get("/api/demo")).status == 404
+    demo = await serve(demo=True)
+    html = await (await demo.get("/")).text()
+    assert '<meta name="slotcast-demo" content="on">' in html
+    assert (await demo.get("/api/demo")).status == 200
+
+
 # ---- presence --------------------------------------------------------------------------------
 
 
