@@ -29,6 +29,7 @@ from protocol.messages import (
     Doctors,
     DoctorUpdated,
     DoctorView,
+    GetSchedule,
     Held,
     Hold,
     ListAppointments,
@@ -43,6 +44,7 @@ from protocol.messages import (
     Resumed,
     Resync,
     RetireDoctor,
+    Schedule,
     ScheduleUpdated,
     SearchDoctors,
     SetSchedule,
@@ -181,6 +183,10 @@ class SlotcastClient(Connection):
         return await self.request(request, ScheduleUpdated)
 
     # ---- reads ------------------------------------------------------------------------------
+
+    async def get_schedule(self, doctor_id: int) -> Schedule:
+        """The schedule as `set_schedule` takes it: change a field, send the rest back."""
+        return await self.request(GetSchedule(doctor_id), Schedule)
 
     async def list_appointments(self, doctor_id: int, day: date) -> list[AppointmentView]:
         reply = await self.request(ListAppointments(doctor_id, day), Appointments)

@@ -320,6 +320,14 @@ class SetSchedule(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class GetSchedule(Message):
+    """A doctor's rules and hours, read back in the very shape `set_schedule` takes."""
+
+    TYPE: ClassVar[str] = "get_schedule"
+    doctor_id: DoctorId
+
+
+@dataclass(frozen=True, slots=True)
 class ListAppointments(Message):
     """A doctor's appointments on one of the doctor's local dates."""
 
@@ -589,6 +597,21 @@ class ScheduleUpdated(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Schedule(Message):
+    """The reply to `get_schedule`: exactly the fields of `set_schedule` (less its
+    idempotency key), so an editor can change one and send the rest back unchanged."""
+
+    TYPE: ClassVar[str] = "schedule"
+    doctor_id: DoctorId
+    weekly: list[WeeklyBlock]
+    overrides: list[DayOverride]
+    slot_minutes: int
+    buffer_minutes: int
+    min_notice_minutes: int
+    horizon_days: int
+
+
+@dataclass(frozen=True, slots=True)
 class DoctorUpdated(Message):
     """The reply to create, update and retire: the entry, and the doctor's version that
     recorded the change (its `delta` carries the same entry to every watcher)."""
@@ -647,6 +670,7 @@ CLIENT_MESSAGES = _registry(
     Unblock,
     Mark,
     SetSchedule,
+    GetSchedule,
     ListAppointments,
     MyAppointments,
     SearchDoctors,
@@ -674,6 +698,7 @@ SERVER_MESSAGES = _registry(
     Rescheduled,
     SlotUpdated,
     ScheduleUpdated,
+    Schedule,
     DoctorUpdated,
     Appointments,
     Doctors,

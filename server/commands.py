@@ -25,6 +25,7 @@ from protocol.messages import (
     Cancel,
     CreateDoctor,
     Doctors,
+    GetSchedule,
     Hold,
     ListAppointments,
     Mark,
@@ -170,6 +171,12 @@ async def _set_schedule(s: Scheduling, actor: Actor, msg: SetSchedule) -> Messag
     return outcome.reply
 
 
+async def _get_schedule(s: Scheduling, actor: Actor, msg: GetSchedule) -> Message:
+    if not actor.owns_doctor(msg.doctor_id):
+        raise forbidden("only the doctor or an admin reads the doctor's schedule")
+    return await reads.schedule(s.store, msg.doctor_id)
+
+
 async def _list_appointments(s: Scheduling, actor: Actor, msg: ListAppointments) -> Message:
     if not actor.owns_doctor(msg.doctor_id):
         raise forbidden("only the doctor or an admin sees the doctor's appointments")
@@ -231,6 +238,13 @@ _ALL: tuple[Command[Any] | PublicCommand[Any], ...] = (
         Gate.SIGNED_IN,
         _set_schedule,
         Route("PUT", "/api/doctors/{doctor_id}/schedule"),
+    ),
+    Command(
+        GetSchedule,
+        Gate.SIGNED_IN,
+        _get_schedule,
+        Route("GET", "/api/doctors/{doctor_id}/schedule"),
+        idempotent=False,
     ),
     Command(
         ListAppointments,

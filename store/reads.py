@@ -15,7 +15,15 @@ from typing import Any
 
 import asyncpg
 
-from protocol.messages import AppointmentView, Dashboard, DoctorView, Snapshot
+from protocol.messages import (
+    AppointmentView,
+    Dashboard,
+    DayOverride,
+    DoctorView,
+    Schedule,
+    Snapshot,
+    WeeklyBlock,
+)
 from store import sql
 from store.changes import Change
 from store.errors import DoctorRetired, Invalid, NotFound
@@ -67,6 +75,22 @@ async def snapshot(
         slots=[slot_view(r, hold_expires_at=r["hold_expires_at"]) for r in rows],
         bookable_from=now + timedelta(minutes=doctor["min_notice_minutes"]),
         bookable_until=now + timedelta(days=doctor["horizon_days"]),
+    )
+
+
+async def schedule(store: Store, doctor_id: int) -> Schedule:
+    """The doctor's rules, weekly hours and date overrides, read together."""
+    async with _consistent(store, doctor_id) as (conn, doctor):
+        weekly = await conn.fetch(sql.SCHEDULE_FOR_DOCTOR, doctor_id)
+        overrides = await conn.fetch(sql.OVERRIDES_FOR_DOCTOR, doctor_id)
+    return Schedule(
+        doctor_id=doctor_id,
+        weekly=[WeeklyBlock(r["weekday"], r["starts"], r["ends"]) for r in weekly],
+        overrides=[DayOverride(r["day"], r["starts"], r["ends"]) for r in overrides],
+        slot_minutes=doctor["slot_minutes"],
+        buffer_minutes=doctor["buffer_minutes"],
+        min_notice_minutes=doctor["min_notice_minutes"],
+        horizon_days=doctor["horizon_days"],
     )
 
 

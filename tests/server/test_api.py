@@ -492,3 +492,64 @@ async def test_a_time_of_day_with_an_offset_is_invalid(
     headers = {"Authorization": f"Bearer {token(Role.DOCTOR, str(doctor.id))}"}
     resp = await client.put(f"/api/doctors/{doctor.id}/schedule", json=body, headers=headers)
     assert await error_code(resp, 422) == "invalid"
+
+
+# ---- the schedule, read back -------------------------------------------------------------
+
+
+async def test_a_schedule_reads_back_as_set_schedule_takes_it(
+    client: AppClient, doctor: SeededDoctor
+) -> None:
+    """What `get_schedule` answers is a `set_schedule` body: sent back, it changes nothing."""
+    url = f"/api/doctors/{doctor.id}/schedule"
+    owner = bearer(Role.DOCTOR, str(doctor.id))
+    body = {
+        "weekly": [
+            {"weekday": 3, "start": "14:00:00", "end": "18:00:00"},
+            {"weekday": 1, "start": "09:00:00", "end": "12:00:00"},
+        ],
+        "overrides": [
+            {"date": (doctor.start + timedelta(days=3)).isoformat(), "start": None, "end": None},
+            {"date": doctor.start.isoformat(), "start": "10:00:00", "end": "11:00:00"},
+        ],
+        "slot_minutes": 20,
+        "buffer_minutes": 5,
+        "min_notice_minutes": 60,
+        "horizon_days": 21,
+    }
+    resp = await client.put(url, json=body, headers={**owner, "Idempotency-Key": "set-1"})
+    assert resp.status == 200, await resp.text()
+
+    resp = await client.get(url, headers=owner)
+    assert resp.status == 200, await resp.text()
+    got = await resp.json()
+    assert got == {
+        "doctor_id": doctor.id,
+        "weekly": sorted(body["weekly"], key=lambda b: (b["weekday"], b["start"])),
+        "overrides": sorted(body["overrides"], key=lambda o: o["date"]),
+        **{k: body[k] for k in ("slot_minutes", "buffer_minutes", "min_notice_minutes")},
+        "horizon_days": 21,
+    }
+    again = await client.put(url, json=got, headers={**owner, "Idempotency-Key": "set-2"})
+    assert again.status == 200, await again.text()
+    unchanged = await again.json()
+    assert (unchanged["opened"], unchanged["removed"]) == (0, 0)
+
+    # The same over the WebSocket, for an admin.
+    async with SlotcastClient.connect(ws_url(client), token=token(Role.ADMIN, "ops")) as admin:
+        schedule = await admin.get_schedule(doctor.id)
+    assert [b.weekday for b in schedule.weekly] == [1, 3]
+    assert schedule.slot_minutes == 20
+
+
+async def test_only_the_doctor_or_an_admin_reads_a_schedule(
+    client: AppClient, doctor: SeededDoctor
+) -> None:
+    url = f"/api/doctors/{doctor.id}/schedule"
+    assert await error_code(await client.get(url), 401) == "unauthenticated"
+    patient = await client.get(url, headers=bearer())
+    assert await error_code(patient, 403) == "forbidden"
+    other = await client.get(url, headers=bearer(Role.DOCTOR, str(doctor.id + 1000)))
+    assert await error_code(other, 403) == "forbidden"
+    missing = await client.get("/api/doctors/999999/schedule", headers=bearer(Role.ADMIN, "ops"))
+    assert await error_code(missing, 404) == "not_found"

@@ -978,6 +978,7 @@ DOCUMENTED_LIMITS: dict[str, tuple[Any, ...]] = {
     "set_schedule.min_notice_minutes": ("int", 0, 43200),  # 30 days
     "set_schedule.horizon_days": ("int", 1, 366),
     "set_schedule.idempotency_key": KEY,
+    "get_schedule.doctor_id": DOCTOR_ID,
     "list_appointments.doctor_id": DOCTOR_ID,
     "search_doctors.q": ("text", None, 100, NO_NUL),
     "search_doctors.limit": ("int", 1, 100),
@@ -1038,6 +1039,8 @@ DOCUMENTED_LIMITS: dict[str, tuple[Any, ...]] = {
     **nested("rescheduled.replaced", APPOINTMENT_LIMITS),
     "slot.doctor_id": DOCTOR_ID,
     **nested("slot.slot", SLOT_LIMITS),
+    "schedule.doctor_id": DOCTOR_ID,
+    "schedule.weekly[0].weekday": ("int", 1, 7),
     "schedule_updated.doctor_id": DOCTOR_ID,
     "schedule_updated.version": COUNT,
     "schedule_updated.opened": COUNT,
