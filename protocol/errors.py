@@ -31,6 +31,7 @@ class ErrorCode(StrEnum):
     APPOINTMENT_LIMIT = "appointment_limit"
     COOLDOWN = "cooldown"
     INVALID_TRANSITION = "invalid_transition"
+    TOO_EARLY = "too_early"
     DOCTOR_RETIRED = "doctor_retired"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     LIMIT_EXCEEDED = "limit_exceeded"

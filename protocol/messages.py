@@ -305,6 +305,15 @@ class Mark(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Unmark(Message):
+    """Undo the doctor's last `mark` of an appointment, within a short time of it."""
+
+    TYPE: ClassVar[str] = "unmark"
+    appointment_id: Id
+    idempotency_key: Key | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SetSchedule(Message):
     """Replace a doctor's availability rules; slots follow, booked ones are never dropped."""
 
@@ -669,6 +678,7 @@ CLIENT_MESSAGES = _registry(
     Block,
     Unblock,
     Mark,
+    Unmark,
     SetSchedule,
     GetSchedule,
     ListAppointments,

@@ -47,6 +47,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.APPOINTMENT_LIMIT: 409,
     ErrorCode.COOLDOWN: 409,
     ErrorCode.INVALID_TRANSITION: 409,
+    ErrorCode.TOO_EARLY: 409,
     ErrorCode.DOCTOR_RETIRED: 410,
     ErrorCode.IDEMPOTENCY_CONFLICT: 422,
     ErrorCode.LIMIT_EXCEEDED: 429,

@@ -37,6 +37,7 @@ from protocol.messages import (
     SearchDoctors,
     SetSchedule,
     Unblock,
+    Unmark,
     UpdateDoctor,
 )
 from server.auth import Identity
@@ -164,6 +165,18 @@ def plain(command: StoreCommand[M]) -> Run[M]:
     return run
 
 
+async def _mark(s: Scheduling, actor: Actor, msg: Mark) -> Message:
+    early = timedelta(minutes=s.settings.arrive_early_minutes)
+    outcome = await commands.mark(s.store, actor, msg, now=s.clock(), arrive_early=early)
+    return outcome.reply
+
+
+async def _unmark(s: Scheduling, actor: Actor, msg: Unmark) -> Message:
+    window = timedelta(seconds=s.settings.unmark_window_s)
+    outcome = await commands.unmark(s.store, actor, msg, now=s.clock(), window=window)
+    return outcome.reply
+
+
 async def _set_schedule(s: Scheduling, actor: Actor, msg: SetSchedule) -> Message:
     outcome = await commands.set_schedule(
         s.store, actor, msg, now=s.clock(), max_slots_per_day=s.settings.max_slots_per_day
@@ -230,8 +243,14 @@ _ALL: tuple[Command[Any] | PublicCommand[Any], ...] = (
     Command(
         Mark,
         Gate.SIGNED_IN,
-        plain(commands.mark),
+        _mark,
         Route("POST", "/api/appointments/{appointment_id}/status"),
+    ),
+    Command(
+        Unmark,
+        Gate.SIGNED_IN,
+        _unmark,
+        Route("DELETE", "/api/appointments/{appointment_id}/status"),
     ),
     Command(
         SetSchedule,

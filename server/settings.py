@@ -92,6 +92,11 @@ class Settings:
     max_active_per_doctor: int = 2
     max_active_total: int = 6
     rehold_cooldown_s: float = 300.0
+    # Attendance (`mark`): a patient may be marked arrived from this long before the
+    # start (no-show and fulfilled only from the start: `too_early` before), and a mark
+    # may be undone (`unmark`) for this long after it was made.
+    arrive_early_minutes: int = 60
+    unmark_window_s: float = 600.0
     # How often each instance sweeps expired holds, and tops slots up to the horizon.
     hold_sweep_s: float = 1.0
     horizon_sweep_s: float = 3600.0

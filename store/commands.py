@@ -31,6 +31,7 @@ from protocol.messages import (
     SlotUpdated,
     SlotView,
     Unblock,
+    Unmark,
 )
 from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
 from store import doctors, schedule, sql, steps
@@ -41,10 +42,14 @@ from store.errors import (
     Forbidden,
     Invalid,
     InvalidTransition,
+    TooEarly,
 )
 from store.pool import Store
 from store.runner import doctor_of_appointment, doctor_of_slot, run
 from store.tx import SYSTEM, Actor, Limits, Outcome, Reply, Taking, Tx, resolve_now
+
+ZERO = timedelta(0)
+
 
 # ---- patient commands --------------------------------------------------------------------------
 
@@ -323,9 +328,20 @@ async def _set_blocked(
 
 
 async def mark(
-    store: Store, actor: Actor, msg: Mark, *, now: datetime | None = None
+    store: Store,
+    actor: Actor,
+    msg: Mark,
+    *,
+    now: datetime | None = None,
+    arrive_early: timedelta | None = None,
 ) -> Outcome[AppointmentUpdated]:
-    """Record arrived / fulfilled / noshow along FHIR's lifecycle."""
+    """Record arrived / fulfilled / noshow along FHIR's lifecycle, never ahead of time.
+
+    With `arrive_early` (the server always passes it), a patient may arrive from that
+    long before the start, and nobody is a no-show, nor seen, before it: without it, a
+    click on the wrong day told a patient they had missed an appointment three days
+    away. Without it (seeding, the lifecycle's own tests) only the lifecycle is checked.
+    """
     doctor_id = await doctor_of_appointment(store, msg.appointment_id)
     if not actor.owns_doctor(doctor_id):
         raise Forbidden("only the doctor or an admin records attendance")
@@ -335,11 +351,49 @@ async def mark(
         target = AppointmentStatus(msg.status)
         if target not in steps.MARKABLE.get(appointment.status, frozenset()):
             raise InvalidTransition(f"cannot go from {appointment.status.value} to {target.value}")
+        early = arrive_early if target is AppointmentStatus.ARRIVED else ZERO
+        opens = appointment.start - (early or ZERO)
+        if arrive_early is not None and tx.now < opens:
+            raise TooEarly(f"{target.value} can be recorded from {opens.isoformat()}, not before")
         row = await tx.conn.fetchrow(
             sql.APPOINTMENT_SET_STATUS, appointment.id, target.value, tx.now
         )
         view = steps.appointment_view(row)
         tx.appointment(view, f"appointment.{target.value}")
+        return AppointmentUpdated(view)
+
+    return await _command(store, [doctor_id], actor, msg, now, work)
+
+
+async def unmark(
+    store: Store,
+    actor: Actor,
+    msg: Unmark,
+    *,
+    now: datetime | None = None,
+    window: timedelta = timedelta(minutes=10),
+) -> Outcome[AppointmentUpdated]:
+    """Take back the last mark (arrived, fulfilled, noshow) within `window` of making it."""
+    doctor_id = await doctor_of_appointment(store, msg.appointment_id)
+    if not actor.owns_doctor(doctor_id):
+        raise Forbidden("only the doctor or an admin records attendance")
+
+    async def work(tx: Tx) -> AppointmentUpdated:
+        appointment = await steps.locked_appointment(tx, msg.appointment_id)
+        previous = steps.UNMARKED.get(appointment.status)
+        if previous is None:
+            raise InvalidTransition(f"{appointment.status.value} is not a mark to undo")
+        marked_at = await tx.conn.fetchval(sql.APPOINTMENT_UPDATED_AT, appointment.id)
+        if tx.now - marked_at > window:
+            raise InvalidTransition(
+                f"{appointment.status.value} was recorded more than "
+                f"{int(window.total_seconds())} s ago: it can no longer be undone"
+            )
+        row = await tx.conn.fetchrow(
+            sql.APPOINTMENT_SET_STATUS, appointment.id, previous.value, tx.now
+        )
+        view = steps.appointment_view(row)
+        tx.appointment(view, "appointment.unmarked")
         return AppointmentUpdated(view)
 
     return await _command(store, [doctor_id], actor, msg, now, work)
@@ -425,7 +479,7 @@ def _check_slots_per_day(msg: SetSchedule, limit: int) -> None:
 
 
 # A client's command that locks its doctors up front (not by slot: `hold`, `book`).
-_Locking = Release | Cancel | Reschedule | Block | Unblock | Mark | SetSchedule
+_Locking = Release | Cancel | Reschedule | Block | Unblock | Mark | Unmark | SetSchedule
 
 
 async def _command(

@@ -98,6 +98,12 @@ class InvalidTransition(StoreError):
     code = ErrorCode.INVALID_TRANSITION
 
 
+class TooEarly(StoreError):
+    """Attendance recorded before the appointment could have begun."""
+
+    code = ErrorCode.TOO_EARLY
+
+
 class Forbidden(StoreError):
     code = ErrorCode.FORBIDDEN
 

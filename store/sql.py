@@ -331,6 +331,7 @@ SELECT ARRAY[d.id] AS doctor_ids, ARRAY[d.version] AS versions,
 FROM a
 JOIN doctors d ON d.id = a.doctor_id
 LEFT JOIN idempotency_keys k ON k.subject = $2 AND k.key = $3"""
+APPOINTMENT_UPDATED_AT: Final = "SELECT updated_at FROM appointments WHERE id = $1"
 APPOINTMENT_SET_STATUS: Final = f"""
 UPDATE appointments AS a SET status = $2, hold_expires_at = NULL, updated_at = $3
 WHERE a.id = $1

@@ -43,6 +43,14 @@ MARKABLE: dict[AppointmentStatus, frozenset[AppointmentStatus]] = {
 }
 
 
+# Undoing a mark: the status each mark came from.
+UNMARKED: dict[AppointmentStatus, AppointmentStatus] = {
+    AppointmentStatus.ARRIVED: AppointmentStatus.BOOKED,
+    AppointmentStatus.NOSHOW: AppointmentStatus.BOOKED,
+    AppointmentStatus.FULFILLED: AppointmentStatus.ARRIVED,
+}
+
+
 # ---- reading rows ------------------------------------------------------------------------------
 
 

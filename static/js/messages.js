@@ -22,6 +22,7 @@ const ERROR_TEXT = {
   appointment_limit: "You already have as many upcoming appointments as one patient may have (with this doctor, or in all). Cancel one you no longer need first.",
   cooldown: "You gave this slot back a moment ago, so it is open to other patients for a few minutes. Please pick another slot, or try again later.",
   invalid_transition: "That change no longer applies: it was changed meanwhile. The page shows what stands now.",
+  too_early: "Too early: attendance can be recorded only once the appointment's time has come.",
   doctor_retired: "This doctor no longer takes appointments here. Please search for another doctor.",
   idempotency_conflict: "That request clashed with an earlier one. Please try again.",
   limit_exceeded: "Too many calendars are open on this connection. Close one and try again.",

@@ -22,6 +22,10 @@ def settings(database_url: str) -> Settings:
         db_pool_min=1,
         db_pool_max=10,
         heartbeat_s=5.0,
+        # The seeded slots start two days out. The tests that mark arrivals are about the
+        # lifecycle and the rooms; the attendance window has tests of its own
+        # (test_commands.py, "attendance").
+        arrive_early_minutes=60 * 24 * 30,
     )
 
 

@@ -615,3 +615,58 @@ async def test_a_cancelled_booking_is_not_an_expired_hold_whatever_its_reason(
         await patient.cancel(hold.id, "hold expired")
         await refused(ErrorCode.INVALID_TRANSITION, patient.release(hold.id))
         await refused(ErrorCode.INVALID_TRANSITION, patient.book(hold_id=hold.id))
+
+
+# ---- attendance: never ahead of time, and undone within a window ---------------------------
+
+
+async def test_attendance_is_refused_before_its_time_and_a_mark_can_be_undone(
+    settings: Settings, aiohttp_client: AiohttpClient, clock: FakeClock, doctor: SeededDoctor
+) -> None:
+    """The production window (an hour's early arrival; no-show and seen from the start),
+    not the test suite's: a no-show three days ahead was the bug."""
+    app = create_app(settings.replace(arrive_early_minutes=60, unmark_window_s=600), clock=clock)
+    client: AppClient = await aiohttp_client(app)
+    slot = doctor.slots[0]
+    me, staff = bearer("p-attend"), doctor_of(doctor)
+    booked = await json_of(
+        await client.post("/api/appointments", json={"slot_id": slot.id}, headers=me), 201
+    )
+    status_url = f"/api/appointments/{booked['appointment']['id']}/status"
+
+    async def mark(status: str) -> ClientResponse:
+        return await client.post(status_url, json={"status": status}, headers=staff)
+
+    clock.now = slot.start - timedelta(minutes=61)
+    await rest_error(await mark("arrived"), ErrorCode.TOO_EARLY)
+    clock.now = slot.start - timedelta(minutes=1)
+    await rest_error(await mark("noshow"), ErrorCode.TOO_EARLY)
+    arrived = await json_of(await mark("arrived"), 200)
+    assert arrived["appointment"]["status"] == "arrived"
+    await rest_error(await mark("fulfilled"), ErrorCode.TOO_EARLY)
+
+    # The wrong button: undone within the window, live for the patient.
+    async with connect(client, "p-attend") as patient:
+        await patient.watch_appointments()
+        undone = await json_of(await client.delete(status_url, headers=staff), 200)
+        assert undone["appointment"]["status"] == "booked"
+        event = await patient.next_event()
+        assert isinstance(event, AppointmentEvent)
+        assert event.appointment.status is AppointmentStatus.BOOKED
+
+    clock.now = slot.start + timedelta(minutes=15)
+    noshow = await json_of(await mark("noshow"), 200)
+    assert noshow["appointment"]["status"] == "noshow"
+    clock.advance(timedelta(seconds=601))
+    await rest_error(await client.delete(status_url, headers=staff), ErrorCode.INVALID_TRANSITION)
+    by_patient = await client.delete(status_url, headers=me)
+    await rest_error(by_patient, ErrorCode.FORBIDDEN)
+    # Nothing to undo on a booking that was never marked.
+    other = await json_of(
+        await client.post("/api/appointments", json={"slot_id": doctor.slots[1].id}, headers=me),
+        201,
+    )
+    fresh = await client.delete(
+        f"/api/appointments/{other['appointment']['id']}/status", headers=staff
+    )
+    await rest_error(fresh, ErrorCode.INVALID_TRANSITION)

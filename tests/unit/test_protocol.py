@@ -968,6 +968,8 @@ DOCUMENTED_LIMITS: dict[str, tuple[Any, ...]] = {
     "unblock.slot_id": ID,
     "unblock.idempotency_key": KEY,
     "mark.appointment_id": ID,
+    "unmark.appointment_id": ID,
+    "unmark.idempotency_key": KEY,
     "mark.idempotency_key": KEY,
     "set_schedule.doctor_id": DOCTOR_ID,
     "set_schedule.weekly": ("items", None, 100),
