@@ -175,7 +175,7 @@ async def _my_appointments(s: Scheduling, actor: Actor, msg: MyAppointments) -> 
 
 
 async def _search_doctors(s: Scheduling, msg: SearchDoctors) -> Message:
-    found = await reads.search_doctors(s.store, msg.q, limit=msg.limit, offset=msg.offset)
+    found = await s.search_doctors(msg.q, limit=msg.limit, offset=msg.offset)
     return Doctors(found, msg.limit, msg.offset)
 
 

@@ -142,13 +142,34 @@ class Rooms:
         self._tell_presence(room)
         return member
 
+    def version_of(self, doctor_id: int) -> int:
+        """The version this instance's room of the doctor is at (0: no room here)."""
+        room = self._rooms.get(doctor_id)
+        return 0 if room is None or room.version is None else room.version
+
     async def snapshot(
-        self, member: Member, start: date, end: date, read: Read, clock: Callable[[], datetime]
+        self,
+        member: Member,
+        start: date,
+        end: date,
+        read: Read,
+        clock: Callable[[], datetime],
+        *,
+        at_least: int = 0,
     ) -> Snapshot:
-        """A joined member's snapshot: from its room's calendars when they are current."""
+        """A joined member's snapshot: from its room's calendars when they are current.
+
+        Never older than the room's version when the member joined, nor than `at_least`
+        (a resuming client's `since`): `read(min_version)` is told the same.
+        """
         room = member.room
         return await room.calendars.snapshot(
-            start, end, current=room.current, joined_at=member.joined_at, read=read, clock=clock
+            start,
+            end,
+            current=room.current,
+            joined_at=max(member.joined_at, at_least),
+            read=read,
+            clock=clock,
         )
 
     async def leave(self, member: Member) -> None:

@@ -195,6 +195,18 @@ class Settings:
     # prune_batch rows per transaction, one instance at a time.
     prune_interval_s: float = 3600.0
     prune_batch: int = 1000
+    # ---- read replicas (store/replicas.py; docs/operating.md, "Read replicas") ----
+    # PostgreSQL streaming replicas, DSNs separated by spaces (none: every read on the
+    # primary). Snapshots, REST slot reads, dashboards, resumes and the doctor search go
+    # to them; commands and everything under a lock stay on the primary.
+    replica_urls: str = field(default="", metadata=SECRET)
+    # A replica read older than the version this instance (or the client's `since`)
+    # knows waits this long for the replica to replay it, then the primary answers.
+    replica_wait_ms: int = 20
+    # A replica further behind than this (or failing) leaves the rotation until it is
+    # current again; each replica is checked every replica_check_s.
+    replica_max_lag_ms: int = 1000
+    replica_check_s: float = 1.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -46,10 +46,12 @@ class Reads:
     def __init__(self, store: Store, doctor: SeededDoctor) -> None:
         self.store, self.doctor, self.count = store, doctor, 0
 
-    async def __call__(self) -> tuple[Snapshot, datetime]:
+    async def __call__(self, at_least: int = 0) -> tuple[Snapshot, datetime]:
         self.count += 1
         now = datetime.now(UTC)
-        snapshot = await reads.snapshot(self.store, self.doctor.id, *self.range, now=now)
+        snapshot = await reads.snapshot(
+            self.store, self.doctor.id, *self.range, now=now, min_version=at_least
+        )
         return snapshot, now
 
     @property
@@ -190,7 +192,7 @@ async def test_a_member_that_joined_after_a_shared_read_began_reads_again() -> N
     versions = iter([5, 6])
     started, release = asyncio.Event(), asyncio.Event()
 
-    async def slow_read() -> tuple[Snapshot, datetime]:
+    async def slow_read(at_least: int) -> tuple[Snapshot, datetime]:
         version = next(versions)
         started.set()
         if version == 5:
