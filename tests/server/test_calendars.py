@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import replace
 from datetime import UTC, date, datetime, time, timedelta
 from typing import cast
 
@@ -22,7 +23,7 @@ from client import SlotcastClient
 from protocol.messages import Block, Hold, SetSchedule, Snapshot, WeeklyBlock
 from protocol.vocabulary import Role
 from server.app import create_app
-from server.calendars import Budget, Calendars
+from server.calendars import Budget, Calendars, Read
 from server.connection import Connection
 from server.keys import METRICS
 from server.room import Member
@@ -271,3 +272,32 @@ async def test_watchers_of_one_doctor_over_websockets_cost_one_read(
     }
     assert served.get("database", 0) == 1
     assert served.get("cache", 0) + served.get("shared", 0) == 20
+
+
+async def test_a_cached_range_older_than_a_resuming_clients_since_is_read_anew(
+    store: Store, doctor: SeededDoctor
+) -> None:
+    """The client applied a version the room has not heard of yet: the cached range, at
+    the room's version, is older than what the client holds, so it is read at that."""
+    calendars, day = Calendars(doctor.id, Budget(10_000)), (doctor.start, doctor.end)
+    version = await reads.doctor_version(store, doctor.id)
+    read = Reads(store, doctor)
+
+    def get(joined_at: int, read: Read) -> Awaitable[Snapshot]:
+        clock = lambda: datetime.now(UTC)  # noqa: E731
+        return calendars.snapshot(
+            *day, current=lambda: version, joined_at=joined_at, read=read, clock=clock
+        )
+
+    kept = await get(version, read)  # now cached at the room's version
+    assert (await get(version, read)).slots == kept.slots
+    assert read.count == 1
+    asked: list[int] = []
+
+    async def newer(at_least: int) -> tuple[Snapshot, datetime]:
+        asked.append(at_least)
+        return replace(kept, version=at_least), datetime.now(UTC)
+
+    served = await get(version + 1, newer)
+    assert asked == [version + 1]
+    assert served.version == version + 1
