@@ -198,6 +198,8 @@ class Metrics:
         )
         self.readings = Readings()
         r.register(self.readings)
+        self.replica_readings = ReplicaReadings(lambda: NO_REPLICAS)
+        r.register(self.replica_readings)
         # The process: CPU, memory, open files (Linux), the interpreter and its collector.
         ProcessCollector(registry=r)
         r.register(PLATFORM_COLLECTOR)
@@ -248,7 +250,7 @@ class Metrics:
 
     def track_replicas(self, reading: Callable[[], ReplicaReading]) -> None:
         """The read replicas' lag, rotation, reads and fallbacks, read at scrape time."""
-        self.registry.register(ReplicaReadings(reading))
+        self.replica_readings.reading = reading
 
     def track_broker(self, up: Callable[[], bool]) -> None:
         """`slotcast_broker_up`, read at scrape time."""
@@ -316,6 +318,9 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 def _pick(read: Callable[[], dict[str, int]], key: str) -> float:
     return float(read()[key])
+
+
+NO_REPLICAS = ReplicaReading({}, {}, {"replica": 0, "primary": 0}, {})
 
 
 class ReplicaReadings(Collector):

@@ -51,6 +51,7 @@ T = TypeVar("T")
 
 # Doctors whose highest known version this instance remembers (about 100 bytes each).
 KNOWN_DOCTORS: Final = 100_000
+NOT_CHECKED: Final = "not checked yet"
 POLL_S: Final = 0.005  # how often a replica behind the fence is asked again
 # Why a read meant for a replica went to the primary.
 FALLBACK_REASONS: Final = ("behind", "missing", "failed", "none")
@@ -64,7 +65,7 @@ class Replica:
     store: Store
     in_rotation: bool = False  # until the first check finds it current
     lag_s: float = 0.0
-    reason: str = "not checked yet"
+    reason: str = "not checked yet"  # NOT_CHECKED
     # (monotonic time, primary WAL position) at each check, oldest first: how far back
     # the oldest position this replica has not replayed was the primary's.
     positions: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=600))
@@ -215,13 +216,11 @@ class Replicas:
 
     async def _primary(self, read: Callable[[Store], Awaitable[T]]) -> T:
         assert self.primary is not None, "read before the replicas were opened"
-        if self.replicas and not any(r.in_rotation for r in self.replicas):
-            self.fallbacks["none"] += 1
         self.reads["primary"] += 1
         return await read(self.primary)
 
     def _pick(self) -> Replica | None:
-        """The next replica in rotation, round robin."""
+        """The next replica in rotation, round robin (None: none configured or in it)."""
         if not self.replicas:
             return None
         turn = next(self._turn)
@@ -230,6 +229,7 @@ class Replicas:
             replica = self.replicas[(turn + i) % n]
             if replica.in_rotation:
                 return replica
+        self.fallbacks["none"] += 1
         return None
 
     def _failed(self, replica: Replica, exc: StoreError) -> None:
@@ -291,7 +291,8 @@ class Replicas:
         if lag is not None:
             replica.lag_s = lag
         healthy = problem is None
-        if healthy != replica.in_rotation:
+        first = replica.reason == NOT_CHECKED
+        if healthy != replica.in_rotation or (first and not healthy):
             if healthy:
                 log.info("replica %s in rotation", replica.name)
             else:
