@@ -53,6 +53,7 @@ T = TypeVar("T")
 KNOWN_DOCTORS: Final = 100_000
 NOT_CHECKED: Final = "not checked yet"
 POLL_S: Final = 0.005  # how often a replica behind the fence is asked again
+MAX_POSITIONS: Final = 600  # primary positions kept per replica while it is behind
 # Why a read meant for a replica went to the primary.
 FALLBACK_REASONS: Final = ("behind", "missing", "failed", "none")
 
@@ -68,7 +69,7 @@ class Replica:
     reason: str = "not checked yet"  # NOT_CHECKED
     # (monotonic time, primary WAL position) at each check, oldest first: how far back
     # the oldest position this replica has not replayed was the primary's.
-    positions: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=600))
+    positions: deque[tuple[float, int]] = field(default_factory=deque)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +167,7 @@ class Replicas:
                 result = await read(replica.store)
             except (NotFound, Invalid):
                 raise
-            except StoreError as exc:
+            except Exception as exc:  # never the replica's fault to the client: the primary
                 self._failed(replica, exc)
             else:
                 self.reads["replica"] += 1
@@ -203,7 +204,7 @@ class Replicas:
                     break
                 except Invalid:
                     raise  # about the request (too many slots), at a version past the fence
-                except StoreError as exc:
+                except Exception as exc:  # never the replica's fault to the client
                     self._failed(replica, exc)
                     break
                 self.reads["replica"] += 1
@@ -232,24 +233,27 @@ class Replicas:
         self.fallbacks["none"] += 1
         return None
 
-    def _failed(self, replica: Replica, exc: StoreError) -> None:
+    def _failed(self, replica: Replica, exc: Exception) -> None:
         """A replica read failed: the primary answers. A replica that is away (down,
-        frozen past the bounds, restarting) waits out of rotation for a check to find
-        it healthy again; one that cancelled a read (a conflict with recovery, its
-        statement timeout) stays."""
+        frozen past the bounds, restarting) or unusable (a DSN the driver refuses)
+        waits out of rotation for a check to find it healthy again; one that cancelled
+        a read (a conflict with recovery, its statement timeout) stays."""
         self.fallbacks["failed"] += 1
-        if not isinstance(exc, Unavailable):
+        if isinstance(exc, StoreError) and not isinstance(exc, Unavailable):
             log.info("replica %s read failed, the primary answered: %s", replica.name, exc)
         elif replica.in_rotation:
             replica.in_rotation = False
-            replica.reason = f"read failed: {exc.message}"
+            replica.reason = f"read failed: {_why(exc)}"
             log.warning("replica %s out of rotation: %s", replica.name, replica.reason)
 
     # ---- health -----------------------------------------------------------------------------
 
     async def _check_forever(self) -> None:
         while True:
-            await self.check()
+            try:
+                await self.check()
+            except Exception:
+                log.exception("replica check failed")  # a bug: keep checking
             await asyncio.sleep(self.check_every_s)
 
     async def check(self) -> None:
@@ -270,8 +274,8 @@ class Replicas:
     async def _check(self, replica: Replica, now: float) -> None:
         try:
             row = await replica.store.fetchrow(sql.REPLICA_REPLAY_POSITION)
-        except StoreError as exc:
-            self._judge(replica, None, f"unreachable: {exc.message}")
+        except Exception as exc:  # down, frozen past the bounds, or a DSN the driver refuses
+            self._judge(replica, None, f"unreachable: {_why(exc)}")
             return
         assert row is not None
         if not row["standby"] or row["replayed"] is None:
@@ -281,6 +285,8 @@ class Replicas:
         positions = replica.positions
         while positions and positions[0][1] <= replayed:
             positions.popleft()  # replayed: no longer a measure of lag
+        if len(positions) > MAX_POSITIONS:
+            del positions[1]  # thin the middle; the oldest is what the lag is measured by
         lag = now - positions[0][0] if positions else 0.0
         if lag > self.max_lag_s:
             self._judge(replica, lag, f"{lag:.3f} s behind the primary")
@@ -307,6 +313,10 @@ class Replicas:
             reads=dict(self.reads),
             fallbacks=dict(self.fallbacks),
         )
+
+
+def _why(exc: Exception) -> str:
+    return exc.message if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
 
 
 def where(url: str) -> str:

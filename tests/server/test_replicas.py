@@ -31,7 +31,7 @@ from store.commands import book_slot
 from store.pool import Store, open_store
 from store.replicas import Replicas
 from testkit.fixtures import JWT_SECRET, SeededDoctor, seed_doctor, token, ws_url
-from testkit.harness import ControlledPostgres, StandbyPostgres
+from testkit.harness import ControlledPostgres, StandbyPostgres, free_port
 from testkit.wire import eventually
 
 AppClient = TestClient[web.Request, web.Application]
@@ -250,3 +250,28 @@ async def test_a_dead_replica_costs_no_read_and_leaves_the_rotation(
 
 def _range(doctor: SeededDoctor) -> dict[str, str]:
     return {"start": doctor.start.isoformat(), "end": doctor.end.isoformat()}
+
+
+async def test_a_replica_down_at_start_stops_nothing(
+    replicated: Pair, doctor: SeededDoctor, aiohttp_client: Callable[..., object]
+) -> None:
+    """Its pool connects lazily: the instance starts and serves from the primary, and the
+    replica is out of rotation, saying why."""
+    settings = Settings(
+        database_url=replicated[0].dsn(),
+        replica_urls=f"postgresql://postgres:secret@127.0.0.1:{free_port()}/postgres",
+        broker_url="memory://",
+        jwt_secret=JWT_SECRET,
+        db_pool_min=1,
+        replica_check_s=0.1,
+    )
+    client: AppClient = await aiohttp_client(create_app(settings))  # type: ignore[misc]
+    replicas = replicas_of(client)
+    await eventually(lambda: replicas.replicas[0].reason != "not checked yet", "a check")
+    assert replicas.replicas[0].reason.startswith("unreachable")
+    assert "secret" not in replicas.replicas[0].name
+    async with SlotcastClient.connect(ws_url(client)) as watcher:
+        snapshot = await watcher.watch(doctor.id, doctor.start, doctor.end)
+    assert len(snapshot.slots) == len(doctor.slots)
+    assert replicas.reading().in_rotation == {replicas.replicas[0].name: False}
+    assert replicas.fallbacks["none"] >= 1
