@@ -177,9 +177,12 @@ class Calendars:
             )
             task.add_done_callback(lambda t: self._read_done(key, t))
         snapshot, now = await asyncio.shield(task)
-        if snapshot.version < joined_at:
+        if source == "shared" and snapshot.version < joined_at:
+            # Another member's read, fenced lower: it began before this member joined
+            # (or the client's `since` asks for more). Read anew at this member's fence;
+            # a read of its own is already at it, unless the primary itself is lower.
             source = "database"
-            snapshot, now = await read(joined_at)  # began before this member joined: anew
+            snapshot, now = await read(joined_at)
         self.on_read(source)
         if snapshot.version == current():
             self._keep(key, snapshot, now)
