@@ -200,6 +200,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         on_fanout=metrics.fanout,
         on_snapshot=metrics.snapshot_read,
         cache_slots=settings.snapshot_cache_slots,
+        on_close=app[REPLICAS].note,
     )
     app[ROOMS] = rooms
     app[SCHEDULING] = Scheduling(

@@ -69,8 +69,12 @@ class Rooms:
         on_snapshot: Callable[[str], None] | None = None,
         fanout_slice: int = FANOUT_SLICE,
         cache_slots: int = 0,
+        on_close: Callable[[int, int], None] | None = None,
     ) -> None:
         self._store = store
+        # Told (doctor, version) when a room closes: what its members were last sent,
+        # which later reads of the doctor must not go back on (store.replicas).
+        self._on_close = on_close or (lambda doctor_id, version: None)
         self._budget = Budget(cache_slots)
         self._on_snapshot = on_snapshot or (lambda source: None)
         self._slice = fanout_slice
@@ -186,6 +190,8 @@ class Rooms:
             self._presence_dirty.add(room.doctor_id)
         if not room and self._rooms.get(room.doctor_id) is room:
             del self._rooms[room.doctor_id]
+            if room.version is not None:
+                self._on_close(room.doctor_id, room.version)
             room.calendars.close()
             for task in (room.catching_up, room.opened):
                 if task is not None and not task.done():

@@ -139,11 +139,13 @@ class Replicas:
 
     def committed(self, changes: list[Change]) -> None:
         """This instance's commits (the store's commit hook): its reads fence on them."""
-        if self.replicas:
-            for change in changes:
-                self.note(change.doctor_id, change.version)
+        for change in changes:
+            self.note(change.doctor_id, change.version)
 
     def note(self, doctor_id: int, version: int) -> None:
+        """This instance served (or its closing room had) `version` of the doctor."""
+        if not self.replicas:
+            return  # nothing to fence: every read is the primary's
         known = self._known.get(doctor_id)
         if known is None or version > known:
             self._known[doctor_id] = version
@@ -211,8 +213,7 @@ class Replicas:
                 self.note(doctor_id, version_of(result))
                 return result
         result = await self._primary(lambda store: read(store, 0))
-        if self.replicas:
-            self.note(doctor_id, version_of(result))
+        self.note(doctor_id, version_of(result))
         return result
 
     async def _primary(self, read: Callable[[Store], Awaitable[T]]) -> T:

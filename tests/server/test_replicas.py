@@ -225,6 +225,10 @@ async def test_a_resuming_client_never_gets_older_than_its_since(
                 reply = await resuming.request_any(watch, (Resumed, Snapshot))
             # Not the replica's (or the room's cached) base: the primary's base + 1.
             assert reply == Resumed(doctor.id, since=base + 1, version=base + 1)
+            # Having answered with base + 1, this instance never answers with less, though
+            # its room and the replica are still at base.
+            resp = await app.get(f"/api/doctors/{doctor.id}/slots", params=_range(doctor))
+            assert (await resp.json())["version"] == base + 1
 
 
 async def test_a_dead_replica_costs_no_read_and_leaves_the_rotation(
