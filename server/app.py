@@ -91,6 +91,7 @@ def create_app(settings: Settings, *, clock: Clock = utcnow) -> web.Application:
     app[VERIFIER] = verifier
     app[OUTBOX] = Outbox(on_relayed=app[METRICS].relayed.inc)
     app[REPLICAS] = Replicas(
+        parse_urls(settings.replica_urls),  # ValueError: refused at start, in one line
         wait_s=settings.replica_wait_ms / 1000,
         max_lag_s=settings.replica_max_lag_ms / 1000,
         check_every_s=settings.replica_check_s,
@@ -145,7 +146,6 @@ async def replicas(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     async with app[REPLICAS].serving(
         app[STORE],
-        parse_urls(settings.replica_urls),
         max_size=settings.db_pool_max,
         lock_timeout_ms=settings.lock_timeout_ms,
         statement_timeout_ms=settings.statement_timeout_ms,

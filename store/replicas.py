@@ -12,10 +12,11 @@ only if it is at least as new as what the caller already knows (the *fence*):
   first and stops with `store.reads.Behind` below the fence. The replica is polled
   for up to `wait_s` (replay is usually a few milliseconds behind), then the
   primary answers, whatever its version: the primary is the truth;
-- this instance remembers the highest version it has committed or served per doctor
-  (`KNOWN_DOCTORS` of them, least recently used dropped), and fences every read of
-  that doctor with it too: a client of this instance never reads its own booking
-  undone, nor a calendar older than one this instance already answered with;
+- this instance remembers the highest version of each doctor it has committed,
+  read, or (its closing rooms tell) sent as deltas (`KNOWN_DOCTORS` of them, least
+  recently used dropped), and fences every read of that doctor with it too: a
+  client of this instance never reads its own booking undone, nor a calendar older
+  than one this instance already answered with;
 - a replica that fails (down, frozen past the store's bounds, restarting) costs the
   read nothing but time: the primary answers, and the replica leaves the rotation
   at once. A replica is never the reason for `unavailable`.
@@ -66,7 +67,7 @@ class Replica:
     store: Store
     in_rotation: bool = False  # until the first check finds it current
     lag_s: float = 0.0
-    reason: str = "not checked yet"  # NOT_CHECKED
+    reason: str = NOT_CHECKED
     # (monotonic time, primary WAL position) at each check, oldest first: how far back
     # the oldest position this replica has not replayed was the primary's.
     positions: deque[tuple[float, int]] = field(default_factory=deque)
@@ -88,6 +89,7 @@ class Replicas:
 
     def __init__(
         self,
+        urls: Sequence[str] = (),
         *,
         wait_s: float = 0.02,
         max_lag_s: float = 1.0,
@@ -95,6 +97,7 @@ class Replicas:
         known_doctors: int = KNOWN_DOCTORS,
         primary: Store | None = None,
     ) -> None:
+        self.urls = list(urls)
         self.wait_s = wait_s
         self.max_lag_s = max_lag_s
         self.check_every_s = check_every_s
@@ -109,15 +112,13 @@ class Replicas:
     # ---- lifetime ---------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def serving(
-        self, primary: Store, urls: Sequence[str], **pool: Any
-    ) -> AsyncIterator[Replicas]:
+    async def serving(self, primary: Store, **pool: Any) -> AsyncIterator[Replicas]:
         """Open a pool per replica URL (connecting lazily: a replica that is down must
         not stop the instance from starting) and check them until the block ends.
         `pool`: `store.pool.open_store`'s bounds, the primary's."""
         self.primary = primary
         async with contextlib.AsyncExitStack() as stack:
-            for url in urls:
+            for url in self.urls:
                 replica_store = await stack.enter_async_context(
                     open_store(url, **{**pool, "min_size": 0}, application_name="slotcast-replica")
                 )
@@ -329,5 +330,10 @@ def where(url: str) -> str:
 
 
 def parse_urls(raw: str) -> list[str]:
-    """`SLOTCAST_REPLICA_URLS`: DSNs separated by whitespace (a DSN may hold commas)."""
-    return raw.split()
+    """`SLOTCAST_REPLICA_URLS`: PostgreSQL URLs separated by whitespace (a URL may hold
+    commas); `ValueError`, naming the setting but not the password, for anything else."""
+    urls = raw.split()
+    for url in urls:
+        if urlsplit(url).scheme not in ("postgres", "postgresql"):
+            raise ValueError(f"SLOTCAST_REPLICA_URLS: {where(url)!r} is not a postgresql:// URL")
+    return urls
