@@ -33,6 +33,7 @@ from server.keys import (
     LIMITER,
     METRICS,
     OUTBOX,
+    REPLICAS,
     ROOMS,
     SCHEDULING,
     SETTINGS,
@@ -55,6 +56,7 @@ from store.changes import Change
 from store.counters import open_counters
 from store.outbox import Outbox, relay_lag
 from store.pool import open_store, wait_for_database
+from store.replicas import Replicas, parse_urls
 from store.startup import where_postgres
 
 log = logging.getLogger(__name__)
@@ -88,8 +90,16 @@ def create_app(settings: Settings, *, clock: Clock = utcnow) -> web.Application:
     app[LIMITER] = limiter
     app[VERIFIER] = verifier
     app[OUTBOX] = Outbox(on_relayed=app[METRICS].relayed.inc)
+    app[REPLICAS] = Replicas(
+        parse_urls(settings.replica_urls),  # ValueError: refused at start, in one line
+        wait_s=settings.replica_wait_ms / 1000,
+        max_lag_s=settings.replica_max_lag_ms / 1000,
+        check_every_s=settings.replica_check_s,
+    )
     app[STATE] = ServerState()
-    app.cleanup_ctx.extend([database, broker, protection, publishing, services, upkeep, pruning])
+    app.cleanup_ctx.extend(
+        [database, replicas, broker, protection, publishing, services, upkeep, pruning]
+    )
     app.on_shutdown.append(close_connections)
     app.on_response_prepare.append(stamp_instance)
     app.on_response_prepare.append(guard.headers)
@@ -121,7 +131,7 @@ async def database(app: web.Application) -> AsyncIterator[None]:
         statement_timeout_ms=settings.statement_timeout_ms,
         timeout_ms=settings.db_timeout_ms,
         acquire_timeout_ms=settings.db_acquire_timeout_ms,
-        on_commit=_counted(app[METRICS], app[OUTBOX].enqueue),
+        on_commit=_counted(app[METRICS], app[REPLICAS], app[OUTBOX].enqueue),
     ) as store:
         app[STORE] = store
         if settings.demo:
@@ -129,6 +139,20 @@ async def database(app: web.Application) -> AsyncIterator[None]:
         yield
     if handle is not None:
         await asyncio.to_thread(handle.cleanup)
+
+
+async def replicas(app: web.Application) -> AsyncIterator[None]:
+    """Read replicas (none configured: every read on the primary), checked in the background."""
+    settings = app[SETTINGS]
+    async with app[REPLICAS].serving(
+        app[STORE],
+        max_size=settings.db_pool_max,
+        lock_timeout_ms=settings.lock_timeout_ms,
+        statement_timeout_ms=settings.statement_timeout_ms,
+        timeout_ms=settings.db_timeout_ms,
+        acquire_timeout_ms=settings.db_acquire_timeout_ms,
+    ):
+        yield
 
 
 async def broker(app: web.Application) -> AsyncIterator[None]:
@@ -176,9 +200,12 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         on_fanout=metrics.fanout,
         on_snapshot=metrics.snapshot_read,
         cache_slots=settings.snapshot_cache_slots,
+        on_close=app[REPLICAS].note,
     )
     app[ROOMS] = rooms
-    app[SCHEDULING] = Scheduling(store, settings, app[CLOCK])
+    app[SCHEDULING] = Scheduling(
+        store, settings, app[CLOCK], replicas=app[REPLICAS], known=rooms.version_of
+    )
     app[HEALTH] = Health(store, broker_, timeout_s=settings.ready_timeout_ms / 1000)
     # What this instance commits reaches its own members at once, broker or not.
     app[OUTBOX].deliver_to(rooms.deliver)
@@ -192,6 +219,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     metrics.track_broker(lambda: broker_.up)
     metrics.readings.pool = lambda: PoolReading(*store.pool_stats())
     metrics.readings.broker_reconnects = lambda: broker_.reconnects
+    metrics.track_replicas(app[REPLICAS].reading)
     yield
     app[OUTBOX].deliver_to(None)
     await app[HEALTH].close()
@@ -242,12 +270,14 @@ async def measure_relay_lag(app: web.Application) -> None:
 
 
 def _counted(
-    metrics: Metrics, enqueue: Callable[[list[Change]], None]
+    metrics: Metrics, replicas: Replicas, enqueue: Callable[[list[Change]], None]
 ) -> Callable[[list[Change]], None]:
-    """The commit hook, counting bookings and cancellations on the way to the outbox."""
+    """The commit hook, counting bookings and cancellations on the way to the outbox, and
+    telling the replicas' fence what this instance committed (read your own writes)."""
 
     def on_commit(changes: list[Change]) -> None:
         metrics.committed(changes)
+        replicas.committed(changes)
         enqueue(changes)
 
     return on_commit

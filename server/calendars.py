@@ -49,7 +49,8 @@ RANGES_PER_ROOM: Final = 4
 SLOT_KINDS: Final = ("slot.", "slots.", "appointment.")
 
 Range = tuple[date, date]
-Read = Callable[[], Awaitable[tuple[Snapshot, datetime]]]
+# Reads the range at the given version or later (a replica behind it is not asked).
+Read = Callable[[int], Awaitable[tuple[Snapshot, datetime]]]
 
 
 class Budget:
@@ -158,15 +159,16 @@ class Calendars:
         """The range at a version this member can go live from (see the module's rules).
 
         `current()` is the room's version, or None while a later one waits behind a
-        gap; `joined_at` is the room's version when the member joined.
+        gap; `joined_at` is the room's version when the member joined (or, higher, the
+        version a resuming client already has): no answer is older, from memory or read.
         """
         if not self.budget.limit:  # turned off: every watch reads, as before there was a cache
-            snapshot, _ = await read()
+            snapshot, _ = await read(joined_at)
             self.on_read("database")
             return snapshot
         key = (start, end)
         entry = self._entries.get(key)
-        if entry is not None and entry.version == current():
+        if entry is not None and entry.version == current() and entry.version >= joined_at:
             self._entries.move_to_end(key)
             self.on_read("cache")
             return entry.serve(self.doctor_id, clock())
@@ -175,13 +177,16 @@ class Calendars:
         if task is None:
             source = "database"
             task = self._loading[key] = asyncio.create_task(
-                _read(read), name=f"calendar-read-{self.doctor_id}"
+                _read(read, joined_at), name=f"calendar-read-{self.doctor_id}"
             )
             task.add_done_callback(lambda t: self._read_done(key, t))
         snapshot, now = await asyncio.shield(task)
-        if snapshot.version < joined_at:
+        if source == "shared" and snapshot.version < joined_at:
+            # Another member's read, fenced lower: it began before this member joined
+            # (or the client's `since` asks for more). Read anew at this member's fence;
+            # a read of its own is already at it, unless the primary itself is lower.
             source = "database"
-            snapshot, now = await read()  # began before this member joined: read anew
+            snapshot, now = await read(joined_at)
         self.on_read(source)
         if snapshot.version == current():
             self._keep(key, snapshot, now)
@@ -243,5 +248,5 @@ class Calendars:
             task.exception()  # retrieved: its waiters raise it themselves
 
 
-async def _read(read: Read) -> tuple[Snapshot, datetime]:
-    return await read()
+async def _read(read: Read, at_least: int) -> tuple[Snapshot, datetime]:
+    return await read(at_least)

@@ -204,8 +204,8 @@ async def _my_appointments(s: Scheduling, actor: Actor, msg: MyAppointments) -> 
 async def _search_doctors(s: Scheduling, who: Identity | None, msg: SearchDoctors) -> Message:
     if msg.include_retired:
         s.require_admin(who)
-    found = await reads.search_doctors(
-        s.store, msg.q, limit=msg.limit, offset=msg.offset, include_retired=msg.include_retired
+    found = await s.search_doctors(
+        msg.q, limit=msg.limit, offset=msg.offset, include_retired=msg.include_retired
     )
     return Doctors(found, msg.limit, msg.offset)
 

@@ -23,6 +23,7 @@ from server.settings import Settings
 from store.broker import Broker
 from store.outbox import Outbox
 from store.pool import Store
+from store.replicas import Replicas
 
 
 @dataclass(slots=True)
@@ -45,6 +46,8 @@ STATE = web.AppKey("state", ServerState)
 GUARD = web.AppKey("guard", Guard)
 LIMITER = web.AppKey("limiter", Limiter)
 HEALTH = web.AppKey("health", Health)
+# Where the unlocked reads go: read replicas, fenced by version (store/replicas.py).
+REPLICAS = web.AppKey("replicas", Replicas)
 # Whose tokens are accepted, and the key `slotcast token` and the demo sign-in sign with.
 VERIFIER = web.AppKey("verifier", Verifier)
 # One session per open WebSocket: what a drain closes and `slotcast_connections` counts.

@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from protocol.errors import ErrorCode
 from store.changes import Change
+from store.replicas import FALLBACK_REASONS, ReplicaReading
 
 # Why a connection was closed as a slow consumer (server.connection.SlowReason).
 SLOW_REASONS = ("frames", "bytes", "stalled", "budget")
@@ -197,6 +198,8 @@ class Metrics:
         )
         self.readings = Readings()
         r.register(self.readings)
+        self.replica_readings = ReplicaReadings(lambda: NO_REPLICAS)
+        r.register(self.replica_readings)
         # The process: CPU, memory, open files (Linux), the interpreter and its collector.
         ProcessCollector(registry=r)
         r.register(PLATFORM_COLLECTOR)
@@ -244,6 +247,10 @@ class Metrics:
         for kind in ("rooms", "patient_rooms"):
             self.rooms.labels(kind).set_function(partial(_pick, rooms, kind))
         self.broker_connected.set_function(lambda: float(broker_connected()))
+
+    def track_replicas(self, reading: Callable[[], ReplicaReading]) -> None:
+        """The read replicas' lag, rotation, reads and fallbacks, read at scrape time."""
+        self.replica_readings.reading = reading
 
     def track_broker(self, up: Callable[[], bool]) -> None:
         """`slotcast_broker_up`, read at scrape time."""
@@ -311,3 +318,52 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 def _pick(read: Callable[[], dict[str, int]], key: str) -> float:
     return float(read()[key])
+
+
+NO_REPLICAS = ReplicaReading({}, {}, {"replica": 0, "primary": 0}, {})
+
+
+class ReplicaReadings(Collector):
+    """The read replicas (store/replicas.py), from the store's own counts at scrape time:
+    every read and fallback is counted there with a plain integer, off the metrics."""
+
+    def __init__(self, reading: Callable[[], ReplicaReading]) -> None:
+        self.reading = reading
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        found = self.reading()
+        lag = GaugeMetricFamily(
+            "slotcast_replica_lag_seconds",
+            "How far each read replica's replay is behind the primary, at its last check",
+            labels=["replica"],
+        )
+        rotation = GaugeMetricFamily(
+            "slotcast_replica_in_rotation",
+            "1 while a read replica serves reads; 0 while it lags or fails",
+            labels=["replica"],
+        )
+        for name, seconds in found.lag_s.items():
+            lag.add_metric([name], seconds)
+            rotation.add_metric([name], float(found.in_rotation[name]))
+        yield lag
+        yield rotation
+        reads = CounterMetricFamily(
+            "slotcast_db_reads",
+            "Unlocked reads (snapshots, resumes, dashboards, search) by where they ran",
+            labels=["target"],
+        )
+        for target, count in found.reads.items():
+            reads.add_metric([target], count)
+        yield reads
+        fallbacks = CounterMetricFamily(
+            "slotcast_replica_fallbacks",
+            "Reads meant for a replica that the primary answered, by why (behind the "
+            "fence, doctor missing there, replica failed, none in rotation)",
+            labels=["reason"],
+        )
+        for reason in FALLBACK_REASONS:
+            fallbacks.add_metric([reason], found.fallbacks.get(reason, 0))
+        yield fallbacks
+
+    def describe(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        return ()

@@ -69,8 +69,12 @@ class Rooms:
         on_snapshot: Callable[[str], None] | None = None,
         fanout_slice: int = FANOUT_SLICE,
         cache_slots: int = 0,
+        on_close: Callable[[int, int], None] | None = None,
     ) -> None:
         self._store = store
+        # Told (doctor, version) when a room closes: what its members were last sent,
+        # which later reads of the doctor must not go back on (store.replicas).
+        self._on_close = on_close or (lambda doctor_id, version: None)
         self._budget = Budget(cache_slots)
         self._on_snapshot = on_snapshot or (lambda source: None)
         self._slice = fanout_slice
@@ -142,13 +146,34 @@ class Rooms:
         self._tell_presence(room)
         return member
 
+    def version_of(self, doctor_id: int) -> int:
+        """The version this instance's room of the doctor is at (0: no room here)."""
+        room = self._rooms.get(doctor_id)
+        return 0 if room is None or room.version is None else room.version
+
     async def snapshot(
-        self, member: Member, start: date, end: date, read: Read, clock: Callable[[], datetime]
+        self,
+        member: Member,
+        start: date,
+        end: date,
+        read: Read,
+        clock: Callable[[], datetime],
+        *,
+        at_least: int = 0,
     ) -> Snapshot:
-        """A joined member's snapshot: from its room's calendars when they are current."""
+        """A joined member's snapshot: from its room's calendars when they are current.
+
+        Never older than the room's version when the member joined, nor than `at_least`
+        (a resuming client's `since`): `read(min_version)` is told the same.
+        """
         room = member.room
         return await room.calendars.snapshot(
-            start, end, current=room.current, joined_at=member.joined_at, read=read, clock=clock
+            start,
+            end,
+            current=room.current,
+            joined_at=max(member.joined_at, at_least),
+            read=read,
+            clock=clock,
         )
 
     async def leave(self, member: Member) -> None:
@@ -165,6 +190,8 @@ class Rooms:
             self._presence_dirty.add(room.doctor_id)
         if not room and self._rooms.get(room.doctor_id) is room:
             del self._rooms[room.doctor_id]
+            if room.version is not None:
+                self._on_close(room.doctor_id, room.version)
             room.calendars.close()
             for task in (room.catching_up, room.opened):
                 if task is not None and not task.done():

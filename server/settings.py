@@ -205,6 +205,18 @@ class Settings:
     # came over https (directly, or `X-Forwarded-Proto: https` from a trusted proxy);
     # 0 sends none. Cookies on such responses are always `Secure`, whatever this says.
     hsts_max_age: int = 0
+    # ---- read replicas (store/replicas.py; docs/operating.md, "Read replicas") ----
+    # PostgreSQL streaming replicas, DSNs separated by spaces (none: every read on the
+    # primary). Snapshots, REST slot reads, dashboards, resumes and the doctor search go
+    # to them; commands and everything under a lock stay on the primary.
+    replica_urls: str = field(default="", metadata=SECRET)
+    # A replica read older than the version this instance (or the client's `since`)
+    # knows waits this long for the replica to replay it, then the primary answers.
+    replica_wait_ms: int = 20
+    # A replica further behind than this (or failing) leaves the rotation until it is
+    # current again; each replica is checked every replica_check_s.
+    replica_max_lag_ms: int = 1000
+    replica_check_s: float = 1.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

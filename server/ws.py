@@ -106,9 +106,12 @@ async def on_watch(session: Session, rid: RequestId, msg: Watch) -> None:
     viewer = identity_key(session.identity) if session.identity else None
     member = await rooms.join(conn, msg.doctor_id, viewer=viewer)
     try:
+        # Neither a resume nor a snapshot may be older than what the member missed
+        # before joining (`joined_at`) or than what the client already applied (`since`):
+        # a read replica behind either is not asked (server/service.py).
         missed = None
         if msg.since is not None:
-            missed = await scheduling.missed(msg.doctor_id, msg.since)
+            missed = await scheduling.missed(msg.doctor_id, msg.since, member.joined_at)
         snapshot = None
         if missed is None:
             snapshot = await rooms.snapshot(
@@ -117,6 +120,7 @@ async def on_watch(session: Session, rid: RequestId, msg: Watch) -> None:
                 msg.end,
                 read=partial(scheduling.snapshot_at, msg.doctor_id, msg.start, msg.end),
                 clock=scheduling.clock,
+                at_least=msg.since or 0,
             )
     except BaseException:
         await rooms.leave(member)
@@ -158,7 +162,7 @@ async def on_watch_dashboard(session: Session, rid: RequestId, msg: WatchDashboa
         )
     member = await rooms.join(session.conn, msg.doctor_id, "dashboard")
     try:
-        dashboard = await session.scheduling.dashboard(msg.doctor_id, msg.date)
+        dashboard = await session.scheduling.dashboard(msg.doctor_id, msg.date, member.joined_at)
     except BaseException:
         await rooms.leave(member)
         raise

@@ -195,6 +195,10 @@ def translated() -> Iterator[None]:
         raise refusal from exc
     except (asyncpg.LockNotAvailableError, asyncpg.QueryCanceledError) as exc:
         raise Busy("the doctor's calendar is busy; retry shortly") from exc
+    except asyncpg.SerializationError as exc:
+        # Only a read replica says this to the store (its reads conflicting with the
+        # replay of the primary's WAL): retryable, and `store.replicas` asks the primary.
+        raise Busy("the read was cancelled by a replica's recovery; retry shortly") from exc
     except TimeoutError as exc:
         # One of the store's own bounds: the server may be frozen or unreachable.
         _database_away.warn("database did not answer in time (client-side bound)")

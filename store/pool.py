@@ -157,6 +157,7 @@ async def open_store(
     timeout_ms: int | None = 3000,
     acquire_timeout_ms: int | None = 1000,
     on_commit: OnCommit | None = None,
+    application_name: str = "slotcast",
 ) -> AsyncIterator[Store]:
     """A pool whose every connection fails fast on a stuck lock or a runaway statement,
     and whose every use is bounded on this side too (`timeout_ms`, `acquire_timeout_ms`;
@@ -178,7 +179,7 @@ async def open_store(
                     "lock_timeout": str(lock_timeout_ms),
                     "statement_timeout": str(statement_timeout_ms),
                     "idle_in_transaction_session_timeout": str(statement_timeout_ms * 5),
-                    "application_name": "slotcast",
+                    "application_name": application_name,
                 },
             )
     try:

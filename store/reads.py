@@ -4,6 +4,11 @@ A read that pairs rows with a doctor's version (a snapshot, a dashboard) reads
 both in one repeatable-read transaction, so the version describes exactly the
 rows sent with it and the deltas after it apply on top without a gap or a
 repeat. The other reads are single statements.
+
+Those reads may run on a read replica (`store.replicas`), which can be behind the
+primary. They take a `min_version`: the doctor's version is read first, and below
+it the read stops at once with `Behind`, before reading any slot, so a replica
+that has not replayed what the caller already knows never answers.
 """
 
 from __future__ import annotations
@@ -32,12 +37,22 @@ from store.steps import appointment_view, slot_view
 from store.tx import resolve_now
 
 
+class Behind(Exception):
+    """The database read is older than the version the caller already knows (a replica
+    that has not replayed it yet). Never leaves the store: `store.replicas` waits or
+    reads the primary instead."""
+
+    def __init__(self, doctor_id: int, version: int, wanted: int) -> None:
+        super().__init__(f"doctor {doctor_id} is at version {version} here, {wanted} wanted")
+        self.version = version
+
+
 @contextlib.asynccontextmanager
 async def _consistent(
-    store: Store, doctor_id: int
+    store: Store, doctor_id: int, min_version: int = 0
 ) -> AsyncIterator[tuple[asyncpg.Connection, asyncpg.Record]]:
     """One repeatable-read snapshot: the doctor's row (its version) and what is read
-    with it describe the same moment."""
+    with it describe the same moment; `Behind` if that version is below `min_version`."""
     async with (
         store.connection() as conn,
         conn.transaction(isolation="repeatable_read", readonly=True),
@@ -45,6 +60,8 @@ async def _consistent(
         doctor = await conn.fetchrow(sql.DOCTOR_GET, doctor_id)
         if doctor is None:
             raise NotFound(f"no doctor {doctor_id}")
+        if doctor["version"] < min_version:
+            raise Behind(doctor_id, doctor["version"], min_version)
         yield conn, doctor
 
 
@@ -56,13 +73,14 @@ async def snapshot(
     *,
     now: datetime | None = None,
     max_slots: int | None = None,
+    min_version: int = 0,
 ) -> Snapshot:
     """Slots of [start, end) in the doctor's local dates, stamped with one version.
 
     More than `max_slots` slots is `Invalid`, without reading the rest.
     """
     now = resolve_now(now)
-    async with _consistent(store, doctor_id) as (conn, doctor):
+    async with _consistent(store, doctor_id, min_version) as (conn, doctor):
         if doctor["retired_at"] is not None:
             raise DoctorRetired(f"doctor {doctor_id} is retired and offers no slots")
         rows = await _slots(conn, doctor_id, start, end, max_slots, "the range")
@@ -95,10 +113,15 @@ async def schedule(store: Store, doctor_id: int) -> Schedule:
 
 
 async def dashboard(
-    store: Store, doctor_id: int, day: date, *, max_slots: int | None = None
+    store: Store,
+    doctor_id: int,
+    day: date,
+    *,
+    max_slots: int | None = None,
+    min_version: int = 0,
 ) -> Dashboard:
     """A doctor's local day: appointments, slots and conflicts, stamped with one version."""
-    async with _consistent(store, doctor_id) as (conn, doctor):
+    async with _consistent(store, doctor_id, min_version) as (conn, doctor):
         next_day = day + timedelta(days=1)
         slots = await _slots(conn, doctor_id, day, next_day, max_slots, "the day")
         appointments = await conn.fetch(sql.APPOINTMENTS_OF_DOCTOR_ON, doctor_id, day)
@@ -134,6 +157,28 @@ async def doctor_version(store: Store, doctor_id: int) -> int:
     if version is None:
         raise NotFound(f"no doctor {doctor_id}")
     return version
+
+
+async def resume(
+    store: Store, doctor_id: int, since: int, *, max_versions: int, min_version: int = 0
+) -> tuple[int, list[Change] | None]:
+    """The doctor's version, and the changes after `since` if the log can replay them all
+    (at most `max_versions`); None means: send a snapshot instead.
+
+    On one connection: the version first (`Behind` below `min_version`), then the log up
+    to it. Committed changes never change, so no transaction is needed to pair them.
+    """
+    async with store.connection() as conn:
+        current: int | None = await conn.fetchval(sql.DOCTOR_VERSION, doctor_id)
+        if current is None:
+            raise NotFound(f"no doctor {doctor_id}")
+        if current < min_version:
+            raise Behind(doctor_id, current, min_version)
+        if since > current or current - since > max_versions:
+            return current, None
+        rows = await conn.fetch(sql.CHANGES_BETWEEN, doctor_id, since, current)
+    changes = [Change.of_record(doctor_id, r) for r in rows]
+    return current, changes if len(changes) == current - since else None
 
 
 async def changes_between(store: Store, doctor_id: int, after: int, upto: int) -> list[Change]:

@@ -529,3 +529,12 @@ FROM unnest($1::int[], $2::bigint[], $3::text[], $4::jsonb[])
 WHERE c.doctor_id = t.doctor_id AND c.version = t.version"""
 # The patient's stored replies name them, and are only there for retries.
 ERASE_IDEMPOTENCY_KEYS: Final = "DELETE FROM idempotency_keys WHERE subject = $1"
+
+
+# ---- read replicas (store/replicas.py) ----------------------------------------------------------
+
+# The primary's WAL position, in bytes: what a replica must have replayed to be current.
+PRIMARY_WAL_POSITION: Final = "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"
+# A replica's replayed WAL position (NULL on a server that is not a standby).
+REPLICA_REPLAY_POSITION: Final = """
+SELECT pg_is_in_recovery() AS standby, pg_last_wal_replay_lsn() - '0/0'::pg_lsn AS replayed"""

@@ -37,10 +37,12 @@ from testkit.harness import (
     ControlledPostgres,
     RedisServer,
     ServerProcess,
+    StandbyPostgres,
     free_port,
     own_postgres,
     postgres_server,
     redis_server,
+    replicated_postgres,
     with_database,
 )
 
@@ -263,3 +265,12 @@ def cluster() -> Iterator[ControlledPostgres]:
     with own_postgres() as server:
         asyncio.run(migrate(server.dsn()))
         yield server
+
+
+@pytest.fixture(scope="module")
+def replicated() -> Iterator[tuple[ControlledPostgres, StandbyPostgres]]:
+    """A migrated primary and a streaming replica of it, for one module's tests (a few
+    seconds to start): the read-replica tests pause the replica's replay and stop it."""
+    with replicated_postgres() as (primary, standby):
+        asyncio.run(migrate(primary.dsn()))
+        yield primary, standby

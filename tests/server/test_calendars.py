@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import replace
 from datetime import UTC, date, datetime, time, timedelta
 from typing import cast
 
@@ -22,7 +23,7 @@ from client import SlotcastClient
 from protocol.messages import Block, Hold, SetSchedule, Snapshot, WeeklyBlock
 from protocol.vocabulary import Role
 from server.app import create_app
-from server.calendars import Budget, Calendars
+from server.calendars import Budget, Calendars, Read
 from server.connection import Connection
 from server.keys import METRICS
 from server.room import Member
@@ -46,10 +47,12 @@ class Reads:
     def __init__(self, store: Store, doctor: SeededDoctor) -> None:
         self.store, self.doctor, self.count = store, doctor, 0
 
-    async def __call__(self) -> tuple[Snapshot, datetime]:
+    async def __call__(self, at_least: int = 0) -> tuple[Snapshot, datetime]:
         self.count += 1
         now = datetime.now(UTC)
-        snapshot = await reads.snapshot(self.store, self.doctor.id, *self.range, now=now)
+        snapshot = await reads.snapshot(
+            self.store, self.doctor.id, *self.range, now=now, min_version=at_least
+        )
         return snapshot, now
 
     @property
@@ -190,7 +193,7 @@ async def test_a_member_that_joined_after_a_shared_read_began_reads_again() -> N
     versions = iter([5, 6])
     started, release = asyncio.Event(), asyncio.Event()
 
-    async def slow_read() -> tuple[Snapshot, datetime]:
+    async def slow_read(at_least: int) -> tuple[Snapshot, datetime]:
         version = next(versions)
         started.set()
         if version == 5:
@@ -283,3 +286,32 @@ async def test_a_zero_budget_turns_sharing_off_too(store: Store, doctor: SeededD
         assert sources == {"database": 5}
     finally:
         await r.close()
+
+
+async def test_a_cached_range_older_than_a_resuming_clients_since_is_read_anew(
+    store: Store, doctor: SeededDoctor
+) -> None:
+    """The client applied a version the room has not heard of yet: the cached range, at
+    the room's version, is older than what the client holds, so it is read at that."""
+    calendars, day = Calendars(doctor.id, Budget(10_000)), (doctor.start, doctor.end)
+    version = await reads.doctor_version(store, doctor.id)
+    read = Reads(store, doctor)
+
+    def get(joined_at: int, read: Read) -> Awaitable[Snapshot]:
+        clock = lambda: datetime.now(UTC)  # noqa: E731
+        return calendars.snapshot(
+            *day, current=lambda: version, joined_at=joined_at, read=read, clock=clock
+        )
+
+    kept = await get(version, read)  # now cached at the room's version
+    assert (await get(version, read)).slots == kept.slots
+    assert read.count == 1
+    asked: list[int] = []
+
+    async def newer(at_least: int) -> tuple[Snapshot, datetime]:
+        asked.append(at_least)
+        return replace(kept, version=at_least), datetime.now(UTC)
+
+    served = await get(version + 1, newer)
+    assert asked == [version + 1]
+    assert served.version == version + 1

@@ -160,12 +160,12 @@ async def test_a_restore_that_times_out_is_retried_on_the_same_socket(
     stalled = 0
     missed: Callable[..., Awaitable[Any]] = Scheduling.missed
 
-    async def slow_missed(self: Scheduling, doctor_id: int, since: int) -> Any:
+    async def slow_missed(self: Scheduling, doctor_id: int, since: int, at_least: int) -> Any:
         nonlocal stalled
         if not gate.is_set():
             stalled += 1
             await gate.wait()
-        return await missed(self, doctor_id, since)
+        return await missed(self, doctor_id, since, at_least)
 
     async with SlotcastClient.connect(
         ws_url(client), reconnect=True, max_backoff=BACKOFF_S, request_timeout=0.3

@@ -523,3 +523,21 @@ async def test_fan_out_metrics_count_each_change_once_per_round(
         assert seen == [3, 3]  # one observation per change, each for every member
     finally:
         await rooms.close()
+
+
+async def test_a_closing_room_tells_the_version_its_members_were_sent(
+    store: Store, doctor: SeededDoctor, broker: ReconnectingBroker
+) -> None:
+    """Changes heard from other instances, sent to members, and then no room holds that
+    version: the read replicas' fence must remember it (store.replicas, `note`)."""
+    closed: list[tuple[int, int]] = []
+    rooms = Rooms(store, broker, "test-instance", on_close=lambda d, v: closed.append((d, v)))
+    try:
+        _, member = await watch(rooms, doctor.id)
+        changes = await commit(store, doctor, 2)
+        await publish(broker, *changes)
+        await eventually(lambda: member.room.version == changes[-1].version, "the changes")
+        await rooms.leave(member)
+        assert closed == [(doctor.id, changes[-1].version)]
+    finally:
+        await rooms.close()

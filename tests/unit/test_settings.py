@@ -11,7 +11,9 @@ from protocol.errors import ErrorCode
 from protocol.vocabulary import Role
 from server import auth
 from server.api import HTTP_STATUS
+from server.app import create_app
 from server.settings import DEV_SECRET, Settings
+from store.replicas import parse_urls
 
 
 def test_every_error_code_has_an_http_status() -> None:
@@ -113,3 +115,18 @@ def test_the_client_address_believes_forwarded_for_only_from_trusted_proxies(
     headers = {"X-Forwarded-For": forwarded} if forwarded else {}
     request = make_mocked_request("GET", "/ws", headers=headers, transport=transport)
     assert client_address(request, networks("10.0.0.0/24", "trusted_proxies")) == client
+
+
+def test_replica_urls_are_postgresql_urls_and_a_wrong_one_is_refused_without_its_password() -> None:
+    assert parse_urls("") == []
+    assert parse_urls(" postgresql://u:pw@r1:5432/db\n postgres://r2/db ") == [
+        "postgresql://u:pw@r1:5432/db",
+        "postgres://r2/db",
+    ]
+    settings = Settings(
+        jwt_secret="x" * 32, replica_urls="postgresql://r1/db mysql://u:hunter2@r2:3306/db"
+    )
+    with pytest.raises(ValueError, match="SLOTCAST_REPLICA_URLS") as refused:
+        create_app(settings)
+    assert "r2:3306/db" in str(refused.value)
+    assert "hunter2" not in str(refused.value)
