@@ -371,6 +371,7 @@ class Dispatcher:
         enabled = await webhooks.failed(
             self.store,
             ep.id,
+            self.instance,
             attempt,
             retry_at=retry_at,
             disable_after_s=s.webhook_disable_after_s,

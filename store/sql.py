@@ -597,8 +597,9 @@ WITH held AS (
     WHERE r.endpoint_id = held.id AND r.doctor_id = t.d AND r.version = t.v
 ), attempt AS (
     INSERT INTO webhook_attempts
-        (endpoint_id, message_id, doctor_id, version, event_type, status, ok, latency_ms)
-    SELECT held.id, $7, $8, $9, $10, $11, true, $12 FROM held WHERE $7::text IS NOT NULL
+        (endpoint_id, message_id, doctor_id, version, event_type, status, ok, latency_ms,
+         instance)
+    SELECT held.id, $7, $8, $9, $10, $11, true, $12, $6 FROM held WHERE $7::text IS NOT NULL
 )
 SELECT EXISTS (SELECT 1 FROM held) AS held"""
 # A failed attempt: recorded, the retry scheduled at $8, the lease given up. Failing since
@@ -606,8 +607,9 @@ SELECT EXISTS (SELECT 1 FROM held) AS held"""
 WEBHOOK_FAILED: Final = """
 WITH attempt AS (
     INSERT INTO webhook_attempts
-        (endpoint_id, message_id, doctor_id, version, event_type, status, ok, latency_ms, error)
-    VALUES ($1, $2, $3, $4, $5, $6::int, false, $7::float8, $10::text)
+        (endpoint_id, message_id, doctor_id, version, event_type, status, ok, latency_ms, error,
+         instance)
+    VALUES ($1, $2, $3, $4, $5, $6::int, false, $7::float8, $10::text, $11)
 )
 UPDATE webhook_endpoints AS e SET
     failures = e.failures + 1,
@@ -622,7 +624,7 @@ WHERE e.id = $1
 RETURNING e.enabled, e.failures"""
 WEBHOOK_ATTEMPTS: Final = """
 SELECT id, message_id, doctor_id, version, event_type, status, ok, latency_ms, error,
-       attempted_at
+       instance, attempted_at
 FROM webhook_attempts
 WHERE endpoint_id = $1 AND id < $2
 ORDER BY id DESC

@@ -340,7 +340,13 @@ async def delivered(
 
 
 async def failed(
-    store: Store, endpoint_id: int, attempt: Attempt, *, retry_at: datetime, disable_after_s: float
+    store: Store,
+    endpoint_id: int,
+    instance: str,
+    attempt: Attempt,
+    *,
+    retry_at: datetime,
+    disable_after_s: float,
 ) -> bool:
     """Record a failed attempt and when to retry; False when the endpoint was disabled."""
     row = await store.fetchrow(
@@ -355,6 +361,7 @@ async def failed(
         retry_at,
         disable_after_s,
         attempt.error or "failed",
+        instance,
     )
     return bool(row and row["enabled"])
 

@@ -58,6 +58,7 @@ CREATE TABLE webhook_attempts (
     ok           boolean NOT NULL,
     latency_ms   double precision NOT NULL,
     error        text,
+    instance     text    NOT NULL, -- which instance sent it
     attempted_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX webhook_attempts_endpoint ON webhook_attempts (endpoint_id, attempted_at);
