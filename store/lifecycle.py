@@ -16,7 +16,10 @@ and only through `_maintenance`, which names itself in the transaction-local set
   doctor concerned and the patient's own: rows are rewritten, never deleted, so each
   doctor's versions stay gap-free and the audit still tells what happened, to someone
   no longer named. `ERASERS` lists every table that names a patient; a table added
-  later (a webhook backlog) joins erasure by adding its step there.
+  later joins erasure by adding its step there. The webhook tables (store.webhooks)
+  need none: a webhook's backlog is the change log past the endpoint's cursor and its
+  payload is built from the change record when sent, so rewriting `changes` erases
+  the patient from every message not yet sent; attempts keep no payload.
 
 Settings (`Retention`) and the operator's view are in docs/operations.md, "Retention
 and erasure".
@@ -196,7 +199,8 @@ async def _erase_idempotency_keys(
 
 
 # Every table that names a patient, in the order erasure visits them. A new table that
-# names patients (a webhook backlog) adds its step here, and erasure covers it.
+# names patients adds its step here, and erasure covers it. (The webhook tables name
+# none: their backlog is this change log, see store.webhooks.)
 ERASERS: dict[str, Eraser] = {
     "appointments": _erase_appointments,
     "changes": _erase_changes,
