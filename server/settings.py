@@ -217,6 +217,8 @@ class Settings:
     # (server-side request forgery) unless this is on (tests, a clinic's own network).
     webhook_allow_private: bool = False
     webhook_max_endpoints: int = 100
+    # Delivery attempts (the REST view) are pruned after this long, with the rest.
+    webhook_attempt_retention_s: float = 2592000.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -447,6 +447,10 @@ PRUNE_CHANGES: Final = """
 DELETE FROM changes WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM changes WHERE created_at < $1
     LIMIT $2 FOR UPDATE SKIP LOCKED))"""
+PRUNE_WEBHOOK_ATTEMPTS: Final = """
+DELETE FROM webhook_attempts WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM webhook_attempts WHERE attempted_at < $1
+    LIMIT $2 FOR UPDATE SKIP LOCKED))"""
 # Holds that ended without a booking (released or lapsed) and that nothing points at. The
 # change log keeps their story; the row was only needed for the re-hold cool-down.
 PRUNE_ENDED_HOLDS: Final = """

@@ -21,8 +21,8 @@ from standardwebhooks import Webhook
 
 from protocol.vocabulary import Role
 from server.settings import Settings
-from store import commands
-from store.lifecycle import erase_patient
+from store import commands, webhooks
+from store.lifecycle import Retention, erase_patient, prune
 from store.pool import Store
 from testkit.fixtures import SeededDoctor, seed_doctor, token
 from testkit.webhooks import Receiver, eventually
@@ -120,12 +120,16 @@ async def test_a_failing_hanging_then_absent_receiver_loses_nothing(
     assert all(a["latency_ms"] >= 0 for a in log)
     metrics = await (await client.get("/metrics")).text()
     assert f'slotcast_webhook_failures_total{{endpoint="{created["id"]}"}}' in metrics
+    # Attempts are pruned with the rest, after their own retention.
+    keep_none = Retention(webhook_attempts=timedelta(0))
+    pruned = await prune(store, keep_none, now=datetime.now(UTC) + timedelta(seconds=1))
+    assert pruned.counts["webhook_attempts"] == len(log)
 
 
 async def test_a_slow_endpoint_never_holds_up_a_healthy_one(
     client: AppClient, store: Store, doctor: SeededDoctor, receiver: Receiver
 ) -> None:
-    slow = Receiver(delay_s=0.4)
+    slow = Receiver(delay_s=0.2)
     await slow.start()
     try:
         await register(client, slow)
@@ -179,6 +183,9 @@ async def test_a_disabled_endpoint_keeps_its_backlog_until_enabled_again(
     requests = receiver.requests
     await book(store, doctor, range(2, 4))  # while disabled: kept
     assert not (await (await client.get(url, headers=ADMIN)).json())["enabled"]
+    waiting, oldest = (await webhooks.backlog(store))[created["id"]]
+    assert waiting >= 3  # the one that failed, and the two booked since
+    assert oldest > 0
     assert receiver.requests <= requests + 1  # at most the one already on its way
     receiver.fail_next = 0
     resp = await client.patch(url, json={"enabled": True}, headers=ADMIN)
