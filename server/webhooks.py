@@ -233,13 +233,12 @@ class Dispatcher:
                             await self._wake.wait()
                     self._wake.clear()
             finally:
+                # Each task gives its lease back on the way out (`_serve`'s finally), so
+                # another instance need not wait for it to run out.
                 tasks = list(self._serving.values())
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-                for endpoint_id in list(self._serving):
-                    with contextlib.suppress(StoreError):
-                        await webhooks.release(self.store, endpoint_id, self.instance)
 
     async def _claim(self) -> None:
         free = self.settings.webhook_concurrency - len(self._serving)
@@ -376,7 +375,9 @@ class Dispatcher:
             retry_at=retry_at,
             disable_after_s=s.webhook_disable_after_s,
         )
-        if enabled:
+        if enabled is None:
+            log.info("webhooks: endpoint %s: lease lost while %s failed", ep.id, attempt.message_id)
+        elif enabled:
             log.info(
                 "webhooks: endpoint %s: %s failed (%s); retry in %.1f s",
                 ep.id,

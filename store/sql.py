@@ -606,8 +606,10 @@ WITH held AS (
     SELECT held.id, $7, $8, $9, $10, $11, true, $12, $6 FROM held WHERE $7::text IS NOT NULL
 )
 SELECT EXISTS (SELECT 1 FROM held) AS held"""
-# A failed attempt: recorded, the retry scheduled at $8, the lease given up. Failing since
-# longer than $9 seconds disables the endpoint; its cursor, and so its backlog, stays.
+# A failed attempt: recorded, and, while this instance ($11) still holds the lease, the
+# retry scheduled at $8 and the lease given up. Failing since longer than $9 seconds
+# disables the endpoint; its cursor, and so its backlog, stays. No row: the lease was
+# lost, and whoever holds it now decides.
 WEBHOOK_FAILED: Final = """
 WITH attempt AS (
     INSERT INTO webhook_attempts
@@ -624,7 +626,7 @@ UPDATE webhook_endpoints AS e SET
     disabled_reason = CASE
         WHEN coalesce(e.failing_since, now()) > now() - make_interval(secs => $9) THEN NULL
         ELSE 'failing since ' || coalesce(e.failing_since, now())::text || ': ' || $10::text END
-WHERE e.id = $1
+WHERE e.id = $1 AND e.leased_by = $11
 RETURNING e.enabled, e.failures"""
 WEBHOOK_ATTEMPTS: Final = """
 SELECT id, message_id, doctor_id, version, event_type, status, ok, latency_ms, error,

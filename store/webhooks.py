@@ -347,8 +347,9 @@ async def failed(
     *,
     retry_at: datetime,
     disable_after_s: float,
-) -> bool:
-    """Record a failed attempt and when to retry; False when the endpoint was disabled."""
+) -> bool | None:
+    """Record a failed attempt and when to retry: whether the endpoint is still enabled,
+    or None if the lease had been lost meanwhile (its holder decides)."""
     row = await store.fetchrow(
         sql.WEBHOOK_FAILED,
         endpoint_id,
@@ -363,7 +364,7 @@ async def failed(
         attempt.error or "failed",
         instance,
     )
-    return bool(row and row["enabled"])
+    return None if row is None else bool(row["enabled"])
 
 
 async def backlog(store: Store) -> dict[int, tuple[int, float]]:
