@@ -34,6 +34,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -193,6 +194,23 @@ def retry_after(value: str | None, now: datetime) -> float | None:
     return max(0.0, (when - now).total_seconds())
 
 
+@dataclass(slots=True)
+class Skipped:
+    """Messages done with (sent, or not wanted) whose cursor move is not yet written."""
+
+    cursors: dict[int, int] = field(default_factory=dict)
+    replays: list[Message] = field(default_factory=list)
+
+    def add(self, message: Message, replayed: bool) -> None:
+        if replayed:
+            self.replays.append(message)
+        else:
+            self.cursors[message.doctor_id] = message.version
+
+    def __bool__(self) -> bool:
+        return bool(self.cursors or self.replays)
+
+
 # ---- the dispatcher ------------------------------------------------------------------------------
 
 
@@ -279,6 +297,9 @@ class Dispatcher:
                 queue = [(m, True) for m in batch.replays] + [(m, False) for m in batch.backlog]
                 if not queue:
                     return
+                # Changes the endpoint does not want move its cursor too, written with
+                # the next delivery (or at the end of the batch), not one by one.
+                skipped = Skipped()
                 for message, replayed in queue:
                     # Renewed well before it runs out; reading the row again also picks
                     # up an admin's changes (disabled, filters, a rotated secret).
@@ -290,26 +311,27 @@ class Dispatcher:
                             release = False
                             return
                         ep, renewed_at = fresh, time.monotonic()
-                    attempt = None
-                    if ep.wants(message.events) and (
-                        not ep.doctor_ids or message.doctor_id in ep.doctor_ids
+                    if not ep.wants(message.events) or (
+                        ep.doctor_ids and message.doctor_id not in ep.doctor_ids
                     ):
-                        attempt, wait = await self._send(ep, message)
-                        self._on_attempt(ep.id, attempt.ok)
-                        if not attempt.ok:
-                            release = False  # `failed` gives the lease up with the retry time
-                            await self._failed(ep, attempt, wait)
+                        skipped.add(message, replayed)
+                        continue
+                    attempt, wait = await self._send(ep, message)
+                    self._on_attempt(ep.id, attempt.ok)
+                    if not attempt.ok:
+                        release = False  # `failed` gives the lease up with the retry time
+                        if skipped and not await self._moved(ep, skipped, None):
                             return
-                    if not await webhooks.delivered(
-                        self.store,
-                        ep.id,
-                        self.instance,
-                        cursors={} if replayed else {message.doctor_id: message.version},
-                        replayed=[message] if replayed else [],
-                        attempt=attempt,
-                    ):
+                        await self._failed(ep, attempt, wait)
+                        return
+                    skipped.add(message, replayed)
+                    if not await self._moved(ep, skipped, attempt):
                         release = False  # the lease was lost: another instance goes on
                         return
+                    skipped = Skipped()
+                if skipped and not await self._moved(ep, skipped, None):
+                    release = False
+                    return
         except StoreError as exc:
             log.warning("webhooks: endpoint %s paused: %s", ep.id, exc.message)
         except Exception:
@@ -318,6 +340,16 @@ class Dispatcher:
             if release:
                 with contextlib.suppress(StoreError):
                     await webhooks.release(self.store, ep.id, self.instance)
+
+    async def _moved(self, ep: Endpoint, done: Skipped, attempt: Attempt | None) -> bool:
+        return await webhooks.delivered(
+            self.store,
+            ep.id,
+            self.instance,
+            cursors=done.cursors,
+            replayed=done.replays,
+            attempt=attempt,
+        )
 
     async def _send(self, ep: Endpoint, message: Message) -> tuple[Attempt, float | None]:
         """One POST; the attempt, and the receiver's Retry-After in seconds if it gave one."""

@@ -556,7 +556,8 @@ WEBHOOK_RELEASE: Final = """
 UPDATE webhook_endpoints SET leased_by = NULL, lease_until = NULL
 WHERE id = $1 AND leased_by = $2"""
 # The next changes past endpoint $1's cursors, at most $3 per doctor and $4 in all, for
-# the doctors it follows ($2; empty: all). Each doctor's in version order.
+# the doctors it follows ($2; empty: all). Each doctor's in version order; the doctors
+# whose oldest waiting change is oldest first, so a busy doctor never starves the others.
 WEBHOOK_BACKLOG_NEXT: Final = """
 SELECT c.doctor_id, c.version, c.public, c.private, c.created_at
 FROM doctors d
@@ -568,7 +569,7 @@ CROSS JOIN LATERAL (
 ) c
 WHERE d.version > coalesce(w.version, 0)
   AND (cardinality($2::int[]) = 0 OR d.id = ANY($2::int[]))
-ORDER BY c.doctor_id, c.version
+ORDER BY min(c.created_at) OVER (PARTITION BY c.doctor_id), c.doctor_id, c.version
 LIMIT $4"""
 # Changes an admin asked to send again, oldest version first per doctor.
 WEBHOOK_REPLAYS_NEXT: Final = """
