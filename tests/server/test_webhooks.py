@@ -87,6 +87,15 @@ async def test_each_doctors_changes_arrive_signed_and_in_order(
     assert appointment["patient_id"] in {"alice", "bob"}
     assert first["data"]["doctor_id"] in {doctor.id, other.id}
     assert receiver.deliveries[0].id.startswith("msg_")
+    # A doctor created later is followed from its first version; the kinds the endpoint
+    # did not ask for (its slots opening) move the cursor without a request.
+    await seed_doctor(store, name="Dr. Later")
+
+    async def caught_up() -> bool:
+        return (await webhooks.backlog(store))[created["id"]] == (0, 0.0)
+
+    await eventually(caught_up, what="the unwanted changes skipped")
+    assert len(receiver.deliveries) == 12
     # The secret is shown once: never in a listing or a read.
     listed = await (await client.get("/api/webhooks", headers=ADMIN)).json()
     assert "secret" not in listed["endpoints"][0]
