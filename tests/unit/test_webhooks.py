@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 from standardwebhooks import Webhook
 
-from server.webhooks import backoff_s, headers_for, public_address, retry_after
+from server.webhooks import (
+    GuardedResolver,
+    RefusedAddress,
+    backoff_s,
+    headers_for,
+    public_address,
+    retry_after,
+)
 from store.webhooks import KNOWN_EVENTS, Endpoint, Message, event_types, new_secret
 
 NOW = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
@@ -128,3 +135,16 @@ def test_filters_pick_event_types() -> None:
     picky = endpoint(event_types=["appointment.cancelled"])
     assert picky.wants(["appointment.booked", "appointment.cancelled"])
     assert not picky.wants(["appointment.booked"])
+
+
+async def test_the_resolver_refuses_a_name_that_points_inward_when_connecting() -> None:
+    """Checked on the addresses actually used, so a name re-pointed after registration
+    (DNS rebinding) is refused too."""
+    resolver = GuardedResolver()
+    try:
+        with pytest.raises(RefusedAddress):
+            await resolver.resolve("localhost", 80)
+        with pytest.raises(RefusedAddress):
+            await resolver.resolve("127.0.0.1", 80)
+    finally:
+        await resolver.close()
