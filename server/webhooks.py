@@ -229,6 +229,15 @@ class Dispatcher:
         self._serving: dict[int, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._http: aiohttp.ClientSession | None = None
+        self._away = False  # the last claim failed: said once, not every poll
+        if settings.webhook_timeout_s * 3 > settings.webhook_lease_s:
+            # Renewed every third of the lease, between sends: a send longer than the
+            # rest of it lets another instance take the endpoint while one is in flight.
+            log.warning(
+                "SLOTCAST_WEBHOOK_LEASE_S (%g) should exceed 3 x SLOTCAST_WEBHOOK_TIMEOUT_S (%g)",
+                settings.webhook_lease_s,
+                settings.webhook_timeout_s,
+            )
 
     def wake(self, _: Any = None) -> None:
         """A commit here: look for work now rather than at the next poll (only queues)."""
@@ -271,8 +280,13 @@ class Dispatcher:
                 serving=list(self._serving),
             )
         except StoreError as exc:
-            log.warning("webhooks: could not claim endpoints: %s", exc.message)
+            if not self._away:
+                self._away = True
+                log.warning("webhooks: paused, could not claim endpoints: %s", exc.message)
             return
+        if self._away:
+            self._away = False
+            log.info("webhooks: resumed")
         for ep in claimed:
             task = asyncio.create_task(self._serve(ep), name=f"webhook-{ep.id}")
             self._serving[ep.id] = task
