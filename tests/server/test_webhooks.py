@@ -138,7 +138,7 @@ async def test_a_failing_hanging_then_absent_receiver_loses_nothing(
 async def test_a_slow_endpoint_never_holds_up_a_healthy_one(
     client: AppClient, store: Store, doctor: SeededDoctor, receiver: Receiver
 ) -> None:
-    slow = Receiver(delay_s=0.2)
+    slow = Receiver(delay_s=0.3)
     await slow.start()
     try:
         await register(client, slow)
