@@ -40,6 +40,7 @@ from server.keys import (
     STATE,
     STORE,
     VERIFIER,
+    WEBHOOKS,
     ServerState,
 )
 from server.lifecycle import close_connections
@@ -50,6 +51,7 @@ from server.rooms import Rooms
 from server.routes import setup_routes
 from server.service import Clock, Scheduling, utcnow
 from server.settings import Settings
+from server.webhooks import Dispatcher, measure
 from store import demo, embedded
 from store.broker import open_broker
 from store.changes import Change
@@ -98,7 +100,7 @@ def create_app(settings: Settings, *, clock: Clock = utcnow) -> web.Application:
     )
     app[STATE] = ServerState()
     app.cleanup_ctx.extend(
-        [database, replicas, broker, protection, publishing, services, upkeep, pruning]
+        [database, replicas, broker, protection, publishing, services, upkeep, pruning, delivering]
     )
     app.on_shutdown.append(close_connections)
     app.on_response_prepare.append(stamp_instance)
@@ -131,7 +133,7 @@ async def database(app: web.Application) -> AsyncIterator[None]:
         statement_timeout_ms=settings.statement_timeout_ms,
         timeout_ms=settings.db_timeout_ms,
         acquire_timeout_ms=settings.db_acquire_timeout_ms,
-        on_commit=_counted(app[METRICS], app[REPLICAS], app[OUTBOX].enqueue),
+        on_commit=_counted(app[METRICS], app[REPLICAS], app[OUTBOX].enqueue, _wake_webhooks(app)),
     ) as store:
         app[STORE] = store
         if settings.demo:
@@ -270,17 +272,64 @@ async def measure_relay_lag(app: web.Application) -> None:
 
 
 def _counted(
-    metrics: Metrics, replicas: Replicas, enqueue: Callable[[list[Change]], None]
+    metrics: Metrics,
+    replicas: Replicas,
+    enqueue: Callable[[list[Change]], None],
+    wake: Callable[[], None] | None = None,
 ) -> Callable[[list[Change]], None]:
-    """The commit hook, counting bookings and cancellations on the way to the outbox, and
-    telling the replicas' fence what this instance committed (read your own writes)."""
+    """The commit hook, counting bookings and cancellations on the way to the outbox,
+    telling the replicas' fence what this instance committed (read your own writes), and
+    nudging webhook delivery (which reads the change log, never these changes)."""
 
     def on_commit(changes: list[Change]) -> None:
         metrics.committed(changes)
         replicas.committed(changes)
         enqueue(changes)
+        if wake is not None:
+            wake()
 
     return on_commit
+
+
+def _wake_webhooks(app: web.Application) -> Callable[[], None]:
+    def wake() -> None:
+        dispatcher = app.get(WEBHOOKS)
+        if dispatcher is not None:
+            dispatcher.wake()
+
+    return wake
+
+
+# How often the webhook gauges (backlog, oldest undelivered) are read from the database.
+WEBHOOK_GAUGES_EVERY_S = 5.0
+
+
+async def delivering(app: web.Application) -> AsyncIterator[None]:
+    """Webhook delivery from the change log, in tasks of its own (server/webhooks.py)."""
+    store, metrics, settings = app[STORE], app[METRICS], app[SETTINGS]
+
+    def attempted(endpoint_id: int, ok: bool) -> None:
+        metrics.webhook_attempts.labels(str(endpoint_id)).inc()
+        if not ok:
+            metrics.webhook_failures.labels(str(endpoint_id)).inc()
+
+    dispatcher = Dispatcher(store, settings, on_attempt=attempted)
+    app[WEBHOOKS] = dispatcher
+    tasks = [
+        asyncio.create_task(dispatcher.run(), name="webhooks"),
+        asyncio.create_task(
+            every(
+                WEBHOOK_GAUGES_EVERY_S,
+                lambda: measure(store, metrics.webhook_backlog_is),
+                "webhook gauges",
+            ),
+            name="webhook-gauges",
+        ),
+    ]
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def outbox_stats(app: web.Application) -> tuple[int, int]:

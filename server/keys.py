@@ -20,6 +20,7 @@ from server.rooms import Rooms
 from server.service import Clock, Scheduling
 from server.session import Session
 from server.settings import Settings
+from server.webhooks import Dispatcher
 from store.broker import Broker
 from store.outbox import Outbox
 from store.pool import Store
@@ -52,3 +53,5 @@ REPLICAS = web.AppKey("replicas", Replicas)
 VERIFIER = web.AppKey("verifier", Verifier)
 # One session per open WebSocket: what a drain closes and `slotcast_connections` counts.
 CONNECTIONS: web.AppKey[set[Session]] = web.AppKey("connections")
+# Webhook delivery (server.webhooks): woken by this instance's commits.
+WEBHOOKS = web.AppKey("webhooks", Dispatcher)

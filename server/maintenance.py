@@ -40,6 +40,7 @@ def retention_of(settings: Settings) -> Retention:
         audit=timedelta(days=settings.audit_retention_days),
         ended_holds=timedelta(seconds=settings.ended_hold_retention_s),
         cooldown=timedelta(seconds=settings.rehold_cooldown_s),
+        webhook_attempts=timedelta(seconds=settings.webhook_attempt_retention_s),
         batch=settings.prune_batch,
     )
 

@@ -196,6 +196,7 @@ class Metrics:
             "1 if the database answered the probe at the last scrape",
             registry=r,
         )
+        self._webhooks(r)
         self.readings = Readings()
         r.register(self.readings)
         self.replica_readings = ReplicaReadings(lambda: NO_REPLICAS)
@@ -204,6 +205,43 @@ class Metrics:
         ProcessCollector(registry=r)
         r.register(PLATFORM_COLLECTOR)
         r.register(GC_COLLECTOR)
+
+    def _webhooks(self, r: CollectorRegistry) -> None:
+        """Per endpoint (by id): what waits, how old it is, how delivery goes."""
+        self.webhook_backlog = Gauge(
+            "slotcast_webhook_backlog",
+            "Changes past a webhook endpoint's cursors, and replays queued",
+            ["endpoint"],
+            registry=r,
+        )
+        self.webhook_oldest = Gauge(
+            "slotcast_webhook_oldest_undelivered_seconds",
+            "Age of the oldest change a webhook endpoint has not been sent (0: none)",
+            ["endpoint"],
+            registry=r,
+        )
+        self.webhook_attempts = Counter(
+            "slotcast_webhook_attempts",
+            "Webhook deliveries tried by this instance",
+            ["endpoint"],
+            registry=r,
+        )
+        self.webhook_failures = Counter(
+            "slotcast_webhook_failures",
+            "Webhook deliveries that failed (error, timeout, or a status other than 2xx)",
+            ["endpoint"],
+            registry=r,
+        )
+
+    def webhook_backlog_is(self, found: dict[int, tuple[int, float]]) -> None:
+        """Set the gauges to the database's reading; endpoints gone lose their series."""
+        for family in (self.webhook_backlog, self.webhook_oldest):
+            for labels in list(family._metrics):  # prometheus_client's own list
+                if int(labels[0]) not in found:
+                    family.remove(*labels)
+        for endpoint_id, (count, oldest) in found.items():
+            self.webhook_backlog.labels(str(endpoint_id)).set(count)
+            self.webhook_oldest.labels(str(endpoint_id)).set(oldest)
 
     def committed(self, changes: list[Change]) -> None:
         """Count what this instance committed (the store's commit hook): once per commit,

@@ -217,6 +217,30 @@ class Settings:
     # current again; each replica is checked every replica_check_s.
     replica_max_lag_ms: int = 1000
     replica_check_s: float = 1.0
+    # ---- webhooks (server/webhooks.py; docs/webhooks.md) ----
+    # Every instance looks for endpoints with work every webhook_poll_s (sooner after a
+    # commit of its own) and delivers to at most webhook_concurrency at once, each one
+    # leased for webhook_lease_s and renewed while it works: a dead instance's endpoints
+    # move to another once that has run out.
+    webhook_poll_s: float = 1.0
+    webhook_concurrency: int = 16
+    webhook_lease_s: float = 30.0
+    # One delivery (connect, send, answer) may take this long before it counts as failed.
+    webhook_timeout_s: float = 10.0
+    # Retries: capped exponential backoff with jitter from webhook_retry_base_s up to
+    # webhook_retry_max_s (a receiver's Retry-After is honoured up to that cap). An
+    # endpoint failing for webhook_disable_after_s is disabled; its backlog is kept.
+    webhook_retry_base_s: float = 5.0
+    webhook_retry_max_s: float = 600.0
+    webhook_disable_after_s: float = 259200.0
+    # After a rotation, the previous secret signs beside the new one this long.
+    webhook_rotation_overlap_s: float = 86400.0
+    # Endpoint URLs resolving to loopback, link-local or private addresses are refused
+    # (server-side request forgery) unless this is on (tests, a clinic's own network).
+    webhook_allow_private: bool = False
+    webhook_max_endpoints: int = 100
+    # Delivery attempts (the REST view) are pruned after this long, with the rest.
+    webhook_attempt_retention_s: float = 2592000.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

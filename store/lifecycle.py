@@ -7,7 +7,8 @@ and only through `_maintenance`, which names itself in the transaction-local set
 - **prune** deletes change records older than the audit period, idempotency keys
   older than their retention (24 h by default, as payment APIs keep theirs) and the
   rows of holds that ended without a booking once the re-hold cool-down cannot need
-  them (their story stays in the change log). It runs in bounded batches, each one
+  them (their story stays in the change log), and webhook delivery attempts older
+  than theirs (a month by default). It runs in bounded batches, each one
   short transaction that first tries an advisory lock, so one instance prunes at a
   time and none ever waits for another. A client resuming from a pruned version gets
   a fresh snapshot: `Scheduling.missed` replays only a complete run of versions.
@@ -16,7 +17,10 @@ and only through `_maintenance`, which names itself in the transaction-local set
   doctor concerned and the patient's own: rows are rewritten, never deleted, so each
   doctor's versions stay gap-free and the audit still tells what happened, to someone
   no longer named. `ERASERS` lists every table that names a patient; a table added
-  later (a webhook backlog) joins erasure by adding its step there.
+  later joins erasure by adding its step there. The webhook tables (store.webhooks)
+  need none: a webhook's backlog is the change log past the endpoint's cursor and its
+  payload is built from the change record when sent, so rewriting `changes` erases
+  the patient from every message not yet sent; attempts keep no payload.
 
 Settings (`Retention`) and the operator's view are in docs/operations.md, "Retention
 and erasure".
@@ -52,6 +56,7 @@ class Retention:
     idempotency_keys: timedelta = timedelta(hours=24)
     audit: timedelta = timedelta(days=400)
     ended_holds: timedelta = timedelta(hours=24)
+    webhook_attempts: timedelta = timedelta(days=30)
     # Never shorter than this for ended holds: the re-hold cool-down reads them.
     cooldown: timedelta = timedelta(0)
     batch: int = 1000
@@ -70,7 +75,12 @@ class Pruned:
     """Rows deleted, per kind; `busy` when another instance held the prune lock."""
 
     counts: dict[str, int] = field(
-        default_factory=lambda: {"changes": 0, "idempotency_keys": 0, "ended_holds": 0}
+        default_factory=lambda: {
+            "changes": 0,
+            "idempotency_keys": 0,
+            "ended_holds": 0,
+            "webhook_attempts": 0,
+        }
     )
     busy: bool = False
 
@@ -107,6 +117,7 @@ async def prune(
             sql.PRUNE_ENDED_HOLDS,
             now - max(retention.ended_holds, retention.cooldown),
         ),
+        "webhook_attempts": (sql.PRUNE_WEBHOOK_ATTEMPTS, now - retention.webhook_attempts),
     }
     done = Pruned()
     left = set(cutoffs)
@@ -196,7 +207,8 @@ async def _erase_idempotency_keys(
 
 
 # Every table that names a patient, in the order erasure visits them. A new table that
-# names patients (a webhook backlog) adds its step here, and erasure covers it.
+# names patients adds its step here, and erasure covers it. (The webhook tables name
+# none: their backlog is this change log, see store.webhooks.)
 ERASERS: dict[str, Eraser] = {
     "appointments": _erase_appointments,
     "changes": _erase_changes,

@@ -491,6 +491,10 @@ PRUNE_CHANGES: Final = """
 DELETE FROM changes WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM changes WHERE created_at < $1
     LIMIT $2 FOR UPDATE SKIP LOCKED))"""
+PRUNE_WEBHOOK_ATTEMPTS: Final = """
+DELETE FROM webhook_attempts WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM webhook_attempts WHERE attempted_at < $1
+    LIMIT $2 FOR UPDATE SKIP LOCKED))"""
 # Holds that ended without a booking (released or lapsed) and that nothing points at. The
 # change log keeps their story; the row was only needed for the re-hold cool-down.
 PRUNE_ENDED_HOLDS: Final = """
@@ -538,3 +542,179 @@ PRIMARY_WAL_POSITION: Final = "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"
 # A replica's replayed WAL position (NULL on a server that is not a standby).
 REPLICA_REPLAY_POSITION: Final = """
 SELECT pg_is_in_recovery() AS standby, pg_last_wal_replay_lsn() - '0/0'::pg_lsn AS replayed"""
+
+# ---- webhooks (store/webhooks.py; migration 0007) ------------------------------------------------
+
+WEBHOOK_COLUMNS: Final = """
+e.id, e.url, e.description, e.event_types, e.doctor_ids, e.secret, e.previous_secret,
+e.previous_until, e.enabled, e.disabled_reason, e.created_at, e.updated_at, e.failing_since,
+e.failures, e.next_attempt_at"""
+WEBHOOK_COUNT: Final = "SELECT count(*) FROM webhook_endpoints"
+# A new endpoint starts at every doctor's current version: it hears what happens from now.
+WEBHOOK_CREATE: Final = f"""
+WITH e AS (
+    INSERT INTO webhook_endpoints (url, description, event_types, doctor_ids, secret)
+    VALUES ($1, $2, $3, $4, $5)
+    RETURNING *
+), cursors AS (
+    INSERT INTO webhook_cursors (endpoint_id, doctor_id, version)
+    SELECT e.id, d.id, d.version FROM e, doctors d
+)
+SELECT {WEBHOOK_COLUMNS} FROM e"""
+WEBHOOK_LIST: Final = f"SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints e ORDER BY e.id"
+WEBHOOK_GET: Final = f"SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints e WHERE e.id = $1"
+# Enabling again clears the failure state, so the backlog is tried at once.
+WEBHOOK_UPDATE: Final = f"""
+UPDATE webhook_endpoints AS e SET
+    url = coalesce($2, e.url),
+    description = coalesce($3, e.description),
+    event_types = coalesce($4, e.event_types),
+    doctor_ids = coalesce($5, e.doctor_ids),
+    enabled = coalesce($6, e.enabled),
+    disabled_reason = CASE WHEN $6 IS NULL THEN e.disabled_reason
+                           WHEN $6 THEN NULL ELSE 'disabled by an admin' END,
+    failing_since = CASE WHEN $6 THEN NULL ELSE e.failing_since END,
+    failures = CASE WHEN $6 THEN 0 ELSE e.failures END,
+    next_attempt_at = CASE WHEN $6 THEN NULL ELSE e.next_attempt_at END,
+    updated_at = now()
+WHERE e.id = $1
+RETURNING {WEBHOOK_COLUMNS}"""
+WEBHOOK_DELETE: Final = "DELETE FROM webhook_endpoints WHERE id = $1"
+# The new secret signs at once; the previous one signs beside it until $3.
+WEBHOOK_ROTATE: Final = f"""
+UPDATE webhook_endpoints AS e SET
+    previous_secret = e.secret, previous_until = $3, secret = $2, updated_at = now()
+WHERE e.id = $1
+RETURNING {WEBHOOK_COLUMNS}"""
+# Lease up to $3 enabled endpoints that are due (not backing off) and that no live
+# instance holds ($1 = this instance, $2 = lease seconds), never waiting on a row another
+# instance is leasing at the same moment. $4: the ones this instance already serves.
+WEBHOOK_CLAIM: Final = f"""
+UPDATE webhook_endpoints AS e SET leased_by = $1, lease_until = now() + make_interval(secs => $2)
+WHERE e.id IN (
+    SELECT c.id FROM webhook_endpoints c
+    WHERE c.enabled AND c.id <> ALL($4::bigint[])
+      AND (c.next_attempt_at IS NULL OR c.next_attempt_at <= now())
+      AND (c.lease_until IS NULL OR c.lease_until < now() OR c.leased_by = $1)
+    ORDER BY c.id LIMIT $3
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING {WEBHOOK_COLUMNS}"""
+# Keep the lease and read the endpoint afresh (secrets, filters, enabled); no row: lost.
+WEBHOOK_RENEW: Final = f"""
+UPDATE webhook_endpoints AS e SET lease_until = now() + make_interval(secs => $3)
+WHERE e.id = $1 AND e.leased_by = $2 AND e.enabled
+RETURNING {WEBHOOK_COLUMNS}"""
+WEBHOOK_RELEASE: Final = """
+UPDATE webhook_endpoints SET leased_by = NULL, lease_until = NULL
+WHERE id = $1 AND leased_by = $2"""
+# The next changes past endpoint $1's cursors, at most $3 per doctor and $4 in all, for
+# the doctors it follows ($2; empty: all). Each doctor's in version order; the doctors
+# whose oldest waiting change is oldest first, so a busy doctor never starves the others.
+WEBHOOK_BACKLOG_NEXT: Final = """
+SELECT c.doctor_id, c.version, c.public, c.private, c.created_at
+FROM doctors d
+LEFT JOIN webhook_cursors w ON w.endpoint_id = $1 AND w.doctor_id = d.id
+CROSS JOIN LATERAL (
+    SELECT * FROM changes c
+    WHERE c.doctor_id = d.id AND c.version > coalesce(w.version, 0)
+    ORDER BY c.version LIMIT $3
+) c
+WHERE d.version > coalesce(w.version, 0)
+  AND (cardinality($2::int[]) = 0 OR d.id = ANY($2::int[]))
+ORDER BY min(c.created_at) OVER (PARTITION BY c.doctor_id), c.doctor_id, c.version
+LIMIT $4"""
+# Changes an admin asked to send again, oldest version first per doctor.
+WEBHOOK_REPLAYS_NEXT: Final = """
+SELECT c.doctor_id, c.version, c.public, c.private, c.created_at
+FROM webhook_replays r
+JOIN changes c ON c.doctor_id = r.doctor_id AND c.version = r.version
+WHERE r.endpoint_id = $1
+ORDER BY r.doctor_id, r.version
+LIMIT $2"""
+# A replayed change whose record was pruned meanwhile has nothing left to send.
+WEBHOOK_REPLAYS_ORPHANED: Final = """
+DELETE FROM webhook_replays r WHERE r.endpoint_id = $1 AND NOT EXISTS (
+    SELECT 1 FROM changes c WHERE c.doctor_id = r.doctor_id AND c.version = r.version)"""
+# Delivered (or not wanted): move the cursors ($2 doctors, $3 versions) and drop replay rows
+# ($4 doctors, $5 versions), only while this instance ($6) still holds the lease; record
+# the attempt if one was made ($7 IS NOT NULL) and clear the failure state. `held` false:
+# the lease was lost, and the caller stops.
+WEBHOOK_DELIVERED: Final = """
+WITH held AS (
+    UPDATE webhook_endpoints SET failing_since = NULL, failures = 0, next_attempt_at = NULL
+    WHERE id = $1 AND leased_by = $6
+    RETURNING id
+), moved AS (
+    INSERT INTO webhook_cursors (endpoint_id, doctor_id, version)
+    SELECT held.id, t.d, t.v FROM held, unnest($2::int[], $3::bigint[]) AS t(d, v)
+    ON CONFLICT (endpoint_id, doctor_id)
+    DO UPDATE SET version = greatest(webhook_cursors.version, excluded.version)
+), replayed AS (
+    DELETE FROM webhook_replays r USING held, unnest($4::int[], $5::bigint[]) AS t(d, v)
+    WHERE r.endpoint_id = held.id AND r.doctor_id = t.d AND r.version = t.v
+), attempt AS (
+    INSERT INTO webhook_attempts
+        (endpoint_id, message_id, doctor_id, version, event_type, status, ok, latency_ms,
+         instance)
+    SELECT held.id, $7, $8, $9, $10, $11, true, $12, $6 FROM held WHERE $7::text IS NOT NULL
+)
+SELECT EXISTS (SELECT 1 FROM held) AS held"""
+# A failed attempt: recorded, and, while this instance ($11) still holds the lease, the
+# retry scheduled at $8 and the lease given up. Failing since longer than $9 seconds
+# disables the endpoint; its cursor, and so its backlog, stays. No row: the lease was
+# lost, and whoever holds it now decides.
+WEBHOOK_FAILED: Final = """
+WITH attempt AS (
+    INSERT INTO webhook_attempts
+        (endpoint_id, message_id, doctor_id, version, event_type, status, ok, latency_ms, error,
+         instance)
+    VALUES ($1, $2, $3, $4, $5, $6::int, false, $7::float8, $10::text, $11)
+)
+UPDATE webhook_endpoints AS e SET
+    failures = e.failures + 1,
+    failing_since = coalesce(e.failing_since, now()),
+    next_attempt_at = $8,
+    leased_by = NULL, lease_until = NULL,
+    enabled = coalesce(e.failing_since, now()) > now() - make_interval(secs => $9),
+    disabled_reason = CASE
+        WHEN coalesce(e.failing_since, now()) > now() - make_interval(secs => $9) THEN NULL
+        ELSE 'failing since ' || coalesce(e.failing_since, now())::text || ': ' || $10::text END
+WHERE e.id = $1 AND e.leased_by = $11
+RETURNING e.enabled, e.failures"""
+WEBHOOK_ATTEMPTS: Final = """
+SELECT id, message_id, doctor_id, version, event_type, status, ok, latency_ms, error,
+       instance, attempted_at
+FROM webhook_attempts
+WHERE endpoint_id = $1 AND id < $2
+ORDER BY id DESC
+LIMIT $3"""
+# Queue every change of the endpoint's doctors committed in [$2, $3) to be sent again, at
+# most $4 of them.
+WEBHOOK_REPLAY: Final = """
+WITH e AS (SELECT id, doctor_ids FROM webhook_endpoints WHERE id = $1), queued AS (
+    INSERT INTO webhook_replays (endpoint_id, doctor_id, version)
+    SELECT e.id, c.doctor_id, c.version FROM e JOIN changes c
+        ON cardinality(e.doctor_ids) = 0 OR c.doctor_id = ANY(e.doctor_ids)
+    WHERE c.created_at >= $2 AND c.created_at < $3
+    ORDER BY c.created_at LIMIT $4
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+SELECT count(*) FROM queued"""
+# Per endpoint: changes past its cursors (unwanted kinds included, which it skips) and
+# replays queued, and the age of the oldest of them (seconds, database clock).
+WEBHOOK_BACKLOG: Final = """
+SELECT e.id,
+       coalesce(sum(d.version - coalesce(w.version, 0)), 0)::bigint
+         + (SELECT count(*) FROM webhook_replays r WHERE r.endpoint_id = e.id) AS backlog,
+       coalesce(EXTRACT(EPOCH FROM now() - min(c.created_at)), 0)::float8 AS oldest_s
+FROM webhook_endpoints e
+LEFT JOIN doctors d
+    ON cardinality(e.doctor_ids) = 0 OR d.id = ANY(e.doctor_ids)
+LEFT JOIN webhook_cursors w ON w.endpoint_id = e.id AND w.doctor_id = d.id
+LEFT JOIN changes c ON c.doctor_id = d.id AND c.version = coalesce(w.version, 0) + 1
+WHERE d.id IS NULL OR d.version > coalesce(w.version, 0)
+GROUP BY e.id
+"""
+WEBHOOK_ENDPOINT_IDS: Final = "SELECT id FROM webhook_endpoints ORDER BY id"

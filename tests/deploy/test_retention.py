@@ -113,6 +113,7 @@ async def test_background_prune_and_an_erasure_leave_the_patients_socket_working
         "changes: 0 deleted",
         "idempotency_keys: 0 deleted",
         "ended_holds: 0 deleted",
+        "webhook_attempts: 0 deleted",
     ]
 
 

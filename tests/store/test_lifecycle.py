@@ -83,7 +83,12 @@ async def test_prune_deletes_each_kind_only_past_its_retention(
 
     # A day on: stored replies and the released hold's row go; the audit stays whole.
     day = await prune(store, retention, now=now + DAY + timedelta(minutes=1))
-    assert day.counts == {"changes": 0, "idempotency_keys": 2, "ended_holds": 1}
+    assert day.counts == {
+        "changes": 0,
+        "idempotency_keys": 2,
+        "ended_holds": 1,
+        "webhook_attempts": 0,
+    }
     after_day = await counts(db)
     assert after_day == {
         **before,
