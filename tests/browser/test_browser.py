@@ -1096,7 +1096,14 @@ WCAG_AA = {
 
 async def audit(page: Page) -> str:
     """axe-core's WCAG 2.1 AA violations on the page as it is now; empty when none."""
-    await page.evaluate("() => document.getAnimations().forEach(a => a.finish())")
+    # Finish what will finish (a fade mid-way has the contrast of neither end); an endless
+    # one (a spinner while reconnecting) cannot be finished, and is stopped instead.
+    await page.evaluate(
+        """() => document.getAnimations().forEach(a => {
+            const end = a.effect ? a.effect.getComputedTiming().endTime : Infinity;
+            if (Number.isFinite(end)) a.finish(); else a.cancel();
+        })"""
+    )
     results = await Axe().run(page, options=WCAG_AA)
     return results.generate_report() if results.violations_count else ""
 
