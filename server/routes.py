@@ -35,7 +35,7 @@ def setup_routes(app: web.Application, settings: Settings) -> None:
     origins = host_origins(settings.host_origins)
     for path, page in (("/", "index.html"), ("/doctor", "doctor.html")):
         if (static_dir / page).is_file():
-            r.add_get(path, _page(static_dir / page, origins, demo=settings.demo))
+            r.add_get(path, _page(static_dir / page, origins, settings))
     if static_dir.is_dir():
         r.add_static("/static/", static_dir, name="static")
 
@@ -62,10 +62,13 @@ _HOST_META = '<meta name="slotcast-host-origins" content="">'
 # Whether demo mode is on: the page asks the demo endpoints only then (a production page
 # that asked would get a 404 and log an error in every visitor's console).
 _DEMO_META = '<meta name="slotcast-demo" content="">'
+# The attendance window (`mark`, `unmark`), so the doctor's page offers a mark only when
+# the server would take it: minutes an arrival may be early, seconds a mark may be undone.
+_ATTENDANCE_META = '<meta name="slotcast-attendance" content="">'
 
 
 def _page(
-    file: Path, origins: list[str], *, demo: bool
+    file: Path, origins: list[str], settings: Settings
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
     html = file.read_text()
     for meta in (_HOST_META, _DEMO_META):
@@ -73,8 +76,10 @@ def _page(
             raise ValueError(f"{file} lacks {meta}")
     listed = " ".join(origins)
     html = html.replace(_HOST_META, f'<meta name="slotcast-host-origins" content="{listed}">')
-    mode = "on" if demo else "off"
+    mode = "on" if settings.demo else "off"
     html = html.replace(_DEMO_META, f'<meta name="slotcast-demo" content="{mode}">')
+    window = f"{settings.arrive_early_minutes} {settings.unmark_window_s:g}"
+    html = html.replace(_ATTENDANCE_META, f'<meta name="slotcast-attendance" content="{window}">')
     headers = {
         "Content-Security-Policy": " ".join([_CSP, *origins]),
         "Referrer-Policy": "no-referrer",

@@ -194,6 +194,8 @@ async def run(chromium: str, admin_dsn: str, workdir: Path) -> None:
             "SLOTCAST_JWT_SECRET": SECRET,
             "SLOTCAST_INSTANCE_ID": "screenshots",
             "SLOTCAST_DRAIN_GRACE_S": "0.2",
+            # The picture shows an arrival on a booking that may be days ahead.
+            "SLOTCAST_ARRIVE_EARLY_MINUTES": str(60 * 24 * 30),
         }
     )
     server = ServerProcess(

@@ -4,12 +4,22 @@
 // (dashboard.js: DayBook); this watches it, draws its rows and sends the
 // commands.
 
+import { serverNow } from "./clock.js";
 import { DayBook } from "./dashboard.js";
 import { dayLong, timeHM } from "./format.js";
 import { statusWords } from "./messages.js";
 import { el, reducedMotion } from "./ui.js";
 
 const DEFAULT_CANCEL_REASON = "Cancelled by the clinic";
+// The server's attendance window (SLOTCAST_ARRIVE_EARLY_MINUTES, SLOTCAST_UNMARK_WINDOW_S,
+// handed over in a meta tag): the page offers only what the server would accept; the
+// server still decides (`too_early`). Its defaults when the tag is missing.
+const [ARRIVE_EARLY_MS, UNDO_MS] = (() => {
+  const [minutes, seconds] = (document.querySelector('meta[name="slotcast-attendance"]')?.content ?? "")
+    .split(" ")
+    .map(Number);
+  return [(Number.isFinite(minutes) && minutes >= 0 ? minutes : 60) * 60_000, (seconds > 0 ? seconds : 600) * 1000];
+})();
 const SLOT_WORDS = { free: "Free", "busy-tentative": "Held", busy: "Booked", "busy-unavailable": "Blocked" };
 
 const $ = (selector) => document.querySelector(selector);
@@ -23,12 +33,15 @@ export function dayTimeline(page, { showZone, rememberCounts }) {
   const { intentions } = page;
   // What the rows show of this page's own actions (not the server's state):
   let cancelling = null; // appointment id whose cancel form is open
+  let confirmingNoshow = null; // appointment id whose no-show confirmation is open
   const busyRows = new Set(); // slot ids with a command in flight
+  const marked = new Map(); // appointment id -> when this page marked it (undo offered)
   const hm = (instant) => timeHM(instant, page.days.zone);
 
   /** The chosen day, shown afresh (no cancel form open). */
   function open() {
     cancelling = null;
+    confirmingNoshow = null;
     watch();
   }
 
@@ -110,7 +123,9 @@ export function dayTimeline(page, { showZone, rememberCounts }) {
       appointment?.status,
       conflict,
       cancelling === appointment?.id,
+      confirmingNoshow === appointment?.id,
       busyRows.has(slot.id),
+      appointment ? `${timeState(appointment)}:${undoable(appointment)}` : "",
     ].join("|");
   }
 
@@ -142,15 +157,32 @@ export function dayTimeline(page, { showZone, rememberCounts }) {
     if (!appointment && slot.status === "busy-unavailable") {
       actions.append(action("Unblock", `Unblock ${time}`, () => slotCommand("unblock", slot)));
     }
+    // Attendance only once its time has come: arrived from an hour before the start,
+    // no-show and fulfilled from the start. Before that the button says from when.
+    const state = appointment ? timeState(appointment) : "";
+    const timed = (text, label, opensAt, run, kind) => {
+      if (state === "early" || (state === "arrivable" && opensAt === "start")) {
+        const from = opensAt === "start" ? hm(appointment.start) : hm(Date.parse(appointment.start) - ARRIVE_EARLY_MS);
+        return el(
+          "button",
+          { type: "button", class: `btn btn-small ${kind}`, "aria-label": `${label} (from ${from})`, disabled: true, title: `From ${from}` },
+          text,
+        );
+      }
+      return action(text, label, run, kind);
+    };
     if (appointment?.status === "booked") {
       actions.append(
-        action("Arrived", `Mark ${time} arrived`, () => mark(appointment, "arrived"), "btn-primary"),
-        action("No-show", `Mark ${time} no-show`, () => mark(appointment, "noshow")),
+        timed("Arrived", `Mark ${time} arrived`, "early", () => mark(appointment, "arrived"), "btn-primary"),
+        timed("No-show", `Mark ${time} no-show`, "start", () => openNoshow(appointment), "btn-quiet"),
         action("Cancel", `Cancel ${time}`, () => openCancel(appointment)),
       );
     }
     if (appointment?.status === "arrived") {
-      actions.append(action("Fulfilled", `Mark ${time} fulfilled`, () => mark(appointment, "fulfilled"), "btn-primary"));
+      actions.append(timed("Fulfilled", `Mark ${time} fulfilled`, "start", () => mark(appointment, "fulfilled"), "btn-primary"));
+    }
+    if (appointment && undoable(appointment)) {
+      actions.append(action("Undo", `Undo ${statusWords(appointment.status).toLowerCase()} at ${time}`, () => unmark(appointment)));
     }
 
     const row = el(
@@ -166,7 +198,57 @@ export function dayTimeline(page, { showZone, rememberCounts }) {
       actions,
     );
     if (appointment && cancelling === appointment.id) row.append(cancelForm(appointment, time));
+    if (appointment && confirmingNoshow === appointment.id) row.append(noshowConfirm(appointment, time));
     return row;
+  }
+
+  /** "early" (no mark yet), "arrivable" (arrived only, before the start) or "open". */
+  function timeState(appointment) {
+    const now = serverNow();
+    const start = Date.parse(appointment.start);
+    if (now < start - ARRIVE_EARLY_MS) return "early";
+    return now < start ? "arrivable" : "open";
+  }
+
+  /** Marked from this page lately, and still as marked: the server would take it back. */
+  function undoable(appointment) {
+    const at = marked.get(appointment.id);
+    return Boolean(at && at.status === appointment.status && serverNow() - at.when < UNDO_MS);
+  }
+
+  function noshowConfirm(appointment, time) {
+    const yes = el(
+      "button",
+      { type: "button", class: "btn btn-small btn-danger", onclick: () => confirmNoshow(appointment) },
+      "Confirm no-show",
+    );
+    queueMicrotask(() => yes.isConnected && yes.focus());
+    return el(
+      "div",
+      { class: "cancel-form", role: "group", "aria-label": `Confirm no-show at ${time}` },
+      el("p", {}, `Mark ${appointment.patient_id} as a no-show at ${time}? The patient sees it at once.`),
+      el(
+        "div",
+        { class: "actions" },
+        yes,
+        el("button", { type: "button", class: "btn btn-small btn-quiet", onclick: closeNoshow }, "Keep as booked"),
+      ),
+    );
+  }
+
+  function openNoshow(appointment) {
+    confirmingNoshow = appointment.id;
+    render();
+  }
+
+  function closeNoshow() {
+    confirmingNoshow = null;
+    render();
+  }
+
+  async function confirmNoshow(appointment) {
+    confirmingNoshow = null;
+    await mark(appointment, "noshow");
   }
 
   function cancelForm(appointment, time) {
@@ -226,8 +308,23 @@ export function dayTimeline(page, { showZone, rememberCounts }) {
 
   const slotCommand = (type, slot) => run(slot.id, `${type}:${slot.id}`, type, { slot_id: slot.id });
 
-  const mark = (appointment, status) =>
-    run(appointment.slot_id, `mark:${appointment.id}:${status}`, "mark", { appointment_id: appointment.id, status });
+  async function mark(appointment, status) {
+    const done = await run(appointment.slot_id, `mark:${appointment.id}:${status}`, "mark", {
+      appointment_id: appointment.id,
+      status,
+    });
+    if (done) {
+      marked.set(appointment.id, { status, when: serverNow() });
+      setTimeout(render, UNDO_MS + 1000); // the Undo button goes when the server would refuse it
+    }
+  }
+
+  async function unmark(appointment) {
+    const done = await run(appointment.slot_id, `unmark:${appointment.id}:${appointment.status}`, "unmark", {
+      appointment_id: appointment.id,
+    });
+    if (done) marked.delete(appointment.id);
+  }
 
   async function cancel(appointment, reason) {
     if (!reason) return;

@@ -14,6 +14,7 @@ const KIND_WORDS = {
   "appointment.arrived": () => "arrived",
   "appointment.fulfilled": () => "fulfilled",
   "appointment.noshow": () => "no-show",
+  "appointment.unmarked": () => "mark undone",
   "slot.blocked": () => "blocked",
   "slot.unblocked": () => "unblocked",
   "slots.opened": () => "new slots opened",

@@ -19,7 +19,7 @@ import html
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
@@ -295,7 +295,10 @@ async def test_a_booking_shows_up_live_in_every_page_across_instances(
     pages: Pages,
 ) -> None:
     """Alice on instance 1 books; Bob on instance 2 and the doctor on 1 see each step live."""
-    s1, s2 = await start(spawn_server, "s1", "s2", broker_url=redis_url)
+    # A clinic that records arrivals days early: the first free slot may be tomorrow.
+    # The attendance window has a test of its own.
+    early = {"SLOTCAST_ARRIVE_EARLY_MINUTES": str(60 * 24 * 30)}
+    s1, s2 = await start(spawn_server, "s1", "s2", broker_url=redis_url, env=early)
     ada = await demo_doctor(http, s1, "Dr. Ada Moreau")
     doctor_tz = ada["timezone"]
 
@@ -1077,6 +1080,76 @@ async def test_cancelling_from_either_side_frees_the_slot_live(
     for slot_id in (mine_id, theirs_id):
         rows = await appointments(database_url, slot_id)
         assert [(r["patient_id"], r["status"]) for r in rows] == [("alice", "cancelled")]
+
+
+async def test_attendance_waits_for_its_time_asks_before_a_no_show_and_can_be_undone(
+    spawn_server: Spawn, http: aiohttp.ClientSession, database_url: str, pages: Pages
+) -> None:
+    """One booking whose time has come and one three days ahead, side by side on the
+    doctor's timeline. The clock cannot be moved under real processes, so the two
+    appointments' times are moved instead (their slots stay where the timeline shows them)."""
+    (server,) = await start(spawn_server, "s1")
+    ada = await demo_doctor(http, server, "Dr. Ada Moreau")
+    zone = ada["timezone"]
+    (now_id, now_at), (later_id, later_at) = await open_slots(http, server, ada, 2)
+    booked = []
+    for slot_id in (now_id, later_id):
+        reply = await post_json(
+            http,
+            f"{server.http_url}/api/appointments",
+            {"slot_id": slot_id, "idempotency_key": f"alice-{slot_id}"},
+            201,
+            headers={"Authorization": f"Bearer {token(Role.PATIENT, 'alice')}"},
+        )
+        booked.append(reply["appointment"]["id"])
+    now = datetime.now(UTC)
+    conn = await asyncpg.connect(database_url)
+    try:
+        for appointment_id, starts in zip(
+            booked, (now - timedelta(minutes=5), now + timedelta(days=3)), strict=True
+        ):
+            await conn.execute(
+                "UPDATE appointments SET starts_at = $2, ends_at = $2 + interval '30 minutes'"
+                " WHERE id = $1",
+                appointment_id,
+                starts,
+            )
+    finally:
+        await conn.close()
+
+    dash = await pages.open(doctor_url(server, ada["id"]), name="doctor")
+    timeline = await dashboard_day(dash, local(now_at, zone).date())
+    due, ahead = row(timeline, now_id), row(timeline, later_id)
+    due_time, ahead_time = f"{local(now_at, zone):%H:%M}", f"{local(later_at, zone):%H:%M}"
+
+    # Three days ahead: nothing to record yet, and the buttons say from when.
+    for what in ("arrived", "no-show"):
+        button = ahead.get_by_role("button", name=re.compile(rf"Mark {ahead_time} {what} \(from "))
+        await expect(button).to_be_disabled()
+
+    # The no-show asks first; keeping the booking sends nothing.
+    badge = due.locator(f'[data-appointment-id="{booked[0]}"]')
+    await due.get_by_role("button", name=f"Mark {due_time} no-show").click()
+    ask = due.get_by_role("group", name=f"Confirm no-show at {due_time}")
+    await expect(ask).to_contain_text("alice")
+    await ask.get_by_role("button", name="Keep as booked").click()
+    await expect(ask).to_have_count(0)
+    await expect(badge).to_have_attribute("data-status", "booked")
+
+    await due.get_by_role("button", name=f"Mark {due_time} no-show").click()
+    await due.get_by_role("button", name="Confirm no-show").click()
+    await expect(badge).to_have_attribute("data-status", "noshow")
+    rows = await appointments(database_url, now_id)
+    assert [(r["patient_id"], r["status"]) for r in rows] == [("alice", "noshow")]
+
+    # The wrong button after all: undone, live, and in the feed.
+    await due.get_by_role("button", name=f"Undo no-show at {due_time}").click()
+    await expect(badge).to_have_attribute("data-status", "booked")
+    await expect(due.get_by_role("button", name=re.compile("^Undo"))).to_have_count(0)
+    feed_top = dash.get_by_test_id("feed").locator("li").first
+    await expect(feed_top).to_contain_text("mark undone")
+    rows = await appointments(database_url, now_id)
+    assert [(r["patient_id"], r["status"]) for r in rows] == [("alice", "booked")]
 
 
 async def wait_for(predicate: Any, what: str) -> None:
