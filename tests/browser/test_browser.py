@@ -19,7 +19,7 @@ import html
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
@@ -1085,15 +1085,27 @@ async def test_cancelling_from_either_side_frees_the_slot_live(
 async def test_attendance_waits_for_its_time_asks_before_a_no_show_and_can_be_undone(
     spawn_server: Spawn, http: aiohttp.ClientSession, database_url: str, pages: Pages
 ) -> None:
-    """One booking whose time has come and one three days ahead, side by side on the
-    doctor's timeline. The clock cannot be moved under real processes, so the two
-    appointments' times are moved instead (their slots stay where the timeline shows them)."""
+    """A booking whose time has come and one days ahead, on the doctor's timeline. The
+    clock cannot be moved under real processes, so the first appointment's time is moved
+    instead, five minutes into the past (its slot stays where the timeline shows it)."""
     (server,) = await start(spawn_server, "s1")
     ada = await demo_doctor(http, server, "Dr. Ada Moreau")
     zone = ada["timezone"]
-    (now_id, now_at), (later_id, later_at) = await open_slots(http, server, ada, 2)
+    ((due_slot, due_at),) = await open_slots(http, server, ada, 1)
+    later = await get_json(
+        http,
+        f"{server.http_url}/api/doctors/{ada['id']}/slots",
+        params={
+            "start": (date.today() + timedelta(days=3)).isoformat(),
+            "end": (date.today() + timedelta(days=10)).isoformat(),
+        },
+    )
+    ahead_slot, ahead_start = next(
+        (s["id"], s["start"]) for s in later["slots"] if s["status"] == "free"
+    )
+    ahead_at = datetime.fromisoformat(ahead_start.replace("Z", "+00:00"))
     booked = []
-    for slot_id in (now_id, later_id):
+    for slot_id in (due_slot, ahead_slot):
         reply = await post_json(
             http,
             f"{server.http_url}/api/appointments",
@@ -1102,32 +1114,27 @@ async def test_attendance_waits_for_its_time_asks_before_a_no_show_and_can_be_un
             headers={"Authorization": f"Bearer {token(Role.PATIENT, 'alice')}"},
         )
         booked.append(reply["appointment"]["id"])
-    now = datetime.now(UTC)
     conn = await asyncpg.connect(database_url)
     try:
-        for appointment_id, starts in zip(
-            booked, (now - timedelta(minutes=5), now + timedelta(days=3)), strict=True
-        ):
-            await conn.execute(
-                "UPDATE appointments SET starts_at = $2, ends_at = $2 + interval '30 minutes'"
-                " WHERE id = $1",
-                appointment_id,
-                starts,
-            )
+        await conn.execute(
+            "UPDATE appointments SET starts_at = now() - interval '5 minutes',"
+            " ends_at = now() + interval '25 minutes' WHERE id = $1",
+            booked[0],
+        )
     finally:
         await conn.close()
 
     dash = await pages.open(doctor_url(server, ada["id"]), name="doctor")
-    timeline = await dashboard_day(dash, local(now_at, zone).date())
-    due, ahead = row(timeline, now_id), row(timeline, later_id)
-    due_time, ahead_time = f"{local(now_at, zone):%H:%M}", f"{local(later_at, zone):%H:%M}"
-
-    # Three days ahead: nothing to record yet, and the buttons say from when.
+    # Days ahead: nothing to record yet, and the buttons say from when.
+    timeline = await dashboard_day(dash, local(ahead_at, zone).date())
+    ahead, ahead_time = row(timeline, ahead_slot), f"{local(ahead_at, zone):%H:%M}"
     for what in ("arrived", "no-show"):
         button = ahead.get_by_role("button", name=re.compile(rf"Mark {ahead_time} {what} \(from "))
         await expect(button).to_be_disabled()
 
     # The no-show asks first; keeping the booking sends nothing.
+    timeline = await dashboard_day(dash, local(due_at, zone).date())
+    due, due_time = row(timeline, due_slot), f"{local(due_at, zone):%H:%M}"
     badge = due.locator(f'[data-appointment-id="{booked[0]}"]')
     await due.get_by_role("button", name=f"Mark {due_time} no-show").click()
     ask = due.get_by_role("group", name=f"Confirm no-show at {due_time}")
@@ -1139,7 +1146,7 @@ async def test_attendance_waits_for_its_time_asks_before_a_no_show_and_can_be_un
     await due.get_by_role("button", name=f"Mark {due_time} no-show").click()
     await due.get_by_role("button", name="Confirm no-show").click()
     await expect(badge).to_have_attribute("data-status", "noshow")
-    rows = await appointments(database_url, now_id)
+    rows = await appointments(database_url, due_slot)
     assert [(r["patient_id"], r["status"]) for r in rows] == [("alice", "noshow")]
 
     # The wrong button after all: undone, live, and in the feed.
@@ -1148,7 +1155,7 @@ async def test_attendance_waits_for_its_time_asks_before_a_no_show_and_can_be_un
     await expect(due.get_by_role("button", name=re.compile("^Undo"))).to_have_count(0)
     feed_top = dash.get_by_test_id("feed").locator("li").first
     await expect(feed_top).to_contain_text("mark undone")
-    rows = await appointments(database_url, now_id)
+    rows = await appointments(database_url, due_slot)
     assert [(r["patient_id"], r["status"]) for r in rows] == [("alice", "booked")]
 
 
