@@ -16,11 +16,12 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/slotcast serve --demo
 
-## System tools some tests need: HAProxy, Chromium and promtool, installed with apt-get when missing (as root).
+## System tools some tests need: HAProxy, Chromium, promtool and redis-server 7, installed with apt-get when missing (as root).
 tools: $(STAMP)
 	$(BIN)/python -c 'import sys; from testkit.tools import ensure_haproxy; r = []; p = ensure_haproxy(r); print(p or "haproxy unavailable (its test will skip): " + r[0], file=sys.stderr)'
 	$(BIN)/python -c 'import sys; from testkit.tools import ensure_chromium; r = []; p = ensure_chromium(r); print(p or "chromium unavailable (the browser tests will skip): " + r[0], file=sys.stderr)'
 	$(BIN)/python -c 'import sys; from testkit.tools import ensure_promtool; r = []; p = ensure_promtool(r); print(p or "promtool unavailable (the alert rules test will skip): " + r[0], file=sys.stderr)'
+	$(BIN)/python -c 'import sys; from testkit.tools import ensure_redis7; r = []; p = ensure_redis7(r); print(p or "redis-server 7 unavailable (the Redis Cluster tests will skip): " + r[0], file=sys.stderr)'
 
 ## Lint, type-check and run the whole suite (starts its own PostgreSQL and Redis).
 test: $(STAMP) tools
