@@ -504,12 +504,22 @@ class RedisCluster:
         return True
 
     def owner(self, key: str) -> int:
-        """The port of the master that owns `key`'s (or channel's) hash slot."""
-        slot = int(self.command(self.alive()[0], "cluster", "keyslot", key).strip())
-        for node in self.nodes():
-            if node.master and not node.failed and any(lo <= slot <= hi for lo, hi in node.slots):
-                return node.port
-        raise LookupError(f"no live master owns slot {slot}")
+        """The port of the master that owns `key`'s (or a channel's) hash slot."""
+        return self.owners([key])[key]
+
+    def owners(self, keys: list[str]) -> dict[str, int]:
+        """Each key's master's port, from one look at the cluster."""
+        from redis.crc import key_slot
+
+        masters = [n for n in self.nodes() if n.master and not n.failed]
+        found = {}
+        for key in keys:
+            slot = key_slot(key.encode())
+            port = next((n.port for n in masters if any(a <= slot <= b for a, b in n.slots)), None)
+            if port is None:
+                raise LookupError(f"no live master owns slot {slot}")
+            found[key] = port
+        return found
 
     def kill(self, port: int) -> None:
         """SIGKILL a node: no goodbye to its clients or its replica."""
