@@ -27,10 +27,11 @@ from store import reads
 from store.broker import Broker, ClusterURL, open_broker
 from store.constants import doctor_channel
 from store.counters import open_counters
+from store.errors import Unavailable
 from store.pool import Store
 from testkit import harness
 from testkit.fixtures import SeededDoctor, Spawn, token
-from testkit.harness import UNLIMITED, RedisCluster
+from testkit.harness import UNLIMITED, RedisCluster, free_port
 
 pytestmark = pytest.mark.processes
 
@@ -79,6 +80,20 @@ def test_cluster_urls_name_their_seeds_or_are_refused() -> None:
     for bad in ("redis+cluster://10.0.0.1", "redis+cluster://h:1/3", "redis+cluster://h:1?x=1"):
         with pytest.raises(ValueError, match=r"Redis Cluster|host:port"):
             ClusterURL.parse(bad)
+
+
+async def test_an_unreachable_cluster_is_unavailable_in_bounded_time() -> None:
+    """At start the broker waits (here: not at all) and refuses; a counter call fails
+    within its bound, as `unavailable`, like a single Redis's."""
+    url = f"redis+cluster://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(Unavailable):
+        async with open_broker(url, timeout_s=0.5):
+            pass
+    async with open_counters(url, timeout_s=0.5) as counters:
+        with pytest.raises(Unavailable):
+            await counters.hit(parse("3/minute"), "reads", "alice")
+    assert time.monotonic() - started < 5
 
 
 async def test_each_channel_lives_on_the_master_that_owns_its_slot(
