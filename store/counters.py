@@ -39,6 +39,7 @@ from store.errors import Unavailable
 
 RETRY_AFTER_S: Final = 1.0  # after a failure, how long calls fail fast before trying again
 POOL_SIZE: Final = 32  # Redis connections for counting, per instance
+WARM_UP_S: Final = 1.0  # reading a Redis Cluster's slot map before the first request
 
 T = TypeVar("T")
 
@@ -114,13 +115,20 @@ async def open_counters(url: str, *, timeout_s: float) -> AsyncIterator[Counters
             wrap_exceptions=True,
             **cluster_options(url, timeout_s=timeout_s),
         )
+        client = storage.bridge.storage  # type: ignore[attr-defined]
+        # The first call would read the slot map within a request's small bound, and a
+        # miss admits requests for RETRY_AFTER_S; read it now, best effort (an unreachable
+        # cluster is still found out per call).
+        with contextlib.suppress(RedisError, RedisClusterException, OSError):
+            async with asyncio.timeout(max(timeout_s, WARM_UP_S)):
+                await client.initialize()
         try:
             yield Counters(storage, "redis-cluster", timeout_s=timeout_s)
         finally:
             with contextlib.suppress(StorageError, RedisError, RedisClusterException, OSError):
                 async with asyncio.timeout(timeout_s):
                     # The library builds the cluster client and offers no close of its own.
-                    await storage.bridge.storage.aclose()  # type: ignore[attr-defined]
+                    await client.aclose()
         return
     if not url.startswith(("redis://", "rediss://")):
         counters = memory_counters()
