@@ -359,12 +359,6 @@ class ClusterURL:
     def auth(self) -> dict[str, Any]:
         return {"username": self.username, "password": self.password}
 
-    @property
-    def where(self) -> str:
-        host, port = self.nodes[0]
-        more = f" (+{len(self.nodes) - 1} seeds)" if len(self.nodes) > 1 else ""
-        return f"Redis Cluster at {host}:{port}{more}"
-
 
 def cluster_options(url: str, *, timeout_s: float) -> dict[str, Any]:
     """What the broker and the counters both give redis-py's `RedisCluster`."""
@@ -407,7 +401,7 @@ class RedisClusterBroker(Broker):
     ) -> None:
         super().__init__()
         self._url = ClusterURL.parse(url)
-        self.where = self._url.where
+        self.where = where_redis(url)
         self._timeout_s = timeout_s
         self._max_backoff = max_backoff
         self._cluster = RedisCluster(**cluster_options(url, timeout_s=timeout_s))
