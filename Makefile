@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/slotcast serve --demo
 
-## System tools some tests need: HAProxy, Chromium and promtool, installed with apt-get when missing (as root).
-## The deployment tests' too: PostgreSQL 15 and Redis 7 (Debian's), openssl, systemd-analyze, jq.
+## System tools some tests need: HAProxy, Chromium, promtool and redis-server 7, installed with apt-get when missing (as root).
+## The deployment tests' too: PostgreSQL 15 (Debian's), openssl, systemd-analyze, jq.
 tools: $(STAMP)
 	$(BIN)/python -c 'import sys; from testkit.tools import ensure_deploy_tools; r = ensure_deploy_tools(); print("\n".join(r) or "deployment tools: all present", file=sys.stderr)'
 	$(BIN)/python -c 'import sys; from testkit.tools import ensure_haproxy; r = []; p = ensure_haproxy(r); print(p or "haproxy unavailable (its test will skip): " + r[0], file=sys.stderr)'

@@ -56,7 +56,10 @@ def _parser() -> argparse.ArgumentParser:
         help="PostgreSQL DSN (default: embedded PostgreSQL); shown by `ps`: with a password, "
         "set SLOTCAST_DATABASE_URL_FILE instead",
     )
-    serve.add_argument("--broker-url", help="memory:// (default) or redis://host:port/0")
+    serve.add_argument(
+        "--broker-url",
+        help="memory:// (default), redis://host:port/0 or redis+cluster://host:port,host:port",
+    )
     serve.add_argument("--data-dir", type=Path, help="where embedded PostgreSQL keeps its data")
     serve.add_argument("--instance-id")
     serve.add_argument("--log-level")

@@ -26,18 +26,20 @@ from typing import Final, TypeVar
 
 import redis.asyncio as aioredis
 from limits import RateLimitItem
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.storage import MemoryStorage, RedisClusterStorage, RedisStorage, Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
+from store.broker import CLUSTER_SCHEME, cluster_options
 from store.constants import LIMIT_KEY_PREFIX
 from store.errors import Unavailable
 
 RETRY_AFTER_S: Final = 1.0  # after a failure, how long calls fail fast before trying again
 POOL_SIZE: Final = 32  # Redis connections for counting, per instance
+WARM_UP_S: Final = 1.0  # reading a Redis Cluster's slot map before the first request
 
 T = TypeVar("T")
 
@@ -76,7 +78,7 @@ class Counters:
         try:
             async with asyncio.timeout(self._timeout_s):
                 return await work()
-        except (StorageError, RedisError, OSError, TimeoutError) as exc:
+        except (StorageError, RedisError, RedisClusterException, OSError) as exc:
             self._down_until = time.monotonic() + RETRY_AFTER_S
             raise Unavailable(f"rate-limit counters unreachable: {exc!r}") from exc
 
@@ -97,11 +99,37 @@ def memory_counters() -> Counters:
 
 @contextlib.asynccontextmanager
 async def open_counters(url: str, *, timeout_s: float) -> AsyncIterator[Counters]:
-    """Counters shared through the Redis at `url` (a broker URL), or in process for memory://.
+    """Counters shared through the Redis (or Redis Cluster) at `url` (a broker URL), or in
+    process for memory://.
 
     Nothing is dialled here: an unreachable Redis is found out (and admitted) per call,
     so the server starts and serves whether or not its limiter's Redis is up.
     """
+    if url.startswith(CLUSTER_SCHEME):
+        # The library's sliding-window keys are `{key}` and `{key}/-1`: hash-tagged per
+        # identity, so its two-key script stays on one slot.
+        storage: Storage = RedisClusterStorage(
+            f"async+{url}",
+            implementation="redispy",
+            key_prefix=LIMIT_KEY_PREFIX,
+            wrap_exceptions=True,
+            **cluster_options(url, timeout_s=timeout_s),
+        )
+        client = storage.bridge.storage  # type: ignore[attr-defined]
+        # The first call would read the slot map within a request's small bound, and a
+        # miss admits requests for RETRY_AFTER_S; read it now, best effort (an unreachable
+        # cluster is still found out per call).
+        with contextlib.suppress(RedisError, RedisClusterException, OSError):
+            async with asyncio.timeout(max(timeout_s, WARM_UP_S)):
+                await client.initialize()
+        try:
+            yield Counters(storage, "redis-cluster", timeout_s=timeout_s)
+        finally:
+            with contextlib.suppress(StorageError, RedisError, RedisClusterException, OSError):
+                async with asyncio.timeout(timeout_s):
+                    # The library builds the cluster client and offers no close of its own.
+                    await client.aclose()
+        return
     if not url.startswith(("redis://", "rediss://")):
         counters = memory_counters()
         try:

@@ -24,9 +24,11 @@ from datetime import timedelta
 import asyncpg
 from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import AuthorizationError as RedisAuthorizationError
+from redis.exceptions import ClusterError as RedisClusterError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import TryAgainError as RedisTryAgainError
 
 from protocol.errors import ErrorCode, SlotcastError
 
@@ -154,7 +156,10 @@ def broker_transient(exc: BaseException) -> bool:
     """Whether `exc` says Redis is unavailable (rather than refusing our credentials)."""
     if isinstance(exc, RedisAuthenticationError | RedisAuthorizationError):
         return False
-    return isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError)
+    # A Redis Cluster part-way through a fail-over (down, a slot without a master, a
+    # node unreachable) says so in errors of its own: as transient as a restart.
+    cluster = RedisClusterError | RedisClusterException | RedisTryAgainError
+    return isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError | cluster)
 
 
 class _Quiet:
@@ -233,5 +238,5 @@ def broker_translated() -> Iterator[None]:
         raise
     except TimeoutError as exc:
         raise Unavailable("the broker did not answer in time") from exc
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         raise Unavailable(f"the broker is unavailable: {exc}") from exc

@@ -87,6 +87,10 @@ def where_postgres(dsn: str) -> str:
 
 def where_redis(url: str) -> str:
     """`Redis at host:port` (or `at socket /path`) from a broker URL."""
+    if url.startswith("redis+cluster://"):  # host:port,host:port...: the seeds
+        seeds = url.removeprefix("redis+cluster://").partition("/")[0].rpartition("@")[2]
+        first, *more = seeds.split(",")
+        return f"Redis Cluster at {first}" + (f" (+{len(more)} seeds)" if more else "")
     try:
         parts = urlsplit(url)
         if parts.scheme == "unix":

