@@ -39,7 +39,8 @@ export function feedText(delta, zone, today) {
   }
   const [actorRole, actorSubject] = (delta.actor ?? "").split(/:(.*)/s);
   const appointment = delta.appointments[0];
-  const who = appointment?.patient_id ?? actorSubject ?? "someone";
+  // The patient's display name (their token's `name`) when known, else their subject.
+  const who = appointment?.patient_name ?? appointment?.patient_id ?? actorSubject ?? "someone";
   const verbs = delta.kinds.map((kind) => (KIND_WORDS[kind] ?? (() => kind.replace(/[._]/g, " ")))(who, actorRole));
   const subject = appointment ?? (delta.slots.length === 1 ? delta.slots[0] : null);
   let when = "";
