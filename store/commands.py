@@ -300,9 +300,9 @@ async def reschedule(
 
     async def work(tx: Tx) -> Rescheduled:
         old = await steps.locked_appointment(tx, msg.appointment_id)
-        moving_away = new_doctor != old_doctor and (
-            actor.role is Role.DOCTOR or not actor.owns_doctor(new_doctor)
-        )
+        # A patient moves to any doctor; anyone else only to a doctor they may act for.
+        patient_self = actor.role is Role.PATIENT and actor.key is None
+        moving_away = not patient_self and not actor.owns_doctor(new_doctor)
         if not actor.may_manage(old) or moving_away or not _names(msg.patient_id, old):
             raise Forbidden("not your appointment")
         _behalf(tx, old)
