@@ -171,7 +171,10 @@ class ApiKeys:
         async def loop() -> None:
             while True:
                 await asyncio.sleep(self.touch_s)
-                await self.flush()
+                try:
+                    await self.flush()
+                except Exception:  # a bug must not end the writer: log it, go on
+                    log.exception("API keys: writing last use failed")
 
         task = asyncio.create_task(loop(), name="api-key-touch")
         try:

@@ -84,6 +84,7 @@ def handles(kind: type[M]) -> Callable[[Handler[M]], Handler[M]]:
 async def on_auth(session: Session, rid: RequestId, msg: Auth) -> None:
     identity = await session.verifier.verify(msg.token)
     logs.identify(identity)
+    session.api_key = None  # a token replaces the handshake's key, if there was one
     # Another identity leaves the private rooms joined as the previous one; the client
     # hears which (id null) before the reply, as after a token expiry.
     for notice in await session.authenticate(identity):

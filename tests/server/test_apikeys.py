@@ -318,3 +318,14 @@ async def test_a_patients_name_reaches_the_dashboard_and_webhooks_and_erasure_cl
         " WHERE a->>'patient_name' IS NOT NULL"
     )
     assert names == 0
+
+
+async def test_a_token_sent_after_a_key_replaces_it(client: AppClient) -> None:
+    created = await new_key(client, scopes=["admin"])
+    async with SlotcastClient.connect(ws_url(client), api_key=created["key"]) as ws:
+        with pytest.raises(ClientError) as as_key:  # a key is nobody's patient
+            await ws.my_appointments()
+        assert as_key.value.code is ErrorCode.FORBIDDEN
+        who = await ws.auth(token(Role.PATIENT, "hank", ttl=LONG))
+        assert (who.subject, who.role) == ("hank", Role.PATIENT)
+        assert await ws.my_appointments() == []
