@@ -200,10 +200,9 @@ async def book(
 
 def _name(actor: Actor, patient_id: str | None, given: str | None) -> str | None:
     """The display name stored with a new appointment: given by whoever acts for the
-    patient, else the patient's own token's `name` claim."""
-    if actor.on_behalf(patient_id):
-        return given
-    return given if given is not None and actor.name is None else actor.name
+    patient, else the patient's own token's `name` claim (a patient names themselves
+    only through their identity provider)."""
+    return given if actor.on_behalf(patient_id) else actor.name
 
 
 def _acting_for(tx: Tx, patient: str, patient_id: str | None, doctor_id: int) -> None:
