@@ -3,7 +3,8 @@
 A key reads `sk_<id>_<secret>`: the id is visible so that checking a key is one lookup
 by primary key, never a scan over hashes, and the secret is 32 random bytes
 (`secrets.token_urlsafe`), 256 bits. Only HMAC-SHA256(pepper, secret) is stored,
-compared with `hmac.compare_digest`. A password hash (argon2, bcrypt) is built to slow
+compared with `hmac.compare_digest` (with no pepper set, HMAC's key is empty: as
+strong as plain SHA-256 for such secrets). A password hash (argon2, bcrypt) is built to slow
 down guessing *low-entropy* secrets and would cost tens of milliseconds a request here
 for nothing: nobody guesses 256 random bits, so a fast keyed hash is the standard for
 API keys. The pepper (`SLOTCAST_API_KEY_PEPPER`) lives outside the database, so a
@@ -75,8 +76,10 @@ class ApiKeys:
         self.cache_size = max(1, cache_size)
         self.touch_s = touch_s
         self.clock = clock
-        # id -> (until, the key or None for "no such key"), least recently used first.
-        self._cache: OrderedDict[int, tuple[float, StoredKey | None]] = OrderedDict()
+        # id -> (until, the key), least recently used first. Unknown ids are not kept: a
+        # guess at the next id must not make the key created under it fail for a while
+        # (and guesses are paid for by the address's sign-in failures anyway).
+        self._cache: OrderedDict[int, tuple[float, StoredKey]] = OrderedDict()
         self._used: dict[int, datetime] = {}  # waiting to be written
         self._touched: dict[int, float] = {}  # when each key's use was last queued
 
@@ -138,6 +141,9 @@ class ApiKeys:
             self._cache.move_to_end(key_id)
             return cached[1]
         stored = await apikeys.get(self.store, key_id)
+        if stored is None:
+            self._cache.pop(key_id, None)
+            return None
         self._cache[key_id] = (now + self.cache_s, stored)
         self._cache.move_to_end(key_id)
         while len(self._cache) > self.cache_size:

@@ -243,7 +243,7 @@ class Settings:
     webhook_attempt_retention_s: float = 2592000.0
     # API keys (server.apikeys). Their hashes are HMAC-SHA256 keyed with this pepper, a
     # secret kept apart from the database (changing it invalidates every key); empty
-    # keeps plain SHA-256, still sound for 256-bit random secrets. A verified key is
+    # is an empty HMAC key, as strong as plain SHA-256 for 256-bit random secrets. A verified key is
     # trusted in process for api_key_cache_s (a revocation reaches every instance within
     # it), at most api_key_cache_size of them; last use is written every
     # api_key_touch_s at most, per key.
