@@ -329,3 +329,46 @@ async def test_a_token_sent_after_a_key_replaces_it(client: AppClient) -> None:
         who = await ws.auth(token(Role.PATIENT, "hank", ttl=LONG))
         assert (who.subject, who.role) == ("hank", Role.PATIENT)
         assert await ws.my_appointments() == []
+
+
+async def test_a_key_reschedules_for_a_patient_within_its_doctor(
+    store: Store, doctor: SeededDoctor, client: AppClient
+) -> None:
+    other = await seed_doctor(store, name="Dr. Other")
+    created = await new_key(client, scopes=["book"], doctor_id=doctor.id)
+    desk = key_header(created["key"])
+    body = {"slot_id": doctor.slots[0].id, "patient_id": "ivy", "patient_name": "Ivy Chen"}
+    booked = await json_of(await client.post("/api/appointments", json=body, headers=desk), 201)
+    appointment_id = booked["appointment"]["id"]
+    url = f"/api/appointments/{appointment_id}"
+
+    # Not to another doctor (the key is this doctor's), nor naming someone else.
+    away = {"slot_id": other.slots[0].id, "patient_id": "ivy"}
+    await refused(
+        await client.post(f"{url}/reschedule", json=away, headers=desk), ErrorCode.FORBIDDEN, 403
+    )
+    wrong = {"reason": "phoned", "patient_id": "jack"}
+    await refused(
+        await client.post(f"{url}/cancel", json=wrong, headers=desk), ErrorCode.FORBIDDEN, 403
+    )
+
+    moved = await json_of(
+        await client.post(
+            f"{url}/reschedule",
+            json={"slot_id": doctor.slots[1].id, "patient_id": "ivy"},
+            headers=desk,
+        ),
+        201,
+    )
+    new = moved["appointment"]
+    assert (new["patient_id"], new["patient_name"], new["replaces_id"]) == (
+        "ivy",
+        "Ivy Chen",
+        appointment_id,
+    )
+    audit = await store.fetchrow(
+        "SELECT actor, private FROM changes WHERE doctor_id = $1 ORDER BY version DESC LIMIT 1",
+        doctor.id,
+    )
+    assert audit is not None
+    assert (audit["actor"], audit["private"]["on_behalf_of"]) == (f"key:{created['id']}", "ivy")
