@@ -117,13 +117,24 @@ class SlotcastClient(Connection):
         idempotency_key: str | None = None,
         *,
         hold_id: int | None = None,
+        patient_id: str | None = None,
+        patient_name: str | None = None,
     ) -> AppointmentView:
-        """Book a free slot, or confirm a hold with `hold_id=`."""
-        request = Book(slot_id, idempotency_key, hold_id)
+        """Book a free slot, or confirm a hold with `hold_id=`; with `patient_id=`, on
+        that patient's behalf (the doctor, an admin, an API key with the `book` scope)."""
+        request = Book(slot_id, idempotency_key, hold_id, patient_id, patient_name)
         return (await self.request(request, Booked)).appointment
 
-    async def hold(self, slot_id: int, idempotency_key: str | None = None) -> AppointmentView:
-        return (await self.request(Hold(slot_id, idempotency_key), Held)).appointment
+    async def hold(
+        self,
+        slot_id: int,
+        idempotency_key: str | None = None,
+        *,
+        patient_id: str | None = None,
+        patient_name: str | None = None,
+    ) -> AppointmentView:
+        request = Hold(slot_id, idempotency_key, patient_id, patient_name)
+        return (await self.request(request, Held)).appointment
 
     async def release(
         self, appointment_id: int, idempotency_key: str | None = None
@@ -132,10 +143,15 @@ class SlotcastClient(Connection):
         return reply.appointment
 
     async def cancel(
-        self, appointment_id: int, reason: str, idempotency_key: str | None = None
+        self,
+        appointment_id: int,
+        reason: str,
+        idempotency_key: str | None = None,
+        *,
+        patient_id: str | None = None,
     ) -> AppointmentView:
         reply = await self.request(
-            Cancel(appointment_id, reason, idempotency_key), AppointmentUpdated
+            Cancel(appointment_id, reason, idempotency_key, patient_id), AppointmentUpdated
         )
         return reply.appointment
 

@@ -111,8 +111,10 @@ class Connection:
         reconnect: bool = False,
         max_backoff: float = 5.0,
         request_timeout: float = 10.0,
+        api_key: str | None = None,
     ) -> AsyncIterator[Self]:
         """Connect; with `token_in_header=False` the token goes in a first `auth` message.
+        A service connects with its `api_key` instead (sent as `X-Api-Key`).
 
         With `reconnect=True` a dropped connection is re-established with capped,
         fully jittered exponential backoff (or after the delay a `reconnect` notice
@@ -123,6 +125,8 @@ class Connection:
         """
         chosen = MSGPACK if codec == "msgpack" else JSON
         headers = {"Authorization": f"Bearer {token}"} if token and token_in_header else {}
+        if api_key:
+            headers["X-Api-Key"] = api_key
         own = session is None
         http = session or aiohttp.ClientSession()
         client = cls(

@@ -38,6 +38,8 @@ Specialty = Annotated[str, Meta(max_length=200, pattern=NO_NUL)]
 ZoneName = Annotated[str, Meta(min_length=1, max_length=64, pattern=NO_NUL)]
 # The doctor's id in the clinic's own staff system: what imports match on.
 ExternalId = Annotated[str, Meta(min_length=1, max_length=128, pattern=NO_NUL)]
+# A patient's display name: the token's `name` claim, or given by whoever books for them.
+PatientName = Annotated[str, Meta(min_length=1, max_length=200, pattern=NO_NUL)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +121,7 @@ class AppointmentView:
     replaces_id: Id | None = None  # the appointment this one rescheduled
     cancel_reason: str | None = None
     cancelled_at: Instant | None = None
+    patient_name: str | None = None  # the patient's display name, when one is known
 
     def __post_init__(self) -> None:
         _normalize_instants(self, "start", "end", "hold_expires_at", "cancelled_at")
@@ -234,6 +237,9 @@ class Hold(Message):
     TYPE: ClassVar[str] = "hold"
     slot_id: Id
     idempotency_key: Key | None = None
+    # On a patient's behalf (the doctor, an admin, a key with the `book` scope).
+    patient_id: Key | None = None
+    patient_name: PatientName | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +249,7 @@ class Release(Message):
     TYPE: ClassVar[str] = "release"
     appointment_id: Id
     idempotency_key: Key | None = None
+    patient_id: Key | None = None  # whose hold, when released on their behalf
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +263,9 @@ class Book(Message):
     slot_id: Id | None = None
     idempotency_key: Key | None = None
     hold_id: Id | None = None
+    # On a patient's behalf (the doctor, an admin, a key with the `book` scope).
+    patient_id: Key | None = None
+    patient_name: PatientName | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +276,7 @@ class Cancel(Message):
     appointment_id: Id
     reason: Reason
     idempotency_key: Key | None = None
+    patient_id: Key | None = None  # on a patient's behalf: must be the appointment's
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +287,7 @@ class Reschedule(Message):
     appointment_id: Id
     slot_id: Id
     idempotency_key: Key | None = None
+    patient_id: Key | None = None  # on a patient's behalf: must be the appointment's
 
 
 @dataclass(frozen=True, slots=True)

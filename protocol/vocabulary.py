@@ -27,3 +27,12 @@ class Role(StrEnum):
     PATIENT = "patient"
     DOCTOR = "doctor"
     ADMIN = "admin"
+
+
+class KeyScope(StrEnum):
+    """What an API key may do (docs/protocol.md, "API keys"); `admin` implies the rest."""
+
+    READ = "read"  # schedules, appointments and dashboards of its doctors
+    BOOK = "book"  # hold, book, cancel and reschedule on a patient's behalf
+    SCHEDULES = "schedules"  # schedules, blocks and attendance of its doctors
+    ADMIN = "admin"  # everything, the directory, webhooks and keys included

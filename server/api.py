@@ -169,7 +169,7 @@ def endpoint(command: Command[Any] | PublicCommand[Any]) -> Handler:
         doctor_id = raw.get("doctor_id")
         try:
             message = parse_body(raw, cls, strict=request.method != "GET")
-            reply = await command(request.app[SCHEDULING], await _caller(request), message)
+            reply = await command(request.app[SCHEDULING], await caller(request), message)
             if doctor_id is None:
                 doctor_id = logs.doctor_of(reply)
         except SlotcastError as exc:
@@ -187,9 +187,11 @@ def endpoint(command: Command[Any] | PublicCommand[Any]) -> Handler:
     return handler
 
 
-async def _caller(request: web.Request) -> auth.Identity | None:
-    token = auth.bearer(request.headers.get("Authorization"))
-    identity = await request.app[VERIFIER].verify(token) if token is not None else None
+async def caller(request: web.Request) -> auth.Identity | None:
+    """The request's token or API key (`X-Api-Key`), checked; None without either."""
+    identity = await request.app[VERIFIER].caller(
+        request.headers.get("Authorization"), request.headers.get("X-Api-Key")
+    )
     logs.identify(identity)
     return identity
 

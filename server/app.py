@@ -19,12 +19,14 @@ from pathlib import Path
 from aiohttp import hdrs, web
 
 from server import logs
+from server.apikeys import ApiKeys
 from server.background import every, sweep_holds, sweep_horizon
 from server.connection import pending_total, police
 from server.guard import Guard
 from server.health import Health
 from server.identity import Verifier
 from server.keys import (
+    API_KEYS,
     BROKER,
     CLOCK,
     CONNECTIONS,
@@ -100,7 +102,18 @@ def create_app(settings: Settings, *, clock: Clock = utcnow) -> web.Application:
     )
     app[STATE] = ServerState()
     app.cleanup_ctx.extend(
-        [database, replicas, broker, protection, publishing, services, upkeep, pruning, delivering]
+        [
+            database,
+            keys,
+            replicas,
+            broker,
+            protection,
+            publishing,
+            services,
+            upkeep,
+            pruning,
+            delivering,
+        ]
     )
     app.on_shutdown.append(close_connections)
     app.on_response_prepare.append(stamp_instance)
@@ -141,6 +154,24 @@ async def database(app: web.Application) -> AsyncIterator[None]:
         yield
     if handle is not None:
         await asyncio.to_thread(handle.cleanup)
+
+
+async def keys(app: web.Application) -> AsyncIterator[None]:
+    """API keys, checked against the database (and cached); their last use written behind."""
+    settings = app[SETTINGS]
+    api_keys = ApiKeys(
+        app[STORE],
+        pepper=settings.api_key_pepper,
+        cache_s=settings.api_key_cache_s,
+        cache_size=settings.api_key_cache_size,
+        touch_s=settings.api_key_touch_s,
+        clock=app[CLOCK],
+    )
+    app[API_KEYS] = api_keys
+    app[VERIFIER].keys = api_keys
+    async with api_keys.touching():
+        yield
+    app[VERIFIER].keys = None
 
 
 async def replicas(app: web.Application) -> AsyncIterator[None]:

@@ -32,10 +32,14 @@ import jwt
 from protocol.errors import ErrorCode, SlotcastError
 from protocol.vocabulary import Role
 from server.settings import DEV_SECRET, Settings
+from store.tx import KeyGrant
 
 log = logging.getLogger(__name__)
 
 ALGORITHM: Final = "HS256"
+# The display-name claim (OpenID Connect's `name`), kept to this many characters.
+NAME_CLAIM: Final = "name"
+MAX_NAME: Final = 200
 # RFC 7518, 3.2: an HS256 key is at least as long as the hash, 256 bits.
 MIN_SECRET_BYTES: Final = 32
 KID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -43,9 +47,15 @@ KID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 @dataclass(frozen=True, slots=True)
 class Identity:
+    """Who a token or an API key says the caller is. `name` is the token's display name
+    (its `name` claim); `key` is set for an API key (`server.apikeys`), whose subject is
+    the key's id and whose role is admin within the key's grant."""
+
     subject: str
     role: Role
     expires_at: datetime | None = None
+    name: str | None = None
+    key: KeyGrant | None = None
 
     def is_role(self, *roles: Role) -> bool:
         return self.role in roles
@@ -132,7 +142,14 @@ class KeyRing:
             raise AuthError(f"unknown key id {str(kid)[:64]!r}")
         return self.keys[kid]
 
-    def issue(self, *, subject: str, role: Role, ttl: timedelta = timedelta(hours=12)) -> str:
+    def issue(
+        self,
+        *,
+        subject: str,
+        role: Role,
+        ttl: timedelta = timedelta(hours=12),
+        name: str | None = None,
+    ) -> str:
         """A token signed with the signing key, named in its header."""
         if self.signing is not None:
             secret, headers = self.keys[self.signing], {"kid": self.signing}
@@ -144,7 +161,9 @@ class KeyRing:
                 "or SLOTCAST_JWT_SECRET"
             )
         now = datetime.now(UTC)
-        claims = {"sub": subject, "role": role.value, "iat": now, "exp": now + ttl}
+        claims: dict[str, Any] = {"sub": subject, "role": role.value, "iat": now, "exp": now + ttl}
+        if name is not None:
+            claims[NAME_CLAIM] = name
         return jwt.encode(claims, secret, algorithm=ALGORITHM, headers=headers)
 
     def verify(self, token: str, header: Mapping[str, Any] | None = None) -> Identity:
@@ -201,12 +220,30 @@ def identity_of(claims: Mapping[str, Any], *, subject: object, role: object) -> 
         expires_at = datetime.fromtimestamp(claims["exp"], UTC)
     except (ValueError, OverflowError, OSError):  # past year 9999: a token that never ends
         raise AuthError("the token's `exp` is out of range") from None
-    return Identity(subject, known, expires_at)
+    return Identity(subject, known, expires_at, display_name(claims.get(NAME_CLAIM)))
 
 
-def issue(secret: str, *, subject: str, role: Role, ttl: timedelta = timedelta(hours=12)) -> str:
+def display_name(value: object) -> str | None:
+    """The `name` claim as stored: a string, NULs dropped, at most `MAX_NAME` characters.
+
+    Anything else is ignored rather than refused: a name is for display, and a provider's
+    odd claim must not keep a patient from signing in."""
+    if not isinstance(value, str):
+        return None
+    cleaned = value.replace("\x00", "").strip()[:MAX_NAME]
+    return cleaned or None
+
+
+def issue(
+    secret: str,
+    *,
+    subject: str,
+    role: Role,
+    ttl: timedelta = timedelta(hours=12),
+    name: str | None = None,
+) -> str:
     """A token signed with one unnamed secret: tests, benchmarks and the demo client."""
-    return KeyRing.single(secret).issue(subject=subject, role=role, ttl=ttl)
+    return KeyRing.single(secret).issue(subject=subject, role=role, ttl=ttl, name=name)
 
 
 def verify(secret: str, token: str) -> Identity:

@@ -40,8 +40,9 @@ from protocol.messages import (
     Unmark,
     UpdateDoctor,
 )
+from protocol.vocabulary import KeyScope, Role
 from server.auth import Identity
-from server.service import Scheduling, actor_of, forbidden
+from server.service import Scheduling, actor_of, forbidden, require_scope
 from store import commands, directory, doctors, reads
 from store.pool import Store
 from store.tx import Actor, Limits, Outcome
@@ -54,7 +55,10 @@ class Gate(Enum):
     """Who may knock at all; what they may touch is the store's business."""
 
     SIGNED_IN = "signed-in"  # any valid token; the store checks ownership
-    PATIENT = "patient"  # holds, bookings and one's own appointments
+    PATIENT = "patient"  # one's own appointments
+    # Holds and bookings: a patient for themselves, or the doctor, an admin or an API key
+    # naming the patient (`patient_id`); the store checks the doctor under the lock.
+    BOOKING = "booking"
     ADMIN = "admin"  # the doctor directory
 
 
@@ -78,12 +82,14 @@ class Command(Generic[M]):
 
     `idempotent` commands carry an `idempotency_key` (REST takes it from the
     `Idempotency-Key` header too): a retry returns the first reply, never acts twice.
+    `scope` is what an API key needs to run it (docs/protocol.md, "API keys").
     """
 
     message: type[M]
     gate: Gate
     run: Run[M]
     route: Route
+    scope: KeyScope
     idempotent: bool = True
 
     async def __call__(self, scheduling: Scheduling, who: Identity | None, msg: M) -> Message:
@@ -93,6 +99,15 @@ class Command(Generic[M]):
             actor = scheduling.require_admin(who)
         else:
             actor = actor_of(who, scheduling.clock())
+        if self.gate is Gate.BOOKING:
+            patient_id = getattr(msg, "patient_id", None)
+            if patient_id is None and (actor.role is not Role.PATIENT or actor.key is not None):
+                raise forbidden(
+                    "only patients hold and book for themselves: name the patient "
+                    "(`patient_id`) to act on their behalf"
+                )
+            actor.patient(patient_id)  # forbidden: a patient naming someone else
+        require_scope(actor, self.scope)
         return await self.run(scheduling, actor, msg)
 
 
@@ -211,58 +226,70 @@ async def _search_doctors(s: Scheduling, who: Identity | None, msg: SearchDoctor
 
 
 _ALL: tuple[Command[Any] | PublicCommand[Any], ...] = (
-    Command(Hold, Gate.PATIENT, _hold, Route("POST", "/api/holds", 201)),
+    Command(Hold, Gate.BOOKING, _hold, Route("POST", "/api/holds", 201), KeyScope.BOOK),
     Command(
         Release,
-        Gate.PATIENT,
+        Gate.BOOKING,
         plain(commands.release),
         Route("DELETE", "/api/holds/{appointment_id}"),
+        KeyScope.BOOK,
     ),
-    Command(Book, Gate.PATIENT, _book, Route("POST", "/api/appointments", 201)),
+    Command(Book, Gate.BOOKING, _book, Route("POST", "/api/appointments", 201), KeyScope.BOOK),
     Command(
         Cancel,
         Gate.SIGNED_IN,
         plain(commands.cancel),
         Route("POST", "/api/appointments/{appointment_id}/cancel"),
+        KeyScope.BOOK,
     ),
     Command(
         Reschedule,
         Gate.SIGNED_IN,
         _reschedule,
         Route("POST", "/api/appointments/{appointment_id}/reschedule", 201),
+        KeyScope.BOOK,
     ),
     Command(
-        Block, Gate.SIGNED_IN, plain(commands.block), Route("POST", "/api/slots/{slot_id}/block")
+        Block,
+        Gate.SIGNED_IN,
+        plain(commands.block),
+        Route("POST", "/api/slots/{slot_id}/block"),
+        KeyScope.SCHEDULES,
     ),
     Command(
         Unblock,
         Gate.SIGNED_IN,
         plain(commands.unblock),
         Route("DELETE", "/api/slots/{slot_id}/block"),
+        KeyScope.SCHEDULES,
     ),
     Command(
         Mark,
         Gate.SIGNED_IN,
         _mark,
         Route("POST", "/api/appointments/{appointment_id}/status"),
+        KeyScope.SCHEDULES,
     ),
     Command(
         Unmark,
         Gate.SIGNED_IN,
         _unmark,
         Route("DELETE", "/api/appointments/{appointment_id}/status"),
+        KeyScope.SCHEDULES,
     ),
     Command(
         SetSchedule,
         Gate.SIGNED_IN,
         _set_schedule,
         Route("PUT", "/api/doctors/{doctor_id}/schedule"),
+        KeyScope.SCHEDULES,
     ),
     Command(
         GetSchedule,
         Gate.SIGNED_IN,
         _get_schedule,
         Route("GET", "/api/doctors/{doctor_id}/schedule"),
+        KeyScope.READ,
         idempotent=False,
     ),
     Command(
@@ -270,6 +297,7 @@ _ALL: tuple[Command[Any] | PublicCommand[Any], ...] = (
         Gate.SIGNED_IN,
         _list_appointments,
         Route("GET", "/api/doctors/{doctor_id}/appointments"),
+        KeyScope.READ,
         idempotent=False,
     ),
     Command(
@@ -277,21 +305,30 @@ _ALL: tuple[Command[Any] | PublicCommand[Any], ...] = (
         Gate.PATIENT,
         _my_appointments,
         Route("GET", "/api/me/appointments"),
+        KeyScope.READ,
         idempotent=False,
     ),
     PublicCommand(SearchDoctors, _search_doctors, Route("GET", "/api/doctors")),
-    Command(CreateDoctor, Gate.ADMIN, plain(directory.create), Route("POST", "/api/doctors", 201)),
+    Command(
+        CreateDoctor,
+        Gate.ADMIN,
+        plain(directory.create),
+        Route("POST", "/api/doctors", 201),
+        KeyScope.ADMIN,
+    ),
     Command(
         UpdateDoctor,
         Gate.ADMIN,
         plain(directory.update),
         Route("PATCH", "/api/doctors/{doctor_id}"),
+        KeyScope.ADMIN,
     ),
     Command(
         RetireDoctor,
         Gate.ADMIN,
         plain(directory.retire),
         Route("POST", "/api/doctors/{doctor_id}/retire"),
+        KeyScope.ADMIN,
     ),
 )
 

@@ -25,12 +25,14 @@ import jwt
 
 from protocol.errors import ErrorCode, SlotcastError
 from protocol.vocabulary import Role
+from server.apikeys import ApiKeys
 from server.auth import (
     ALGORITHM,
     AuthError,
     ConfigError,
     Identity,
     KeyRing,
+    bearer,
     decode,
     header_of,
     identity_of,
@@ -208,11 +210,30 @@ def _dig(claims: Mapping[str, Any], path: str) -> object:
 
 
 class Verifier:
-    """Every token the server accepts, whoever signed it: the front doors' one check."""
+    """Every token the server accepts, whoever signed it, and the clinic's API keys: the
+    front doors' one check. `keys` is set once the database is open (`server.app`)."""
 
     def __init__(self, ring: KeyRing, provider: IdentityProvider | None = None) -> None:
         self.ring = ring
         self.provider = provider
+        self.keys: ApiKeys | None = None
+
+    async def caller(self, authorization: str | None, api_key: str | None) -> Identity | None:
+        """Who a request says it is: an `Authorization: Bearer` token or an `X-Api-Key`
+        (not both), or nobody. `AuthError` for credentials that are not accepted."""
+        if api_key:
+            if authorization:
+                raise AuthError("send a token or an API key, not both")
+            return await self.verify_key(api_key)
+        token = bearer(authorization)
+        return await self.verify(token) if token is not None else None
+
+    async def verify_key(self, presented: str) -> Identity:
+        if self.keys is None:
+            raise SlotcastError(
+                "API keys cannot be checked yet: retry later", code=ErrorCode.UNAVAILABLE
+            )
+        return await self.keys.verify(presented)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Verifier:
@@ -220,8 +241,15 @@ class Verifier:
         provider = IdentityProvider.from_settings(settings) if settings.jwt_jwks_url else None
         return cls(KeyRing.from_settings(settings), provider)
 
-    def issue(self, *, subject: str, role: Role, ttl: timedelta = timedelta(hours=12)) -> str:
-        return self.ring.issue(subject=subject, role=role, ttl=ttl)
+    def issue(
+        self,
+        *,
+        subject: str,
+        role: Role,
+        ttl: timedelta = timedelta(hours=12),
+        name: str | None = None,
+    ) -> str:
+        return self.ring.issue(subject=subject, role=role, ttl=ttl, name=name)
 
     async def verify(self, token: str) -> Identity:
         """The token's identity; `AuthError` if it is not one we accept, `unavailable` if

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from server.apikeys import ApiKeys
 from server.guard import Guard
 from server.health import Health
 from server.identity import Verifier
@@ -55,3 +56,5 @@ VERIFIER = web.AppKey("verifier", Verifier)
 CONNECTIONS: web.AppKey[set[Session]] = web.AppKey("connections")
 # Webhook delivery (server.webhooks): woken by this instance's commits.
 WEBHOOKS = web.AppKey("webhooks", Dispatcher)
+# The clinic's services' API keys (server.apikeys): made, revoked, checked and cached.
+API_KEYS = web.AppKey("api_keys", ApiKeys)

@@ -41,7 +41,7 @@ from limits import RateLimitItem, parse
 
 from protocol.errors import ErrorCode, RateLimited, SlotcastError
 from protocol.messages import Auth, Message, Watch
-from server import auth, logs
+from server import logs
 from server.auth import AuthError, Identity
 from server.commands import REGISTRY
 from server.connection import Connection
@@ -55,6 +55,7 @@ from store.errors import Unavailable
 log = logging.getLogger(__name__)
 
 CLOSE_RATE_LIMITED: Final = 4029
+API_KEY: Final = "X-Api-Key"  # the header a service's API key arrives in (REST and WS)
 # Refusals remembered locally (until their retry_after) before expired ones are swept.
 BLOCKED_SWEEP_AT: Final = 10_000
 
@@ -80,6 +81,8 @@ def budget(setting: str, name: str) -> RateLimitItem | None:
 
 
 def identity_key(identity: Identity) -> str:
+    if identity.key is not None:
+        return f"key:{identity.key.id}"
     return f"{identity.role.value}:{identity.subject}"
 
 
@@ -165,15 +168,17 @@ class Limiter:
         """Count a refused token; `RateLimited` when that was one too many."""
         await self.check(Scope.AUTH_FAILURES, address)
 
-    async def authenticate(self, address: str, header: str | None) -> Identity | None:
-        """The identity of an `Authorization` header, checked as a sign-in attempt."""
-        if not header:
+    async def authenticate(
+        self, address: str, header: str | None, api_key: str | None = None
+    ) -> Identity | None:
+        """The identity of an `Authorization` header or an `X-Api-Key`, checked as a
+        sign-in attempt: a refused key counts toward the address's sign-in failures."""
+        if not header and not api_key:
             return None
         await self.sign_in_allowed(address)
         try:
-            token = auth.bearer(header)
-            assert token is not None  # a non-empty header is a token or an AuthError
-            identity = await self.verifier.verify(token)
+            identity = await self.verifier.caller(header, api_key)
+            assert identity is not None  # a credential is an identity or an AuthError
         except AuthError as exc:
             if exc.code is ErrorCode.TOKEN_INVALID:
                 await self.sign_in_failed(address)
@@ -197,7 +202,9 @@ class Limiter:
                 return await handler(request)
             address = guard.address(request)
             try:
-                identity = await self.authenticate(address, request.headers.get("Authorization"))
+                identity = await self.authenticate(
+                    address, request.headers.get("Authorization"), request.headers.get(API_KEY)
+                )
             except RateLimited:
                 raise
             except AuthError:
@@ -279,9 +286,9 @@ class Throttle:
             await limiter.check(Scope.ADDRESS, self.address, price)
         self.streak = 0
 
-    async def authenticate(self, header: str | None) -> Identity | None:
-        """The handshake's `Authorization` header, as a sign-in attempt."""
-        return await self.limiter.authenticate(self.address, header)
+    async def authenticate(self, header: str | None, api_key: str | None = None) -> Identity | None:
+        """The handshake's `Authorization` header or `X-Api-Key`, as a sign-in attempt."""
+        return await self.limiter.authenticate(self.address, header, api_key)
 
     async def refusal(self, error: SlotcastError) -> SlotcastError:
         """What to answer for a refused frame: counts failed sign-ins, closes a flood."""

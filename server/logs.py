@@ -79,8 +79,10 @@ class ContextFields(logging.Filter):
         identity = IDENTITY.get()
         if identity is not None:
             record.subject = identity.subject
-            record.role = identity.role.value
-            ids.append(f"sub={identity.role.value}:{identity.subject}")
+            # An API key is named as the change log names it (`key:<id>`), not as a person.
+            role = "key" if identity.key is not None else identity.role.value
+            record.role = role
+            ids.append(f"sub={role}:{identity.subject}")
         record.ids = f" [{' '.join(ids)}]" if ids else ""
         return True
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from server import api, signin, webhook_api, ws
+from server import api, apikey_api, signin, webhook_api, ws
 from server.commands import REGISTRY
 from server.guard import host_origins
 from server.keys import GUARD
@@ -28,6 +28,8 @@ def setup_routes(app: web.Application, settings: Settings) -> None:
         r.add_route(command.route.method, command.route.path, api.endpoint(command))
     # Webhook endpoints, for admins (server.webhook_api; docs/webhooks.md).
     webhook_api.setup(app)
+    # API keys, for admins (server.apikey_api; docs/protocol.md, "API keys").
+    apikey_api.setup(app)
     # Demo mode only: development tokens for demo identities (`not_found` otherwise).
     r.add_get("/api/demo", signin.identities)
     r.add_post("/api/demo/token", signin.token)

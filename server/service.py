@@ -21,7 +21,7 @@ from datetime import UTC, date, datetime
 
 from protocol.errors import ErrorCode, SlotcastError
 from protocol.messages import Appointments, Dashboard, DoctorView, Snapshot
-from protocol.vocabulary import Role
+from protocol.vocabulary import KeyScope, Role
 from server.auth import Identity
 from server.settings import Settings
 from store import reads
@@ -47,7 +47,14 @@ def actor_of(who: Identity | None, now: datetime) -> Actor:
         raise SlotcastError("sign in first", code=ErrorCode.UNAUTHENTICATED)
     if who.expires_at is not None and who.expires_at <= now:
         raise SlotcastError("the token has expired", code=ErrorCode.TOKEN_EXPIRED)
-    return Actor(who.subject, who.role)
+    return Actor(who.subject, who.role, who.name, who.key)
+
+
+def require_scope(actor: Actor, scope: KeyScope) -> Actor:
+    """An API key passes only with `scope` (or `admin`); anyone else passes."""
+    if actor.key is not None and not actor.key.allows(scope):
+        raise forbidden(f"this API key lacks the `{scope.value}` scope")
+    return actor
 
 
 def _nothing_known(doctor_id: int) -> int:
@@ -80,12 +87,12 @@ class Scheduling:
 
     def require_admin(self, who: Identity | None) -> Actor:
         actor = actor_of(who, self.clock())
-        if actor.role is not Role.ADMIN:
+        if not actor.is_admin:
             raise forbidden("only an admin manages the doctor directory")
         return actor
 
     def require_doctor(self, who: Identity | None, doctor_id: int) -> Actor:
-        actor = actor_of(who, self.clock())
+        actor = require_scope(actor_of(who, self.clock()), KeyScope.READ)
         if not actor.owns_doctor(doctor_id):
             raise forbidden("only the doctor or an admin sees the doctor's dashboard")
         return actor

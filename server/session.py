@@ -31,6 +31,7 @@ from server.service import Scheduling
 
 class Session:
     __slots__ = (
+        "api_key",
         "appointments",
         "conn",
         "dashboards",
@@ -59,6 +60,9 @@ class Session:
     ) -> None:
         self.conn = conn
         self.identity: Identity | None = None
+        # The `X-Api-Key` of the handshake, checked again (from the cache) before every
+        # request, so that a revoked or expired key stops working on open sockets too.
+        self.api_key: str | None = None
         self.watches: dict[int, Member] = {}
         self.dashboards: dict[int, Member] = {}
         self.appointments: PatientMember | None = None

@@ -241,6 +241,16 @@ class Settings:
     webhook_max_endpoints: int = 100
     # Delivery attempts (the REST view) are pruned after this long, with the rest.
     webhook_attempt_retention_s: float = 2592000.0
+    # API keys (server.apikeys). Their hashes are HMAC-SHA256 keyed with this pepper, a
+    # secret kept apart from the database (changing it invalidates every key); empty
+    # is an empty HMAC key, as strong as plain SHA-256 for 256-bit random secrets. A verified key is
+    # trusted in process for api_key_cache_s (a revocation reaches every instance within
+    # it), at most api_key_cache_size of them; last use is written every
+    # api_key_touch_s at most, per key.
+    api_key_pepper: str = field(default="", metadata=SECRET)
+    api_key_cache_s: float = 30.0
+    api_key_cache_size: int = 1000
+    api_key_touch_s: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -56,7 +56,11 @@ async def token(request: web.Request) -> web.Response:
         raise ProtocolError(f"no demo patient {wanted.subject!r}", code=ErrorCode.INVALID)
     role = Role(wanted.role)
     verifier = request.app[VERIFIER]
-    signed = verifier.issue(subject=wanted.subject, role=role)
+    # A demo patient's token carries their display name, as an identity provider's would.
+    name = next((p["name"] for p in demo.PATIENTS if p["subject"] == wanted.subject), None)
+    signed = verifier.issue(
+        subject=wanted.subject, role=role, name=name if role is Role.PATIENT else None
+    )
     who = await verifier.verify(signed)
     body = {"token": signed, "subject": who.subject, "role": role.value}
     return json_response({**body, "expires_at": msgspec.to_builtins(who.expires_at)}, 201)

@@ -17,10 +17,8 @@ import msgspec
 from aiohttp import web
 
 from protocol.errors import ErrorCode, ProtocolError, SlotcastError
-from protocol.vocabulary import Role
-from server import auth, logs
-from server.api import json_response, read_json
-from server.keys import CLOCK, SETTINGS, STORE, VERIFIER
+from server.api import caller, json_response, read_json
+from server.keys import CLOCK, SETTINGS, STORE
 from server.service import actor_of, forbidden
 from server.webhooks import check_url
 from store import webhooks
@@ -60,11 +58,8 @@ def _invalid(message: str) -> SlotcastError:
 
 
 async def _admin(request: web.Request) -> None:
-    token = auth.bearer(request.headers.get("Authorization"))
-    identity = await request.app[VERIFIER].verify(token) if token is not None else None
-    logs.identify(identity)
-    actor = actor_of(identity, request.app[CLOCK]())
-    if actor.role is not Role.ADMIN:
+    actor = actor_of(await caller(request), request.app[CLOCK]())
+    if not actor.is_admin:
         raise forbidden("only an admin manages webhook endpoints")
 
 

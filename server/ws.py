@@ -51,7 +51,7 @@ from server.keys import (
     STATE,
     VERIFIER,
 )
-from server.limits import Throttle, identity_key
+from server.limits import API_KEY, Throttle, identity_key
 from server.room import Frames
 from server.session import Session
 
@@ -84,6 +84,7 @@ def handles(kind: type[M]) -> Callable[[Handler[M]], Handler[M]]:
 async def on_auth(session: Session, rid: RequestId, msg: Auth) -> None:
     identity = await session.verifier.verify(msg.token)
     logs.identify(identity)
+    session.api_key = None  # a token replaces the handshake's key, if there was one
     # Another identity leaves the private rooms joined as the previous one; the client
     # hears which (id null) before the reply, as after a token expiry.
     for notice in await session.authenticate(identity):
@@ -245,7 +246,12 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     throttle = app[LIMITER].throttle(conn, app[GUARD].address(request))
     header_error: SlotcastError | None = None
     try:
-        session.identity = await throttle.authenticate(request.headers.get("Authorization"))
+        api_key = request.headers.get(API_KEY) or None
+        session.identity = await throttle.authenticate(
+            request.headers.get("Authorization"), api_key
+        )
+        if session.identity is not None and session.identity.key is not None:
+            session.api_key = api_key
     except SlotcastError as exc:
         header_error = exc  # stay connected as anonymous; tell the client why
     who = session.identity
@@ -313,6 +319,8 @@ async def _handle(session: Session, data: bytes | str, throttle: Throttle) -> No
         kind_name = kind.TYPE
         doctor_id = getattr(envelope.body, "doctor_id", None)
         await throttle.admit(envelope.body, session.identity)  # RateLimited if spent
+        if session.api_key is not None:  # still valid? (cached: no round trip)
+            session.identity = await session.verifier.verify_key(session.api_key)
         handler = HANDLERS.get(kind)
         if handler is not None:
             await handler(session, request_id, envelope.body)

@@ -46,6 +46,9 @@ class ChangeDetail:
     # into dashboard deltas and patient notes without being encoded again.
     appointments: list[dict[str, Any]] = field(default_factory=list)
     conflicts: list[int] = field(default_factory=list)  # slots newly flagged
+    # The patient a doctor, an admin or an API key acted for (`on_behalf_of` only then):
+    # the audit names both the actor and the patient.
+    on_behalf_of: str | None = None
 
     def to_builtins(self) -> dict[str, Any]:
         if self.actor is None:
@@ -57,6 +60,8 @@ class ChangeDetail:
         }
         if self.conflicts:
             out["conflicts"] = self.conflicts
+        if self.on_behalf_of is not None:
+            out["on_behalf_of"] = self.on_behalf_of
         return out
 
     @classmethod
@@ -66,6 +71,7 @@ class ChangeDetail:
             raw.get("actor"),
             list(raw.get("appointments", [])),
             list(raw.get("conflicts", [])),
+            raw.get("on_behalf_of"),
         )
 
 

@@ -67,20 +67,25 @@ async def hold(
     """Hold a free slot for `ttl`: the slot turns `busy-tentative` until confirmed.
 
     A hold counts against the patient's `limits` like a booking (confirming it later
-    adds nothing), and at most `max_holds` may be live at once."""
+    adds nothing), and at most `max_holds` may be live at once. On a patient's behalf
+    (`patient_id`), the limits are that patient's."""
     now = resolve_now(now)
+    patient = actor.patient(msg.patient_id)
+    name = _name(actor, msg.patient_id, msg.patient_name)
 
     async def work(tx: Tx) -> Held:
         slot = await steps.bookable_slot(tx, msg.slot_id)
-        await steps.claimable(tx, slot, actor.subject, limits, max_holds=max_holds)
+        _acting_for(tx, patient, msg.patient_id, slot["doctor_id"])
+        await steps.claimable(tx, slot, patient, limits, max_holds=max_holds)
         expires = tx.now + ttl
         appointment = await steps.insert_appointment(
             tx,
             slot,
-            actor.subject,
+            patient,
             AppointmentStatus.PENDING,
             hold_expires_at=expires,
             slot_status=SlotStatus.BUSY_TENTATIVE,
+            patient_name=name,
         )
         view = steps.slot_view(slot, SlotStatus.BUSY_TENTATIVE, hold_expires_at=expires)
         tx.slot(slot["doctor_id"], view, "slot.held")
@@ -95,14 +100,15 @@ async def hold(
         work=work,
         request=msg,
         key=msg.idempotency_key,
-        patient_lock=actor.subject,
+        patient_lock=patient,
         taking=Taking(
-            actor.subject,
+            patient,
             AppointmentStatus.PENDING,
             SlotStatus.BUSY_TENTATIVE,
             hold_expires_at=now + ttl,
             max_holds=max_holds,
             limits=limits,
+            patient_name=name,
         ),
     )
 
@@ -111,9 +117,11 @@ async def release(
     store: Store, actor: Actor, msg: Release, *, now: datetime | None = None
 ) -> Outcome[AppointmentUpdated]:
     doctor_id = await doctor_of_appointment(store, msg.appointment_id)
+    patient = actor.patient(msg.patient_id)
 
     async def work(tx: Tx) -> AppointmentUpdated:
-        hold = await steps.own_hold(tx, msg.appointment_id)
+        hold = await steps.own_hold(tx, msg.appointment_id, patient)
+        _acting_for(tx, patient, msg.patient_id, doctor_id)
         view = await steps.cancel_appointment(tx, doctor_id, hold.id, "released", "hold.released")
         return AppointmentUpdated(view)
 
@@ -135,10 +143,13 @@ async def book(
     is not, since the hold already counted."""
     if (msg.slot_id is None) == (msg.hold_id is None):
         raise Invalid("give exactly one of `slot_id` and `hold_id`")
+    patient = actor.patient(msg.patient_id)
+    name = _name(actor, msg.patient_id, msg.patient_name)
 
     async def work(tx: Tx) -> Booked:
         if msg.hold_id is not None:
-            hold = await steps.own_hold(tx, msg.hold_id)
+            hold = await steps.own_hold(tx, msg.hold_id, patient)
+            _acting_for(tx, patient, msg.patient_id, hold.doctor_id)
             row = await tx.conn.fetchrow(
                 sql.HOLD_CONFIRM,
                 hold.id,
@@ -156,9 +167,15 @@ async def book(
         else:
             assert msg.slot_id is not None  # exactly one of the two, checked above
             booked = await steps.bookable_slot(tx, msg.slot_id)
-            await steps.claimable(tx, booked, actor.subject, limits)
+            _acting_for(tx, patient, msg.patient_id, booked["doctor_id"])
+            await steps.claimable(tx, booked, patient, limits)
             appointment = await steps.insert_appointment(
-                tx, booked, actor.subject, AppointmentStatus.BOOKED, slot_status=SlotStatus.BUSY
+                tx,
+                booked,
+                patient,
+                AppointmentStatus.BOOKED,
+                slot_status=SlotStatus.BUSY,
+                patient_name=name,
             )
             slot = steps.slot_view(booked, SlotStatus.BUSY)
         tx.slot(appointment.doctor_id, slot, "slot.booked")
@@ -174,9 +191,38 @@ async def book(
         work=work,
         request=msg,
         key=msg.idempotency_key,
-        patient_lock=actor.subject if msg.slot_id is not None and limits is not None else None,
-        taking=Taking(actor.subject, AppointmentStatus.BOOKED, SlotStatus.BUSY, limits=limits),
+        patient_lock=patient if msg.slot_id is not None and limits is not None else None,
+        taking=Taking(
+            patient, AppointmentStatus.BOOKED, SlotStatus.BUSY, limits=limits, patient_name=name
+        ),
     )
+
+
+def _name(actor: Actor, patient_id: str | None, given: str | None) -> str | None:
+    """The display name stored with a new appointment: given by whoever acts for the
+    patient, else the patient's own token's `name` claim (a patient names themselves
+    only through their identity provider)."""
+    return given if actor.on_behalf(patient_id) else actor.name
+
+
+def _acting_for(tx: Tx, patient: str, patient_id: str | None, doctor_id: int) -> None:
+    """Someone acting for a patient may do so with this doctor (the doctor themselves, an
+    admin, a key for this doctor): the audit then names the patient beside the actor."""
+    if not tx.actor.on_behalf(patient_id):
+        return
+    if not tx.actor.owns_doctor(doctor_id):
+        raise Forbidden("only the doctor, an admin or a key for this doctor acts for a patient")
+    tx.on_behalf_of = patient
+
+
+def _names(patient_id: str | None, appointment: AppointmentView) -> bool:
+    """A `patient_id` sent with a cancel or reschedule must be the appointment's patient."""
+    return patient_id is None or patient_id == appointment.patient_id
+
+
+def _behalf(tx: Tx, appointment: AppointmentView) -> None:
+    if tx.actor.role is not Role.PATIENT or tx.actor.key is not None:
+        tx.on_behalf_of = appointment.patient_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,8 +264,9 @@ async def cancel(
 
     async def work(tx: Tx) -> AppointmentUpdated:
         appointment = await steps.locked_appointment(tx, msg.appointment_id)
-        if not actor.may_manage(appointment):
+        if not actor.may_manage(appointment) or not _names(msg.patient_id, appointment):
             raise Forbidden("not your appointment")
+        _behalf(tx, appointment)
         if appointment.status is not AppointmentStatus.BOOKED:
             hint = " (release the hold instead)" if appointment.status.value == "pending" else ""
             raise InvalidTransition(
@@ -252,8 +299,12 @@ async def reschedule(
 
     async def work(tx: Tx) -> Rescheduled:
         old = await steps.locked_appointment(tx, msg.appointment_id)
-        if not actor.may_manage(old) or (actor.role is Role.DOCTOR and new_doctor != old_doctor):
+        # A patient moves to any doctor; anyone else only to a doctor they may act for.
+        patient_self = actor.role is Role.PATIENT and actor.key is None
+        moving_away = not patient_self and not actor.owns_doctor(new_doctor)
+        if not actor.may_manage(old) or moving_away or not _names(msg.patient_id, old):
             raise Forbidden("not your appointment")
+        _behalf(tx, old)
         if old.status is not AppointmentStatus.BOOKED:
             raise InvalidTransition(f"a {old.status.value} appointment cannot be moved")
         slot = await steps.bookable_slot(tx, msg.slot_id, moving=old.id)
@@ -276,6 +327,7 @@ async def reschedule(
             AppointmentStatus.BOOKED,
             replaces_id=old.id,
             slot_status=SlotStatus.BUSY,
+            patient_name=old.patient_name,
         )
         tx.slot(new_doctor, steps.slot_view(slot, SlotStatus.BUSY), "appointment.rescheduled")
         tx.appointment(new)

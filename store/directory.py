@@ -25,7 +25,6 @@ from datetime import datetime
 import asyncpg
 
 from protocol.messages import CreateDoctor, DoctorUpdated, DoctorView, RetireDoctor, UpdateDoctor
-from protocol.vocabulary import Role
 from store import schedule, sql, steps
 from store.errors import Busy, Forbidden, Invalid, InvalidTransition, NotFound
 from store.pool import Store
@@ -106,7 +105,7 @@ def view(row: asyncpg.Record, *, private: bool = True) -> DoctorView:
 
 
 def _require_admin(actor: Actor) -> None:
-    if actor.role is not Role.ADMIN:
+    if not actor.is_admin:
         raise Forbidden("only an admin manages the doctor directory")
 
 

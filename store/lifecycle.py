@@ -20,7 +20,9 @@ and only through `_maintenance`, which names itself in the transaction-local set
   later joins erasure by adding its step there. The webhook tables (store.webhooks)
   need none: a webhook's backlog is the change log past the endpoint's cursor and its
   payload is built from the change record when sent, so rewriting `changes` erases
-  the patient from every message not yet sent; attempts keep no payload.
+  the patient from every message not yet sent; attempts keep no payload. A patient's
+  display name (`appointments.patient_name`, and in the change log's appointments) is
+  cleared with their subject; `api_keys` names no patient.
 
 Settings (`Retention`) and the operator's view are in docs/operations.md, "Retention
 and erasure".
@@ -192,9 +194,13 @@ def _rewrite_private(private: dict[str, Any], who: Subject) -> dict[str, Any]:
     out = dict(private)
     if out.get("actor") == who.actor:
         out["actor"] = who.pseudonym_actor
+    if out.get("on_behalf_of") == who.subject:
+        out["on_behalf_of"] = who.pseudonym
     if "appointments" in out:
         out["appointments"] = [
-            {**a, "patient_id": who.pseudonym} if a.get("patient_id") == who.subject else a
+            {**a, "patient_id": who.pseudonym, "patient_name": None}
+            if a.get("patient_id") == who.subject
+            else a
             for a in out["appointments"]
         ]
     return out

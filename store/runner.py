@@ -204,6 +204,7 @@ async def _slot_prelude(
             limits.per_doctor if limits is not None else None,
             limits.total if limits is not None else None,
             limits.cooldown if limits is not None and limits.cooldown > timedelta(0) else None,
+            taking.patient_name,
         )
     except (asyncpg.ExclusionViolationError, asyncpg.UniqueViolationError) as exc:
         # As in `steps.insert_appointment`: the constraint behind every check fired, and

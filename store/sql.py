@@ -147,8 +147,9 @@ WITH slot AS (
     ) AS q ON true
 ), taken AS (
     INSERT INTO appointments AS a
-        (doctor_id, slot_id, patient_id, starts_at, ends_at, status, hold_expires_at)
-    SELECT f.doctor_id, f.id, $5, f.starts_at, f.ends_at, $6, $7
+        (doctor_id, slot_id, patient_id, starts_at, ends_at, status, hold_expires_at,
+         patient_name)
+    SELECT f.doctor_id, f.id, $5, f.starts_at, f.ends_at, $6, $7, $13
     FROM first f
     WHERE f.key_command IS NULL AND NOT f.expired_holds
       AND f.retired_at IS NULL AND f.status = 'free'
@@ -161,7 +162,7 @@ WITH slot AS (
       AND ($11::int IS NULL OR f.active_total < $11)
       AND (f.cooled_until IS NULL OR f.cooled_until <= $1)
     RETURNING a.id, a.slot_id, a.doctor_id, a.patient_id, a.starts_at, a.ends_at, a.status,
-              a.hold_expires_at, a.replaces_id, a.cancel_reason, a.cancelled_at
+              a.hold_expires_at, a.replaces_id, a.cancel_reason, a.cancelled_at, a.patient_name
 ), busy AS (
     UPDATE slots SET status = $8 WHERE id = (SELECT t.slot_id FROM taken t)
 )
@@ -170,7 +171,8 @@ SELECT f.*,
     t.patient_id AS taken_patient_id, t.starts_at AS taken_starts_at,
     t.ends_at AS taken_ends_at, t.status AS taken_status,
     t.hold_expires_at AS taken_hold_expires_at, t.replaces_id AS taken_replaces_id,
-    t.cancel_reason AS taken_cancel_reason, t.cancelled_at AS taken_cancelled_at
+    t.cancel_reason AS taken_cancel_reason, t.cancelled_at AS taken_cancelled_at,
+    t.patient_name AS taken_patient_name
 FROM first f
 LEFT JOIN taken t ON true"""
 
@@ -298,15 +300,17 @@ SELECT EXISTS (
 
 APPOINTMENT_COLUMNS: Final = """
 a.id, a.slot_id, a.doctor_id, a.patient_id, a.starts_at, a.ends_at, a.status,
-a.hold_expires_at, a.replaces_id, a.cancel_reason, a.cancelled_at, a.cancelled_by"""
+a.hold_expires_at, a.replaces_id, a.cancel_reason, a.cancelled_at, a.cancelled_by,
+a.patient_name"""
 # Insert the appointment and set its slot's status ($9) in one round trip. Both run to
 # completion or, if the insert violates the exclusion constraint or the one-per-slot index,
 # neither does.
 APPOINTMENT_INSERT_TAKING_SLOT: Final = f"""
 WITH taken AS (UPDATE slots SET status = $9 WHERE id = $2)
 INSERT INTO appointments AS a
-    (doctor_id, slot_id, patient_id, starts_at, ends_at, status, hold_expires_at, replaces_id)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    (doctor_id, slot_id, patient_id, starts_at, ends_at, status, hold_expires_at, replaces_id,
+     patient_name)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $10)
 RETURNING {APPOINTMENT_COLUMNS}"""
 APPOINTMENT_DOCTOR: Final = "SELECT doctor_id FROM appointments WHERE id = $1"
 APPOINTMENT_FOR_UPDATE: Final = f"""
@@ -517,7 +521,8 @@ SELECT coalesce(array_agg(DISTINCT d.doctor_id ORDER BY d.doctor_id), '{}') FROM
 ) AS d"""
 ERASE_APPOINTMENTS: Final = """
 UPDATE appointments
-SET patient_id = $2, cancelled_by = CASE WHEN cancelled_by = $3 THEN $4 ELSE cancelled_by END
+SET patient_id = $2, patient_name = NULL,
+    cancelled_by = CASE WHEN cancelled_by = $3 THEN $4 ELSE cancelled_by END
 WHERE patient_id = $1"""
 # Change records of doctors $1 that name the patient ($2) as actor ($3) or in an
 # appointment: rewritten in Python (store.lifecycle), written back by ERASE_CHANGES_WRITE.
@@ -718,3 +723,22 @@ WHERE d.id IS NULL OR d.version > coalesce(w.version, 0)
 GROUP BY e.id
 """
 WEBHOOK_ENDPOINT_IDS: Final = "SELECT id FROM webhook_endpoints ORDER BY id"
+
+# ---- API keys (store.apikeys) -------------------------------------------------------------
+
+API_KEY_COLUMNS: Final = """
+id, name, scopes, doctor_id, expires_at, created_at, created_by, revoked_at, last_used_at"""
+API_KEY_INSERT: Final = f"""
+INSERT INTO api_keys (name, secret_hash, scopes, doctor_id, expires_at, created_by, created_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+RETURNING {API_KEY_COLUMNS}"""
+API_KEY_LIST: Final = f"SELECT {API_KEY_COLUMNS} FROM api_keys ORDER BY id"
+API_KEY_GET: Final = f"SELECT {API_KEY_COLUMNS}, secret_hash FROM api_keys WHERE id = $1"
+API_KEY_REVOKE: Final = f"""
+UPDATE api_keys SET revoked_at = coalesce(revoked_at, $2) WHERE id = $1
+RETURNING {API_KEY_COLUMNS}"""
+# Last use, batched ($1 ids, $2 instants); never moved back by a late, older batch.
+API_KEY_TOUCH: Final = """
+UPDATE api_keys AS k SET last_used_at = t.at
+FROM unnest($1::bigint[], $2::timestamptz[]) AS t(id, at)
+WHERE k.id = t.id AND (k.last_used_at IS NULL OR k.last_used_at < t.at)"""

@@ -22,6 +22,7 @@ from store import sql
 from store.errors import (
     AppointmentLimit,
     Cooldown,
+    Forbidden,
     HoldExpired,
     HoldLimit,
     InvalidTransition,
@@ -75,6 +76,7 @@ def appointment_view(row: asyncpg.Record, prefix: str = "") -> AppointmentView:
         replaces_id=row[prefix + "replaces_id"],
         cancel_reason=row[prefix + "cancel_reason"],
         cancelled_at=row[prefix + "cancelled_at"],
+        patient_name=row[prefix + "patient_name"],
     )
 
 
@@ -120,12 +122,15 @@ def expired_hold(row: asyncpg.Record) -> bool:
     return bool(row["status"] == "cancelled" and row["cancelled_by"] == "system")
 
 
-async def own_hold(tx: Tx, appointment_id: int) -> AppointmentView:
-    """The actor's own hold, still pending: what a release or a confirm may act on."""
+async def own_hold(tx: Tx, appointment_id: int, patient_id: str) -> AppointmentView:
+    """`patient_id`'s hold, still pending: what a release or a confirm may act on. The
+    actor is that patient, or acts for them on this hold's doctor."""
     row = await locked_appointment_row(tx, appointment_id)
     hold = appointment_view(row)
-    if hold.patient_id != tx.actor.subject:
+    if hold.patient_id != patient_id:
         raise NotHolder("this hold belongs to someone else")
+    if tx.actor.on_behalf(patient_id) and not tx.actor.owns_doctor(hold.doctor_id):
+        raise Forbidden("only the doctor, an admin or a key for this doctor acts for a patient")
     if expired_hold(row):
         raise HoldExpired("the hold has expired; the slot may be taken")
     if hold.status is not AppointmentStatus.PENDING:
@@ -262,6 +267,7 @@ async def insert_appointment(
     hold_expires_at: datetime | None = None,
     replaces_id: int | None = None,
     slot_status: SlotStatus,
+    patient_name: str | None = None,
 ) -> AppointmentView:
     """Insert the appointment and set its slot's status, in one statement, unless the
     runner's first read already did exactly that (`Tx.taken`)."""
@@ -285,6 +291,7 @@ async def insert_appointment(
             hold_expires_at,
             replaces_id,
             slot_status.value,
+            patient_name,
         )
     except (asyncpg.ExclusionViolationError, asyncpg.UniqueViolationError) as exc:
         # The constraint behind every check fired; the command (or its savepoint) is

@@ -16,23 +16,59 @@ import asyncpg
 import msgspec
 
 from protocol.messages import AppointmentView, DoctorView, Message, SlotView
-from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
+from protocol.vocabulary import AppointmentStatus, KeyScope, Role, SlotStatus
 from store.changes import Change, ChangeDetail
+from store.errors import Forbidden
 
 # ---- who acts --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
+class KeyGrant:
+    """What an API key may do: its scopes (`admin` implies every other), and the one
+    doctor it is restricted to, if any."""
+
+    id: int
+    scopes: frozenset[KeyScope]
+    doctor_id: int | None = None
+
+    def allows(self, scope: KeyScope) -> bool:
+        return KeyScope.ADMIN in self.scopes or scope in self.scopes
+
+    def covers(self, doctor_id: int) -> bool:
+        return self.doctor_id is None or self.doctor_id == doctor_id
+
+
+@dataclass(frozen=True, slots=True)
 class Actor:
-    """Who runs a command. A doctor's subject is the doctor's id, as a string."""
+    """Who runs a command. A doctor's subject is the doctor's id, as a string.
+
+    An API key acts as an admin within its grant (`key`): the gates check its scopes
+    (`server.commands`), `owns_doctor` its doctor restriction, and the change log names
+    it `key:<id>`, never as a person. `name` is a patient's display name (their token's
+    `name` claim), stored with the appointments they make.
+    """
 
     subject: str
     role: Role
+    name: str | None = None
+    key: KeyGrant | None = None
 
     def __str__(self) -> str:
+        if self.key is not None:
+            return f"key:{self.key.id}"
         return f"{self.role.value}:{self.subject}"
 
+    @property
+    def is_admin(self) -> bool:
+        """A person with the admin role, or a key with the admin scope on every doctor."""
+        if self.key is not None:
+            return self.key.allows(KeyScope.ADMIN) and self.key.doctor_id is None
+        return self.role is Role.ADMIN
+
     def owns_doctor(self, doctor_id: int) -> bool:
+        if self.key is not None:
+            return self.key.covers(doctor_id)
         return self.role is Role.ADMIN or (
             self.role is Role.DOCTOR and self.subject == str(doctor_id)
         )
@@ -40,8 +76,27 @@ class Actor:
     def may_manage(self, appointment: AppointmentView) -> bool:
         """The appointment's patient, its doctor, or an admin."""
         return self.owns_doctor(appointment.doctor_id) or (
-            self.role is Role.PATIENT and self.subject == appointment.patient_id
+            self.role is Role.PATIENT
+            and self.key is None
+            and self.subject == appointment.patient_id
         )
+
+    def patient(self, patient_id: str | None) -> str:
+        """Whose appointment a patient command makes or touches: the caller's own, or
+        `patient_id`'s when someone acts on their behalf. A patient names only themselves
+        (`forbidden` otherwise); who else may act for the patient of a given doctor is
+        `owns_doctor`'s answer, checked by the command once it knows the doctor."""
+        if self.role is Role.PATIENT and self.key is None:
+            if patient_id is not None and patient_id != self.subject:
+                raise Forbidden("a patient books only for themselves")
+            return self.subject
+        if patient_id is None:
+            raise Forbidden("name the patient (`patient_id`) to act on their behalf")
+        return patient_id
+
+    def on_behalf(self, patient_id: str | None) -> bool:
+        """True when this command acts for someone other than the caller."""
+        return not (self.role is Role.PATIENT and self.key is None) and patient_id is not None
 
 
 SYSTEM = Actor("system", Role.ADMIN)
@@ -88,6 +143,7 @@ class Taking:
     hold_expires_at: datetime | None = None
     max_holds: int | None = None  # a hold: the patient's limit, checked with the slot
     limits: Limits | None = None  # the patient's caps and cool-down, checked with the slot
+    patient_name: str | None = None  # the display name stored with it
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +197,8 @@ class Tx:
         # Doctors this command inserted (their ids locked beforehand): version 0 before it,
         # which the first read could not see.
         self.created: set[int] = set()
+        # The patient the actor acts for, when it is someone else (`ChangeDetail`).
+        self.on_behalf_of: str | None = None
 
     def _of(self, doctor_id: int, kind: str | None) -> _DoctorChanges:
         changes = self._doctors.setdefault(doctor_id, _DoctorChanges())
@@ -199,6 +257,7 @@ class Tx:
                 actor=str(self.actor),
                 appointments=msgspec.to_builtins(list(c.appointments.values())),
                 conflicts=c.conflicts,
+                on_behalf_of=self.on_behalf_of,
             )
             change = Change.build(
                 doctor_id,

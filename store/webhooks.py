@@ -164,6 +164,8 @@ class Message:
             "version": row["version"],
             "events": events,
             "actor": private.get("actor"),
+            # The patient a doctor, an admin or an API key acted for (null otherwise).
+            "on_behalf_of": private.get("on_behalf_of"),
             "appointments": private.get("appointments", []),
             "slots": public.get("slots", []),
             "removed": public.get("removed", []),

@@ -121,6 +121,7 @@ export function dayTimeline(page, { showZone, rememberCounts }) {
       slot.status,
       appointment?.id,
       appointment?.status,
+      appointment?.patient_name,
       conflict,
       cancelling === appointment?.id,
       confirmingNoshow === appointment?.id,
@@ -134,7 +135,8 @@ export function dayTimeline(page, { showZone, rememberCounts }) {
     const body = el("div", { class: "row-body" });
     if (appointment) {
       body.append(
-        el("span", { class: "row-patient" }, appointment.patient_id),
+        // The display name when the patient's token carried one; the subject on hover.
+        el("span", { class: "row-patient", title: appointment.patient_id }, appointment.patient_name ?? appointment.patient_id),
         el(
           "span",
           { class: `badge badge-${appointment.status}`, dataset: { appointmentId: appointment.id, status: appointment.status } },

@@ -1,13 +1,15 @@
 // The words of the doctor's live feed, as pure functions (no DOM): one line
-// per dashboard_delta, e.g. "Tue 09:30 booked by alice" or "Schedule changed:
+// per dashboard_delta, e.g. "Tue 09:30 booked by Alice Martin" (or "booked for",
+// when the front desk booked for her) or "Schedule changed:
 // 2 bookings are now outside it".
 
 import { dateKey, dayShort, timeHM } from "./format.js";
 
 const KIND_WORDS = {
-  "slot.held": (who) => `held by ${who}`,
-  "slot.booked": (who) => `booked by ${who}`,
-  "hold.released": (who) => `hold released by ${who}`,
+  // By the patient themselves, or for them (the front desk, a service's API key).
+  "slot.held": (who, actorRole) => `held ${actorRole === "patient" ? "by" : "for"} ${who}`,
+  "slot.booked": (who, actorRole) => `booked ${actorRole === "patient" ? "by" : "for"} ${who}`,
+  "hold.released": (who, actorRole) => (actorRole === "patient" ? `hold released by ${who}` : `hold released for ${who}`),
   "hold.expired": () => "hold expired",
   "appointment.cancelled": (who, actorRole) => (actorRole === "patient" ? `cancelled by ${who}` : "cancelled"),
   "appointment.rescheduled": () => "rescheduled",
@@ -40,7 +42,8 @@ export function feedText(delta, zone, today) {
   }
   const [actorRole, actorSubject] = (delta.actor ?? "").split(/:(.*)/s);
   const appointment = delta.appointments[0];
-  const who = appointment?.patient_id ?? actorSubject ?? "someone";
+  // The patient's display name (their token's `name`) when known, else their subject.
+  const who = appointment?.patient_name ?? appointment?.patient_id ?? actorSubject ?? "someone";
   const verbs = delta.kinds.map((kind) => (KIND_WORDS[kind] ?? (() => kind.replace(/[._]/g, " ")))(who, actorRole));
   const subject = appointment ?? (delta.slots.length === 1 ? delta.slots[0] : null);
   let when = "";

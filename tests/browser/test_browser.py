@@ -35,6 +35,7 @@ from axe_playwright_python.async_playwright import Axe
 from playwright.async_api import Browser, Locator, Page, WebSocketRoute, async_playwright, expect
 
 from protocol.vocabulary import Role
+from store import demo
 from store.pool import open_store
 from testkit.browser import PHONE, Pages, launch, pages_of
 from testkit.fixtures import Spawn, seed_doctor, token
@@ -184,7 +185,9 @@ async def appointments(database_url: str, slot_id: int) -> list[asyncpg.Record]:
 
 
 def patient_url(server: ServerProcess, doctor_id: int, sub: str) -> str:
-    return f"{server.http_url}/?doctor={doctor_id}#token={token(Role.PATIENT, sub)}"
+    # A demo patient's token carries their display name, as the host application's would.
+    name = next((p["name"] for p in demo.PATIENTS if p["subject"] == sub), None)
+    return f"{server.http_url}/?doctor={doctor_id}#token={token(Role.PATIENT, sub, name=name)}"
 
 
 def doctor_url(server: ServerProcess, doctor_id: int) -> str:
@@ -353,7 +356,8 @@ async def test_a_booking_shows_up_live_in_every_page_across_instances(
 
     badge = row(timeline, slot_id).locator(f'[data-appointment-id="{appointment_id}"]')
     await expect(badge).to_have_attribute("data-status", "booked")
-    await expect(row(timeline, slot_id)).to_contain_text(re.compile("alice", re.I))
+    # By her display name (her token's `name`), not the bare subject.
+    await expect(row(timeline, slot_id).locator(".row-patient")).to_have_text("Alice Martin")
     feed_top = dash.get_by_test_id("feed").locator("li").first
     await expect(feed_top).to_contain_text(re.compile(rf"{doctor_time}.*booked.*alice", re.I))
     mine = my_appointment(alice, appointment_id)
