@@ -241,7 +241,9 @@ class Phase:
     checks: dict[str, dict[str, int]] = field(default_factory=dict)
     received: dict[str, int] = field(default_factory=dict)
     expected: int = 0
-    healthy_rate: float = 0.0
+    healthy_rate: float = 0.0  # first receipt to last (the load and the drain after it)
+    healthy_rate_loaded: float = 0.0  # receipts while the load ran, over its duration
+    load_epoch: tuple[float, float] = (0.0, 0.0)  # time.time() at the load's start and end
     attempts: dict[str, tuple[int, int, float, float, float]] = field(default_factory=dict)
 
     def ms(self, p: float) -> float:
@@ -418,7 +420,9 @@ class Bench:
         spy = await self.profile(number)
         phase.load = (os.getloadavg()[0], 0.0)
         before = self.cpu()
+        load_from = time.time()
         await self.load(phase)
+        phase.load_epoch = (load_from, time.time())
         after = self.cpu()
         phase.load = (phase.load[0], os.getloadavg()[0])
         phase.cpu = {k: after[k] - before[k] for k in after}
@@ -482,6 +486,9 @@ class Bench:
         if receipts:
             span = receipts[-1][3] - receipts[0][3]
             phase.healthy_rate = len(first) / span if span > 0 else math.nan
+        start, end = phase.load_epoch
+        during = {(r[0], r[1]) for r in receipts if start <= r[3] <= end}
+        phase.healthy_rate_loaded = len(during) / (end - start) if end > start else math.nan
         for name in ("healthy", "failing"):
             phase.drained_at[name] = next(
                 (
@@ -561,7 +568,8 @@ def webhook_report(phase: Phase) -> str:
     d = sorted(phase.healthy_delays)
     lines = [
         f"round {phase.round} webhooks on: {phase.expected} changes committed; healthy endpoint "
-        f"delivered {phase.healthy_rate:,.0f} messages/s",
+        f"delivered {phase.healthy_rate_loaded:,.0f} messages/s during the load, "
+        f"{phase.healthy_rate:,.0f}/s from its first receipt to its last",
         f"  commit-to-delivery, healthy: p50 {fmt(percentile(d, 0.5) * 1000)} ms, "
         f"p99 {fmt(percentile(d, 0.99) * 1000)} ms, max {fmt(d[-1] * 1000 if d else math.nan)} ms"
         f" ({len(d)} messages)",
