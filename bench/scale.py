@@ -29,37 +29,44 @@ The data
   full for the (doctor, start) index), so the index sizes here are lower bounds, by
   up to about a third. Then VACUUM (ANALYZE), timed, as autovacuum would eventually.
 
-  --partitions N (for a run, "doctors:N") replaces `slots` before the load by a table
+  --partitions N replaces `slots` before the load by a table
   of the same columns, constraints and identity, PARTITION BY HASH (doctor_id) into N
   partitions: primary key (id, doctor_id), `slots_open_start` as before (it holds the
   partition key), and the appointments' foreign key as (slot_id, doctor_id). This is
   what a partitioning migration would have to build.
 
-What it measures, per run
-  - load: seconds to generate the rows, to build the indexes, and the first VACUUM;
+What it measures, per size
+  Each size is built once per variant (--partitions, default 0 and 32: one table, and
+  32 hash partitions), all side by side; then the variants are measured in turn,
+  --rounds times (default 2), so that whatever else runs on this shared machine
+  falls on each alike; then each database is dropped.
+  - build: seconds to generate the rows, to build the indexes, and the first VACUUM;
   - sizes: the slots heap (`pg_relation_size`, summed over partitions), its indexes
-    (`pg_indexes_size`) one by one, and the whole database;
-  - lookup: `SELECT doctor_id FROM slots WHERE id = $1` (the booking's first
-    statement, `sql.SLOT_DOCTOR_LOCK`, without the lock), 2,000 random slots, serial;
-  - booking: `store.commands.book_slot` (the server's `book` transaction, with an
-    idempotency key), p50/p99: 1,000 serial bookings of random slots of random
-    doctors, then 3,000 with 10 bookers on a pool of 10 (the server's default pool),
-    then 600 bookings of one hot doctor with 10 bookers (all queue on its lock);
-  - snapshot: `store.reads.snapshot` of one week (280 slots) of a random doctor, p50/p99:
-    1,000 serial, then 3,000 with 10 readers;
-  - VACUUM (ANALYZE) of `slots` again after the bookings (their dead row versions make it
-    scan every index in full: the maintenance cost that grows with the table).
+    (`pg_indexes_size`) one by one, the largest partition, and the whole database;
+  - per round, latencies p50/p99 in ms:
+    - lookup: `SELECT doctor_id FROM slots WHERE id = $1` (what the booking's first
+      statement, `sql.SLOT_DOCTOR_LOCK`, reads before it locks), 1,000 random slots;
+    - booking: `store.commands.book_slot` (the server's `book` transaction, with an
+      idempotency key): 500 serial bookings of random slots of random doctors, then
+      1,500 with 10 bookers on a pool of 10 (the server's default pool), then 300 of
+      one hot doctor with 10 bookers (all queue on its lock);
+    - snapshot: `store.reads.snapshot` of one week (280 slots) of a random doctor,
+      500 serial, then 1,500 with 10 readers;
+  - the generic plans (EXPLAIN ANALYZE, BUFFERS) of the snapshot's `sql.SLOTS_IN_RANGE`
+    and of the lookup: pages touched per query, which the machine's load cannot skew;
+  - VACUUM (ANALYZE) of `slots` again after the bookings (their dead row versions make
+    it scan every index in full: the maintenance cost that grows with the table).
 
   Latencies are measured in this process (asyncio, uvloop), round trips included.
   The embedded cluster keeps its default shared_buffers (128 MB), so most reads come
   from the OS page cache (this machine has 23 GiB); fsync, synchronous_commit and
   full_page_writes are off, as in the test suite: commits cost no disk flush, so what
-  is left is what the table's size costs. Each run's database is dropped when its run
-  is done, and the cluster with it at the end.
+  is left is what the table's size costs. Every database is dropped when its size is
+  done (also on SIGINT or SIGTERM), and the embedded cluster with them at the end.
 
 Usage (run it niced; other people share this machine)
   nice -n 19 ionice -c3 .venv/bin/python bench/scale.py                   # 10^6, 10^7, 10^8
-  nice -n 19 ionice -c3 .venv/bin/python bench/scale.py --runs 10000:0,10000:32
+  nice -n 19 ionice -c3 .venv/bin/python bench/scale.py --doctors 10000 --partitions 0,16,64
   .venv/bin/python bench/scale.py --database-url postgresql://u@h/postgres  # creates dbs there
 """
 
@@ -72,6 +79,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -86,7 +94,7 @@ sys.path.insert(0, str(REPO))  # `testkit` is not an installed package
 
 import asyncpg  # noqa: E402
 
-from store import commands, embedded, reads  # noqa: E402
+from store import commands, embedded, reads, sql  # noqa: E402
 from store.migrate import migrate  # noqa: E402
 from store.pool import Store, open_store  # noqa: E402
 from testkit.harness import with_database  # noqa: E402
@@ -127,6 +135,12 @@ class Result:
     sizes: dict[str, int] = field(default_factory=dict)  # bytes
     latencies: dict[str, list[float]] = field(default_factory=dict)  # seconds
     loadavg: list[float] = field(default_factory=list)
+    plans: dict[str, str] = field(default_factory=dict)
+    taken: set[tuple[int, int]] = field(default_factory=set)  # (doctor, slot index) booked
+
+    @property
+    def database(self) -> str:
+        return f"slotcast_scale_{self.doctors}_{self.partitions}"
 
     @property
     def label(self) -> str:
@@ -313,14 +327,25 @@ async def pick_slots(
     return ids
 
 
+async def explain(conn: asyncpg.Connection, query: str, *args: object) -> str:
+    """The generic plan, as a prepared statement of the pool runs it after five calls."""
+    await conn.execute("SET plan_cache_mode = force_generic_plan")
+    try:
+        rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + query, *args)
+    finally:
+        await conn.execute("RESET plan_cache_mode")
+    return "\n".join(r[0] for r in rows)
+
+
 async def measure(
     store: Store, conn: asyncpg.Connection, result: Result, first_day: date, rng: random.Random
 ) -> None:
+    """One round of every latency figure, added to the result's samples."""
     doctors = result.doctors
-    # Slots from the third day on: none starts (too_late) during the run.
-    taken: set[tuple[int, int]] = set()
+    taken = result.taken
 
     def sample(count: int, doctor: int | None = None) -> list[tuple[int, int]]:
+        # Slots from the third day on: none starts (too_late) during the run.
         picked: list[tuple[int, int]] = []
         while len(picked) < count:
             pair = (
@@ -332,12 +357,12 @@ async def measure(
                 picked.append(pair)
         return picked
 
-    lookups = await pick_slots(conn, [(rng.randint(1, doctors), 0) for _ in range(2000)], first_day)
-    warmup = await pick_slots(conn, sample(200), first_day)
-    serial = await pick_slots(conn, sample(1000), first_day)
-    concurrent = await pick_slots(conn, sample(3000), first_day)
+    lookups = await pick_slots(conn, [(rng.randint(1, doctors), 0) for _ in range(1000)], first_day)
+    warmup = await pick_slots(conn, sample(100), first_day)
+    serial = await pick_slots(conn, sample(500), first_day)
+    concurrent = await pick_slots(conn, sample(1500), first_day)
     hot_doctor = rng.randint(1, doctors)
-    hot = await pick_slots(conn, sample(600, hot_doctor), first_day)
+    hot = await pick_slots(conn, sample(300, hot_doctor), first_day)
 
     async def lookup(slot_id: int) -> None:
         async with store.connection() as c:
@@ -356,53 +381,93 @@ async def measure(
     async def week(doctor: int) -> None:
         await reads.snapshot(store, doctor, start, start + timedelta(days=7))
 
+    def add(key: str, latencies: list[float]) -> None:
+        result.latencies.setdefault(key, []).extend(latencies)
+
     result.loadavg.append(os.getloadavg()[0])
     await timed_all(warmup, 10, book)
-    await timed_all(lookups[:200], 1, lookup)
-    result.latencies["slot lookup by id, serial"] = await timed_all(lookups, 1, lookup)
-    result.latencies["book, serial"] = await timed_all(serial, 1, book)
-    result.latencies["book, 10 bookers"] = await timed_all(concurrent, 10, book)
-    result.latencies["book, one hot doctor, 10 bookers"] = await timed_all(hot, 10, book)
-    weeks = [rng.randint(1, doctors) for _ in range(4000)]
-    result.latencies["snapshot (a week), serial"] = await timed_all(weeks[:1000], 1, week)
-    result.latencies["snapshot (a week), 10 readers"] = await timed_all(weeks[1000:], 10, week)
+    await timed_all(lookups[:100], 1, lookup)
+    add("slot lookup by id, serial", await timed_all(lookups, 1, lookup))
+    add("book, serial", await timed_all(serial, 1, book))
+    add("book, 10 bookers", await timed_all(concurrent, 10, book))
+    add("book, one hot doctor, 10 bookers", await timed_all(hot, 10, book))
+    weeks = [rng.randint(1, doctors) for _ in range(2000)]
+    add("snapshot (a week), serial", await timed_all(weeks[:500], 1, week))
+    add("snapshot (a week), 10 readers", await timed_all(weeks[500:], 10, week))
     result.loadavg.append(os.getloadavg()[0])
-    print("  latencies measured", flush=True)
+    result.plans["snapshot"] = await explain(
+        conn, sql.SLOTS_IN_RANGE, rng.randint(1, doctors), start, start + timedelta(days=7), None
+    )
+    result.plans["slot lookup"] = await explain(
+        conn, "SELECT doctor_id FROM slots WHERE id = $1", rng.choice(lookups)
+    )
+    print(f"  measured: {result.label}", flush=True)
 
-    started = perf()
-    await conn.execute("VACUUM (ANALYZE) slots")
-    result.timings["vacuum after bookings s"] = perf() - started
 
-
-async def one_run(admin: str, result: Result, rng: random.Random) -> None:
-    name = f"slotcast_scale_{result.doctors}_{result.partitions}"
+async def create(admin: str, result: Result, first_day: date) -> None:
+    """The run's database, migrated, loaded, indexed, vacuumed and sized."""
+    name = result.database
     conn = await asyncpg.connect(admin)
     try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         await conn.execute(f"CREATE DATABASE {name}")
     finally:
         await conn.close()
     dsn = with_database(admin, name)
+    await migrate(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("SET maintenance_work_mem = '1GB'")
+        await conn.execute("SET max_parallel_maintenance_workers = 0")  # 2 shared cores
+        print(f"build: {result.doctors:,} doctors, {result.partitions} partitions", flush=True)
+        started = perf()
+        await build(conn, result, first_day)
+        await measure_sizes(conn, result)
+        print(f"  built in {perf() - started:.0f} s", flush=True)
+    finally:
+        await conn.close()
+
+
+async def drop(admin: str, result: Result) -> None:
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {result.database} WITH (FORCE)")
+    finally:
+        await conn.close()
+    print(f"  database {result.database} dropped", flush=True)
+
+
+async def scale(
+    admin: str, args: argparse.Namespace, doctors: int, rng: random.Random
+) -> list[Result]:
+    """Every variant of one size built side by side, then measured in alternation, so a
+    neighbour's load on this shared machine falls on all of them alike."""
+    results = [Result(doctors, p) for p in args.partitions]
     first_day = date.today() + timedelta(days=1)
     try:
-        await migrate(dsn)
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute("SET maintenance_work_mem = '1GB'")
-            await conn.execute("SET max_parallel_maintenance_workers = 0")  # 2 shared cores
-            await build(conn, result, first_day)
-            await measure_sizes(conn, result)
-            async with open_store(dsn, min_size=10, max_size=10) as store:
-                await measure(store, conn, result, first_day, rng)
-        finally:
-            await conn.close()
+        for result in results:
+            await create(admin, result, first_day)
+        for _ in range(args.rounds):
+            for result in results:
+                dsn = with_database(admin, result.database)
+                async with open_store(dsn, min_size=10, max_size=10) as store:
+                    conn = await asyncpg.connect(dsn)
+                    try:
+                        await measure(store, conn, result, first_day, rng)
+                    finally:
+                        await conn.close()
+        for result in results:
+            conn = await asyncpg.connect(with_database(admin, result.database))
+            try:
+                started = perf()
+                await conn.execute("VACUUM (ANALYZE) slots")
+                result.timings["vacuum after bookings s"] = perf() - started
+            finally:
+                await conn.close()
     finally:
-        conn = await asyncpg.connect(admin)
-        try:
-            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        finally:
-            await conn.close()
-        print(f"  database {name} dropped", flush=True)
+        for result in results:
+            await drop(admin, result)
+    return results
 
 
 def report(results: list[Result]) -> str:
@@ -467,14 +532,14 @@ def cluster(url: str | None) -> Iterator[str]:
 async def main(args: argparse.Namespace, admin: str) -> int:
     rng = random.Random(args.seed)
     results = []
-    for spec in args.runs:
-        doctors, _, partitions = spec.partition(":")
-        result = Result(int(doctors), int(partitions or 0))
-        print(f"run: {result.doctors:,} doctors, {result.partitions} partitions", flush=True)
+    for doctors in args.doctors:
         started = perf()
-        await one_run(admin, result, rng)
-        print(f"  done in {perf() - started:.0f} s\n" + report([result]) + "\n", flush=True)
-        results.append(result)
+        done = await scale(admin, args, doctors, rng)
+        print(f"  done in {perf() - started:.0f} s\n" + report(done) + "\n", flush=True)
+        for result in done:
+            for name, plan in result.plans.items():
+                print(f"{result.label}: {name}, generic plan:\n{plan}\n", flush=True)
+        results += done
     print("summary\n" + report(results))
     return 0
 
@@ -482,14 +547,24 @@ async def main(args: argparse.Namespace, admin: str) -> int:
 def run() -> int:
     p = argparse.ArgumentParser(description="The store at 10^6-10^8 slots (see the docstring).")
     p.add_argument("--database-url", help="an admin DSN (default: embedded, throwaway)")
+    numbers = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p.add_argument(
-        "--runs",
-        type=lambda s: [x for x in s.split(",") if x],
-        default=["1000", "10000", "100000"],
-        help="comma-separated DOCTORS[:PARTITIONS] (1,000 slots per doctor)",
+        "--doctors",
+        type=numbers,
+        default=[1000, 10000, 100000],
+        help="comma-separated sizes, in doctors of 1,000 slots each (default 1000,10000,100000)",
     )
+    p.add_argument(
+        "--partitions",
+        type=numbers,
+        default=[0, 32],
+        help="comma-separated variants of each size: 0 = one table, N = N hash partitions",
+    )
+    p.add_argument("--rounds", type=int, default=2, help="measurements of each variant")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
+    # Stopped by a signal, it still drops its databases and removes the embedded cluster.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with cluster(args.database_url) as admin:
         import uvloop
 
