@@ -46,6 +46,7 @@ What it measures, per size
   - per round, latencies p50/p99 in ms:
     - lookup: `SELECT doctor_id FROM slots WHERE id = $1` (what the booking's first
       statement, `sql.SLOT_DOCTOR_LOCK`, reads before it locks), 1,000 random slots;
+      and the same with `AND doctor_id = $2`, which a partitioned table can prune;
     - booking: `store.commands.book_slot` (the server's `book` transaction, with an
       idempotency key): 500 serial bookings of random slots of random doctors, then
       1,500 with 10 bookers on a pool of 10 (the server's default pool), then 300 of
@@ -196,14 +197,16 @@ async def build(conn: asyncpg.Connection, result: Result, first_day: date) -> No
     base = datetime.combine(first_day, datetime.min.time(), UTC) + timedelta(hours=8)
     for day in range(DAYS):
         at = base + timedelta(days=day)
-        # LATERAL keeps the doctor outermost: each doctor's day lands on adjacent rows.
+        # A lateral reference to d keeps the doctor outermost, so each doctor's day lands
+        # on adjacent rows, as the sweep inserts it (without it the planner may put the
+        # 40 quarter-hours outermost, and a week then spans 280 heap pages, not 7).
         await conn.execute(
             """
             INSERT INTO slots (doctor_id, starts_at, ends_at)
             SELECT d, $2::timestamptz + k * make_interval(mins => $3),
                       $2::timestamptz + (k + 1) * make_interval(mins => $3)
             FROM generate_series(1, $1::int) d
-            CROSS JOIN LATERAL generate_series(0, $4 - 1) k
+            CROSS JOIN LATERAL generate_series(0 * d, $4 - 1) k
             """,
             doctors,
             at,
@@ -358,6 +361,12 @@ async def measure(
         return picked
 
     lookups = await pick_slots(conn, [(rng.randint(1, doctors), 0) for _ in range(1000)], first_day)
+    doctor_of = {
+        r["id"]: r["doctor_id"]
+        for r in await conn.fetch(
+            "SELECT id, doctor_id FROM slots WHERE id = ANY($1::bigint[])", lookups
+        )
+    }
     warmup = await pick_slots(conn, sample(100), first_day)
     serial = await pick_slots(conn, sample(500), first_day)
     concurrent = await pick_slots(conn, sample(1500), first_day)
@@ -367,6 +376,16 @@ async def measure(
     async def lookup(slot_id: int) -> None:
         async with store.connection() as c:
             await c.fetchval("SELECT doctor_id FROM slots WHERE id = $1", slot_id)
+
+    async def lookup_pruned(slot_id: int) -> None:
+        # What the lookup would cost if every statement naming a slot also named its
+        # doctor (the slot id of the wire would have to carry it): one partition.
+        async with store.connection() as c:
+            await c.fetchval(
+                "SELECT doctor_id FROM slots WHERE id = $1 AND doctor_id = $2",
+                slot_id,
+                doctor_of[slot_id],
+            )
 
     async def book(slot_id: int) -> None:
         await commands.book_slot(
@@ -388,6 +407,7 @@ async def measure(
     await timed_all(warmup, 10, book)
     await timed_all(lookups[:100], 1, lookup)
     add("slot lookup by id, serial", await timed_all(lookups, 1, lookup))
+    add("slot lookup by id and doctor, serial", await timed_all(lookups, 1, lookup_pruned))
     add("book, serial", await timed_all(serial, 1, book))
     add("book, 10 bookers", await timed_all(concurrent, 10, book))
     add("book, one hot doctor, 10 bookers", await timed_all(hot, 10, book))
@@ -398,8 +418,12 @@ async def measure(
     result.plans["snapshot"] = await explain(
         conn, sql.SLOTS_IN_RANGE, rng.randint(1, doctors), start, start + timedelta(days=7), None
     )
+    some = rng.choice(lookups)
     result.plans["slot lookup"] = await explain(
-        conn, "SELECT doctor_id FROM slots WHERE id = $1", rng.choice(lookups)
+        conn, "SELECT doctor_id FROM slots WHERE id = $1", some
+    )
+    result.plans["slot lookup by id and doctor"] = await explain(
+        conn, "SELECT doctor_id FROM slots WHERE id = $1 AND doctor_id = $2", some, doctor_of[some]
     )
     print(f"  measured: {result.label}", flush=True)
 
