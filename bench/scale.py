@@ -55,6 +55,8 @@ What it measures, per size
       500 serial, then 1,500 with 10 readers;
   - the generic plans (EXPLAIN ANALYZE, BUFFERS) of the snapshot's `sql.SLOTS_IN_RANGE`
     and of the lookup: pages touched per query, which the machine's load cannot skew;
+  - with --profile, the serial bookings' time statement by statement (where a
+    partitioned table's cost lies), at some cost to every other figure;
   - VACUUM (ANALYZE) of `slots` again after the bookings (their dead row versions make
     it scan every index in full: the maintenance cost that grows with the table).
 
@@ -68,6 +70,7 @@ What it measures, per size
 Usage (run it niced; other people share this machine)
   nice -n 19 ionice -c3 .venv/bin/python bench/scale.py                   # 10^6, 10^7, 10^8
   nice -n 19 ionice -c3 .venv/bin/python bench/scale.py --doctors 10000 --partitions 0,16,64
+  nice -n 19 ionice -c3 .venv/bin/python bench/scale.py --doctors 1000 --profile
   .venv/bin/python bench/scale.py --database-url postgresql://u@h/postgres  # creates dbs there
 """
 
@@ -99,6 +102,9 @@ from store import commands, embedded, reads, sql  # noqa: E402
 from store.migrate import migrate  # noqa: E402
 from store.pool import Store, open_store  # noqa: E402
 from testkit.harness import with_database  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
+from booking import Profiler  # noqa: E402
 
 SLOTS_PER_DAY = 40  # 08:00-18:00 in quarter-hours
 DAYS = 25  # 1,000 slots per doctor
@@ -341,7 +347,12 @@ async def explain(conn: asyncpg.Connection, query: str, *args: object) -> str:
 
 
 async def measure(
-    store: Store, conn: asyncpg.Connection, result: Result, first_day: date, rng: random.Random
+    store: Store,
+    conn: asyncpg.Connection,
+    result: Result,
+    first_day: date,
+    rng: random.Random,
+    profiler: Profiler | None,
 ) -> None:
     """One round of every latency figure, added to the result's samples."""
     doctors = result.doctors
@@ -408,21 +419,25 @@ async def measure(
     await timed_all(lookups[:100], 1, lookup)
     add("slot lookup by id, serial", await timed_all(lookups, 1, lookup))
     add("slot lookup by id and doctor, serial", await timed_all(lookups, 1, lookup_pruned))
+    if profiler is not None:
+        profiler.reset()
     add("book, serial", await timed_all(serial, 1, book))
+    if profiler is not None:
+        result.plans["booking, serial, statement by statement"] = profiler.report(len(serial))
     add("book, 10 bookers", await timed_all(concurrent, 10, book))
     add("book, one hot doctor, 10 bookers", await timed_all(hot, 10, book))
     weeks = [rng.randint(1, doctors) for _ in range(2000)]
     add("snapshot (a week), serial", await timed_all(weeks[:500], 1, week))
     add("snapshot (a week), 10 readers", await timed_all(weeks[500:], 10, week))
     result.loadavg.append(os.getloadavg()[0])
-    result.plans["snapshot"] = await explain(
+    result.plans["snapshot, generic plan"] = await explain(
         conn, sql.SLOTS_IN_RANGE, rng.randint(1, doctors), start, start + timedelta(days=7), None
     )
     some = rng.choice(lookups)
-    result.plans["slot lookup"] = await explain(
+    result.plans["slot lookup, generic plan"] = await explain(
         conn, "SELECT doctor_id FROM slots WHERE id = $1", some
     )
-    result.plans["slot lookup by id and doctor"] = await explain(
+    result.plans["slot lookup by id and doctor, generic plan"] = await explain(
         conn, "SELECT doctor_id FROM slots WHERE id = $1 AND doctor_id = $2", some, doctor_of[some]
     )
     print(f"  measured: {result.label}", flush=True)
@@ -462,7 +477,11 @@ async def drop(admin: str, result: Result) -> None:
 
 
 async def scale(
-    admin: str, args: argparse.Namespace, doctors: int, rng: random.Random
+    admin: str,
+    args: argparse.Namespace,
+    doctors: int,
+    rng: random.Random,
+    profiler: Profiler | None,
 ) -> list[Result]:
     """Every variant of one size built side by side, then measured in alternation, so a
     neighbour's load on this shared machine falls on all of them alike."""
@@ -477,7 +496,7 @@ async def scale(
                 async with open_store(dsn, min_size=10, max_size=10) as store:
                     conn = await asyncpg.connect(dsn)
                     try:
-                        await measure(store, conn, result, first_day, rng)
+                        await measure(store, conn, result, first_day, rng, profiler)
                     finally:
                         await conn.close()
         for result in results:
@@ -555,14 +574,18 @@ def cluster(url: str | None) -> Iterator[str]:
 
 async def main(args: argparse.Namespace, admin: str) -> int:
     rng = random.Random(args.seed)
+    profiler = None
+    if args.profile:  # every statement timed, at some cost to every other figure
+        profiler = Profiler()
+        profiler.install()
     results = []
     for doctors in args.doctors:
         started = perf()
-        done = await scale(admin, args, doctors, rng)
+        done = await scale(admin, args, doctors, rng, profiler)
         print(f"  done in {perf() - started:.0f} s\n" + report(done) + "\n", flush=True)
         for result in done:
             for name, plan in result.plans.items():
-                print(f"{result.label}: {name}, generic plan:\n{plan}\n", flush=True)
+                print(f"{result.label}: {name}:\n{plan}\n", flush=True)
         results += done
     print("summary\n" + report(results))
     return 0
@@ -585,6 +608,11 @@ def run() -> int:
         help="comma-separated variants of each size: 0 = one table, N = N hash partitions",
     )
     p.add_argument("--rounds", type=int, default=2, help="measurements of each variant")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="time the serial bookings statement by statement (bench/booking.py's profiler)",
+    )
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
     # Stopped by a signal, it still drops its databases and removes the embedded cluster.
