@@ -112,9 +112,20 @@ def snapshot_redis(cluster: RedisCluster) -> dict[int, dict[str, str]]:
 async def _sink(port: int, channels: list[str], stop: asyncio.Event) -> None:
     """One subscriber connection, as an instance holds per master: subscribe, then discard."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    parts = [b"SSUBSCRIBE", *(c.encode() for c in channels)]
-    writer.write(b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts))
+    # One SSUBSCRIBE per channel: channels of different slots in one command are CROSSSLOT.
+    for channel in channels:
+        name = channel.encode()
+        writer.write(b"*2\r\n$10\r\nSSUBSCRIBE\r\n$%d\r\n%s\r\n" % (len(name), name))
     await writer.drain()
+    confirmed = 0
+    async with asyncio.timeout(10):
+        while confirmed < len(channels):
+            data = await reader.read(1 << 16)
+            if not data:
+                raise ConnectionError(f"redis {port} closed the subscriber")
+            if data.startswith(b"-") or b"\r\n-" in data:
+                raise RuntimeError(f"redis {port} refused a subscription: {data[:200]!r}")
+            confirmed += data.count(b"ssubscribe")
     try:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -143,6 +154,9 @@ async def publish_cost(
         for _ in range(subscribers)
     ]
     await asyncio.sleep(0.5)
+    for sink in sinks:
+        if sink.done():
+            sink.result()  # a subscription refused: say so rather than measure nothing
     client = Client(startup_nodes=[ClusterNode("127.0.0.1", p) for p in cluster.alive()])
     data = os.urandom(payload // 2).hex().encode()
     try:
@@ -392,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=20.0, help="bookings per second, all doctors")
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--idle-seconds", type=float, default=5.0)
+    p.add_argument("--inputs-only", action="store_true", help="publish and snapshot only")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     raise_nofile()
@@ -422,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         doctor_id, first, _ = asyncio.run(seed(topo.primary.dsn(), 10))
         out["snapshot"] = asyncio.run(snapshot_cost(topo, doctor_id, first, args.snapshots))
         print(f"  snapshot: {out['snapshot']}", flush=True)
+        if args.inputs_only:
+            if args.json:
+                args.json.write_text(json.dumps(out, indent=1))
+            return 0
         # The check's instances subscribe each doctor once per instance: S = instances.
         nearest = min(out["publish"], key=lambda r: abs(r["subscribers_per_master"] - 4))
         out["check"] = check(topo, args, nearest["masters_us_per_publish"])
