@@ -202,6 +202,66 @@ def idle_redis_rate(cluster: RedisCluster, seconds: float) -> tuple[float, float
     return m / seconds, r / seconds
 
 
+async def presence_cost(topo: Topology, doctors: int, seconds: float) -> dict[str, Any]:
+    """What an idle room costs: every instance re-announces each of its rooms' viewer
+    counts every 2 s (server/rooms.py), and every instance with a room of that doctor
+    receives each announcement. One connection per instance watches `doctors` doctors
+    (no slots), so each doctor has a room on every instance; CPU of the instances and
+    the Redis masters with those rooms, less the same connections watching nothing."""
+    from datetime import date
+
+    from client import SlotcastClient
+    from store.doctors import create_doctor
+    from store.pool import open_store
+
+    async with open_store(topo.primary.dsn(), min_size=1, max_size=2) as store:
+        ids = [
+            await create_doctor(store, name=f"Dr. Presence {i}", timezone="UTC")
+            for i in range(doctors)
+        ]
+    pids = [s.process.pid for s in topo.instances if s.process is not None]
+
+    def sample() -> tuple[float, float, int]:
+        stats = snapshot_redis(topo.cluster)
+        masters, _ = roles(topo.cluster)
+        return (
+            sum(cpu_seconds(p) for p in pids),
+            sum(redis_cpu(stats[p]) for p in masters),
+            sum(spublish_calls(stats[p]) for p in masters),
+        )
+
+    async def window() -> tuple[float, float, float]:
+        a = sample()
+        await asyncio.sleep(seconds)
+        b = sample()
+        return ((b[0] - a[0]) / seconds, (b[1] - a[1]) / seconds, (b[2] - a[2]) / seconds)
+
+    today = date.today()
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(SlotcastClient.connect(s.ws_url))
+            for s in topo.instances
+        ]
+        quiet = await window()
+        for client in clients:
+            for doctor_id in ids:
+                await client.watch(doctor_id, today, today + timedelta(days=1))
+        await asyncio.sleep(3)  # the joins' own announcements done
+        busy = await window()
+    rooms = doctors * len(pids)
+    receipts = busy[2] * len(pids)  # every instance has a room of every doctor
+    return {
+        "rooms": rooms,
+        "seconds": seconds,
+        "publishes_per_s": round(busy[2], 1),
+        "publishes_per_s_without_rooms": round(quiet[2], 1),
+        "instances_cores": [round(quiet[0], 4), round(busy[0], 4)],
+        "redis_masters_cores": [round(quiet[1], 4), round(busy[1], 4)],
+        "instance_us_per_receipt": round((busy[0] - quiet[0]) / max(receipts, 1) * 1e6, 2),
+        "redis_us_per_publish": round((busy[1] - quiet[1]) / max(busy[2] - quiet[2], 1) * 1e6, 2),
+    }
+
+
 # ---- PostgreSQL --------------------------------------------------------------------------------
 
 
@@ -406,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=20.0, help="bookings per second, all doctors")
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--idle-seconds", type=float, default=5.0)
+    p.add_argument("--presence-doctors", type=int, default=250, help="0: skip presence")
     p.add_argument("--inputs-only", action="store_true", help="publish and snapshot only")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -416,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         "SLOTCAST_LOG_LEVEL": "WARNING",
         "SLOTCAST_MAX_ACTIVE_PER_DOCTOR": "1000000",
         "SLOTCAST_MAX_ACTIVE_TOTAL": "1000000",
+        "SLOTCAST_MAX_WATCHES": str(max(32, args.presence_doctors)),
     }
     out: dict[str, Any] = {"host": socket.gethostname(), "started": time.strftime("%FT%TZ")}
     print(f"starting the topology: {args.instances} instances …", flush=True)
@@ -437,6 +499,11 @@ def main(argv: list[str] | None = None) -> int:
         doctor_id, first, _ = asyncio.run(seed(topo.primary.dsn(), 10))
         out["snapshot"] = asyncio.run(snapshot_cost(topo, doctor_id, first, args.snapshots))
         print(f"  snapshot: {out['snapshot']}", flush=True)
+        if args.presence_doctors:
+            out["presence"] = asyncio.run(
+                presence_cost(topo, args.presence_doctors, max(args.idle_seconds, 10.0))
+            )
+            print(f"  presence: {out['presence']}", flush=True)
         if args.inputs_only:
             if args.json:
                 args.json.write_text(json.dumps(out, indent=1))
