@@ -18,8 +18,9 @@ run: $(STAMP)
 
 ## The whole scaled-out topology locally: N instances behind HAProxy, a Redis Cluster,
 ## a PostgreSQL primary and a replica (docs/operating.md); Ctrl-C removes it all.
+## HAProxy and redis-server 7 are installed with apt-get when missing (as root).
 N ?= 2
-topology: $(STAMP) tools
+topology: $(STAMP)
 	$(BIN)/python -m testkit.topology --instances $(N)
 
 ## System tools some tests need: HAProxy, Chromium, promtool and redis-server 7, installed with apt-get when missing (as root).

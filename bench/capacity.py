@@ -73,6 +73,14 @@ from testkit.topology import Topology, topology
 SERVER_US_PER_MSG = (8.0, 10.5)  # fan-out, one change per write, booking share included
 POSTGRES_MS_PER_BOOKING = (0.57, 0.77)  # bench/booking.py, (a) and (c) rows
 SERVER_MS_PER_BOOKING = (0.39, 0.53)  # bench/booking.py, (c): the instance that books
+# The model as docs/capacity.md states it after the first checks (runs 1-4 there):
+# each change costs every instance with a room of that doctor ~1 ms, each member ~10 us,
+# and each room's presence announcement (every 2 s) ~430 us with 4 instances.
+ROOM_MS_PER_CHANGE = 1.0
+MEMBER_US_PER_MSG = 10.0
+PRESENCE_US_PER_ROOM_ANNOUNCEMENT = 430.0
+POSTGRES_MS_PER_BOOKING_REVISED = (0.6, 2.9)
+PRESENCE_EVERY_S = 2.0  # server/rooms.py
 
 
 # ---- Redis -------------------------------------------------------------------------------------
@@ -418,6 +426,17 @@ def check(topo: Topology, args: argparse.Namespace, per_publish_us: float) -> di
         "redis_masters": ridle["masters"] + publishes / window * per_publish_us / 1e6,
         "primary": [idle["primary"] + bps * ms / 1e3 for ms in POSTGRES_MS_PER_BOOKING],
     }
+    # Every doctor has a room on every instance here (watchers spread by HAProxy).
+    rooms = args.doctors * len(pids)
+    changes_per_doctor = bps / args.doctors
+    revised = {
+        "instances": idle["instances"]
+        + rooms * changes_per_doctor * ROOM_MS_PER_CHANGE / 1e3
+        + mps * MEMBER_US_PER_MSG / 1e6
+        + bps * sum(SERVER_MS_PER_BOOKING) / 2 / 1e3
+        + rooms / PRESENCE_EVERY_S * PRESENCE_US_PER_ROOM_ANNOUNCEMENT / 1e6,
+        "primary": [idle["primary"] + bps * ms / 1e3 for ms in POSTGRES_MS_PER_BOOKING_REVISED],
+    }
     report.update(
         {
             "window_s": round(window, 2),
@@ -436,6 +455,7 @@ def check(topo: Topology, args: argparse.Namespace, per_publish_us: float) -> di
             if os.cpu_count()
             else None,
             "predicted_cores": predicted,
+            "predicted_cores_revised_model": revised,
             "measured_server_us_per_msg": round(
                 (cores["instances"] - idle["instances"]) / max(mps, 1) * 1e6, 2
             ),
