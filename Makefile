@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast tools lint typecheck pytest fmt bench clean screenshots
+.PHONY: run test test-fast tools lint typecheck pytest fmt bench clean screenshots topology
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,13 @@ $(STAMP): pyproject.toml
 ## Run the server on embedded defaults (embedded PostgreSQL, in-process broker, demo data).
 run: $(STAMP)
 	$(BIN)/slotcast serve --demo
+
+## The whole scaled-out topology locally: N instances behind HAProxy, a Redis Cluster,
+## a PostgreSQL primary and a replica (docs/operating.md); Ctrl-C removes it all.
+## HAProxy and redis-server 7 are installed with apt-get when missing (as root).
+N ?= 2
+topology: $(STAMP)
+	$(BIN)/python -m testkit.topology --instances $(N)
 
 ## System tools some tests need: HAProxy, Chromium, promtool and redis-server 7, installed with apt-get when missing (as root).
 ## The deployment tests' too: PostgreSQL 15 (Debian's), openssl, systemd-analyze, jq.
