@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import unquote
@@ -56,6 +56,23 @@ class Broker(abc.ABC):
         self._on_message: OnMessage = lambda channel, data: None
         self._on_reconnect: OnReconnect = lambda channels: None
         self._channels: set[str] = set()
+
+    where = "the broker"  # how log lines name it (a Redis's address, without password)
+
+    @contextlib.contextmanager
+    def _answering(self) -> Iterator[None]:
+        """Track `answering` around one command: one log line when the broker stops
+        answering and one when it answers again, never one per failed call."""
+        try:
+            yield
+        except Unavailable as exc:
+            if self.answering:
+                self.answering = False
+                log.warning("%s is unavailable: %s", self.where, exc.message)
+            raise
+        if not self.answering:
+            self.answering = True
+            log.info("%s answers again", self.where)
 
     @property
     def up(self) -> bool:
@@ -216,21 +233,12 @@ class RedisBroker(Broker):
         attempt discards it and the retry dials afresh.
         """
         bound = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
-        try:
-            with broker_translated():
-                async with asyncio.timeout(bound):
-                    try:
-                        await command()
-                    except RedisConnectionError:
-                        await command()
-        except Unavailable as exc:
-            if self.answering:
-                self.answering = False
-                log.warning("%s is unavailable: %s", self.where, exc.message)
-            raise
-        if not self.answering:
-            self.answering = True
-            log.info("%s answers again", self.where)
+        with self._answering(), broker_translated():
+            async with asyncio.timeout(bound):
+                try:
+                    await command()
+                except RedisConnectionError:
+                    await command()
 
     def _lose(self, exc: BaseException) -> None:
         """The pub/sub connection cannot be trusted: have the reader reconnect."""
@@ -463,18 +471,9 @@ class RedisClusterBroker(Broker):
     ) -> None:
         """Run a command within the time bound; redis-py follows redirects inside it."""
         bound = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
-        try:
-            with broker_translated():
-                async with asyncio.timeout(bound):
-                    await command()
-        except Unavailable as exc:
-            if self.answering:
-                self.answering = False
-                log.warning("%s is unavailable: %s", self.where, exc.message)
-            raise
-        if not self.answering:
-            self.answering = True
-            log.info("%s answers again", self.where)
+        with self._answering(), broker_translated():
+            async with asyncio.timeout(bound):
+                await command()
 
     # ---- subscriptions -------------------------------------------------------------------------
 
