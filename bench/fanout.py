@@ -103,6 +103,7 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
+import calendar
 import contextlib
 import ctypes
 import json
@@ -260,6 +261,7 @@ class WorkerSpec:
     nice: int = 0  # added to the watcher process's nice value
     sample: int = 1  # every sample-th watcher per instance parses and timestamps; the rest count
     drain_ms: float = 500.0  # how often the counting watchers' sockets are read
+    system: str = "slotcast"  # whose protocol the watchers speak: slotcast or socketio
 
 
 @dataclass
@@ -325,6 +327,10 @@ def _client_frame(opcode: int, payload: bytes) -> bytes:
 
 class Watcher(asyncio.Protocol):
     """One raw WebSocket watcher: handshake, `watch`, then count and timestamp deltas."""
+
+    # Engine.IO pings are text frames ("2"), not WebSocket pings: a counting watcher of
+    # the Socket.IO peer must answer them and not count them as data (SioWatcher).
+    engineio = False
 
     def __init__(
         self,
@@ -407,7 +413,7 @@ class Watcher(asyncio.Protocol):
             self.upgraded = True
             chunk = None
             assert self.transport is not None
-            self.transport.write(self.watch)
+            self.transport.write(self.greeting())
             i = end + 4
         n = len(data)
         seen = self.seen
@@ -448,6 +454,10 @@ class Watcher(asyncio.Protocol):
             self.rest = data[i:]
         elif chunk is not None and len(shared) > 1:
             self.batches[chunk] = tuple(shared)
+
+    def greeting(self) -> bytes:
+        """The first frame after the upgrade: Slotcast's `watch` request."""
+        return self.watch
 
     def _message(self, whole: bytes, payload: bytes, now: float) -> None:
         state = self.state
@@ -502,7 +512,11 @@ class Watcher(asyncio.Protocol):
             start, end = span
             i = end
             opcode = data[first] & 0x0F
-            if opcode in (1, 2):
+            if opcode == 1 and self.engineio and end - start == 1 and data[start] == 0x32:
+                assert self.transport is not None  # an Engine.IO ping ("2"): pong ("3")
+                self.transport.write(_EIO_PONG)
+                self.state.frames["ping"] += 1
+            elif opcode in (1, 2):
                 frames += 1
                 size += end - first
             elif opcode == 9:
@@ -533,6 +547,82 @@ class Watcher(asyncio.Protocol):
             self.ready.set_exception(ConnectionError(why))
         if self.transport is not None:
             self.transport.close()
+
+
+_EIO_PONG: Final = _client_frame(0x1, b"3")
+_SIO_CONNECT: Final = _client_frame(0x1, b"40")  # Socket.IO CONNECT to the default namespace
+
+
+class SioWatcher(Watcher):
+    """The Socket.IO peer's watcher: Engine.IO v4 over the same raw WebSocket code.
+
+    Only the handshake and the packet types differ; parsing, the shared-bytes fast path,
+    sampling, the Drain, counting and timestamping are Watcher's, so both systems are
+    measured by the same code. Packets (each one WebSocket text frame): `0{...}` open,
+    `40` connect (sent right after the upgrade: Engine.IO queues it behind its open
+    packet), `40{...}` connected (then `42["watch",doctor]`), `2` ping (answered `3`),
+    `42["snapshot",...]` ready, `42["delta",{...}]` a change, `44{...}` connect error,
+    `1` close.
+    """
+
+    engineio = True
+
+    def __init__(
+        self,
+        state: WorkerState,
+        instance: int,
+        host: str,
+        port: int,
+        watch: bytes,
+        counting: bool = False,
+    ) -> None:
+        super().__init__(state, instance, host, port, watch, counting)
+        self.request = (
+            f"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: c2xvdGNhc3QtZmFub3V0IQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+
+    def greeting(self) -> bytes:
+        return _SIO_CONNECT
+
+    def _message(self, whole: bytes, payload: bytes, now: float) -> None:
+        state = self.state
+        assert self.transport is not None
+        if payload == b"2":
+            self.transport.write(_EIO_PONG)
+            state.frames["ping"] += 1
+            return
+        if not payload.startswith(b"42"):
+            if payload.startswith(b"40"):  # the namespace is connected: now `watch`
+                state.frames["connected"] += 1
+                self.transport.write(self.watch)
+            elif payload.startswith(b"0"):
+                state.frames["open"] += 1
+            elif payload.startswith(b"44"):
+                self._fail(f"connect error: {payload[:200]!r}")
+            elif payload == b"1":
+                state.closes[1000] += 1
+                self.transport.close()
+            else:
+                state.errors["unknown packet"] += 1
+            return
+        try:
+            event, body = json.loads(payload[2:])
+        except Exception:
+            state.errors["undecodable"] += 1
+            return
+        state.frames[event] += 1
+        if event == "delta":
+            record = DeltaRecord(
+                body["version"], None, tuple(s["id"] for s in body["slots"]), len(whole)
+            )
+            record.times.append(now)
+            self.seen[whole] = record
+        elif event == "snapshot" and not self.ready.done():
+            self.ready.set_result(None)
+            if self.counting:
+                self._hand_over()
 
 
 class Drain:
@@ -614,8 +704,9 @@ async def _connect_one(
     state: WorkerState, instance: int, host: str, port: int, spec: WorkerSpec, counting: bool
 ) -> Watcher | None:
     loop = asyncio.get_running_loop()
+    kind = SioWatcher if spec.system == "socketio" else Watcher
     for attempt in range(3):
-        watcher = Watcher(state, instance, host, port, spec.watch_frame, counting)
+        watcher = kind(state, instance, host, port, spec.watch_frame, counting)
         try:
             async with asyncio.timeout(30):
                 await loop.create_connection(lambda w=watcher: w, host, port)  # type: ignore[misc]
@@ -758,8 +849,48 @@ class BenchServer(ServerProcess):
         return self.process.pid
 
 
+SOCKETIO_DIR: Final = REPO / "bench" / "socketio"
+
+
+def ensure_socketio_peer() -> None:
+    """`npm ci` the Socket.IO peer once: its versions are pinned by package-lock.json."""
+    if not (SOCKETIO_DIR / "node_modules").is_dir():
+        print("  installing the Socket.IO peer (npm ci in bench/socketio)", flush=True)
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"], cwd=SOCKETIO_DIR, check=True, timeout=300
+        )
+
+
+class NodeServer(BenchServer):
+    """One instance of the Socket.IO peer (bench/socketio/server.js): `node`, not npm, so
+    that its pid is the process whose CPU and RSS are measured."""
+
+    def start(self, timeout: float = 60) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                ["node", "server.js"],
+                cwd=SOCKETIO_DIR,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_server_preexec,
+            )
+        wait_until(self._ready, timeout, f"{self.name} to become ready")
+
+    def _ready(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.logs()}")
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/health", timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+
 def scrape(server: BenchServer) -> dict[str, float]:
-    """The fan-out samples of /metrics: name{labels} -> value."""
+    """The fan-out samples of /metrics: name{labels} -> value (none from the Node peer)."""
+    if isinstance(server, NodeServer):
+        return {}
     with urllib.request.urlopen(f"{server.http_url}/metrics", timeout=10) as r:
         text = r.read().decode()
     samples: dict[str, float] = {}
@@ -950,6 +1081,72 @@ async def drive(
     return bookings
 
 
+async def drive_socketio(
+    url: str,
+    doctor_id: int,
+    first: date,
+    slots: list[int],
+    rate: float,
+    seconds: float,
+    conns: int,
+) -> list[Booking]:
+    """The Socket.IO peer's change source: POST /change at `rate` on the same fixed schedule.
+
+    Each change is a delta shaped and sized like Slotcast's (one slot, now busy), emitted
+    to the doctor's room. "sent" and "replied" bracket the emit as they bracket Slotcast's
+    commit, but there is no commit here: the peer's figures hold no database.
+    """
+    import aiohttp
+
+    count = int(rate * seconds)
+    bookings = [Booking(slot_id) for slot_id in slots[:count]]
+    midnight = calendar.timegm(first.timetuple())
+    fmt = "%Y-%m-%dT%H:%M:%SZ"
+
+    def delta(i: int, slot_id: int) -> dict[str, Any]:
+        start = midnight + i * SLOT_MINUTES * 60
+        return {
+            "doctor_id": doctor_id,
+            "version": i + 1,
+            "slots": [
+                {
+                    "id": slot_id,
+                    "start": time.strftime(fmt, time.gmtime(start)),
+                    "end": time.strftime(fmt, time.gmtime(start + SLOT_MINUTES * 60)),
+                    "status": "busy",
+                    "hold_expires_at": None,
+                }
+            ],
+            "removed": [],
+            "since": None,
+            "doctor": None,
+        }
+
+    timeout = aiohttp.ClientTimeout(total=10)
+    connector = aiohttp.TCPConnector(limit=conns)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def change(i: int, b: Booking) -> None:
+            body = {"doctor": doctor_id, "delta": delta(i, b.slot_id)}
+            b.sent = time.time()
+            try:
+                async with session.post(f"{url}/change", json=body) as r:
+                    if r.status != 204:
+                        b.error = f"http {r.status}"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                b.error = type(exc).__name__
+            b.replied = time.time()
+
+        tasks: list[asyncio.Task[None]] = []
+        loop = asyncio.get_running_loop()
+        start = loop.time() + 0.05
+        for i, b in enumerate(bookings):
+            await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
+            tasks.append(asyncio.create_task(change(i, b)))
+        await asyncio.gather(*tasks)
+    return bookings
+
+
 # ---- one scenario ----------------------------------------------------------------------------
 
 
@@ -986,15 +1183,25 @@ class Options:
     py_spy_instance: int
     py_spy_native: bool
     logs: Path
+    system: str = "slotcast"  # or "socketio": the Node peer in bench/socketio
 
 
 @contextlib.contextmanager
 def started_servers(
-    count: int, dsn: str, redis_url: str, logs: Path, tag: str
+    count: int, dsn: str, redis_url: str, logs: Path, tag: str, system: str = "slotcast"
 ) -> Iterator[list[BenchServer]]:
     servers: list[BenchServer] = []
     try:
         for i in range(count):
+            if system == "socketio":  # the same Redis; no database
+                env = dict(os.environ, REDIS_URL=redis_url)
+                node = NodeServer(
+                    f"socketio-{i + 1}", free_port(), env, logs / f"{tag}-sio-{i + 1}.log"
+                )
+                env["PORT"] = str(node.port)
+                servers.append(node)
+                node.start()
+                continue
             env = dict(os.environ)
             env.update(
                 PYTHONPATH=str(REPO),
@@ -1077,14 +1284,19 @@ def run_scenario(
 ) -> dict[str, Any]:
     deadline = time.time() + opts.timeout
     needed = int(opts.rate * opts.seconds) + 10
-    doctor_id, first, free = asyncio.run(seed(dsn, needed))
     codec = MSGPACK if opts.codec == "msgpack" else JSON
-    watch = _client_frame(
-        0x2 if codec.binary else 0x1,
-        codec.encode(Watch(doctor_id, first, first + timedelta(days=1)), 1),
-    )
-    tag = f"w{opts.watchers}"
+    if opts.system == "socketio":  # no database: the peer's "slots" are just ids
+        doctor_id, first, free = 1, date.today() + timedelta(days=1), list(range(1, needed + 1))
+        watch = _client_frame(0x1, b"42" + json.dumps(["watch", doctor_id]).encode())
+    else:
+        doctor_id, first, free = asyncio.run(seed(dsn, needed))
+        watch = _client_frame(
+            0x2 if codec.binary else 0x1,
+            codec.encode(Watch(doctor_id, first, first + timedelta(days=1)), 1),
+        )
+    tag = f"{opts.system}-w{opts.watchers}-r{opts.rate:g}"
     report: dict[str, Any] = {
+        "system": opts.system,
         "watchers": opts.watchers,
         "rate": opts.rate,
         "seconds": opts.seconds,
@@ -1096,7 +1308,7 @@ def run_scenario(
         "codec": opts.codec,
         "load_before": load_average(),
     }
-    with started_servers(opts.instances, dsn, redis_url, opts.logs, tag) as servers:
+    with started_servers(opts.instances, dsn, redis_url, opts.logs, tag, opts.system) as servers:
         pids = [s.pid for s in servers]
         report["server_pids"] = pids
         print(f"  servers up: pids {pids}, ports {[s.port for s in servers]}", flush=True)
@@ -1125,6 +1337,7 @@ def run_scenario(
                     opts.client_nice,
                     opts.sample,
                     opts.drain_ms,
+                    opts.system,
                 )
             )
         with started_workers(specs) as workers:
@@ -1174,9 +1387,22 @@ def run_scenario(
             busy0, total0, softirq0 = machine_jiffies()
             w0 = time.time()
             spy = _spy(opts, pids[opts.py_spy_instance - 1], min(10.0, opts.seconds))
-            bookings = asyncio.run(
-                drive(servers[0].ws_url, free, opts.rate, opts.seconds, opts.driver_conns)
-            )
+            if opts.system == "socketio":
+                bookings = asyncio.run(
+                    drive_socketio(
+                        servers[0].http_url,
+                        doctor_id,
+                        first,
+                        free,
+                        opts.rate,
+                        opts.seconds,
+                        opts.driver_conns,
+                    )
+                )
+            else:
+                bookings = asyncio.run(
+                    drive(servers[0].ws_url, free, opts.rate, opts.seconds, opts.driver_conns)
+                )
             # A booking whose reply timed out may still have committed: wait for all.
             expected = len(bookings) * connected
 
@@ -1513,6 +1739,13 @@ def _parser() -> argparse.ArgumentParser:
         help="how often the counting watchers' sockets are read (ms); between reads the "
         "frames wait in the socket's receive buffer",
     )
+    p.add_argument(
+        "--system",
+        choices=["slotcast", "socketio"],
+        default="slotcast",
+        help="which servers to run: Slotcast, or the Node Socket.IO peer in bench/socketio "
+        "(same Redis, same watchers code; bench/compare.py runs both)",
+    )
     p.add_argument("--database-url", help="PostgreSQL DSN (default: throwaway embedded)")
     p.add_argument("--redis-url", help="redis://host:port/db (default: throwaway redis-server)")
     p.add_argument("--idle-seconds", type=float, default=3.0, help="idle CPU baseline length")
@@ -1559,13 +1792,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         from testkit.harness import postgres_server, redis_server
 
-        admin = args.database_url or stack.enter_context(postgres_server())
-        dsn = asyncio.run(prepare_database(admin, external=bool(args.database_url)))
+        if args.system == "socketio":
+            ensure_socketio_peer()
+            dsn = ""  # the peer has no database
+        else:
+            admin = args.database_url or stack.enter_context(postgres_server())
+            dsn = asyncio.run(prepare_database(admin, external=bool(args.database_url)))
         redis_url, redis = (
             (args.redis_url, None) if args.redis_url else stack.enter_context(redis_server())
         )
         backing: dict[str, list[int]] = {}
-        postmaster = None if args.database_url else asyncio.run(postmaster_pid(dsn))
+        postmaster = None if args.database_url or not dsn else asyncio.run(postmaster_pid(dsn))
         if postmaster is not None:
             backing["postgres"] = [postmaster]
         if redis is not None and redis.process is not None:
@@ -1596,11 +1833,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 py_spy_instance=args.py_spy_instance,
                 py_spy_native=args.py_spy_native,
                 logs=logs,
+                system=args.system,
             )
             print(
                 f"\n== {watchers} watchers, {args.rate}/s for {args.seconds} s, "
                 f"{args.instances} instances, {args.client_procs} watcher processes "
-                f"(nice {args.client_nice}), {args.codec}, sample {args.sample}",
+                f"(nice {args.client_nice}), {args.codec}, sample {args.sample}, "
+                f"system {args.system}",
                 flush=True,
             )
             report = run_scenario(opts, dsn, redis_url, backing)
