@@ -80,6 +80,13 @@ What is measured
               cores from /proc/stat, which shows what else (test suites, other
               benchmarks) competed for the CPUs.
 
+  --system socketio runs the Node Socket.IO peer (bench/socketio/server.js, `npm ci`-ed
+  on first use) instead of Slotcast: two instances behind the same kind of Redis, no
+  database. Its watchers are SioWatchers (Engine.IO v4 over the same raw WebSocket code:
+  only the handshake and packet types differ), and the driver POSTs /change at --rate,
+  each emitting a delta of Slotcast's shape and size to the doctor's room, so its figures
+  hold no commit. bench/compare.py runs both systems and tabulates their ratios.
+
   --py-spy OUT records one server (--py-spy-instance, default 2, the one that
   only fans out) for up to 10 s from the start of the window: a flame graph if
   OUT ends in .svg, else py-spy's raw collapsed stacks. It costs the profiled
@@ -89,6 +96,7 @@ Usage
   .venv/bin/python bench/fanout.py                                  # 1,000 watchers, 20/s, 20 s
   .venv/bin/python bench/fanout.py --watchers 1000,5000,10000 --seconds 25 --json out.json
   .venv/bin/python bench/fanout.py --watchers 10000 --py-spy /tmp/fanout.svg   # profile a server
+  .venv/bin/python bench/fanout.py --system socketio --watchers 1000   # the Socket.IO peer
   .venv/bin/python bench/fanout.py --database-url postgresql://u@h/db --redis-url redis://h:6379/0
 
 Every scenario is bounded (--timeout), and servers, watcher processes,
