@@ -59,6 +59,9 @@ async function main() {
     adapter: createAdapter(pub, sub),
     transports: ["websocket"], // the generator speaks WebSocket only, as Slotcast's clients do
     serveClient: false,
+    // Engine.IO pings every 25 s by default; a shorter PING_INTERVAL_MS exercises the
+    // watchers' pong path in a short run.
+    pingInterval: Number(process.env.PING_INTERVAL_MS || 25000),
   });
   io.on("connection", (socket) => {
     socket.on("watch", (doctor) => {
