@@ -15,7 +15,9 @@ counts W, with everything else equal:
 
 Both are watched by the same code (fanout.py's Watcher; SioWatcher only speaks Engine.IO
 v4's handshake and packet types), sampled and counted the same way. The runs alternate
-(Slotcast then Socket.IO at each R) so that a disturbance of the machine hits both.
+(Slotcast then Socket.IO at each R) so that a disturbance of the machine hits both, and
+share one Redis: a throwaway redis-server started here, unless `-- --redis-url URL` is
+given (fanout.py then reports no Redis CPU beside the servers': it did not start it).
 
 Columns (ratio = Slotcast / Socket.IO; below 1 means Slotcast is better, except for
 msg/s where above 1 is better):
@@ -38,6 +40,7 @@ Arguments after `--` go to every fanout.py run (e.g. `-- --client-procs 2`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -50,6 +53,9 @@ from pathlib import Path
 from typing import Any, Final
 
 FANOUT: Final = Path(__file__).resolve().parent / "fanout.py"
+REPO: Final = FANOUT.parent.parent
+if str(REPO) not in sys.path:  # `python bench/compare.py` without PYTHONPATH
+    sys.path.insert(0, str(REPO))
 SYSTEMS: Final = ("slotcast", "socketio")
 
 
@@ -165,10 +171,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     systems = [s for s in args.systems.split(",") if s]
     started = time.time()
     cells: dict[tuple[str, int, float], dict[str, Any]] = {}
-    for rate in rates:
-        for system in systems:
-            for report in run_fanout(system, args.watchers, rate, args):
-                cells[system, report["watchers"], rate] = report
+    with contextlib.ExitStack() as stack:
+        if "--redis-url" not in args.fanout_args:  # one Redis for every run of both systems
+            from testkit.harness import redis_server
+
+            url, _ = stack.enter_context(redis_server())
+            args.fanout_args = [*args.fanout_args, "--redis-url", url]
+        for rate in rates:
+            for system in systems:
+                for report in run_fanout(system, args.watchers, rate, args):
+                    cells[system, report["watchers"], rate] = report
     text = (
         f"Slotcast vs Socket.IO, {os.cpu_count()} cores, {args.seconds:g} s per cell, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}\n\n" + table(cells)
