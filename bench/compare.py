@@ -61,7 +61,9 @@ SYSTEMS: Final = ("slotcast", "socketio")
 
 def run_fanout(system: str, watchers: str, rate: float, args: argparse.Namespace) -> list[Any]:
     """One fanout.py run (every W at one R) for one system; its reports."""
-    out = Path(tempfile.mkstemp(prefix=f"compare-{system}-r{rate:g}-", suffix=".json")[1])
+    fd, name = tempfile.mkstemp(prefix=f"compare-{system}-r{rate:g}-", suffix=".json")
+    os.close(fd)
+    out = Path(name)
     command = [
         sys.executable,
         str(FANOUT),
