@@ -5,8 +5,9 @@ load is `--watchers` patients watching a week of one of `--doctors` doctors and
 `--bookers` patients each booking (then cancelling) a slot of their own once a
 second, every one with its own token, spread over 50 client addresses (sent as
 `X-Forwarded-For`, which the instances trust from loopback, as they would behind
-HAProxy). It runs twice for `--seconds`: quiet, then beside these attackers,
-each from an address of its own:
+HAProxy). It runs `--seconds` quiet, then `--seconds` beside the attackers below
+(each from an address of its own), `--pairs` times in turn, pooled so that a
+shared machine's hiccups weigh on both:
 
 - pipeliners: raw sockets that upgrade, then send `watch` frames for 62 days as
   fast as they can and never read;
@@ -726,10 +727,44 @@ async def run(args: argparse.Namespace, admin_dsn: str, redis: str) -> None:
                 attack=False,
             )
             print("warm-up done", flush=True)
-        quiet = await phase(args, top, slots, attack=False)
-        print("quiet phase done", flush=True)
-        loud = await phase(args, top, slots, attack=True)
-        report(quiet, loud)
+        quiets, louds = [], []
+        for n in range(args.pairs):
+            quiets.append(await phase(args, top, slots, attack=False))
+            print(f"quiet phase {n + 1} done", flush=True)
+            louds.append(await phase(args, top, slots, attack=True))
+            print(f"attacked phase {n + 1} done", flush=True)
+            if n + 1 < args.pairs:
+                await asyncio.sleep(args.settle)  # the attackers' leftovers closed by the server
+        if args.pairs > 1:
+            for n, (q, loud) in enumerate(zip(quiets, louds, strict=True)):
+                print(
+                    f"pair {n + 1}: command p99 {p99_of(q, 'command_ms'):.1f} -> "
+                    f"{p99_of(loud, 'command_ms'):.1f} ms, send->delta p99 "
+                    f"{p99_of(q, 'delta_ms'):.1f} -> {p99_of(loud, 'delta_ms'):.1f} ms"
+                )
+        report(pooled(quiets), pooled(louds))
+
+
+def p99_of(phase_: Phase, figure: str) -> float:
+    return percentile(getattr(phase_.ordinary, figure), 99)
+
+
+def pooled(phases: list[Phase]) -> Phase:
+    """Several phases of one kind as one: their latencies together, their peaks' peak."""
+    out = Ordinary()
+    peaks: dict[str, int] = {}
+    attackers: dict[str, Counter[str]] = {}
+    for p in phases:
+        out.command_ms += p.ordinary.command_ms
+        out.delta_ms += p.ordinary.delta_ms
+        out.errors.update(p.ordinary.errors)
+        out.retried.update(p.ordinary.retried)
+        out.bookings += p.ordinary.bookings
+        for name, kib in p.rss_peak_kib.items():
+            peaks[name] = max(peaks.get(name, 0), kib)
+        for name, seen in p.attackers.items():
+            attackers.setdefault(name, Counter()).update(seen)
+    return Phase(out, peaks, attackers)
 
 
 def main() -> int:
@@ -747,6 +782,19 @@ def main() -> int:
     p.add_argument("--pipeline-frames", type=int, default=1000)
     p.add_argument("--flood", type=int, default=2000, help="anonymous sockets from one address")
     p.add_argument("--slowloris", type=int, default=300)
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=3,
+        help="quiet and attacked phases, alternated this many times and pooled "
+        "(a shared machine's hiccups then weigh on both alike)",
+    )
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=12.0,
+        help="seconds after an attacked phase before the next quiet one",
+    )
     p.add_argument(
         "--attacker-nice",
         type=int,
