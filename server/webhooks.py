@@ -7,9 +7,14 @@ leases the endpoints that are due and that no live instance serves
 task of its own: a slow or dead endpoint holds only its own task, so it never delays
 another endpoint, nor any booking.
 
-Serving an endpoint is sequential: the next batch of its backlog (replays first),
-each message sent and its cursor moved before the next, so each doctor's changes
-arrive in version order. A failure records the attempt, schedules the retry
+Serving an endpoint runs one lane per doctor, up to `SLOTCAST_WEBHOOK_INFLIGHT` at
+once: a doctor's next message is sent only after its previous one was answered 2xx,
+so each doctor's changes arrive in version order, while a receiver slow to answer for
+one doctor holds back no other. The endpoint's task alone touches the database (on
+delivery's own pool, never the bookings'): it writes the cursors of whatever the
+lanes finished in one statement, after the sends succeeded (a crash resends, never
+skips), and reads the next messages of every doctor not in flight in one query
+(replays first). A failure stops new sends, records the attempt, schedules the retry
 (capped exponential backoff with jitter, or the receiver's `Retry-After`) in the
 endpoint's row, and gives the lease up: any instance retries when it is due, and
 one that has failed for `SLOTCAST_WEBHOOK_DISABLE_AFTER_S` is disabled, its backlog
