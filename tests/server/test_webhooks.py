@@ -167,7 +167,7 @@ async def test_doctors_are_sent_side_by_side_each_one_in_order(
     await client.close()  # one dispatcher only: this one
     client = await aiohttp_client(create_app(patient))
     other = await seed_doctor(store, name="Dr. Other")
-    await register(client, receiver, event_types=["appointment.booked"])
+    created = await register(client, receiver, event_types=["appointment.booked"])
     receiver.held_doctor = doctor.id  # its first message is answered only when released
     await book(store, doctor, range(3))
     await eventually(lambda: receiver.in_flight.get(doctor.id) == 1, what="the held message")
@@ -183,6 +183,18 @@ async def test_doctors_are_sent_side_by_side_each_one_in_order(
         assert versions == sorted(versions)
         assert receiver.most_in_flight[seeded.id] == 1  # one message per doctor at a time
     assert receiver.bad_signatures == 0
+
+    async def recorded() -> bool:  # attempts and cursors are written in batches
+        return (await webhooks.backlog(store))[created["id"]] == (0, 0.0)
+
+    await eventually(recorded, what="the cursors written")
+    attempts = await store.fetch("SELECT message_id FROM webhook_attempts WHERE ok")
+    assert len(attempts) == len({a["message_id"] for a in attempts}) == 7
+    # Delivery has connections of its own, apart from the booking pool.
+    assert await store.fetchval(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name = 'slotcast-webhooks'"
+    )
 
 
 async def test_a_rotated_secret_signs_beside_the_old_one(
