@@ -380,8 +380,7 @@ class Dispatcher:
                     read_due = True
                 done, run.done = run.done, Done()
                 if done and not await self._moved(ep, done):
-                    release = False  # the lease was lost: another instance goes on
-                    return
+                    return  # lease lost (releasing is then a no-op) or endpoint disabled
                 if run.failure is not None:
                     if not running:  # every send in flight has ended and is written
                         release = False  # `failed` gives the lease up with the retry time

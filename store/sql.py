@@ -653,8 +653,9 @@ DELETE FROM webhook_replays r WHERE r.endpoint_id = $1 AND NOT EXISTS (
 # Delivered (or not wanted), in a batch: move the cursors ($2 doctors, $3 versions) and
 # drop replay rows ($4 doctors, $5 versions), only while this instance ($6) still holds
 # the lease; record the attempts made since the last batch ($7..$14, one array per
-# column), and clear the failure state if any of them went through. `held` false: the
-# lease was lost, nothing is written, and the caller stops.
+# column), and clear the failure state if any of them went through. False: the lease
+# was lost (nothing written) or an admin disabled the endpoint (written, as it was
+# sent): either way the caller stops sending.
 WEBHOOK_DELIVERED: Final = """
 WITH held AS (
     UPDATE webhook_endpoints AS e SET
@@ -662,7 +663,7 @@ WITH held AS (
         failures = CASE WHEN true = ANY($12::bool[]) THEN 0 ELSE e.failures END,
         next_attempt_at = CASE WHEN true = ANY($12::bool[]) THEN NULL ELSE e.next_attempt_at END
     WHERE e.id = $1 AND e.leased_by = $6
-    RETURNING e.id
+    RETURNING e.id, e.enabled
 ), moved AS (
     INSERT INTO webhook_cursors (endpoint_id, doctor_id, version)
     SELECT held.id, t.d, t.v FROM held, unnest($2::int[], $3::bigint[]) AS t(d, v)
@@ -679,7 +680,7 @@ WITH held AS (
     FROM held, unnest($7::text[], $8::int[], $9::bigint[], $10::text[], $11::int[],
                       $12::bool[], $13::float8[], $14::text[]) AS a(m, d, v, t, s, ok, ms, err)
 )
-SELECT EXISTS (SELECT 1 FROM held) AS held"""
+SELECT EXISTS (SELECT 1 FROM held WHERE held.enabled) AS go_on"""
 # A failed attempt: recorded, and, while this instance ($11) still holds the lease, the
 # retry scheduled at $8 and the lease given up. Failing since longer than $9 seconds
 # disables the endpoint; its cursor, and so its backlog, stays. No row: the lease was

@@ -339,7 +339,8 @@ async def delivered(
     attempts: list[Attempt],
 ) -> bool:
     """Move the cursors past what was sent or skipped and record the attempts, in one
-    statement for a whole batch of doctors; False if the lease was lost (nothing written)."""
+    statement for a whole batch of doctors. False: stop sending, the lease was lost
+    (nothing written) or the endpoint was disabled meanwhile (written all the same)."""
     held: bool = await store.fetchval(
         sql.WEBHOOK_DELIVERED,
         endpoint_id,
