@@ -683,8 +683,9 @@ WITH held AS (
 SELECT EXISTS (SELECT 1 FROM held WHERE held.enabled) AS go_on"""
 # A failed attempt: recorded, and, while this instance ($11) still holds the lease, the
 # retry scheduled at $8 and the lease given up. Failing since longer than $9 seconds
-# disables the endpoint; its cursor, and so its backlog, stays. No row: the lease was
-# lost, and whoever holds it now decides.
+# disables the endpoint; its cursor, and so its backlog, stays. An endpoint an admin
+# disabled while the attempt was in flight stays disabled. No row: the lease was lost,
+# and whoever holds it now decides.
 WEBHOOK_FAILED: Final = """
 WITH attempt AS (
     INSERT INTO webhook_attempts
@@ -697,8 +698,9 @@ UPDATE webhook_endpoints AS e SET
     failing_since = coalesce(e.failing_since, now()),
     next_attempt_at = $8,
     leased_by = NULL, lease_until = NULL,
-    enabled = coalesce(e.failing_since, now()) > now() - make_interval(secs => $9),
+    enabled = e.enabled AND coalesce(e.failing_since, now()) > now() - make_interval(secs => $9),
     disabled_reason = CASE
+        WHEN NOT e.enabled THEN e.disabled_reason
         WHEN coalesce(e.failing_since, now()) > now() - make_interval(secs => $9) THEN NULL
         ELSE 'failing since ' || coalesce(e.failing_since, now())::text || ': ' || $10::text END
 WHERE e.id = $1 AND e.leased_by = $11

@@ -122,6 +122,11 @@ async def test_a_failing_hanging_then_absent_receiver_loses_nothing(
     await eventually(lambda: len(receiver.distinct()) >= 6, what="all six, after recovery")
     assert receiver.versions(doctor.id) == sorted(receiver.versions(doctor.id))
     assert len(receiver.distinct()) == 6  # duplicates only as the same id and body
+
+    async def written() -> bool:  # cursors and attempts are written in batches
+        return (await webhooks.backlog(store))[created["id"]] == (0, 0.0)
+
+    await eventually(written, what="the cursors written")
     log = (await (await client.get(attempts_url, headers=ADMIN)).json())["attempts"]
     failed = [a for a in log if not a["ok"]]
     assert any(a["status"] == 500 for a in failed)
