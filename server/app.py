@@ -157,7 +157,7 @@ async def database(app: web.Application) -> AsyncIterator[None]:
             # the endpoints are, delivery never waits for (nor takes) a booking's connection.
             dsn,
             min_size=1,
-            max_size=settings.webhook_db_pool,
+            max_size=max(1, settings.webhook_db_pool),
             lock_timeout_ms=settings.lock_timeout_ms,
             statement_timeout_ms=settings.statement_timeout_ms,
             timeout_ms=settings.db_timeout_ms,
