@@ -42,6 +42,7 @@ from server.keys import (
     STATE,
     STORE,
     VERIFIER,
+    WEBHOOK_STORE,
     WEBHOOKS,
     ServerState,
 )
@@ -138,17 +139,34 @@ async def database(app: web.Application) -> AsyncIterator[None]:
             dsn, limit_s=settings.startup_wait_s, connect_timeout_s=settings.db_timeout_ms / 1000
         )
     await schema_ready(dsn, settings)  # SLOTCAST_MIGRATE: apply, or refuse to start
-    async with open_store(
-        dsn,
-        min_size=settings.db_pool_min,
-        max_size=settings.db_pool_max,
-        lock_timeout_ms=settings.lock_timeout_ms,
-        statement_timeout_ms=settings.statement_timeout_ms,
-        timeout_ms=settings.db_timeout_ms,
-        acquire_timeout_ms=settings.db_acquire_timeout_ms,
-        on_commit=_counted(app[METRICS], app[REPLICAS], app[OUTBOX].enqueue, _wake_webhooks(app)),
-    ) as store:
+    async with (
+        open_store(
+            dsn,
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            lock_timeout_ms=settings.lock_timeout_ms,
+            statement_timeout_ms=settings.statement_timeout_ms,
+            timeout_ms=settings.db_timeout_ms,
+            acquire_timeout_ms=settings.db_acquire_timeout_ms,
+            on_commit=_counted(
+                app[METRICS], app[REPLICAS], app[OUTBOX].enqueue, _wake_webhooks(app)
+            ),
+        ) as store,
+        open_store(
+            # Webhook delivery's own connections, with the same bounds: however far behind
+            # the endpoints are, delivery never waits for (nor takes) a booking's connection.
+            dsn,
+            min_size=1,
+            max_size=max(1, settings.webhook_db_pool),
+            lock_timeout_ms=settings.lock_timeout_ms,
+            statement_timeout_ms=settings.statement_timeout_ms,
+            timeout_ms=settings.db_timeout_ms,
+            acquire_timeout_ms=settings.db_acquire_timeout_ms,
+            application_name="slotcast-webhooks",
+        ) as webhook_store,
+    ):
         app[STORE] = store
+        app[WEBHOOK_STORE] = webhook_store
         if settings.demo:
             await demo.seed(store)
         yield
@@ -336,8 +354,9 @@ WEBHOOK_GAUGES_EVERY_S = 5.0
 
 
 async def delivering(app: web.Application) -> AsyncIterator[None]:
-    """Webhook delivery from the change log, in tasks of its own (server/webhooks.py)."""
-    store, metrics, settings = app[STORE], app[METRICS], app[SETTINGS]
+    """Webhook delivery from the change log, in tasks of its own (server/webhooks.py), on
+    its own pool (WEBHOOK_STORE): never on a booking's path, nor on its connections."""
+    store, metrics, settings = app[WEBHOOK_STORE], app[METRICS], app[SETTINGS]
 
     def attempted(endpoint_id: int, ok: bool) -> None:
         metrics.webhook_attempts.labels(str(endpoint_id)).inc()

@@ -56,5 +56,8 @@ VERIFIER = web.AppKey("verifier", Verifier)
 CONNECTIONS: web.AppKey[set[Session]] = web.AppKey("connections")
 # Webhook delivery (server.webhooks): woken by this instance's commits.
 WEBHOOKS = web.AppKey("webhooks", Dispatcher)
+# Webhook delivery's own small pool (SLOTCAST_WEBHOOK_DB_POOL), apart from STORE's, so
+# delivery never takes a connection a booking waits for.
+WEBHOOK_STORE = web.AppKey("webhook_store", Store)
 # The clinic's services' API keys (server.apikeys): made, revoked, checked and cached.
 API_KEYS = web.AppKey("api_keys", ApiKeys)

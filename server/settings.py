@@ -251,6 +251,12 @@ class Settings:
     api_key_cache_s: float = 30.0
     api_key_cache_size: int = 1000
     api_key_touch_s: float = 60.0
+    # Webhook delivery's own database pool (server/webhooks.py): its connections, apart
+    # from the booking pool, so delivery can never take a booking's connection. Per
+    # endpoint, at most webhook_inflight messages are in flight at once, one per doctor
+    # (a doctor's next only after its previous one was answered 2xx).
+    webhook_db_pool: int = 2
+    webhook_inflight: int = 8
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -7,9 +7,14 @@ leases the endpoints that are due and that no live instance serves
 task of its own: a slow or dead endpoint holds only its own task, so it never delays
 another endpoint, nor any booking.
 
-Serving an endpoint is sequential: the next batch of its backlog (replays first),
-each message sent and its cursor moved before the next, so each doctor's changes
-arrive in version order. A failure records the attempt, schedules the retry
+Serving an endpoint runs one lane per doctor, up to `SLOTCAST_WEBHOOK_INFLIGHT` at
+once: a doctor's next message is sent only after its previous one was answered 2xx,
+so each doctor's changes arrive in version order, while a receiver slow to answer for
+one doctor holds back no other. The endpoint's task alone touches the database (on
+delivery's own pool, never the bookings'): it writes the cursors of whatever the
+lanes finished in one statement, after the sends succeeded (a crash resends, never
+skips), and reads the next messages of every doctor not in flight in one query
+(replays first). A failure stops new sends, records the attempt, schedules the retry
 (capped exponential backoff with jitter, or the receiver's `Retry-After`) in the
 endpoint's row, and gives the lease up: any instance retries when it is due, and
 one that has failed for `SLOTCAST_WEBHOOK_DISABLE_AFTER_S` is disabled, its backlog
@@ -30,6 +35,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 import random
 import socket
 import time
@@ -56,6 +62,9 @@ log = logging.getLogger(__name__)
 
 PER_DOCTOR = 50  # messages of one doctor in a batch, so one busy doctor never starves others
 BATCH = 200
+# An endpoint's task writes and reads at most this often: what finishes (and commits)
+# meanwhile shares one cursor write and one read, rather than one each per message.
+GATHER_S = 0.01
 USER_AGENT = "Slotcast-Webhooks/1"
 
 
@@ -195,20 +204,61 @@ def retry_after(value: str | None, now: datetime) -> float | None:
 
 
 @dataclass(slots=True)
-class Skipped:
-    """Messages done with (sent, or not wanted) whose cursor move is not yet written."""
+class Done:
+    """Messages done with (sent, or not wanted) and attempts made whose cursor moves and
+    records are not yet written: written together, for many doctors at once."""
 
     cursors: dict[int, int] = field(default_factory=dict)
     replays: list[Message] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
 
     def add(self, message: Message, replayed: bool) -> None:
         if replayed:
             self.replays.append(message)
         else:
-            self.cursors[message.doctor_id] = message.version
+            self.cursors[message.doctor_id] = max(
+                message.version, self.cursors.get(message.doctor_id, 0)
+            )
 
     def __bool__(self) -> bool:
-        return bool(self.cursors or self.replays)
+        return bool(self.cursors or self.replays or self.attempts)
+
+
+@dataclass(slots=True)
+class Round:
+    """An endpoint being served: the endpoint as last read (renewals pick up an admin's
+    changes), what is done but not yet written, and the first failure, which stops new
+    sends (a failing endpoint backs off as a whole)."""
+
+    ep: Endpoint
+    done: Done = field(default_factory=Done)
+    failure: tuple[Attempt, float | None] | None = None
+    progress: asyncio.Event = field(default_factory=asyncio.Event)
+    woken: bool = False  # a commit since the last read of the backlog
+
+    def wake(self) -> None:
+        self.woken = True
+        self.progress.set()
+
+    def fail(self, attempt: Attempt, wait: float | None) -> None:
+        """The first failure is the endpoint's (recorded by `failed`, with the retry);
+        any later one, of a send already in flight, is only recorded."""
+        if self.failure is None:
+            self.failure = (attempt, wait)
+        else:
+            self.done.attempts.append(attempt)
+
+
+def lanes(batch: webhooks.Batch) -> dict[int, list[tuple[Message, bool]]]:
+    """The batch as one lane per doctor, each in version order, the doctors in the order
+    the batch gives them (oldest waiting first): a lane is sent one message at a time,
+    several lanes at once."""
+    by_doctor: dict[int, list[tuple[Message, bool]]] = {}
+    for message in batch.replays:
+        by_doctor.setdefault(message.doctor_id, []).append((message, True))
+    for message in batch.backlog:
+        by_doctor.setdefault(message.doctor_id, []).append((message, False))
+    return by_doctor
 
 
 # ---- the dispatcher ------------------------------------------------------------------------------
@@ -227,6 +277,7 @@ class Dispatcher:
         self.instance = settings.instance_id
         self._on_attempt = on_attempt or (lambda endpoint_id, ok: None)
         self._serving: dict[int, asyncio.Task[None]] = {}
+        self._rounds: dict[int, Round] = {}  # the endpoints being served, to wake them
         self._wake = asyncio.Event()
         self._http: aiohttp.ClientSession | None = None
         self._away = False  # the last claim failed: said once, not every poll
@@ -242,12 +293,14 @@ class Dispatcher:
     def wake(self, _: Any = None) -> None:
         """A commit here: look for work now rather than at the next poll (only queues)."""
         self._wake.set()
+        for run in self._rounds.values():
+            run.wake()
 
     async def run(self) -> None:
         s = self.settings
         connector = aiohttp.TCPConnector(
             resolver=None if s.webhook_allow_private else GuardedResolver(),
-            limit=max(1, s.webhook_concurrency),
+            limit=max(1, s.webhook_concurrency) * max(1, s.webhook_inflight),
         )
         timeout = aiohttp.ClientTimeout(total=s.webhook_timeout_s)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
@@ -299,70 +352,139 @@ class Dispatcher:
         return done
 
     async def _serve(self, ep: Endpoint) -> None:
-        """Send the endpoint's backlog until it is empty, a send fails or the lease is lost."""
+        """Send the endpoint's backlog until it is empty, a send fails or the lease is lost.
+
+        One lane per doctor: up to `SLOTCAST_WEBHOOK_INFLIGHT` lanes send at once, each
+        one message at a time, so a doctor's next message goes only after its previous
+        one was answered 2xx (in order per doctor) while a slow answer for one doctor
+        holds up no other. This task alone touches the database, in a loop: write in
+        one statement whatever the lanes finished meanwhile (cursors move only after the
+        sends they cover succeeded: a crash resends, never skips), then read the next
+        messages, for every doctor with none in flight, in one query."""
         s = self.settings
+        inflight = max(1, s.webhook_inflight)
+        gate = asyncio.Semaphore(inflight)
+        run = Round(ep)
+        self._rounds[ep.id] = run
+        running: dict[int, asyncio.Task[None]] = {}  # doctor: its lane
         release = True
         renewed_at = time.monotonic()
+        read_at = -math.inf
+        read_due = True
+        looped_at = time.monotonic()
         try:
+            await webhooks.forget_orphaned_replays(self.store, ep.id)
             while True:
-                batch = await webhooks.next_batch(
-                    self.store, ep, per_doctor=PER_DOCTOR, limit=BATCH
-                )
-                queue = [(m, True) for m in batch.replays] + [(m, False) for m in batch.backlog]
-                if not queue:
-                    return
-                # Changes the endpoint does not want move its cursor too, written with
-                # the next delivery (or at the end of the batch), not one by one.
-                skipped = Skipped()
-                for message, replayed in queue:
-                    # Renewed well before it runs out; reading the row again also picks
-                    # up an admin's changes (disabled, filters, a rotated secret).
-                    if time.monotonic() - renewed_at > s.webhook_lease_s / 3:
-                        fresh = await webhooks.renew(
-                            self.store, ep.id, self.instance, lease_s=s.webhook_lease_s
-                        )
-                        if fresh is None:  # disabled, deleted, or taken over
-                            release = False
-                            return
-                        ep, renewed_at = fresh, time.monotonic()
-                    if not ep.wants(message.events) or (
-                        ep.doctor_ids and message.doctor_id not in ep.doctor_ids
-                    ):
-                        skipped.add(message, replayed)
-                        continue
-                    attempt, wait = await self._send(ep, message)
-                    self._on_attempt(ep.id, attempt.ok)
-                    if not attempt.ok:
+                # Lanes that ended, then what is done, in that order and without an
+                # await between: an ended lane's last cursor is in this write, so the
+                # read below starts its doctor past it.
+                for doctor in [d for d, t in running.items() if t.done()]:
+                    if (exc := running.pop(doctor).exception()) is not None:
+                        raise exc
+                    read_due = True
+                done, run.done = run.done, Done()
+                if done and not await self._moved(ep, done):
+                    return  # lease lost (releasing is then a no-op) or endpoint disabled
+                if run.failure is not None:
+                    if not running:  # every send in flight has ended and is written
                         release = False  # `failed` gives the lease up with the retry time
-                        if skipped and not await self._moved(ep, skipped, None):
-                            return
-                        await self._failed(ep, attempt, wait)
+                        await self._failed(ep, *run.failure)
                         return
-                    skipped.add(message, replayed)
-                    if not await self._moved(ep, skipped, attempt):
-                        release = False  # the lease was lost: another instance goes on
+                elif len(running) < inflight and (
+                    read_due or run.woken or time.monotonic() - read_at >= s.webhook_poll_s
+                ):
+                    read_due, run.woken, read_at = False, False, time.monotonic()
+                    read = await webhooks.next_batch(
+                        self.store,
+                        ep.id,
+                        self.instance,
+                        busy=list(running),
+                        per_doctor=PER_DOCTOR,
+                        limit=BATCH,
+                    )
+                    if read is None:  # disabled, deleted, or taken over (release: a no-op)
                         return
-                    skipped = Skipped()
-                if skipped and not await self._moved(ep, skipped, None):
-                    release = False
-                    return
+                    # An admin's change (filters, a rotated secret) holds from here on.
+                    ep, batch = read
+                    run.ep = ep
+                    for doctor, lane in lanes(batch).items():
+                        running[doctor] = asyncio.create_task(
+                            self._lane(run, lane, gate), name=f"webhook-{ep.id}-d{doctor}"
+                        )
+                    if not running:
+                        return  # nothing waiting, nothing in flight
+                # Woken by a lane or a commit; at the latest to renew the lease, or to
+                # look for new changes of the doctors not in flight.
+                until = renewed_at + s.webhook_lease_s / 3
+                if run.failure is None and len(running) < inflight:
+                    until = min(until, read_at + s.webhook_poll_s)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, until - time.monotonic())):
+                        await run.progress.wait()
+                await asyncio.sleep(max(0.0, looped_at + GATHER_S - time.monotonic()))
+                looped_at = time.monotonic()
+                run.progress.clear()
+                if time.monotonic() - renewed_at > s.webhook_lease_s / 3:
+                    # Reading the row again also picks up an admin's changes (disabled,
+                    # filters, a rotated secret) for the next sends.
+                    fresh = await webhooks.renew(
+                        self.store, ep.id, self.instance, lease_s=s.webhook_lease_s
+                    )
+                    if fresh is None:  # disabled, deleted, or taken over
+                        release = False
+                        return
+                    ep = run.ep = fresh
+                    renewed_at = time.monotonic()
         except StoreError as exc:
             log.warning("webhooks: endpoint %s paused: %s", ep.id, exc.message)
         except Exception:
             log.exception("webhooks: endpoint %s failed unexpectedly", ep.id)
         finally:
+            self._rounds.pop(ep.id, None)
+            for task in running.values():
+                task.cancel()
+            await asyncio.gather(*running.values(), return_exceptions=True)
             if release:
                 with contextlib.suppress(StoreError):
                     await webhooks.release(self.store, ep.id, self.instance)
 
-    async def _moved(self, ep: Endpoint, done: Skipped, attempt: Attempt | None) -> bool:
+    async def _lane(
+        self, run: Round, lane: list[tuple[Message, bool]], gate: asyncio.Semaphore
+    ) -> None:
+        """One doctor's messages of a batch, in order, each after the previous went through."""
+        try:
+            async with gate:
+                await self._send_lane(run, lane)
+        finally:
+            run.progress.set()  # the coordinator writes what is done, or sees the lane end
+
+    async def _send_lane(self, run: Round, lane: list[tuple[Message, bool]]) -> None:
+        for message, replayed in lane:
+            if run.failure is not None:
+                return  # the endpoint backs off; this doctor resumes from its cursor
+            ep = run.ep
+            if not ep.wants(message.events) or (
+                ep.doctor_ids and message.doctor_id not in ep.doctor_ids
+            ):
+                run.done.add(message, replayed)  # moves the cursor without a request
+                continue
+            attempt, wait = await self._send(ep, message)
+            self._on_attempt(ep.id, attempt.ok)
+            if not attempt.ok:
+                run.fail(attempt, wait)
+                return
+            run.done.attempts.append(attempt)
+            run.done.add(message, replayed)
+            run.progress.set()
+
+    async def _moved(self, ep: Endpoint, done: Done) -> bool:
         return await webhooks.delivered(
             self.store,
             ep.id,
             self.instance,
             cursors=done.cursors,
             replayed=done.replays,
-            attempt=attempt,
+            attempts=done.attempts,
         )
 
     async def _send(self, ep: Endpoint, message: Message) -> tuple[Attempt, float | None]:

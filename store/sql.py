@@ -610,12 +610,19 @@ WEBHOOK_RENEW: Final = f"""
 UPDATE webhook_endpoints AS e SET lease_until = now() + make_interval(secs => $3)
 WHERE e.id = $1 AND e.leased_by = $2 AND e.enabled
 RETURNING {WEBHOOK_COLUMNS}"""
+# The endpoint afresh (secrets, filters, enabled) while this instance ($2) holds it; no
+# row: disabled, deleted or taken over. Read with each batch, so an admin's change
+# reaches the next messages read, not only the next renewal.
+WEBHOOK_HELD: Final = f"""
+SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints e
+WHERE e.id = $1 AND e.leased_by = $2 AND e.enabled"""
 WEBHOOK_RELEASE: Final = """
 UPDATE webhook_endpoints SET leased_by = NULL, lease_until = NULL
 WHERE id = $1 AND leased_by = $2"""
 # The next changes past endpoint $1's cursors, at most $3 per doctor and $4 in all, for
-# the doctors it follows ($2; empty: all). Each doctor's in version order; the doctors
-# whose oldest waiting change is oldest first, so a busy doctor never starves the others.
+# the doctors it follows ($2; empty: all) but those with a message in flight ($5): one
+# query for many doctors. Each doctor's in version order; the doctors whose oldest
+# waiting change is oldest first, so a busy doctor never starves the others.
 WEBHOOK_BACKLOG_NEXT: Final = """
 SELECT c.doctor_id, c.version, c.public, c.private, c.created_at
 FROM doctors d
@@ -627,29 +634,36 @@ CROSS JOIN LATERAL (
 ) c
 WHERE d.version > coalesce(w.version, 0)
   AND (cardinality($2::int[]) = 0 OR d.id = ANY($2::int[]))
+  AND d.id <> ALL($5::int[])
 ORDER BY min(c.created_at) OVER (PARTITION BY c.doctor_id), c.doctor_id, c.version
 LIMIT $4"""
-# Changes an admin asked to send again, oldest version first per doctor.
+# Changes an admin asked to send again, oldest version first per doctor, but for the
+# doctors with a message in flight ($3).
 WEBHOOK_REPLAYS_NEXT: Final = """
 SELECT c.doctor_id, c.version, c.public, c.private, c.created_at
 FROM webhook_replays r
 JOIN changes c ON c.doctor_id = r.doctor_id AND c.version = r.version
-WHERE r.endpoint_id = $1
+WHERE r.endpoint_id = $1 AND r.doctor_id <> ALL($3::int[])
 ORDER BY r.doctor_id, r.version
 LIMIT $2"""
 # A replayed change whose record was pruned meanwhile has nothing left to send.
 WEBHOOK_REPLAYS_ORPHANED: Final = """
 DELETE FROM webhook_replays r WHERE r.endpoint_id = $1 AND NOT EXISTS (
     SELECT 1 FROM changes c WHERE c.doctor_id = r.doctor_id AND c.version = r.version)"""
-# Delivered (or not wanted): move the cursors ($2 doctors, $3 versions) and drop replay rows
-# ($4 doctors, $5 versions), only while this instance ($6) still holds the lease; record
-# the attempt if one was made ($7 IS NOT NULL) and clear the failure state. `held` false:
-# the lease was lost, and the caller stops.
+# Delivered (or not wanted), in a batch: move the cursors ($2 doctors, $3 versions) and
+# drop replay rows ($4 doctors, $5 versions), only while this instance ($6) still holds
+# the lease; record the attempts made since the last batch ($7..$14, one array per
+# column), and clear the failure state if any of them went through. False: the lease
+# was lost (nothing written) or an admin disabled the endpoint (written, as it was
+# sent): either way the caller stops sending.
 WEBHOOK_DELIVERED: Final = """
 WITH held AS (
-    UPDATE webhook_endpoints SET failing_since = NULL, failures = 0, next_attempt_at = NULL
-    WHERE id = $1 AND leased_by = $6
-    RETURNING id
+    UPDATE webhook_endpoints AS e SET
+        failing_since = CASE WHEN true = ANY($12::bool[]) THEN NULL ELSE e.failing_since END,
+        failures = CASE WHEN true = ANY($12::bool[]) THEN 0 ELSE e.failures END,
+        next_attempt_at = CASE WHEN true = ANY($12::bool[]) THEN NULL ELSE e.next_attempt_at END
+    WHERE e.id = $1 AND e.leased_by = $6
+    RETURNING e.id, e.enabled
 ), moved AS (
     INSERT INTO webhook_cursors (endpoint_id, doctor_id, version)
     SELECT held.id, t.d, t.v FROM held, unnest($2::int[], $3::bigint[]) AS t(d, v)
@@ -658,17 +672,20 @@ WITH held AS (
 ), replayed AS (
     DELETE FROM webhook_replays r USING held, unnest($4::int[], $5::bigint[]) AS t(d, v)
     WHERE r.endpoint_id = held.id AND r.doctor_id = t.d AND r.version = t.v
-), attempt AS (
+), attempts AS (
     INSERT INTO webhook_attempts
         (endpoint_id, message_id, doctor_id, version, event_type, status, ok, latency_ms,
-         instance)
-    SELECT held.id, $7, $8, $9, $10, $11, true, $12, $6 FROM held WHERE $7::text IS NOT NULL
+         error, instance)
+    SELECT held.id, a.m, a.d, a.v, a.t, a.s, a.ok, a.ms, a.err, $6
+    FROM held, unnest($7::text[], $8::int[], $9::bigint[], $10::text[], $11::int[],
+                      $12::bool[], $13::float8[], $14::text[]) AS a(m, d, v, t, s, ok, ms, err)
 )
-SELECT EXISTS (SELECT 1 FROM held) AS held"""
+SELECT EXISTS (SELECT 1 FROM held WHERE held.enabled) AS go_on"""
 # A failed attempt: recorded, and, while this instance ($11) still holds the lease, the
 # retry scheduled at $8 and the lease given up. Failing since longer than $9 seconds
-# disables the endpoint; its cursor, and so its backlog, stays. No row: the lease was
-# lost, and whoever holds it now decides.
+# disables the endpoint; its cursor, and so its backlog, stays. An endpoint an admin
+# disabled while the attempt was in flight stays disabled. No row: the lease was lost,
+# and whoever holds it now decides.
 WEBHOOK_FAILED: Final = """
 WITH attempt AS (
     INSERT INTO webhook_attempts
@@ -681,8 +698,9 @@ UPDATE webhook_endpoints AS e SET
     failing_since = coalesce(e.failing_since, now()),
     next_attempt_at = $8,
     leased_by = NULL, lease_until = NULL,
-    enabled = coalesce(e.failing_since, now()) > now() - make_interval(secs => $9),
+    enabled = e.enabled AND coalesce(e.failing_since, now()) > now() - make_interval(secs => $9),
     disabled_reason = CASE
+        WHEN NOT e.enabled THEN e.disabled_reason
         WHEN coalesce(e.failing_since, now()) > now() - make_interval(secs => $9) THEN NULL
         ELSE 'failing since ' || coalesce(e.failing_since, now())::text || ': ' || $10::text END
 WHERE e.id = $1 AND e.leased_by = $11

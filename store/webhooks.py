@@ -300,16 +300,33 @@ async def release(store: Store, endpoint_id: int, instance: str) -> None:
     await store.execute(sql.WEBHOOK_RELEASE, endpoint_id, instance)
 
 
-async def next_batch(store: Store, ep: Endpoint, *, per_doctor: int, limit: int) -> Batch:
+async def forget_orphaned_replays(store: Store, endpoint_id: int) -> None:
+    """Replays of changes pruned meanwhile have nothing left to send."""
+    await store.execute(sql.WEBHOOK_REPLAYS_ORPHANED, endpoint_id)
+
+
+async def next_batch(
+    store: Store, endpoint_id: int, instance: str, *, busy: list[int], per_doctor: int, limit: int
+) -> tuple[Endpoint, Batch] | None:
+    """The endpoint as it is now and its next messages for many doctors at once (replays
+    first), leaving out the doctors in `busy` (a message of theirs in flight: their next
+    comes after it); None if `instance` no longer holds it (or it was disabled)."""
     async with store.connection() as conn:
-        await conn.execute(sql.WEBHOOK_REPLAYS_ORPHANED, ep.id)
-        replays = await conn.fetch(sql.WEBHOOK_REPLAYS_NEXT, ep.id, limit)
+        row = await conn.fetchrow(sql.WEBHOOK_HELD, endpoint_id, instance)
+        if row is None:
+            return None
+        ep = Endpoint.of_row(row)
+        replays = await conn.fetch(sql.WEBHOOK_REPLAYS_NEXT, ep.id, limit, busy)
         backlog = (
             []
             if replays
-            else await conn.fetch(sql.WEBHOOK_BACKLOG_NEXT, ep.id, ep.doctor_ids, per_doctor, limit)
+            else await conn.fetch(
+                sql.WEBHOOK_BACKLOG_NEXT, ep.id, ep.doctor_ids, per_doctor, limit, busy
+            )
         )
-    return Batch([Message.of_record(r) for r in replays], [Message.of_record(r) for r in backlog])
+    return ep, Batch(
+        [Message.of_record(r) for r in replays], [Message.of_record(r) for r in backlog]
+    )
 
 
 async def delivered(
@@ -319,10 +336,11 @@ async def delivered(
     *,
     cursors: dict[int, int],
     replayed: list[Message],
-    attempt: Attempt | None,
+    attempts: list[Attempt],
 ) -> bool:
-    """Move the cursors past what was sent or skipped; False if the lease was lost."""
-    a = attempt
+    """Move the cursors past what was sent or skipped and record the attempts, in one
+    statement for a whole batch of doctors. False: stop sending, the lease was lost
+    (nothing written) or the endpoint was disabled meanwhile (written all the same)."""
     held: bool = await store.fetchval(
         sql.WEBHOOK_DELIVERED,
         endpoint_id,
@@ -331,12 +349,14 @@ async def delivered(
         [m.doctor_id for m in replayed],
         [m.version for m in replayed],
         instance,
-        a.message_id if a else None,
-        a.doctor_id if a else None,
-        a.version if a else None,
-        a.event_type if a else None,
-        a.status if a else None,
-        a.latency_ms if a else None,
+        [a.message_id for a in attempts],
+        [a.doctor_id for a in attempts],
+        [a.version for a in attempts],
+        [a.event_type for a in attempts],
+        [a.status for a in attempts],
+        [a.ok for a in attempts],
+        [a.latency_ms for a in attempts],
+        [a.error for a in attempts],
     )
     return held
 

@@ -12,6 +12,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from aiohttp import web
 from standardwebhooks import Webhook, WebhookVerificationError
 
@@ -39,7 +40,9 @@ class Receiver:
     """Answers 204 to a delivery whose signature verifies against `secret`; records it.
 
     `fail_next` requests get 500 (with `retry_after` as Retry-After if set), `hang_next`
-    are held past any sensible timeout, and `delay_s` slows every answer."""
+    are held past any sensible timeout, and `delay_s` slows every answer. Requests for
+    doctor `held_doctor` wait until `release` is set; `most_in_flight` is, per doctor,
+    the most of its requests ever open at once (one, if its order is kept)."""
 
     secret: str = ""
     port: int = field(default_factory=free_port)
@@ -50,6 +53,10 @@ class Receiver:
     hang_next: int = 0
     delay_s: float = 0.0
     retry_after: str | None = None
+    held_doctor: int | None = None
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    in_flight: dict[int, int] = field(default_factory=dict)
+    most_in_flight: dict[int, int] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
 
     @property
@@ -71,6 +78,19 @@ class Receiver:
     async def _handle(self, request: web.Request) -> web.Response:
         self.requests += 1
         body = await request.read()
+        doctor = int(orjson.loads(body)["data"]["doctor_id"])
+        self.in_flight[doctor] = self.in_flight.get(doctor, 0) + 1
+        self.most_in_flight[doctor] = max(
+            self.most_in_flight.get(doctor, 0), self.in_flight[doctor]
+        )
+        try:
+            return await self._answer(request, body, doctor)
+        finally:
+            self.in_flight[doctor] -= 1
+
+    async def _answer(self, request: web.Request, body: bytes, doctor: int) -> web.Response:
+        if doctor == self.held_doctor:
+            await self.release.wait()
         if self.hang_next > 0:
             self.hang_next -= 1
             await asyncio.sleep(30)

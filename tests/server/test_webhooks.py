@@ -122,6 +122,11 @@ async def test_a_failing_hanging_then_absent_receiver_loses_nothing(
     await eventually(lambda: len(receiver.distinct()) >= 6, what="all six, after recovery")
     assert receiver.versions(doctor.id) == sorted(receiver.versions(doctor.id))
     assert len(receiver.distinct()) == 6  # duplicates only as the same id and body
+
+    async def written() -> bool:  # cursors and attempts are written in batches
+        return (await webhooks.backlog(store))[created["id"]] == (0, 0.0)
+
+    await eventually(written, what="the cursors written")
     log = (await (await client.get(attempts_url, headers=ADMIN)).json())["attempts"]
     failed = [a for a in log if not a["ok"]]
     assert any(a["status"] == 500 for a in failed)
@@ -150,6 +155,51 @@ async def test_a_slow_endpoint_never_holds_up_a_healthy_one(
         assert slow.bad_signatures == receiver.bad_signatures == 0
     finally:
         await slow.stop()
+
+
+async def test_doctors_are_sent_side_by_side_each_one_in_order(
+    client: AppClient,
+    settings: Settings,
+    store: Store,
+    doctor: SeededDoctor,
+    receiver: Receiver,
+    aiohttp_client: Any,
+) -> None:
+    from server.app import create_app
+
+    # A held message must not time out (and be sent again) while the test looks.
+    patient = settings.replace(webhook_timeout_s=10.0, webhook_lease_s=30.0)
+    await client.close()  # one dispatcher only: this one
+    client = await aiohttp_client(create_app(patient))
+    other = await seed_doctor(store, name="Dr. Other")
+    created = await register(client, receiver, event_types=["appointment.booked"])
+    receiver.held_doctor = doctor.id  # its first message is answered only when released
+    await book(store, doctor, range(3))
+    await eventually(lambda: receiver.in_flight.get(doctor.id) == 1, what="the held message")
+    await book(store, other, range(4), patient="bob")
+    # The other doctor's messages overlap the held one in flight, all of them through.
+    await eventually(lambda: len(receiver.versions(other.id)) == 4, what="the other doctor's")
+    assert receiver.in_flight[doctor.id] == 1
+    assert receiver.versions(doctor.id) == []  # its next waits for its first
+    receiver.release.set()
+    await eventually(lambda: len(receiver.versions(doctor.id)) == 3, what="the held doctor's")
+    for seeded in (doctor, other):
+        versions = receiver.versions(seeded.id)
+        assert versions == sorted(versions)
+        assert receiver.most_in_flight[seeded.id] == 1  # one message per doctor at a time
+    assert receiver.bad_signatures == 0
+
+    async def recorded() -> bool:  # attempts and cursors are written in batches
+        return (await webhooks.backlog(store))[created["id"]] == (0, 0.0)
+
+    await eventually(recorded, what="the cursors written")
+    attempts = await store.fetch("SELECT message_id FROM webhook_attempts WHERE ok")
+    assert len(attempts) == len({a["message_id"] for a in attempts}) == 7
+    # Delivery has connections of its own, apart from the booking pool.
+    assert await store.fetchval(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name = 'slotcast-webhooks'"
+    )
 
 
 async def test_a_rotated_secret_signs_beside_the_old_one(
