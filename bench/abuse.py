@@ -274,15 +274,17 @@ async def booker(
     stop: asyncio.Event,
     rate: float,
 ) -> None:
+    # New in every phase: the same key again would replay, not book; and a patient of
+    # its own, since one that books and cancels every second for minutes on end spends
+    # the 300 writes per 15 minutes an identity may make, which no patient does.
+    tag = uuid.uuid4().hex[:8]
     try:
         async with (
             http_as(ADDRESSES[n % len(ADDRESSES)]) as http,
-            SlotcastClient.connect(url, token=patient_token(f"b{n}"), session=http) as client,
+            SlotcastClient.connect(url, token=patient_token(f"b{n}-{tag}"), session=http) as client,
         ):
             ready.arrive()
             await ready.go.wait()
-            # Keys new in every phase: the same key again would replay, not book.
-            tag = uuid.uuid4().hex[:8]
             await asyncio.sleep(random.random() / rate)
             for slot_id in slot_ids:
                 if stop.is_set():
