@@ -19,7 +19,7 @@ import html
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
@@ -1089,13 +1089,50 @@ async def test_cancelling_from_either_side_frees_the_slot_live(
 async def test_attendance_waits_for_its_time_asks_before_a_no_show_and_can_be_undone(
     spawn_server: Spawn, http: aiohttp.ClientSession, database_url: str, pages: Pages
 ) -> None:
-    """A booking whose time has come and one days ahead, on the doctor's timeline. The
-    clock cannot be moved under real processes, so the first appointment's time is moved
-    instead, five minutes into the past (its slot stays where the timeline shows it)."""
+    """A booking whose time has come and one days ahead, each on its doctor's timeline.
+
+    The clock cannot be moved under real processes, and the API books no past slot, so
+    the booking whose time has come is written to the database: a doctor of the test's
+    own, with no hours (so no other slot), given one slot that began five minutes ago
+    and Alice's booking of it. Its zone is one far from midnight, so that slot's local
+    date is today and has a tab.
+    """
     (server,) = await start(spawn_server, "s1")
+    now = datetime.now(UTC)
+    zone = min(  # the one nearest its noon
+        ("Europe/Paris", "Asia/Tokyo", "America/New_York"),
+        key=lambda z: abs(local(now, z).hour * 60 + local(now, z).minute - 12 * 60),
+    )
+    admin = {"Authorization": f"Bearer {token(Role.ADMIN, 'ops')}"}
+    created = await post_json(
+        http,
+        f"{server.http_url}/api/doctors",
+        {"name": "Dr. Due Now", "timezone": zone, "idempotency_key": "due-now"},
+        201,
+        headers=admin,
+    )
+    doctor_id = created["doctor"]["id"]
+    due_at = now - timedelta(minutes=5)
+    conn = await asyncpg.connect(database_url)
+    try:
+        due_slot = await conn.fetchval(
+            "INSERT INTO slots (doctor_id, starts_at, ends_at, status)"
+            " VALUES ($1, $2::timestamptz, $2::timestamptz + interval '30 minutes', 'busy')"
+            " RETURNING id",
+            doctor_id,
+            due_at,
+        )
+        due_id = await conn.fetchval(
+            "INSERT INTO appointments (doctor_id, slot_id, patient_id, starts_at, ends_at,"
+            " status) SELECT doctor_id, id, 'alice', starts_at, ends_at, 'booked' FROM slots"
+            " WHERE id = $1 RETURNING id",
+            due_slot,
+        )
+    finally:
+        await conn.close()
+
+    # Days ahead, booked through the API: nothing to record yet; the buttons say from when.
     ada = await demo_doctor(http, server, "Dr. Ada Moreau")
-    zone = ada["timezone"]
-    ((due_slot, due_at),) = await open_slots(http, server, ada, 1)
     later = await get_json(
         http,
         f"{server.http_url}/api/doctors/{ada['id']}/slots",
@@ -1108,38 +1145,27 @@ async def test_attendance_waits_for_its_time_asks_before_a_no_show_and_can_be_un
         (s["id"], s["start"]) for s in later["slots"] if s["status"] == "free"
     )
     ahead_at = datetime.fromisoformat(ahead_start.replace("Z", "+00:00"))
-    booked = []
-    for slot_id in (due_slot, ahead_slot):
-        reply = await post_json(
-            http,
-            f"{server.http_url}/api/appointments",
-            {"slot_id": slot_id, "idempotency_key": f"alice-{slot_id}"},
-            201,
-            headers={"Authorization": f"Bearer {token(Role.PATIENT, 'alice')}"},
-        )
-        booked.append(reply["appointment"]["id"])
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute(
-            "UPDATE appointments SET starts_at = now() - interval '5 minutes',"
-            " ends_at = now() + interval '25 minutes' WHERE id = $1",
-            booked[0],
-        )
-    finally:
-        await conn.close()
-
-    dash = await pages.open(doctor_url(server, ada["id"]), name="doctor")
-    # Days ahead: nothing to record yet, and the buttons say from when.
-    timeline = await dashboard_day(dash, local(ahead_at, zone).date())
-    ahead, ahead_time = row(timeline, ahead_slot), f"{local(ahead_at, zone):%H:%M}"
+    await post_json(
+        http,
+        f"{server.http_url}/api/appointments",
+        {"slot_id": ahead_slot, "idempotency_key": f"alice-{ahead_slot}"},
+        201,
+        headers={"Authorization": f"Bearer {token(Role.PATIENT, 'alice')}"},
+    )
+    ada_page = await pages.open(doctor_url(server, ada["id"]), name="ada")
+    timeline = await dashboard_day(ada_page, local(ahead_at, ada["timezone"]).date())
+    ahead = row(timeline, ahead_slot)
+    ahead_time = f"{local(ahead_at, ada['timezone']):%H:%M}"
     for what in ("arrived", "no-show"):
         button = ahead.get_by_role("button", name=re.compile(rf"Mark {ahead_time} {what} \(from "))
         await expect(button).to_be_disabled()
 
     # The no-show asks first; keeping the booking sends nothing.
+    dash = await pages.open(doctor_url(server, doctor_id), name="doctor")
     timeline = await dashboard_day(dash, local(due_at, zone).date())
     due, due_time = row(timeline, due_slot), f"{local(due_at, zone):%H:%M}"
-    badge = due.locator(f'[data-appointment-id="{booked[0]}"]')
+    badge = due.locator(f'[data-appointment-id="{due_id}"]')
+    await expect(badge).to_have_attribute("data-status", "booked")
     await due.get_by_role("button", name=f"Mark {due_time} no-show").click()
     ask = due.get_by_role("group", name=f"Confirm no-show at {due_time}")
     await expect(ask).to_contain_text("alice")
