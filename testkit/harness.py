@@ -723,22 +723,29 @@ class ServerProcess:
         """SIGTERM (or `sig`) and wait; returns the exit code."""
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            if sig is None:
-                self.process.terminate()
-            else:
-                self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        code = self.process.returncode
+        code = stop_process(self.process, signal.SIGTERM if sig is None else sig, timeout)
         self.process = None
         return code
 
     def logs(self) -> str:
+        return read_log(self.log_path)
+
+
+def stop_process(process: subprocess.Popen[bytes], sig: int, timeout_s: float) -> int:
+    """As a supervisor stops a process: `sig`, up to `timeout_s` to exit, then SIGKILL."""
+    if process.poll() is None:
+        process.send_signal(sig)
         try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+    return process.returncode
+
+
+def read_log(path: Path) -> str:
+    """A process's log file as text, or nothing if it never wrote one."""
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""

@@ -36,7 +36,15 @@ import pytest
 from client import SlotcastClient
 from protocol.vocabulary import SlotStatus
 from testkit.deploydoc import Block, assignments, blocks, substitute, unit_sections
-from testkit.harness import REPO, ControlledPostgres, RedisServer, free_port, own_postgres
+from testkit.harness import (
+    REPO,
+    ControlledPostgres,
+    RedisServer,
+    free_port,
+    own_postgres,
+    read_log,
+    stop_process,
+)
 from testkit.tools import (
     SEARCH_PATH,
     ensure_deploy_tools,
@@ -103,22 +111,12 @@ class Instance:
         """KillSignal=SIGTERM, then SIGKILL after TimeoutStopSec, as systemd would."""
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        code = self.process.returncode
+        code = stop_process(self.process, signal.SIGTERM, self.stop_timeout_s)
         self.process = None
         return code
 
     def logs(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
+        return read_log(self.log_path)
 
 
 @dataclass

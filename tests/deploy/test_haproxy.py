@@ -36,7 +36,7 @@ from protocol.vocabulary import SlotStatus
 from store import reads
 from store.pool import Store
 from testkit.fixtures import SeededDoctor, Spawn, seed_doctor, token
-from testkit.harness import REPO, ServerProcess, free_port
+from testkit.harness import REPO, ServerProcess, free_port, read_log, stop_process
 from testkit.tools import ensure_haproxy, self_signed_certificate
 
 pytestmark = pytest.mark.processes
@@ -92,23 +92,13 @@ class Balancer:
     def stop(self) -> int | None:
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            # SIGUSR1 would wait for the tunnels to end; the test is over, so stop now.
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        code = self.process.returncode
+        # SIGUSR1 would wait for the tunnels to end; the test is over, so stop now.
+        code = stop_process(self.process, signal.SIGTERM, 10)
         self.process = None
         return code
 
     def logs(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
+        return read_log(self.log_path)
 
     def exited(self) -> str | None:
         """Why HAProxy is gone, if it is: every wait checks, so a crash fails fast."""
