@@ -9,7 +9,6 @@ well-formed input) happen here first, so a refusal costs no transaction.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 
@@ -45,8 +44,8 @@ from store.errors import (
     TooEarly,
 )
 from store.pool import Store
-from store.runner import doctor_of_appointment, doctor_of_slot, run
-from store.tx import SYSTEM, Actor, Limits, Outcome, Reply, Taking, Tx, resolve_now
+from store.runner import doctor_of_appointment, doctor_of_slot, run, run_command
+from store.tx import SYSTEM, Actor, Limits, Outcome, Taking, Tx, resolve_now
 
 ZERO = timedelta(0)
 
@@ -125,7 +124,7 @@ async def release(
         view = await steps.cancel_appointment(tx, doctor_id, hold.id, "released", "hold.released")
         return AppointmentUpdated(view)
 
-    return await _command(store, [doctor_id], actor, msg, now, work)
+    return await run_command(store, [doctor_id], actor, msg, now, work)
 
 
 async def book(
@@ -277,7 +276,7 @@ async def cancel(
         )
         return AppointmentUpdated(view)
 
-    return await _command(store, [doctor_id], actor, msg, now, work)
+    return await run_command(store, [doctor_id], actor, msg, now, work)
 
 
 async def reschedule(
@@ -333,7 +332,7 @@ async def reschedule(
         tx.appointment(new)
         return Rescheduled(appointment=new, replaced=replaced)
 
-    return await _command(store, [old_doctor, new_doctor], actor, msg, now, work)
+    return await run_command(store, [old_doctor, new_doctor], actor, msg, now, work)
 
 
 # ---- doctor commands ---------------------------------------------------------------------------
@@ -376,7 +375,7 @@ async def _set_blocked(
         tx.slot(doctor_id, view, "slot.blocked" if blocked else "slot.unblocked")
         return SlotUpdated(doctor_id, view)
 
-    return await _command(store, [doctor_id], actor, msg, now, work)
+    return await run_command(store, [doctor_id], actor, msg, now, work)
 
 
 async def mark(
@@ -414,7 +413,7 @@ async def mark(
         tx.appointment(view, f"appointment.{target.value}")
         return AppointmentUpdated(view)
 
-    return await _command(store, [doctor_id], actor, msg, now, work)
+    return await run_command(store, [doctor_id], actor, msg, now, work)
 
 
 async def unmark(
@@ -448,7 +447,7 @@ async def unmark(
         tx.appointment(view, "appointment.unmarked")
         return AppointmentUpdated(view)
 
-    return await _command(store, [doctor_id], actor, msg, now, work)
+    return await run_command(store, [doctor_id], actor, msg, now, work)
 
 
 async def set_schedule(
@@ -511,7 +510,7 @@ async def set_schedule(
             conflicts=result.conflicts,
         )
 
-    return await _command(store, [doctor_id], actor, msg, now, work)
+    return await run_command(store, [doctor_id], actor, msg, now, work)
 
 
 def _check_slots_per_day(msg: SetSchedule, limit: int) -> None:
@@ -528,30 +527,6 @@ def _check_slots_per_day(msg: SetSchedule, limit: int) -> None:
             raise Invalid(
                 f"{day} would open {count} slots: a schedule opens at most {limit} slots a day"
             )
-
-
-# A client's command that locks its doctors up front (not by slot: `hold`, `book`).
-_Locking = Release | Cancel | Reschedule | Block | Unblock | Mark | Unmark | SetSchedule
-
-
-async def _command(
-    store: Store,
-    doctor_ids: list[int],
-    actor: Actor,
-    msg: _Locking,
-    now: datetime | None,
-    work: Callable[[Tx], Awaitable[Reply]],
-) -> Outcome[Reply]:
-    """`run` for a client's command message, keyed by its own idempotency key."""
-    return await run(
-        store,
-        doctors=doctor_ids,
-        actor=actor,
-        now=resolve_now(now),
-        work=work,
-        request=msg,
-        key=msg.idempotency_key,
-    )
 
 
 # ---- system work -------------------------------------------------------------------------------

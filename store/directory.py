@@ -28,7 +28,7 @@ from protocol.messages import CreateDoctor, DoctorUpdated, DoctorView, RetireDoc
 from store import schedule, sql, steps
 from store.errors import Busy, Forbidden, Invalid, InvalidTransition, NotFound
 from store.pool import Store
-from store.runner import run
+from store.runner import run, run_command
 from store.tx import Actor, Outcome, Tx, resolve_now
 
 log = logging.getLogger(__name__)
@@ -124,15 +124,7 @@ async def create(
         row = await _insert(tx, doctor_id, entry, msg.external_id)
         return DoctorUpdated(view(row), 1)
 
-    return await run(
-        store,
-        doctors=[doctor_id],
-        actor=actor,
-        now=resolve_now(now),
-        work=work,
-        request=msg,
-        key=msg.idempotency_key,
-    )
+    return await run_command(store, [doctor_id], actor, msg, now, work)
 
 
 async def update(
@@ -161,15 +153,7 @@ async def update(
         row, changed = await _set(tx, row, entry, external_id)
         return DoctorUpdated(view(row), row["version"] + (1 if changed else 0))
 
-    return await run(
-        store,
-        doctors=[msg.doctor_id],
-        actor=actor,
-        now=resolve_now(now),
-        work=work,
-        request=msg,
-        key=msg.idempotency_key,
-    )
+    return await run_command(store, [msg.doctor_id], actor, msg, now, work)
 
 
 async def retire(
@@ -185,15 +169,7 @@ async def retire(
         row = await _retire(tx, row)
         return DoctorUpdated(view(row), row["version"] + 1)
 
-    return await run(
-        store,
-        doctors=[msg.doctor_id],
-        actor=actor,
-        now=resolve_now(now),
-        work=work,
-        request=msg,
-        key=msg.idempotency_key,
-    )
+    return await run_command(store, [msg.doctor_id], actor, msg, now, work)
 
 
 # ---- imports and exports -----------------------------------------------------------------------

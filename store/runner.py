@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, ClassVar, Protocol, cast
 
 import asyncpg
 import msgspec
@@ -32,12 +32,21 @@ from store.errors import (
     StoreError,
 )
 from store.pool import Store
-from store.tx import Actor, LockTarget, Outcome, Reply, Taking, Tx
+from store.tx import Actor, LockTarget, Outcome, Reply, Taking, Tx, resolve_now
 
 log = logging.getLogger(__name__)
 
 
 # ---- the command runner ------------------------------------------------------------------------
+
+
+class Request(Protocol):
+    """A client's command message: what `run` fingerprints and keys its replay by."""
+
+    TYPE: ClassVar[str]
+
+    @property
+    def idempotency_key(self) -> str | None: ...
 
 
 async def run(
@@ -49,7 +58,7 @@ async def run(
     doctors: Iterable[int] = (),
     of_slot: int | None = None,
     of_appointment: int | None = None,
-    request: Message | None = None,
+    request: Request | None = None,
     key: str | None = None,
     patient_lock: str | None = None,
     taking: Taking | None = None,
@@ -79,6 +88,26 @@ async def run(
     if error is not None:
         raise error
     return outcome
+
+
+async def run_command(
+    store: Store,
+    doctors: list[int],
+    actor: Actor,
+    msg: Request,
+    now: datetime | None,
+    work: Callable[[Tx], Awaitable[Reply]],
+) -> Outcome[Reply]:
+    """`run` for a client's command message, keyed by its own idempotency key."""
+    return await run(
+        store,
+        doctors=doctors,
+        actor=actor,
+        now=resolve_now(now),
+        work=work,
+        request=msg,
+        key=msg.idempotency_key,
+    )
 
 
 async def _lock(conn: asyncpg.Connection, target: LockTarget) -> list[int]:
