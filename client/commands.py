@@ -119,10 +119,20 @@ class SlotcastClient(Connection):
         hold_id: int | None = None,
         patient_id: str | None = None,
         patient_name: str | None = None,
+        visit_reason: str | None = None,
+        patient_contact: str | None = None,
     ) -> AppointmentView:
         """Book a free slot, or confirm a hold with `hold_id=`; with `patient_id=`, on
         that patient's behalf (the doctor, an admin, an API key with the `book` scope)."""
-        request = Book(slot_id, idempotency_key, hold_id, patient_id, patient_name)
+        request = Book(
+            slot_id,
+            idempotency_key,
+            hold_id,
+            patient_id,
+            patient_name,
+            visit_reason,
+            patient_contact,
+        )
         return (await self.request(request, Booked)).appointment
 
     async def hold(
@@ -132,8 +142,12 @@ class SlotcastClient(Connection):
         *,
         patient_id: str | None = None,
         patient_name: str | None = None,
+        visit_reason: str | None = None,
+        patient_contact: str | None = None,
     ) -> AppointmentView:
-        request = Hold(slot_id, idempotency_key, patient_id, patient_name)
+        request = Hold(
+            slot_id, idempotency_key, patient_id, patient_name, visit_reason, patient_contact
+        )
         return (await self.request(request, Held)).appointment
 
     async def release(

@@ -40,6 +40,13 @@ ZoneName = Annotated[str, Meta(min_length=1, max_length=64, pattern=NO_NUL)]
 ExternalId = Annotated[str, Meta(min_length=1, max_length=128, pattern=NO_NUL)]
 # A patient's display name: the token's `name` claim, or given by whoever books for them.
 PatientName = Annotated[str, Meta(min_length=1, max_length=200, pattern=NO_NUL)]
+# Why the patient comes, in their words or the front desk's (staff and the patient see it).
+VisitReason = Annotated[str, Meta(min_length=1, max_length=300, pattern=NO_NUL)]
+# How the clinic reaches a patient: a phone number or an e-mail address, checked loosely
+# (digits with the usual separators, or something@somewhere.tld), since numbers and
+# addresses come in more shapes than any strict rule allows.
+CONTACT = r"^(?:\+?[0-9(][0-9 ().\-/]{2,38}|[^@\s\x00]{1,64}@[^@\s\x00]+\.[^@\s\x00]+)$"
+PatientContact = Annotated[str, Meta(min_length=3, max_length=120, pattern=CONTACT)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +129,9 @@ class AppointmentView:
     cancel_reason: str | None = None
     cancelled_at: Instant | None = None
     patient_name: str | None = None  # the patient's display name, when one is known
+    # Visit details: only the patient's own views and staff's (dashboard, lists, webhooks).
+    visit_reason: str | None = None
+    patient_contact: str | None = None
 
     def __post_init__(self) -> None:
         _normalize_instants(self, "start", "end", "hold_expires_at", "cancelled_at")
@@ -240,6 +250,9 @@ class Hold(Message):
     # On a patient's behalf (the doctor, an admin, a key with the `book` scope).
     patient_id: Key | None = None
     patient_name: PatientName | None = None
+    # Visit details, stored with the appointment (docs/protocol.md, "Visit details").
+    visit_reason: VisitReason | None = None
+    patient_contact: PatientContact | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +279,9 @@ class Book(Message):
     # On a patient's behalf (the doctor, an admin, a key with the `book` scope).
     patient_id: Key | None = None
     patient_name: PatientName | None = None
+    # Visit details, stored with the appointment; confirming a hold may add or change them.
+    visit_reason: VisitReason | None = None
+    patient_contact: PatientContact | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,6 +85,8 @@ async def hold(
             hold_expires_at=expires,
             slot_status=SlotStatus.BUSY_TENTATIVE,
             patient_name=name,
+            visit_reason=msg.visit_reason,
+            patient_contact=msg.patient_contact,
         )
         view = steps.slot_view(slot, SlotStatus.BUSY_TENTATIVE, hold_expires_at=expires)
         tx.slot(slot["doctor_id"], view, "slot.held")
@@ -108,6 +110,8 @@ async def hold(
             max_holds=max_holds,
             limits=limits,
             patient_name=name,
+            visit_reason=msg.visit_reason,
+            patient_contact=msg.patient_contact,
         ),
     )
 
@@ -155,6 +159,8 @@ async def book(
                 AppointmentStatus.BOOKED.value,
                 tx.now,
                 SlotStatus.BUSY.value,
+                msg.visit_reason,
+                msg.patient_contact,
             )
             appointment = steps.appointment_view(row)
             slot = SlotView(
@@ -175,6 +181,8 @@ async def book(
                 AppointmentStatus.BOOKED,
                 slot_status=SlotStatus.BUSY,
                 patient_name=name,
+                visit_reason=msg.visit_reason,
+                patient_contact=msg.patient_contact,
             )
             slot = steps.slot_view(booked, SlotStatus.BUSY)
         tx.slot(appointment.doctor_id, slot, "slot.booked")
@@ -192,7 +200,13 @@ async def book(
         key=msg.idempotency_key,
         patient_lock=patient if msg.slot_id is not None and limits is not None else None,
         taking=Taking(
-            patient, AppointmentStatus.BOOKED, SlotStatus.BUSY, limits=limits, patient_name=name
+            patient,
+            AppointmentStatus.BOOKED,
+            SlotStatus.BUSY,
+            limits=limits,
+            patient_name=name,
+            visit_reason=msg.visit_reason,
+            patient_contact=msg.patient_contact,
         ),
     )
 
@@ -327,6 +341,8 @@ async def reschedule(
             replaces_id=old.id,
             slot_status=SlotStatus.BUSY,
             patient_name=old.patient_name,
+            visit_reason=old.visit_reason,
+            patient_contact=old.patient_contact,
         )
         tx.slot(new_doctor, steps.slot_view(slot, SlotStatus.BUSY), "appointment.rescheduled")
         tx.appointment(new)

@@ -198,7 +198,13 @@ def _rewrite_private(private: dict[str, Any], who: Subject) -> dict[str, Any]:
         out["on_behalf_of"] = who.pseudonym
     if "appointments" in out:
         out["appointments"] = [
-            {**a, "patient_id": who.pseudonym, "patient_name": None}
+            {
+                **a,
+                "patient_id": who.pseudonym,
+                "patient_name": None,
+                "visit_reason": None,
+                "patient_contact": None,
+            }
             if a.get("patient_id") == who.subject
             else a
             for a in out["appointments"]

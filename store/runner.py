@@ -234,6 +234,8 @@ async def _slot_prelude(
             limits.total if limits is not None else None,
             limits.cooldown if limits is not None and limits.cooldown > timedelta(0) else None,
             taking.patient_name,
+            taking.visit_reason,
+            taking.patient_contact,
         )
     except (asyncpg.ExclusionViolationError, asyncpg.UniqueViolationError) as exc:
         # As in `steps.insert_appointment`: the constraint behind every check fired, and

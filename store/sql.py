@@ -148,8 +148,8 @@ WITH slot AS (
 ), taken AS (
     INSERT INTO appointments AS a
         (doctor_id, slot_id, patient_id, starts_at, ends_at, status, hold_expires_at,
-         patient_name)
-    SELECT f.doctor_id, f.id, $5, f.starts_at, f.ends_at, $6, $7, $13
+         patient_name, visit_reason, patient_contact)
+    SELECT f.doctor_id, f.id, $5, f.starts_at, f.ends_at, $6, $7, $13, $14, $15
     FROM first f
     WHERE f.key_command IS NULL AND NOT f.expired_holds
       AND f.retired_at IS NULL AND f.status = 'free'
@@ -162,7 +162,8 @@ WITH slot AS (
       AND ($11::int IS NULL OR f.active_total < $11)
       AND (f.cooled_until IS NULL OR f.cooled_until <= $1)
     RETURNING a.id, a.slot_id, a.doctor_id, a.patient_id, a.starts_at, a.ends_at, a.status,
-              a.hold_expires_at, a.replaces_id, a.cancel_reason, a.cancelled_at, a.patient_name
+              a.hold_expires_at, a.replaces_id, a.cancel_reason, a.cancelled_at, a.patient_name,
+              a.visit_reason, a.patient_contact
 ), busy AS (
     UPDATE slots SET status = $8 WHERE id = (SELECT t.slot_id FROM taken t)
 )
@@ -172,7 +173,8 @@ SELECT f.*,
     t.ends_at AS taken_ends_at, t.status AS taken_status,
     t.hold_expires_at AS taken_hold_expires_at, t.replaces_id AS taken_replaces_id,
     t.cancel_reason AS taken_cancel_reason, t.cancelled_at AS taken_cancelled_at,
-    t.patient_name AS taken_patient_name
+    t.patient_name AS taken_patient_name, t.visit_reason AS taken_visit_reason,
+    t.patient_contact AS taken_patient_contact
 FROM first f
 LEFT JOIN taken t ON true"""
 
@@ -301,7 +303,7 @@ SELECT EXISTS (
 APPOINTMENT_COLUMNS: Final = """
 a.id, a.slot_id, a.doctor_id, a.patient_id, a.starts_at, a.ends_at, a.status,
 a.hold_expires_at, a.replaces_id, a.cancel_reason, a.cancelled_at, a.cancelled_by,
-a.patient_name"""
+a.patient_name, a.visit_reason, a.patient_contact"""
 # Insert the appointment and set its slot's status ($9) in one round trip. Both run to
 # completion or, if the insert violates the exclusion constraint or the one-per-slot index,
 # neither does.
@@ -309,8 +311,8 @@ APPOINTMENT_INSERT_TAKING_SLOT: Final = f"""
 WITH taken AS (UPDATE slots SET status = $9 WHERE id = $2)
 INSERT INTO appointments AS a
     (doctor_id, slot_id, patient_id, starts_at, ends_at, status, hold_expires_at, replaces_id,
-     patient_name)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $10)
+     patient_name, visit_reason, patient_contact)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $10, $11, $12)
 RETURNING {APPOINTMENT_COLUMNS}"""
 APPOINTMENT_DOCTOR: Final = "SELECT doctor_id FROM appointments WHERE id = $1"
 APPOINTMENT_FOR_UPDATE: Final = f"""
@@ -349,7 +351,9 @@ WITH slot AS (
     FROM appointments AS h WHERE h.id = $1 AND s.id = h.slot_id
     RETURNING s.id, s.starts_at, s.ends_at
 ), a AS (
-    UPDATE appointments AS a SET status = $2, hold_expires_at = NULL, updated_at = $3
+    UPDATE appointments AS a SET status = $2, hold_expires_at = NULL, updated_at = $3,
+        visit_reason = coalesce($5, a.visit_reason),
+        patient_contact = coalesce($6, a.patient_contact)
     WHERE a.id = $1
     RETURNING {APPOINTMENT_COLUMNS}
 )
@@ -521,7 +525,7 @@ SELECT coalesce(array_agg(DISTINCT d.doctor_id ORDER BY d.doctor_id), '{}') FROM
 ) AS d"""
 ERASE_APPOINTMENTS: Final = """
 UPDATE appointments
-SET patient_id = $2, patient_name = NULL,
+SET patient_id = $2, patient_name = NULL, visit_reason = NULL, patient_contact = NULL,
     cancelled_by = CASE WHEN cancelled_by = $3 THEN $4 ELSE cancelled_by END
 WHERE patient_id = $1"""
 # Change records of doctors $1 that name the patient ($2) as actor ($3) or in an

@@ -77,6 +77,8 @@ def appointment_view(row: asyncpg.Record, prefix: str = "") -> AppointmentView:
         cancel_reason=row[prefix + "cancel_reason"],
         cancelled_at=row[prefix + "cancelled_at"],
         patient_name=row[prefix + "patient_name"],
+        visit_reason=row[prefix + "visit_reason"],
+        patient_contact=row[prefix + "patient_contact"],
     )
 
 
@@ -268,6 +270,8 @@ async def insert_appointment(
     replaces_id: int | None = None,
     slot_status: SlotStatus,
     patient_name: str | None = None,
+    visit_reason: str | None = None,
+    patient_contact: str | None = None,
 ) -> AppointmentView:
     """Insert the appointment and set its slot's status, in one statement, unless the
     runner's first read already did exactly that (`Tx.taken`)."""
@@ -292,6 +296,8 @@ async def insert_appointment(
             replaces_id,
             slot_status.value,
             patient_name,
+            visit_reason,
+            patient_contact,
         )
     except (asyncpg.ExclusionViolationError, asyncpg.UniqueViolationError) as exc:
         # The constraint behind every check fired; the command (or its savepoint) is

@@ -144,6 +144,8 @@ class Taking:
     max_holds: int | None = None  # a hold: the patient's limit, checked with the slot
     limits: Limits | None = None  # the patient's caps and cool-down, checked with the slot
     patient_name: str | None = None  # the display name stored with it
+    visit_reason: str | None = None  # visit details stored with it
+    patient_contact: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

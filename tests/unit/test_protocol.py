@@ -24,7 +24,7 @@ import re
 import types
 import typing
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, date, datetime, time, timedelta, timezone
 from typing import Annotated, Any
 
@@ -919,6 +919,8 @@ NO_NUL = "^[^\x00]*$"  # PostgreSQL text cannot hold NUL
 ID = ("int", 1, 2**53 - 1)  # a safe JavaScript integer
 DOCTOR_ID = ("int", 1, 2**31 - 1)  # fits the int4 advisory-lock key
 KEY = ("text", 1, 128, NO_NUL)  # idempotency keys and patient ids (token subjects)
+# A phone number (digits, optional +, the usual separators) or something@somewhere.tld.
+CONTACT = r"^(?:\+?[0-9(][0-9 ().\-/]{2,38}|[^@\s\x00]{1,64}@[^@\s\x00]+\.[^@\s\x00]+)$"
 AWARE = ("aware",)
 COUNT = ("int", 0, None)
 SLOT_LIMITS = {"id": ID, "start": AWARE, "end": AWARE, "hold_expires_at": AWARE}
@@ -954,6 +956,8 @@ DOCUMENTED_LIMITS: dict[str, tuple[Any, ...]] = {
     "hold.idempotency_key": KEY,
     "hold.patient_id": KEY,  # on a patient's behalf
     "hold.patient_name": ("text", 1, 200, NO_NUL),
+    "hold.visit_reason": ("text", 1, 300, NO_NUL),
+    "hold.patient_contact": ("text", 3, 120, CONTACT),
     "release.appointment_id": ID,
     "release.idempotency_key": KEY,
     "release.patient_id": KEY,
@@ -962,6 +966,8 @@ DOCUMENTED_LIMITS: dict[str, tuple[Any, ...]] = {
     "book.hold_id": ID,
     "book.patient_id": KEY,
     "book.patient_name": ("text", 1, 200, NO_NUL),
+    "book.visit_reason": ("text", 1, 300, NO_NUL),
+    "book.patient_contact": ("text", 3, 120, CONTACT),
     "cancel.appointment_id": ID,
     "cancel.reason": ("text", 1, 500, NO_NUL),
     "cancel.idempotency_key": KEY,
@@ -1113,6 +1119,13 @@ def test_a_bad_field_is_invalid_and_keeps_the_request_id(
         assert error.request_id == request_id
 
 
+# Text of a given length that a pattern with a shape of its own accepts (others take "é"s).
+SHAPED_TEXT: dict[str, Callable[[int], str]] = {
+    # The shortest contact is a phone number; the longest an e-mail address.
+    CONTACT: lambda n: "1" * n if n <= 40 else "a" * 60 + "@" + "b" * (n - 65) + ".org",
+}
+
+
 def bounds(site: Site) -> dict[str, SearchStrategy[Any]]:
     """The extreme wire values a constrained field must still accept, keyed by a test id."""
     values: dict[str, SearchStrategy[Any]] = {}
@@ -1124,7 +1137,8 @@ def bounds(site: Site) -> dict[str, SearchStrategy[Any]]:
             values |= {str(v): st.just(v) for v in (meta.ge, meta.le) if v is not None}
         elif base is str:
             lengths = (meta.min_length, meta.max_length)
-            values |= {f"{n}_chars": st.just("é" * n) for n in lengths if n is not None}
+            sample = SHAPED_TEXT.get(meta.pattern or "", lambda n: "é" * n)
+            values |= {f"{n}_chars": st.just(sample(n)) for n in lengths if n is not None}
         elif typing.get_origin(base) is list and meta.max_length is not None:
             (item,) = typing.get_args(base)
             values[f"{meta.max_length}_items"] = replicated(item, meta.max_length)
