@@ -33,9 +33,11 @@ def setup_routes(app: web.Application, settings: Settings) -> None:
     # Demo mode only: development tokens for demo identities (`not_found` otherwise).
     r.add_get("/api/demo", signin.identities)
     r.add_post("/api/demo/token", signin.token)
-    # The pages: the patient's slot picker and the doctor's dashboard (static/).
+    # The pages: the patient's slot picker, the doctor's dashboard and the front desk's
+    # overview of every doctor's day (static/).
     origins = host_origins(settings.host_origins)
-    for path, page in (("/", "index.html"), ("/doctor", "doctor.html")):
+    pages = (("/", "index.html"), ("/doctor", "doctor.html"), ("/clinic", "clinic.html"))
+    for path, page in pages:
         if (static_dir / page).is_file():
             r.add_get(path, _page(static_dir / page, origins, settings))
     if static_dir.is_dir():

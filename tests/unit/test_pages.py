@@ -33,7 +33,7 @@ def test_every_module_import_and_page_asset_exists() -> None:
     assert len(imports) >= len(modules)  # the pattern still finds them
     for module, target in imports:
         assert (module.parent / target).resolve().is_file(), f"{module.name}: {target}"
-    for page in ("index.html", "doctor.html"):
+    for page in ("index.html", "doctor.html", "clinic.html"):
         html = (STATIC / page).read_text()
         assets = re.findall(r"""(?:src|href)="/static/([^"]+)\"""", html)
         assert assets, page

@@ -1,0 +1,168 @@
+// The front desk's three actions for a patient who phones in: book a free
+// slot (the patient's sign-in id, name, contact and visit reason), cancel and
+// reschedule, all on the patient's behalf (docs/protocol.md, "On a patient's
+// behalf"). Each is a modal <dialog>: focus moves into it, Escape or "Keep"
+// leaves it, and focus goes back to the button that opened it. A refusal is
+// said inside the dialog (the page behind it is inert), in the words of
+// messages.js; the day itself changes only when the server's change arrives
+// in the dashboard room, like any other booking.
+
+import { dayLong, timeHM } from "./format.js";
+import { errorCode, errorText } from "./messages.js";
+import { el, showNotice } from "./ui.js";
+
+let fieldIds = 0;
+
+/** A labelled input (or textarea, select) with an optional hint, as one block. */
+function field(label, control, hint = null) {
+  const id = `desk-field-${++fieldIds}`;
+  control.id = id;
+  const block = el("div", { class: "desk-field" }, el("label", { for: id }, label), control);
+  if (hint) {
+    const hintId = `${id}-hint`;
+    control.setAttribute("aria-describedby", hintId);
+    block.append(el("p", { class: "hint desk-hint", id: hintId }, hint));
+  }
+  return block;
+}
+
+/**
+ * Open a modal form. `run(form)` sends the command; resolving closes the
+ * dialog, throwing (a ServerError) shows why inside it and keeps it open.
+ */
+function openDialog({ title, intro, fields, submit, danger = false, run, opener }) {
+  const error = el("p", { class: "desk-error", role: "alert" });
+  const send = el("button", { type: "submit", class: `btn ${danger ? "btn-danger" : "btn-primary"}` }, submit);
+  const form = el(
+    "form",
+    { class: "desk-form" },
+    ...fields,
+    error,
+    el("div", { class: "switch-actions" }, el("button", { type: "button", class: "btn", onclick: () => dialog.close() }, "Keep as is"), send),
+  );
+  const dialog = el(
+    "dialog",
+    { class: "switch-dialog card desk-dialog", "data-testid": "desk-dialog", "aria-labelledby": "desk-h", "aria-describedby": "desk-intro" },
+    el("h2", { id: "desk-h" }, title),
+    el("p", { id: "desk-intro", class: "muted" }, intro),
+    form,
+  );
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    send.disabled = true;
+    error.textContent = "";
+    try {
+      await run(form);
+      dialog.close();
+    } catch (failure) {
+      error.textContent = errorText(errorCode(failure));
+      send.disabled = false;
+    }
+  });
+  dialog.addEventListener("close", () => {
+    dialog.remove();
+    if (opener?.isConnected) opener.focus();
+  });
+  document.body.append(dialog);
+  dialog.showModal();
+  form.querySelector("input, select, textarea")?.focus();
+}
+
+/** `page`: {conn, intentions}. Each action takes what the row knows and the button pressed. */
+export function deskDialogs(page) {
+  /** Send a command under its intention's idempotency key (a retry reuses it). */
+  async function command(intention, type, body) {
+    const key = page.intentions.key(intention);
+    try {
+      const reply = await page.conn.request(type, { ...body, idempotency_key: key });
+      page.intentions.settle(intention);
+      return reply;
+    } catch (error) {
+      page.intentions.settle(intention, error);
+      throw error;
+    }
+  }
+
+  const when = (day, time) => `${dayLong(day.date)} at ${time}`;
+
+  function book({ doctor, day, slot, time }, opener) {
+    const text = (name, props = {}) => el("input", { type: "text", name, autocomplete: "off", ...props });
+    openDialog({
+      title: `Book ${time} with ${doctor.name}`,
+      intro: `For a patient who phoned in: ${when(day, time)}.`,
+      fields: [
+        field("Patient's sign-in ID", text("patient_id", { required: true, maxlength: 128 }), "What they sign in with: the booking appears in their appointments."),
+        field("Patient's name", text("patient_name", { required: true, maxlength: 200, autocomplete: "off" })),
+        field("Phone or e-mail", text("patient_contact", { maxlength: 120, inputmode: "email" }), "How the clinic reaches them (optional)."),
+        field("Reason for the visit", el("textarea", { name: "visit_reason", rows: 2, maxlength: 300 }), "Optional, up to 300 characters."),
+      ],
+      submit: "Book",
+      opener,
+      run: async (form) => {
+        const data = new FormData(form);
+        const value = (name) => String(data.get(name) ?? "").trim() || null;
+        const body = {
+          slot_id: slot.id,
+          patient_id: value("patient_id"),
+          patient_name: value("patient_name"),
+          patient_contact: value("patient_contact"),
+          visit_reason: value("visit_reason"),
+        };
+        await command(`desk-book:${slot.id}:${body.patient_id}`, "book", body);
+        showNotice("booked", `Booked ${when(day, time)} with ${doctor.name} for ${body.patient_name}.`);
+      },
+    });
+  }
+
+  function cancel({ doctor, day, appointment, time, who }, opener) {
+    const reason = el("input", { type: "text", name: "reason", required: true, maxlength: 500, value: "Cancelled by the front desk" });
+    openDialog({
+      title: `Cancel ${who}'s appointment?`,
+      intro: `${when(day, time)} with ${doctor.name}. The time becomes free for others at once.`,
+      fields: [field("Reason", reason, "The patient sees it in their appointments.")],
+      submit: "Cancel appointment",
+      danger: true,
+      opener,
+      run: async (form) => {
+        const text = String(new FormData(form).get("reason") ?? "").trim();
+        await command(`desk-cancel:${appointment.id}`, "cancel", {
+          appointment_id: appointment.id,
+          reason: text || "Cancelled by the front desk",
+          patient_id: appointment.patient_id,
+        });
+        showNotice("cancelled", `Cancelled ${who}'s appointment, ${when(day, time)}.`);
+      },
+    });
+  }
+
+  function reschedule({ doctor, day, appointment, time, who }, opener) {
+    const free = day.rows().filter((row) => !row.appointment && row.slot.status === "free");
+    const choice = el(
+      "select",
+      { name: "slot_id", required: true },
+      ...free.map((row) => el("option", { value: row.slot.id }, timeHM(row.slot.start, day.timezone))),
+    );
+    openDialog({
+      title: `Move ${who}'s appointment`,
+      intro: free.length
+        ? `Now ${when(day, time)} with ${doctor.name}. Pick a free time on the same day; the old one is freed in the same step.`
+        : `No free time is left on ${dayLong(day.date)}: pick another day first.`,
+      fields: free.length ? [field("New time", choice)] : [],
+      submit: "Move appointment",
+      opener,
+      run: async (form) => {
+        const slotId = Number(new FormData(form).get("slot_id"));
+        if (!slotId) throw { code: "invalid" };
+        const { body } = await command(`desk-move:${appointment.id}:${slotId}`, "reschedule", {
+          appointment_id: appointment.id,
+          slot_id: slotId,
+          patient_id: appointment.patient_id,
+        });
+        const moved = timeHM(body.appointment.start, day.timezone);
+        showNotice("rescheduled", `Moved ${who}'s appointment from ${time} to ${moved}, ${dayLong(day.date)}.`);
+      },
+    });
+  }
+
+  return { book, cancel, reschedule };
+}

@@ -1,0 +1,212 @@
+"""The front desk (/clinic) in a real browser, against a real `slotcast serve --demo`.
+
+Staff with an admin token see every doctor's day side by side, live; search the doctors
+(Enter goes to the first), pick any date, print the day list, and book, move and cancel
+for a patient who phoned in, whose own page follows each step live. One server serves
+the whole flow (startup is most of a browser test's time).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import pytest
+from playwright.async_api import Locator, Page, expect
+
+from protocol.vocabulary import Role
+from testkit.browser import PHONE, Pages
+from testkit.fixtures import Spawn, token
+from testkit.harness import ServerProcess
+from tests.browser.kit import (
+    TIMEOUT_S,
+    appointments,
+    audit,
+    demo_doctor,
+    get_json,
+    hold_panel,
+    local,
+    message,
+    my_appointment,
+    online,
+    patient_url,
+    show_slot,
+    slot,
+    start,
+)
+
+# One browser for the module (launching is the slow part), so one event loop too.
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.processes,
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.timeout(TIMEOUT_S),
+]
+
+Free = dict[date, list[tuple[int, datetime]]]
+
+
+def clinic_url(server: ServerProcess) -> str:
+    return f"{server.http_url}/clinic#token={token(Role.ADMIN, 'desk')}"
+
+
+async def free_by_day(http: aiohttp.ClientSession, server: ServerProcess, doctor: Any) -> Free:
+    """The doctor's free slots of the next week, by the doctor's local date."""
+    today = date.today()
+    snapshot = await get_json(
+        http,
+        f"{server.http_url}/api/doctors/{doctor['id']}/slots",
+        params={"start": today.isoformat(), "end": (today + timedelta(days=8)).isoformat()},
+    )
+    found: Free = {}
+    for s in snapshot["slots"]:
+        if s["status"] == "free":
+            at = datetime.fromisoformat(s["start"].replace("Z", "+00:00"))
+            found.setdefault(local(at, doctor["timezone"]).date(), []).append((s["id"], at))
+    return found
+
+
+def doctor_card(page: Page, doctor_id: int) -> Locator:
+    return page.locator(f'[data-testid=clinic-doctor][data-doctor-id="{doctor_id}"]')
+
+
+def clinic_row(page: Page, doctor_id: int, slot_id: int) -> Locator:
+    return doctor_card(page, doctor_id).locator(
+        f'[data-testid=clinic-row][data-slot-id="{slot_id}"]'
+    )
+
+
+async def day_shown(page: Page, doctor_id: int, day: date) -> None:
+    listed = doctor_card(page, doctor_id).get_by_test_id("clinic-day")
+    await expect(listed).to_have_attribute("data-date", day.isoformat())
+    await expect(listed).to_have_attribute("data-version", re.compile(r"^\d+$"))
+
+
+async def pick_date(page: Page, day: date) -> None:
+    await page.get_by_label("Day", exact=True).fill(day.isoformat())
+
+
+async def test_the_front_desk_runs_every_doctors_day_live(
+    spawn_server: Spawn, database_url: str, http: aiohttp.ClientSession, pages: Pages
+) -> None:
+    (server,) = await start(spawn_server, "s1")
+    ada = await demo_doctor(http, server, "Dr. Ada Moreau")
+    amara = await demo_doctor(http, server, "Dr. Amara Okafor")
+    ada_free = await free_by_day(http, server, ada)
+    amara_free = await free_by_day(http, server, amara)
+    # A day on which both doctors have free times (both work on weekdays).
+    day = next(d for d in sorted(ada_free) if len(amara_free.get(d, [])) >= 2)
+    (a0, a0_at) = ada_free[day][0]
+    (m0, m0_at), (m1, m1_at) = amara_free[day][:2]
+    at = lambda when, doctor: local(when, doctor["timezone"]).strftime("%H:%M")  # noqa: E731
+
+    desk = await pages.open(clinic_url(server), name="desk")
+    alice = await pages.open(patient_url(server, ada["id"], "alice"), name="alice")
+    bob = await pages.open(patient_url(server, amara["id"], "bob"), name="bob")
+    for page in (desk, alice, bob):
+        await online(page)
+    # Every demo doctor, each with a link to their own dashboard (no typing ?doctor=).
+    await expect(desk.get_by_test_id("clinic-doctor")).to_have_count(6)
+    link = desk.get_by_role("link", name="Dashboard of Dr. Ada Moreau")
+    await expect(link).to_have_attribute("href", f"/doctor?doctor={ada['id']}")
+
+    # Any date, through the date picker: a week later, then the day of the test.
+    later = day + timedelta(days=7)
+    await pick_date(desk, later)
+    await day_shown(desk, ada["id"], later)
+    await expect(clinic_row(desk, ada["id"], a0)).to_have_count(0)
+    await pick_date(desk, day)
+    for doctor in (ada, amara):
+        await day_shown(desk, doctor["id"], day)
+    await expect(clinic_row(desk, ada["id"], a0)).to_have_attribute("data-status", "free")
+    await expect(clinic_row(desk, ada["id"], a0)).to_contain_text(at(a0_at, ada))
+    await expect(clinic_row(desk, amara["id"], m0)).to_have_attribute("data-status", "free")
+
+    # A patient books on her own page: the front desk sees it live, by name.
+    await show_slot(alice, ada["id"], a0)
+    await slot(alice, a0).click()
+    await hold_panel(alice).get_by_role("button", name="Confirm booking").click()
+    await expect(message(alice, "booked")).to_be_visible()
+    alice_row = clinic_row(desk, ada["id"], a0)
+    await expect(alice_row).to_have_attribute("data-status", "busy")
+    await expect(alice_row.get_by_test_id("patient")).to_have_text("Alice Martin")
+
+    # Bob phones in: the desk books him with Dr. Okafor; his own page shows it live.
+    await desk.get_by_role("button", name=f"Book {at(m0_at, amara)} with Dr. Amara Okafor").click()
+    dialog = desk.get_by_test_id("desk-dialog")
+    await expect(dialog).to_be_visible()
+    await expect(dialog.get_by_label("Patient's sign-in ID")).to_be_focused()
+    assert await audit(desk) == ""
+    await dialog.get_by_label("Patient's sign-in ID").fill("bob")
+    await dialog.get_by_label("Patient's name").fill("Bob Nguyen")
+    await dialog.get_by_label("Phone or e-mail").fill("+44 20 7946 0958")
+    await dialog.get_by_label("Reason for the visit").fill("Back pain since Monday")
+    await dialog.get_by_role("button", name="Book", exact=True).click()
+    await expect(dialog).to_have_count(0)
+    bob_row = clinic_row(desk, amara["id"], m0)
+    await expect(bob_row.get_by_test_id("patient")).to_have_text("Bob Nguyen")
+    await expect(bob_row.get_by_test_id("reason")).to_contain_text("Back pain since Monday")
+    await expect(bob_row.get_by_test_id("contact")).to_contain_text("+44 20 7946 0958")
+    [booked] = await appointments(database_url, m0)
+    assert (booked["patient_id"], booked["status"]) == ("bob", "booked")
+    await expect(my_appointment(bob, booked["id"])).to_have_attribute("data-status", "booked")
+
+    # Moved on his behalf: the old time frees in the same step, his page follows.
+    await bob_row.get_by_role("button", name=f"Reschedule {at(m0_at, amara)}, Bob Nguyen").click()
+    await dialog.get_by_label("New time").select_option(label=at(m1_at, amara))
+    await dialog.get_by_role("button", name="Move appointment").click()
+    moved_row = clinic_row(desk, amara["id"], m1)
+    await expect(moved_row.get_by_test_id("patient")).to_have_text("Bob Nguyen")
+    await expect(moved_row.get_by_test_id("reason")).to_contain_text("Back pain since Monday")
+    await expect(bob_row).to_have_attribute("data-status", "free")
+    moved = [r for r in await appointments(database_url, m1) if r["status"] == "booked"]
+    await expect(my_appointment(bob, moved[0]["id"])).to_have_attribute("data-status", "booked")
+
+    # The printed day list: appointments only, with patient, reason and contact.
+    await desk.emulate_media(media="print")
+    await expect(desk.get_by_test_id("doctor-filter")).to_be_hidden()
+    await expect(clinic_row(desk, amara["id"], m0)).to_be_hidden()
+    await expect(moved_row).to_be_visible()
+    await expect(moved_row).to_contain_text(at(m1_at, amara))
+    await expect(moved_row).to_contain_text("Bob Nguyen")
+    await expect(moved_row).to_contain_text("+44 20 7946 0958")
+    # Its buttons are there but not printed (nor exposed while printing).
+    await expect(moved_row.locator("button")).to_have_count(2)
+    await expect(moved_row.locator("button").first).to_be_hidden()
+    await expect(alice_row).to_contain_text("Alice Martin")
+    await desk.emulate_media(media="screen")
+
+    # Cancelled on his behalf.
+    await moved_row.get_by_role("button", name=f"Cancel {at(m1_at, amara)}, Bob Nguyen").click()
+    await dialog.get_by_role("button", name="Cancel appointment").click()
+    await expect(moved_row).to_have_attribute("data-status", "free")
+    await expect(my_appointment(bob, moved[0]["id"])).to_have_attribute("data-status", "cancelled")
+
+    # The overview with appointments passes the audit, on a desktop and on a phone.
+    assert await audit(desk) == ""
+    phone = await pages.open(clinic_url(server), name="desk-phone", viewport=PHONE)
+    await online(phone)
+    await pick_date(phone, day)
+    await expect(clinic_row(phone, ada["id"], a0).get_by_test_id("patient")).to_have_text(
+        "Alice Martin"
+    )
+    assert await audit(phone) == ""
+
+    # Search: Enter goes to the first match, and clearing it brings every doctor back.
+    search = desk.get_by_role("searchbox", name="Find a doctor")
+    await search.fill("cardio")
+    await search.press("Enter")
+    await expect(desk.get_by_test_id("clinic-doctor")).to_have_count(1)
+    await expect(desk.get_by_role("heading", name="Dr. Kenji Sato")).to_be_focused()
+    await search.fill("")
+    await search.press("Enter")
+    await expect(desk.get_by_test_id("clinic-doctor")).to_have_count(6)
+
+    # The dashboard link opens that doctor's own page, signed in as the same admin.
+    await desk.get_by_role("link", name="Dashboard of Dr. Ada Moreau").click()
+    await expect(desk).to_have_url(re.compile(rf"/doctor\?doctor={ada['id']}$"))
+    await expect(desk.get_by_test_id("timeline")).to_have_attribute(
+        "data-version", re.compile(r"^\d+$")
+    )
