@@ -30,15 +30,16 @@ function field(label, control, hint = null) {
  * Open a modal form. `run(form)` sends the command; resolving closes the
  * dialog, throwing (a ServerError) shows why inside it and keeps it open.
  */
-function openDialog({ title, intro, fields, submit, danger = false, run, opener }) {
+function openDialog({ title, intro, fields, submit, dismiss = "Close", danger = false, run, opener }) {
   const error = el("p", { class: "desk-error", role: "alert" });
-  const send = el("button", { type: "submit", class: `btn ${danger ? "btn-danger" : "btn-primary"}` }, submit);
+  // No submit button when there is nothing to choose (a move with no free time left).
+  const send = submit && el("button", { type: "submit", class: `btn ${danger ? "btn-danger" : "btn-primary"}` }, submit);
   const form = el(
     "form",
     { class: "desk-form" },
     ...fields,
     error,
-    el("div", { class: "switch-actions" }, el("button", { type: "button", class: "btn", onclick: () => dialog.close() }, "Keep as is"), send),
+    el("div", { class: "switch-actions" }, el("button", { type: "button", class: "btn", onclick: () => dialog.close() }, dismiss), send),
   );
   const dialog = el(
     "dialog",
@@ -49,6 +50,7 @@ function openDialog({ title, intro, fields, submit, danger = false, run, opener 
   );
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
+    if (!send) return;
     send.disabled = true;
     error.textContent = "";
     try {
@@ -65,7 +67,7 @@ function openDialog({ title, intro, fields, submit, danger = false, run, opener 
   });
   document.body.append(dialog);
   dialog.showModal();
-  form.querySelector("input, select, textarea")?.focus();
+  form.querySelector("input, select, textarea, button")?.focus();
 }
 
 /** `page`: {conn, intentions}. Each action takes what the row knows and the button pressed. */
@@ -121,6 +123,7 @@ export function deskDialogs(page) {
       intro: `${when(day, time)} with ${doctor.name}. The time becomes free for others at once.`,
       fields: [field("Reason", reason, "The patient sees it in their appointments.")],
       submit: "Cancel appointment",
+      dismiss: "Keep appointment",
       danger: true,
       opener,
       run: async (form) => {
@@ -148,11 +151,10 @@ export function deskDialogs(page) {
         ? `Now ${when(day, time)} with ${doctor.name}. Pick a free time on the same day; the old one is freed in the same step.`
         : `No free time is left on ${dayLong(day.date)}: pick another day first.`,
       fields: free.length ? [field("New time", choice)] : [],
-      submit: "Move appointment",
+      submit: free.length ? "Move appointment" : null,
       opener,
       run: async (form) => {
         const slotId = Number(new FormData(form).get("slot_id"));
-        if (!slotId) throw { code: "invalid" };
         const { body } = await command(`desk-move:${appointment.id}:${slotId}`, "reschedule", {
           appointment_id: appointment.id,
           slot_id: slotId,
