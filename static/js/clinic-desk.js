@@ -61,9 +61,18 @@ function openDialog({ title, intro, fields, submit, dismiss = "Close", danger = 
       send.disabled = false;
     }
   });
+  // Back to the button that opened it; when the change has redrawn its row meanwhile,
+  // to that row (the page then keeps focus in it as it redraws).
+  const row = opener?.closest("[data-testid=clinic-row]");
+  const card = row?.closest("[data-testid=clinic-doctor]");
   dialog.addEventListener("close", () => {
     dialog.remove();
     if (opener?.isConnected) opener.focus();
+    else if (row && card) {
+      document
+        .querySelector(`[data-testid=clinic-doctor][data-doctor-id="${card.dataset.doctorId}"] [data-testid=clinic-row][data-slot-id="${row.dataset.slotId}"]`)
+        ?.focus();
+    }
   });
   document.body.append(dialog);
   dialog.showModal();

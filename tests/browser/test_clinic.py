@@ -146,6 +146,12 @@ async def test_the_front_desk_runs_every_doctors_day_live(
     await dialog.get_by_role("button", name="Book", exact=True).click()
     await expect(dialog).to_have_count(0)
     bob_row = clinic_row(desk, amara["id"], m0)
+    # The keyboard stays on the row the booking was made from.
+    await desk.wait_for_function(
+        """slotId => document.activeElement?.closest("[data-testid=clinic-row]")
+            ?.dataset.slotId === String(slotId)""",
+        arg=m0,
+    )
     await expect(bob_row.get_by_test_id("patient")).to_have_text("Bob Nguyen")
     await expect(bob_row.get_by_test_id("reason")).to_contain_text("Back pain since Monday")
     await expect(bob_row.get_by_test_id("contact")).to_contain_text("+44 20 7946 0958")
@@ -203,6 +209,15 @@ async def test_the_front_desk_runs_every_doctors_day_live(
     await search.fill("")
     await search.press("Enter")
     await expect(desk.get_by_test_id("clinic-doctor")).to_have_count(6)
+
+    # A doctor who opens the front desk sees their own day only, with nothing to search.
+    own = await pages.open(
+        f"{server.http_url}/clinic#token={token(Role.DOCTOR, str(ada['id']))}", name="ada"
+    )
+    await online(own)
+    await expect(own.get_by_test_id("clinic-doctor")).to_have_count(1)
+    await expect(own.get_by_role("heading", name="Dr. Ada Moreau")).to_be_visible()
+    await expect(own.get_by_role("searchbox", name="Find a doctor")).to_be_hidden()
 
     # The dashboard link opens that doctor's own page, signed in as the same admin.
     await desk.get_by_role("link", name="Dashboard of Dr. Ada Moreau").click()
