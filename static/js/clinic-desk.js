@@ -7,7 +7,7 @@
 // messages.js; the day itself changes only when the server's change arrives
 // in the dashboard room, like any other booking.
 
-import { dayLong, timeHM } from "./format.js";
+import { addDays, dateKey, dayLong, timeHM } from "./format.js";
 import { errorCode, errorText } from "./messages.js";
 import { el, showNotice } from "./ui.js";
 
@@ -79,6 +79,22 @@ function openDialog({ title, intro, fields, submit, dismiss = "Close", danger = 
   form.querySelector("input, select, textarea, button")?.focus();
 }
 
+/**
+ * The doctor's free times on one of their local dates that can still be booked
+ * (notice and horizon), from the public availability: any day, not only the one
+ * shown. Resolves to {zone, slots}.
+ */
+async function freeTimes(doctorId, date) {
+  const query = new URLSearchParams({ start: date, end: addDays(date, 1) });
+  const response = await fetch(`/api/doctors/${doctorId}/slots?${query}`, { headers: { Accept: "application/json" } });
+  if (!response.ok) throw new Error(`availability: ${response.status}`);
+  const snapshot = await response.json();
+  const from = snapshot.bookable_from ? Date.parse(snapshot.bookable_from) : -Infinity;
+  const until = snapshot.bookable_until ? Date.parse(snapshot.bookable_until) : Infinity;
+  const open = (slot) => slot.status === "free" && Date.parse(slot.start) >= from && Date.parse(slot.start) < until;
+  return { zone: snapshot.timezone, slots: snapshot.slots.filter(open) };
+}
+
 /** `page`: {conn, intentions}. Each action takes what the row knows and the button pressed. */
 export function deskDialogs(page) {
   /** Send a command under its intention's idempotency key (a retry reuses it). */
@@ -148,19 +164,32 @@ export function deskDialogs(page) {
   }
 
   function reschedule({ doctor, day, appointment, time, who }, opener) {
-    const free = day.rows().filter((row) => !row.appointment && row.slot.status === "free");
-    const choice = el(
-      "select",
-      { name: "slot_id", required: true },
-      ...free.map((row) => el("option", { value: row.slot.id }, timeHM(row.slot.start, day.timezone))),
-    );
+    const date = el("input", { type: "date", name: "date", required: true, value: day.date });
+    const choice = el("select", { name: "slot_id", required: true });
+    const found = el("p", { class: "hint desk-hint", role: "status" });
+    let zone = day.timezone;
+    const fill = async (key) => {
+      if (!/^\d{4}-\d{2}-\d{2}$/.test(key)) return;
+      choice.replaceChildren();
+      found.textContent = "Looking for free times…";
+      try {
+        const free = await freeTimes(doctor.id, key);
+        if (date.value !== key) return; // another day was picked meanwhile
+        zone = free.zone;
+        choice.replaceChildren(...free.slots.map((slot) => el("option", { value: slot.id }, timeHM(slot.start, zone))));
+        const n = free.slots.length;
+        found.textContent = n ? `${n} free ${n === 1 ? "time" : "times"} on ${dayLong(key)}.` : `No free time on ${dayLong(key)}: pick another day.`;
+      } catch {
+        found.textContent = errorText("unavailable");
+      }
+    };
+    date.addEventListener("change", () => fill(date.value));
+    fill(day.date);
     openDialog({
       title: `Move ${who}'s appointment`,
-      intro: free.length
-        ? `Now ${when(day, time)} with ${doctor.name}. Pick a free time on the same day; the old one is freed in the same step.`
-        : `No free time is left on ${dayLong(day.date)}: pick another day first.`,
-      fields: free.length ? [field("New time", choice)] : [],
-      submit: free.length ? "Move appointment" : null,
+      intro: `Now ${when(day, time)} with ${doctor.name}. Pick a free time; the old one is freed in the same step.`,
+      fields: [field("New day", date), field("New time", choice), found],
+      submit: "Move appointment",
       opener,
       run: async (form) => {
         const slotId = Number(new FormData(form).get("slot_id"));
@@ -169,8 +198,8 @@ export function deskDialogs(page) {
           slot_id: slotId,
           patient_id: appointment.patient_id,
         });
-        const moved = timeHM(body.appointment.start, day.timezone);
-        showNotice("rescheduled", `Moved ${who}'s appointment from ${time} to ${moved}, ${dayLong(day.date)}.`);
+        const moved = body.appointment.start;
+        showNotice("rescheduled", `Moved ${who}'s appointment to ${dayLong(dateKey(moved, zone))} at ${timeHM(moved, zone)}.`);
       },
     });
   }

@@ -8,10 +8,11 @@
 // specialty; Enter goes to the first), the date picker chooses the day (each
 // doctor's own local date), and the print stylesheet turns the page into the
 // day list: per doctor, the day's appointments with time, patient, reason and
-// contact. Booking, cancelling and rescheduling for a patient who phones in
-// are the dialogs of clinic-desk.js.
+// contact. Booking (a free time not yet begun), cancelling and rescheduling
+// (to any day) for a patient who phones in are the dialogs of clinic-desk.js.
 
 import { deskDialogs } from "./clinic-desk.js";
+import { serverNow } from "./clock.js";
 import { Intentions } from "./connection.js";
 import { DayBook } from "./dashboard.js";
 import { browserZone, dateKey, dayLong, timeHM } from "./format.js";
@@ -220,7 +221,7 @@ function renderRow(entry, { slot, appointment, conflict }) {
     }
   } else {
     body.append(el("span", { class: `badge badge-${slot.status}` }, SLOT_WORDS[slot.status] ?? slot.status));
-    if (slot.status === "free") {
+    if (slot.status === "free" && Date.parse(slot.start) > serverNow()) {
       const what = { doctor: entry.doctor, day: entry.day, slot, time };
       actions.append(
         el(

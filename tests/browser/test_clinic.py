@@ -46,6 +46,7 @@ pytestmark = [
 ]
 
 Free = dict[date, list[tuple[int, datetime]]]
+WEEK = timedelta(days=7)
 
 
 def clinic_url(server: ServerProcess) -> str:
@@ -53,12 +54,12 @@ def clinic_url(server: ServerProcess) -> str:
 
 
 async def free_by_day(http: aiohttp.ClientSession, server: ServerProcess, doctor: Any) -> Free:
-    """The doctor's free slots of the next week, by the doctor's local date."""
+    """The doctor's free slots of the next two weeks, by the doctor's local date."""
     today = date.today()
     snapshot = await get_json(
         http,
         f"{server.http_url}/api/doctors/{doctor['id']}/slots",
-        params={"start": today.isoformat(), "end": (today + timedelta(days=8)).isoformat()},
+        params={"start": today.isoformat(), "end": (today + timedelta(days=16)).isoformat()},
     )
     found: Free = {}
     for s in snapshot["slots"]:
@@ -96,10 +97,12 @@ async def test_the_front_desk_runs_every_doctors_day_live(
     amara = await demo_doctor(http, server, "Dr. Amara Okafor")
     ada_free = await free_by_day(http, server, ada)
     amara_free = await free_by_day(http, server, amara)
-    # A day on which both doctors have free times (both work on weekdays).
-    day = next(d for d in sorted(ada_free) if len(amara_free.get(d, [])) >= 2)
+    # A day on which both doctors have free times, as has Dr. Okafor a week later.
+    day = next(
+        d for d in sorted(ada_free) if len(amara_free.get(d, [])) >= 2 and d + WEEK in amara_free
+    )
     (a0, a0_at) = ada_free[day][0]
-    (m0, m0_at), (m1, m1_at) = amara_free[day][:2]
+    (m0, m0_at), (m1, _) = amara_free[day][:2]
     at = lambda when, doctor: local(when, doctor["timezone"]).strftime("%H:%M")  # noqa: E731
 
     desk = await pages.open(clinic_url(server), name="desk")
@@ -113,7 +116,7 @@ async def test_the_front_desk_runs_every_doctors_day_live(
     await expect(link).to_have_attribute("href", f"/doctor?doctor={ada['id']}")
 
     # Any date, through the date picker: a week later, then the day of the test.
-    later = day + timedelta(days=7)
+    later = day + WEEK
     await pick_date(desk, later)
     await day_shown(desk, ada["id"], later)
     await expect(clinic_row(desk, ada["id"], a0)).to_have_count(0)
@@ -159,33 +162,41 @@ async def test_the_front_desk_runs_every_doctors_day_live(
     assert (booked["patient_id"], booked["status"]) == ("bob", "booked")
     await expect(my_appointment(bob, booked["id"])).to_have_attribute("data-status", "booked")
 
-    # Moved on his behalf: the old time frees in the same step, his page follows.
-    await bob_row.get_by_role("button", name=f"Reschedule {at(m0_at, amara)}, Bob Nguyen").click()
-    await dialog.get_by_label("New time").select_option(label=at(m1_at, amara))
-    await dialog.get_by_role("button", name="Move appointment").click()
-    moved_row = clinic_row(desk, amara["id"], m1)
-    await expect(moved_row.get_by_test_id("patient")).to_have_text("Bob Nguyen")
-    await expect(moved_row.get_by_test_id("reason")).to_contain_text("Back pain since Monday")
-    await expect(bob_row).to_have_attribute("data-status", "free")
-    moved = [r for r in await appointments(database_url, m1) if r["status"] == "booked"]
-    await expect(my_appointment(bob, moved[0]["id"])).to_have_attribute("data-status", "booked")
-
     # The printed day list: appointments only, with patient, reason and contact.
     await desk.emulate_media(media="print")
     await expect(desk.get_by_test_id("doctor-filter")).to_be_hidden()
-    await expect(clinic_row(desk, amara["id"], m0)).to_be_hidden()
-    await expect(moved_row).to_be_visible()
-    await expect(moved_row).to_contain_text(at(m1_at, amara))
-    await expect(moved_row).to_contain_text("Bob Nguyen")
-    await expect(moved_row).to_contain_text("+44 20 7946 0958")
+    await expect(clinic_row(desk, amara["id"], m1)).to_be_hidden()
+    await expect(bob_row).to_be_visible()
+    await expect(bob_row).to_contain_text(at(m0_at, amara))
+    await expect(bob_row).to_contain_text("Bob Nguyen")
+    await expect(bob_row).to_contain_text("Back pain since Monday")
+    await expect(bob_row).to_contain_text("+44 20 7946 0958")
     # Its buttons are there but not printed (nor exposed while printing).
-    await expect(moved_row.locator("button")).to_have_count(2)
-    await expect(moved_row.locator("button").first).to_be_hidden()
+    await expect(bob_row.locator("button")).to_have_count(2)
+    await expect(bob_row.locator("button").first).to_be_hidden()
     await expect(alice_row).to_contain_text("Alice Martin")
     await desk.emulate_media(media="screen")
 
+    # Moved on his behalf to a week later: the old time frees in the same step, and
+    # his page follows.
+    (m7, m7_at) = amara_free[later][0]
+    await bob_row.get_by_role("button", name=f"Reschedule {at(m0_at, amara)}, Bob Nguyen").click()
+    await dialog.get_by_label("New day").fill(later.isoformat())
+    new_time = dialog.get_by_label("New time")
+    await expect(new_time.locator("option", has_text=at(m7_at, amara))).to_have_count(1)
+    await new_time.select_option(label=at(m7_at, amara))
+    await dialog.get_by_role("button", name="Move appointment").click()
+    await expect(message(desk, "rescheduled")).to_be_visible()
+    await expect(bob_row).to_have_attribute("data-status", "free")
+    moved = [r for r in await appointments(database_url, m7) if r["status"] == "booked"]
+    await expect(my_appointment(bob, moved[0]["id"])).to_have_attribute("data-status", "booked")
+    await pick_date(desk, later)
+    moved_row = clinic_row(desk, amara["id"], m7)
+    await expect(moved_row.get_by_test_id("patient")).to_have_text("Bob Nguyen")
+    await expect(moved_row.get_by_test_id("reason")).to_contain_text("Back pain since Monday")
+
     # Cancelled on his behalf.
-    await moved_row.get_by_role("button", name=f"Cancel {at(m1_at, amara)}, Bob Nguyen").click()
+    await moved_row.get_by_role("button", name=f"Cancel {at(m7_at, amara)}, Bob Nguyen").click()
     await dialog.get_by_role("button", name="Cancel appointment").click()
     await expect(moved_row).to_have_attribute("data-status", "free")
     await expect(my_appointment(bob, moved[0]["id"])).to_have_attribute("data-status", "cancelled")
