@@ -79,6 +79,13 @@ async def test_the_front_desk_books_with_visit_details_that_staff_and_the_patien
         confirmed = await gina.book(hold_id=hold.id, visit_reason="Follow-up")
         assert (confirmed.visit_reason, confirmed.patient_contact) == ("Follow-up", None)
 
+    # The change log (whence dashboards and webhook payloads) carries them, named.
+    logged_reasons = await store.fetchval(
+        "SELECT array_agg(DISTINCT a->>'visit_reason') FROM changes,"
+        " jsonb_array_elements(private->'appointments') a WHERE a->>'patient_id' = 'gina'"
+    )
+    assert set(logged_reasons) == {None, "Sore throat for a week", "Follow-up"}
+
     # Erasure forgets them, in the rows and in the change log.
     assert (await erase_patient(store, "gina")).total > 0
     left = await store.fetchval(
