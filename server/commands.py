@@ -228,8 +228,7 @@ async def _search_doctors(s: Scheduling, who: Identity | None, msg: SearchDoctor
 
 
 async def _next_available(s: Scheduling, who: Identity | None, msg: NextAvailable) -> Message:
-    slot = await reads.next_available(s.store, msg.doctor_id, after=msg.after, now=s.clock())
-    return NextSlot(msg.doctor_id, slot)
+    return NextSlot(msg.doctor_id, await s.next_available(msg.doctor_id, msg.after))
 
 
 _ALL: tuple[Command[Any] | PublicCommand[Any], ...] = (

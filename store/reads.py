@@ -98,12 +98,18 @@ async def snapshot(
 
 
 async def next_available(
-    store: Store, doctor_id: int, *, after: datetime | None = None, now: datetime | None = None
-) -> SlotView | None:
+    store: Store,
+    doctor_id: int,
+    *,
+    after: datetime | None = None,
+    now: datetime | None = None,
+    min_version: int = 0,
+) -> tuple[int, SlotView | None]:
     """The doctor's first slot a patient may hold at `now`, starting at or after `after`:
-    past the notice, before the horizon, clear of the buffer; None when there is none."""
+    past the notice, before the horizon, clear of the buffer; None when there is none.
+    With the doctor's version it was read at."""
     now = resolve_now(now)
-    async with _consistent(store, doctor_id) as (conn, doctor):
+    async with _consistent(store, doctor_id, min_version) as (conn, doctor):
         if doctor["retired_at"] is not None:
             raise DoctorRetired(f"doctor {doctor_id} is retired and offers no slots")
         earliest = now + timedelta(minutes=doctor["min_notice_minutes"])
@@ -116,7 +122,7 @@ async def next_available(
             now + timedelta(days=doctor["horizon_days"]),
             timedelta(minutes=doctor["buffer_minutes"]),
         )
-    return None if row is None else slot_view(row)
+    return doctor["version"], None if row is None else slot_view(row)
 
 
 async def schedule(store: Store, doctor_id: int) -> Schedule:
