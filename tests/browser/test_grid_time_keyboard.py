@@ -185,6 +185,22 @@ async def test_a_patient_in_los_angeles_books_a_doctor_in_tokyo(
     await expect(target).to_contain_text("Your appointment")
     await expect(target).to_have_accessible_name(re.compile(r", your appointment$"))
 
+    # A doctor with no hours yet: "Next available" says so, in words.
+    await post_json(
+        http,
+        f"{server.http_url}/api/doctors",
+        {"name": "Dr. Noor Idle", "timezone": TOKYO, "idempotency_key": "idle"},
+        201,
+        headers={"Authorization": f"Bearer {token(Role.ADMIN, 'ops')}"},
+    )
+    await page.get_by_role("searchbox", name="Find a doctor").fill("Idle")
+    await page.get_by_role("searchbox", name="Find a doctor").press("Enter")
+    await expect(page.get_by_role("heading", name="Dr. Noor Idle", level=1)).to_be_focused()
+    await page.get_by_role("button", name="Next available").click()
+    await expect(page.get_by_role("status").filter(has_text="no free time")).to_have_text(
+        "Dr. Noor Idle has no free time to book yet."
+    )
+
     # On a phone: the same week passes the audit, shift marks and all.
     phone = await pages.open(
         patient_url(server, doctor["id"], "bob"),
