@@ -349,6 +349,20 @@ class GetSchedule(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class NextAvailable(Message):
+    """The doctor's first slot a patient may hold now, starting at or after `after`
+    (default: now): what a page's "next available" jumps to. One bounded read: the
+    search ends at the doctor's booking horizon."""
+
+    TYPE: ClassVar[str] = "next_available"
+    doctor_id: DoctorId
+    after: Instant | None = None
+
+    def __post_init__(self) -> None:
+        _normalize_instants(self, "after")
+
+
+@dataclass(frozen=True, slots=True)
 class ListAppointments(Message):
     """A doctor's appointments on one of the doctor's local dates."""
 
@@ -633,6 +647,16 @@ class Schedule(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class NextSlot(Message):
+    """The reply to `next_available`: the slot, or null when no slot can be held
+    before the doctor's horizon."""
+
+    TYPE: ClassVar[str] = "next_slot"
+    doctor_id: DoctorId
+    slot: SlotView | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DoctorUpdated(Message):
     """The reply to create, update and retire: the entry, and the doctor's version that
     recorded the change (its `delta` carries the same entry to every watcher)."""
@@ -693,6 +717,7 @@ CLIENT_MESSAGES = _registry(
     Unmark,
     SetSchedule,
     GetSchedule,
+    NextAvailable,
     ListAppointments,
     MyAppointments,
     SearchDoctors,
@@ -721,6 +746,7 @@ SERVER_MESSAGES = _registry(
     SlotUpdated,
     ScheduleUpdated,
     Schedule,
+    NextSlot,
     DoctorUpdated,
     Appointments,
     Doctors,

@@ -31,6 +31,8 @@ from protocol.messages import (
     Mark,
     Message,
     MyAppointments,
+    NextAvailable,
+    NextSlot,
     Release,
     Reschedule,
     RetireDoctor,
@@ -225,6 +227,10 @@ async def _search_doctors(s: Scheduling, who: Identity | None, msg: SearchDoctor
     return Doctors(found, msg.limit, msg.offset)
 
 
+async def _next_available(s: Scheduling, who: Identity | None, msg: NextAvailable) -> Message:
+    return NextSlot(msg.doctor_id, await s.next_available(msg.doctor_id, msg.after))
+
+
 _ALL: tuple[Command[Any] | PublicCommand[Any], ...] = (
     Command(Hold, Gate.BOOKING, _hold, Route("POST", "/api/holds", 201), KeyScope.BOOK),
     Command(
@@ -309,6 +315,9 @@ _ALL: tuple[Command[Any] | PublicCommand[Any], ...] = (
         idempotent=False,
     ),
     PublicCommand(SearchDoctors, _search_doctors, Route("GET", "/api/doctors")),
+    PublicCommand(
+        NextAvailable, _next_available, Route("GET", "/api/doctors/{doctor_id}/next-available")
+    ),
     Command(
         CreateDoctor,
         Gate.ADMIN,

@@ -26,6 +26,7 @@ from protocol.messages import (
     DayOverride,
     DoctorView,
     Schedule,
+    SlotView,
     Snapshot,
     WeeklyBlock,
 )
@@ -94,6 +95,34 @@ async def snapshot(
         bookable_from=now + timedelta(minutes=doctor["min_notice_minutes"]),
         bookable_until=now + timedelta(days=doctor["horizon_days"]),
     )
+
+
+async def next_available(
+    store: Store,
+    doctor_id: int,
+    *,
+    after: datetime | None = None,
+    now: datetime | None = None,
+    min_version: int = 0,
+) -> tuple[int, SlotView | None]:
+    """The doctor's first slot a patient may hold at `now`, starting at or after `after`:
+    past the notice, before the horizon, clear of the buffer; None when there is none.
+    With the doctor's version it was read at."""
+    now = resolve_now(now)
+    async with _consistent(store, doctor_id, min_version) as (conn, doctor):
+        if doctor["retired_at"] is not None:
+            raise DoctorRetired(f"doctor {doctor_id} is retired and offers no slots")
+        earliest = now + timedelta(minutes=doctor["min_notice_minutes"])
+        # The notice may be zero: a slot starting this instant has started.
+        earliest = max(earliest, now + timedelta(microseconds=1), after or earliest)
+        row = await conn.fetchrow(
+            sql.NEXT_AVAILABLE,
+            doctor_id,
+            earliest,
+            now + timedelta(days=doctor["horizon_days"]),
+            timedelta(minutes=doctor["buffer_minutes"]),
+        )
+    return doctor["version"], None if row is None else slot_view(row)
 
 
 async def schedule(store: Store, doctor_id: int) -> Schedule:

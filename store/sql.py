@@ -269,6 +269,26 @@ WHERE s.doctor_id = $1
   AND s.starts_at <  ($3::date::timestamp AT TIME ZONE d.timezone)
 ORDER BY s.starts_at
 LIMIT $4"""
+# `next_available`: the first free slot in [$2, $3) clear of the doctor's buffer ($4)
+# around other appointments, as `steps.bookable_slot` would accept it. The partial
+# unique index on (doctor_id, starts_at) walks the slots in order; $3 (the horizon)
+# bounds the walk.
+NEXT_AVAILABLE: Final = """
+SELECT s.id, s.starts_at, s.ends_at, s.status
+FROM slots s
+WHERE s.doctor_id = $1
+  AND s.retired_at IS NULL
+  AND s.status = 'free'
+  AND s.starts_at >= $2
+  AND s.starts_at < $3
+  AND NOT EXISTS (
+    SELECT 1 FROM appointments a
+    WHERE a.doctor_id = s.doctor_id AND a.status <> 'cancelled'
+      AND tstzrange(a.starts_at, a.ends_at, '[)')
+          && tstzrange(s.starts_at - $4::interval, s.ends_at + $4::interval, '[)')
+  )
+ORDER BY s.starts_at
+LIMIT 1"""
 SLOT_DOCTOR: Final = "SELECT doctor_id FROM slots WHERE id = $1"
 SLOT_FOR_UPDATE: Final = """
 SELECT s.id, s.doctor_id, s.starts_at, s.ends_at, s.status, s.conflict, s.retired_at,
