@@ -151,7 +151,9 @@ async def test_a_blocked_day_shows_its_reason_and_a_booking_moves_live(
     (server,) = await start(spawn_server, "s1")
     ada = await demo_doctor(http, server, "Dr. Ada Moreau")
     zone = ada["timezone"]
-    (old_id, old_at), (new_id, new_at) = await open_slots(http, server, ada, 2)
+    (old_id, old_at), (taken_id, taken_at), (new_id, new_at) = await open_slots(
+        http, server, ada, 3
+    )
     appointment_id = await book_for(http, server, old_id, "alice")
     day = local(old_at, zone).date()
     off_id, off_day = await free_slot_on_another_day(http, server, ada, day)
@@ -186,6 +188,14 @@ async def test_a_blocked_day_shows_its_reason_and_a_booking_moves_live(
     await row(timeline, old_id).get_by_role("button", name=f"Reschedule {old_time}").click()
     picker = row(timeline, old_id).get_by_test_id("reschedule-form")
     await expect(picker.get_by_label("Day")).to_have_value(day.isoformat())
+    # Chloé books the time the doctor is about to pick: the lost race is explained in words.
+    await picker.get_by_label("New time").select_option(label=f"{local(taken_at, zone):%H:%M}")
+    await book_for(http, server, taken_id, "chloe")
+    await picker.get_by_role("button", name="Move appointment").click()
+    await expect(picker.get_by_role("alert")).to_contain_text("Someone else took that time")
+    await expect(
+        picker.get_by_label("New time").locator(f'option[value="{taken_id}"]')
+    ).to_have_count(0)
     await picker.get_by_label("New time").select_option(label=new_time)
     await picker.get_by_role("button", name="Move appointment").click()
     await expect(row(timeline, old_id)).to_have_attribute("data-status", "free")
