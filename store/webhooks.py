@@ -57,6 +57,8 @@ EVENT_TYPES: dict[str, str] = {
     "slots.closed": "slots.closed",
     "slots.conflict": "slots.conflict",
     "slots.conflict_resolved": "slots.conflict_resolved",
+    "slots.blocked": "slots.blocked",
+    "slots.unblocked": "slots.unblocked",
 }
 KNOWN_EVENTS = frozenset(EVENT_TYPES.values())
 SECRET_PREFIX = "whsec_"

@@ -174,6 +174,8 @@ async def test_a_blocked_day_shows_its_reason_and_a_booking_moves_live(
     await expect(message(dash, "blocked")).to_contain_text("Training day")
     await expect(row(timeline, off_id)).to_have_attribute("data-status", "busy-unavailable")
     await expect(row(timeline, off_id).get_by_test_id("block-reason")).to_have_text("Training day")
+    feed_top = dash.get_by_test_id("feed").locator("li").first
+    await expect(feed_top).to_contain_text(re.compile(r"Blocked \d+ slots from .*: Training day"))
     await expect(on_bob_off).to_have_attribute("data-status", "busy-unavailable")
     await expect(on_bob_off).to_be_disabled()
     await expect(bob.get_by_text("Training day")).to_have_count(0)
