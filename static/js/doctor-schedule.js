@@ -340,6 +340,7 @@ export function scheduleCard(page) {
     toggle().addEventListener("click", () => (draft ? closeEditor() : openEditor()));
     editor().addEventListener("submit", save);
     $("#block-whole").addEventListener("change", syncBlockForm);
+    $("#block-date").addEventListener("input", (event) => (event.target.dataset.touched = "1"));
     $("#block-submit").addEventListener("click", () => block("block_range"));
     $("#unblock-submit").addEventListener("click", () => block("unblock_range"));
     $("[data-testid=block-form]").addEventListener("submit", (event) => {
@@ -353,7 +354,6 @@ export function scheduleCard(page) {
   function showDay(date) {
     const input = $("#block-date");
     if (!input.dataset.touched) input.value = date;
-    input.addEventListener("input", () => (input.dataset.touched = "1"), { once: true });
   }
 
   return { start, showDay };

@@ -367,11 +367,19 @@ export function dayTimeline(page, { showZone, rememberCounts }) {
           ? [el("option", {}, "No free time that day")]
           : slots.map((s) => el("option", { value: s.id, selected: s.id === picker.chosen }, hm(s.start)))),
     );
-    queueMicrotask(() => {
+    // The keyboard stays on the picker's control it was on when the picker is redrawn (times
+    // loaded, a race lost), and starts on the day when it opens; after the row's own focus
+    // keeping (a microtask), so a timeout. Never taken from somewhere else on the page.
+    const was = document.activeElement?.id;
+    setTimeout(() => {
       if (!day.isConnected) return;
       const active = document.activeElement;
-      if (!active || active === document.body || !active.closest?.(".reschedule-form")) day.focus();
-    });
+      const row = day.closest("[data-testid=slot-row]");
+      if (active && active !== document.body && !row.contains(active)) return;
+      if (active?.closest?.(".reschedule-form")) return;
+      const again = was && was.startsWith("rs-") ? document.getElementById(was) : null;
+      (again && !again.disabled ? again : day).focus();
+    }, 0);
     return el(
       "form",
       {

@@ -189,6 +189,7 @@ async def test_a_blocked_day_shows_its_reason_and_a_booking_moves_live(
     old_time, new_time = f"{local(old_at, zone):%H:%M}", f"{local(new_at, zone):%H:%M}"
     await row(timeline, old_id).get_by_role("button", name=f"Reschedule {old_time}").click()
     picker = row(timeline, old_id).get_by_test_id("reschedule-form")
+    await expect(picker.get_by_label("Day")).to_be_focused()  # the keyboard follows
     await expect(picker.get_by_label("Day")).to_have_value(day.isoformat())
     # Chloé books the time the doctor is about to pick: the lost race is explained in words.
     await picker.get_by_label("New time").select_option(label=f"{local(taken_at, zone):%H:%M}")
