@@ -27,7 +27,7 @@ from protocol.messages import (
     WeeklyBlock,
 )
 from protocol.vocabulary import Role, SlotStatus
-from store import commands, reads
+from store import commands, reads, sql
 from store.errors import (
     DoctorRetired,
     Forbidden,
@@ -36,7 +36,7 @@ from store.errors import (
     NotFound,
     OutsideHorizon,
 )
-from store.pool import Store
+from store.pool import Store, open_store
 from store.tx import Actor
 from testkit.fixtures import SeededDoctor, seed_doctor
 
@@ -229,3 +229,24 @@ async def test_the_preview_names_exactly_what_the_save_strands(store: Store) -> 
         ),
     )
     assert sorted(saved.reply.conflicts) == [booked, held]
+
+
+async def test_a_blocked_range_is_one_transaction_of_one_write(database_url: str) -> None:
+    """Every statement a range block sends, pinned: the doctor's rules read before (the
+    bound), then one transaction: the lock, the runner's first read, the one UPDATE of
+    every slot, the one change record."""
+    names = {v: k for k, v in vars(sql).items() if k.isupper() and isinstance(v, str)}
+    async with open_store(database_url, min_size=1, max_size=1) as store:
+        doctor = await seed_doctor(store, days=2)
+        sent: list[str] = []
+        async with store.pool.acquire() as conn:
+            conn.add_query_logger(lambda q: sent.append(names.get(q.query, q.query.strip())))
+        start, end = day_range(doctor)
+        await commands.block_range(
+            store, doctor_actor(doctor), BlockRange(doctor.id, start, end, "x", "key-1")
+        )
+        body = [s for s in sent if not s.startswith(("SELECT pg_advisory_unlock_all", "RESET"))]
+        assert body == [
+            *("DOCTOR_GET", "BEGIN;", "DOCTOR_LOCK", "COMMAND_PRELUDE"),
+            *("SLOTS_BLOCK_RANGE", "RECORD", "COMMIT;"),
+        ]
