@@ -307,11 +307,13 @@ export function scheduleCard(page) {
     const from = $("#block-from").value;
     const until = $("#block-until").value;
     const reason = $("#block-reason").value.trim();
-    if (!date || (!wholeDay && (!from || !until || from >= until))) {
+    const lastKey = $("#block-through").value || null;
+    const several = lastKey !== null && lastKey !== date;
+    if (!date || (lastKey && lastKey < date) || (!wholeDay && (!from || !until || (!several && from >= until)))) {
       showError("invalid");
       return;
     }
-    const range = blockRange(date, { wholeDay, from, until }, zone());
+    const range = blockRange(date, { wholeDay, from, until, lastKey }, zone());
     const body = { doctor_id: page.doctorId, ...range };
     if (type === "block_range" && reason) body.reason = reason;
     const intention = `${type}:${JSON.stringify(body)}`;
@@ -319,7 +321,8 @@ export function scheduleCard(page) {
     try {
       const { body: reply } = await page.conn.request(type, { ...body, idempotency_key: intentions.key(intention) }, { retry: true });
       intentions.settle(intention);
-      const when = wholeDay ? dayLong(date) : `${dayLong(date)}, ${from}–${until}`;
+      const days = several ? `${dayLong(date)} to ${dayLong(lastKey)}` : dayLong(date);
+      const when = wholeDay ? days : several ? `${dayLong(date)} ${from} to ${dayLong(lastKey)} ${until}` : `${days}, ${from}–${until}`;
       const n = reply.slots.length;
       const slots = n === 1 ? "1 slot" : `${n} slots`;
       if (type === "block_range") {

@@ -111,11 +111,19 @@ export function clinicInstant(dateKey, time, zone) {
 
 const iso = (ms) => new Date(ms).toISOString().replace(".000Z", "Z");
 
-/** The [start, end) a block form means: a whole local day, or from-until on it. */
-export function blockRange(dateKey, { wholeDay, from, until }, zone) {
-  if (wholeDay) {
-    const next = new Date(Date.UTC(...dateKey.split("-").map((n, i) => Number(n) - (i === 1 ? 1 : 0))) + 86_400_000);
-    return { start: iso(clinicInstant(dateKey, "00:00", zone)), end: iso(clinicInstant(next.toISOString().slice(0, 10), "00:00", zone)) };
-  }
-  return { start: iso(clinicInstant(dateKey, from, zone)), end: iso(clinicInstant(dateKey, until, zone)) };
+/** The date key after `dateKey`. */
+function nextDay(dateKey) {
+  const [y, m, d] = dateKey.split("-").map(Number);
+  return new Date(Date.UTC(y, m - 1, d + 1)).toISOString().slice(0, 10);
+}
+
+/**
+ * The [start, end) a block form means, in the clinic's zone: whole local days from
+ * `dateKey` through `lastKey` (the same day when absent), or from `from` on the first
+ * day until `until` on the last.
+ */
+export function blockRange(dateKey, { wholeDay, from, until, lastKey = null }, zone) {
+  const last = lastKey || dateKey;
+  if (wholeDay) return { start: iso(clinicInstant(dateKey, "00:00", zone)), end: iso(clinicInstant(nextDay(last), "00:00", zone)) };
+  return { start: iso(clinicInstant(dateKey, from, zone)), end: iso(clinicInstant(last, until, zone)) };
 }

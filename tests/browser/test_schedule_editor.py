@@ -167,7 +167,7 @@ async def test_a_blocked_day_shows_its_reason_and_a_booking_moves_live(
     # The block form follows the day shown: a whole day, with a reason.
     form = dash.get_by_test_id("block-form")
     await expect(form.get_by_label("Date")).to_have_value(off_day.isoformat())
-    await expect(form.get_by_label("Whole day")).to_be_checked()
+    await expect(form.get_by_label("Whole days")).to_be_checked()
     await expect(form.get_by_label("From")).to_be_disabled()
     await form.get_by_label("Reason").fill("Training day")
     await form.get_by_role("button", name="Block", exact=True).click()
