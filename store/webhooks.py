@@ -172,6 +172,8 @@ class Message:
             "slots": public.get("slots", []),
             "removed": public.get("removed", []),
         }
+        if private.get("blocks"):  # only then: every earlier message keeps its very bytes
+            data["blocks"] = private["blocks"]
         payload = {
             "type": events[-1] if events else "change",
             "timestamp": _instant(row["created_at"]),
