@@ -15,21 +15,25 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, time, timedelta
 from typing import Any
 
 import asyncpg
 
 from protocol.messages import (
     AppointmentView,
+    BlockNote,
     Dashboard,
     DayOverride,
     DoctorView,
+    PreviewSchedule,
     Schedule,
+    SchedulePreview,
     SlotView,
     Snapshot,
     WeeklyBlock,
 )
+from store import schedule as rules
 from store import sql
 from store.changes import Change
 from store.errors import DoctorRetired, Invalid, NotFound
@@ -162,6 +166,7 @@ async def dashboard(
         appointments=[appointment_view(r) for r in appointments],
         slots=[slot_view(r, hold_expires_at=r["hold_expires_at"]) for r in slots],
         conflicts=[r["id"] for r in slots if r["conflict"]],
+        blocks=[BlockNote(r["id"], r["block_reason"]) for r in slots if r["block_reason"]],
     )
 
 
@@ -245,3 +250,41 @@ async def patient_appointments(
 ) -> list[AppointmentView]:
     rows = await store.fetch(sql.APPOINTMENTS_OF_PATIENT_UPCOMING, patient_id, resolve_now(now))
     return [appointment_view(r) for r in rows]
+
+
+async def schedule_preview(
+    store: Store, msg: PreviewSchedule, *, now: datetime | None = None, limit: int = 200
+) -> SchedulePreview:
+    """The appointments that `set_schedule` with `msg`'s body would leave in conflict now:
+    every booked, arrived or live held one whose slot the new rules no longer offer, laid
+    out exactly as `steps.rematerialize` would lay them (`schedule.offered`). A read: the
+    rules and appointments are read together, nothing is locked or written. The first
+    `limit` by start are listed, `total` counts them all."""
+    now = resolve_now(now)
+    async with _consistent(store, msg.doctor_id) as (conn, doctor):
+        if doctor["retired_at"] is not None:
+            raise DoctorRetired(f"doctor {msg.doctor_id} is retired: no hours can be set")
+        tz = rules.zone(doctor["timezone"])
+        first, window_start = rules.window(tz, now)
+        holding = await conn.fetch(sql.APPOINTMENTS_HOLDING_FROM, msg.doctor_id, window_start, now)
+    overrides: dict[date, list[tuple[time, time]]] = {}
+    for o in msg.overrides:
+        hours = overrides.setdefault(o.date, [])
+        if o.start is not None and o.end is not None:
+            hours.append((o.start, o.end))
+    wanted = rules.offered(
+        [rules.Block(b.weekday, b.start, b.end) for b in msg.weekly],
+        tz,
+        first,
+        window_start,
+        days=msg.horizon_days,
+        slot_minutes=msg.slot_minutes,
+        buffer_minutes=msg.buffer_minutes,
+        overrides=overrides,
+    )
+    conflicts = [r for r in holding if (r["starts_at"], r["ends_at"]) not in wanted]
+    return SchedulePreview(
+        doctor_id=msg.doctor_id,
+        conflicts=[appointment_view(r) for r in conflicts[:limit]],
+        total=len(conflicts),
+    )

@@ -623,6 +623,7 @@ def test_a_client_date_at_an_end_of_the_calendar_is_invalid(
         "watch_dashboard",
         "list_appointments",
         "set_schedule",
+        "preview_schedule",
     }
     site = data.draw(st.sampled_from(CLIENT_DATE_SITES), label="site")
     wire = to_wire(data.draw(message_strategy(site.message, nonempty=True)), 5)
@@ -990,6 +991,23 @@ DOCUMENTED_LIMITS: dict[str, tuple[Any, ...]] = {
     "get_schedule.doctor_id": DOCTOR_ID,
     "next_available.doctor_id": DOCTOR_ID,
     "next_available.after": AWARE,
+    "block_range.doctor_id": DOCTOR_ID,
+    "block_range.start": AWARE,
+    "block_range.end": AWARE,
+    "block_range.reason": ("text", 1, 500, NO_NUL),
+    "block_range.idempotency_key": KEY,
+    "unblock_range.doctor_id": DOCTOR_ID,
+    "unblock_range.start": AWARE,
+    "unblock_range.end": AWARE,
+    "unblock_range.idempotency_key": KEY,
+    "preview_schedule.doctor_id": DOCTOR_ID,
+    "preview_schedule.weekly": ("items", None, 100),
+    "preview_schedule.weekly[0].weekday": ("int", 1, 7),
+    "preview_schedule.overrides": ("items", None, 400),
+    "preview_schedule.slot_minutes": ("int", 5, 480),
+    "preview_schedule.buffer_minutes": ("int", 0, 240),
+    "preview_schedule.min_notice_minutes": ("int", 0, 43200),
+    "preview_schedule.horizon_days": ("int", 1, 366),
     "list_appointments.doctor_id": DOCTOR_ID,
     "search_doctors.q": ("text", None, 100, NO_NUL),
     "search_doctors.limit": ("int", 1, 100),
@@ -1067,6 +1085,13 @@ DOCUMENTED_LIMITS: dict[str, tuple[Any, ...]] = {
     "doctor.doctor.id": DOCTOR_ID,
     "doctor.doctor.retired_at": AWARE,
     "doctor.version": COUNT,
+    "dashboard.blocks[0].slot_id": ID,
+    "dashboard_delta.blocks[0].slot_id": ID,
+    "slots.doctor_id": DOCTOR_ID,
+    **nested("slots.slots[0]", SLOT_LIMITS),
+    "schedule_preview.doctor_id": DOCTOR_ID,
+    **nested("schedule_preview.conflicts[0]", APPOINTMENT_LIMITS),
+    "schedule_preview.total": COUNT,
 }
 
 
