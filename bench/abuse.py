@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import math
 import multiprocessing
@@ -191,16 +192,20 @@ async def sample_rss(
 
 
 class Gate:
-    """Everyone starts together once every client has connected (or failed to)."""
+    """Everyone starts together: each client arrives once connected (or failed); the owner
+    says go once every client process has arrived."""
 
     def __init__(self, parties: int) -> None:
         self.waiting = parties
+        self.arrived = asyncio.Event()
         self.go = asyncio.Event()
+        if parties <= 0:
+            self.arrived.set()
 
     def arrive(self) -> None:
         self.waiting -= 1
         if self.waiting <= 0:
-            self.go.set()
+            self.arrived.set()
 
 
 # ---- the ordinary load --------------------------------------------------------------------------
@@ -592,52 +597,104 @@ class Phase:
     attackers: dict[str, Counter[str]]
 
 
-async def phase(
-    args: argparse.Namespace, top: Topology, slots: dict[int, list[int]], attack: bool
-) -> Phase:
-    out = Ordinary()
-    stop, rss_stop = asyncio.Event(), asyncio.Event()
+@dataclass(frozen=True)
+class Share:
+    """One client process's part of the ordinary load: some doctors, with their watchers and
+    bookers, so that a booking and the deltas it causes are timed by one process's clock."""
+
+    watchers: list[tuple[int, str, int]]  # (n, instance url, doctor id)
+    bookers: list[tuple[int, str, list[int]]]  # (n, instance url, the slots it books in turn)
+
+
+def shares(args: argparse.Namespace, top: Topology, slots: dict[int, list[int]]) -> list[Share]:
+    """The ordinary load cut into `--client-procs` shares by doctor."""
+    procs = min(args.client_procs, len(top.doctor_ids))
     urls = [s.ws_url for s in top.servers]
-    ready = Gate(args.watchers + args.bookers)
+    owner = {d: i % procs for i, d in enumerate(top.doctor_ids)}
+    watchers: list[list[tuple[int, str, int]]] = [[] for _ in range(procs)]
+    for n in range(args.watchers):
+        doctor_id = top.doctor_ids[n % len(top.doctor_ids)]
+        watchers[owner[doctor_id]].append((n, urls[n % len(urls)], doctor_id))
+    bookers: list[list[tuple[int, str, list[int]]]] = [[] for _ in range(procs)]
+    for k in range(procs):
+        # Each booker takes every `count`-th free slot of its share: no two ordinary bookers race.
+        mine = [s for d, ids in slots.items() if owner[d] == k for s in ids]
+        ns = [n for n in range(args.bookers) if n % procs == k]
+        for j, n in enumerate(ns):
+            bookers[k].append((n, urls[n % len(urls)], mine[j :: len(ns)]))
+    return [Share(w, b) for w, b in zip(watchers, bookers, strict=True)]
+
+
+def _ordinary_in_process(share: Share, options: dict[str, Any], ready: Any, start: Any) -> Ordinary:
+    return asyncio.run(_ordinary(share, argparse.Namespace(**options), ready, start))
+
+
+async def _ordinary(share: Share, args: argparse.Namespace, ready_q: Any, start: Any) -> Ordinary:
+    out = Ordinary()
+    stop = asyncio.Event()
+    gate = Gate(len(share.watchers) + len(share.bookers))
+    tasks = [
+        asyncio.create_task(watcher(n, url, doctor_id, out, gate, stop))
+        for n, url, doctor_id in share.watchers
+    ]
+    tasks += [
+        asyncio.create_task(booker(n, url, ids, out, gate, stop, args.rate))
+        for n, url, ids in share.bookers
+    ]
+    await asyncio.wait_for(gate.arrived.wait(), 120)
+    ready_q.put(True)
+    await asyncio.to_thread(start.wait)
+    gate.go.set()
+    await asyncio.sleep(args.seconds)
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    out.sent_at.clear()  # only this process's clock can read them
+    return out
+
+
+@dataclass
+class Clients:
+    """The client processes, started once for the whole run (spawning is slow), and the
+    manager whose queue and events let them start each phase together."""
+
+    pool: concurrent.futures.ProcessPoolExecutor
+    manager: Any
+
+
+async def phase(
+    args: argparse.Namespace,
+    top: Topology,
+    slots: dict[int, list[int]],
+    attack: bool,
+    clients: Clients,
+) -> Phase:
+    loop = asyncio.get_running_loop()
+    rss_stop = asyncio.Event()
     peaks: dict[str, int] = {}
     sampler = asyncio.create_task(sample_rss(top.servers, peaks, rss_stop))
-    tasks = [
-        asyncio.create_task(
-            watcher(
-                n, urls[n % len(urls)], top.doctor_ids[n % len(top.doctor_ids)], out, ready, stop
-            )
-        )
-        for n in range(args.watchers)
+    ready, start = clients.manager.Queue(), clients.manager.Event()
+    parts = shares(args, top, slots)
+    running = [
+        loop.run_in_executor(clients.pool, _ordinary_in_process, part, vars(args), ready, start)
+        for part in parts
     ]
-    # Each booker takes every `bookers`-th free slot: no two ordinary bookers race.
-    everyone = [(d, s) for d, ids in slots.items() for s in ids]
-    tasks += [
-        asyncio.create_task(
-            booker(
-                n,
-                urls[n % len(urls)],
-                [s for _, s in everyone[n :: args.bookers]],
-                out,
-                ready,
-                stop,
-                args.rate,
-            )
-        )
-        for n in range(args.bookers)
-    ]
-    await asyncio.wait_for(ready.go.wait(), 120)
+    for _ in parts:
+        await asyncio.to_thread(ready.get, True, 180)
     attackers: dict[str, Counter[str]] = {}
     attacking: asyncio.Future[dict[str, Counter[str]]] | None = None
     if attack:
         # In a process of their own: attackers sharing the ordinary clients' event loop
         # would delay the very timers that measure those clients.
-        target = Target(top.servers[0].port, urls[0], top.doctor_ids[0])
-        attacking = asyncio.get_running_loop().run_in_executor(
-            None, run_attackers, target, vars(args)
-        )
-    await asyncio.sleep(args.seconds)
-    stop.set()
-    await asyncio.gather(*tasks, return_exceptions=True)
+        target = Target(top.servers[0].port, top.servers[0].ws_url, top.doctor_ids[0])
+        attacking = loop.run_in_executor(None, run_attackers, target, vars(args))
+    start.set()
+    out = Ordinary()
+    for part_out in await asyncio.gather(*running):
+        out.command_ms += part_out.command_ms
+        out.delta_ms += part_out.delta_ms
+        out.errors.update(part_out.errors)
+        out.retried.update(part_out.retried)
+        out.bookings += part_out.bookings
     if attacking is not None:
         attackers = await attacking
     rss_stop.set()
@@ -721,22 +778,12 @@ async def run(args: argparse.Namespace, admin_dsn: str, redis: str) -> None:
             f"{args.bookers} bookers at {args.rate}/s each, {args.seconds:.0f} s per phase",
             flush=True,
         )
-        if args.warmup:  # caches, pools and connections warm before anything is measured
-            await phase(
-                argparse.Namespace(**{**vars(args), "seconds": args.warmup}),
-                top,
-                slots,
-                attack=False,
-            )
-            print("warm-up done", flush=True)
-        quiets, louds = [], []
-        for n in range(args.pairs):
-            quiets.append(await phase(args, top, slots, attack=False))
-            print(f"quiet phase {n + 1} done", flush=True)
-            louds.append(await phase(args, top, slots, attack=True))
-            print(f"attacked phase {n + 1} done", flush=True)
-            if n + 1 < args.pairs:
-                await asyncio.sleep(args.settle)  # the attackers' leftovers closed by the server
+        ctx = multiprocessing.get_context("spawn")
+        with (
+            concurrent.futures.ProcessPoolExecutor(args.client_procs, mp_context=ctx) as pool,
+            ctx.Manager() as manager,
+        ):
+            quiets, louds = await pairs(args, top, slots, Clients(pool, manager))
         if args.pairs > 1:
             for n, (q, loud) in enumerate(zip(quiets, louds, strict=True)):
                 print(
@@ -745,6 +792,24 @@ async def run(args: argparse.Namespace, admin_dsn: str, redis: str) -> None:
                     f"{p99_of(q, 'delta_ms'):.1f} -> {p99_of(loud, 'delta_ms'):.1f} ms"
                 )
         report(pooled(quiets), pooled(louds))
+
+
+async def pairs(
+    args: argparse.Namespace, top: Topology, slots: dict[int, list[int]], clients: Clients
+) -> tuple[list[Phase], list[Phase]]:
+    if args.warmup:  # caches, pools and connections warm before anything is measured
+        warm = argparse.Namespace(**{**vars(args), "seconds": args.warmup})
+        await phase(warm, top, slots, False, clients)
+        print("warm-up done", flush=True)
+    quiets, louds = [], []
+    for n in range(args.pairs):
+        quiets.append(await phase(args, top, slots, False, clients))
+        print(f"quiet phase {n + 1} done", flush=True)
+        louds.append(await phase(args, top, slots, True, clients))
+        print(f"attacked phase {n + 1} done", flush=True)
+        if n + 1 < args.pairs:
+            await asyncio.sleep(args.settle)  # the attackers' leftovers closed by the server
+    return quiets, louds
 
 
 def p99_of(phase_: Phase, figure: str) -> float:
@@ -777,6 +842,13 @@ def main() -> int:
     p.add_argument("--bookers", type=int, default=50)
     p.add_argument("--rate", type=float, default=1.0, help="bookings per second per booker")
     p.add_argument("--doctors", type=int, default=10)
+    p.add_argument(
+        "--client-procs",
+        type=int,
+        default=4,
+        help="processes the ordinary clients are spread over, by doctor (one event loop for"
+        " 550 clients measures its own lag as much as the server's)",
+    )
     p.add_argument("--instances", type=int, default=2)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--warmup", type=float, default=8.0, help="an unmeasured quiet phase first")

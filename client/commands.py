@@ -9,7 +9,7 @@ command API knows how to join them again after `client.connection` reconnects.
 from __future__ import annotations
 
 import logging
-from datetime import date
+from datetime import date, datetime
 from typing import Any
 
 from client.calendars import Calendar
@@ -36,6 +36,8 @@ from protocol.messages import (
     Mark,
     Message,
     MyAppointments,
+    NextAvailable,
+    NextSlot,
     Ping,
     Pong,
     Release,
@@ -217,6 +219,12 @@ class SlotcastClient(Connection):
     async def get_schedule(self, doctor_id: int) -> Schedule:
         """The schedule as `set_schedule` takes it: change a field, send the rest back."""
         return await self.request(GetSchedule(doctor_id), Schedule)
+
+    async def next_available(
+        self, doctor_id: int, after: datetime | None = None
+    ) -> SlotView | None:
+        """The doctor's first slot a patient may hold now (at or after `after`), or None."""
+        return (await self.request(NextAvailable(doctor_id, after), NextSlot)).slot
 
     async def list_appointments(self, doctor_id: int, day: date) -> list[AppointmentView]:
         reply = await self.request(ListAppointments(doctor_id, day), Appointments)

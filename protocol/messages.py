@@ -175,6 +175,16 @@ class DayOverride:
         _bound_dates(self, "date")
 
 
+@dataclass(frozen=True, slots=True)
+class BlockNote:
+    """Why the doctor's side blocked a slot: staff messages only. Patients see the slot
+    as `busy-unavailable` and nothing more, so the reason rides beside the slot views
+    (which every watcher receives), never inside them."""
+
+    slot_id: Id
+    reason: str
+
+
 # ---- client -> server ---------------------------------------------------------------------
 
 
@@ -365,6 +375,20 @@ class GetSchedule(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class NextAvailable(Message):
+    """The doctor's first slot a patient may hold now, starting at or after `after`
+    (default: now): what a page's "next available" jumps to. One bounded read: the
+    search ends at the doctor's booking horizon."""
+
+    TYPE: ClassVar[str] = "next_available"
+    doctor_id: DoctorId
+    after: Instant | None = None
+
+    def __post_init__(self) -> None:
+        _normalize_instants(self, "after")
+
+
+@dataclass(frozen=True, slots=True)
 class ListAppointments(Message):
     """A doctor's appointments on one of the doctor's local dates."""
 
@@ -439,6 +463,51 @@ class RetireDoctor(Message):
 @dataclass(frozen=True, slots=True)
 class Ping(Message):
     TYPE: ClassVar[str] = "ping"
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRange(Message):
+    """Take every free slot starting in [start, end) off the calendar at once (a day off
+    at short notice, a meeting): one change, with a reason only the doctor's side sees."""
+
+    TYPE: ClassVar[str] = "block_range"
+    doctor_id: DoctorId
+    start: Instant
+    end: Instant
+    reason: Reason | None = None
+    idempotency_key: Key | None = None
+
+    def __post_init__(self) -> None:
+        _normalize_instants(self, "start", "end")
+
+
+@dataclass(frozen=True, slots=True)
+class UnblockRange(Message):
+    """Offer every blocked slot starting in [start, end) again, in one change."""
+
+    TYPE: ClassVar[str] = "unblock_range"
+    doctor_id: DoctorId
+    start: Instant
+    end: Instant
+    idempotency_key: Key | None = None
+
+    def __post_init__(self) -> None:
+        _normalize_instants(self, "start", "end")
+
+
+@dataclass(frozen=True, slots=True)
+class PreviewSchedule(Message):
+    """What `set_schedule` with this body would leave in conflict, without saving it: an
+    editor shows the booked and held appointments a change would strand, before it does."""
+
+    TYPE: ClassVar[str] = "preview_schedule"
+    doctor_id: DoctorId
+    weekly: Annotated[list[WeeklyBlock], Meta(max_length=100)]
+    overrides: Annotated[list[DayOverride], Meta(max_length=400)] = field(default_factory=list)
+    slot_minutes: Annotated[int, Meta(ge=5, le=480)] = 30
+    buffer_minutes: Annotated[int, Meta(ge=0, le=240)] = 0
+    min_notice_minutes: Annotated[int, Meta(ge=0, le=43200)] = 0
+    horizon_days: Annotated[int, Meta(ge=1, le=366)] = 28
 
 
 # ---- server -> client ---------------------------------------------------------------------
@@ -529,6 +598,7 @@ class Dashboard(Message):
     slots: list[SlotView] = field(default_factory=list)
     conflicts: list[Id] = field(default_factory=list)
     watchers: Annotated[int, Meta(ge=0)] = 0
+    blocks: list[BlockNote] = field(default_factory=list)  # reasons of the day's blocked slots
 
 
 @dataclass(frozen=True, slots=True)
@@ -544,6 +614,8 @@ class DashboardDelta(Message):
     slots: list[SlotView] = field(default_factory=list)
     removed: list[Id] = field(default_factory=list)
     conflicts: list[Id] = field(default_factory=list)
+    # Reasons of the slots in `slots` blocked with one; any other slot there has none.
+    blocks: list[BlockNote] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -649,6 +721,16 @@ class Schedule(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class NextSlot(Message):
+    """The reply to `next_available`: the slot, or null when no slot can be held
+    before the doctor's horizon."""
+
+    TYPE: ClassVar[str] = "next_slot"
+    doctor_id: DoctorId
+    slot: SlotView | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DoctorUpdated(Message):
     """The reply to create, update and retire: the entry, and the doctor's version that
     recorded the change (its `delta` carries the same entry to every watcher)."""
@@ -686,6 +768,27 @@ class Error(Message):
     retry_after_ms: Annotated[int, Meta(ge=0)] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SlotsUpdated(Message):
+    """The reply to `block_range` and `unblock_range`: the slots it changed (none: the
+    range held nothing to change, and nothing was recorded)."""
+
+    TYPE: ClassVar[str] = "slots"
+    doctor_id: DoctorId
+    slots: list[SlotView] = field(default_factory=list)
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulePreview(Message):
+    """The reply to `preview_schedule`: the appointments that would become conflicts."""
+
+    TYPE: ClassVar[str] = "schedule_preview"
+    doctor_id: DoctorId
+    conflicts: list[AppointmentView] = field(default_factory=list)  # the first ones, by start
+    total: Annotated[int, Meta(ge=0)] = 0  # how many in all (`conflicts` stops at 200)
+
+
 def _registry(*types: type[Message]) -> dict[str, type[Message]]:
     return {t.TYPE: t for t in types}
 
@@ -709,6 +812,7 @@ CLIENT_MESSAGES = _registry(
     Unmark,
     SetSchedule,
     GetSchedule,
+    NextAvailable,
     ListAppointments,
     MyAppointments,
     SearchDoctors,
@@ -716,6 +820,9 @@ CLIENT_MESSAGES = _registry(
     UpdateDoctor,
     RetireDoctor,
     Ping,
+    BlockRange,
+    UnblockRange,
+    PreviewSchedule,
 )
 SERVER_MESSAGES = _registry(
     Welcome,
@@ -737,9 +844,12 @@ SERVER_MESSAGES = _registry(
     SlotUpdated,
     ScheduleUpdated,
     Schedule,
+    NextSlot,
     DoctorUpdated,
     Appointments,
     Doctors,
     Pong,
     Error,
+    SlotsUpdated,
+    SchedulePreview,
 )

@@ -21,6 +21,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 from protocol.messages import (
     Appointments,
     Block,
+    BlockRange,
     Book,
     Cancel,
     CreateDoctor,
@@ -31,12 +32,16 @@ from protocol.messages import (
     Mark,
     Message,
     MyAppointments,
+    NextAvailable,
+    NextSlot,
+    PreviewSchedule,
     Release,
     Reschedule,
     RetireDoctor,
     SearchDoctors,
     SetSchedule,
     Unblock,
+    UnblockRange,
     Unmark,
     UpdateDoctor,
 )
@@ -225,6 +230,17 @@ async def _search_doctors(s: Scheduling, who: Identity | None, msg: SearchDoctor
     return Doctors(found, msg.limit, msg.offset)
 
 
+async def _next_available(s: Scheduling, who: Identity | None, msg: NextAvailable) -> Message:
+    return NextSlot(msg.doctor_id, await s.next_available(msg.doctor_id, msg.after))
+
+
+async def _preview_schedule(s: Scheduling, actor: Actor, msg: PreviewSchedule) -> Message:
+    if not actor.owns_doctor(msg.doctor_id):
+        raise forbidden("only the doctor or an admin edits the schedule")
+    commands.check_schedule(msg, s.settings.max_slots_per_day)  # what the save would refuse
+    return await reads.schedule_preview(s.store, msg, now=s.clock())
+
+
 _ALL: tuple[Command[Any] | PublicCommand[Any], ...] = (
     Command(Hold, Gate.BOOKING, _hold, Route("POST", "/api/holds", 201), KeyScope.BOOK),
     Command(
@@ -309,6 +325,9 @@ _ALL: tuple[Command[Any] | PublicCommand[Any], ...] = (
         idempotent=False,
     ),
     PublicCommand(SearchDoctors, _search_doctors, Route("GET", "/api/doctors")),
+    PublicCommand(
+        NextAvailable, _next_available, Route("GET", "/api/doctors/{doctor_id}/next-available")
+    ),
     Command(
         CreateDoctor,
         Gate.ADMIN,
@@ -329,6 +348,29 @@ _ALL: tuple[Command[Any] | PublicCommand[Any], ...] = (
         plain(directory.retire),
         Route("POST", "/api/doctors/{doctor_id}/retire"),
         KeyScope.ADMIN,
+    ),
+    # The schedule editor (issue 16, item 2).
+    Command(
+        BlockRange,
+        Gate.SIGNED_IN,
+        plain(commands.block_range),
+        Route("POST", "/api/doctors/{doctor_id}/blocks"),
+        KeyScope.SCHEDULES,
+    ),
+    Command(
+        UnblockRange,
+        Gate.SIGNED_IN,
+        plain(commands.unblock_range),
+        Route("DELETE", "/api/doctors/{doctor_id}/blocks"),
+        KeyScope.SCHEDULES,
+    ),
+    Command(
+        PreviewSchedule,
+        Gate.SIGNED_IN,
+        _preview_schedule,
+        Route("POST", "/api/doctors/{doctor_id}/schedule/preview"),
+        KeyScope.READ,
+        idempotent=False,
     ),
 )
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from datetime import UTC, date, datetime
 
 from protocol.errors import ErrorCode, SlotcastError
-from protocol.messages import Appointments, Dashboard, DoctorView, Snapshot
+from protocol.messages import Appointments, Dashboard, DoctorView, SlotView, Snapshot
 from protocol.vocabulary import KeyScope, Role
 from server.auth import Identity
 from server.settings import Settings
@@ -169,6 +169,19 @@ class Scheduling:
 
         return await self.replicas.fenced(doctor_id, at_least, read, _version)
 
+    async def next_available(self, doctor_id: int, after: datetime | None) -> SlotView | None:
+        """At least as new as this instance's room of the doctor, like a REST slot read: a
+        replica behind what a page has already seen never offers a slot it saw taken."""
+        now = self.clock()
+
+        async def read(store: Store, min_version: int) -> tuple[int, SlotView | None]:
+            return await reads.next_available(
+                store, doctor_id, after=after, now=now, min_version=min_version
+            )
+
+        _, slot = await self.replicas.fenced(doctor_id, self.known(doctor_id), read, _first)
+        return slot
+
     async def search_doctors(
         self, query: str | None, *, limit: int, offset: int, include_retired: bool = False
     ) -> list[DoctorView]:
@@ -190,4 +203,8 @@ def _version(read: Snapshot | Dashboard) -> int:
 
 
 def _current(read: tuple[int, list[Change] | None]) -> int:
+    return read[0]
+
+
+def _first(read: tuple[int, SlotView | None]) -> int:
     return read[0]

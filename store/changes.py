@@ -49,6 +49,9 @@ class ChangeDetail:
     # The patient a doctor, an admin or an API key acted for (`on_behalf_of` only then):
     # the audit names both the actor and the patient.
     on_behalf_of: str | None = None
+    # `BlockNote`s as builtins (`blocks` only when some): the reasons of slots this change
+    # blocked with one, which the dashboard shows and the public delta never carries.
+    blocks: list[dict[str, Any]] = field(default_factory=list)
 
     def to_builtins(self) -> dict[str, Any]:
         if self.actor is None:
@@ -62,6 +65,8 @@ class ChangeDetail:
             out["conflicts"] = self.conflicts
         if self.on_behalf_of is not None:
             out["on_behalf_of"] = self.on_behalf_of
+        if self.blocks:
+            out["blocks"] = self.blocks
         return out
 
     @classmethod
@@ -72,6 +77,7 @@ class ChangeDetail:
             list(raw.get("appointments", [])),
             list(raw.get("conflicts", [])),
             raw.get("on_behalf_of"),
+            list(raw.get("blocks", [])),
         )
 
 
@@ -124,6 +130,7 @@ class Change:
             "slots": self.public["slots"],
             "removed": self.public["removed"],
             "conflicts": private.conflicts,
+            "blocks": private.blocks,
         }
 
     def pack(self) -> bytes:

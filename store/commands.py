@@ -16,20 +16,24 @@ from protocol.messages import (
     AppointmentUpdated,
     AppointmentView,
     Block,
+    BlockRange,
     Book,
     Booked,
     Cancel,
     Held,
     Hold,
     Mark,
+    PreviewSchedule,
     Release,
     Reschedule,
     Rescheduled,
     ScheduleUpdated,
     SetSchedule,
+    SlotsUpdated,
     SlotUpdated,
     SlotView,
     Unblock,
+    UnblockRange,
     Unmark,
 )
 from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
@@ -41,6 +45,7 @@ from store.errors import (
     Forbidden,
     Invalid,
     InvalidTransition,
+    OutsideHorizon,
     TooEarly,
 )
 from store.pool import Store
@@ -386,7 +391,7 @@ async def _set_blocked(
             raise InvalidTransition(
                 f"only a {before.value} slot can be {'blocked' if blocked else 'unblocked'}"
             )
-        await tx.conn.execute(sql.SLOT_SET_STATUS, slot["id"], after.value)
+        await tx.conn.execute(sql.SLOT_SET_BLOCKED, slot["id"], after.value)
         view = steps.slot_view(slot, after)
         tx.slot(doctor_id, view, "slot.blocked" if blocked else "slot.unblocked")
         return SlotUpdated(doctor_id, view)
@@ -484,14 +489,7 @@ async def set_schedule(
         raise Forbidden("only the doctor or an admin edits the schedule")
     if (await doctors.doctor(store, doctor_id)).retired_at is not None:  # not_found too
         raise DoctorRetired(f"doctor {doctor_id} is retired: no hours can be set")
-    for b in msg.weekly:
-        if not b.start < b.end:
-            raise Invalid(f"weekday {b.weekday}: start must be before end")
-    for o in msg.overrides:
-        if (o.start is None) != (o.end is None) or (o.start and o.end and o.start >= o.end):
-            raise Invalid(f"{o.date}: give both times with start before end, or neither")
-    if max_slots_per_day is not None:
-        _check_slots_per_day(msg, max_slots_per_day)
+    check_schedule(msg, max_slots_per_day)
 
     async def work(tx: Tx) -> ScheduleUpdated:
         current = await tx.conn.fetchrow(sql.DOCTOR_VERSION_RETIRED, doctor_id)
@@ -529,7 +527,21 @@ async def set_schedule(
     return await run_command(store, [doctor_id], actor, msg, now, work)
 
 
-def _check_slots_per_day(msg: SetSchedule, limit: int) -> None:
+def check_schedule(msg: SetSchedule | PreviewSchedule, max_slots_per_day: int | None) -> None:
+    """Refuse hours that end before they start, and a day opening too many slots: the
+    same checks for a save and for its preview, so a preview never shows a save that
+    would then be refused."""
+    for b in msg.weekly:
+        if not b.start < b.end:
+            raise Invalid(f"weekday {b.weekday}: start must be before end")
+    for o in msg.overrides:
+        if (o.start is None) != (o.end is None) or (o.start and o.end and o.start >= o.end):
+            raise Invalid(f"{o.date}: give both times with start before end, or neither")
+    if max_slots_per_day is not None:
+        _check_slots_per_day(msg, max_slots_per_day)
+
+
+def _check_slots_per_day(msg: SetSchedule | PreviewSchedule, limit: int) -> None:
     """Refuse a schedule whose busiest local date would open more than `limit` slots."""
     days: dict[str, list[tuple[time, time]]] = {}
     for b in msg.weekly:
@@ -577,3 +589,66 @@ async def expire_holds(store: Store, *, now: datetime | None = None) -> list[Cha
         outcome = await run(store, doctors=[doctor_id], actor=SYSTEM, now=now, work=work)
         changes.extend(outcome.changes)
     return changes
+
+
+# ---- ranges (the schedule editor) --------------------------------------------------------------
+
+
+async def block_range(
+    store: Store, actor: Actor, msg: BlockRange, *, now: datetime | None = None
+) -> Outcome[SlotsUpdated]:
+    """Block every free slot starting in [start, end): a day off at short notice, a
+    meeting. One transaction under the doctor's lock, so no hold or booking slips in
+    between two of its slots, and one change record. Booked and held slots stay as they
+    are (the doctor cancels or reschedules them, one by one, with the patient's name in
+    view); slots already started are history."""
+    doctor_id = await _range_doctor(store, actor, msg)
+
+    async def work(tx: Tx) -> SlotsUpdated:
+        rows = await tx.conn.fetch(
+            sql.SLOTS_BLOCK_RANGE, doctor_id, msg.start, msg.end, msg.reason, tx.now
+        )
+        views = [steps.slot_view(r) for r in rows]
+        for view in views:
+            if msg.reason is not None:
+                tx.blocked(doctor_id, view, msg.reason, "slots.blocked")
+            else:
+                tx.slot(doctor_id, view, "slots.blocked")
+        return SlotsUpdated(doctor_id, views, msg.reason)
+
+    return await run_command(store, [doctor_id], actor, msg, now, work)
+
+
+async def unblock_range(
+    store: Store, actor: Actor, msg: UnblockRange, *, now: datetime | None = None
+) -> Outcome[SlotsUpdated]:
+    """Offer every blocked slot starting in [start, end) again: one change, as the block."""
+    doctor_id = await _range_doctor(store, actor, msg)
+
+    async def work(tx: Tx) -> SlotsUpdated:
+        rows = await tx.conn.fetch(sql.SLOTS_UNBLOCK_RANGE, doctor_id, msg.start, msg.end, tx.now)
+        views = [steps.slot_view(r) for r in rows]
+        for view in views:
+            tx.slot(doctor_id, view, "slots.unblocked")
+        return SlotsUpdated(doctor_id, views)
+
+    return await run_command(store, [doctor_id], actor, msg, now, work)
+
+
+async def _range_doctor(store: Store, actor: Actor, msg: BlockRange | UnblockRange) -> int:
+    """The range's doctor, once the caller may manage their slots and the range is one the
+    schedule can hold: forward, and no longer than the doctor's horizon (the slots that
+    exist), so one command never sweeps more than a schedule opens."""
+    doctor_id = msg.doctor_id
+    if not actor.owns_doctor(doctor_id):
+        raise Forbidden("only the doctor or an admin manages these slots")
+    if msg.start >= msg.end:
+        raise Invalid("`start` must be before `end`")
+    doctor = await doctors.doctor(store, doctor_id)  # not_found for an unknown doctor
+    if doctor.retired_at is not None:
+        raise DoctorRetired(f"doctor {doctor_id} is retired and offers no slots")
+    if msg.end - msg.start > timedelta(days=doctor.horizon_days):
+        raise OutsideHorizon(
+            f"a range spans at most the doctor's horizon, {doctor.horizon_days} days"
+        )
+    return doctor_id

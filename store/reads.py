@@ -15,20 +15,25 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, time, timedelta
 from typing import Any
 
 import asyncpg
 
 from protocol.messages import (
     AppointmentView,
+    BlockNote,
     Dashboard,
     DayOverride,
     DoctorView,
+    PreviewSchedule,
     Schedule,
+    SchedulePreview,
+    SlotView,
     Snapshot,
     WeeklyBlock,
 )
+from store import schedule as rules
 from store import sql
 from store.changes import Change
 from store.errors import DoctorRetired, Invalid, NotFound
@@ -96,6 +101,34 @@ async def snapshot(
     )
 
 
+async def next_available(
+    store: Store,
+    doctor_id: int,
+    *,
+    after: datetime | None = None,
+    now: datetime | None = None,
+    min_version: int = 0,
+) -> tuple[int, SlotView | None]:
+    """The doctor's first slot a patient may hold at `now`, starting at or after `after`:
+    past the notice, before the horizon, clear of the buffer; None when there is none.
+    With the doctor's version it was read at."""
+    now = resolve_now(now)
+    async with _consistent(store, doctor_id, min_version) as (conn, doctor):
+        if doctor["retired_at"] is not None:
+            raise DoctorRetired(f"doctor {doctor_id} is retired and offers no slots")
+        earliest = now + timedelta(minutes=doctor["min_notice_minutes"])
+        # The notice may be zero: a slot starting this instant has started.
+        earliest = max(earliest, now + timedelta(microseconds=1), after or earliest)
+        row = await conn.fetchrow(
+            sql.NEXT_AVAILABLE,
+            doctor_id,
+            earliest,
+            now + timedelta(days=doctor["horizon_days"]),
+            timedelta(minutes=doctor["buffer_minutes"]),
+        )
+    return doctor["version"], None if row is None else slot_view(row)
+
+
 async def schedule(store: Store, doctor_id: int) -> Schedule:
     """The doctor's rules, weekly hours and date overrides, read together."""
     async with _consistent(store, doctor_id) as (conn, doctor):
@@ -133,6 +166,7 @@ async def dashboard(
         appointments=[appointment_view(r) for r in appointments],
         slots=[slot_view(r, hold_expires_at=r["hold_expires_at"]) for r in slots],
         conflicts=[r["id"] for r in slots if r["conflict"]],
+        blocks=[BlockNote(r["id"], r["block_reason"]) for r in slots if r["block_reason"]],
     )
 
 
@@ -216,3 +250,41 @@ async def patient_appointments(
 ) -> list[AppointmentView]:
     rows = await store.fetch(sql.APPOINTMENTS_OF_PATIENT_UPCOMING, patient_id, resolve_now(now))
     return [appointment_view(r) for r in rows]
+
+
+async def schedule_preview(
+    store: Store, msg: PreviewSchedule, *, now: datetime | None = None, limit: int = 200
+) -> SchedulePreview:
+    """The appointments that `set_schedule` with `msg`'s body would leave in conflict now:
+    every booked, arrived or live held one whose slot the new rules no longer offer, laid
+    out exactly as `steps.rematerialize` would lay them (`schedule.offered`). A read: the
+    rules and appointments are read together, nothing is locked or written. The first
+    `limit` by start are listed, `total` counts them all."""
+    now = resolve_now(now)
+    async with _consistent(store, msg.doctor_id) as (conn, doctor):
+        if doctor["retired_at"] is not None:
+            raise DoctorRetired(f"doctor {msg.doctor_id} is retired: no hours can be set")
+        tz = rules.zone(doctor["timezone"])
+        first, window_start = rules.window(tz, now)
+        holding = await conn.fetch(sql.APPOINTMENTS_HOLDING_FROM, msg.doctor_id, window_start, now)
+    overrides: dict[date, list[tuple[time, time]]] = {}
+    for o in msg.overrides:
+        hours = overrides.setdefault(o.date, [])
+        if o.start is not None and o.end is not None:
+            hours.append((o.start, o.end))
+    wanted = rules.offered(
+        [rules.Block(b.weekday, b.start, b.end) for b in msg.weekly],
+        tz,
+        first,
+        window_start,
+        days=msg.horizon_days,
+        slot_minutes=msg.slot_minutes,
+        buffer_minutes=msg.buffer_minutes,
+        overrides=overrides,
+    )
+    conflicts = [r for r in holding if (r["starts_at"], r["ends_at"]) not in wanted]
+    return SchedulePreview(
+        doctor_id=msg.doctor_id,
+        conflicts=[appointment_view(r) for r in conflicts[:limit]],
+        total=len(conflicts),
+    )

@@ -72,6 +72,42 @@ def slot_times(
                 start += step
 
 
+def offered(
+    blocks: Iterable[Block],
+    tz: ZoneInfo,
+    first_day: date,
+    window_start: datetime,
+    *,
+    days: int,
+    slot_minutes: int,
+    buffer_minutes: int,
+    overrides: Mapping[date, Sequence[tuple[time, time]]],
+) -> set[tuple[datetime, datetime]]:
+    """The slots a schedule offers from `window_start` on: what `steps.rematerialize`
+    keeps, and what `reads.schedule_preview` holds appointments against, so a preview
+    and the save it announces can never disagree."""
+    return {
+        (s, e)
+        for s, e in slot_times(
+            blocks,
+            tz,
+            first_day,
+            days,
+            slot_minutes,
+            buffer_minutes=buffer_minutes,
+            overrides=overrides,
+        )
+        if s >= window_start
+    }
+
+
+def window(tz: ZoneInfo, now: datetime, first_day: date | None = None) -> tuple[date, datetime]:
+    """The first local date a schedule is laid from, and the instant its slots start:
+    today (or `first_day`) in the doctor's zone, never before `now` (the past is history)."""
+    first = first_day or now.astimezone(tz).date()
+    return first, max(now, datetime.combine(first, time(0), tzinfo=tz).astimezone(UTC))
+
+
 def slots_in(hours: Iterable[tuple[time, time]], slot_minutes: int, buffer_minutes: int = 0) -> int:
     """How many slots these hours of one local date open, as `slot_times` lays them out.
 

@@ -261,7 +261,8 @@ INSERT INTO schedule_overrides (doctor_id, day, starts, ends) VALUES ($1, $2, $3
 
 # Dates are the doctor's local dates: [start 00:00, end 00:00) in the doctor's zone.
 SLOTS_IN_RANGE: Final = """
-SELECT s.id, s.starts_at, s.ends_at, s.status, s.conflict, a.hold_expires_at
+SELECT s.id, s.starts_at, s.ends_at, s.status, s.conflict, a.hold_expires_at,
+       CASE WHEN s.status = 'busy-unavailable' THEN s.block_reason END AS block_reason
 FROM slots s
 JOIN doctors d ON d.id = s.doctor_id
 LEFT JOIN appointments a ON a.slot_id = s.id AND a.status = 'pending'
@@ -271,6 +272,26 @@ WHERE s.doctor_id = $1
   AND s.starts_at <  ($3::date::timestamp AT TIME ZONE d.timezone)
 ORDER BY s.starts_at
 LIMIT $4"""
+# `next_available`: the first free slot in [$2, $3) clear of the doctor's buffer ($4)
+# around other appointments, as `steps.bookable_slot` would accept it. The partial
+# unique index on (doctor_id, starts_at) walks the slots in order; $3 (the horizon)
+# bounds the walk.
+NEXT_AVAILABLE: Final = """
+SELECT s.id, s.starts_at, s.ends_at, s.status
+FROM slots s
+WHERE s.doctor_id = $1
+  AND s.retired_at IS NULL
+  AND s.status = 'free'
+  AND s.starts_at >= $2
+  AND s.starts_at < $3
+  AND NOT EXISTS (
+    SELECT 1 FROM appointments a
+    WHERE a.doctor_id = s.doctor_id AND a.status <> 'cancelled'
+      AND tstzrange(a.starts_at, a.ends_at, '[)')
+          && tstzrange(s.starts_at - $4::interval, s.ends_at + $4::interval, '[)')
+  )
+ORDER BY s.starts_at
+LIMIT 1"""
 SLOT_DOCTOR: Final = "SELECT doctor_id FROM slots WHERE id = $1"
 SLOT_FOR_UPDATE: Final = """
 SELECT s.id, s.doctor_id, s.starts_at, s.ends_at, s.status, s.conflict, s.retired_at,
@@ -764,3 +785,29 @@ API_KEY_TOUCH: Final = """
 UPDATE api_keys AS k SET last_used_at = t.at
 FROM unnest($1::bigint[], $2::timestamptz[]) AS t(id, at)
 WHERE k.id = t.id AND (k.last_used_at IS NULL OR k.last_used_at < t.at)"""
+
+# ---- the schedule editor: ranges blocked with a reason, previews (store.commands, reads) ----
+
+# A single slot blocked or offered again ($2 its status): a reason given for a range before
+# never outlives the block it explained.
+SLOT_SET_BLOCKED: Final = "UPDATE slots SET status = $2, block_reason = NULL WHERE id = $1"
+# Every free, offered slot of doctor $1 starting in [$2, $3) and after $5 turns
+# `busy-unavailable` with reason $4, in one statement under the doctor's lock.
+SLOTS_BLOCK_RANGE: Final = """
+UPDATE slots SET status = 'busy-unavailable', block_reason = $4
+WHERE doctor_id = $1 AND retired_at IS NULL AND status = 'free'
+  AND starts_at >= $2 AND starts_at < $3 AND starts_at > $5
+RETURNING id, starts_at, ends_at, status, block_reason"""
+# Every blocked, offered slot of doctor $1 starting in [$2, $3) and after $4 is free again.
+SLOTS_UNBLOCK_RANGE: Final = """
+UPDATE slots SET status = 'free', block_reason = NULL
+WHERE doctor_id = $1 AND retired_at IS NULL AND status = 'busy-unavailable'
+  AND starts_at >= $2 AND starts_at < $3 AND starts_at > $4
+RETURNING id, starts_at, ends_at, status"""
+# The doctor's appointments that hold a slot from $2 on (booked, arrived, or a hold alive
+# at $3): what `steps.rematerialize` would keep as conflicts if the schedule dropped them.
+APPOINTMENTS_HOLDING_FROM: Final = f"""
+SELECT {APPOINTMENT_COLUMNS} FROM appointments a
+WHERE a.doctor_id = $1 AND a.starts_at >= $2
+  AND (a.status IN ('booked', 'arrived') OR (a.status = 'pending' AND a.hold_expires_at > $3))
+ORDER BY a.starts_at, a.id"""

@@ -34,7 +34,7 @@ from store.errors import (
     StoreError,
     TooLate,
 )
-from store.schedule import Block, slot_times, zone
+from store.schedule import Block, offered, window, zone
 from store.tx import Limits, Taking, Tx
 
 # The FHIR lifecycle a doctor may record; cancellation and holds have their own commands.
@@ -325,8 +325,7 @@ async def rematerialize(tx: Tx, doctor_id: int, *, first_day: date | None = None
     if doctor is None:
         raise NotFound(f"no doctor {doctor_id}")
     tz = zone(doctor["timezone"])
-    first = first_day or tx.now.astimezone(tz).date()
-    window_start = max(tx.now, datetime.combine(first, time(0), tzinfo=tz).astimezone(UTC))
+    first, window_start = window(tz, tx.now, first_day)
     blocks = [
         Block(r["weekday"], r["starts"], r["ends"])
         for r in await tx.conn.fetch(sql.SCHEDULE_FOR_DOCTOR, doctor_id)
@@ -336,19 +335,16 @@ async def rematerialize(tx: Tx, doctor_id: int, *, first_day: date | None = None
         hours = overrides.setdefault(r["day"], [])
         if r["starts"] is not None:
             hours.append((r["starts"], r["ends"]))
-    wanted = {
-        (s, e)
-        for s, e in slot_times(
-            blocks,
-            tz,
-            first,
-            doctor["horizon_days"],
-            doctor["slot_minutes"],
-            buffer_minutes=doctor["buffer_minutes"],
-            overrides=overrides,
-        )
-        if s >= window_start
-    }
+    wanted = offered(
+        blocks,
+        tz,
+        first,
+        window_start,
+        days=doctor["horizon_days"],
+        slot_minutes=doctor["slot_minutes"],
+        buffer_minutes=doctor["buffer_minutes"],
+        overrides=overrides,
+    )
     kept: set[tuple[datetime, datetime]] = set()
     occupied: list[tuple[datetime, datetime]] = []  # booked or held, with the buffer around
     buffer = timedelta(minutes=doctor["buffer_minutes"])

@@ -172,6 +172,7 @@ class _DoctorChanges:
     appointments: dict[int, AppointmentView] = field(default_factory=dict)
     conflicts: list[int] = field(default_factory=list)
     doctor: DoctorView | None = None  # the directory entry, when the command changed it
+    blocks: dict[int, str] = field(default_factory=dict)  # slot id -> why it was blocked
 
 
 class Tx:
@@ -222,6 +223,13 @@ class Tx:
     def conflict(self, doctor_id: int, slot_id: int) -> None:
         self._of(doctor_id, None).conflicts.append(slot_id)
 
+    def blocked(self, doctor_id: int, slot: SlotView, reason: str, kind: str) -> None:
+        """A slot blocked with a reason: the slot goes to every watcher, the reason only
+        to the doctor's side (`ChangeDetail.blocks`)."""
+        changes = self._of(doctor_id, kind)
+        changes.slots[slot.id] = slot
+        changes.blocks[slot.id] = reason
+
     def touched(self, doctor_id: int, kind: str) -> None:
         self._of(doctor_id, kind)
 
@@ -238,6 +246,7 @@ class Tx:
                 dict(c.appointments),
                 list(c.conflicts),
                 c.doctor,
+                dict(c.blocks),
             )
             for d, c in self._doctors.items()
         }
@@ -260,6 +269,11 @@ class Tx:
                 appointments=msgspec.to_builtins(list(c.appointments.values())),
                 conflicts=c.conflicts,
                 on_behalf_of=self.on_behalf_of,
+                blocks=[
+                    {"slot_id": slot_id, "reason": reason}
+                    for slot_id, reason in c.blocks.items()
+                    if slot_id in c.slots
+                ],
             )
             change = Change.build(
                 doctor_id,

@@ -57,6 +57,8 @@ EVENT_TYPES: dict[str, str] = {
     "slots.closed": "slots.closed",
     "slots.conflict": "slots.conflict",
     "slots.conflict_resolved": "slots.conflict_resolved",
+    "slots.blocked": "slots.blocked",
+    "slots.unblocked": "slots.unblocked",
 }
 KNOWN_EVENTS = frozenset(EVENT_TYPES.values())
 SECRET_PREFIX = "whsec_"
@@ -170,6 +172,8 @@ class Message:
             "slots": public.get("slots", []),
             "removed": public.get("removed", []),
         }
+        if private.get("blocks"):  # only then: every earlier message keeps its very bytes
+            data["blocks"] = private["blocks"]
         payload = {
             "type": events[-1] if events else "change",
             "timestamp": _instant(row["created_at"]),

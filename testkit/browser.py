@@ -96,13 +96,14 @@ class Pages:
         *,
         name: str,
         timezone: str = "Europe/London",
+        locale: str = "en-GB",
         viewport: dict[str, int] | None = None,
         **context_options: Any,
     ) -> Page:
         context = await self.browser.new_context(
             viewport=viewport or DESKTOP,  # type: ignore[arg-type]
             timezone_id=timezone,
-            locale="en-GB",
+            locale=locale,
             **context_options,
         )
         self.contexts.append(context)

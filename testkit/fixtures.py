@@ -47,7 +47,20 @@ from testkit.harness import (
 )
 
 JWT_SECRET = "test-secret-that-is-long-enough-for-hs256"
-TEMPLATE = "slotcast_template"
+# Each xdist worker builds its own template: two workers on one server must not drop
+# each other's (with the suite's own servers each worker has a server of its own anyway).
+TEMPLATE = "slotcast_template" + os.environ.get("PYTEST_XDIST_WORKER", "").replace("gw", "_")
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker per core, each with its own PostgreSQL and Redis, so that the
+    half of the suite's time spent waiting on server processes overlaps. An external Redis
+    (`REDIS_URL`) is one flushed before every test and one pub/sub namespace, which two
+    workers would trample: then the suite runs in one worker."""
+    del config
+    if os.environ.get("REDIS_URL") or os.environ.get("DATABASE_URL"):
+        return 1
+    return max(1, min(2, os.cpu_count() or 1))
 
 
 # ---- services --------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ export class DayBook {
     this.appointments = new Map(); // id -> appointment starting on `date`
     this.slots = new Map(); // id -> slot starting on `date`
     this.conflicts = new Set(); // slot ids the schedule no longer offers
+    this.reasons = new Map(); // slot id -> why it is blocked (staff only), when one was given
   }
 
   applyDashboard(dashboard) {
@@ -26,6 +27,7 @@ export class DayBook {
     this.appointments = new Map(dashboard.appointments.map((a) => [a.id, a]));
     this.slots = new Map(dashboard.slots.map((s) => [s.id, s]));
     this.conflicts = new Set(dashboard.conflicts);
+    this.reasons = new Map((dashboard.blocks ?? []).map((b) => [b.slot_id, b.reason]));
     this.awaitingReply = false;
   }
 
@@ -43,8 +45,14 @@ export class DayBook {
         this.appointments.set(appointment.id, appointment);
       }
     }
+    // A slot in a delta has the reason the delta gives it, or none (an unblock drops it).
+    const reasons = new Map((delta.blocks ?? []).map((b) => [b.slot_id, b.reason]));
     for (const slot of delta.slots) {
-      if (this.slots.has(slot.id) || this.onDate(slot.start)) this.slots.set(slot.id, slot);
+      if (this.slots.has(slot.id) || this.onDate(slot.start)) {
+        this.slots.set(slot.id, slot);
+        if (reasons.has(slot.id)) this.reasons.set(slot.id, reasons.get(slot.id));
+        else this.reasons.delete(slot.id);
+      }
     }
     for (const id of delta.removed) {
       this.slots.delete(id);
@@ -74,6 +82,7 @@ export class DayBook {
       slot,
       appointment: bySlot.get(slot.id) ?? null,
       conflict: this.conflicts.has(slot.id),
+      reason: slot.status === "busy-unavailable" ? (this.reasons.get(slot.id) ?? null) : null,
     }));
     return rows.sort((a, b) => Date.parse(a.slot.start) - Date.parse(b.slot.start));
   }

@@ -1,13 +1,14 @@
 // The doctor page's timeline of the chosen day: one row per slot with its
 // appointment, badges and actions (block, unblock, arrived, no-show,
-// fulfilled, cancel), updated live from the dashboard room. The day is state
+// fulfilled, cancel, reschedule to another free time of the same doctor), a
+// blocked slot's reason, updated live from the dashboard room. The day is state
 // (dashboard.js: DayBook); this watches it, draws its rows and sends the
 // commands.
 
 import { serverNow } from "./clock.js";
 import { DayBook } from "./dashboard.js";
-import { dayLong, timeHM } from "./format.js";
-import { statusWords } from "./messages.js";
+import { addDays, dayLong, dayShort, timeHM } from "./format.js";
+import { errorCode, statusWords } from "./messages.js";
 import { el, reducedMotion } from "./ui.js";
 
 const DEFAULT_CANCEL_REASON = "Cancelled by the clinic";
@@ -34,6 +35,8 @@ export function dayTimeline(page, { showZone, rememberCounts }) {
   // What the rows show of this page's own actions (not the server's state):
   let cancelling = null; // appointment id whose cancel form is open
   let confirmingNoshow = null; // appointment id whose no-show confirmation is open
+  // The open reschedule picker: {appointmentId, date, slots (free ones, null while loading), chosen, note}.
+  let picker = null;
   const busyRows = new Set(); // slot ids with a command in flight
   const marked = new Map(); // appointment id -> when this page marked it (undo offered)
   const hm = (instant) => timeHM(instant, page.days.zone);
@@ -42,6 +45,7 @@ export function dayTimeline(page, { showZone, rememberCounts }) {
   function open() {
     cancelling = null;
     confirmingNoshow = null;
+    picker = null;
     watch();
   }
 
@@ -116,9 +120,11 @@ export function dayTimeline(page, { showZone, rememberCounts }) {
     list.replaceChildren(...items);
   }
 
-  function rowSignature({ slot, appointment, conflict }) {
+  function rowSignature({ slot, appointment, conflict, reason }) {
     return [
       slot.status,
+      reason,
+      picker && picker.appointmentId === appointment?.id ? JSON.stringify(picker) : "",
       appointment?.id,
       appointment?.status,
       appointment?.patient_name,
@@ -130,7 +136,7 @@ export function dayTimeline(page, { showZone, rememberCounts }) {
     ].join("|");
   }
 
-  function renderRow({ slot, appointment, conflict }) {
+  function renderRow({ slot, appointment, conflict, reason }) {
     const time = hm(slot.start);
     const body = el("div", { class: "row-body" });
     if (appointment) {
@@ -148,6 +154,7 @@ export function dayTimeline(page, { showZone, rememberCounts }) {
       }
     } else {
       body.append(el("span", { class: `badge badge-${slot.status}` }, SLOT_WORDS[slot.status] ?? slot.status));
+      if (reason) body.append(el("span", { class: "row-note", "data-testid": "block-reason" }, reason));
     }
     if (conflict) body.append(el("span", { class: "badge badge-conflict" }, "Conflict: outside the schedule"));
 
@@ -177,6 +184,7 @@ export function dayTimeline(page, { showZone, rememberCounts }) {
       actions.append(
         timed("Arrived", `Mark ${time} arrived`, "early", () => mark(appointment, "arrived"), "btn-primary"),
         timed("No-show", `Mark ${time} no-show`, "start", () => openNoshow(appointment), "btn-quiet"),
+        action("Reschedule", `Reschedule ${time}`, () => openPicker(appointment)),
         action("Cancel", `Cancel ${time}`, () => openCancel(appointment)),
       );
     }
@@ -201,6 +209,7 @@ export function dayTimeline(page, { showZone, rememberCounts }) {
     );
     if (appointment && cancelling === appointment.id) row.append(cancelForm(appointment, time));
     if (appointment && confirmingNoshow === appointment.id) row.append(noshowConfirm(appointment, time));
+    if (appointment && picker?.appointmentId === appointment.id) row.append(reschedulePicker(appointment, time));
     return row;
   }
 
@@ -285,6 +294,142 @@ export function dayTimeline(page, { showZone, rememberCounts }) {
   function closeCancel() {
     cancelling = null;
     render();
+  }
+
+  // ---- reschedule ----------------------------------------------------------------------------
+  // The picker offers the free times of one day (the doctor's seven shown days), read afresh
+  // from the public slots when it opens or the day changes; the server still decides, and a
+  // time taken meanwhile is explained and the list read again.
+
+  function openPicker(appointment) {
+    cancelling = null;
+    confirmingNoshow = null;
+    picker = { appointmentId: appointment.id, date: page.days.selected, slots: null, chosen: null, note: null };
+    render();
+    loadPicker();
+  }
+
+  function closePicker() {
+    picker = null;
+    render();
+  }
+
+  async function loadPicker(note = null) {
+    const mine = picker;
+    if (!mine) return;
+    mine.slots = null;
+    mine.note = note;
+    render();
+    try {
+      const query = `start=${mine.date}&end=${addDays(mine.date, 1)}`;
+      const response = await fetch(`/api/doctors/${page.doctorId}/slots?${query}`);
+      if (!response.ok) throw Object.assign(new Error("slots"), { code: (await response.json()).error?.code ?? "internal" });
+      const snapshot = await response.json();
+      const now = serverNow();
+      const free = snapshot.slots.filter((s) => s.status === "free" && Date.parse(s.start) > now);
+      if (picker !== mine) return;
+      mine.slots = free.map((s) => ({ id: s.id, start: s.start }));
+      mine.chosen = mine.slots[0]?.id ?? null;
+      render();
+    } catch (error) {
+      if (picker !== mine) return;
+      mine.slots = [];
+      render();
+      page.fail(error);
+    }
+  }
+
+  function reschedulePicker(appointment, time) {
+    const id = appointment.id;
+    const day = el(
+      "select",
+      {
+        id: `rs-day-${id}`,
+        onchange: (event) => {
+          picker.date = event.target.value;
+          loadPicker();
+        },
+      },
+      ...page.days.dates.map((date, i) => el("option", { value: date, selected: date === picker.date }, i === 0 ? `Today, ${dayShort(date)}` : dayShort(date))),
+    );
+    const slots = picker.slots;
+    const choice = el(
+      "select",
+      {
+        id: `rs-slot-${id}`,
+        disabled: !slots?.length,
+        "data-testid": "reschedule-slot",
+        onchange: (event) => (picker.chosen = Number(event.target.value)),
+      },
+      ...(slots === null
+        ? [el("option", {}, "Loading…")]
+        : slots.length === 0
+          ? [el("option", {}, "No free time that day")]
+          : slots.map((s) => el("option", { value: s.id, selected: s.id === picker.chosen }, hm(s.start)))),
+    );
+    // The keyboard stays on the picker's control it was on when the picker is redrawn (times
+    // loaded, a race lost), and starts on the day when it opens; after the row's own focus
+    // keeping (a microtask), so a timeout. Never taken from somewhere else on the page.
+    const was = document.activeElement?.id;
+    setTimeout(() => {
+      if (!day.isConnected) return;
+      const active = document.activeElement;
+      const row = day.closest("[data-testid=slot-row]");
+      if (active && active !== document.body && !row.contains(active)) return;
+      if (active?.closest?.(".reschedule-form")) return;
+      const again = was && was.startsWith("rs-") ? document.getElementById(was) : null;
+      (again && !again.disabled ? again : day).focus();
+    }, 0);
+    return el(
+      "form",
+      {
+        class: "cancel-form reschedule-form",
+        "data-testid": "reschedule-form",
+        "aria-label": `Reschedule ${appointment.patient_name ?? appointment.patient_id} at ${time}`,
+        onsubmit: (event) => {
+          event.preventDefault();
+          if (picker?.chosen) reschedule(appointment, picker.chosen);
+        },
+      },
+      picker.note ? el("p", { class: "sched-warning", role: "alert" }, picker.note) : null,
+      el("label", { for: day.id }, "Day"),
+      day,
+      el("label", { for: choice.id }, "New time"),
+      choice,
+      el(
+        "div",
+        { class: "actions" },
+        el("button", { type: "submit", class: "btn btn-small btn-primary", disabled: !slots?.length }, "Move appointment"),
+        el("button", { type: "button", class: "btn btn-small btn-quiet", onclick: closePicker }, "Keep time"),
+      ),
+    );
+  }
+
+  async function reschedule(appointment, slotId) {
+    const intention = `reschedule:${appointment.id}:${slotId}`;
+    busyRows.add(appointment.slot_id);
+    render();
+    try {
+      await page.conn.request(
+        "reschedule",
+        { appointment_id: appointment.id, slot_id: slotId, idempotency_key: intentions.key(intention) },
+        { retry: true },
+      );
+      intentions.settle(intention);
+      picker = null;
+    } catch (error) {
+      intentions.settle(intention, error);
+      const code = errorCode(error);
+      if (["slot_taken", "slot_unavailable", "too_late"].includes(code) && picker) {
+        // A lost race: say so beside the picker, and offer what is still free.
+        loadPicker("Someone else took that time a moment ago. The list now shows what is still free.");
+      } else {
+        page.fail(error);
+      }
+    } finally {
+      busyRows.delete(appointment.slot_id);
+      render();
+    }
   }
 
   // ---- commands ----------------------------------------------------------------------------

@@ -1,16 +1,18 @@
 // The doctor's dashboard: today and the next six days as tabs, the chosen
 // day's timeline (bookings, holds, arrivals, conflicts) updated live, actions
-// per slot, a live feed of every change, and how many people are looking at
-// the calendar right now. This file only wires the sections together and to
+// per slot (a booked one can be rescheduled), a live feed of every change, how
+// many people are looking at the calendar right now, and the schedule card
+// (the editor with its preview, and blocking a day with a reason). This file only wires the sections together and to
 // the connection. State lives in plain objects without DOM (dashboard.js: a
 // DayBook for the shown day, the days, the per-day booking counts; feed.js
 // for the feed's words); each section draws its part (doctor-days.js,
-// doctor-timeline.js, doctor-feed.js).
+// doctor-timeline.js, doctor-feed.js, doctor-schedule.js).
 
 import { Intentions } from "./connection.js";
 import { BookedCounts, DashboardDays } from "./dashboard.js";
 import { dayTabs } from "./doctor-days.js";
 import { liveFeed } from "./doctor-feed.js";
+import { scheduleCard } from "./doctor-schedule.js";
 import { dayTimeline } from "./doctor-timeline.js";
 import { browserZone } from "./format.js";
 import { errorCode } from "./messages.js";
@@ -31,12 +33,19 @@ const page = {
 };
 
 // The sections call each other only through these hooks.
-const tabs = dayTabs(page, { chosen: () => timeline.open(), shifted: () => timeline.watch() });
+const tabs = dayTabs(page, {
+  chosen: () => {
+    schedule.showDay(page.days.selected);
+    timeline.open();
+  },
+  shifted: () => timeline.watch(),
+});
 const timeline = dayTimeline(page, {
   showZone: (zone) => tabs.showDoctor(null, zone),
   rememberCounts: (appointments) => tabs.rememberCounts(appointments),
 });
 const feed = liveFeed(page);
+const schedule = scheduleCard(page);
 
 function onDashboardDelta(delta) {
   if (delta.doctor_id !== page.doctorId) return;
@@ -76,6 +85,8 @@ async function main() {
   };
 
   $("#day-tabs").addEventListener("keydown", tabs.onKey);
+  schedule.start();
+  schedule.showDay(page.days.selected);
   conn.start();
 }
 

@@ -40,6 +40,15 @@ export function feedText(delta, zone, today) {
     const n = delta.conflicts.length;
     return n === 0 ? "Schedule changed" : `Schedule changed: ${n} ${n === 1 ? "booking is" : "bookings are"} now outside it`;
   }
+  // A range blocked or opened again: how many times, from when, and the reason given.
+  for (const [kind, verb] of [["slots.blocked", "Blocked"], ["slots.unblocked", "Opened again"]]) {
+    if (!delta.kinds.includes(kind) || delta.slots.length === 0) continue;
+    const first = delta.slots.reduce((a, b) => (Date.parse(a.start) <= Date.parse(b.start) ? a : b));
+    const date = dateKey(first.start, zone);
+    const n = delta.slots.length;
+    const reason = delta.blocks?.[0]?.reason;
+    return `${verb} ${n} ${n === 1 ? "slot" : "slots"} from ${date === today ? "" : `${dayShort(date)} `}${timeHM(first.start, zone)}${reason ? `: ${reason}` : ""}`;
+  }
   const [actorRole, actorSubject] = (delta.actor ?? "").split(/:(.*)/s);
   const appointment = delta.appointments[0];
   // The patient's display name (their token's `name`) when known, else their subject.

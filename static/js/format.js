@@ -6,9 +6,31 @@
 //   - date keys: "YYYY-MM-DD" calendar dates, always tied to a named zone
 //     (the doctor's on the wire, the patient's in the patient's week view).
 // Labels are English on purpose: the whole interface is English, and mixing an
-// English sentence with a browser-locale date reads badly.
+// English sentence with a browser-locale date reads badly. The clock is not a
+// label: time of day follows the browser's locale (12-hour in the US, 24-hour in
+// most of the world), written the English way for that clock.
 
 const LOCALE = "en-GB";
+
+/** Whether the browser's locale reads time of day on a 12-hour clock. */
+function twelveHour() {
+  const language = globalThis.navigator?.language || Intl.DateTimeFormat().resolvedOptions().locale;
+  try {
+    const cycle = new Intl.DateTimeFormat(language, { hour: "numeric" }).resolvedOptions().hourCycle;
+    return cycle === "h12" || cycle === "h11";
+  } catch {
+    return false; // a language tag Intl does not know: the 24-hour clock reads everywhere
+  }
+}
+
+// "9:00 AM" (en-US) or "09:00" (en-GB): English either way, on the browser's clock.
+const CLOCK = twelveHour()
+  ? { locale: "en-US", options: { hour: "numeric", minute: "2-digit", hourCycle: "h12" } }
+  : { locale: "en-GB", options: { hour: "2-digit", minute: "2-digit", hourCycle: "h23" } };
+
+// Zone names in English, as the browser's English would put them ("PST" is American,
+// "BST" British), or American English for a browser in another language.
+const ZONE_LOCALE = (globalThis.navigator?.language || "").startsWith("en-") ? navigator.language : "en-US";
 
 /** The browser's IANA time zone, e.g. "Europe/London". */
 export function browserZone() {
@@ -17,19 +39,19 @@ export function browserZone() {
 
 // Creating Intl formatters is slow; pages format hundreds of slots per render.
 const cache = new Map();
-function formatter(zone, options) {
-  const key = zone + JSON.stringify(options);
+function formatter(zone, options, locale = LOCALE) {
+  const key = locale + zone + JSON.stringify(options);
   let f = cache.get(key);
   if (!f) {
-    f = new Intl.DateTimeFormat(LOCALE, { timeZone: zone, ...options });
+    f = new Intl.DateTimeFormat(locale, { timeZone: zone, ...options });
     cache.set(key, f);
   }
   return f;
 }
 
-function parts(instant, zone, options) {
+function parts(instant, zone, options, locale = LOCALE) {
   const out = {};
-  for (const p of formatter(zone, options).formatToParts(new Date(instant))) out[p.type] = p.value;
+  for (const p of formatter(zone, options, locale).formatToParts(new Date(instant))) out[p.type] = p.value;
   return out;
 }
 
@@ -39,9 +61,9 @@ export function dateKey(instant, zone) {
   return `${p.year}-${p.month}-${p.day}`;
 }
 
-/** "09:00": 24-hour clock time of an instant in a zone. */
+/** "09:00" or "9:00 AM": the time of day of an instant in a zone, on the browser's clock. */
 export function timeHM(instant, zone) {
-  return formatter(zone, { hour: "2-digit", minute: "2-digit", hourCycle: "h23" }).format(new Date(instant));
+  return formatter(zone, CLOCK.options, CLOCK.locale).format(new Date(instant));
 }
 
 // Date keys are zone-free labels, so do their arithmetic and naming in UTC.
@@ -100,6 +122,62 @@ export function countdown(ms) {
   return `${minutes}:${seconds}`;
 }
 
+// An offset ("GMT-8") is a number, not a name: prefer a name when Intl has one.
+const OFFSET_NAME = /^(GMT|UTC)[+-]/;
+
+function zoneNamed(zone, style, at) {
+  return parts(at, zone, { timeZoneName: style }, ZONE_LOCALE).timeZoneName || "";
+}
+
+/** "Tokyo" for "Asia/Tokyo", "Buenos Aires" for "America/Argentina/Buenos_Aires": where a clinic is. */
+export function zonePlace(zone) {
+  return zone.split("/").pop().replaceAll("_", " ");
+}
+
+/**
+ * The short label beside a time: "PST", "GMT", "BST", "CET", or the zone's
+ * generic name ("Japan Time", "Los Angeles Time") where the browser's English
+ * has no abbreviation for it; an offset ("UTC+9") only as the last resort.
+ */
+export function zoneLabel(zone, at = Date.now()) {
+  for (const style of ["short", "shortGeneric"]) {
+    const name = zoneNamed(zone, style, at);
+    if (name && !OFFSET_NAME.test(name) && name !== "GMT+0") return name;
+  }
+  return utcOffset(zone, at);
+}
+
+/** The zone's name in a sentence: "Pacific Time", "Japan Standard Time", "Coordinated Universal Time". */
+export function zoneName(zone, at = Date.now()) {
+  for (const style of ["longGeneric", "long"]) {
+    const name = zoneNamed(zone, style, at);
+    if (name && !OFFSET_NAME.test(name)) return name;
+  }
+  return zonePlace(zone);
+}
+
+/** Minutes `zone` is ahead of UTC at a moment (negative: behind). */
+export function offsetMinutes(zone, at = Date.now()) {
+  const match = /([+-])(\d+)(?::(\d+))?/.exec(utcOffset(zone, at));
+  if (!match) return 0;
+  const minutes = Number(match[2]) * 60 + Number(match[3] ?? 0);
+  return match[1] === "-" ? -minutes : minutes;
+}
+
+/** "17 hours ahead of", "30 minutes behind", "5½ hours ahead of": how far zone A is from zone B. */
+export function zoneDistance(zoneA, zoneB, at = Date.now()) {
+  const diff = offsetMinutes(zoneA, at) - offsetMinutes(zoneB, at);
+  const size = Math.abs(diff);
+  const hours = Math.floor(size / 60);
+  const minutes = size % 60;
+  let amount;
+  if (hours === 0) amount = `${minutes} minutes`;
+  else if (minutes === 30) amount = `${hours}½ hours`;
+  else if (minutes) amount = `${hours} hours ${minutes} minutes`;
+  else amount = hours === 1 ? "1 hour" : `${hours} hours`;
+  return `${amount} ${diff > 0 ? "ahead of" : "behind"}`;
+}
+
 /**
  * Every time a patient reads outside the grid (hold panel, confirmation, My appointments,
  * notices) goes through here, so that how a patient is told a time (their zone's label, the
@@ -107,6 +185,9 @@ export function countdown(ms) {
  * in one place. `doctorZone` is the doctor's IANA zone.
  */
 export function patientWhen(instant, patientZone, doctorZone) {
-  void doctorZone;
-  return shortDateTime(instant, patientZone);
+  const mine = `${dayShort(dateKey(instant, patientZone))}, ${timeHM(instant, patientZone)} ${zoneLabel(patientZone, instant)}`;
+  if (!doctorZone || sameOffset(patientZone, doctorZone, instant)) return mine;
+  const theirDay = dateKey(instant, doctorZone);
+  const day = theirDay === dateKey(instant, patientZone) ? "" : `${dayShort(theirDay)}, `;
+  return `${mine} (${day}${timeHM(instant, doctorZone)} in ${zonePlace(doctorZone)})`;
 }

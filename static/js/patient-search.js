@@ -31,6 +31,22 @@ export function doctorSearch(page, { onNamed, onPick }) {
     timer = setTimeout(() => search().catch(() => {}), 200);
   }
 
+  /**
+   * Enter in the search box chooses the first match of what is typed now (the
+   * search runs at once, not after the typing pause), and takes the keyboard
+   * to that doctor's week.
+   */
+  async function onKeyDown(event) {
+    if (event.key !== "Enter" || event.isComposing) return;
+    event.preventDefault();
+    clearTimeout(timer);
+    await search();
+    const first = document.querySelector("[data-testid=doctor-results] button.doctor");
+    if (!first) return;
+    first.click();
+    $("#doctor-heading").focus();
+  }
+
   async function search() {
     const q = $("#doctor-q").value.trim();
     const mine = ++seq;
@@ -86,5 +102,5 @@ export function doctorSearch(page, { onNamed, onPick }) {
     }
   }
 
-  return { search, loadAll, onInput, markChosen };
+  return { search, loadAll, onInput, onKeyDown, markChosen };
 }

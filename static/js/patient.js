@@ -53,7 +53,10 @@ const search = doctorSearch(page, {
 const week = weekGrid(page, { onPickSlot: (slotId) => panel.take(slotId) });
 const panel = holdPanel(page, {
   rerenderSlot: (slotId) => week.rerenderSlot(slotId),
-  remember: (appointment) => appointments.remember(appointment),
+  remember: (appointment) => {
+    appointments.remember(appointment);
+    week.rerenderSlot(appointment.slot_id); // booked: "your appointment" in the week
+  },
   resync: () => appointments.watch(),
 });
 const appointments = myAppointments(page, { panel, loadAllDoctors: () => search.loadAll() });
@@ -68,7 +71,31 @@ function selectDoctor(doctor) {
   url.searchParams.set("doctor", doctor.id);
   history.replaceState(null, "", url);
   search.markChosen(doctor.id);
+  $("#next-free-status").textContent = "";
   week.open();
+}
+
+/**
+ * "Next available": the server finds the doctor's next slot that can be held
+ * (a bounded read, `next_available`), and the week that has it opens with the
+ * keyboard on it; or the patient is told there is none.
+ */
+async function nextAvailable() {
+  const doctor = page.week.doctor;
+  if (!doctor) return;
+  const status = $("#next-free-status");
+  status.textContent = "";
+  try {
+    const { body } = await page.conn.request("next_available", { doctor_id: doctor.id });
+    if (page.week.doctor?.id !== doctor.id) return; // another doctor was chosen meanwhile
+    if (!body.slot) {
+      status.textContent = `${doctor.name} has no free time to book yet.`;
+      return;
+    }
+    week.showSlot(dateKey(body.slot.start, zone), body.slot.id);
+  } catch (error) {
+    if (!page.conn.recover(error)) page.fail(error);
+  }
 }
 
 /** An admin renamed or retired a doctor this page watches: new names everywhere, a
@@ -96,9 +123,12 @@ async function main() {
     week.onDelta(delta);
     if (delta.doctor) onDirectoryChange(delta.doctor);
   });
-  conn.on("appointment_event", appointments.onEvent);
+  conn.on("appointment_event", (event) => {
+    appointments.onEvent(event);
+    week.rerenderSlot(event.appointment.slot_id); // "your appointment" comes and goes
+  });
   conn.on("resync", ({ room }) => {
-    if (room === "appointments") appointments.watch();
+    if (room === "appointments") appointments.watch().then(week.refresh);
     else if (room === "availability" && page.week.calendar) week.watch(page.week.calendar);
   });
   conn.on("error", ({ code }) => showError(code)); // unsolicited errors
@@ -106,9 +136,12 @@ async function main() {
   conn.on("dashboard_delta", () => {});
   conn.on("presence", () => {});
 
+  // After the sign-in form, the keyboard starts on the page's main heading, not <body>.
+  let focusHeading = session.signedIn;
+
   // Runs after every (re)connect: join the rooms again, resuming the calendar.
   conn.onReady = async () => {
-    const tasks = [appointments.watch(), search.search()];
+    const tasks = [appointments.watch().then(week.refresh), search.search()];
     if (!page.doctors.loaded) tasks.push(search.loadAll().catch(() => {}));
     await Promise.all(tasks);
     if (page.week.calendar) {
@@ -116,9 +149,15 @@ async function main() {
     } else if (wanted) {
       selectDoctor(page.doctors.byIdOrStandIn(wanted));
     }
+    if (focusHeading) {
+      focusHeading = false;
+      $(page.week.doctor ? "#doctor-heading" : "#find-h").focus();
+    }
   };
 
   $("#doctor-q").addEventListener("input", search.onInput);
+  $("#doctor-q").addEventListener("keydown", search.onKeyDown);
+  $("#next-free").addEventListener("click", nextAvailable);
   $("#prev-week").addEventListener("click", () => week.move(-7));
   $("#next-week").addEventListener("click", () => week.move(7));
   $("#confirm-hold").addEventListener("click", panel.confirm);

@@ -136,6 +136,15 @@ export function displayName(demo, role, subject) {
   return subject;
 }
 
+const SIGNED_IN_KEY = "slotcast.signedIn";
+
+/** Whether this page load follows a sign-in on the form (asked once: the answer is used up). */
+export function justSignedIn() {
+  const yes = sessionStorage.getItem(SIGNED_IN_KEY) === "1";
+  sessionStorage.removeItem(SIGNED_IN_KEY);
+  return yes;
+}
+
 /**
  * Fill the static sign-in form (`form[data-testid=signin]`) with the demo
  * identities and sign in on submit: store the token, then go to the page for
@@ -165,6 +174,7 @@ export function setUpSignin(form, demo, onError) {
     button.disabled = true;
     try {
       storeToken(await demoToken(role, subject));
+      sessionStorage.setItem(SIGNED_IN_KEY, "1"); // the next page puts the keyboard on its heading
       const target = pageFor(role);
       if (location.pathname === target) location.reload();
       else location.assign(target);

@@ -9,6 +9,7 @@ import {
   clearToken,
   demoToken,
   displayName,
+  justSignedIn,
   listenForTokens,
   loadDemo,
   pageFor,
@@ -74,9 +75,11 @@ function keepDemoTokenFresh(conn, claims) {
 
 /**
  * Start a page for `pageRole` ("patient" or "doctor"). Resolves to
- * {conn, claims, demo} once the connection is created (not yet connected: the
- * page sets conn.onReady and its push handlers, then calls conn.start()), or
- * to null when the page shows the sign-in form or redirects instead.
+ * {conn, claims, demo, signedIn} once the connection is created (not yet
+ * connected: the page sets conn.onReady and its push handlers, then calls
+ * conn.start()), or to null when the page shows the sign-in form or redirects
+ * instead. `signedIn`: this load follows the sign-in form, so the page puts the
+ * keyboard on its main heading rather than leaving it on <body>.
  */
 export async function boot(pageRole) {
   const demo = await loadDemo();
@@ -135,5 +138,5 @@ export async function boot(pageRole) {
     showError(event.detail.code);
     showSignin(demo);
   });
-  return { conn, claims, demo };
+  return { conn, claims, demo, signedIn: justSignedIn() };
 }

@@ -49,6 +49,15 @@ export class Week {
     return addDays(this.start, 6);
   }
 
+  /** Show the week that has the patient's date `key`, keeping weeks aligned on today. */
+  showDate(key) {
+    const days = Math.round((Date.parse(key) - Date.parse(this.today)) / 86_400_000);
+    const next = addDays(this.today, Math.max(0, Math.floor(days / 7)) * 7);
+    if (next === this.start) return false;
+    this.start = next;
+    return true;
+  }
+
   /** Whether this is the first week that may be shown (no going back). */
   get atToday() {
     return this.start <= this.today;
@@ -59,19 +68,21 @@ export class Week {
  * What a slot says to the patient: `spoken` (the end of its accessible name),
  * `tag` (the short visible label), whether it can be held now, and whether it
  * `goes` from view (booked, blocked, already started). `mine`: the patient's
- * own hold is on it.
+ * own hold is on it; `booked`: the patient's own appointment is, which stays in
+ * view, marked in words, so the week shows where their visit is.
  */
-export function describeSlot(slot, calendar, mine) {
-  const [spoken, tag] = words(slot, calendar, mine);
+export function describeSlot(slot, calendar, mine, booked = false) {
+  const [spoken, tag] = words(slot, calendar, mine, booked);
   return {
     spoken,
     tag,
     bookable: slot.status === "free" && spoken === "available",
-    goes: GONE.has(slot.status) || spoken === "already started",
+    goes: (GONE.has(slot.status) && spoken !== "your appointment") || spoken === "already started",
   };
 }
 
-function words(slot, calendar, mine) {
+function words(slot, calendar, mine, booked) {
+  if (booked && slot.status === "busy") return ["your appointment", "Your appointment"];
   if (slot.status === "busy-tentative") return mine ? ["held by you", "Your hold"] : ["held by someone", "Held"];
   if (slot.status === "busy") return ["taken", ""];
   if (slot.status === "busy-unavailable") return ["unavailable", ""];

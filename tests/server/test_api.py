@@ -6,7 +6,7 @@ do, so every failure here is checked for both its HTTP status and its stable cod
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -553,3 +553,46 @@ async def test_only_the_doctor_or_an_admin_reads_a_schedule(
     assert await error_code(other, 403) == "forbidden"
     missing = await client.get("/api/doctors/999999/schedule", headers=bearer(Role.ADMIN, "ops"))
     assert await error_code(missing, 404) == "not_found"
+
+
+# ---- next available --------------------------------------------------------------------------
+
+
+async def test_next_available_is_the_first_slot_a_patient_may_hold(
+    client: AppClient, doctor: SeededDoctor, store: Store
+) -> None:
+    """What a page's "next available" jumps to: public, past holds, bounded by the horizon."""
+    url = f"/api/doctors/{doctor.id}/next-available"
+    now = datetime.now(UTC)
+    today = date.today()
+    seen = await reads.snapshot(
+        store, doctor.id, today - timedelta(days=1), today + timedelta(days=12)
+    )
+    free = [s for s in seen.slots if s.status is SlotStatus.FREE and s.start > now]
+
+    resp = await client.get(url)  # availability is public: no token
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["slot"]["id"] == free[0].id
+
+    held = await client.post(
+        "/api/holds", json={"slot_id": free[0].id, "idempotency_key": "next-1"}, headers=bearer()
+    )
+    assert held.status == 201, await held.text()
+    assert (await (await client.get(url)).json())["slot"]["id"] == free[1].id
+
+    later = free[len(free) // 2]
+    resp = await client.get(url, params={"after": later.start.isoformat().replace("+00:00", "Z")})
+    assert (await resp.json())["slot"]["id"] == later.id
+    beyond = (now + timedelta(days=60)).isoformat().replace("+00:00", "Z")
+    assert await (await client.get(url, params={"after": beyond})).json() == {
+        "doctor_id": doctor.id,
+        "slot": None,
+    }
+    missing = await client.get("/api/doctors/999999/next-available")
+    assert await error_code(missing, 404) == "not_found"
+
+    # The same over the WebSocket.
+    async with SlotcastClient.connect(ws_url(client), token=token(Role.PATIENT, "p2")) as ws:
+        found = await ws.next_available(doctor.id, after=later.start)
+    assert found is not None
+    assert found.id == later.id

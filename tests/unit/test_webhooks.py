@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
 from standardwebhooks import Webhook
 
@@ -148,3 +149,16 @@ async def test_the_resolver_refuses_a_name_that_points_inward_when_connecting() 
             await resolver.resolve("127.0.0.1", 80)
     finally:
         await resolver.close()
+
+
+def test_a_blocked_range_carries_its_reasons_and_other_messages_keep_their_bytes() -> None:
+    """A reason is for the clinic's systems; a message without one is byte for byte what
+    it was before reasons existed (a replay sends the very same body)."""
+    before = Message.of_record(RECORD)  # type: ignore[arg-type]
+    assert b'"blocks"' not in before.body
+    blocks = [{"slot_id": 9, "reason": "training day"}]
+    private = {"kind": ["slots.blocked"], "actor": "doctor:7", "blocks": blocks}
+    record = {**RECORD, "private": private}
+    message = Message.of_record(record)  # type: ignore[arg-type]
+    assert message.event_type == "slots.blocked"
+    assert orjson.loads(message.body)["data"]["blocks"] == blocks
