@@ -15,7 +15,7 @@ import { deskDialogs } from "./clinic-desk.js";
 import { serverNow } from "./clock.js";
 import { Intentions } from "./connection.js";
 import { DayBook } from "./dashboard.js";
-import { browserZone, dateKey, dayLong, timeHM } from "./format.js";
+import { browserZone, dateKey, dayLong, timeHM, zoneLabel, zonePlace } from "./format.js";
 import { errorCode, statusWords } from "./messages.js";
 import { boot } from "./shell.js";
 import { el, reducedMotion, showError } from "./ui.js";
@@ -140,7 +140,8 @@ function section(entry) {
   entry.heading.textContent = name;
   entry.link.setAttribute("aria-label", `Dashboard of ${name}`);
   const zone = entry.day?.timezone ?? timezone;
-  entry.meta.textContent = [specialty, `times in ${zone.replace(/_/g, " ")}`].filter(Boolean).join(" · ");
+  // The clinic's own time, named as people say it ("Paris time (CET)"), not as an IANA id.
+  entry.meta.textContent = [specialty, `${zonePlace(zone)} time (${zoneLabel(zone)})`].filter(Boolean).join(" · ");
   return entry.section;
 }
 
