@@ -7,7 +7,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from server import api, apikey_api, signin, webhook_api, ws
+from server import api, apikey_api, ics, signin, webhook_api, ws
 from server.commands import REGISTRY
 from server.guard import host_origins
 from server.keys import GUARD
@@ -26,6 +26,8 @@ def setup_routes(app: web.Application, settings: Settings) -> None:
     # Every command, where its registry entry says (server.commands.REGISTRY).
     for command in REGISTRY.values():
         r.add_route(command.route.method, command.route.path, api.endpoint(command))
+    # An appointment as a calendar file, for its patient and staff (server.ics).
+    ics.setup(app)
     # Webhook endpoints, for admins (server.webhook_api; docs/webhooks.md).
     webhook_api.setup(app)
     # API keys, for admins (server.apikey_api; docs/protocol.md, "API keys").

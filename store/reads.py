@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -35,6 +36,15 @@ from store.errors import DoctorRetired, Invalid, NotFound
 from store.pool import Store
 from store.steps import appointment_view, slot_view
 from store.tx import resolve_now
+
+
+@dataclass(frozen=True, slots=True)
+class AppointmentEntry:
+    """An appointment with what a calendar file names besides it: whom and in which zone."""
+
+    appointment: AppointmentView
+    doctor_name: str
+    doctor_timezone: str
 
 
 class Behind(Exception):
@@ -216,3 +226,12 @@ async def patient_appointments(
 ) -> list[AppointmentView]:
     rows = await store.fetch(sql.APPOINTMENTS_OF_PATIENT_UPCOMING, patient_id, resolve_now(now))
     return [appointment_view(r) for r in rows]
+
+
+async def appointment_entry(store: Store, appointment_id: int) -> AppointmentEntry:
+    """Read on the primary: a patient downloads the file right after booking, and a replica
+    behind would answer `not_found` for the appointment they were just shown."""
+    row = await store.fetchrow(sql.APPOINTMENT_WITH_DOCTOR, appointment_id)
+    if row is None:
+        raise NotFound(f"no appointment {appointment_id}")
+    return AppointmentEntry(appointment_view(row), row["doctor_name"], row["doctor_timezone"])
