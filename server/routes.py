@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from html import escape
 from pathlib import Path
 
 from aiohttp import web
@@ -69,6 +70,8 @@ _DEMO_META = '<meta name="slotcast-demo" content="">'
 # The attendance window (`mark`, `unmark`), so the doctor's page offers a mark only when
 # the server would take it: minutes an arrival may be early, seconds a mark may be undone.
 _ATTENDANCE_META = '<meta name="slotcast-attendance" content="">'
+# The clinic's name (SLOTCAST_CLINIC_NAME): the place a patient's confirmation names.
+_CLINIC_META = '<meta name="slotcast-clinic" content="">'
 
 
 def _page(
@@ -84,6 +87,8 @@ def _page(
     html = html.replace(_DEMO_META, f'<meta name="slotcast-demo" content="{mode}">')
     window = f"{settings.arrive_early_minutes} {settings.unmark_window_s:g}"
     html = html.replace(_ATTENDANCE_META, f'<meta name="slotcast-attendance" content="{window}">')
+    clinic = escape(settings.clinic_name, quote=True)
+    html = html.replace(_CLINIC_META, f'<meta name="slotcast-clinic" content="{clinic}">')
     headers = {
         "Content-Security-Policy": " ".join([_CSP, *origins]),
         "Referrer-Policy": "no-referrer",
