@@ -63,12 +63,15 @@ export function holdPanel(page, { rerenderSlot, remember, resync, confirmed }) {
 
   /** Show a pending appointment as the hold, with its countdown running. */
   function show(appointment) {
+    const another = !state.is(appointment.id); // else the same hold again (its event, then the reply)
     const previousSlot = state.set(appointment);
     const panel = $("[data-testid=hold]");
     panel.hidden = false;
     document.body.classList.add("holding");
-    offlinePress = false;
-    note("");
+    if (another) {
+      offlinePress = false;
+      note("");
+    }
     renderText();
     setBusy(false);
     clearInterval(timer);
