@@ -204,6 +204,20 @@ async def test_a_booking_moves_to_another_time_and_a_lost_race_keeps_it(
     )
     await expect(mine).to_contain_text("Rescheduled")
 
+    # The clinic cancels the moved booking: a warning naming doctor and day, Book again.
+    await post_json(
+        http,
+        f"{server.http_url}/api/appointments/{rows[new_id][0]['id']}/cancel",
+        {"reason": "The doctor is ill"},
+        200,
+        headers={"Authorization": f"Bearer {token(Role.DOCTOR, str(ada['id']))}"},
+    )
+    cancelled = message(alice, "cancelled")
+    await expect(cancelled).to_have_class(re.compile(r"\bmessage-warning\b"))
+    await expect(cancelled).to_contain_text("Dr. Ada Moreau")
+    await expect(cancelled).to_contain_text(hm(new_at, PATIENT_TZ))
+    await expect(cancelled.get_by_role("button", name="Book again")).to_be_visible()
+
 
 async def test_on_a_phone_my_appointments_are_one_tap_from_the_top(
     spawn_server: Spawn, http: aiohttp.ClientSession, pages: Pages

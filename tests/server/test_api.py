@@ -586,3 +586,10 @@ async def test_an_appointment_ics_goes_to_its_patient_and_staff_only(
         assert await error_code(await client.get(url, headers=headers), status) == code
     missing = await client.get("/api/appointments/999999.ics", headers=bearer(sub="p-ics"))
     assert await error_code(missing, 404) == "not_found"
+    # Cancelled, the same file says so: a calendar that imports it again updates the event.
+    cancel = f"/api/appointments/{appointment['id']}/cancel"
+    assert (
+        await client.post(cancel, json={"reason": "x"}, headers=bearer(sub="p-ics"))
+    ).status == 200
+    resp = await client.get(url, headers=bearer(sub="p-ics"))
+    assert b"STATUS:CANCELLED" in await resp.read()
