@@ -301,7 +301,7 @@ async def test_a_hold_warns_before_it_lapses_and_the_lapse_offers_book_again(
     a warning (not a success) names the doctor and the day, and Book again brings that
     doctor's week back with the time free again."""
     (server,) = await start_one(
-        spawn_server, {"SLOTCAST_HOLD_TTL_S": "12", "SLOTCAST_HOLD_SWEEP_S": "0.5"}
+        spawn_server, {"SLOTCAST_HOLD_TTL_S": "8", "SLOTCAST_HOLD_SWEEP_S": "0.5"}
     )
     ada = await demo_doctor(http, server, "Dr. Ada Moreau")
     alice = await pages.open(patient_url(server, ada["id"], "alice"), name="alice")
