@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from html import escape
 from pathlib import Path
 
 from aiohttp import web
 
-from server import api, apikey_api, signin, webhook_api, ws
+from server import api, apikey_api, ics, signin, webhook_api, ws
 from server.commands import REGISTRY
 from server.guard import host_origins
 from server.keys import GUARD
@@ -26,6 +27,8 @@ def setup_routes(app: web.Application, settings: Settings) -> None:
     # Every command, where its registry entry says (server.commands.REGISTRY).
     for command in REGISTRY.values():
         r.add_route(command.route.method, command.route.path, api.endpoint(command))
+    # An appointment as a calendar file, for its patient and staff (server.ics).
+    ics.setup(app)
     # Webhook endpoints, for admins (server.webhook_api; docs/webhooks.md).
     webhook_api.setup(app)
     # API keys, for admins (server.apikey_api; docs/protocol.md, "API keys").
@@ -69,6 +72,8 @@ _DEMO_META = '<meta name="slotcast-demo" content="">'
 # The attendance window (`mark`, `unmark`), so the doctor's page offers a mark only when
 # the server would take it: minutes an arrival may be early, seconds a mark may be undone.
 _ATTENDANCE_META = '<meta name="slotcast-attendance" content="">'
+# The clinic's name (SLOTCAST_CLINIC_NAME): the place a patient's confirmation names.
+_CLINIC_META = '<meta name="slotcast-clinic" content="">'
 
 
 def _page(
@@ -84,6 +89,8 @@ def _page(
     html = html.replace(_DEMO_META, f'<meta name="slotcast-demo" content="{mode}">')
     window = f"{settings.arrive_early_minutes} {settings.unmark_window_s:g}"
     html = html.replace(_ATTENDANCE_META, f'<meta name="slotcast-attendance" content="{window}">')
+    clinic = escape(settings.clinic_name, quote=True)
+    html = html.replace(_CLINIC_META, f'<meta name="slotcast-clinic" content="{clinic}">')
     headers = {
         "Content-Security-Policy": " ".join([_CSP, *origins]),
         "Referrer-Policy": "no-referrer",

@@ -257,6 +257,10 @@ class Settings:
     # (a doctor's next only after its previous one was answered 2xx).
     webhook_db_pool: int = 2
     webhook_inflight: int = 8
+    # The clinic's name, where a patient reads where to go (the confirmation after booking
+    # and the LOCATION of an appointment's .ics, server/ics.py) when the directory has no
+    # address for the doctor. Empty: the pages say "at the clinic", the .ics names no place.
+    clinic_name: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

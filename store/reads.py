@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from typing import Any
 
@@ -40,6 +41,15 @@ from store.errors import DoctorRetired, Invalid, NotFound
 from store.pool import Store
 from store.steps import appointment_view, slot_view
 from store.tx import resolve_now
+
+
+@dataclass(frozen=True, slots=True)
+class AppointmentEntry:
+    """An appointment with what a calendar file names besides it: whom and in which zone."""
+
+    appointment: AppointmentView
+    doctor_name: str
+    doctor_timezone: str
 
 
 class Behind(Exception):
@@ -288,3 +298,12 @@ async def schedule_preview(
         conflicts=[appointment_view(r) for r in conflicts[:limit]],
         total=len(conflicts),
     )
+
+
+async def appointment_entry(store: Store, appointment_id: int) -> AppointmentEntry:
+    """Read on the primary: a patient downloads the file right after booking, and a replica
+    behind would answer `not_found` for the appointment they were just shown."""
+    row = await store.fetchrow(sql.APPOINTMENT_WITH_DOCTOR, appointment_id)
+    if row is None:
+        raise NotFound(f"no appointment {appointment_id}")
+    return AppointmentEntry(appointment_view(row), row["doctor_name"], row["doctor_timezone"])

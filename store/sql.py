@@ -336,6 +336,10 @@ INSERT INTO appointments AS a
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $10, $11, $12)
 RETURNING {APPOINTMENT_COLUMNS}"""
 APPOINTMENT_DOCTOR: Final = "SELECT doctor_id FROM appointments WHERE id = $1"
+# One appointment with its doctor's name and zone: what its calendar file (.ics) says.
+APPOINTMENT_WITH_DOCTOR: Final = f"""
+SELECT {APPOINTMENT_COLUMNS}, d.name AS doctor_name, d.timezone AS doctor_timezone
+FROM appointments a JOIN doctors d ON d.id = a.doctor_id WHERE a.id = $1"""
 APPOINTMENT_FOR_UPDATE: Final = f"""
 SELECT {APPOINTMENT_COLUMNS} FROM appointments a WHERE a.id = $1 FOR UPDATE"""
 # The first read under the lock (see COMMAND_PRELUDE) of a command that names an

@@ -101,7 +101,7 @@ export class Connection extends EventTarget {
     this.rejoinAttempt = 0;
     this.nextId = 1;
     this.pending = new Map(); // request id -> {type, body, retry, attempts, resolve, reject}
-    this.outbox = []; // retryable commands waiting for the next connection
+    this.outbox = []; // commands sent, unanswered when the socket dropped: resent on the next
     this.attempt = 0;
     this.retryAfterMs = null; // from a `reconnect` notice
     this.reconnectTimer = null;
@@ -136,7 +136,7 @@ export class Connection extends EventTarget {
   /**
    * Present a new token (e.g. from the host application) on the live
    * connection. After an expiry (or a refused token at connect) the rooms are
-   * gone, so this also joins them again and sends what waited for it.
+   * gone, so this also joins them again and resends what was in flight.
    */
   async setToken(token) {
     this.token = token;
@@ -172,17 +172,19 @@ export class Connection extends EventTarget {
 
   /**
    * Send a request and wait for its reply. With `retry` (commands carrying an
-   * idempotency key), a request that cannot be answered because the connection
-   * dropped is sent again after reconnecting, with the same body and so the same
-   * key: the server then replays the first reply instead of acting twice.
-   * Requests without `retry` fail at once with code "offline"; the page's
-   * onReady re-issues reads and watches anyway.
+   * idempotency key), a request that was sent but could not be answered because
+   * the connection dropped is sent again after reconnecting, with the same body
+   * and so the same key: the server then replays the first reply instead of
+   * acting twice. A request made while there is no connection is never kept for
+   * later, command or not: it fails at once with code "offline". A hold or a
+   * block pressed offline and sent by itself seconds after the network came back
+   * would act on a calendar the person no longer sees; they press again when the
+   * page is live. (The page's onReady re-issues reads and watches anyway.)
    */
   request(type, body = {}, { retry = false } = {}) {
     return new Promise((resolve, reject) => {
       const entry = { type, body, retry, attempts: 0, resolve, reject };
       if (this.ready) this.send(entry);
-      else if (retry) this.outbox.push(entry);
       else reject(new ServerError("offline"));
     });
   }

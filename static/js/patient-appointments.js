@@ -1,22 +1,25 @@
-// The patient page's "My appointments": the list, each one's badge, and the
-// cancel form. The appointments are state (appointments.js); this watches
-// them, draws them, and keeps the hold panel in step, since the hold is the
-// patient's pending appointment (held from another tab, expired, booked).
+// The patient page's "My appointments": the list, each one's badge, the
+// cancel form and Reschedule. The appointments are state (appointments.js);
+// this watches them, draws them, and keeps the hold panel in step, since the
+// hold is the patient's pending appointment (held from another tab, expired,
+// booked). The count in the phone's "My appointments" link is kept here too.
 
 import { DEFAULT_CANCEL_REASON } from "./appointments.js";
-import { dateKey, dayLong, shortDateTime, timeHM } from "./format.js";
+import { ServerError } from "./connection.js";
+import { patientWhen } from "./format.js";
 import { holdLeft } from "./hold.js";
-import { el, reducedMotion, showNotice } from "./ui.js";
+import { el, reducedMotion, showNotice, showWarning } from "./ui.js";
 
 const $ = (selector) => document.querySelector(selector);
 
 /**
- * `page`: {conn, intentions, zone, doctors, hold, appointments, fail}.
+ * `page`: {conn, intentions, zone, doctors, hold, appointments, fail, doctorZone, bookAgain}.
  * `panel`: the hold panel's {show, clear, expired}; `loadAllDoctors()` names
- * doctors no search has shown.
+ * doctors no search has shown; `reschedule(appointment)` starts choosing a new time.
  */
-export function myAppointments(page, { panel, loadAllDoctors }) {
+export function myAppointments(page, { panel, loadAllDoctors, reschedule }) {
   const { appointments: state, hold, intentions, zone } = page;
+  const when = (appointment) => patientWhen(appointment.start, zone, page.doctorZone(appointment.doctor_id));
 
   async function watch() {
     try {
@@ -55,9 +58,10 @@ export function myAppointments(page, { panel, loadAllDoctors }) {
       panel.show(appointment); // held from another tab or device
     }
     if (state.clinicCancelled(applied.before, appointment)) {
-      showNotice(
+      showWarning(
         "cancelled",
-        `${page.doctors.name(appointment.doctor_id)}'s clinic cancelled your appointment on ${shortDateTime(appointment.start, zone)}.`,
+        `${page.doctors.name(appointment.doctor_id)}'s clinic cancelled your appointment on ${when(appointment)}.`,
+        { label: "Book again", run: () => page.bookAgain(appointment) },
       );
     }
     render();
@@ -81,6 +85,8 @@ export function myAppointments(page, { panel, loadAllDoctors }) {
       return item;
     });
     list.replaceChildren(...items); // moves existing items, so an open cancel form keeps its text
+    const upcoming = shown.filter((a) => ["pending", "booked", "arrived"].includes(a.status)).length;
+    $("[data-testid=jump-appointments]").textContent = upcoming ? `My appointments (${upcoming})` : "My appointments";
   }
 
   function renderItem(item, appointment) {
@@ -98,7 +104,7 @@ export function myAppointments(page, { panel, loadAllDoctors }) {
         el("p", { class: "who" }, page.doctors.name(appointment.doctor_id)),
         el("span", { class: `badge badge-${appointment.status}` }, state.badgeText(appointment)),
       ),
-      el("p", { class: "when" }, `${dayLong(dateKey(appointment.start, zone))}, ${timeHM(appointment.start, zone)}`),
+      el("p", { class: "when" }, when(appointment)),
     );
     if (reason) item.append(el("p", { class: "reason" }, `Reason: ${reason}`));
     if (appointment.status === "booked") item.append(cancelControls(appointment));
@@ -125,20 +131,29 @@ export function myAppointments(page, { panel, loadAllDoctors }) {
       reason.select();
     };
     const close = () => {
-      wrap.replaceChildren(button);
+      wrap.replaceChildren(move, button);
       button.focus();
     };
     const button = el(
       "button",
-      { type: "button", class: "btn btn-quiet", "aria-label": `Cancel ${timeHM(appointment.start, zone)}`, onclick: open },
+      { type: "button", class: "btn btn-quiet", "aria-label": `Cancel ${when(appointment)}`, onclick: open },
       "Cancel",
     );
-    wrap.append(button);
+    const move = el(
+      "button",
+      { type: "button", class: "btn btn-quiet", "aria-label": `Reschedule ${when(appointment)}`, onclick: () => reschedule(appointment) },
+      "Reschedule",
+    );
+    wrap.append(move, button);
     return wrap;
   }
 
   async function cancel(appointment, reason) {
     if (!reason) return;
+    if (!page.conn.ready) {
+      page.fail(new ServerError("offline")); // not kept to be sent later
+      return;
+    }
     const intention = `cancel:${appointment.id}:${reason}`;
     try {
       const { body } = await page.conn.request(
@@ -149,7 +164,7 @@ export function myAppointments(page, { panel, loadAllDoctors }) {
       intentions.settle(intention);
       state.cancelledHere(appointment.id);
       remember(body.appointment);
-      showNotice("cancelled", `Cancelled your appointment on ${shortDateTime(appointment.start, zone)}.`);
+      showNotice("cancelled", `Cancelled your appointment on ${when(appointment)}.`);
     } catch (error) {
       intentions.settle(intention, error);
       page.fail(error);

@@ -1,12 +1,14 @@
 // The patient page: find a doctor, see a week of their slots change live,
-// hold one (with a countdown), confirm or release it, and follow one's own
-// appointments. This file only wires the sections together and to the
-// connection. State lives in plain objects without DOM (directory.js, week.js
-// with calendar.js, hold.js, appointments.js); each section draws its part
-// (patient-search.js, patient-week.js, patient-hold.js,
-// patient-appointments.js). Every change from the server flows through the
-// same few functions, whether it came from a reply, a push or a resume after
-// reconnecting.
+// hold one (with a countdown), confirm or release it, see the booking
+// confirmed, and follow (cancel, reschedule) one's own appointments. This file
+// only wires the sections together and to the connection. State lives in plain
+// objects without DOM (directory.js, week.js with calendar.js, hold.js,
+// appointments.js); each section draws its part (patient-search.js,
+// patient-week.js, patient-hold.js, patient-appointments.js,
+// patient-confirmation.js, patient-reschedule.js). Every change from the server
+// flows through the same few functions, whether it came from a reply, a push or
+// a resume after reconnecting. While the page is offline the calendar is
+// visibly inactive, and nothing pressed then is sent later.
 
 import { MyAppointments } from "./appointments.js";
 import { Intentions, ServerError } from "./connection.js";
@@ -15,7 +17,9 @@ import { browserZone, dateKey } from "./format.js";
 import { Hold } from "./hold.js";
 import { errorCode } from "./messages.js";
 import { myAppointments } from "./patient-appointments.js";
+import { confirmationView } from "./patient-confirmation.js";
 import { holdPanel } from "./patient-hold.js";
+import { rescheduler } from "./patient-reschedule.js";
 import { doctorSearch } from "./patient-search.js";
 import { weekGrid } from "./patient-week.js";
 import { boot } from "./shell.js";
@@ -40,6 +44,15 @@ const page = {
   week: new Week(dateKey(Date.now(), zone)),
   hold: new Hold(),
   appointments: new MyAppointments(),
+  /** A doctor's IANA zone, for the clinic's time beside the patient's; the patient's own while unknown. */
+  doctorZone(doctorId) {
+    const known = page.doctors.byId.get(doctorId)?.timezone;
+    if (known) return known;
+    const calendar = page.week.calendar;
+    return (calendar?.doctorId === doctorId && calendar.timezone) || zone;
+  },
+  /** "Book again" on a lapsed hold or a cancelled appointment: that doctor's week, at that day. */
+  bookAgain: (appointment) => bookAgain(appointment),
 };
 
 // The sections call each other only through these hooks.
@@ -50,7 +63,14 @@ const search = doctorSearch(page, {
   },
   onPick: (doctor) => selectDoctor(doctor),
 });
-const week = weekGrid(page, { onPickSlot: (slotId) => panel.take(slotId) });
+const week = weekGrid(page, {
+  onPickSlot: (slotId) => {
+    confirmation.close({ focus: false });
+    if (moving.active()) moving.pick(slotId);
+    else panel.take(slotId);
+  },
+});
+const confirmation = confirmationView(page, { onClose: () => $("#main").focus({ preventScroll: true }) });
 const panel = holdPanel(page, {
   rerenderSlot: (slotId) => week.rerenderSlot(slotId),
   remember: (appointment) => {
@@ -58,13 +78,55 @@ const panel = holdPanel(page, {
     week.rerenderSlot(appointment.slot_id); // booked: "your appointment" in the week
   },
   resync: () => appointments.watch(),
+  confirmed: (appointment) => confirmation.show(appointment),
 });
-const appointments = myAppointments(page, { panel, loadAllDoctors: () => search.loadAll() });
+const moving = rescheduler(page, {
+  showDoctor: (doctorId) => selectDoctor(page.doctors.byIdOrStandIn(doctorId)),
+  remember: (appointment) => appointments.remember(appointment),
+  moved: (appointment) => confirmation.show(appointment, { moved: true }),
+  resync: () => appointments.watch().catch(() => {}),
+});
+const appointments = myAppointments(page, {
+  panel,
+  loadAllDoctors: () => search.loadAll(),
+  reschedule: (appointment) => {
+    confirmation.close({ focus: false });
+    moving.start(appointment);
+  },
+});
+
+/** Back to a doctor's week at the day of an appointment that fell through. */
+function bookAgain(appointment) {
+  moving.stop({ focus: false });
+  selectDoctor(page.doctors.byIdOrStandIn(appointment.doctor_id));
+  const day = dateKey(appointment.start, zone);
+  if (day < page.week.start || day > page.week.end) {
+    week.move(Math.round((Date.parse(day) - Date.parse(page.week.start)) / 86_400_000));
+  }
+  const heading = $("#doctor-heading");
+  heading.setAttribute("tabindex", "-1");
+  heading.scrollIntoView({ block: "start" });
+  heading.focus({ preventScroll: true });
+}
+
+/** Offline: the calendar cannot be acted on, and says so; back online it is drawn afresh. */
+function onConnectionState(state) {
+  const offline = state === "offline";
+  document.body.classList.toggle("offline", offline);
+  $("#offline-note").hidden = !offline;
+  if (offline) {
+    for (const button of document.querySelectorAll("[data-testid=calendar] .slot")) button.disabled = true;
+  } else if (state === "online") {
+    week.refresh();
+  }
+  if (offline || state === "online") panel.connectionChanged(state === "online");
+}
 
 /** Show a doctor's week: stop watching the previous one, note it in the address. */
 function selectDoctor(doctor) {
   const previous = page.week.doctor;
   if (previous?.id === doctor.id) return;
+  if (moving.active() && moving.doctorId() !== doctor.id) moving.stop({ focus: false }); // a new time is with the same doctor
   if (previous) page.conn.request("unwatch", { doctor_id: previous.id }).catch(() => {});
   page.week.select(doctor);
   const url = new URL(location.href);
@@ -126,7 +188,10 @@ async function main() {
   conn.on("appointment_event", (event) => {
     appointments.onEvent(event);
     week.rerenderSlot(event.appointment.slot_id); // "your appointment" comes and goes
+    moving.update(event.appointment);
+    confirmation.update(event.appointment);
   });
+  conn.addEventListener("state", (event) => onConnectionState(event.detail));
   conn.on("resync", ({ room }) => {
     if (room === "appointments") appointments.watch().then(week.refresh);
     else if (room === "availability" && page.week.calendar) week.watch(page.week.calendar);
@@ -162,6 +227,12 @@ async function main() {
   $("#next-week").addEventListener("click", () => week.move(7));
   $("#confirm-hold").addEventListener("click", panel.confirm);
   $("#release-hold").addEventListener("click", panel.releaseShown);
+  $("[data-testid=jump-appointments]").addEventListener("click", (event) => {
+    event.preventDefault(); // no fragment in the address: the page reads its token from there
+    const heading = $("#appointments-h");
+    heading.scrollIntoView({ block: "start" });
+    heading.focus({ preventScroll: true });
+  });
   setInterval(week.refresh, 30_000);
   conn.start();
 }

@@ -30,18 +30,24 @@ export const reducedMotion = () => window.matchMedia("(prefers-reduced-motion: r
 const MESSAGE_MS = 8000;
 let messageTimer = null;
 
-function showMessageElement(kind, code, text) {
+function showMessageElement(kind, code, text, action = null) {
   const area = document.getElementById("messages");
   clearTimeout(messageTimer);
   const dismiss = el("button", { type: "button", class: "btn btn-quiet dismiss", onclick: () => box.remove() }, "Dismiss");
+  const act = action
+    ? el("button", { type: "button", class: "btn btn-small", onclick: () => (box.remove(), action.run()) }, action.label)
+    : null;
   const box = el(
     "div",
     { class: `message message-${kind}`, "data-testid": "message", role: kind === "error" ? "alert" : "status", dataset: { code } },
     el("p", {}, text),
+    act,
     dismiss,
   );
   area.replaceChildren(box);
-  messageTimer = setTimeout(() => box.remove(), MESSAGE_MS);
+  // A message that offers something to do stays until it is used or dismissed: a
+  // reader who is slower than eight seconds must still be able to reach it.
+  if (!action) messageTimer = setTimeout(() => box.remove(), MESSAGE_MS);
 }
 
 /** An error for a code from protocol/errors.py (or "offline"). */
@@ -52,6 +58,15 @@ export function showError(code) {
 /** A notice (booked, hold expired, ...) with its own code and text. */
 export function showNotice(code, text) {
   showMessageElement("notice", code, text);
+}
+
+/**
+ * Something the person did not want happened (their hold ran out, the clinic
+ * cancelled): styled as a warning, not as a success, with an optional action
+ * ({label, run}) such as "Book again".
+ */
+export function showWarning(code, text, action = null) {
+  showMessageElement("warning", code, text, action);
 }
 
 // ---- connection indicator ------------------------------------------------------

@@ -131,7 +131,7 @@ async def test_the_front_desk_runs_every_doctors_day_live(
     await show_slot(alice, ada["id"], a0)
     await slot(alice, a0).click()
     await hold_panel(alice).get_by_role("button", name="Confirm booking").click()
-    await expect(message(alice, "booked")).to_be_visible()
+    await expect(alice.get_by_test_id("confirmation")).to_be_visible()
     alice_row = clinic_row(desk, ada["id"], a0)
     await expect(alice_row).to_have_attribute("data-status", "busy")
     await expect(alice_row.get_by_test_id("patient")).to_have_text("Alice Martin")

@@ -596,3 +596,43 @@ async def test_next_available_is_the_first_slot_a_patient_may_hold(
         found = await ws.next_available(doctor.id, after=later.start)
     assert found is not None
     assert found.id == later.id
+
+
+# ---- add to calendar ---------------------------------------------------------------------------
+
+
+async def test_an_appointment_ics_goes_to_its_patient_and_staff_only(
+    client: AppClient, doctor: SeededDoctor
+) -> None:
+    """The patient, the doctor and an admin get the file; another patient or doctor is told
+    it does not exist (ids cannot be probed), and nobody signed out gets anything."""
+    resp = await client.post(
+        BOOK, json={"slot_id": doctor.slots[2].id}, headers=bearer(sub="p-ics")
+    )
+    appointment = (await resp.json())["appointment"]
+    url = f"/api/appointments/{appointment['id']}.ics"
+    for headers in (
+        bearer(sub="p-ics"),
+        bearer(Role.DOCTOR, str(doctor.id)),
+        bearer(Role.ADMIN, "admin-1"),
+    ):
+        resp = await client.get(url, headers=headers)
+        assert resp.status == 200, await resp.text()
+        assert resp.content_type == "text/calendar"
+        assert "attachment" in resp.headers["Content-Disposition"]
+        assert b"UID:appointment-" in await resp.read()
+    for headers, status, code in (
+        (bearer(sub="p-other"), 404, "not_found"),
+        (bearer(Role.DOCTOR, str(doctor.id + 1)), 404, "not_found"),
+        ({}, 401, "unauthenticated"),
+    ):
+        assert await error_code(await client.get(url, headers=headers), status) == code
+    missing = await client.get("/api/appointments/999999.ics", headers=bearer(sub="p-ics"))
+    assert await error_code(missing, 404) == "not_found"
+    # Cancelled, the same file says so: a calendar that imports it again updates the event.
+    cancel = f"/api/appointments/{appointment['id']}/cancel"
+    assert (
+        await client.post(cancel, json={"reason": "x"}, headers=bearer(sub="p-ics"))
+    ).status == 200
+    resp = await client.get(url, headers=bearer(sub="p-ics"))
+    assert b"STATUS:CANCELLED" in await resp.read()
