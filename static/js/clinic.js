@@ -57,7 +57,12 @@ async function findDoctors() {
   return { doctors: body.doctors.slice(0, SHOWN), more: body.doctors.length > SHOWN };
 }
 
-async function loadDoctors({ focusFirst = false } = {}) {
+/**
+ * Show the doctors found and follow their day. A doctor already followed for
+ * this date keeps their room (a narrower search costs no request); `rewatch`
+ * (after a reconnect: dashboards are not resumed) joins every room afresh.
+ */
+async function loadDoctors({ focusFirst = false, rewatch = false } = {}) {
   const generation = ++page.generation;
   let found;
   try {
@@ -83,7 +88,9 @@ async function loadDoctors({ focusFirst = false } = {}) {
   page.order = doctors.map((d) => d.id);
   $("#clinic-doctors").replaceChildren(...page.order.map((id) => section(page.doctors.get(id))));
   showCount(doctors.length, more);
-  const watching = Promise.all(page.order.map((id) => watchDay(id)));
+  const following = (entry) => entry.day?.date === page.date && !entry.day.awaitingReply;
+  const stale = page.order.filter((id) => rewatch || !following(page.doctors.get(id)));
+  const watching = Promise.all(stale.map((id) => watchDay(id)));
   if (focusFirst && page.order.length) page.doctors.get(page.order[0]).heading.focus();
   await watching;
 }
@@ -307,7 +314,7 @@ async function main() {
   conn.on("appointment_event", () => {});
 
   // After every (re)connect: the doctors and a fresh dashboard each (dashboards are not resumed).
-  conn.onReady = () => loadDoctors();
+  conn.onReady = () => loadDoctors({ rewatch: true });
   conn.start();
 }
 
