@@ -128,6 +128,7 @@ export function dayTimeline(page, { showZone, rememberCounts }) {
       appointment?.id,
       appointment?.status,
       appointment?.patient_name,
+      appointment?.visit_reason,
       conflict,
       cancelling === appointment?.id,
       confirmingNoshow === appointment?.id,
@@ -152,6 +153,8 @@ export function dayTimeline(page, { showZone, rememberCounts }) {
       if (appointment.status === "pending" && appointment.hold_expires_at) {
         body.append(el("span", { class: "row-note" }, `until ${hm(appointment.hold_expires_at)}`));
       }
+      // Why the patient comes, when given (docs/protocol.md, "Visit details").
+      if (appointment.visit_reason) body.append(el("span", { class: "row-note", "data-testid": "visit-reason" }, appointment.visit_reason));
     } else {
       body.append(el("span", { class: `badge badge-${slot.status}` }, SLOT_WORDS[slot.status] ?? slot.status));
       if (reason) body.append(el("span", { class: "row-note", "data-testid": "block-reason" }, reason));
