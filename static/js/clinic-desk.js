@@ -120,7 +120,7 @@ export function deskDialogs(page) {
       fields: [
         field("Patient's sign-in ID", text("patient_id", { required: true, maxlength: 128 }), "What they sign in with: the booking appears in their appointments."),
         field("Patient's name", text("patient_name", { required: true, maxlength: 200, autocomplete: "off" })),
-        field("Phone or e-mail", text("patient_contact", { maxlength: 120, inputmode: "email" }), "How the clinic reaches them (optional)."),
+        field("Phone or e-mail", text("patient_contact", { maxlength: 120 }), "How the clinic reaches them (optional)."),
         field("Reason for the visit", el("textarea", { name: "visit_reason", rows: 2, maxlength: 300 }), "Optional, up to 300 characters."),
       ],
       submit: "Book",
