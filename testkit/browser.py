@@ -36,6 +36,7 @@ LEAKED = re.compile(r"\b(null|undefined|NaN)\b|\[object Object\]")
 
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
+TABLET = {"width": 820, "height": 1180}  # a tablet held upright: between the two layouts
 
 
 async def launch(playwright: Playwright, executable: str) -> Browser:

@@ -28,11 +28,11 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from playwright.async_api import Locator, WebSocketRoute, expect
+from playwright.async_api import Locator, Page, WebSocketRoute, expect
 
 from protocol.vocabulary import Role
 from store.pool import open_store
-from testkit.browser import PHONE, Pages
+from testkit.browser import PHONE, TABLET, Pages
 from testkit.fixtures import Spawn, seed_doctor, token
 from testkit.harness import free_port
 from tests.browser.kit import (
@@ -991,8 +991,9 @@ async def test_attendance_waits_for_its_time_asks_before_a_no_show_and_can_be_un
 async def test_every_screen_passes_a_wcag_aa_audit(
     spawn_server: Spawn, http: aiohttp.ClientSession, pages: Pages
 ) -> None:
-    """Sign-in, the slot picker with a hold, the dashboard, and the phone layout: no
-    missing label or name, no contrast below AA, no misused ARIA (axe-core's rules)."""
+    """Sign-in, the slot picker with a hold, the dashboard, and the phone and tablet
+    layouts: no missing label or name, no contrast below AA, no misused ARIA (axe-core's
+    rules), and nothing wider than the tablet's screen."""
     (server,) = await start(spawn_server, "s1")
     doctor = await demo_doctor(http, server, "Dr. Ada Moreau")
 
@@ -1015,3 +1016,16 @@ async def test_every_screen_passes_a_wcag_aa_audit(
     timeline = await dashboard_day(dash, slot_day)
     await expect(row(timeline, slot_id)).to_have_attribute("data-status", "busy-tentative")
     assert await audit(dash) == ""
+
+    for page in (alice, dash):
+        await page.set_viewport_size(TABLET)  # type: ignore[arg-type]
+        assert await audit(page) == ""
+        assert await fits_width(page), f"{page.url} scrolls sideways at {TABLET['width']} px"
+
+
+async def fits_width(page: Page) -> bool:
+    return bool(
+        await page.evaluate(
+            "() => document.scrollingElement.scrollWidth <= document.documentElement.clientWidth"
+        )
+    )
