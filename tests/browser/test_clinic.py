@@ -17,7 +17,7 @@ import pytest
 from playwright.async_api import Locator, Page, expect
 
 from protocol.vocabulary import Role
-from testkit.browser import PHONE, Pages
+from testkit.browser import DESKTOP, PHONE, TABLET, Pages
 from testkit.fixtures import Spawn, token
 from testkit.harness import ServerProcess
 from tests.browser.kit import (
@@ -86,6 +86,14 @@ async def day_shown(page: Page, doctor_id: int, day: date) -> None:
     listed = doctor_card(page, doctor_id).get_by_test_id("clinic-day")
     await expect(listed).to_have_attribute("data-date", day.isoformat())
     await expect(listed).to_have_attribute("data-version", re.compile(r"^\d+$"))
+
+
+async def fits_width(page: Page) -> bool:
+    return bool(
+        await page.evaluate(
+            "() => document.scrollingElement.scrollWidth <= document.documentElement.clientWidth"
+        )
+    )
 
 
 async def pick_date(page: Page, day: date) -> None:
@@ -206,7 +214,8 @@ async def test_the_front_desk_runs_every_doctors_day_live(
     await expect(moved_row).to_have_attribute("data-status", "free")
     await expect(my_appointment(bob, moved[0]["id"])).to_have_attribute("data-status", "cancelled")
 
-    # The overview with appointments passes the audit, on a desktop and on a phone.
+    # The overview with appointments passes the audit on a desktop, a phone and a tablet,
+    # and never scrolls sideways.
     assert await audit(desk) == ""
     phone = await pages.open(clinic_url(server), name="desk-phone", viewport=PHONE)
     await online(phone)
@@ -215,6 +224,11 @@ async def test_the_front_desk_runs_every_doctors_day_live(
         "Alice Martin"
     )
     assert await audit(phone) == ""
+    assert await fits_width(phone), "the front desk scrolls sideways on a phone"
+    await desk.set_viewport_size(TABLET)  # type: ignore[arg-type]
+    assert await audit(desk) == ""
+    assert await fits_width(desk), f"the front desk scrolls sideways at {TABLET['width']} px"
+    await desk.set_viewport_size(DESKTOP)  # type: ignore[arg-type]
 
     # Search: Enter goes to the first match, and clearing it brings every doctor back.
     search = desk.get_by_role("searchbox", name="Find a doctor")
