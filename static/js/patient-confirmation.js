@@ -44,6 +44,8 @@ export function confirmationView(page, { onClose }) {
     field("length").textContent = `${minutes} minutes`;
     // The directory has no addresses yet; a doctor's own, once it has, comes first.
     field("place").textContent = doctor?.address || doctor?.location || clinicName() || "At the clinic";
+    field("reason").textContent = appointment.visit_reason ?? "";
+    field("reason").hidden = field("reason-label").hidden = !appointment.visit_reason;
     const view = $("#confirmation");
     view.dataset.appointmentId = appointment.id;
     view.hidden = false;

@@ -106,6 +106,7 @@ export function holdPanel(page, { rerenderSlot, remember, resync, confirmed }) {
 
   function clear() {
     const slotId = state.clear();
+    $("#visit-reason").value = "";
     clearInterval(timer);
     const panel = $("[data-testid=hold]");
     const hadFocus = panel.contains(document.activeElement);
@@ -166,12 +167,14 @@ export function holdPanel(page, { rerenderSlot, remember, resync, confirmed }) {
     offlinePress = false;
     note("");
     const intention = `book:${hold.id}`;
+    // Told to the clinic with the booking (what staff see, never other patients).
+    const reason = $("#visit-reason").value.trim() || null;
     setBusy(true);
     state.confirming = hold.id;
     try {
       const { body } = await page.conn.request(
         "book",
-        { hold_id: hold.id, idempotency_key: intentions.key(intention) },
+        { hold_id: hold.id, idempotency_key: intentions.key(intention), visit_reason: reason },
         { retry: true },
       );
       intentions.settle(intention);

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from icalendar import Calendar
 from playwright.async_api import Page, expect
@@ -103,6 +104,8 @@ async def test_the_confirmation_names_both_times_and_adds_the_booking_to_a_calen
     )
     slot_id = await first_free_slot(alice, ada["id"])
     await slot(alice, slot_id).click()
+    # Why she comes, told with the booking (optional): the clinic's staff read it.
+    await hold_panel(alice).get_by_label("Reason for your visit").fill("Knee pain after running")
     await hold_panel(alice).get_by_role("button", name="Confirm booking").click()
 
     view = confirmation(alice)
@@ -121,7 +124,16 @@ async def test_the_confirmation_names_both_times_and_adds_the_booking_to_a_calen
     minutes = int((ends - starts).total_seconds() // 60)
     await expect(view.locator('[data-field="length"]')).to_have_text(f"{minutes} minutes")
     await expect(view.locator('[data-field="place"]')).to_have_text(CLINIC)
-    await expect(facts).to_have_count(5)
+    await expect(view.locator('[data-field="reason"]')).to_have_text("Knee pain after running")
+    await expect(facts).to_have_count(6)
+    conn = await asyncpg.connect(database_url)
+    try:
+        stored = await conn.fetchval(
+            "SELECT visit_reason FROM appointments WHERE id = $1", appointment_id
+        )
+    finally:
+        await conn.close()
+    assert stored == "Knee pain after running"
 
     async with alice.expect_download() as downloading:
         await view.get_by_role("button", name="Add to calendar").click()
