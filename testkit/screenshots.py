@@ -3,7 +3,7 @@
 Starts a throwaway PostgreSQL and a demo server (`slotcast serve --demo`), makes a
 little activity through the REST API (bookings, a hold, a blocked slot, an
 arrival) while the doctor's dashboard is open, holds a slot in Alice's page, and
-writes docs/screenshots/patient.png, doctor.png and patient-phone.png with
+writes docs/screenshots/patient.png, doctor.png, patient-phone.png and clinic.png with
 Debian's Chromium (installed like the browser tests do, testkit/tools.py).
 """
 
@@ -24,6 +24,7 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from protocol.vocabulary import Role
 from server import auth
+from store import demo
 from store.migrate import migrate
 from testkit.browser import DESKTOP, PHONE, launch
 from testkit.harness import REPO, ServerProcess, free_port, postgres_server, with_database
@@ -36,8 +37,14 @@ PATIENT_TZ = "Europe/London"
 DOCTOR = "Dr. Ada Moreau"
 
 
+def issue(role: Role, subject: str) -> str:
+    """A token as the host application would issue it: a patient's carries their name."""
+    name = next((p["name"] for p in demo.PATIENTS if p["subject"] == subject), None)
+    return auth.issue(SECRET, subject=subject, role=role, name=name)
+
+
 def bearer(role: Role, subject: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {auth.issue(SECRET, subject=subject, role=role)}"}
+    return {"Authorization": f"Bearer {issue(role, subject)}"}
 
 
 async def call(http: aiohttp.ClientSession, method: str, url: str, status: int, **kw: Any) -> Any:
@@ -77,7 +84,8 @@ async def activity(
     bob, chloe, dev, blocked = slots[1], slots[2], slots[4], slots[6]
     doctor_auth = bearer(Role.DOCTOR, str(doctor["id"]))
     await call(
-        http, "POST", f"{base}/api/appointments", 201, json={"slot_id": bob},
+        http, "POST", f"{base}/api/appointments", 201,
+        json={"slot_id": bob, "visit_reason": "Follow-up on blood test"},
         headers=bearer(Role.PATIENT, "bob"),
     )  # fmt: skip
     booked = await call(
@@ -111,7 +119,7 @@ async def shoot(browser: Browser, server: ServerProcess) -> None:
         demo = await call(http, "GET", f"{base}/api/demo", 200)
         doctor = next(d for d in demo["doctors"] if d["name"] == DOCTOR)
         doctor_token = auth.issue(SECRET, subject=str(doctor["id"]), role=Role.DOCTOR)
-        alice_token = auth.issue(SECRET, subject="alice", role=Role.PATIENT)
+        alice_token = issue(Role.PATIENT, "alice")
 
         dash_ctx = await browser.new_context(
             viewport=DESKTOP,  # type: ignore[arg-type]
@@ -173,7 +181,26 @@ async def shoot(browser: Browser, server: ServerProcess) -> None:
             "b => { b.scrollIntoView({block: 'start'}); window.scrollBy(0, -64); }"
         )
         await phone.screenshot(path=OUT / "patient-phone.png", animations="disabled")
-        for ctx in (dash_ctx, patient_ctx, phone_ctx):
+
+        # The front desk on the same day: every doctor's day side by side.
+        desk_ctx = await browser.new_context(
+            viewport=DESKTOP,  # type: ignore[arg-type]
+            timezone_id=doctor["timezone"],
+            locale="en-GB",
+        )
+        desk = await desk_ctx.new_page()
+        admin_token = auth.issue(SECRET, subject="desk", role=Role.ADMIN)
+        await desk.goto(f"{base}/clinic#token={admin_token}")
+        await online(desk)
+        await desk.get_by_label("Day", exact=True).fill(day.isoformat())
+        listed = desk.locator(
+            f'[data-testid=clinic-doctor][data-doctor-id="{doctor["id"]}"] [data-testid=clinic-day]'
+        )
+        await expect(listed).to_have_attribute("data-date", day.isoformat())
+        await desk.evaluate("() => document.activeElement?.blur()")
+        await desk.mouse.move(0, 0)
+        await desk.screenshot(path=OUT / "clinic.png", animations="disabled")
+        for ctx in (dash_ctx, patient_ctx, phone_ctx, desk_ctx):
             await ctx.close()
 
 
@@ -229,7 +256,7 @@ def main() -> int:
         return 1
     with tempfile.TemporaryDirectory(prefix="slotcast-shots-") as tmp, postgres_server() as dsn:
         asyncio.run(run(chromium, dsn, Path(tmp)))
-    for name in ("patient.png", "doctor.png", "patient-phone.png"):
+    for name in ("patient.png", "doctor.png", "patient-phone.png", "clinic.png"):
         print(OUT / name)
     return 0
 
