@@ -125,7 +125,9 @@ class Connection:
         self.codec = codec
         self.busy = False  # handling a command: a drain waits for it to finish
         self._transport = transport
-        self._outbox: deque[bytes | _Merged] = deque()  # built frames, or a merged delta
+        # Built frames, or a merged delta. Most connections never queue anything, and an
+        # empty deque is ~620 bytes, so they all share one that stays empty (`_queue`).
+        self._outbox: deque[bytes | _Merged] = _NO_OUTBOX
         self._merged: dict[int, _Merged] = {}  # the merge still open, per doctor
         self._outbox_limit = outbox_limit
         self._outbox_bytes = outbox_bytes
@@ -206,7 +208,7 @@ class Connection:
         if self.pending() + len(data) > self._outbox_bytes:
             self.too_slow("bytes")
             return
-        self._outbox.append(data)
+        self._queue(data)
         self._queued += len(data)
         self._kick()
 
@@ -222,7 +224,7 @@ class Connection:
         if merged is None:
             merged = _Merged(doctor_id, public["version"] - 1, public["version"])
             self._merged[doctor_id] = merged
-            self._outbox.append(merged)
+            self._queue(merged)
             self._kick()
         merged.add(public)
         merged.size += len(data)  # an upper bound: a slot changed twice is counted twice
@@ -267,6 +269,11 @@ class Connection:
         if self._on_slow is not None:
             self._on_slow(reason)
         self.close_soon(CLOSE_SLOW_CONSUMER, "slow consumer")
+
+    def _queue(self, item: bytes | _Merged) -> None:
+        if self._outbox is _NO_OUTBOX:
+            self._outbox = deque()
+        self._outbox.append(item)
 
     def _kick(self) -> None:
         """Wake the writer, starting it on the first frame that had to queue."""
@@ -426,6 +433,9 @@ def pending_total(connections: Iterable[Connection]) -> tuple[int, int]:
         backed_up += pending >= HIGH_WATER
     return total, backed_up
 
+
+# The outbox of every connection that never had to queue: always empty (`Connection._queue`).
+_NO_OUTBOX: Final[deque[bytes | _Merged]] = deque(maxlen=0)
 
 # A frame the handler's loop never acts on: it wakes `receive()`, and the loop, which checks
 # `Connection.closing` before anything else, leaves. aiohttp's close reads past it.

@@ -257,6 +257,12 @@ class Settings:
     # (a doctor's next only after its previous one was answered 2xx).
     webhook_db_pool: int = 2
     webhook_inflight: int = 8
+    # Connections per instance (docs/operating.md, "Many connections"): the listening
+    # socket's accept queue (the kernel caps it at net.core.somaxconn), so a crowd that
+    # connects at once waits in it rather than in SYN retries. debug_memory serves
+    # GET /debug/memory, a census of live objects for bench/connmem.py: never in production.
+    listen_backlog: int = 4096
+    debug_memory: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

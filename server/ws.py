@@ -7,8 +7,6 @@ never costs a client its connection, nor other clients anything.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -265,7 +263,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     )
     if header_error is not None:
         conn.send_error(header_error)
-    expiry = asyncio.create_task(session.expire_identity(), name="token-expiry")
+    session.watch_expiry()
     try:
         async for frame in ws:
             if conn.closing:
@@ -291,9 +289,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                 # unread, so pipelining cannot queue work (frames wait in the socket).
                 await conn.drained()
     finally:
-        expiry.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await expiry
+        await session.stop_expiry()
         app[CONNECTIONS].discard(session)
         await session.leave_all()
         await conn.close()
