@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from aiohttp import WSMsgType, web
 
@@ -219,6 +220,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         compress=False,  # frames are built once and shared; see server.frames
     )
     await ws.prepare(request)
+    _shed_http_parser(request)
     # Every line about this connection, from any of its tasks, names it.
     logs.CONNECTION_ID.set(logs.REQUEST_ID.get())
     codec = codec_for(ws.ws_protocol)
@@ -265,7 +267,9 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         conn.send_error(header_error)
     session.watch_expiry()
     try:
-        async for frame in ws:
+        # `receive()` itself, not `async for`: the iterator's coroutine would be one more
+        # frame every idle connection keeps alive (server.memory, bench/connmem.py).
+        while (frame := await ws.receive()).type not in _CLOSED:
             if conn.closing:
                 # Closing after the command in flight: a frame pipelined behind it must
                 # not run, since its reply could no longer be sent. The client resends.
@@ -294,6 +298,32 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         await session.leave_all()
         await conn.close()
     return ws
+
+
+def _shed_http_parser(request: web.Request) -> None:
+    """Let go of what only parsed HTTP requests, once the socket has been upgraded.
+
+    aiohttp keeps its HTTP request parser and request queue for the connection's life,
+    though after the upgrade every byte goes to the WebSocket reader: ~1.5 KiB for each
+    socket (bench/connmem.py). Both are private, so this touches them only if they are
+    what they were in the aiohttp it was written against (3.11-3.14): a later one that
+    changed them just keeps its ~1.5 KiB. aiohttp drops the parser itself at
+    connection_lost, and never queues a request on an upgraded connection.
+    """
+    protocol = request.protocol
+    if getattr(protocol, "_upgraded", False) is not True:
+        return
+    if getattr(protocol, "_payload_parser", None) is None:  # not ours to judge
+        return
+    if hasattr(protocol, "_parser"):
+        protocol._parser = None
+    if isinstance(getattr(protocol, "_messages", None), deque) and not protocol._messages:
+        protocol._messages = _NO_REQUESTS
+
+
+_NO_REQUESTS: Final[deque[Any]] = deque(maxlen=0)  # what an upgraded connection has queued
+
+_CLOSED: Final = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED})
 
 
 async def _handle(session: Session, data: bytes | str, throttle: Throttle) -> None:
