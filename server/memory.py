@@ -8,7 +8,8 @@ costs memory of its own, so the route exists only with `SLOTCAST_DEBUG_MEMORY`
 on, which only the benchmark sets; it is never served in production.
 
 `GET /debug/memory?mark=1` records the census (and starts tracing, with
-`&trace=1`); a later `GET /debug/memory` answers with what grew since the mark.
+`&trace=1`); a later `GET /debug/memory` answers with what grew since the mark,
+the `top` (40) kinds and lines that grew most.
 """
 
 from __future__ import annotations
@@ -45,14 +46,16 @@ def census() -> dict[str, tuple[int, int]]:
     return {name: (counts[name], sizes[name]) for name in counts}
 
 
-def _grown(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[Any]:
+def _grown(
+    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], top: int
+) -> list[Any]:
     rows: list[tuple[str, int, int]] = []
     for name, (count, size) in after.items():
         count0, size0 = before.get(name, (0, 0))
         if size - size0 > 0:
             rows.append((name, count - count0, size - size0))
     rows.sort(key=lambda r: r[2], reverse=True)
-    return rows[:_TOP]
+    return rows[:top]
 
 
 async def debug_memory(request: web.Request) -> web.Response:
@@ -64,13 +67,14 @@ async def debug_memory(request: web.Request) -> web.Response:
         _marks["snapshot"] = tracemalloc.take_snapshot() if tracemalloc.is_tracing() else None
         log.warning("memory census marked (debug_memory is on: never in production)")
         return web.json_response({"marked": True, "tracing": tracemalloc.is_tracing()})
-    body: dict[str, Any] = {"types": _grown(_marks.get("census", {}), census())}
+    top = int(request.query.get("top", _TOP))
+    body: dict[str, Any] = {"types": _grown(_marks.get("census", {}), census(), top)}
     before = _marks.get("snapshot")
     if before is not None and tracemalloc.is_tracing():
         stats = tracemalloc.take_snapshot().compare_to(before, "lineno")
         body["lines"] = [
             [str(s.traceback), s.count_diff, s.size_diff]
-            for s in sorted(stats, key=lambda s: s.size_diff, reverse=True)[:_TOP]
+            for s in sorted(stats, key=lambda s: s.size_diff, reverse=True)[:top]
         ]
         body["traced_growth"] = sum(s.size_diff for s in stats)
     return web.json_response(body)
