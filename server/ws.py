@@ -214,7 +214,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         raise web.HTTPServiceUnavailable(text="draining: reconnect to another instance")
     ws = web.WebSocketResponse(
         protocols=SUBPROTOCOLS,
-        heartbeat=settings.heartbeat_s,
+        # The heartbeat is one sweep over every connection (server.connection.heartbeat),
+        # not a timer per socket; the handler answers pings and hears pongs itself.
+        heartbeat=None,
+        autoping=False,
         max_msg_size=settings.max_frame_bytes * 4,
         decode_text=False,
         compress=False,  # frames are built once and shared; see server.frames
@@ -274,6 +277,12 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                 # Closing after the command in flight: a frame pipelined behind it must
                 # not run, since its reply could no longer be sent. The client resends.
                 break
+            conn.heard_from(time.monotonic())
+            if frame.type is WSMsgType.PING:
+                await ws.pong(frame.data)
+                continue
+            if frame.type is WSMsgType.PONG:
+                continue
             if frame.type is WSMsgType.BINARY or (
                 frame.type is WSMsgType.TEXT and not codec.binary
             ):
