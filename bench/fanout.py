@@ -249,9 +249,20 @@ def load_average() -> str:
         return " ".join(f.read().split()[:3])
 
 
+NOFILE_WANTED: Final = 131072  # 50,000 connections on one instance, and their watchers
+
+
 def raise_nofile() -> None:
-    """Soft RLIMIT_NOFILE up to the hard limit (inherited by every child)."""
+    """Soft RLIMIT_NOFILE up to the hard limit (inherited by every child).
+
+    As root the hard limit itself is raised to NOFILE_WANTED first, as an operator
+    would for a big instance (docs/operating.md, "Many connections").
+    """
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < NOFILE_WANTED:
+        with contextlib.suppress(ValueError, OSError):  # not root: keep the hard limit
+            resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE_WANTED, NOFILE_WANTED))
+            return
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
@@ -270,6 +281,9 @@ class WorkerSpec:
     sample: int = 1  # every sample-th watcher per instance parses and timestamps; the rest count
     drain_ms: float = 500.0  # how often the counting watchers' sockets are read
     system: str = "slotcast"  # whose protocol the watchers speak: slotcast or socketio
+    # Loopback source addresses to spread the connections over (127.0.0.2 ...): one
+    # source address reaches one server port at most ~28,000 times (the ephemeral range).
+    sources: int = 1
 
 
 @dataclass
@@ -297,6 +311,7 @@ class WorkerState:
     lost: int = 0  # connections lost after their snapshot
     errors: Counter[str] = field(default_factory=Counter)
     counted: int = 0  # data frames received by the counting watchers, all together
+    connects: int = 0  # connection attempts so far: picks each one's source address
     drain: Drain | None = None  # reads the counting watchers' sockets
 
 
@@ -715,9 +730,18 @@ async def _connect_one(
     kind = SioWatcher if spec.system == "socketio" else Watcher
     for attempt in range(3):
         watcher = kind(state, instance, host, port, spec.watch_frame, counting)
+        state.connects += 1
+        local = None
+        if spec.sources > 1:
+            local = (f"127.0.0.{2 + state.connects % spec.sources}", 0)
         try:
             async with asyncio.timeout(30):
-                await loop.create_connection(lambda w=watcher: w, host, port)  # type: ignore[misc]
+                await loop.create_connection(
+                    lambda w=watcher: w,  # type: ignore[misc]
+                    host,
+                    port,
+                    local_addr=local,
+                )
                 await watcher.ready
             return watcher
         except (OSError, TimeoutError) as exc:
@@ -1192,11 +1216,18 @@ class Options:
     py_spy_native: bool
     logs: Path
     system: str = "slotcast"  # or "socketio": the Node peer in bench/socketio
+    sources: int = 1  # loopback source addresses the watchers connect from
 
 
 @contextlib.contextmanager
 def started_servers(
-    count: int, dsn: str, redis_url: str, logs: Path, tag: str, system: str = "slotcast"
+    count: int,
+    dsn: str,
+    redis_url: str,
+    logs: Path,
+    tag: str,
+    system: str = "slotcast",
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[list[BenchServer]]:
     servers: list[BenchServer] = []
     try:
@@ -1223,6 +1254,7 @@ def started_servers(
                 SLOTCAST_MAX_ACTIVE_TOTAL="1000000",
                 **UNLIMITED,  # thousands of watchers from one address: not an attack here
             )
+            env.update(extra_env or {})
             server = BenchServer(
                 f"instance-{i + 1}", free_port(), env, logs / f"{tag}-instance-{i + 1}.log"
             )
@@ -1346,6 +1378,7 @@ def run_scenario(
                     opts.sample,
                     opts.drain_ms,
                     opts.system,
+                    opts.sources,
                 )
             )
         with started_workers(specs) as workers:
@@ -1394,7 +1427,9 @@ def run_scenario(
             backing0 = {name: process_tree_cpu(roots) for name, roots in backing.items()}
             busy0, total0, softirq0 = machine_jiffies()
             w0 = time.time()
-            spy = _spy(opts, pids[opts.py_spy_instance - 1], min(10.0, opts.seconds))
+            spy = None
+            if opts.py_spy:
+                spy = _spy(opts, pids[opts.py_spy_instance - 1], min(10.0, opts.seconds))
             if opts.system == "socketio":
                 bookings = asyncio.run(
                     drive_socketio(
@@ -1754,6 +1789,13 @@ def _parser() -> argparse.ArgumentParser:
         help="which servers to run: Slotcast, or the Node Socket.IO peer in bench/socketio "
         "(same Redis, same watchers code; bench/compare.py runs both)",
     )
+    p.add_argument(
+        "--sources",
+        type=int,
+        default=1,
+        help="spread the watchers over this many loopback source addresses (127.0.0.2 ...): "
+        "more than ~28,000 connections to one server port need 2 or more",
+    )
     p.add_argument("--database-url", help="PostgreSQL DSN (default: throwaway embedded)")
     p.add_argument("--redis-url", help="redis://host:port/db (default: throwaway redis-server)")
     p.add_argument("--idle-seconds", type=float, default=3.0, help="idle CPU baseline length")
@@ -1842,6 +1884,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 py_spy_native=args.py_spy_native,
                 logs=logs,
                 system=args.system,
+                sources=args.sources,
             )
             print(
                 f"\n== {watchers} watchers, {args.rate}/s for {args.seconds} s, "

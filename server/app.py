@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from http.cookies import SimpleCookie
 from pathlib import Path
@@ -21,7 +22,7 @@ from aiohttp import hdrs, web
 from server import logs
 from server.apikeys import ApiKeys
 from server.background import every, sweep_holds, sweep_horizon
-from server.connection import pending_total, police
+from server.connection import heartbeat, pending_total, police
 from server.guard import Guard
 from server.health import Health
 from server.identity import Verifier
@@ -302,6 +303,10 @@ async def upkeep(app: web.Application) -> AsyncIterator[None]:
             name="outbox-sweep",
         ),
         asyncio.create_task(
+            every(heartbeat_sweep_s(settings), lambda: sweep_heartbeats(app), "heartbeat"),
+            name="heartbeat",
+        ),
+        asyncio.create_task(
             every(RELAY_LAG_EVERY_S, lambda: measure_relay_lag(app), "relay lag"),
             name="relay-lag",
         ),
@@ -395,6 +400,20 @@ async def sweep_outboxes(app: web.Application) -> None:
         budget=settings.server_outbox_bytes,
         stall_s=settings.slow_consumer_s,
         now=asyncio.get_running_loop().time(),
+    )
+
+
+def heartbeat_sweep_s(settings: Settings) -> float:
+    """How often the heartbeat sweeps: a ping or a drop is at most this late."""
+    return min(1.0, settings.heartbeat_s / 4)
+
+
+async def sweep_heartbeats(app: web.Application) -> None:
+    """Silent clients are pinged, and those that do not answer dropped (the heartbeat)."""
+    heartbeat(
+        [session.conn for session in app[CONNECTIONS]],
+        interval=app[SETTINGS].heartbeat_s,
+        now=time.monotonic(),
     )
 
 

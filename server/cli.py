@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -167,6 +168,43 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
+def raise_fd_limit(settings: Settings) -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every connection is a file descriptor.
+
+    Shells and many service managers start processes with a soft limit of 1,024, far
+    below what one instance can hold (tens of thousands of sockets); the hard limit is
+    what the operator allowed, so take all of it, and say what it is. Past it, accepting
+    fails with EMFILE and so does everything else that opens a socket: the database
+    pool too. So `max_connections` must leave room below it, and a warning says when
+    it does not (docs/operating.md, "Many connections on one instance").
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:  # pragma: no cover - a sandbox refusing it
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
+            return
+        soft = hard
+    cap = settings.max_connections
+    if soft == resource.RLIM_INFINITY or (cap and cap + _FD_RESERVE <= soft):
+        log.info("open files limit %s; SLOTCAST_MAX_CONNECTIONS %d", soft, cap)
+    else:
+        log.warning(
+            "open files limit %d is below SLOTCAST_MAX_CONNECTIONS (%s) + %d: past about "
+            "%d connections, new ones and database connections fail (EMFILE); raise the "
+            "hard limit (LimitNOFILE) or lower SLOTCAST_MAX_CONNECTIONS",
+            soft,
+            cap or "no cap",
+            _FD_RESERVE,
+            soft - _FD_RESERVE,
+        )
+
+
+# Descriptors an instance needs besides its WebSockets: pools, Redis, files, HTTP requests.
+_FD_RESERVE = 256
+
+
 class NotStarted(Exception):
     """Start-up gave up; the message is the whole story, for one log line."""
 
@@ -179,6 +217,7 @@ async def serve(settings: Settings) -> int:
     exit code 1. A signal during start-up stops it. Whatever was opened is closed, within
     `shutdown_timeout_s` after the drain, so the process exits even if a dependency froze.
     """
+    raise_fd_limit(settings)
     try:
         app = create_app(settings)
     except ValueError as exc:  # server.auth.ConfigError: no secret, a short one, ...
@@ -239,7 +278,7 @@ async def _start(runner: web.AppRunner, settings: Settings, stop: asyncio.Event)
         setup.result()
     except SlotcastError as exc:  # a dependency that never answered, or refused us
         raise NotStarted(exc.message) from exc
-    site = web.TCPSite(runner, settings.host, settings.port)
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=settings.listen_backlog)
     try:
         await site.start()
     except OSError as exc:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -107,6 +108,8 @@ class Connection:
         "_writer",
         "busy",
         "codec",
+        "heard",
+        "pinged",
         "stalled_since",
         "ws",
     )
@@ -125,12 +128,18 @@ class Connection:
         self.codec = codec
         self.busy = False  # handling a command: a drain waits for it to finish
         self._transport = transport
-        self._outbox: deque[bytes | _Merged] = deque()  # built frames, or a merged delta
+        # Built frames, or a merged delta. Most connections never queue anything, and an
+        # empty deque is ~620 bytes, so they all share one that stays empty (`_queue`).
+        self._outbox: deque[bytes | _Merged] = _NO_OUTBOX
         self._merged: dict[int, _Merged] = {}  # the merge still open, per doctor
         self._outbox_limit = outbox_limit
         self._outbox_bytes = outbox_bytes
         self._queued = 0  # bytes in the outbox (a merged delta counts what was merged in)
         self.stalled_since: float | None = None  # over HIGH_WATER since then (`police`)
+        # The heartbeat (`heartbeat`, one sweep over every connection): when a frame last
+        # came from the client, and when it was pinged for not sending any (0: it was not).
+        self.heard = time.monotonic()
+        self.pinged = 0.0
         self._on_slow = on_slow
         # The writer task and its event exist only once something has had to queue:
         # most connections never fall behind, and each would cost a task and ~1.5 KiB.
@@ -176,6 +185,24 @@ class Connection:
             await asyncio.sleep(delay)  # the transport has no event to wait on for this
             delay = min(delay * 2, longest)
 
+    def heard_from(self, now: float) -> None:
+        """A frame came from the client (a pong, or anything else): it is alive."""
+        self.heard = now
+        self.pinged = 0.0
+
+    def ping(self, now: float) -> None:
+        """Ask a silent client to show it is alive: written ahead of anything queued."""
+        self.pinged = now
+        if not self._closing and not self._transport.is_closing():
+            self._transport.write(_PING)
+
+    def drop(self) -> None:
+        """The client stopped answering: cut the socket (no close handshake to wait on)."""
+        log.info("no pong from the client: dropping the connection")
+        self._closing = True
+        self._drop_outbox()
+        self._transport.abort()
+
     # ---- sending ----------------------------------------------------------------------------
 
     def send(self, message: Message, request_id: str | int | None = None) -> None:
@@ -206,7 +233,7 @@ class Connection:
         if self.pending() + len(data) > self._outbox_bytes:
             self.too_slow("bytes")
             return
-        self._outbox.append(data)
+        self._queue(data)
         self._queued += len(data)
         self._kick()
 
@@ -222,7 +249,7 @@ class Connection:
         if merged is None:
             merged = _Merged(doctor_id, public["version"] - 1, public["version"])
             self._merged[doctor_id] = merged
-            self._outbox.append(merged)
+            self._queue(merged)
             self._kick()
         merged.add(public)
         merged.size += len(data)  # an upper bound: a slot changed twice is counted twice
@@ -267,6 +294,11 @@ class Connection:
         if self._on_slow is not None:
             self._on_slow(reason)
         self.close_soon(CLOSE_SLOW_CONSUMER, "slow consumer")
+
+    def _queue(self, item: bytes | _Merged) -> None:
+        if self._outbox is _NO_OUTBOX:
+            self._outbox = deque()
+        self._outbox.append(item)
 
     def _kick(self) -> None:
         """Wake the writer, starting it on the first frame that had to queue."""
@@ -417,6 +449,26 @@ def police(connections: Iterable[Connection], *, budget: int, stall_s: float, no
     return total
 
 
+def heartbeat(connections: Iterable[Connection], *, interval: float, now: float) -> None:
+    """Ping the clients silent for `interval`; drop those that do not answer in half that.
+
+    One sweep over every connection, instead of aiohttp's timer per socket: a timer
+    (its handle, libuv's timer and their callbacks) costs every idle connection ~0.6 KiB,
+    and each ping was a task of its own. A client whose output is backed up, or whose
+    command is still running, is not dropped here: the handler is not reading its
+    frames, so its pong may be waiting unread. `police` closes one that stays backed up.
+    """
+    timeout = interval / 2
+    for conn in connections:
+        if conn.ending:
+            continue
+        if conn.pinged:
+            if now - conn.pinged >= timeout and not conn.busy and not conn.backed_up():
+                conn.drop()
+        elif now - conn.heard >= interval:
+            conn.ping(now)
+
+
 def pending_total(connections: Iterable[Connection]) -> tuple[int, int]:
     """Bytes pending over all `connections`, and how many of them are backed up."""
     total = backed_up = 0
@@ -426,6 +478,12 @@ def pending_total(connections: Iterable[Connection]) -> tuple[int, int]:
         backed_up += pending >= HIGH_WATER
     return total, backed_up
 
+
+# The outbox of every connection that never had to queue: always empty (`Connection._queue`).
+_NO_OUTBOX: Final[deque[bytes | _Merged]] = deque(maxlen=0)
+
+# A ping with no payload: FIN + opcode 0x9, unmasked (server to client), length 0.
+_PING: Final = b"\x89\x00"
 
 # A frame the handler's loop never acts on: it wakes `receive()`, and the loop, which checks
 # `Connection.closing` before anything else, leaves. aiohttp's close reads past it.

@@ -35,7 +35,6 @@ may read, and how slowly it may talk.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hmac
 import ipaddress
@@ -43,7 +42,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -163,8 +162,14 @@ class Guard:
         if not self.origin_allowed(request):
             self._metrics.connections_refused.labels("origin").inc()
             raise web.HTTPForbidden(text="this page's origin may not open a WebSocket here")
-        with self.admit(self.address(request)):
+        # Plain calls, not a context manager: its generator would live as long as the
+        # socket, ~0.5 KiB for each of them (bench/connmem.py).
+        address = self.address(request)
+        self.admit(address)
+        try:
             return await handler(request)
+        finally:
+            self.release(address)
 
     def origin_allowed(self, request: web.Request) -> bool:
         origin = request.headers.get("Origin")
@@ -178,8 +183,8 @@ class Guard:
         # compared, since TLS usually ends at the balancer and the request arrives as http.
         return parts.scheme in {"http", "https"} and parts.netloc == request.host.lower()
 
-    @contextlib.contextmanager
-    def admit(self, address: str) -> Iterator[None]:
+    def admit(self, address: str) -> None:
+        """Hold a place for a connection from `address`, or refuse it (503) over a cap."""
         reason = None
         if self.per_instance and self.total >= self.per_instance:
             reason = "per_instance"
@@ -193,15 +198,15 @@ class Guard:
             )
         self.open[address] = self.open.get(address, 0) + 1
         self.total += 1
-        try:
-            yield
-        finally:
-            self.total -= 1
-            left = self.open[address] - 1
-            if left:
-                self.open[address] = left
-            else:
-                del self.open[address]
+
+    def release(self, address: str) -> None:
+        """The connection `admit` held a place for is over."""
+        self.total -= 1
+        left = self.open[address] - 1
+        if left:
+            self.open[address] = left
+        else:
+            del self.open[address]
 
     # ---- idle anonymous connections ---------------------------------------------------------
 

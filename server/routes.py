@@ -8,7 +8,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from server import api, apikey_api, ics, signin, webhook_api, ws
+from server import api, apikey_api, ics, memory, signin, webhook_api, ws
 from server.commands import REGISTRY
 from server.guard import host_origins
 from server.keys import GUARD
@@ -45,6 +45,8 @@ def setup_routes(app: web.Application, settings: Settings) -> None:
             r.add_get(path, _page(static_dir / page, origins, settings))
     if static_dir.is_dir():
         r.add_static("/static/", static_dir, name="static")
+    if settings.debug_memory:  # bench/connmem.py only (server.memory)
+        r.add_get("/debug/memory", memory.debug_memory)
 
 
 async def _websocket(request: web.Request) -> web.StreamResponse:

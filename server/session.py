@@ -15,6 +15,7 @@ however many watches it has.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime
 
 from protocol.errors import ErrorCode
@@ -35,11 +36,12 @@ class Session:
         "appointments",
         "conn",
         "dashboards",
+        "expiring",
+        "expiry",
         "identity",
         "max_frame",
         "max_watches",
         "metrics",
-        "reauthed",
         "rooms",
         "scheduling",
         "turn",
@@ -68,7 +70,12 @@ class Session:
         self.appointments: PatientMember | None = None
         # One message at a time, and the token expiry waits its turn like a message.
         self.turn = asyncio.Lock()
-        self.reauthed = asyncio.Event()
+        # The token's expiry is a timer, not a task waiting on it: most sockets have no
+        # expiring token (anonymous watchers), and a task with its coroutine and event
+        # would cost each of them ~2 KiB for nothing. Only a timer that fires starts a
+        # task (`expiring`), to take its turn and leave the private rooms.
+        self.expiry: asyncio.TimerHandle | None = None
+        self.expiring: asyncio.Task[None] | None = None
         self.rooms = rooms
         self.scheduling = scheduling
         self.metrics = metrics
@@ -91,7 +98,7 @@ class Session:
             # Private rooms were joined as someone else: leave them (public watches stay).
             left = await self.leave_private_rooms()
         self.identity = identity
-        self.reauthed.set()
+        self.watch_expiry()
         return left
 
     async def leave_private_rooms(self) -> list[Unwatched]:
@@ -114,31 +121,47 @@ class Session:
         self.watches.clear()
         await self.leave_private_rooms()
 
-    async def expire_identity(self) -> None:
+    def watch_expiry(self) -> None:
         """Dashboards and patient rooms carry patient details: they stop when the token does.
 
         Commands check the token when they run; a room is joined once and then streams,
-        so its membership is what has to end. A fresh `auth` before then keeps it.
-        Runs for the session's life, as its own task.
+        so its membership is what has to end. A fresh `auth` before then keeps it: it
+        sets the timer again, for the new token.
         """
-        while True:
-            who = self.identity
-            wait = None
-            if who is not None and who.expires_at is not None:
-                wait = max(0.0, (who.expires_at - datetime.now(UTC)).total_seconds())
-            try:
-                async with asyncio.timeout(wait):
-                    await self.reauthed.wait()
-            except TimeoutError:
-                async with self.turn:
-                    expired = self.identity is who  # not renewed while waiting for the turn
-                    if expired:
-                        left = await self.leave_private_rooms()
-                        self.conn.send_error(
-                            auth.AuthError("the token has expired", code=ErrorCode.TOKEN_EXPIRED)
-                        )
-                        for notice in left:
-                            self.conn.send(notice)
-                if expired:
-                    await self.reauthed.wait()  # until then nothing is left to expire
-            self.reauthed.clear()
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        who = self.identity
+        if who is None or who.expires_at is None:
+            return
+        wait = max(0.0, (who.expires_at - datetime.now(UTC)).total_seconds())
+        self.expiry = asyncio.get_running_loop().call_later(wait, self._expired, who)
+
+    def _expired(self, who: Identity) -> None:
+        self.expiry = None
+        if self.identity is not who:  # replaced meanwhile (an API key re-verified)
+            self.watch_expiry()
+            return
+        if self.expiring is None or self.expiring.done():
+            self.expiring = asyncio.create_task(self._expire(who), name="token-expiry")
+
+    async def _expire(self, who: Identity) -> None:
+        async with self.turn:
+            if self.identity is not who:  # renewed while waiting for the turn
+                return
+            left = await self.leave_private_rooms()
+            self.conn.send_error(
+                auth.AuthError("the token has expired", code=ErrorCode.TOKEN_EXPIRED)
+            )
+            for notice in left:
+                self.conn.send(notice)
+
+    async def stop_expiry(self) -> None:
+        """The socket is gone: no timer left behind, and an expiry under way is over."""
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        if self.expiring is not None:
+            self.expiring.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.expiring

@@ -261,6 +261,12 @@ class Settings:
     # and the LOCATION of an appointment's .ics, server/ics.py) when the directory has no
     # address for the doctor. Empty: the pages say "at the clinic", the .ics names no place.
     clinic_name: str = ""
+    # Connections per instance (docs/operating.md, "Many connections"): the listening
+    # socket's accept queue (the kernel caps it at net.core.somaxconn), so a crowd that
+    # connects at once waits in it rather than in SYN retries. debug_memory serves
+    # GET /debug/memory, a census of live objects for bench/connmem.py: never in production.
+    listen_backlog: int = 4096
+    debug_memory: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

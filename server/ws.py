@@ -7,14 +7,13 @@ never costs a client its connection, nor other clients anything.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from aiohttp import WSMsgType, web
 
@@ -215,12 +214,16 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         raise web.HTTPServiceUnavailable(text="draining: reconnect to another instance")
     ws = web.WebSocketResponse(
         protocols=SUBPROTOCOLS,
-        heartbeat=settings.heartbeat_s,
+        # The heartbeat is one sweep over every connection (server.connection.heartbeat),
+        # not a timer per socket; the handler answers pings and hears pongs itself.
+        heartbeat=None,
+        autoping=False,
         max_msg_size=settings.max_frame_bytes * 4,
         decode_text=False,
         compress=False,  # frames are built once and shared; see server.frames
     )
     await ws.prepare(request)
+    _shed_http_parser(request)
     # Every line about this connection, from any of its tasks, names it.
     logs.CONNECTION_ID.set(logs.REQUEST_ID.get())
     codec = codec_for(ws.ws_protocol)
@@ -265,13 +268,21 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     )
     if header_error is not None:
         conn.send_error(header_error)
-    expiry = asyncio.create_task(session.expire_identity(), name="token-expiry")
+    session.watch_expiry()
     try:
-        async for frame in ws:
+        # `receive()` itself, not `async for`: the iterator's coroutine would be one more
+        # frame every idle connection keeps alive (server.memory, bench/connmem.py).
+        while (frame := await ws.receive()).type not in _CLOSED:
             if conn.closing:
                 # Closing after the command in flight: a frame pipelined behind it must
                 # not run, since its reply could no longer be sent. The client resends.
                 break
+            conn.heard_from(time.monotonic())
+            if frame.type is WSMsgType.PING:
+                await ws.pong(frame.data)
+                continue
+            if frame.type is WSMsgType.PONG:
+                continue
             if frame.type is WSMsgType.BINARY or (
                 frame.type is WSMsgType.TEXT and not codec.binary
             ):
@@ -291,13 +302,37 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                 # unread, so pipelining cannot queue work (frames wait in the socket).
                 await conn.drained()
     finally:
-        expiry.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await expiry
+        await session.stop_expiry()
         app[CONNECTIONS].discard(session)
         await session.leave_all()
         await conn.close()
     return ws
+
+
+def _shed_http_parser(request: web.Request) -> None:
+    """Let go of what only parsed HTTP requests, once the socket has been upgraded.
+
+    aiohttp keeps its HTTP request parser and request queue for the connection's life,
+    though after the upgrade every byte goes to the WebSocket reader: ~1.5 KiB for each
+    socket (bench/connmem.py). Both are private, so this touches them only if they are
+    what they were in the aiohttp it was written against (3.11-3.14): a later one that
+    changed them just keeps its ~1.5 KiB. aiohttp drops the parser itself at
+    connection_lost, and never queues a request on an upgraded connection.
+    """
+    protocol = request.protocol
+    if getattr(protocol, "_upgraded", False) is not True:
+        return
+    if getattr(protocol, "_payload_parser", None) is None:  # not ours to judge
+        return
+    if hasattr(protocol, "_parser"):
+        protocol._parser = None
+    if isinstance(getattr(protocol, "_messages", None), deque) and not protocol._messages:
+        protocol._messages = _NO_REQUESTS
+
+
+_NO_REQUESTS: Final[deque[Any]] = deque(maxlen=0)  # what an upgraded connection has queued
+
+_CLOSED: Final = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED})
 
 
 async def _handle(session: Session, data: bytes | str, throttle: Throttle) -> None:

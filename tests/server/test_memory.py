@@ -281,3 +281,44 @@ async def test_a_schedule_opening_more_than_the_daily_cap_is_invalid(
         headers={"Authorization": f"Bearer {doctor_token}"},
     ) as resp:
         assert await error_code(resp, 422) == "invalid"
+
+
+async def test_the_memory_census_is_served_only_when_the_benchmark_asks_for_it(
+    doctor: SeededDoctor, settings: Settings, aiohttp_client: AiohttpClient
+) -> None:
+    """bench/connmem.py names where a connection's bytes go through /debug/memory; a
+    server started without SLOTCAST_DEBUG_MEMORY has no such route. The census counts
+    what a watching connection keeps alive, Slotcast's own objects among them."""
+    paths = {r.canonical for r in create_app(settings).router.resources()}
+    assert "/debug/memory" not in paths
+    client = await serve(aiohttp_client, settings.replace(debug_memory=True))
+    async with client.get("/debug/memory?mark=1") as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"marked": True, "tracing": False}
+    async with SlotcastClient.connect(ws_url(client)) as watcher:
+        await watcher.watch(doctor.id, doctor.start, doctor.end)
+        async with client.get("/debug/memory?top=100000") as resp:
+            grown = await resp.json()
+    kinds = {name: count for name, count, _ in grown["types"]}
+    assert kinds.get("server.connection.Connection") == 1
+    assert kinds.get("server.session.Session") == 1
+    assert "lines" not in grown  # tracemalloc only when asked (`trace=1`)
+
+
+async def test_an_upgraded_connection_lets_go_of_the_http_parser(
+    doctor: SeededDoctor, settings: Settings, aiohttp_client: AiohttpClient
+) -> None:
+    """After the upgrade, aiohttp's HTTP request parser and request queue are dropped
+    (server.ws._shed_http_parser: ~1.5 KiB per socket). They are aiohttp's private
+    attributes: if an aiohttp upgrade renames them, this fails, rather than every
+    connection silently growing again."""
+    client = await serve(aiohttp_client, settings)
+    async with SlotcastClient.connect(ws_url(client)) as watcher:
+        await watcher.watch(doctor.id, doctor.start, doctor.end)
+        (session,) = client.app[CONNECTIONS]
+        protocol = session.conn._transport.get_protocol()
+        assert protocol._upgraded is True
+        assert protocol._parser is None
+        assert len(protocol._messages) == 0
+        assert protocol._messages.maxlen == 0
+        await watcher.ping()  # and the socket still works

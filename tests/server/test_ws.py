@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import aiohttp
 import msgpack
@@ -28,10 +28,12 @@ from protocol.messages import Error, Message, Pong, Welcome
 from protocol.vocabulary import Role, SlotStatus
 from server import auth
 from server.app import create_app
+from server.keys import CONNECTIONS
 from server.settings import Settings
 from store.pool import Store
 from testkit.fixtures import SeededDoctor, seed_doctor, token, ws_url
-from testkit.wire import assert_no_delta_before_pong, deltas_before_pong
+from testkit.raw import RawWebSocket
+from testkit.wire import WAIT_S, assert_no_delta_before_pong, deltas_before_pong, eventually
 
 AppClient = TestClient[web.Request, web.Application]
 RequestId = str | int | None
@@ -529,3 +531,31 @@ async def test_concurrent_bookings_still_arrive_contiguously(
             range(snapshot.version + 1, snapshot.version + n + 1)
         )
         assert sorted(d.slots[0].id for d in deltas) == sorted(booked)
+
+
+async def test_a_client_that_answers_no_ping_is_dropped_and_one_that_answers_stays(
+    settings: Settings, aiohttp_client: AiohttpClient
+) -> None:
+    """The heartbeat is one sweep over every connection (server.connection.heartbeat):
+    a client silent for `heartbeat_s` is pinged, and dropped if no frame comes back
+    within half that. A raw socket that never answers is gone after a few intervals;
+    the library client, which answers every ping, is still served after as many."""
+    app = create_app(settings.replace(heartbeat_s=0.4))
+    client = cast(AppClient, await aiohttp_client(app))
+    assert client.server.host is not None
+    assert client.server.port is not None
+    async with SlotcastClient.connect(ws_url(client)) as alive:
+        raw = await RawWebSocket.connect(client.server.host, client.server.port)
+        try:
+            await eventually(lambda: len(app[CONNECTIONS]) == 1, "the silent client dropped")
+            loop = asyncio.get_running_loop()
+            received = b""
+            async with asyncio.timeout(WAIT_S):
+                while chunk := await loop.sock_recv(raw.sock, 4096):
+                    received += chunk
+            assert b"\x89\x00" in received  # the ping it did not answer, then the end
+        finally:
+            raw.close()
+        await asyncio.sleep(4 * 0.4)  # several heartbeats: pinged, answered, never dropped
+        await alive.ping()
+        assert len(app[CONNECTIONS]) == 1
