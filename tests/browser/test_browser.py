@@ -861,7 +861,7 @@ async def test_cancelling_from_either_side_frees_the_slot_live(
     await mine.get_by_role(
         "button", name=re.compile(rf"^Cancel .*{local(mine_at, PATIENT_TZ):%H:%M}")
     ).click()
-    reason = alice.get_by_label("Reason")
+    reason = alice.get_by_label("Reason", exact=True)
     await expect(reason).to_have_value("Cancelled by patient")
     await alice.get_by_role("button", name="Confirm cancel").click()
     await expect(mine).to_have_attribute("data-status", "cancelled")
