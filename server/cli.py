@@ -217,12 +217,12 @@ async def serve(settings: Settings) -> int:
     exit code 1. A signal during start-up stops it. Whatever was opened is closed, within
     `shutdown_timeout_s` after the drain, so the process exits even if a dependency froze.
     """
-    raise_fd_limit(settings)
     try:
         app = create_app(settings)
     except ValueError as exc:  # server.auth.ConfigError: no secret, a short one, ...
-        log.error("cannot start: %s", exc)
+        log.error("cannot start: %s", exc)  # the one line a refused start-up writes
         return 1
+    raise_fd_limit(settings)  # before anything opens a socket
     if app[VERIFIER].ring.uses_dev_secret:
         log.warning("demo mode: tokens are signed with the built-in development secret")
     stop = asyncio.Event()
