@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -33,6 +34,7 @@ from store.changes import Change, PatientNote
 from store.constants import doctor_channel, patient_channel
 from store.errors import StoreError
 from store.pool import Store
+from store.timing import StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,8 @@ def _keep(change: Change) -> None:
 class Outbox:
     def __init__(self, *, on_relayed: Callable[[int], None] | None = None) -> None:
         self._on_relayed = on_relayed or _ignore
-        self._queue: asyncio.Queue[Change] = asyncio.Queue()
+        # Each change with when it was queued (`time.perf_counter()`), for `outbox_wait`.
+        self._queue: asyncio.Queue[tuple[Change, float]] = asyncio.Queue()
         self._done: dict[int, int] = {}  # doctor -> highest version published this batch
         self._failed: dict[int, set[int]] = {}  # doctor -> versions whose publish failed
         self._task: asyncio.Task[None] | None = None
@@ -81,11 +84,12 @@ class Outbox:
     def _put(self, changes: list[Change]) -> None:
         if self._closed:
             return
+        now = time.perf_counter()
         for change in changes:
             key = (change.doctor_id, change.version)
             if key not in self._queued:
                 self._queued.add(key)
-                self._queue.put_nowait(change)
+                self._queue.put_nowait((change, now))
 
     @contextlib.asynccontextmanager
     async def publishing(
@@ -116,17 +120,21 @@ class Outbox:
             self._put(changes)
 
     async def _run(self, store: Store, broker: Broker) -> None:
+        timings = store.timings
         while True:
             batch = [await self._queue.get()]
             while not self._queue.empty() and len(batch) < BATCH:
                 batch.append(self._queue.get_nowait())
+            taken = time.perf_counter()
+            for _, queued in batch:
+                timings.observe("outbox_wait", taken - queued)
             try:
                 away = False
-                for change in batch:
+                for change, _ in batch:
                     failed = self._failed.setdefault(change.doctor_id, set())
                     # Once one publish failed, the rest of the batch waits for the relay:
                     # each try against a frozen broker would cost its whole time bound.
-                    if not away and await self._publish(broker, change):
+                    if not away and await self._publish(broker, change, timings):
                         failed.discard(change.version)
                         self._done[change.doctor_id] = max(
                             self._done.get(change.doctor_id, 0), change.version
@@ -145,13 +153,15 @@ class Outbox:
             except StoreError as exc:
                 log.warning("could not advance the relay cursor: %s", exc)
             finally:
-                for change in batch:
+                for change, _ in batch:
                     self._queued.discard((change.doctor_id, change.version))
                     self._queue.task_done()
 
-    async def _publish(self, broker: Broker, change: Change) -> bool:
+    async def _publish(self, broker: Broker, change: Change, timings: StageTimes) -> bool:
         try:
-            await broker.publish(doctor_channel(change.doctor_id), change.pack())
+            started = time.perf_counter()
+            await broker.publish(doctor_channel(change.doctor_id), change.pack(sent_at=time.time()))
+            timings.observe("publish", time.perf_counter() - started)
             for note in PatientNote.of_change(change):
                 await broker.publish(patient_channel(note.patient_id), note.pack())
         except StoreError as exc:
