@@ -111,8 +111,12 @@ async def run_command(
     )
 
 
-async def _lock(conn: asyncpg.Connection, target: LockTarget) -> list[int]:
-    """Take the locks, doctors first in id order, then the patient's: the first statement."""
+async def _lock(
+    conn: asyncpg.Connection, target: LockTarget, actor: Actor, key: str | None
+) -> list[int]:
+    """Take the locks, doctors first in id order, then the patient's: the first statement.
+
+    A slot already booked is refused here, before any lock (see `sql.SLOT_DOCTOR_LOCK`)."""
     if target.slot_id is None and target.appointment_id is None:
         for doctor_id in target.doctor_ids:
             await conn.execute(sql.DOCTOR_LOCK, LOCK_NS_DOCTOR, doctor_id)
@@ -127,11 +131,17 @@ async def _lock(conn: asyncpg.Connection, target: LockTarget) -> list[int]:
                 target.slot_id,
                 LOCK_NS_PATIENT,
                 target.patient,
+                str(actor),
+                key,
             )
         else:
-            row = await conn.fetchrow(sql.SLOT_DOCTOR_LOCK, LOCK_NS_DOCTOR, target.slot_id)
+            row = await conn.fetchrow(
+                sql.SLOT_DOCTOR_LOCK, LOCK_NS_DOCTOR, target.slot_id, str(actor), key
+            )
         if row is None:
             raise NotFound(f"no slot {target.slot_id}")
+        if row["refused"]:
+            raise SlotTaken("the slot is already taken")
     else:
         assert target.patient is None  # no command locks a patient by appointment
         row = await conn.fetchrow(
@@ -181,7 +191,7 @@ async def _locked(
 ) -> tuple[Outcome[Reply], StoreError | None, float]:
     """The transaction's statements, from the locks on; also when the locks were held
     (`time.perf_counter()`), for the stage timings."""
-    doctor_ids = await _lock(conn, target)
+    doctor_ids = await _lock(conn, target, actor, key)
     locked = time.perf_counter()
     # One round trip for the versions, the expired-hold check, the idempotency
     # record and the slot or appointment named: its snapshot follows the locks.
