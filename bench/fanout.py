@@ -65,6 +65,11 @@ What is measured
               instance) and slotcast_command_seconds{type="book"}, from /metrics
               before and after the window, quantiles interpolated within buckets
               like Prometheus' histogram_quantile (so only as fine as the buckets).
+  stages      the servers' slotcast_stage_seconds over the window, per instance: where
+              commit-to-receipt goes (pool wait, BEGIN and locks, statements, commit,
+              outbox wait, publish, broker hop, fan-out wait and write), printed as a
+              table after the report and kept in --json as `stages` (docs/benchmarks.md,
+              "Latency breakdown").
   rates       changes sent and committed per second (committed: from the first
               send to the last change's first receipt), and delivered messages
               per second within the window.
