@@ -27,9 +27,9 @@ Scenarios
   Through the server (server, rest, server-hot), the server's own stage timings
   (`slotcast_stage_seconds`, scraped from /metrics before and after) say where a
   booking's time went: pool wait, BEGIN and locks, statements, commit, publish.
-  --py-spy OUT samples the server process during the measured run (a flame graph if
-  OUT ends in .svg, else py-spy's raw collapsed stacks, which `--py-spy-top` sums up
-  by function).
+  --py-spy OUT samples the server process during each measured run into OUT with the
+  scenario's name added (/tmp/b.txt -> /tmp/b-rest.txt): a flame graph if OUT ends in
+  .svg, else py-spy's raw collapsed stacks, summed up by function in the report.
 
 How
   uniform and hot call `commands.book_slot`, which runs the same `runner.run` transaction
@@ -877,10 +877,10 @@ class Bench:
         a = self.args
         await drive(attempt, bookers=a.bookers, bookings=a.warmup, duration=None, rate=None)
         stages = scrape_stages(server_http) if server_http is not None else None
+        # One profile per scenario: OUT with the scenario's name before its suffix.
+        spied = str(Path(a.py_spy).with_stem(f"{Path(a.py_spy).stem}-{name}")) if a.py_spy else ""
         spying = (
-            spy(server_pid, a.py_spy, a.duration or 10.0)
-            if a.py_spy and server_pid is not None
-            else None
+            spy(server_pid, spied, a.duration or 10.0) if spied and server_pid is not None else None
         )
         load_before = os.getloadavg()[0]
         housekeeping = await background_work(self.conn)
@@ -935,9 +935,9 @@ class Bench:
         if stage_lines is not None:
             print(stage_lines)
         if spying is not None:
-            print(f"py-spy wrote {a.py_spy} (exit {spying.returncode})")
-            if not a.py_spy.endswith(".svg") and spying.returncode == 0:
-                print(spy_top(a.py_spy))
+            print(f"py-spy wrote {spied} (exit {spying.returncode})")
+            if not spied.endswith(".svg") and spying.returncode == 0:
+                print(spy_top(spied))
         if a.timeline:
             print(timeline(run, gc_pauses))
         print()
