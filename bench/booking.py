@@ -19,6 +19,17 @@ Scenarios
            number includes auth, framing, dispatch and the publisher on loopback.
            The change log written before it starts is marked published first, as
            in a running deployment, so the relay does not replay it mid-run.
+  rest     like server, over HTTP: `POST /api/appointments` with a bearer token and an
+           `Idempotency-Key`, on a keep-alive pool of --bookers connections.
+  server-hot  hot, through the server over WebSockets: the hot doctor's lock queue
+           with the server's framing, dispatch and publisher in front of it.
+
+  Through the server (server, rest, server-hot), the server's own stage timings
+  (`slotcast_stage_seconds`, scraped from /metrics before and after) say where a
+  booking's time went: pool wait, BEGIN and locks, statements, commit, publish.
+  --py-spy OUT samples the server process during each measured run into OUT with the
+  scenario's name added (/tmp/b.txt -> /tmp/b-rest.txt): a flame graph if OUT ends in
+  .svg, else py-spy's raw collapsed stacks, summed up by function in the report.
 
 How
   uniform and hot call `commands.book_slot`, which runs the same `runner.run` transaction
@@ -61,6 +72,8 @@ Usage
   .venv/bin/python bench/booking.py                        # embedded PostgreSQL; uniform, hot
   .venv/bin/python bench/booking.py --scenarios uniform --rate 1000 --duration 20
   .venv/bin/python bench/booking.py --via-server           # adds the server scenario
+  .venv/bin/python bench/booking.py --scenarios server,rest,server-hot --rate 2000 --duration 15
+  .venv/bin/python bench/booking.py --scenarios server --rate 2000 --py-spy /tmp/book.txt
   .venv/bin/python bench/booking.py --database-url postgresql://u@h/db  # migrates db, adds rows
 
 Other processes on the machine (test suites, other benchmarks) skew every
@@ -79,9 +92,11 @@ import math
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -499,6 +514,149 @@ def client_attempt(
     return attempt
 
 
+def rest_attempt(
+    session: aiohttp.ClientSession,
+    url: str,
+    tokens: list[str],
+    picker: Picker,
+    ledger: set[int],
+    keys: bool,
+) -> Attempt:
+    """`POST /api/appointments` as patient `index`, on the session's keep-alive pool."""
+
+    async def attempt(index: int) -> str:
+        slot_id = picker.pick()
+        headers = {"Authorization": f"Bearer {tokens[index]}"}
+        if keys:
+            headers["Idempotency-Key"] = uuid.uuid4().hex
+        async with session.post(url, json={"slot_id": slot_id}, headers=headers) as resp:
+            body = await resp.json()
+        if resp.status != 201:
+            code = str(body["error"]["code"])
+            if code not in {c.value for c in TRANSIENT}:
+                picker.gone(slot_id)
+            return code
+        picker.gone(slot_id)
+        ledger.add(body["appointment"]["id"])
+        return "booked"
+
+    return attempt
+
+
+# ---- the server's own view ------------------------------------------------------------------
+
+STAGES = ("pool_wait", "lock_wait", "statements", "commit", "outbox_wait", "publish")
+
+
+def scrape_stages(http_url: str) -> dict[tuple[str, str], float]:
+    """`slotcast_stage_seconds` from the server's /metrics: (sample, stage/le) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "slotcast_stage_seconds":
+            for sample in family.samples:
+                key = sample.labels["stage"] + "/" + sample.labels.get("le", "")
+                found[(sample.name, key)] = sample.value
+    return found
+
+
+def stage_report(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float]) -> str:
+    """Per stage over the run: observations, mean, and p50/p99 interpolated within buckets."""
+    rows = []
+    for stage in STAGES:
+
+        def moved(name: str, le: str = "", stage: str = stage) -> float:
+            key = (f"slotcast_stage_seconds_{name}", f"{stage}/{le}")
+            return after.get(key, 0.0) - before.get(key, 0.0)
+
+        n = moved("count")
+        if not n:
+            continue
+        bounds = sorted(
+            float(k[1].split("/")[1])
+            for k in after
+            if k[0] == "slotcast_stage_seconds_bucket" and k[1].startswith(stage + "/")
+        )
+        buckets = [(b, moved("bucket", _le(b))) for b in bounds]
+        p50, p99 = (_quantile(q, buckets, n) * 1000 for q in (0.5, 0.99))
+        mean = moved("sum") / n * 1000
+        rows.append([stage, f"{n:,.0f}", f"{mean:.2f}", f"{p50:.2f}", f"{p99:.2f}"])
+    return "server stages (slotcast_stage_seconds)\n" + table(
+        ["stage", "n", "mean ms", "p50 ms", "p99 ms"], rows
+    )
+
+
+def _quantile(q: float, buckets: list[tuple[float, float]], n: float) -> float:
+    """Prometheus' histogram_quantile: linear within the bucket holding the q-th."""
+    rank, lower, below = q * n, 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if math.isinf(upper):
+                return lower
+            return lower + (upper - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = upper, count
+    return lower
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(bound)
+
+
+def spy(pid: int, out: str, seconds: float) -> subprocess.Popen[bytes]:
+    command = [
+        str(Path(sys.executable).with_name("py-spy")),
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(max(1, int(seconds))),
+        "--rate",
+        "200",
+        "--nonblocking",
+        "-o",
+        out,
+    ]
+    if not out.endswith(".svg"):
+        command += ["--format", "raw"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def spy_top(raw: str, limit: int = 25) -> str:
+    """Own and total share of samples per function, from py-spy's raw collapsed stacks."""
+    own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    samples = 0
+    for line in Path(raw).read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        samples += n
+        frames = [
+            f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")"
+            if " (" in f
+            else f
+            for f in stack.split(";")
+        ]
+        own[frames[-1]] += n
+        for frame in set(frames):
+            total[frame] += n
+    rows = [
+        [name, f"{own[name] / samples:.1%}", f"{total[name] / samples:.1%}"]
+        for name, _ in total.most_common(limit)
+    ]
+    top_own = [[name, f"{n / samples:.1%}"] for name, n in own.most_common(limit)]
+    return (
+        f"py-spy: {samples} samples\n"
+        + table(["function (by total)", "own", "total"], rows)
+        + "\n"
+        + table(["function (by own)", "own"], top_own)
+    )
+
+
 # ---- the database ---------------------------------------------------------------------------
 
 
@@ -714,9 +872,16 @@ class Bench:
         *,
         bookings: int,
         server_pid: int | None = None,
+        server_http: str | None = None,
     ) -> Result:
         a = self.args
         await drive(attempt, bookers=a.bookers, bookings=a.warmup, duration=None, rate=None)
+        stages = scrape_stages(server_http) if server_http is not None else None
+        # One profile per scenario: OUT with the scenario's name before its suffix.
+        spied = str(Path(a.py_spy).with_stem(f"{Path(a.py_spy).stem}-{name}")) if a.py_spy else ""
+        spying = (
+            spy(server_pid, spied, a.duration or 10.0) if spied and server_pid is not None else None
+        )
         load_before = os.getloadavg()[0]
         housekeeping = await background_work(self.conn)
         gc_pauses = GcPauses()
@@ -728,6 +893,13 @@ class Bench:
         )
         after = time.process_time(), postgres_cpu(self.postmaster), process_cpu(server_pid)
         gc_pauses.close()
+        stage_lines = (
+            stage_report(stages, scrape_stages(server_http))
+            if stages is not None and server_http is not None
+            else None
+        )
+        if spying is not None:
+            await asyncio.to_thread(spying.wait)
         done = await background_work(self.conn)
         pg = None if cpu[1] is None or after[1] is None else after[1] - cpu[1]
         server = None if cpu[2] is None or after[2] is None else after[2] - cpu[2]
@@ -760,6 +932,12 @@ class Bench:
         print(gc_pauses.summary())
         if profile is not None:
             print(profile)
+        if stage_lines is not None:
+            print(stage_lines)
+        if spying is not None:
+            print(f"py-spy wrote {spied} (exit {spying.returncode})")
+            if not spied.endswith(".svg") and spying.returncode == 0:
+                print(spy_top(spied))
         if a.timeline:
             print(timeline(run, gc_pauses))
         print()
@@ -773,7 +951,7 @@ class Bench:
             "uniform", attempt, doctors, self.uniform_ledger, bookings=self.args.bookings
         )
 
-    async def hot(self) -> Result:
+    async def hot_doctor(self) -> tuple[int, list[int]]:
         [doctor] = await seed_doctors(
             self.store,
             1,
@@ -784,6 +962,10 @@ class Bench:
         )
         free = (await free_slots(self.conn, [doctor]))[doctor]
         print(f"hot doctor {doctor}: {len(free)} free slots, window {self.args.hot_window}")
+        return doctor, free
+
+    async def hot(self) -> Result:
+        doctor, free = await self.hot_doctor()
         ledger: set[int] = set()
         attempt = store_attempt(
             self.store, HotPicker(free, self.args.hot_window), ledger, self.args.keys
@@ -791,12 +973,38 @@ class Bench:
         return await self.measure("hot", attempt, [doctor], ledger, bookings=self.args.hot_bookings)
 
     async def server(self) -> Result:
-        a = self.args
         doctors = await self.uniform_scope()
+        picker = UniformPicker(await free_slots(self.conn, doctors))
+        return await self.through_server("server", "ws", picker, doctors, self.uniform_ledger)
+
+    async def rest(self) -> Result:
+        doctors = await self.uniform_scope()
+        picker = UniformPicker(await free_slots(self.conn, doctors))
+        return await self.through_server("rest", "rest", picker, doctors, self.uniform_ledger)
+
+    async def server_hot(self) -> Result:
+        doctor, free = await self.hot_doctor()
+        ledger: set[int] = set()
+        picker = HotPicker(free, self.args.hot_window)
+        return await self.through_server(
+            "server-hot", "ws", picker, [doctor], ledger, bookings=self.args.hot_bookings
+        )
+
+    async def through_server(
+        self,
+        name: str,
+        transport: Literal["ws", "rest"],
+        picker: Picker,
+        doctors: list[int],
+        ledger: set[int],
+        *,
+        bookings: int | None = None,
+    ) -> Result:
+        a = self.args
         env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
         env.update(
             SLOTCAST_DATABASE_URL=self.dsn,
-            SLOTCAST_BROKER_URL="memory://",
+            SLOTCAST_BROKER_URL=a.broker_url,
             SLOTCAST_JWT_SECRET=JWT_SECRET,
             SLOTCAST_INSTANCE_ID="bench",
             SLOTCAST_DB_POOL_MIN=str(a.pool_size),
@@ -823,21 +1031,42 @@ class Bench:
         try:
             await asyncio.to_thread(proc.start, 300)  # it materializes every doctor at start
             print(f"server up in {perf() - t:.1f}s (log {proc.log_path})")
-            codec: Literal["json", "msgpack"] = "msgpack" if a.codec == "msgpack" else "json"
-            async with clients(proc.ws_url, a.bookers, codec) as idle:
-                picker = UniformPicker(await free_slots(self.conn, doctors))
-                attempt = client_attempt(idle, picker, self.uniform_ledger, a.keys)
-                pid = proc.process.pid if proc.process else None
+            pid = proc.process.pid if proc.process else None
+            async with self.attempts(proc, transport, picker, ledger) as attempt:
                 return await self.measure(
-                    "server",
+                    name,
                     attempt,
                     doctors,
-                    self.uniform_ledger,
-                    bookings=a.bookings,
+                    ledger,
+                    bookings=bookings if bookings is not None else a.bookings,
                     server_pid=pid,
+                    server_http=proc.http_url,
                 )
         finally:
             await asyncio.to_thread(proc.stop)
+
+    @contextlib.asynccontextmanager
+    async def attempts(
+        self,
+        proc: ServerProcess,
+        transport: Literal["ws", "rest"],
+        picker: Picker,
+        ledger: set[int],
+    ) -> AsyncIterator[Attempt]:
+        a = self.args
+        if transport == "ws":
+            codec: Literal["json", "msgpack"] = "msgpack" if a.codec == "msgpack" else "json"
+            async with clients(proc.ws_url, a.bookers, codec) as idle:
+                yield client_attempt(idle, picker, ledger, a.keys)
+            return
+        tokens = [
+            auth.issue(JWT_SECRET, subject=f"rest-patient-{n}", role=Role.PATIENT)
+            for n in range(a.bookers)
+        ]
+        connector = aiohttp.TCPConnector(limit=a.bookers)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            url = f"{proc.http_url}/api/appointments"
+            yield rest_attempt(session, url, tokens, picker, ledger, a.keys)
 
 
 @contextlib.asynccontextmanager
@@ -889,7 +1118,7 @@ async def main(args: argparse.Namespace, dsn: str) -> int:
             scenarios = list(args.scenarios)
             if args.via_server and "server" not in scenarios:
                 scenarios.append("server")
-            results = [await getattr(bench, name)() for name in scenarios]
+            results = [await getattr(bench, name.replace("-", "_"))() for name in scenarios]
     finally:
         await conn.close()
     print("summary")
@@ -920,7 +1149,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--scenarios",
         type=lambda s: [x for x in s.split(",") if x],
         default=["uniform", "hot"],
-        help="comma-separated: uniform, hot, server (default: uniform,hot)",
+        help="comma-separated: uniform, hot, server, rest, server-hot (default: uniform,hot)",
     )
     p.add_argument("--via-server", action="store_true", help="also run the server scenario")
     p.add_argument("--doctors", type=int, default=1000)
@@ -941,8 +1170,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="time every statement and phase")
     p.add_argument("--timeline", action="store_true", help="throughput and p99 second by second")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--broker-url",
+        default="memory://",
+        help="through the server: its broker (redis://... to publish as a deployment does)",
+    )
+    p.add_argument("--py-spy", help="through the server: py-spy record it (.svg, else raw)")
     args = p.parse_args(argv)
-    unknown = set(args.scenarios) - {"uniform", "hot", "server"}
+    unknown = set(args.scenarios) - {"uniform", "hot", "server", "rest", "server-hot"}
     if unknown:
         p.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     return args

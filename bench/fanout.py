@@ -65,6 +65,11 @@ What is measured
               instance) and slotcast_command_seconds{type="book"}, from /metrics
               before and after the window, quantiles interpolated within buckets
               like Prometheus' histogram_quantile (so only as fine as the buckets).
+  stages      the servers' slotcast_stage_seconds over the window, per instance: where
+              commit-to-receipt goes (pool wait, BEGIN and locks, statements, commit,
+              outbox wait, publish, broker hop, fan-out wait and write), printed as a
+              table after the report and kept in --json as `stages` (docs/benchmarks.md,
+              "Latency breakdown").
   rates       changes sent and committed per second (committed: from the first
               send to the last change's first receipt), and delivered messages
               per second within the window.
@@ -934,6 +939,7 @@ def scrape(server: BenchServer) -> dict[str, float]:
                 "slotcast_fanout_latency",
                 "slotcast_command_seconds_bucket",
                 "slotcast_slow_consumers",
+                "slotcast_stage_seconds",
             )
         ):
             name, value = line.rsplit(" ", 1)
@@ -1005,6 +1011,70 @@ def server_histogram(
         # at 3c15ce0 did; it waits for its row in docs/protocol.md's metric table).
         "deltas_per_write": round(out / writes, 2) if writes else math.nan,
     }
+
+
+# The stages of `slotcast_stage_seconds` (store/timing.py), in the order a change meets them.
+STAGES: Final = (
+    "pool_wait",
+    "lock_wait",
+    "statements",
+    "commit",
+    "outbox_wait",
+    "publish",
+    "broker_hop",
+    "fanout_wait",
+    "fanout_write",
+)
+
+
+def stage_breakdown(
+    before: list[dict[str, float]], after: list[dict[str, float]]
+) -> dict[str, list[dict[str, float]]]:
+    """Per stage, per instance: observations, mean, p50 and p99 (ms) over the window.
+
+    Instance 1 commits the bookings (the transaction's stages, its publishes, its local
+    fan-out, and the broker's echo of its own publish); instance 2 only hears them (the
+    broker hop proper, and the fan-out of what it heard)."""
+    out: dict[str, list[dict[str, float]]] = {}
+    for stage in STAGES:
+        label = f'stage="{stage}"'
+        rows = []
+        for b, a in zip(before, after, strict=True):
+            window = histogram_window([b], [a], "slotcast_stage_seconds", label)
+            total = sum(
+                a.get(name, 0) - b.get(name, 0)
+                for name in a
+                if name.startswith("slotcast_stage_seconds_sum{") and label in name
+            )
+            n = window["observations"]
+            rows.append(
+                {
+                    "n": n,
+                    "mean_ms": total / n * 1000 if n else math.nan,
+                    "p50_ms": window["p50_ms"],
+                    "p99_ms": window["p99_ms"],
+                }
+            )
+        out[stage] = rows
+    return out
+
+
+def breakdown_table(stages: dict[str, list[dict[str, float]]]) -> str:
+    """The breakdown as a Markdown table: one row per stage, one column group per instance."""
+    count = len(next(iter(stages.values()), []))
+    head = "| stage | " + " | ".join(
+        f"instance {i + 1}: n, mean / p50 / p99 ms" for i in range(count)
+    )
+    rows = [head + " |", "|---|" + "---|" * count]
+    for stage, per in stages.items():
+        cells = [
+            f"{c['n']:,.0f}, {c['mean_ms']:.2f} / {c['p50_ms']:.2f} / {c['p99_ms']:.2f}"
+            if c["n"]
+            else "-"
+            for c in per
+        ]
+        rows.append(f"| {stage} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 # ---- the database ----------------------------------------------------------------------------
@@ -1623,6 +1693,7 @@ def run_scenario(
             "server_book_command": histogram_window(
                 metrics_before, metrics_after, "slotcast_command_seconds", 'type="book"'
             ),
+            "stages": stage_breakdown(metrics_before, metrics_after),
             "server_cpu_seconds": [round(c, 2) for c in cpu],
             "server_user_seconds": [round(u, 2) for u in user],
             "server_sys_seconds": [round(k, 2) for k in system],
@@ -1719,6 +1790,9 @@ message ({r["client_user_share"]:.0%} user)
 the rest {r["other_cores"]}); load {r["load_before"]} -> {r["load_after"]}""",
         flush=True,
     )
+    if any(c["n"] for per in r.get("stages", {}).values() for c in per):
+        print("\n  where the time goes (slotcast_stage_seconds over the window)\n", flush=True)
+        print(breakdown_table(r["stages"]), flush=True)
 
 
 def summary_table(reports: Sequence[dict[str, Any]]) -> str:

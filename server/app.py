@@ -253,6 +253,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         on_snapshot=metrics.snapshot_read,
         cache_slots=settings.snapshot_cache_slots,
         on_close=app[REPLICAS].note,
+        timings=store.timings,
     )
     app[ROOMS] = rooms
     app[SCHEDULING] = Scheduling(
@@ -272,6 +273,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     metrics.readings.pool = lambda: PoolReading(*store.pool_stats())
     metrics.readings.broker_reconnects = lambda: broker_.reconnects
     metrics.track_replicas(app[REPLICAS].reading)
+    metrics.stages.timings = store.timings
     yield
     app[OUTBOX].deliver_to(None)
     await app[HEALTH].close()

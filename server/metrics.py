@@ -20,12 +20,18 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from protocol.errors import ErrorCode
 from store.changes import Change
 from store.replicas import FALLBACK_REASONS, ReplicaReading
+from store.timing import BUCKETS as STAGE_BUCKETS
+from store.timing import STAGES, StageTimes
 
 # Why a connection was closed as a slow consumer (server.connection.SlowReason).
 SLOW_REASONS = ("frames", "bytes", "stalled", "budget")
@@ -152,6 +158,10 @@ class Metrics:
         )
 
         self._operations(r)
+
+        # Issue 14: where commit-to-receipt goes, stage by stage (store.timing).
+        self.stages = StageReadings()
+        r.register(self.stages)
 
     def _operations(self, r: CollectorRegistry) -> None:
         """What issue 15 added for operators: bookings, the pool, the relay, the process."""
@@ -348,6 +358,33 @@ class Readings(Collector):
 
     def describe(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         return ()  # read lazily: registering must not call the owners yet
+
+
+class StageReadings(Collector):
+    """`slotcast_stage_seconds{stage}`: the store's stage timings (`store.timing`), read at
+    scrape time, so observing one is a bisect and two additions, never the library."""
+
+    def __init__(self) -> None:
+        self.timings = StageTimes()  # the store's, once the app's lifetimes open it
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(
+            "slotcast_stage_seconds",
+            "A write's stages, from the pool wait to the fan-out write (docs/benchmarks.md, "
+            "Latency breakdown)",
+            labels=["stage"],
+        )
+        bounds = [*(str(b) for b in STAGE_BUCKETS), "+Inf"]
+        for stage in STAGES:
+            cumulative, buckets = 0, []
+            for bound, count in zip(bounds, self.timings.counts[stage], strict=True):
+                cumulative += count
+                buckets.append((bound, float(cumulative)))
+            family.add_metric([stage], buckets, self.timings.sums[stage])
+        yield family
+
+    def describe(self) -> Iterable[HistogramMetricFamily]:
+        return ()
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

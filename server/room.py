@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Literal
@@ -94,6 +95,7 @@ class Room:
     version: int | None = None  # highest contiguous version (delivered, or ready to be)
     pending: dict[int, Change] = field(default_factory=dict)
     ready: list[Change] = field(default_factory=list)  # contiguous, awaiting the next round
+    ready_at: float = 0.0  # when `ready` last stopped being empty (`time.perf_counter()`)
     round: Round | None = None  # the fan-out under way
     fanning: bool = False  # a fan-out step is scheduled
     opened: asyncio.Task[None] | None = None
@@ -119,7 +121,16 @@ class Round:
     joining, already holds them); members that leave meanwhile are skipped.
     """
 
-    __slots__ = ("at", "batches", "dashboards", "first", "frames", "members", "publics")
+    __slots__ = (
+        "at",
+        "batches",
+        "dashboards",
+        "first",
+        "frames",
+        "members",
+        "publics",
+        "started",
+    )
 
     def __init__(self, changes: list[Change], room: Room) -> None:
         self.frames = [Frames(change) for change in changes]
@@ -128,6 +139,7 @@ class Round:
         self.members = tuple(room.members)
         self.dashboards = tuple(room.dashboards)
         self.at = 0  # members written so far
+        self.started = time.perf_counter()  # for the stage timings (`store.timing`)
         # Per codec: each change's availability frame, and all of them joined.
         self.batches: dict[str, tuple[list[bytes], bytes]] = {}
 

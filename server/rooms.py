@@ -49,6 +49,7 @@ from store.changes import Change, PatientNote, PresenceNote, unpack
 from store.constants import doctor_channel, patient_channel
 from store.errors import StoreError
 from store.pool import Store
+from store.timing import StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,11 @@ class Rooms:
         fanout_slice: int = FANOUT_SLICE,
         cache_slots: int = 0,
         on_close: Callable[[int, int], None] | None = None,
+        timings: StageTimes | None = None,
     ) -> None:
         self._store = store
+        # Where the stage timings go: the store's, so one scrape reads them all.
+        self._timings = timings or StageTimes()
         # Told (doctor, version) when a room closes: what its members were last sent,
         # which later reads of the doctor must not go back on (store.replicas).
         self._on_close = on_close or (lambda doctor_id, version: None)
@@ -257,6 +261,8 @@ class Rooms:
             log.exception("dropping undecodable broker message on %s", channel)
             return
         if isinstance(note, Change):
+            if note.sent_at:
+                self._timings.observe("broker_hop", time.time() - note.sent_at)
             self.receive(note)
         elif isinstance(note, PresenceNote):
             self._on_presence(note)
@@ -291,6 +297,8 @@ class Rooms:
             del room.pending[stale]
         while (change := room.pending.pop(room.version + 1, None)) is not None:
             room.version = change.version
+            if not room.ready:
+                room.ready_at = time.perf_counter()
             room.ready.append(change)
             room.calendars.advance(change)
         if room.ready and not room.fanning:
@@ -314,8 +322,10 @@ class Rooms:
                 return
             current = room.round = Round(room.ready, room)
             room.ready = []
+            self._timings.observe("fanout_wait", current.started - room.ready_at)
         if current.step(room.doctor_id, self._slice):
             room.round = None
+            self._timings.observe("fanout_write", time.perf_counter() - current.started)
             delivered = len(current.members) + len(current.dashboards)
             now = time.time()
             for frames in current.frames:

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import unquote
@@ -92,6 +92,15 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def publish(self, channel: str, data: bytes) -> None:
         """Raise `Unavailable` when the broker cannot take it (within the time bound)."""
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Publish each (channel, data) in order; `Unavailable` if any could not be.
+
+        A broker that can, sends them all in one round trip (Redis: a pipeline); on
+        `Unavailable` some may have gone out, which receivers drop as duplicates when
+        they are resent."""
+        for channel, data in messages:
+            await self.publish(channel, data)
 
     @abc.abstractmethod
     async def subscribe(self, channel: str) -> None:
@@ -197,6 +206,20 @@ class RedisBroker(Broker):
 
     async def publish(self, channel: str, data: bytes) -> None:
         await self._command(lambda: self._redis.publish(channel, data))
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        if len(messages) == 1:
+            await self.publish(*messages[0])
+            return
+
+        async def pipelined() -> None:
+            # No MULTI: a pipeline only saves the round trips; each PUBLISH stands alone.
+            pipe = self._redis.pipeline(transaction=False)
+            for channel, data in messages:
+                pipe.publish(channel, data)
+            await pipe.execute()
+
+        await self._command(pipelined)
 
     async def subscribe(self, channel: str) -> None:
         self._channels.add(channel)

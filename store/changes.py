@@ -88,6 +88,9 @@ class Change:
     public: dict[str, Any]  # `Delta` body as builtins; carries no patient identity
     private: ChangeDetail = field(default_factory=ChangeDetail)
     committed_at: float = 0.0  # epoch seconds, for fan-out latency
+    # Epoch seconds when its publisher sent it to the broker (0: not from the broker), so
+    # the receiving instance can time the broker hop (`store.timing`, on node clocks).
+    sent_at: float = 0.0
 
     @classmethod
     def build(
@@ -133,13 +136,14 @@ class Change:
             "blocks": private.blocks,
         }
 
-    def pack(self) -> bytes:
+    def pack(self, *, sent_at: float = 0.0) -> bytes:
         return _pack(
             {
                 "k": "change",
                 "pub": self.public,
                 "prv": self.private.to_builtins(),
                 "at": self.committed_at,
+                "st": sent_at,
             }
         )
 
@@ -197,6 +201,7 @@ def unpack(data: bytes) -> Note:
             public,
             ChangeDetail.of_builtins(raw["prv"]),
             raw["at"],
+            raw.get("st", 0.0),  # absent from an older instance's changes
         )
     if kind == "presence":
         return PresenceNote(int(raw["d"]), str(raw["i"]), int(raw["w"]))

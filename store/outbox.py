@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -33,6 +34,7 @@ from store.changes import Change, PatientNote
 from store.constants import doctor_channel, patient_channel
 from store.errors import StoreError
 from store.pool import Store
+from store.timing import StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,8 @@ def _keep(change: Change) -> None:
 class Outbox:
     def __init__(self, *, on_relayed: Callable[[int], None] | None = None) -> None:
         self._on_relayed = on_relayed or _ignore
-        self._queue: asyncio.Queue[Change] = asyncio.Queue()
+        # Each change with when it was queued (`time.perf_counter()`), for `outbox_wait`.
+        self._queue: asyncio.Queue[tuple[Change, float]] = asyncio.Queue()
         self._done: dict[int, int] = {}  # doctor -> highest version published this batch
         self._failed: dict[int, set[int]] = {}  # doctor -> versions whose publish failed
         self._task: asyncio.Task[None] | None = None
@@ -68,7 +71,12 @@ class Outbox:
     def enqueue(self, changes: list[Change]) -> None:
         """The store's commit hook: local delivery now, the broker soon. After `publishing`
         ended, changes are left to the relay of whichever instance runs next: the cursor
-        never passed them."""
+        never passed them.
+
+        Queued for the publisher first: its wake-up then runs before the local fan-out's
+        first slice, so the PUBLISH is on the wire while this instance writes to its own
+        members, and other instances' watchers do not wait for them."""
+        self._put(changes)
         for change in changes:
             try:
                 self._deliver(change)
@@ -76,16 +84,16 @@ class Outbox:
                 log.exception(
                     "local delivery of doctor %s v%s failed", change.doctor_id, change.version
                 )
-        self._put(changes)
 
     def _put(self, changes: list[Change]) -> None:
         if self._closed:
             return
+        now = time.perf_counter()
         for change in changes:
             key = (change.doctor_id, change.version)
             if key not in self._queued:
                 self._queued.add(key)
-                self._queue.put_nowait(change)
+                self._queue.put_nowait((change, now))
 
     @contextlib.asynccontextmanager
     async def publishing(
@@ -116,23 +124,25 @@ class Outbox:
             self._put(changes)
 
     async def _run(self, store: Store, broker: Broker) -> None:
+        timings = store.timings
         while True:
             batch = [await self._queue.get()]
             while not self._queue.empty() and len(batch) < BATCH:
                 batch.append(self._queue.get_nowait())
+            taken = time.perf_counter()
+            for _, queued in batch:
+                timings.observe("outbox_wait", taken - queued)
             try:
-                away = False
-                for change in batch:
+                changes = [change for change, _ in batch]
+                published = await self._publish(broker, changes, timings)
+                for change in changes:
                     failed = self._failed.setdefault(change.doctor_id, set())
-                    # Once one publish failed, the rest of the batch waits for the relay:
-                    # each try against a frozen broker would cost its whole time bound.
-                    if not away and await self._publish(broker, change):
+                    if published:
                         failed.discard(change.version)
                         self._done[change.doctor_id] = max(
                             self._done.get(change.doctor_id, 0), change.version
                         )
                     else:
-                        away = True
                         failed.add(change.version)
                 # The cursor never passes a version whose publish failed: the relay
                 # resends from there (a patient room has no log to fill gaps from).
@@ -145,23 +155,34 @@ class Outbox:
             except StoreError as exc:
                 log.warning("could not advance the relay cursor: %s", exc)
             finally:
-                for change in batch:
+                for change, _ in batch:
                     self._queued.discard((change.doctor_id, change.version))
                     self._queue.task_done()
 
-    async def _publish(self, broker: Broker, change: Change) -> bool:
-        try:
-            await broker.publish(doctor_channel(change.doctor_id), change.pack())
+    async def _publish(self, broker: Broker, changes: list[Change], timings: StageTimes) -> bool:
+        """Publish a batch, each change then its patient notes, in one round trip where the
+        broker can (a pipeline): at load, k changes cost one wait for Redis, not 2k. On a
+        failure the whole batch waits for the relay (some of it may have gone out: the
+        receivers drop what they already have), so a frozen broker costs one time bound
+        per batch, not one per change."""
+        sent_at = time.time()
+        messages = []
+        for change in changes:
+            messages.append((doctor_channel(change.doctor_id), change.pack(sent_at=sent_at)))
             for note in PatientNote.of_change(change):
-                await broker.publish(patient_channel(note.patient_id), note.pack())
+                messages.append((patient_channel(note.patient_id), note.pack()))
+        try:
+            started = time.perf_counter()
+            await broker.publish_many(messages)
+            timings.observe("publish", time.perf_counter() - started)
         except StoreError as exc:
             if not self._paused:
                 self._paused = True
                 log.warning(
                     "publishing paused at doctor %s v%s (%s): local watchers still get every "
                     "change; the relay resends to the others once the broker is back",
-                    change.doctor_id,
-                    change.version,
+                    changes[0].doctor_id,
+                    changes[0].version,
                     exc.message,
                 )
             return False

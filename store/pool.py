@@ -25,6 +25,7 @@ from store import sql
 from store.changes import Change
 from store.errors import Unavailable, transient, translated
 from store.startup import wait_until_up, where_postgres
+from store.timing import StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class Store:
         self.timeout_s = timeout_s
         self.acquire_timeout_s = acquire_timeout_s
         self.waiting = 0  # callers in `connection` waiting for the pool, for pool_stats
+        # Where each write's time goes (the runner, the outbox and the rooms observe).
+        self.timings = StageTimes()
 
     def pool_stats(self) -> tuple[int, int, int, int]:
         """(open, idle, max, waiting): the pool's load, for the server's metrics."""

@@ -14,6 +14,7 @@ handle and its bounds are `store.pool`.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, Protocol, cast
@@ -110,8 +111,12 @@ async def run_command(
     )
 
 
-async def _lock(conn: asyncpg.Connection, target: LockTarget) -> list[int]:
-    """Take the locks, doctors first in id order, then the patient's: the first statement."""
+async def _lock(
+    conn: asyncpg.Connection, target: LockTarget, actor: Actor, key: str | None
+) -> list[int]:
+    """Take the locks, doctors first in id order, then the patient's: the first statement.
+
+    A slot already booked is refused here, before any lock (see `sql.SLOT_DOCTOR_LOCK`)."""
     if target.slot_id is None and target.appointment_id is None:
         for doctor_id in target.doctor_ids:
             await conn.execute(sql.DOCTOR_LOCK, LOCK_NS_DOCTOR, doctor_id)
@@ -126,11 +131,17 @@ async def _lock(conn: asyncpg.Connection, target: LockTarget) -> list[int]:
                 target.slot_id,
                 LOCK_NS_PATIENT,
                 target.patient,
+                str(actor),
+                key,
             )
         else:
-            row = await conn.fetchrow(sql.SLOT_DOCTOR_LOCK, LOCK_NS_DOCTOR, target.slot_id)
+            row = await conn.fetchrow(
+                sql.SLOT_DOCTOR_LOCK, LOCK_NS_DOCTOR, target.slot_id, str(actor), key
+            )
         if row is None:
             raise NotFound(f"no slot {target.slot_id}")
+        if row["refused"]:
+            raise SlotTaken("the slot is already taken")
     else:
         assert target.patient is None  # no command locks a patient by appointment
         row = await conn.fetchrow(
@@ -151,61 +162,90 @@ async def _attempt(
     fingerprint: dict[str, Any],
     key: str | None,
 ) -> tuple[Outcome[Reply], StoreError | None]:
-    async with store.connection() as conn, conn.transaction():
-        doctor_ids = await _lock(conn, target)
-        # One round trip for the versions, the expired-hold check, the idempotency
-        # record and the slot or appointment named: its snapshot follows the locks.
-        if target.slot_id is not None:
-            first = await _slot_prelude(conn, target, now, actor, key)
-        elif target.appointment_id is not None:
-            first = await conn.fetchrow(
-                sql.APPOINTMENT_PRELUDE, now, str(actor), key, target.appointment_id
+    timings = store.timings
+    asked = time.perf_counter()
+    async with store.connection() as conn:
+        acquired = time.perf_counter()
+        timings.observe("pool_wait", acquired - asked)
+        async with conn.transaction():
+            outcome, error, locked = await _locked(
+                conn, target, actor, now, work, command, fingerprint, key
             )
-            if first is None:  # pragma: no cover - appointments are never deleted
-                raise NotFound(f"no appointment {target.appointment_id}")
-        else:
-            first = await conn.fetchrow(sql.COMMAND_PRELUDE, doctor_ids, now, str(actor), key)
-        if first["key_command"] is not None:
-            # The stored reply is of the type this very command returned the first time.
-            replayed = _replayed(first, command, fingerprint)
-            return Outcome(cast(Reply, replayed), []), None
-        versions = dict(zip(first["doctor_ids"] or [], first["versions"] or [], strict=True))
-        tx = Tx(conn, now, actor)
-        if first["expired_holds"]:
-            for doctor_id in doctor_ids:
-                await steps.expire_holds(tx, doctor_id)
-        elif target.slot_id is not None:
-            tx.prefetched_slot = first  # nothing written since it was read
-            if first["taken_id"] is not None:
-                assert target.taking is not None
-                tx.taken = (target.taking, first)
-        elif target.appointment_id is not None:
-            tx.prefetched_appointment = first  # nothing written since it was read
-        before = tx.checkpoint()
-        error: StoreError | None = None
-        reply: Reply | None = None
-        if before:
-            # Expired holds to keep even if the command is refused: a savepoint
-            # lets a refusal undo only the command's own work.
-            try:
-                async with conn.transaction():
-                    reply = await work(tx)
-            except StoreError as exc:
-                tx.restore(before)
-                error = exc
-        else:
-            # Nothing to keep: a refusal rolls the whole transaction back, and
-            # the two round trips of a savepoint are saved on every command.
-            reply = await work(tx)
-        if tx.taken is not None:  # pragma: no cover - the command must claim it
-            raise StoreError("an inserted appointment was not the command's")
-        tx.prefetched_slot = tx.prefetched_appointment = None
-        for doctor_id in tx.created:  # inserted by this command, at version 0
-            versions.setdefault(doctor_id, 0)
-        changes = await _record(conn, tx, versions, actor, key, command, fingerprint, reply)
-        # A refused command still commits the holds it found expired; its `reply` is
-        # None then, but `run` raises `error` instead of returning it.
-        return Outcome(cast(Reply, reply), changes), error
+            worked = time.perf_counter()
+        committed = time.perf_counter()
+    timings.observe("lock_wait", locked - acquired)
+    timings.observe("statements", worked - locked)
+    timings.observe("commit", committed - worked)
+    return outcome, error
+
+
+async def _locked(
+    conn: asyncpg.Connection,
+    target: LockTarget,
+    actor: Actor,
+    now: datetime,
+    work: Callable[[Tx], Awaitable[Reply]],
+    command: str,
+    fingerprint: dict[str, Any],
+    key: str | None,
+) -> tuple[Outcome[Reply], StoreError | None, float]:
+    """The transaction's statements, from the locks on; also when the locks were held
+    (`time.perf_counter()`), for the stage timings."""
+    doctor_ids = await _lock(conn, target, actor, key)
+    locked = time.perf_counter()
+    # One round trip for the versions, the expired-hold check, the idempotency
+    # record and the slot or appointment named: its snapshot follows the locks.
+    if target.slot_id is not None:
+        first = await _slot_prelude(conn, target, now, actor, key)
+    elif target.appointment_id is not None:
+        first = await conn.fetchrow(
+            sql.APPOINTMENT_PRELUDE, now, str(actor), key, target.appointment_id
+        )
+        if first is None:  # pragma: no cover - appointments are never deleted
+            raise NotFound(f"no appointment {target.appointment_id}")
+    else:
+        first = await conn.fetchrow(sql.COMMAND_PRELUDE, doctor_ids, now, str(actor), key)
+    if first["key_command"] is not None:
+        # The stored reply is of the type this very command returned the first time.
+        replayed = _replayed(first, command, fingerprint)
+        return Outcome(cast(Reply, replayed), []), None, locked
+    versions = dict(zip(first["doctor_ids"] or [], first["versions"] or [], strict=True))
+    tx = Tx(conn, now, actor)
+    if first["expired_holds"]:
+        for doctor_id in doctor_ids:
+            await steps.expire_holds(tx, doctor_id)
+    elif target.slot_id is not None:
+        tx.prefetched_slot = first  # nothing written since it was read
+        if first["taken_id"] is not None:
+            assert target.taking is not None
+            tx.taken = (target.taking, first)
+    elif target.appointment_id is not None:
+        tx.prefetched_appointment = first  # nothing written since it was read
+    before = tx.checkpoint()
+    error: StoreError | None = None
+    reply: Reply | None = None
+    if before:
+        # Expired holds to keep even if the command is refused: a savepoint
+        # lets a refusal undo only the command's own work.
+        try:
+            async with conn.transaction():
+                reply = await work(tx)
+        except StoreError as exc:
+            tx.restore(before)
+            error = exc
+    else:
+        # Nothing to keep: a refusal rolls the whole transaction back, and
+        # the two round trips of a savepoint are saved on every command.
+        reply = await work(tx)
+    if tx.taken is not None:  # pragma: no cover - the command must claim it
+        raise StoreError("an inserted appointment was not the command's")
+    tx.prefetched_slot = tx.prefetched_appointment = None
+    for doctor_id in tx.created:  # inserted by this command, at version 0
+        versions.setdefault(doctor_id, 0)
+    changes = await _record(conn, tx, versions, actor, key, command, fingerprint, reply)
+    # A refused command still commits the holds it found expired; its `reply` is
+    # None then, but `run` raises `error` instead of returning it.
+    return Outcome(cast(Reply, reply), changes), error, locked
 
 
 async def _slot_prelude(

@@ -34,23 +34,47 @@ DOCTOR_LOCK: Final = "SELECT pg_advisory_xact_lock($1::int4, $2::int4)"
 # Patients have text ids; hashing is fine here: a collision only serializes two patients.
 PATIENT_LOCK: Final = "SELECT pg_advisory_xact_lock($1::int4, hashtext($2))"
 # Find the doctor and take the lock in one round trip, for commands that name a slot or an
-# appointment. This statement's snapshot predates the lock, so it reads nothing but the
-# doctor_id, which never changes; everything else is read by later statements, whose
-# snapshots (READ COMMITTED) see what the previous holder of the lock committed.
-# No row: no such slot (appointment), and no lock taken.
+# appointment. This statement's snapshot predates the lock, so it decides nothing on what
+# it reads but the doctor_id, which never changes; everything else is read by later
+# statements, whose snapshots (READ COMMITTED) see what the previous holder of the lock
+# committed. No row: no such slot (appointment), and no lock taken.
+# The one exception, for a command taking a slot (book, hold): a slot already booked when
+# the statement began is `refused` without the lock, so a stampede's losers do not queue
+# behind the winners on a hot doctor's lock only to be refused there. Booked is final for
+# this request (it answers `slot_taken` as the check under the lock would: only a retired
+# slot answers otherwise, and it is left to that check), unless the request's idempotency
+# key ($3 subject, $4 key) was stored: a replay goes the whole way for its stored reply.
 SLOT_DOCTOR_LOCK: Final = """
-SELECT s.doctor_id, pg_advisory_xact_lock($1::int4, s.doctor_id) FROM slots s WHERE s.id = $2"""
+SELECT l.doctor_id, l.refused,
+       CASE WHEN NOT l.refused THEN pg_advisory_xact_lock($1::int4, l.doctor_id) END AS locked
+FROM (
+    SELECT s.doctor_id, s.status = 'busy' AND s.retired_at IS NULL AND NOT EXISTS (
+        SELECT 1 FROM idempotency_keys k WHERE k.subject = $3 AND k.key = $4
+    ) AS refused
+    FROM slots s WHERE s.id = $2
+    OFFSET 0
+) AS l"""
 APPOINTMENT_DOCTOR_LOCK: Final = """
 SELECT a.doctor_id, pg_advisory_xact_lock($1::int4, a.doctor_id)
 FROM appointments a WHERE a.id = $2"""
 # A hold also takes the patient's lock, always after the doctor's (one order everywhere, so
 # no deadlock): the subquery (kept apart by OFFSET 0, its volatile output never dropped)
 # yields its row, doctor locked, before the outer select list takes the patient's lock.
+# Refused without either lock as in SLOT_DOCTOR_LOCK ($5 subject, $6 key).
 SLOT_DOCTOR_PATIENT_LOCK: Final = """
-SELECT l.doctor_id, pg_advisory_xact_lock($3::int4, hashtext($4))
+SELECT l.doctor_id, l.refused,
+       CASE WHEN NOT l.refused THEN pg_advisory_xact_lock($3::int4, hashtext($4)) END
 FROM (
-    SELECT s.doctor_id, pg_advisory_xact_lock($1::int4, s.doctor_id) AS locked
-    FROM slots s WHERE s.id = $2
+    SELECT r.doctor_id, r.refused,
+           CASE WHEN NOT r.refused THEN pg_advisory_xact_lock($1::int4, r.doctor_id) END
+               AS locked
+    FROM (
+        SELECT s.doctor_id, s.status = 'busy' AND s.retired_at IS NULL AND NOT EXISTS (
+            SELECT 1 FROM idempotency_keys k WHERE k.subject = $5 AND k.key = $6
+        ) AS refused
+        FROM slots s WHERE s.id = $2
+        OFFSET 0
+    ) AS r
     OFFSET 0
 ) AS l"""
 
@@ -480,9 +504,15 @@ JOIN changes c ON c.doctor_id = r.doctor_id AND c.version > r.published_version
 WHERE c.created_at < $1
 ORDER BY c.doctor_id, c.version
 LIMIT $2"""
+# Committed without waiting for the WAL flush (`synchronous_commit` off for this one
+# transaction): the cursor only says what need not be resent, so a crash that loses the
+# last advances costs duplicates the rooms drop by version, never a lost change. With
+# fsync on, waiting would cost a flush per published batch (one per booking at light
+# load) for nothing.
 RELAY_ADVANCE: Final = """
+WITH no_flush AS (SELECT set_config('synchronous_commit', 'off', true))
 UPDATE relay_cursor AS r SET published_version = t.v
-FROM unnest($1::int[], $2::bigint[]) AS t(d, v)
+FROM unnest($1::int[], $2::bigint[]) AS t(d, v), no_flush
 WHERE r.doctor_id = t.d AND r.published_version < t.v"""
 # The relay's lag: the age of the oldest change no publish has confirmed, 0 when none.
 # Versions are consecutive, so each doctor's oldest is the one after its cursor (by key).

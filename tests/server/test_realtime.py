@@ -741,6 +741,22 @@ async def test_metrics_move_with_traffic(doctor: SeededDoctor, client: AppClient
     assert moved("slotcast_errors_total", code="forbidden", transport="ws") == 1
     assert moved("slotcast_errors_total", code="slot_taken", transport="ws") == 0
     assert metric(during, "slotcast_rooms", kind="rooms") == 1
+    # The latency breakdown: the booking's transaction, then its local fan-out, ...
+    for stage in ("pool_wait", "lock_wait", "statements", "commit", "fanout_wait"):
+        assert moved("slotcast_stage_seconds_count", stage=stage) >= 1, stage
+    assert moved("slotcast_stage_seconds_count", stage="fanout_write") == 1
+    # ... and its publish, which this instance's own listener hears back.
+    published = during
+    for _ in range(50):
+        if metric(published, "slotcast_stage_seconds_count", stage="broker_hop") >= 1:
+            break
+        await asyncio.sleep(0.05)
+        published = await scrape(client)
+    for stage in ("outbox_wait", "publish", "broker_hop"):
+        assert metric(published, "slotcast_stage_seconds_count", stage=stage) >= 1, stage
+    assert metric(published, "slotcast_stage_seconds_bucket", stage="commit", le="+Inf") == (
+        metric(published, "slotcast_stage_seconds_count", stage="commit")
+    )
 
     await eventually(lambda: not client.app[CONNECTIONS], "the connections to close")
     after = await scrape(client)

@@ -477,3 +477,37 @@ async def test_booking_waits_for_the_doctor_lock_and_only_that_doctors(
 
     assert booking.appointment.slot_id == slot.id
     assert await slot_status(db, slot.id) == SlotStatus.BUSY
+
+
+async def test_a_slot_already_booked_is_refused_without_queueing_but_a_replay_queues(
+    database_url: str,
+    store: Store,
+    doctor: SeededDoctor,
+    db: asyncpg.Connection,
+    lock_holder: asyncpg.Connection,
+) -> None:
+    """A stampede's losers must not wait behind the hot doctor's lock only to be refused:
+    a slot booked before the request began is `slot_taken` at once, lock held or not. The
+    winner's retry (its idempotency key stored) still goes the whole way, under the lock,
+    for its stored reply."""
+    slot = doctor.slots[0]
+    first = await commands.book_slot(store, slot_id=slot.id, patient_id="p-1", idempotency_key="k")
+    async with open_store(database_url, min_size=1, max_size=2, lock_timeout_ms=10_000) as other:
+        transaction = lock_holder.transaction()
+        await transaction.start()
+        await lock_holder.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NS_DOCTOR, doctor.id)
+        try:
+            with pytest.raises(SlotTaken):  # not Busy after 10 s: the lock was never asked for
+                await asyncio.wait_for(
+                    commands.book_slot(other, slot_id=slot.id, patient_id="p-2"), 5
+                )
+            replay = asyncio.create_task(
+                commands.book_slot(other, slot_id=slot.id, patient_id="p-1", idempotency_key="k")
+            )
+            await waiting_for_doctor_lock(db, doctor.id)
+            assert not replay.done()
+        finally:
+            await transaction.rollback()
+        again = await asyncio.wait_for(replay, 10)
+    assert again.appointment == first.appointment
+    assert [r["patient_id"] for r in await active_appointments(db, slot.id)] == ["p-1"]

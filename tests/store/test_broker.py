@@ -148,6 +148,18 @@ async def test_one_publisher_is_delivered_in_order(broker: Broker, inbox: Inbox)
     assert inbox.on("a") == sent
 
 
+async def test_a_batch_is_delivered_in_order_across_channels(broker: Broker, inbox: Inbox) -> None:
+    """The outbox publishes a batch at once (a pipeline on Redis): each change before its
+    patient notes, and the changes of one doctor in version order."""
+    await broker.subscribe("a")
+    await broker.subscribe("b")
+    sent = [("a" if i % 3 else "b", f"m{i}".encode()) for i in range(60)]
+    await broker.publish_many(sent)
+    await broker.publish_many([("a", b"alone")])
+    await inbox.until(lambda: len(inbox.messages) >= len(sent) + 1, "61 messages")
+    assert inbox.messages == [*sent, ("a", b"alone")]
+
+
 # ---- Redis only -----------------------------------------------------------------------------
 
 

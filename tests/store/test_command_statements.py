@@ -301,7 +301,8 @@ async def test_round_trips_of_a_booking_a_hold_and_a_confirm(database_url: str) 
     and 15 before), under the patient's limits as the server passes them. Those cost no
     round trip: the first read counts them with the slot, and a direct booking takes the
     patient's lock in its locking statement (SLOT_DOCTOR_PATIENT_LOCK, as a hold always
-    did) instead of SLOT_DOCTOR_LOCK. A refusal at a limit is a rollback after that read."""
+    did) instead of SLOT_DOCTOR_LOCK. A refusal at a limit is a rollback after that read;
+    a slot already booked is refused by the locking statement itself, before its locks."""
     names = {v: k for k, v in vars(sql).items() if k.isupper() and isinstance(v, str)}
     limits = Limits(per_doctor=2, total=6, cooldown=timedelta(minutes=5))
     async with open_store(database_url, min_size=1, max_size=1) as store:
@@ -331,7 +332,9 @@ async def test_round_trips_of_a_booking_a_hold_and_a_confirm(database_url: str) 
         assert await statements(commands.book(store, ann, request, limits=limits, now=NOW)) == [
             *("BEGIN;", lock, first, "COMMIT;")  # the replay
         ]
-        assert await statements(book(store, bob, free, limits=limits)) == refused  # slot_taken
+        # Already booked when the locking statement began: refused there, without the locks.
+        taken = ["BEGIN;", lock, "ROLLBACK;"]
+        assert await statements(book(store, bob, free, limits=limits)) == taken  # slot_taken
         assert await statements(hold(store, bob, held, limits=limits)) == [
             *("BEGIN;", lock, first, "RECORD", "COMMIT;")
         ]

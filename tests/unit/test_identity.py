@@ -6,6 +6,8 @@ JWKS, are in tests/deploy/test_identity.py and tests/server/test_identity.py.
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import jwt
@@ -131,3 +133,21 @@ def test_a_provider_only_deployment_signs_nothing() -> None:
         only.issue(subject="ops", role=Role.ADMIN)
     with pytest.raises(AuthError, match="names no key"):
         only.verify(jwt.encode({"sub": "x"}, NEW, algorithm="HS256"))
+
+
+async def test_a_verified_token_is_remembered_until_it_expires_then_refused() -> None:
+    """REST clients send the same token with every request: it is checked once, but a
+    remembered token still ends at its `exp`, and a forged variant is never remembered."""
+    keys = ring(jwt_secret=NEW)
+    verifier = Verifier(keys)
+    token = keys.issue(subject="p-1", role=Role.PATIENT, ttl=timedelta(seconds=1))
+    first = await verifier.verify(token)
+    assert await verifier.verify(token) is first  # remembered: the same Identity
+    forged = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    with pytest.raises(AuthError):
+        await verifier.verify(forged)
+    assert first.expires_at is not None
+    await asyncio.sleep(max(0.0, (first.expires_at - datetime.now(UTC)).total_seconds()) + 0.05)
+    with pytest.raises(AuthError) as refused:
+        await verifier.verify(token)
+    assert refused.value.code is ErrorCode.TOKEN_EXPIRED
