@@ -257,6 +257,11 @@ class Settings:
     # (a doctor's next only after its previous one was answered 2xx).
     webhook_db_pool: int = 2
     webhook_inflight: int = 8
+    # Where webhooks are delivered from (server/webhooks.py; docs/webhooks.md, "A
+    # delivery worker"): `inline`, in every serving instance beside the bookings; or
+    # `worker`, only in `slotcast webhooks` processes, so delivery's CPU never shares an
+    # event loop with bookings (serving instances then deliver nothing).
+    webhooks: str = "inline"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

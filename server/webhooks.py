@@ -66,6 +66,16 @@ BATCH = 200
 # meanwhile shares one cursor write and one read, rather than one each per message.
 GATHER_S = 0.01
 USER_AGENT = "Slotcast-Webhooks/1"
+# SLOTCAST_WEBHOOKS: deliver in every serving instance, or only in `slotcast webhooks`
+# processes (server/webhook_worker.py).
+MODES = ("inline", "worker")
+
+
+def delivery_mode(settings: Settings) -> str:
+    """SLOTCAST_WEBHOOKS, checked: a ValueError naming the setting otherwise."""
+    if settings.webhooks not in MODES:
+        raise ValueError(f"SLOTCAST_WEBHOOKS={settings.webhooks!r}: use one of {', '.join(MODES)}")
+    return settings.webhooks
 
 
 # ---- where a webhook may go ---------------------------------------------------------------------
