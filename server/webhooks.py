@@ -64,7 +64,7 @@ PER_DOCTOR = 50  # messages of one doctor in a batch, so one busy doctor never s
 BATCH = 200
 # An endpoint's task writes and reads at most this often: what finishes (and commits)
 # meanwhile shares one cursor write and one read, rather than one each per message.
-GATHER_S = 0.01
+GATHER_S = 0.025
 USER_AGENT = "Slotcast-Webhooks/1"
 # SLOTCAST_WEBHOOKS: deliver in every serving instance, or only in `slotcast webhooks`
 # processes (server/webhook_worker.py).
