@@ -156,6 +156,7 @@ async def database(app: web.Application) -> AsyncIterator[None]:
         open_store(
             # Webhook delivery's own connections, with the same bounds: however far behind
             # the endpoints are, delivery never waits for (nor takes) a booking's connection.
+            # Its commits skip the WAL flush: one lost in a crash resends, never skips.
             dsn,
             min_size=1,
             max_size=max(1, settings.webhook_db_pool),
@@ -164,6 +165,7 @@ async def database(app: web.Application) -> AsyncIterator[None]:
             timeout_ms=settings.db_timeout_ms,
             acquire_timeout_ms=settings.db_acquire_timeout_ms,
             application_name="slotcast-webhooks",
+            durable_commits=False,
         ) as webhook_store,
     ):
         app[STORE] = store

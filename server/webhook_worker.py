@@ -99,6 +99,7 @@ async def _deliver(settings: Settings, stop: asyncio.Event) -> int:
             timeout_ms=settings.db_timeout_ms,
             acquire_timeout_ms=settings.db_acquire_timeout_ms,
             application_name="slotcast-webhooks",
+            durable_commits=False,  # a cursor write lost in a crash resends, never skips
         ) as store:
             dispatcher = Dispatcher(store, settings)
             running = asyncio.create_task(dispatcher.run(), name="webhooks")
