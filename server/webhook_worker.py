@@ -12,7 +12,8 @@ it over from the cursor once a dead holder's lease has run out.
 
 No commit happens here, so nothing wakes delivery early: a worker looks for work every
 `SLOTCAST_WEBHOOK_POLL_S`, and an endpoint it serves reads its backlog again as soon as
-a send ends, or at that pace when idle. That poll is what a change waits at most
+a send ends, or at that pace when idle; it keeps an idle endpoint's lease (`linger`)
+rather than release and claim it again every poll. That poll is what a change waits at most
 before its first send; set it to 0.1 to 0.25 s for workers (docs/webhooks.md).
 
 It never migrates (the serving instances do) and refuses a schema this code does not
@@ -101,7 +102,7 @@ async def _deliver(settings: Settings, stop: asyncio.Event) -> int:
             application_name="slotcast-webhooks",
             durable_commits=False,  # a cursor write lost in a crash resends, never skips
         ) as store:
-            dispatcher = Dispatcher(store, settings)
+            dispatcher = Dispatcher(store, settings, linger=True)
             running = asyncio.create_task(dispatcher.run(), name="webhooks")
             log.info(
                 "delivering webhooks (instance %s; database: %s; polling every %g s)",

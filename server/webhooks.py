@@ -281,8 +281,15 @@ class Dispatcher:
         settings: Settings,
         *,
         on_attempt: Callable[[int, bool], None] | None = None,
+        linger: bool = False,
     ) -> None:
+        """`linger`: keep an endpoint whose backlog is empty, reading it every
+        `SLOTCAST_WEBHOOK_POLL_S`, rather than give it back. A serving instance gives it
+        back, so that whichever instance commits next (and is woken by it) claims it at
+        once; a worker, which no commit wakes, keeps it and saves a claim and a release
+        per endpoint per poll."""
         self.store = store
+        self._linger = linger
         self.settings = settings
         self.instance = settings.instance_id
         self._on_attempt = on_attempt or (lambda endpoint_id, ok: None)
@@ -421,7 +428,10 @@ class Dispatcher:
                         running[doctor] = asyncio.create_task(
                             self._lane(run, lane, gate), name=f"webhook-{ep.id}-d{doctor}"
                         )
-                    if not running:
+                    if not running and not (
+                        # A full worker gives idle endpoints back, for the others' turn.
+                        self._linger and len(self._serving) < s.webhook_concurrency
+                    ):
                         return  # nothing waiting, nothing in flight
                 # Woken by a lane or a commit; at the latest to renew the lease, or to
                 # look for new changes of the doctors not in flight.

@@ -594,6 +594,9 @@ RETURNING {WEBHOOK_COLUMNS}"""
 # Lease up to $3 enabled endpoints that are due (not backing off) and that no live
 # instance holds ($1 = this instance, $2 = lease seconds), never waiting on a row another
 # instance is leasing at the same moment. $4: the ones this instance already serves.
+# Least recently served first (a release leaves `lease_until` at the moment it gave the
+# endpoint back): with more endpoints than SLOTCAST_WEBHOOK_CONCURRENCY, each gets its
+# turn rather than the lowest ids every time.
 WEBHOOK_CLAIM: Final = f"""
 UPDATE webhook_endpoints AS e SET leased_by = $1, lease_until = now() + make_interval(secs => $2)
 WHERE e.id IN (
@@ -601,7 +604,7 @@ WHERE e.id IN (
     WHERE c.enabled AND c.id <> ALL($4::bigint[])
       AND (c.next_attempt_at IS NULL OR c.next_attempt_at <= now())
       AND (c.lease_until IS NULL OR c.lease_until < now() OR c.leased_by = $1)
-    ORDER BY c.id LIMIT $3
+    ORDER BY c.lease_until NULLS FIRST, c.id LIMIT $3
     FOR UPDATE SKIP LOCKED
 )
 RETURNING {WEBHOOK_COLUMNS}"""
@@ -617,7 +620,7 @@ WEBHOOK_HELD: Final = f"""
 SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints e
 WHERE e.id = $1 AND e.leased_by = $2 AND e.enabled"""
 WEBHOOK_RELEASE: Final = """
-UPDATE webhook_endpoints SET leased_by = NULL, lease_until = NULL
+UPDATE webhook_endpoints SET leased_by = NULL, lease_until = least(lease_until, now())
 WHERE id = $1 AND leased_by = $2"""
 # The next changes past endpoint $1's cursors, at most $3 per doctor and about $4 in all,
 # for the doctors it follows ($2; empty: all) but those with a message in flight ($5):

@@ -2,7 +2,8 @@
 endpoint is far behind. Its cost must follow the batch, not the backlog (a slow
 endpoint thousands of changes behind reads a batch after each few sends), while each
 doctor's changes stay in version order, the doctor waiting longest comes first, and a
-doctor with a message in flight is left out."""
+doctor with a message in flight is left out. And the claim: with more endpoints than
+an instance serves at once, each gets its turn."""
 
 from __future__ import annotations
 
@@ -75,3 +76,34 @@ async def test_a_far_behind_endpoint_reads_a_bounded_batch_shared_among_its_doct
     )
     got = await batch(per_doctor=1, limit=100, busy=[])
     assert got == [(first.id, start[first.id] + 3), (third.id, start[third.id])]
+
+
+async def test_claims_take_the_least_recently_served_endpoints_first(store: Store) -> None:
+    created = [
+        await webhooks.create_endpoint(
+            store,
+            url=f"http://hooks.test/{n}",
+            description="",
+            event_types=[],
+            doctor_ids=[],
+            max_endpoints=10,
+        )
+        for n in range(3)
+    ]
+    one, two, three = (ep.id for ep in created)
+
+    async def claim(instance: str, limit: int = 2) -> list[int]:
+        got = await webhooks.claim(store, instance, lease_s=30, limit=limit, serving=[])
+        return sorted(ep.id for ep in got)
+
+    assert await claim("a") == [one, two]
+    assert await claim("b") == [three]  # the others are leased
+    for endpoint_id in (one, two):
+        await webhooks.release(store, endpoint_id, "a")
+    await webhooks.release(store, three, "b")
+    # Released in that order: one and two have waited longest, three comes next, and
+    # one, given back again, comes after three (not first, as the lowest id).
+    assert await claim("c") == [one, two]
+    await webhooks.release(store, one, "c")
+    assert await claim("d", limit=1) == [three]
+    assert await claim("e", limit=1) == [one]
