@@ -615,9 +615,12 @@ WHERE e.id = $1 AND e.leased_by = $2 AND e.enabled
 RETURNING {WEBHOOK_COLUMNS}"""
 # The endpoint afresh (secrets, filters, enabled) while this instance ($2) holds it; no
 # row: disabled, deleted or taken over. Read with each batch, so an admin's change
-# reaches the next messages read, not only the next renewal.
+# reaches the next messages read, not only the next renewal; with it, whether any
+# replay is queued (rarely: the replays are read only then, a statement saved per batch).
 WEBHOOK_HELD: Final = f"""
-SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints e
+SELECT {WEBHOOK_COLUMNS},
+       EXISTS (SELECT 1 FROM webhook_replays r WHERE r.endpoint_id = e.id) AS replays_queued
+FROM webhook_endpoints e
 WHERE e.id = $1 AND e.leased_by = $2 AND e.enabled"""
 WEBHOOK_RELEASE: Final = """
 UPDATE webhook_endpoints SET leased_by = NULL, lease_until = least(lease_until, now())
