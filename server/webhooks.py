@@ -65,6 +65,10 @@ BATCH = 200
 # An endpoint's task writes and reads at most this often: what finishes (and commits)
 # meanwhile shares one cursor write and one read, rather than one each per message.
 GATHER_S = 0.025
+# ... and this often when its last read found fewer messages than it may have in flight:
+# a read costs PostgreSQL a fixed part (every doctor against the endpoint's cursors) that
+# a few messages would not repay, so at low rates a change may wait up to this long more.
+GATHER_SPARSE_S = 0.1
 USER_AGENT = "Slotcast-Webhooks/1"
 # SLOTCAST_WEBHOOKS: deliver in every serving instance, or only in `slotcast webhooks`
 # processes (server/webhook_worker.py).
@@ -389,6 +393,7 @@ class Dispatcher:
         read_at = -math.inf
         read_due = True
         looped_at = time.monotonic()
+        gather = GATHER_S
         try:
             await webhooks.forget_orphaned_replays(self.store, ep.id)
             while True:
@@ -424,6 +429,8 @@ class Dispatcher:
                     # An admin's change (filters, a rotated secret) holds from here on.
                     ep, batch = read
                     run.ep = ep
+                    found = len(batch.replays) + len(batch.backlog)
+                    gather = GATHER_S if found >= inflight else GATHER_SPARSE_S
                     for doctor, lane in lanes(batch).items():
                         running[doctor] = asyncio.create_task(
                             self._lane(run, lane, gate), name=f"webhook-{ep.id}-d{doctor}"
@@ -441,7 +448,7 @@ class Dispatcher:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(max(0.0, until - time.monotonic())):
                         await run.progress.wait()
-                await asyncio.sleep(max(0.0, looped_at + GATHER_S - time.monotonic()))
+                await asyncio.sleep(max(0.0, looped_at + gather - time.monotonic()))
                 looped_at = time.monotonic()
                 run.progress.clear()
                 if time.monotonic() - renewed_at > s.webhook_lease_s / 3:
