@@ -5,7 +5,9 @@
 leases the endpoints that are due and that no live instance serves
 (`store.webhooks.claim`), up to `SLOTCAST_WEBHOOK_CONCURRENCY`, and serves each in a
 task of its own: a slow or dead endpoint holds only its own task, so it never delays
-another endpoint, nor any booking.
+another endpoint, nor any booking. It runs in every serving instance
+(`SLOTCAST_WEBHOOKS=inline`) or only in `slotcast webhooks` workers
+(server/webhook_worker.py), where no commit wakes it and it keeps idle endpoints.
 
 Serving an endpoint runs one lane per doctor, up to `SLOTCAST_WEBHOOK_INFLIGHT` at
 once: a doctor's next message is sent only after its previous one was answered 2xx,
