@@ -17,8 +17,14 @@ Processes
     benches, `SLOTCAST_WEBHOOK_ALLOW_PRIVATE=1` for the loopback receivers, a retry base
     of `--retry-base-s` capped at `--retry-max-s` so the failing endpoint is retried
     within the run);
-  - the receivers, in a process of their own (aiohttp on uvloop), so they neither share
-    the driver's event loop nor the server's: `/healthy` answers 204 at once, `/slow`
+  - with `--deliver worker` (the default), `SLOTCAST_WEBHOOKS=worker` for the server and
+    one `slotcast webhooks` process beside it (same settings, polling every
+    `--worker-poll-s`, at `--nice` 10 as deploy/slotcast-webhooks.service runs it),
+    running through both phases as it would in production; with `--deliver inline`,
+    the server delivers itself;
+  - the receivers, in a process of their own (aiohttp on uvloop, at `--nice` 10: they
+    stand for the clinic's systems, on machines of their own in production), so they
+    neither share the driver's event loop nor the server's: `/healthy` answers 204 at once, `/slow`
     after `--slow-ms`, `/failing` answers 503 for the first `--fail-s` seconds of the
     phase and then 204. Every delivery's signature is verified with the Standard Webhooks
     library (`standardwebhooks.Webhook.verify`) on all three; a receipt is the time the
@@ -48,11 +54,14 @@ Measured
     (duplicates, same `webhook-id`, are counted apart), and no signature failed; the slow
     endpoint cannot drain (two messages a second) so its deliveries are checked to be,
     per doctor, an unbroken run from the first version after registration;
-  - CPU seconds of the driver, the server, PostgreSQL and the receivers per phase;
+  - CPU seconds of the driver, the server, the worker, PostgreSQL and the receivers per
+    phase;
   - bench/booking.py's double-booking checks after all phases.
 
 Usage
     .venv/bin/python bench/webhooks.py                           # 1,000/s for 60 s, 1 round
+    .venv/bin/python bench/webhooks.py --rate 600 --rounds 4     # 4 pairs, median p99 ratio
+    .venv/bin/python bench/webhooks.py --deliver inline          # the server delivers
     .venv/bin/python bench/webhooks.py --rate 200 --seconds 10   # a smoke run
     .venv/bin/python bench/webhooks.py --rate 600 --rounds 2
 """
@@ -66,6 +75,9 @@ import math
 import multiprocessing
 import os
 import random
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -108,7 +120,7 @@ from server import auth  # noqa: E402
 from store import webhooks  # noqa: E402
 from store.migrate import migrate  # noqa: E402
 from store.pool import Store, open_store  # noqa: E402
-from testkit.harness import UNLIMITED, ServerProcess, free_port  # noqa: E402
+from testkit.harness import UNLIMITED, ServerProcess, free_port, stop_process  # noqa: E402
 
 ENDPOINTS: Final = ("healthy", "slow", "failing")
 CAUGHT_UP_S: Final = 1.0  # an endpoint whose oldest waiting change is younger is current
@@ -207,8 +219,10 @@ def receivers_app(slow_s: float) -> web.Application:
     return app
 
 
-def receivers_main(port: int, slow_s: float, ready: Pipe) -> None:
-    """The receivers' process: an aiohttp server on uvloop until terminated."""
+def receivers_main(port: int, slow_s: float, nice: int, ready: Pipe) -> None:
+    """The receivers' process: an aiohttp server on uvloop until terminated, at `nice`:
+    they stand for the clinic's systems, which run on machines of their own."""
+    os.nice(nice)
 
     async def serve() -> None:
         runner = web.AppRunner(receivers_app(slow_s), access_log=None)
@@ -223,11 +237,11 @@ def receivers_main(port: int, slow_s: float, ready: Pipe) -> None:
 
 
 @contextlib.contextmanager
-def receivers_process(slow_s: float) -> Any:
+def receivers_process(slow_s: float, nice: int) -> Any:
     port = free_port()
     ctx = multiprocessing.get_context("spawn")
     mine, theirs = ctx.Pipe()
-    proc = ctx.Process(target=receivers_main, args=(port, slow_s, theirs), daemon=True)
+    proc = ctx.Process(target=receivers_main, args=(port, slow_s, nice, theirs), daemon=True)
     proc.start()
     try:
         if not mine.poll(30):
@@ -336,6 +350,7 @@ class Bench:
     server: ServerProcess
     receivers_url: str
     receivers_pid: int | None
+    worker_pid: int | None
     postmaster: int | None
     doctors: list[int]
     idle: asyncio.Queue[Any]
@@ -349,6 +364,7 @@ class Bench:
         return {
             "driver": time.process_time(),
             "server": process_cpu(server_pid) or 0.0,
+            "worker": process_cpu(self.worker_pid) or 0.0,
             "PostgreSQL": postgres_cpu(self.postmaster) or 0.0,
             "receivers": process_cpu(self.receivers_pid) or 0.0,
         }
@@ -553,16 +569,14 @@ def booking_rows(phases: list[Phase]) -> list[list[str]]:
                 fmt(p.ms(0.95)),
                 fmt(p.ms(0.99)),
                 fmt(max(p.latencies, default=math.nan) * 1000),
-                " / ".join(
-                    f"{p.cpu.get(k, 0) / booked * 1000:.2f}"
-                    for k in ("driver", "server", "PostgreSQL", "receivers")
-                ),
+                " / ".join(f"{p.cpu.get(k, 0) / booked * 1000:.2f}" for k in CPU_OF),
                 f"{p.load[0]:.1f}/{p.load[1]:.1f}",
             ]
         )
     return rows
 
 
+CPU_OF: Final = ("driver", "server", "worker", "PostgreSQL", "receivers")
 BOOKING_HEADER: Final = [
     "round",
     "webhooks",
@@ -573,7 +587,7 @@ BOOKING_HEADER: Final = [
     "p95 ms",
     "p99 ms",
     "max ms",
-    "CPU ms/bkg driver / server / PG / receivers",
+    "CPU ms/bkg driver / server / worker / PG / receivers",
     "loadavg before/after",
 ]
 
@@ -668,6 +682,7 @@ def server_env(args: argparse.Namespace, dsn: str) -> dict[str, str]:
         SLOTCAST_WEBHOOK_ALLOW_PRIVATE="1",  # the receivers are on loopback
         SLOTCAST_WEBHOOK_RETRY_BASE_S=str(args.retry_base_s),
         SLOTCAST_WEBHOOK_RETRY_MAX_S=str(args.retry_max_s),
+        SLOTCAST_WEBHOOKS=args.deliver,
         **UNLIMITED,
     )
     return env
@@ -684,6 +699,30 @@ async def running_server(args: argparse.Namespace, dsn: str) -> AsyncIterator[Se
         yield proc
     finally:
         await asyncio.to_thread(proc.stop)
+
+
+@contextlib.contextmanager
+def running_worker(args: argparse.Namespace, dsn: str, logs: Path) -> Any:
+    """`slotcast webhooks` beside the server (--deliver worker): its pid, or None."""
+    if args.deliver != "worker":
+        yield None
+        return
+    env = server_env(args, dsn)
+    env.update(SLOTCAST_INSTANCE_ID="bench-worker", SLOTCAST_WEBHOOK_POLL_S=str(args.worker_poll_s))
+    with (logs / "worker.log").open("ab") as log:
+        proc = subprocess.Popen(
+            # At lower CPU priority, as deploy/slotcast-webhooks.service runs it (Nice=).
+            ["nice", "-n", str(args.nice), sys.executable, "-m", "server.cli", "webhooks"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    print(f"worker started (log {logs / 'worker.log'})")
+    try:
+        yield proc.pid
+    finally:
+        stop_process(proc, signal.SIGTERM, 20)
 
 
 async def main(args: argparse.Namespace, dsn: str) -> int:
@@ -714,7 +753,12 @@ async def main(args: argparse.Namespace, dsn: str) -> int:
                 "UPDATE relay_cursor r SET published_version = d.version"
                 " FROM doctors d WHERE d.id = r.doctor_id"
             )
-            with receivers_process(args.slow_ms / 1000) as (port, receivers_pid):
+            with (
+                receivers_process(args.slow_ms / 1000, args.nice) as (port, receivers_pid),
+                running_worker(
+                    args, dsn, Path(tempfile.mkdtemp(prefix="slotcast-bench-worker-"))
+                ) as worker_pid,
+            ):
                 async with (
                     running_server(args, dsn) as server,
                     clients(server.ws_url, args.bookers, "json") as idle,
@@ -727,6 +771,7 @@ async def main(args: argparse.Namespace, dsn: str) -> int:
                         server,
                         f"http://127.0.0.1:{port}",
                         receivers_pid,
+                        worker_pid,
                         postmaster,
                         doctors,
                         idle,
@@ -767,6 +812,14 @@ async def main(args: argparse.Namespace, dsn: str) -> int:
             f"({on.ms(0.99):.1f} / {off.ms(0.99):.1f} ms), p50 on/off "
             f"{on.ms(0.5) / off.ms(0.5):.2f} ({on.ms(0.5):.1f} / {off.ms(0.5):.1f} ms)"
         )
+    if offs:
+        ratios = [on.ms(0.99) / off.ms(0.99) for off, on in zip(offs, ons, strict=True)]
+        p50s = [on.ms(0.5) / off.ms(0.5) for off, on in zip(offs, ons, strict=True)]
+        print(
+            f"delivered {args.deliver}; over {len(ratios)} pair(s): booking p99 on/off median "
+            f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}); "
+            f"p50 on/off median {statistics.median(p50s):.2f}"
+        )
     for on in ons:
         print(webhook_report(on))
     bad = failed_checks(phases)
@@ -794,6 +847,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--poll-s", type=float, default=0.5, help="backlog sampling period")
     p.add_argument("--timeline", action="store_true", help="the backlogs every 5 s")
     p.add_argument("--py-spy", metavar="PREFIX", help="profile the server in each on phase")
+    p.add_argument(
+        "--deliver",
+        choices=("worker", "inline"),
+        default="worker",
+        help="SLOTCAST_WEBHOOKS: a `slotcast webhooks` process delivers, or the server",
+    )
+    p.add_argument("--worker-poll-s", type=float, default=0.1, help="the worker's poll")
+    p.add_argument("--nice", type=int, default=10, help="niceness of the worker and the receivers")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
     if args.fail_s is None:

@@ -55,7 +55,7 @@ from server.rooms import Rooms
 from server.routes import setup_routes
 from server.service import Clock, Scheduling, utcnow
 from server.settings import Settings
-from server.webhooks import Dispatcher, measure
+from server.webhooks import Dispatcher, delivery_mode, measure
 from store import demo, embedded
 from store.broker import open_broker
 from store.changes import Change
@@ -79,6 +79,7 @@ def create_app(settings: Settings, *, clock: Clock = utcnow) -> web.Application:
     from server.api import errors
 
     verifier = Verifier.from_settings(settings)
+    delivery_mode(settings)  # a ValueError for a mode that does not exist
     metrics = Metrics()
     guard = Guard(settings, metrics)
     limiter = Limiter(settings, metrics, verifier)
@@ -156,6 +157,7 @@ async def database(app: web.Application) -> AsyncIterator[None]:
         open_store(
             # Webhook delivery's own connections, with the same bounds: however far behind
             # the endpoints are, delivery never waits for (nor takes) a booking's connection.
+            # Its commits skip the WAL flush: one lost in a crash resends, never skips.
             dsn,
             min_size=1,
             max_size=max(1, settings.webhook_db_pool),
@@ -164,6 +166,7 @@ async def database(app: web.Application) -> AsyncIterator[None]:
             timeout_ms=settings.db_timeout_ms,
             acquire_timeout_ms=settings.db_acquire_timeout_ms,
             application_name="slotcast-webhooks",
+            durable_commits=False,
         ) as webhook_store,
     ):
         app[STORE] = store
@@ -362,31 +365,41 @@ WEBHOOK_GAUGES_EVERY_S = 5.0
 
 async def delivering(app: web.Application) -> AsyncIterator[None]:
     """Webhook delivery from the change log, in tasks of its own (server/webhooks.py), on
-    its own pool (WEBHOOK_STORE): never on a booking's path, nor on its connections."""
+    its own pool (WEBHOOK_STORE): never on a booking's path, nor on its connections.
+    With SLOTCAST_WEBHOOKS=worker, `slotcast webhooks` processes deliver instead
+    (server/webhook_worker.py) and this instance only reads the backlog gauges."""
     store, metrics, settings = app[WEBHOOK_STORE], app[METRICS], app[SETTINGS]
+    gauges = asyncio.create_task(
+        every(
+            WEBHOOK_GAUGES_EVERY_S,
+            lambda: measure(store, metrics.webhook_backlog_is),
+            "webhook gauges",
+        ),
+        name="webhook-gauges",
+    )
+    tasks = [gauges]
+    if delivery_mode(settings) == "inline":
+        tasks.append(asyncio.create_task(_dispatcher(app).run(), name="webhooks"))
+    else:
+        log.info("webhooks: delivered by `slotcast webhooks` workers, not this instance")
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _dispatcher(app: web.Application) -> Dispatcher:
+    """This instance's deliverer, counting its attempts and woken by its commits."""
+    metrics = app[METRICS]
 
     def attempted(endpoint_id: int, ok: bool) -> None:
         metrics.webhook_attempts.labels(str(endpoint_id)).inc()
         if not ok:
             metrics.webhook_failures.labels(str(endpoint_id)).inc()
 
-    dispatcher = Dispatcher(store, settings, on_attempt=attempted)
+    dispatcher = Dispatcher(app[WEBHOOK_STORE], app[SETTINGS], on_attempt=attempted)
     app[WEBHOOKS] = dispatcher
-    tasks = [
-        asyncio.create_task(dispatcher.run(), name="webhooks"),
-        asyncio.create_task(
-            every(
-                WEBHOOK_GAUGES_EVERY_S,
-                lambda: measure(store, metrics.webhook_backlog_is),
-                "webhook gauges",
-            ),
-            name="webhook-gauges",
-        ),
-    ]
-    yield
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    return dispatcher
 
 
 def outbox_stats(app: web.Application) -> tuple[int, int]:

@@ -3,6 +3,7 @@
 Usage::
 
     slotcast serve [--demo] [--port 8080] [--database-url ...] [--broker-url ...]
+    slotcast webhooks [--database-url ...]  # deliver webhooks (SLOTCAST_WEBHOOKS=worker)
     slotcast token --role admin --sub ops  # signed with the configured signing key
     slotcast migrate [--check] [--contract]
     slotcast prune
@@ -33,7 +34,7 @@ from aiohttp import web
 from client import demo
 from protocol.errors import SlotcastError
 from protocol.vocabulary import Role
-from server import auth, logs, maintenance_cli
+from server import auth, logs, maintenance_cli, webhook_worker
 from server.app import create_app
 from server.keys import VERIFIER
 from server.lifecycle import drain
@@ -70,6 +71,17 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="seed demo doctors into an empty database",
     )
+
+    hooks = sub.add_parser(
+        "webhooks",
+        help="deliver webhooks in a process of its own (with SLOTCAST_WEBHOOKS=worker)",
+        description="Delivers to the webhook endpoints, one process per endpoint at a time "
+        "(leases in PostgreSQL), as serving instances do with SLOTCAST_WEBHOOKS=inline; "
+        "needs SLOTCAST_DATABASE_URL. docs/webhooks.md, 'A delivery worker'.",
+    )
+    hooks.add_argument("--database-url", help="PostgreSQL DSN (or SLOTCAST_DATABASE_URL_FILE)")
+    hooks.add_argument("--instance-id")
+    hooks.add_argument("--log-level")
 
     token = sub.add_parser(
         "token",
@@ -116,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("asyncpg.pool").addFilter(_without_traceback)
     if args.command == "token":
         return _token(settings, args)
+    if args.command == "webhooks":
+        return _run(webhook_worker.work(settings))
     if args.command in maintenance_cli.COMMANDS:
         return _run(maintenance_cli.run(args, settings))
     if args.command in demo.COMMANDS:

@@ -267,6 +267,11 @@ class Settings:
     # GET /debug/memory, a census of live objects for bench/connmem.py: never in production.
     listen_backlog: int = 4096
     debug_memory: bool = False
+    # Where webhooks are delivered from (server/webhooks.py; docs/webhooks.md, "A
+    # delivery worker"): `inline`, in every serving instance beside the bookings; or
+    # `worker`, only in `slotcast webhooks` processes, so delivery's CPU never shares an
+    # event loop with bookings (serving instances then deliver nothing).
+    webhooks: str = "inline"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -5,7 +5,9 @@
 leases the endpoints that are due and that no live instance serves
 (`store.webhooks.claim`), up to `SLOTCAST_WEBHOOK_CONCURRENCY`, and serves each in a
 task of its own: a slow or dead endpoint holds only its own task, so it never delays
-another endpoint, nor any booking.
+another endpoint, nor any booking. It runs in every serving instance
+(`SLOTCAST_WEBHOOKS=inline`) or only in `slotcast webhooks` workers
+(server/webhook_worker.py), where no commit wakes it and it keeps idle endpoints.
 
 Serving an endpoint runs one lane per doctor, up to `SLOTCAST_WEBHOOK_INFLIGHT` at
 once: a doctor's next message is sent only after its previous one was answered 2xx,
@@ -64,8 +66,22 @@ PER_DOCTOR = 50  # messages of one doctor in a batch, so one busy doctor never s
 BATCH = 200
 # An endpoint's task writes and reads at most this often: what finishes (and commits)
 # meanwhile shares one cursor write and one read, rather than one each per message.
-GATHER_S = 0.01
+GATHER_S = 0.025
+# ... and this often when its last read found fewer messages than it may have in flight:
+# a read costs PostgreSQL a fixed part (every doctor against the endpoint's cursors) that
+# a few messages would not repay, so at low rates a change may wait up to this long more.
+GATHER_SPARSE_S = 0.1
 USER_AGENT = "Slotcast-Webhooks/1"
+# SLOTCAST_WEBHOOKS: deliver in every serving instance, or only in `slotcast webhooks`
+# processes (server/webhook_worker.py).
+MODES = ("inline", "worker")
+
+
+def delivery_mode(settings: Settings) -> str:
+    """SLOTCAST_WEBHOOKS, checked: a ValueError naming the setting otherwise."""
+    if settings.webhooks not in MODES:
+        raise ValueError(f"SLOTCAST_WEBHOOKS={settings.webhooks!r}: use one of {', '.join(MODES)}")
+    return settings.webhooks
 
 
 # ---- where a webhook may go ---------------------------------------------------------------------
@@ -271,8 +287,15 @@ class Dispatcher:
         settings: Settings,
         *,
         on_attempt: Callable[[int, bool], None] | None = None,
+        linger: bool = False,
     ) -> None:
+        """`linger`: keep an endpoint whose backlog is empty, reading it every
+        `SLOTCAST_WEBHOOK_POLL_S`, rather than give it back. A serving instance gives it
+        back, so that whichever instance commits next (and is woken by it) claims it at
+        once; a worker, which no commit wakes, keeps it and saves a claim and a release
+        per endpoint per poll."""
         self.store = store
+        self._linger = linger
         self.settings = settings
         self.instance = settings.instance_id
         self._on_attempt = on_attempt or (lambda endpoint_id, ok: None)
@@ -372,6 +395,7 @@ class Dispatcher:
         read_at = -math.inf
         read_due = True
         looped_at = time.monotonic()
+        gather = GATHER_S
         try:
             await webhooks.forget_orphaned_replays(self.store, ep.id)
             while True:
@@ -407,11 +431,16 @@ class Dispatcher:
                     # An admin's change (filters, a rotated secret) holds from here on.
                     ep, batch = read
                     run.ep = ep
+                    found = len(batch.replays) + len(batch.backlog)
+                    gather = GATHER_S if found >= inflight else GATHER_SPARSE_S
                     for doctor, lane in lanes(batch).items():
                         running[doctor] = asyncio.create_task(
                             self._lane(run, lane, gate), name=f"webhook-{ep.id}-d{doctor}"
                         )
-                    if not running:
+                    if not running and not (
+                        # A full worker gives idle endpoints back, for the others' turn.
+                        self._linger and len(self._serving) < s.webhook_concurrency
+                    ):
                         return  # nothing waiting, nothing in flight
                 # Woken by a lane or a commit; at the latest to renew the lease, or to
                 # look for new changes of the doctors not in flight.
@@ -421,7 +450,7 @@ class Dispatcher:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(max(0.0, until - time.monotonic())):
                         await run.progress.wait()
-                await asyncio.sleep(max(0.0, looped_at + GATHER_S - time.monotonic()))
+                await asyncio.sleep(max(0.0, looped_at + gather - time.monotonic()))
                 looped_at = time.monotonic()
                 run.progress.clear()
                 if time.monotonic() - renewed_at > s.webhook_lease_s / 3:

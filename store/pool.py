@@ -161,10 +161,17 @@ async def open_store(
     acquire_timeout_ms: int | None = 1000,
     on_commit: OnCommit | None = None,
     application_name: str = "slotcast",
+    durable_commits: bool = True,
 ) -> AsyncIterator[Store]:
     """A pool whose every connection fails fast on a stuck lock or a runaway statement,
     and whose every use is bounded on this side too (`timeout_ms`, `acquire_timeout_ms`;
-    None: unbounded). `timeout_ms` also bounds each call, the connecting and the close."""
+    None: unbounded). `timeout_ms` also bounds each call, the connecting and the close.
+
+    `durable_commits=False` (`synchronous_commit = off`) is for work whose last commits
+    may be lost in a crash of PostgreSQL without harm, such as webhook delivery's
+    bookkeeping (a lost cursor write resends, never skips): its commits then neither
+    wait for nor ask for a WAL flush, so they add no flushes for bookings to queue
+    behind."""
     timeout_s = _seconds(timeout_ms)
     session_state: set[int] = set()
     with translated():
@@ -183,6 +190,7 @@ async def open_store(
                     "statement_timeout": str(statement_timeout_ms),
                     "idle_in_transaction_session_timeout": str(statement_timeout_ms * 5),
                     "application_name": application_name,
+                    **({} if durable_commits else {"synchronous_commit": "off"}),
                 },
             )
     try:

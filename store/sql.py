@@ -653,6 +653,9 @@ RETURNING {WEBHOOK_COLUMNS}"""
 # Lease up to $3 enabled endpoints that are due (not backing off) and that no live
 # instance holds ($1 = this instance, $2 = lease seconds), never waiting on a row another
 # instance is leasing at the same moment. $4: the ones this instance already serves.
+# Least recently served first (a release leaves `lease_until` at the moment it gave the
+# endpoint back): with more endpoints than SLOTCAST_WEBHOOK_CONCURRENCY, each gets its
+# turn rather than the lowest ids every time.
 WEBHOOK_CLAIM: Final = f"""
 UPDATE webhook_endpoints AS e SET leased_by = $1, lease_until = now() + make_interval(secs => $2)
 WHERE e.id IN (
@@ -660,7 +663,7 @@ WHERE e.id IN (
     WHERE c.enabled AND c.id <> ALL($4::bigint[])
       AND (c.next_attempt_at IS NULL OR c.next_attempt_at <= now())
       AND (c.lease_until IS NULL OR c.lease_until < now() OR c.leased_by = $1)
-    ORDER BY c.id LIMIT $3
+    ORDER BY c.lease_until NULLS FIRST, c.id LIMIT $3
     FOR UPDATE SKIP LOCKED
 )
 RETURNING {WEBHOOK_COLUMNS}"""
@@ -671,30 +674,52 @@ WHERE e.id = $1 AND e.leased_by = $2 AND e.enabled
 RETURNING {WEBHOOK_COLUMNS}"""
 # The endpoint afresh (secrets, filters, enabled) while this instance ($2) holds it; no
 # row: disabled, deleted or taken over. Read with each batch, so an admin's change
-# reaches the next messages read, not only the next renewal.
+# reaches the next messages read, not only the next renewal; with it, whether any
+# replay is queued (rarely: the replays are read only then, a statement saved per batch).
 WEBHOOK_HELD: Final = f"""
-SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints e
+SELECT {WEBHOOK_COLUMNS},
+       EXISTS (SELECT 1 FROM webhook_replays r WHERE r.endpoint_id = e.id) AS replays_queued
+FROM webhook_endpoints e
 WHERE e.id = $1 AND e.leased_by = $2 AND e.enabled"""
 WEBHOOK_RELEASE: Final = """
-UPDATE webhook_endpoints SET leased_by = NULL, lease_until = NULL
+UPDATE webhook_endpoints SET leased_by = NULL, lease_until = least(lease_until, now())
 WHERE id = $1 AND leased_by = $2"""
-# The next changes past endpoint $1's cursors, at most $3 per doctor and $4 in all, for
-# the doctors it follows ($2; empty: all) but those with a message in flight ($5): one
-# query for many doctors. Each doctor's in version order; the doctors whose oldest
-# waiting change is oldest first, so a busy doctor never starves the others.
+# The next changes past endpoint $1's cursors, at most $3 per doctor and about $4 in all,
+# for the doctors it follows ($2; empty: all) but those with a message in flight ($5):
+# one query for many doctors. Each doctor's in version order; the doctors whose oldest
+# waiting change is oldest first, so a busy doctor never starves the others. Its cost is
+# bounded by the doctors and by $4, never by the backlog: the waiting doctors are found
+# from `doctors` and the cursors, their oldest waiting change by one probe of the change
+# log's primary key each, and only the chosen doctors' changes are read, $4 shared out
+# among them (a slow endpoint, thousands behind, reads $4 rows, not its whole backlog).
+# Plain reads of committed rows: no lock that a booking could wait for.
 WEBHOOK_BACKLOG_NEXT: Final = """
+WITH waiting AS (
+    SELECT d.id, coalesce(w.version, 0) AS after
+    FROM doctors d
+    LEFT JOIN webhook_cursors w ON w.endpoint_id = $1 AND w.doctor_id = d.id
+    WHERE d.version > coalesce(w.version, 0)
+      AND (cardinality($2::int[]) = 0 OR d.id = ANY($2::int[]))
+      AND d.id <> ALL($5::int[])
+), heads AS (
+    SELECT waiting.id, waiting.after, h.created_at
+    FROM waiting CROSS JOIN LATERAL (
+        SELECT c.created_at FROM changes c
+        WHERE c.doctor_id = waiting.id AND c.version > waiting.after
+        ORDER BY c.version LIMIT 1
+    ) h
+    ORDER BY h.created_at, waiting.id
+    LIMIT $4
+), chosen AS (
+    SELECT heads.*, least($3::int, greatest(1, $4::int / count(*) OVER ())) AS take FROM heads
+)
 SELECT c.doctor_id, c.version, c.public, c.private, c.created_at
-FROM doctors d
-LEFT JOIN webhook_cursors w ON w.endpoint_id = $1 AND w.doctor_id = d.id
-CROSS JOIN LATERAL (
+FROM chosen CROSS JOIN LATERAL (
     SELECT * FROM changes c
-    WHERE c.doctor_id = d.id AND c.version > coalesce(w.version, 0)
-    ORDER BY c.version LIMIT $3
+    WHERE c.doctor_id = chosen.id AND c.version > chosen.after
+    ORDER BY c.version LIMIT chosen.take
 ) c
-WHERE d.version > coalesce(w.version, 0)
-  AND (cardinality($2::int[]) = 0 OR d.id = ANY($2::int[]))
-  AND d.id <> ALL($5::int[])
-ORDER BY min(c.created_at) OVER (PARTITION BY c.doctor_id), c.doctor_id, c.version
+ORDER BY chosen.created_at, c.doctor_id, c.version
 LIMIT $4"""
 # Changes an admin asked to send again, oldest version first per doctor, but for the
 # doctors with a message in flight ($3).

@@ -319,8 +319,10 @@ async def next_batch(
         row = await conn.fetchrow(sql.WEBHOOK_HELD, endpoint_id, instance)
         if row is None:
             return None
-        ep = Endpoint.of_row(row)
-        replays = await conn.fetch(sql.WEBHOOK_REPLAYS_NEXT, ep.id, limit, busy)
+        held = dict(row)
+        queued = held.pop("replays_queued")
+        ep = Endpoint(**held)
+        replays = await conn.fetch(sql.WEBHOOK_REPLAYS_NEXT, ep.id, limit, busy) if queued else []
         backlog = (
             []
             if replays

@@ -113,3 +113,27 @@ def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert not done.stderr.strip(), f"systemd-analyze warned:\n{done.stderr}"
+
+
+def test_systemd_accepts_the_webhook_worker_unit(tmp_path: Path) -> None:
+    """The same for deploy/slotcast-webhooks.service, which runs `slotcast webhooks`."""
+    reasons: list[str] = []
+    analyze = ensure_systemd_analyze(reasons)
+    if analyze is None:
+        pytest.skip(reasons[0])
+    slotcast = shutil.which("slotcast", path=str(Path(sys.executable).parent))
+    assert slotcast is not None, "no `slotcast` beside this Python to stand in for /opt/slotcast"
+    unit = REPO / "deploy" / "slotcast-webhooks.service"
+    text = unit.read_text()
+    assert "ExecStart=/opt/slotcast/venv/bin/slotcast webhooks" in text
+    (tmp_path / unit.name).write_text(text.replace("/opt/slotcast/venv/bin/slotcast", slotcast))
+    done = subprocess.run(
+        [analyze, "verify", "--man=no", str(tmp_path / unit.name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not done.stderr.strip(), f"systemd-analyze warned:\n{done.stderr}"

@@ -1,13 +1,16 @@
 """Webhook delivery across real `slotcast serve` processes: one instance delivers to an
 endpoint at a time, and when it is killed mid-delivery another resumes from the
 endpoint's cursor once the lease has run out; nothing lost, order kept per doctor,
-a message sent twice only under the same `webhook-id`.
+a message sent twice only under the same `webhook-id`. The same with `slotcast
+webhooks` workers (SLOTCAST_WEBHOOKS=worker), while the serving instance sends nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 
 import aiohttp
 import pytest
@@ -16,6 +19,7 @@ from protocol.vocabulary import Role
 from store import commands
 from store.pool import Store
 from testkit.fixtures import SeededDoctor, Spawn, token
+from testkit.harness import REPO, ServerProcess
 from testkit.webhooks import Receiver, eventually
 
 pytestmark = pytest.mark.processes
@@ -71,5 +75,61 @@ async def test_a_killed_instance_hands_its_endpoint_to_another_that_resumes_from
         assert receiver.bad_signatures == 0
         senders = await store.fetch("SELECT DISTINCT instance FROM webhook_attempts")
         assert {r["instance"] for r in senders} == set(by_name)  # both took a turn
+    finally:
+        await receiver.stop()
+
+
+def spawn_worker(spawn: Spawn, name: str, env: dict[str, str]) -> ServerProcess:
+    """A `slotcast webhooks` process with a serving instance's environment and log; the
+    fixture stops it (SIGTERM) and prints its log if the test fails, as for `serve`."""
+    proc = spawn(name, env=env, start=False)
+    with proc.log_path.open("ab") as log:
+        proc.process = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "webhooks"],
+            cwd=REPO,
+            env=proc.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return proc
+
+
+async def test_workers_deliver_instead_of_the_serving_instance_and_take_over_from_a_killed_one(
+    spawn_server: Spawn, store: Store, doctor: SeededDoctor
+) -> None:
+    receiver = Receiver(delay_s=0.2)  # slow enough to be caught mid-delivery
+    await receiver.start()
+    env = {**WEBHOOK_ENV, "SLOTCAST_WEBHOOKS": "worker"}
+    try:
+        workers = {n: spawn_worker(spawn_server, n, env) for n in ("wh-worker-a", "wh-worker-b")}
+        server = await asyncio.to_thread(spawn_server, "wh-serving", env=env)
+        admin = {"Authorization": f"Bearer {token(Role.ADMIN, 'root')}"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{server.http_url}/api/webhooks", json={"url": receiver.url}, headers=admin
+            ) as resp,
+        ):
+            assert resp.status == 201, await resp.text()
+            receiver.secret = (await resp.json())["secret"]
+        for slot in doctor.slots[:12]:
+            await commands.book_slot(store, slot_id=slot.id, patient_id="alice")
+        await eventually(lambda: len(receiver.deliveries) >= 3, what="deliveries under way")
+        holder = await store.fetchval("SELECT leased_by FROM webhook_endpoints")
+        assert holder in workers
+        await eventually(
+            lambda: receiver.requests > len(receiver.deliveries), what="a delivery in flight"
+        )
+        workers[holder].stop(signal.SIGKILL)
+        await eventually(lambda: len(receiver.distinct()) >= 12, what="all twelve", timeout=30)
+        versions = receiver.versions(doctor.id)
+        assert len(set(versions)) == 12
+        distinct_in_order = list(dict.fromkeys(versions))
+        assert distinct_in_order == sorted(distinct_in_order)
+        assert receiver.bad_signatures == 0
+        senders = await store.fetch("SELECT DISTINCT instance FROM webhook_attempts")
+        # Both workers took a turn; the serving instance, in worker mode, sent nothing.
+        assert {r["instance"] for r in senders} == set(workers)
+        assert "delivered by `slotcast webhooks` workers" in server.logs()
     finally:
         await receiver.stop()

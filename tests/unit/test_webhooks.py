@@ -11,10 +11,13 @@ import orjson
 import pytest
 from standardwebhooks import Webhook
 
+from server.settings import Settings
+from server.webhook_worker import work
 from server.webhooks import (
     GuardedResolver,
     RefusedAddress,
     backoff_s,
+    delivery_mode,
     headers_for,
     public_address,
     retry_after,
@@ -162,3 +165,16 @@ def test_a_blocked_range_carries_its_reasons_and_other_messages_keep_their_bytes
     message = Message.of_record(record)  # type: ignore[arg-type]
     assert message.event_type == "slots.blocked"
     assert orjson.loads(message.body)["data"]["blocks"] == blocks
+
+
+def test_the_delivery_mode_is_inline_or_worker_and_anything_else_is_refused_by_name() -> None:
+    assert delivery_mode(Settings()) == "inline"
+    assert delivery_mode(Settings(webhooks="worker")) == "worker"
+    with pytest.raises(ValueError, match="SLOTCAST_WEBHOOKS='workers': use one of inline, worker"):
+        delivery_mode(Settings(webhooks="workers"))
+
+
+async def test_a_worker_refuses_to_start_without_a_database_url_or_with_an_unknown_mode() -> None:
+    # The embedded PostgreSQL belongs to one serving instance: a worker cannot share it.
+    assert await work(Settings(database_url=None, webhooks="worker")) == 2
+    assert await work(Settings(database_url="postgresql://h/db", webhooks="off")) == 2
