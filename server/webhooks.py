@@ -72,6 +72,8 @@ GATHER_S = 0.025
 # a few messages would not repay, so at low rates a change may wait up to this long more.
 GATHER_SPARSE_S = 0.1
 USER_AGENT = "Slotcast-Webhooks/1"
+# After a claim that found nothing, commits wake the dispatcher no sooner than this.
+EMPTY_CLAIM_GAP_S = 0.25
 # SLOTCAST_WEBHOOKS: deliver in every serving instance, or only in `slotcast webhooks`
 # processes (server/webhook_worker.py).
 MODES = ("inline", "worker")
@@ -328,12 +330,20 @@ class Dispatcher:
         timeout = aiohttp.ClientTimeout(total=s.webhook_timeout_s)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
             self._http = http
+            loop = asyncio.get_running_loop()
             try:
                 while True:
-                    await self._claim()
+                    claimed_at = loop.time()
+                    found = await self._claim()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(s.webhook_poll_s):
                             await self._wake.wait()
+                    if not found:
+                        # Nothing was there to claim (no endpoint, or other instances serve
+                        # them all): at hundreds of commits a second, a claim per wake would
+                        # be a query per booking for nothing. A new endpoint's first event
+                        # waits at most this much longer.
+                        await asyncio.sleep(max(0.0, claimed_at + EMPTY_CLAIM_GAP_S - loop.time()))
                     self._wake.clear()
             finally:
                 # Each task gives its lease back on the way out (`_serve`'s finally), so
@@ -343,10 +353,12 @@ class Dispatcher:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _claim(self) -> None:
+    async def _claim(self) -> bool:
+        """Claim endpoints with work up to the concurrency; False when there was room but
+        nothing to claim (or the claim failed)."""
         free = self.settings.webhook_concurrency - len(self._serving)
         if free <= 0:
-            return
+            return True
         try:
             claimed = await webhooks.claim(
                 self.store,
@@ -359,7 +371,7 @@ class Dispatcher:
             if not self._away:
                 self._away = True
                 log.warning("webhooks: paused, could not claim endpoints: %s", exc.message)
-            return
+            return False
         if self._away:
             self._away = False
             log.info("webhooks: resumed")
@@ -367,6 +379,7 @@ class Dispatcher:
             task = asyncio.create_task(self._serve(ep), name=f"webhook-{ep.id}")
             self._serving[ep.id] = task
             task.add_done_callback(self._forget(ep.id))
+        return bool(claimed)
 
     def _forget(self, endpoint_id: int) -> Callable[[asyncio.Task[None]], None]:
         def done(_: asyncio.Task[None]) -> None:
