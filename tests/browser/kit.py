@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 import aiohttp
 import asyncpg
+import pytest
 from axe_playwright_python.async_playwright import Axe
 from playwright.async_api import Locator, Page, expect
 
@@ -27,6 +28,15 @@ from testkit.tools import APT_TIMEOUT_S, find_chromium
 # that run the time apt-get may take, and every other run the usual generous limit.
 TIMEOUT_S = 90 + (0 if find_chromium() else 2 * APT_TIMEOUT_S)
 
+
+# Every browser test module's marks: one browser for the module (launching is the slow
+# part), so one event loop too.
+MODULE_MARKS = [
+    pytest.mark.browser,
+    pytest.mark.processes,
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.timeout(TIMEOUT_S),
+]
 
 # Generous: 2 shared cores run Chromium, two servers, PostgreSQL and Redis at once.
 EXPECT_MS = 15_000

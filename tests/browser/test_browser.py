@@ -25,7 +25,6 @@ from urllib.parse import urlencode
 import aiohttp
 import asyncpg
 import orjson
-import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from playwright.async_api import Locator, Page, WebSocketRoute, expect
@@ -36,9 +35,9 @@ from testkit.browser import PHONE, TABLET, Pages
 from testkit.fixtures import Spawn, seed_doctor, token
 from testkit.harness import free_port
 from tests.browser.kit import (
+    MODULE_MARKS,
     PATIENT_TZ,
     RECONNECT_MS,
-    TIMEOUT_S,
     appointments,
     audit,
     calendar,
@@ -66,13 +65,7 @@ from tests.browser.kit import (
     wait_for,
 )
 
-# One browser for the module (launching is the slow part), so one event loop too.
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.processes,
-    pytest.mark.asyncio(loop_scope="module"),
-    pytest.mark.timeout(TIMEOUT_S),
-]
+pytestmark = MODULE_MARKS
 
 
 async def test_a_booking_shows_up_live_in_every_page_across_instances(

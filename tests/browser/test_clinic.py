@@ -13,7 +13,6 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 import aiohttp
-import pytest
 from playwright.async_api import Locator, Page, expect
 
 from protocol.vocabulary import Role
@@ -21,7 +20,7 @@ from testkit.browser import DESKTOP, PHONE, TABLET, Pages
 from testkit.fixtures import Spawn, token
 from testkit.harness import ServerProcess
 from tests.browser.kit import (
-    TIMEOUT_S,
+    MODULE_MARKS,
     appointments,
     audit,
     dashboard_day,
@@ -40,13 +39,7 @@ from tests.browser.kit import (
     start,
 )
 
-# One browser for the module (launching is the slow part), so one event loop too.
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.processes,
-    pytest.mark.asyncio(loop_scope="module"),
-    pytest.mark.timeout(TIMEOUT_S),
-]
+pytestmark = MODULE_MARKS
 
 Free = dict[date, list[tuple[int, datetime]]]
 WEEK = timedelta(days=7)

@@ -17,7 +17,6 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import aiohttp
-import pytest
 from playwright.async_api import Page, expect
 
 from protocol.vocabulary import Role
@@ -25,7 +24,7 @@ from testkit.browser import PHONE, Pages
 from testkit.fixtures import Spawn, token
 from testkit.harness import ServerProcess
 from tests.browser.kit import (
-    TIMEOUT_S,
+    MODULE_MARKS,
     audit,
     calendar,
     calendar_loaded,
@@ -40,13 +39,7 @@ from tests.browser.kit import (
     start,
 )
 
-# One browser for the module (launching is the slow part), so one event loop too.
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.processes,
-    pytest.mark.asyncio(loop_scope="module"),
-    pytest.mark.timeout(TIMEOUT_S),
-]
+pytestmark = MODULE_MARKS
 
 LOS_ANGELES = "America/Los_Angeles"
 TOKYO = "Asia/Tokyo"

@@ -18,7 +18,6 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-import pytest
 from icalendar import Calendar
 from playwright.async_api import Page, expect
 
@@ -27,9 +26,9 @@ from testkit.browser import PHONE, Pages
 from testkit.fixtures import Spawn, token
 from testkit.harness import ServerProcess
 from tests.browser.kit import (
+    MODULE_MARKS,
     PATIENT_TZ,
     RECONNECT_MS,
-    TIMEOUT_S,
     appointments,
     audit,
     calendar,
@@ -50,13 +49,7 @@ from tests.browser.kit import (
     start,
 )
 
-# One browser for the module (launching is the slow part), so one event loop too.
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.processes,
-    pytest.mark.asyncio(loop_scope="module"),
-    pytest.mark.timeout(TIMEOUT_S),
-]
+pytestmark = MODULE_MARKS
 
 CLINIC = "Clinique du Parc"
 ADA_TZ = "Europe/Paris"

@@ -15,7 +15,6 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 import aiohttp
-import pytest
 from playwright.async_api import expect
 
 from protocol.vocabulary import Role
@@ -23,7 +22,7 @@ from testkit.browser import PHONE, Pages
 from testkit.fixtures import Spawn, token
 from testkit.harness import ServerProcess
 from tests.browser.kit import (
-    TIMEOUT_S,
+    MODULE_MARKS,
     appointments,
     audit,
     dashboard_day,
@@ -41,13 +40,7 @@ from tests.browser.kit import (
     start,
 )
 
-# One browser for the module (launching is the slow part), so one event loop too.
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.processes,
-    pytest.mark.asyncio(loop_scope="module"),
-    pytest.mark.timeout(TIMEOUT_S),
-]
+pytestmark = MODULE_MARKS
 
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 
