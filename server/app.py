@@ -55,7 +55,7 @@ from server.rooms import Rooms
 from server.routes import setup_routes
 from server.service import Clock, Scheduling, utcnow
 from server.settings import Settings
-from server.webhooks import Dispatcher, delivery_mode, measure
+from server.webhooks import Dispatcher, delivery_mode, delivery_store, measure
 from store import demo, embedded
 from store.broker import open_broker
 from store.changes import Change
@@ -154,20 +154,7 @@ async def database(app: web.Application) -> AsyncIterator[None]:
                 app[METRICS], app[REPLICAS], app[OUTBOX].enqueue, _wake_webhooks(app)
             ),
         ) as store,
-        open_store(
-            # Webhook delivery's own connections, with the same bounds: however far behind
-            # the endpoints are, delivery never waits for (nor takes) a booking's connection.
-            # Its commits skip the WAL flush: one lost in a crash resends, never skips.
-            dsn,
-            min_size=1,
-            max_size=max(1, settings.webhook_db_pool),
-            lock_timeout_ms=settings.lock_timeout_ms,
-            statement_timeout_ms=settings.statement_timeout_ms,
-            timeout_ms=settings.db_timeout_ms,
-            acquire_timeout_ms=settings.db_acquire_timeout_ms,
-            application_name="slotcast-webhooks",
-            durable_commits=False,
-        ) as webhook_store,
+        delivery_store(dsn, settings) as webhook_store,
     ):
         app[STORE] = store
         app[WEBHOOK_STORE] = webhook_store

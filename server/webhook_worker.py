@@ -31,10 +31,10 @@ import signal
 
 from protocol.errors import SlotcastError
 from server.settings import Settings
-from server.webhooks import Dispatcher, delivery_mode
+from server.webhooks import Dispatcher, delivery_mode, delivery_store
 from store.errors import StoreError
 from store.migrate import check
-from store.pool import open_store, wait_for_database
+from store.pool import wait_for_database
 from store.startup import where_postgres
 
 log = logging.getLogger(__name__)
@@ -91,17 +91,7 @@ async def _deliver(settings: Settings, stop: asyncio.Event) -> int:
             log.info("stopped while starting")
             return 0
         ready.result()
-        async with open_store(
-            dsn,
-            min_size=1,
-            max_size=max(1, settings.webhook_db_pool),
-            lock_timeout_ms=settings.lock_timeout_ms,
-            statement_timeout_ms=settings.statement_timeout_ms,
-            timeout_ms=settings.db_timeout_ms,
-            acquire_timeout_ms=settings.db_acquire_timeout_ms,
-            application_name="slotcast-webhooks",
-            durable_commits=False,  # a cursor write lost in a crash resends, never skips
-        ) as store:
+        async with delivery_store(dsn, settings) as store:
             dispatcher = Dispatcher(store, settings, linger=True)
             running = asyncio.create_task(dispatcher.run(), name="webhooks")
             log.info(

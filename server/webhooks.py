@@ -41,7 +41,7 @@ import math
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -57,7 +57,7 @@ from protocol.errors import ErrorCode, SlotcastError
 from server.settings import Settings
 from store import webhooks
 from store.errors import StoreError
-from store.pool import Store
+from store.pool import Store, open_store
 from store.webhooks import Attempt, Endpoint, Message
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,28 @@ GATHER_SPARSE_S = 0.1
 USER_AGENT = "Slotcast-Webhooks/1"
 # After a claim that found nothing, commits wake the dispatcher no sooner than this.
 EMPTY_CLAIM_GAP_S = 0.25
+
+
+@contextlib.asynccontextmanager
+async def delivery_store(dsn: str, settings: Settings) -> AsyncIterator[Store]:
+    """Webhook delivery's own connections, with the same bounds as the bookings': however
+    far behind the endpoints are, delivery never waits for (nor takes) a booking's
+    connection. Its commits skip the WAL flush: a cursor write lost in a crash resends,
+    never skips."""
+    async with open_store(
+        dsn,
+        min_size=1,
+        max_size=max(1, settings.webhook_db_pool),
+        lock_timeout_ms=settings.lock_timeout_ms,
+        statement_timeout_ms=settings.statement_timeout_ms,
+        timeout_ms=settings.db_timeout_ms,
+        acquire_timeout_ms=settings.db_acquire_timeout_ms,
+        application_name="slotcast-webhooks",
+        durable_commits=False,
+    ) as store:
+        yield store
+
+
 # SLOTCAST_WEBHOOKS: deliver in every serving instance, or only in `slotcast webhooks`
 # processes (server/webhook_worker.py).
 MODES = ("inline", "worker")
