@@ -141,7 +141,12 @@ class AppointmentView:
 class DoctorView:
     """A doctor as the directory shows them. `external_id` (the clinic's staff-system id)
     is filled in for admins only; `retired_at` is set once the doctor is retired (only
-    admins find retired doctors in the directory; watchers learn it from a `delta`)."""
+    admins find retired doctors in the directory; watchers learn it from a `delta`).
+
+    `min_notice_minutes` and `horizon_days` are public because they decide a watcher's
+    bookable window: a `delta` that carries them (every `set_schedule` does) lets an open
+    page slide its window without reading a snapshot again. They are null only in entries
+    the change log recorded before the rules rode along (a resume may replay those)."""
 
     id: DoctorId
     name: str
@@ -149,6 +154,8 @@ class DoctorView:
     timezone: str
     external_id: str | None = None
     retired_at: Instant | None = None
+    min_notice_minutes: int | None = None
+    horizon_days: int | None = None
 
     def __post_init__(self) -> None:
         _normalize_instants(self, "retired_at")

@@ -37,7 +37,7 @@ from protocol.messages import (
     Unmark,
 )
 from protocol.vocabulary import AppointmentStatus, Role, SlotStatus
-from store import doctors, schedule, sql, steps
+from store import directory, doctors, schedule, sql, steps
 from store.changes import Change
 from store.errors import (
     AppointmentLimit,
@@ -496,7 +496,7 @@ async def set_schedule(
         if current["retired_at"] is not None:  # retired since the check above
             raise DoctorRetired(f"doctor {doctor_id} is retired: no hours can be set")
         version = current["version"]
-        await tx.conn.execute(
+        entry = await tx.conn.fetchrow(
             sql.DOCTOR_SET_RULES,
             doctor_id,
             msg.slot_minutes,
@@ -515,7 +515,10 @@ async def set_schedule(
             [(doctor_id, o.date, o.start, o.end) for o in msg.overrides],
         )
         result = await steps.rematerialize(tx, doctor_id)
-        tx.touched(doctor_id, "schedule.changed")  # rules changed even if no slot did
+        # The entry rides on every save, changed rules or not: the row comes back from the
+        # update anyway, and watchers then never have to tell which saves moved their
+        # bookable window (notice, horizon) before re-reading a snapshot.
+        tx.doctor(directory.view(entry, private=False), "schedule.changed")
         return ScheduleUpdated(
             doctor_id=doctor_id,
             version=version + 1,

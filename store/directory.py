@@ -101,6 +101,8 @@ def view(row: asyncpg.Record, *, private: bool = True) -> DoctorView:
         timezone=row["timezone"],
         external_id=row["external_id"] if private else None,
         retired_at=row["retired_at"],
+        min_notice_minutes=row["min_notice_minutes"],
+        horizon_days=row["horizon_days"],
     )
 
 

@@ -204,6 +204,9 @@ LEFT JOIN taken t ON true"""
 
 # ---- doctors and schedules ----------------------------------------------------------------
 
+# A doctor's directory entry (`store/directory.py` `view`) with the version.
+DOCTOR_ENTRY_COLUMNS: Final = """
+id, name, specialty, timezone, external_id, retired_at, version, min_notice_minutes, horizon_days"""
 DOCTOR_INSERT: Final = """
 INSERT INTO doctors (name, specialty, timezone, slot_minutes, horizon_days)
 VALUES ($1, $2, $3, $4, $5)
@@ -212,10 +215,13 @@ DOCTOR_GET: Final = """
 SELECT id, name, specialty, timezone, slot_minutes, horizon_days, version,
        buffer_minutes, min_notice_minutes, retired_at
 FROM doctors WHERE id = $1"""
-DOCTOR_SET_RULES: Final = """
+# Returns the directory entry: the rules that decide the bookable window are public and
+# ride on every watcher's delta (`DoctorView`).
+DOCTOR_SET_RULES: Final = f"""
 UPDATE doctors
 SET slot_minutes = $2, buffer_minutes = $3, min_notice_minutes = $4, horizon_days = $5
-WHERE id = $1"""
+WHERE id = $1
+RETURNING {DOCTOR_ENTRY_COLUMNS}"""
 # The doctors whose slots the horizon sweep keeps open: a retired doctor has none.
 DOCTOR_IDS: Final = "SELECT id FROM doctors WHERE retired_at IS NULL ORDER BY id"
 # The directory: active doctors, or ($4, admins) every doctor with the fields only
@@ -223,7 +229,8 @@ DOCTOR_IDS: Final = "SELECT id FROM doctors WHERE retired_at IS NULL ORDER BY id
 DOCTOR_SEARCH: Final = """
 SELECT id, name, specialty, timezone,
        CASE WHEN $4 THEN external_id END AS external_id,
-       CASE WHEN $4 THEN retired_at END AS retired_at
+       CASE WHEN $4 THEN retired_at END AS retired_at,
+       min_notice_minutes, horizon_days
 FROM doctors
 WHERE ($4 OR retired_at IS NULL)
   AND ($1::text IS NULL
@@ -234,7 +241,6 @@ LIMIT $2 OFFSET $3"""
 
 # ---- the doctor directory (store/directory.py) ----------------------------------------------
 
-DOCTOR_ENTRY_COLUMNS: Final = "id, name, specialty, timezone, external_id, retired_at, version"
 # An id for a doctor about to be created, taken before the transaction so that the
 # transaction can lock it first, as every command locks its doctors first.
 DOCTOR_NEW_IDS: Final = """

@@ -8,6 +8,9 @@
 import { serverNow } from "./clock.js";
 import { dateKey } from "./format.js";
 
+const MINUTE_MS = 60_000;
+const DAY_MS = 86_400_000;
+
 export class Calendar {
   /** `start` and `end` are the doctor's local dates [start, end), as sent in `watch`. */
   constructor(doctorId, start, end) {
@@ -74,7 +77,25 @@ export class Calendar {
     }
     const removed = delta.removed.filter((id) => this.slots.delete(id));
     this.version = delta.version; // also for an empty delta, so the next one is not a gap
-    return { outcome: "applied", changed, removed };
+    const rules = this.applyRules(delta.doctor);
+    return { outcome: "applied", changed, removed, rules };
+  }
+
+  /**
+   * A delta's doctor entry carries the rules that decide the bookable window
+   * (every schedule save sends them): recompute the window from them as a
+   * snapshot would, from now. True when it did, so every slot must be drawn
+   * again. An entry without them (recorded before they rode along) leaves the
+   * window alone.
+   */
+  applyRules(doctor) {
+    const notice = doctor?.min_notice_minutes;
+    const horizon = doctor?.horizon_days;
+    if (typeof notice !== "number" || typeof horizon !== "number") return false;
+    this.readAt = serverNow();
+    this.bookableFrom = this.readAt + notice * MINUTE_MS;
+    this.bookableUntil = this.readAt + horizon * DAY_MS;
+    return true;
   }
 
   inRange(slot) {

@@ -59,7 +59,7 @@ export function weekGrid(page, { onPickSlot }) {
   function onDelta(delta) {
     const calendar = page.week.calendar;
     if (!calendar || delta.doctor_id !== calendar.doctorId) return;
-    const { outcome, changed, removed } = calendar.applyDelta(delta);
+    const { outcome, changed, removed, rules } = calendar.applyDelta(delta);
     if (outcome === "gap") {
       watch(calendar); // resumes from calendar.version
       return;
@@ -68,7 +68,8 @@ export function weekGrid(page, { onPickSlot }) {
     for (const id of changed) placeSlot(calendar.slots.get(id));
     for (const id of removed) cellOf(id)?.remove();
     $("[data-testid=calendar]").dataset.version = calendar.version;
-    refreshDays();
+    if (rules) refresh(); // new notice or horizon: slots outside the old window may be bookable now
+    else refreshDays();
   }
 
   /** The grid cell around a slot's button. */

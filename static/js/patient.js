@@ -174,6 +174,15 @@ function onDirectoryChange(doctor) {
   if (doctor.retired_at) showError("doctor_retired");
 }
 
+/** Whether a delta's entry changes what the page shows of the doctor. Every schedule
+ * save carries the entry too (for the booking rules the week applies itself), and a
+ * search per open page on each save would be load for nothing. */
+function listedDifferently(doctor) {
+  const known = page.doctors.byId.get(doctor.id);
+  if (!known) return true;
+  return ["name", "specialty", "timezone", "retired_at"].some((key) => (known[key] ?? null) !== (doctor[key] ?? null));
+}
+
 async function main() {
   const session = await boot("patient");
   if (!session) return;
@@ -183,7 +192,7 @@ async function main() {
 
   conn.on("delta", (delta) => {
     week.onDelta(delta);
-    if (delta.doctor) onDirectoryChange(delta.doctor);
+    if (delta.doctor && listedDifferently(delta.doctor)) onDirectoryChange(delta.doctor);
   });
   conn.on("appointment_event", (event) => {
     appointments.onEvent(event);

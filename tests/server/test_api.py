@@ -81,6 +81,8 @@ async def test_list_doctors_without_query_returns_all_sorted_by_name(
         "timezone": "Europe/Paris",
         "external_id": None,  # admins only
         "retired_at": None,
+        "min_notice_minutes": 0,  # public: a patient page's bookable window needs them
+        "horizon_days": 28,
     }
 
 

@@ -62,6 +62,8 @@ async def test_admins_create_update_and_retire_over_rest_and_no_one_else_may(
             "timezone": "Europe/Berlin",
             "external_id": "HR-1",
             "retired_at": None,
+            "min_notice_minutes": 0,  # the booking rules a new doctor starts with
+            "horizon_days": 28,
         },
         "version": 1,
     }
