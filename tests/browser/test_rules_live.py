@@ -11,7 +11,6 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import aiohttp
-import pytest
 from playwright.async_api import expect
 
 from protocol.vocabulary import Role
@@ -19,7 +18,7 @@ from testkit.browser import Pages
 from testkit.fixtures import Spawn, token
 from testkit.harness import ServerProcess
 from tests.browser.kit import (
-    TIMEOUT_S,
+    MODULE_MARKS,
     calendar_loaded,
     demo_doctor,
     get_json,
@@ -30,13 +29,7 @@ from tests.browser.kit import (
     start,
 )
 
-# One browser for the module (launching is the slow part), so one event loop too.
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.processes,
-    pytest.mark.asyncio(loop_scope="module"),
-    pytest.mark.timeout(TIMEOUT_S),
-]
+pytestmark = MODULE_MARKS
 
 EVERY_DAY = [{"weekday": d, "start": "08:00:00", "end": "18:00:00"} for d in range(1, 8)]
 
