@@ -48,6 +48,8 @@ async def test_demo_lists_patients_and_every_doctor(
         "timezone",
         "external_id",
         "retired_at",
+        "min_notice_minutes",  # the public booking rules an open page needs
+        "horizon_days",
     }
 
 
