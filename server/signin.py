@@ -19,12 +19,13 @@ from server.api import json_response, read_json
 from server.keys import SETTINGS, STORE, VERIFIER
 from store import demo, doctors, reads
 
+DEMO_DESK = "desk"  # static/js/session.js knows it too
 _OFF = "demo sign-in is off: sign in through your clinic's application"
 
 
 @dataclass(frozen=True, slots=True)
 class TokenRequest:
-    role: Literal["patient", "doctor"]
+    role: Literal["patient", "doctor", "admin"]
     subject: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 
@@ -52,6 +53,11 @@ async def token(request: web.Request) -> web.Response:
         if not digits or not 1 <= int(wanted.subject) < 2**31:
             raise ProtocolError("a doctor's subject is the doctor's id", code=ErrorCode.INVALID)
         await doctors.doctor(request.app[STORE], int(wanted.subject))  # not_found for a stranger
+    elif wanted.role == "admin":
+        # One staff identity, for the front desk (/clinic): demo mode hands it to anyone,
+        # as it does every identity; production admins come from `slotcast token`.
+        if wanted.subject != DEMO_DESK:
+            raise ProtocolError(f"the demo's admin is {DEMO_DESK!r}", code=ErrorCode.INVALID)
     elif wanted.subject not in {p["subject"] for p in demo.PATIENTS}:
         raise ProtocolError(f"no demo patient {wanted.subject!r}", code=ErrorCode.INVALID)
     role = Role(wanted.role)

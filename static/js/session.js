@@ -58,7 +58,7 @@ export function readClaims(token) {
 
 /** Which page serves a role. */
 export function pageFor(role) {
-  return role === "patient" ? "/" : "/doctor";
+  return { patient: "/", admin: "/clinic" }[role] ?? "/doctor";
 }
 
 /**
@@ -133,10 +133,13 @@ export async function demoToken(role, subject) {
 export function displayName(demo, role, subject) {
   if (role === "patient") return demo?.patients.find((p) => p.subject === subject)?.name ?? subject;
   if (role === "doctor") return demo?.doctors.find((d) => String(d.id) === subject)?.name ?? `Doctor ${subject}`;
+  if (role === "admin" && subject === DEMO_DESK) return "Front desk";
   return subject;
 }
 
 const SIGNED_IN_KEY = "slotcast.signedIn";
+/** The demo's one staff identity (server/signin.py): an admin, for the front desk. */
+const DEMO_DESK = "desk";
 
 /** Whether this page load follows a sign-in on the form (asked once: the answer is used up). */
 export function justSignedIn() {
@@ -156,6 +159,7 @@ export function setUpSignin(form, demo, onError) {
   const groups = [
     ["Patients", demo.patients.map((p) => [`patient:${p.subject}`, `${p.name} (patient)`])],
     ["Doctors", demo.doctors.map((d) => [`doctor:${d.id}`, `${d.name} — ${d.specialty} (doctor)`])],
+    ["Clinic staff", [[`admin:${DEMO_DESK}`, "Front desk (admin)"]]],
   ];
   for (const [label, options] of groups) {
     const group = document.createElement("optgroup");
@@ -164,7 +168,7 @@ export function setUpSignin(form, demo, onError) {
     select.append(group);
   }
   // Preselect someone this page is for: a doctor on /doctor, a patient on /.
-  const wanted = location.pathname === pageFor("patient") ? "patient:" : "doctor:";
+  const wanted = { [pageFor("patient")]: "patient:", [pageFor("admin")]: "admin:" }[location.pathname] ?? "doctor:";
   const first = [...select.options].find((option) => option.value.startsWith(wanted));
   if (first) select.value = first.value;
   form.addEventListener("submit", async (event) => {

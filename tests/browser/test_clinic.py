@@ -252,3 +252,16 @@ async def test_the_front_desk_runs_every_doctors_day_live(
     await expect(desk).to_have_url(re.compile(rf"/doctor\?doctor={ada['id']}$"))
     timeline = await dashboard_day(desk, day)
     await expect(row(timeline, a1).get_by_test_id("visit-reason")).to_have_text("Vaccination")
+
+
+async def test_the_demo_signs_the_front_desk_in(spawn_server: Spawn, pages: Pages) -> None:
+    """`make run` needs no token from anywhere: the demo's sign-in form on /clinic offers
+    the front desk (an admin), and signing in shows every doctor's day."""
+    (server,) = await start(spawn_server, "s1")
+    desk = await pages.open(f"{server.http_url}/clinic", name="desk")
+    form = desk.get_by_test_id("signin")
+    await expect(form).to_be_visible()
+    await expect(desk.get_by_label("Demo identity")).to_have_value("admin:desk")
+    await form.get_by_role("button", name="Sign in").click()
+    await expect(desk.get_by_test_id("whoami")).to_have_text("Front desk")
+    await expect(desk.get_by_test_id("clinic-doctor")).to_have_count(6)
