@@ -129,6 +129,7 @@ export function dayTimeline(page, { showZone, rememberCounts }) {
       appointment?.status,
       appointment?.patient_name,
       appointment?.visit_reason,
+      appointment?.patient_contact,
       conflict,
       cancelling === appointment?.id,
       confirmingNoshow === appointment?.id,
@@ -155,6 +156,8 @@ export function dayTimeline(page, { showZone, rememberCounts }) {
       }
       // Why the patient comes, when given (docs/protocol.md, "Visit details").
       if (appointment.visit_reason) body.append(el("span", { class: "row-note", "data-testid": "visit-reason" }, appointment.visit_reason));
+      // How to reach them, when the front desk took it down (a phoned-in booking).
+      if (appointment.patient_contact) body.append(el("span", { class: "row-note", "data-testid": "contact" }, appointment.patient_contact));
     } else {
       body.append(el("span", { class: `badge badge-${slot.status}` }, SLOT_WORDS[slot.status] ?? slot.status));
       if (reason) body.append(el("span", { class: "row-note", "data-testid": "block-reason" }, reason));

@@ -243,15 +243,21 @@ async def test_the_front_desk_runs_every_doctors_day_live(
     await expect(own.get_by_role("searchbox", name="Find a doctor")).to_be_hidden()
 
     # The dashboard link opens that doctor's own page, signed in as the same admin, where
-    # a booking's visit reason shows beside the patient's name.
+    # a booking's visit reason and contact show beside the patient's name.
     a1 = ada_free[day][1][0]
     admin = {"Authorization": f"Bearer {token(Role.ADMIN, 'desk')}"}
-    body = {"slot_id": a1, "patient_id": "chloe", "visit_reason": "Vaccination"}
+    body = {
+        "slot_id": a1,
+        "patient_id": "chloe",
+        "visit_reason": "Vaccination",
+        "patient_contact": "chloe@example.org",
+    }
     await post_json(http, f"{server.http_url}/api/appointments", body, 201, headers=admin)
     await desk.get_by_role("link", name="Dashboard of Dr. Ada Moreau").click()
     await expect(desk).to_have_url(re.compile(rf"/doctor\?doctor={ada['id']}$"))
     timeline = await dashboard_day(desk, day)
     await expect(row(timeline, a1).get_by_test_id("visit-reason")).to_have_text("Vaccination")
+    await expect(row(timeline, a1).get_by_test_id("contact")).to_have_text("chloe@example.org")
 
 
 async def test_the_demo_signs_the_front_desk_in(spawn_server: Spawn, pages: Pages) -> None:
