@@ -82,6 +82,9 @@ async def work(settings: Settings) -> int:
             except OSError as exc:  # the port is taken, or the address is not ours
                 log.error("cannot start: metrics on %s: %s", _where(settings), exc)
                 return 1
+            except ValueError as exc:  # SLOTCAST_METRICS_ALLOW or TRUSTED_PROXIES
+                log.error("cannot start: %s", exc)
+                return 2
             started = asyncio.create_task(_deliver(settings, stop, metrics), name="webhook-worker")
             return await started
     finally:

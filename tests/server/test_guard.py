@@ -408,7 +408,8 @@ async def test_metrics_are_served_to_allowed_addresses_or_the_token_only(
 
 async def test_a_webhook_worker_guards_its_own_metrics_the_same_way(settings: Settings) -> None:
     """`slotcast webhooks` serves /metrics on a port of its own, under the same allow list
-    and token; a port already taken stops it at start (exit 1) before any database."""
+    and token; a port already taken (exit 1) or an allow list that is no list of networks
+    (exit 2) stops it at start, before any database."""
     port = free_port()
     worker = settings.replace(
         webhooks_metrics_port=port, metrics_allow="10.0.0.0/8", metrics_token="scrape-me"
@@ -427,6 +428,7 @@ async def test_a_webhook_worker_guards_its_own_metrics_the_same_way(settings: Se
         assert "slotcast_metrics_refused_total 1.0" in text
         taken = worker.replace(database_url="postgresql://127.0.0.1:1/none", webhooks="worker")
         assert await work(taken) == 1
+    assert await work(taken.replace(metrics_allow="10.0.0.0/33")) == 2
 
 
 # ---- behind TLS ------------------------------------------------------------------------------
