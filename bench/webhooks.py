@@ -709,6 +709,8 @@ def running_worker(args: argparse.Namespace, dsn: str, logs: Path) -> Any:
         return
     env = server_env(args, dsn)
     env.update(SLOTCAST_INSTANCE_ID="bench-worker", SLOTCAST_WEBHOOK_POLL_S=str(args.worker_poll_s))
+    # Its /metrics is not read here: no port to collide with on a shared machine.
+    env.update(SLOTCAST_WEBHOOKS_METRICS_PORT="0")
     with (logs / "worker.log").open("ab") as log:
         proc = subprocess.Popen(
             # At lower CPU priority, as deploy/slotcast-webhooks.service runs it (Nice=).

@@ -377,14 +377,11 @@ async def delivering(app: web.Application) -> AsyncIterator[None]:
 
 def _dispatcher(app: web.Application) -> Dispatcher:
     """This instance's deliverer, counting its attempts and woken by its commits."""
-    metrics = app[METRICS]
-
-    def attempted(endpoint_id: int, ok: bool) -> None:
-        metrics.webhook_attempts.labels(str(endpoint_id)).inc()
-        if not ok:
-            metrics.webhook_failures.labels(str(endpoint_id)).inc()
-
-    dispatcher = Dispatcher(app[WEBHOOK_STORE], app[SETTINGS], on_attempt=attempted)
+    dispatcher = Dispatcher(
+        app[WEBHOOK_STORE],
+        app[SETTINGS],
+        on_attempt=app[METRICS].webhook_deliveries.attempted,
+    )
     app[WEBHOOKS] = dispatcher
     return dispatcher
 

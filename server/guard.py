@@ -47,6 +47,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from prometheus_client import Counter
 
 from server.metrics import Metrics
 from server.session import Session
@@ -123,13 +124,38 @@ def client_address(request: web.Request, trusted: tuple[Network, ...]) -> str:
     return peer
 
 
+class MetricsAccess:
+    """Who may read /metrics, apart from the rest of the guard: a `slotcast webhooks`
+    worker serves its own /metrics (server.webhook_worker) under the same allow list
+    and token as a serving instance, and nothing else a serving instance guards."""
+
+    def __init__(self, settings: Settings, refused: Counter) -> None:
+        self.trusted = networks(settings.trusted_proxies, "trusted_proxies")
+        self.allow = networks(settings.metrics_allow, "metrics_allow")
+        self.token = settings.metrics_token
+        self._refused = refused
+
+    async def check(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if _within(client_address(request, self.trusted), self.allow) or self._bearer(request):
+            return await handler(request)
+        self._refused.inc()
+        raise web.HTTPForbidden(text="metrics are for the allowed addresses or a token")
+
+    def _bearer(self, request: web.Request) -> bool:
+        if not self.token:
+            return False
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), self.token.encode()
+        )
+
+
 class Guard:
     """Caps, origins, idle sockets and metrics access for one instance."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.trusted = networks(settings.trusted_proxies, "trusted_proxies")
-        self.metrics_allow = networks(settings.metrics_allow, "metrics_allow")
-        self.metrics_token = settings.metrics_token
+        self.metrics_access = MetricsAccess(settings, metrics.metrics_refused)
         self.origins = frozenset(o.lower() for o in host_origins(settings.host_origins))
         self.per_address = settings.max_connections_per_address
         self.per_instance = settings.max_connections
@@ -263,15 +289,4 @@ class Guard:
     # ---- /metrics ---------------------------------------------------------------------------
 
     async def metrics(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if _within(self.address(request), self.metrics_allow) or self._metrics_bearer(request):
-            return await handler(request)
-        self._metrics.metrics_refused.inc()
-        raise web.HTTPForbidden(text="metrics are for the allowed addresses or a token")
-
-    def _metrics_bearer(self, request: web.Request) -> bool:
-        if not self.metrics_token:
-            return False
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode(), self.metrics_token.encode()
-        )
+        return await self.metrics_access.check(request, handler)

@@ -147,9 +147,7 @@ class Metrics:
             "HTTP requests cut off for not sending their body in time",
             registry=r,
         )
-        self.metrics_refused = Counter(
-            "slotcast_metrics_refused", "/metrics requests from outside its allow list", registry=r
-        )
+        self.metrics_refused = metrics_refused(r)
         self.broker_up = Gauge(
             "slotcast_broker_up",
             "1 while the broker answers and its listener hears; 0 while this instance is "
@@ -211,10 +209,7 @@ class Metrics:
         r.register(self.readings)
         self.replica_readings = ReplicaReadings(lambda: NO_REPLICAS)
         r.register(self.replica_readings)
-        # The process: CPU, memory, open files (Linux), the interpreter and its collector.
-        ProcessCollector(registry=r)
-        r.register(PLATFORM_COLLECTOR)
-        r.register(GC_COLLECTOR)
+        process_collectors(r)
 
     def _webhooks(self, r: CollectorRegistry) -> None:
         """Per endpoint (by id): what waits, how old it is, how delivery goes."""
@@ -230,18 +225,7 @@ class Metrics:
             ["endpoint"],
             registry=r,
         )
-        self.webhook_attempts = Counter(
-            "slotcast_webhook_attempts",
-            "Webhook deliveries tried by this instance",
-            ["endpoint"],
-            registry=r,
-        )
-        self.webhook_failures = Counter(
-            "slotcast_webhook_failures",
-            "Webhook deliveries that failed (error, timeout, or a status other than 2xx)",
-            ["endpoint"],
-            registry=r,
-        )
+        self.webhook_deliveries = WebhookDeliveries(r)
 
     def webhook_backlog_is(self, found: dict[int, tuple[int, float]]) -> None:
         """Set the gauges to the database's reading; endpoints gone lose their series."""
@@ -307,6 +291,61 @@ class Metrics:
     def render(self) -> bytes:
         data: bytes = generate_latest(self.registry)
         return data
+
+
+class WebhookDeliveries:
+    """The delivery counters apart from the backlog gauges: whichever process delivers
+    counts here, a serving instance (inline) or a `slotcast webhooks` worker, which reads
+    no backlog (the serving instances export that; they read the database)."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.attempts = Counter(
+            "slotcast_webhook_attempts",
+            "Webhook deliveries tried by this process",
+            ["endpoint"],
+            registry=r,
+        )
+        self.failures = Counter(
+            "slotcast_webhook_failures",
+            "Webhook deliveries that failed (error, timeout, or a status other than 2xx)",
+            ["endpoint"],
+            registry=r,
+        )
+
+    def attempted(self, endpoint_id: int, ok: bool) -> None:
+        """The Dispatcher's `on_attempt`."""
+        self.attempts.labels(str(endpoint_id)).inc()
+        if not ok:
+            self.failures.labels(str(endpoint_id)).inc()
+
+
+class WorkerMetrics:
+    """What a `slotcast webhooks` process serves on its own port: its deliveries per
+    endpoint and the process, with the same names as a serving instance's, so a rule
+    summing over every scrape target counts each attempt once whoever made it."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.deliveries = WebhookDeliveries(self.registry)
+        self.metrics_refused = metrics_refused(self.registry)
+        process_collectors(self.registry)
+
+    def render(self) -> bytes:
+        data: bytes = generate_latest(self.registry)
+        return data
+
+
+def metrics_refused(r: CollectorRegistry) -> Counter:
+    return Counter(
+        "slotcast_metrics_refused", "/metrics requests from outside its allow list", registry=r
+    )
+
+
+def process_collectors(r: CollectorRegistry) -> None:
+    """The process: CPU, memory, open files (Linux), the interpreter and its collector."""
+    ProcessCollector(registry=r)
+    r.register(PLATFORM_COLLECTOR)
+    r.register(GC_COLLECTOR)
 
 
 TRANSPORTS = ("ws", "rest")

@@ -272,6 +272,10 @@ class Settings:
     # `worker`, only in `slotcast webhooks` processes, so delivery's CPU never shares an
     # event loop with bookings (serving instances then deliver nothing).
     webhooks: str = "inline"
+    # Where a `slotcast webhooks` worker serves its own /metrics (its attempts and
+    # failures per endpoint, and the process), on SLOTCAST_HOST under the same
+    # metrics_allow and metrics_token as a serving instance's; 0: none.
+    webhooks_metrics_port: int = 9465
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -20,6 +20,10 @@ It never migrates (the serving instances do) and refuses a schema this code does
 match, as a serving instance does. SIGTERM or SIGINT cancels the sends in flight and
 gives the leases back, so another process takes the endpoints at once rather than when
 the leases run out; a cancelled send is sent again (same `webhook-id`).
+
+Its attempts and failures per endpoint are counted here, not by any serving instance,
+so it serves them itself: `GET /metrics` on `SLOTCAST_WEBHOOKS_METRICS_PORT`, a
+scrape target of its own (docs/webhooks.md).
 """
 
 from __future__ import annotations
@@ -28,8 +32,13 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import AsyncIterator
+
+from aiohttp import web
 
 from protocol.errors import SlotcastError
+from server.guard import MetricsAccess
+from server.metrics import WorkerMetrics
 from server.settings import Settings
 from server.webhooks import Dispatcher, delivery_mode, delivery_store
 from store.errors import StoreError
@@ -65,15 +74,61 @@ async def work(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    started = asyncio.create_task(_deliver(settings, stop), name="webhook-worker")
+    metrics = WorkerMetrics()
     try:
-        return await started
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(serve_metrics(settings, metrics))
+            except OSError as exc:  # the port is taken, or the address is not ours
+                log.error("cannot start: metrics on %s: %s", _where(settings), exc)
+                return 1
+            except ValueError as exc:  # SLOTCAST_METRICS_ALLOW or TRUSTED_PROXIES
+                log.error("cannot start: %s", exc)
+                return 2
+            started = asyncio.create_task(_deliver(settings, stop, metrics), name="webhook-worker")
+            return await started
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 
 
-async def _deliver(settings: Settings, stop: asyncio.Event) -> int:
+@contextlib.asynccontextmanager
+async def serve_metrics(settings: Settings, metrics: WorkerMetrics) -> AsyncIterator[None]:
+    """`GET /metrics` on the worker's own port while it runs (none with port 0): a tiny
+    app of its own, since a worker serves nothing else."""
+    if settings.webhooks_metrics_port == 0:
+        yield
+        return
+    access = MetricsAccess(settings, metrics.metrics_refused)
+
+    async def render(request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            body=metrics.render(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        return await access.check(request, render)
+
+    app = web.Application()
+    app.router.add_get("/metrics", guarded)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.webhooks_metrics_port)
+        await site.start()
+        log.info("metrics on http://%s/metrics", _where(settings))
+        yield
+    finally:
+        await runner.cleanup()
+
+
+def _where(settings: Settings) -> str:
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return f"{host}:{settings.webhooks_metrics_port}"
+
+
+async def _deliver(settings: Settings, stop: asyncio.Event, metrics: WorkerMetrics) -> int:
     dsn = settings.database_url
     assert dsn is not None
     connect_timeout_s = settings.db_timeout_ms / 1000
@@ -92,7 +147,9 @@ async def _deliver(settings: Settings, stop: asyncio.Event) -> int:
             return 0
         ready.result()
         async with delivery_store(dsn, settings) as store:
-            dispatcher = Dispatcher(store, settings, linger=True)
+            dispatcher = Dispatcher(
+                store, settings, linger=True, on_attempt=metrics.deliveries.attempted
+            )
             running = asyncio.create_task(dispatcher.run(), name="webhooks")
             log.info(
                 "delivering webhooks (instance %s; database: %s; polling every %g s)",

@@ -19,7 +19,7 @@ from protocol.vocabulary import Role
 from store import commands
 from store.pool import Store
 from testkit.fixtures import SeededDoctor, Spawn, token
-from testkit.harness import REPO, ServerProcess
+from testkit.harness import REPO, ServerProcess, free_port
 from testkit.webhooks import Receiver, eventually
 
 pytestmark = pytest.mark.processes
@@ -101,7 +101,11 @@ async def test_workers_deliver_instead_of_the_serving_instance_and_take_over_fro
     await receiver.start()
     env = {**WEBHOOK_ENV, "SLOTCAST_WEBHOOKS": "worker"}
     try:
-        workers = {n: spawn_worker(spawn_server, n, env) for n in ("wh-worker-a", "wh-worker-b")}
+        metrics_ports = {n: free_port() for n in ("wh-worker-a", "wh-worker-b")}
+        workers = {
+            n: spawn_worker(spawn_server, n, {**env, "SLOTCAST_WEBHOOKS_METRICS_PORT": str(port)})
+            for n, port in metrics_ports.items()
+        }
         server = await asyncio.to_thread(spawn_server, "wh-serving", env=env)
         admin = {"Authorization": f"Bearer {token(Role.ADMIN, 'root')}"}
         async with (
@@ -111,7 +115,8 @@ async def test_workers_deliver_instead_of_the_serving_instance_and_take_over_fro
             ) as resp,
         ):
             assert resp.status == 201, await resp.text()
-            receiver.secret = (await resp.json())["secret"]
+            created = await resp.json()
+            receiver.secret = created["secret"]
         for slot in doctor.slots[:12]:
             await commands.book_slot(store, slot_id=slot.id, patient_id="alice")
         await eventually(lambda: len(receiver.deliveries) >= 3, what="deliveries under way")
@@ -131,5 +136,20 @@ async def test_workers_deliver_instead_of_the_serving_instance_and_take_over_fro
         # Both workers took a turn; the serving instance, in worker mode, sent nothing.
         assert {r["instance"] for r in senders} == set(workers)
         assert "delivered by `slotcast webhooks` workers" in server.logs()
+        # The survivor counts its attempts on its own /metrics (the serving instance cannot).
+        (survivor,) = set(workers) - {holder}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{metrics_ports[survivor]}/metrics") as resp,
+        ):
+            assert resp.status == 200
+            exposition = await resp.text()
+        attempts = next(
+            line
+            for line in exposition.splitlines()
+            if line.startswith(f'slotcast_webhook_attempts_total{{endpoint="{created["id"]}"}}')
+        )
+        assert float(attempts.split()[-1]) >= 1
+        assert "process_cpu_seconds_total" in exposition
     finally:
         await receiver.stop()

@@ -29,8 +29,11 @@ from server.app import create_app
 from server.guard import CLOSE_IDLE, CSP_NONE
 from server.keys import METRICS
 from server.limits import CLOSE_RATE_LIMITED
+from server.metrics import WorkerMetrics
 from server.settings import Settings
+from server.webhook_worker import serve_metrics, work
 from testkit.fixtures import SeededDoctor, token, ws_url
+from testkit.harness import free_port
 from testkit.wire import WAIT_S, error_code, expect
 
 AppClient = TestClient[web.Request, web.Application]
@@ -401,6 +404,31 @@ async def test_metrics_are_served_to_allowed_addresses_or_the_token_only(
     assert (await client.get("/metrics", headers=inside)).status == 200
     outside = {"X-Forwarded-For": "203.0.113.5"}
     assert (await client.get("/metrics", headers=outside)).status == 403
+
+
+async def test_a_webhook_worker_guards_its_own_metrics_the_same_way(settings: Settings) -> None:
+    """`slotcast webhooks` serves /metrics on a port of its own, under the same allow list
+    and token; a port already taken (exit 1) or an allow list that is no list of networks
+    (exit 2) stops it at start, before any database."""
+    port = free_port()
+    worker = settings.replace(
+        webhooks_metrics_port=port, metrics_allow="10.0.0.0/8", metrics_token="scrape-me"
+    )
+    metrics = WorkerMetrics()
+    metrics.deliveries.attempted(7, ok=False)
+    url = f"http://127.0.0.1:{port}/metrics"
+    async with serve_metrics(worker, metrics), aiohttp.ClientSession() as http:
+        async with http.get(url) as resp:
+            assert resp.status == 403
+        right = {"Authorization": "Bearer scrape-me"}
+        async with http.get(url, headers=right) as resp:
+            assert resp.status == 200
+            text = await resp.text()
+        assert 'slotcast_webhook_failures_total{endpoint="7"} 1.0' in text
+        assert "slotcast_metrics_refused_total 1.0" in text
+        taken = worker.replace(database_url="postgresql://127.0.0.1:1/none", webhooks="worker")
+        assert await work(taken) == 1
+    assert await work(taken.replace(metrics_allow="10.0.0.0/33")) == 2
 
 
 # ---- behind TLS ------------------------------------------------------------------------------
