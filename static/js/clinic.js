@@ -18,7 +18,7 @@ import { DayBook } from "./dashboard.js";
 import { browserZone, dateKey, dayLong, timeHM, zoneLabel, zonePlace } from "./format.js";
 import { errorCode, statusWords } from "./messages.js";
 import { boot } from "./shell.js";
-import { el, reducedMotion, showError } from "./ui.js";
+import { el, keyedRows, showError } from "./ui.js";
 
 // Doctors watched at once: a screenful, and well under SLOTCAST_MAX_WATCHES (32) so that
 // a search replacing them never meets the cap while the old ones are being left.
@@ -167,21 +167,8 @@ function renderDay(entry) {
     list.replaceChildren(el("li", { class: "empty" }, `No hours on ${dayLong(day.date)}.`));
     return;
   }
-  // Rows are kept by slot and rebuilt only when what they show changed, so a
-  // keyboard user's focus survives other doctors' and other slots' updates.
-  const focused = document.activeElement?.closest?.("[data-testid=clinic-row]");
-  const items = rows.map((row) => {
-    const signature = rowSignature(row);
-    let item = list.querySelector(`[data-testid=clinic-row][data-slot-id="${row.slot.id}"]`);
-    if (!item || item.dataset.signature !== signature) {
-      const fresh = renderRow(entry, row);
-      fresh.dataset.signature = signature;
-      if (item && !reducedMotion()) fresh.classList.add("fresh");
-      if (item && item === focused) queueMicrotask(() => (fresh.querySelector("button:enabled") ?? fresh).focus());
-      item = fresh;
-    }
-    return item;
-  });
+  // Kept by slot, so a keyboard user's focus survives other doctors' and slots' updates.
+  const items = keyedRows(list, "clinic-row", rows, rowSignature, (row) => renderRow(entry, row));
   if (!rows.some((row) => row.appointment)) {
     items.push(el("li", { class: "empty print-only" }, `No appointments on ${dayLong(day.date)}.`));
   }

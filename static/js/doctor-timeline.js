@@ -9,7 +9,7 @@ import { serverNow } from "./clock.js";
 import { DayBook } from "./dashboard.js";
 import { addDays, dayLong, dayShort, timeHM } from "./format.js";
 import { errorCode, statusWords } from "./messages.js";
-import { el, reducedMotion } from "./ui.js";
+import { el, keyedRows } from "./ui.js";
 
 const DEFAULT_CANCEL_REASON = "Cancelled by the clinic";
 // The server's attendance window (SLOTCAST_ARRIVE_EARLY_MINUTES, SLOTCAST_UNMARK_WINDOW_S,
@@ -101,22 +101,8 @@ export function dayTimeline(page, { showZone, rememberCounts }) {
       list.replaceChildren(el("li", { class: "empty" }, `No slots on ${dayLong(day.date)}.`));
       return;
     }
-    // Rows are kept by slot id and rebuilt only when what they show changed, so
-    // a keyboard user's focus and an open cancel form survive unrelated updates.
-    const focusedRow = document.activeElement?.closest?.("[data-testid=slot-row]");
-    const items = rows.map((row) => {
-      const signature = rowSignature(row);
-      let item = list.querySelector(`[data-testid=slot-row][data-slot-id="${row.slot.id}"]`);
-      if (!item || item.dataset.signature !== signature) {
-        const fresh = renderRow(row);
-        fresh.dataset.signature = signature;
-        if (item && !reducedMotion()) fresh.classList.add("fresh");
-        // Keep the keyboard where it was: the row's first usable button, else the row itself.
-        if (item && item === focusedRow) queueMicrotask(() => (fresh.querySelector("button:enabled") ?? fresh).focus());
-        item = fresh;
-      }
-      return item;
-    });
+    // Kept by slot, so a keyboard user's focus and an open cancel form survive updates.
+    const items = keyedRows(list, "slot-row", rows, rowSignature, renderRow);
     list.replaceChildren(...items);
   }
 

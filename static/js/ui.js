@@ -125,3 +125,26 @@ export function askToSwitch(current, offered) {
     stay.focus();
   });
 }
+
+/**
+ * The rows of a live list, kept by slot and rebuilt only when what they show changed
+ * (`signature`), so that a keyboard user's focus and an open form survive updates to
+ * other rows. A rebuilt row that had the focus hands it to its first usable button
+ * (else to itself); a rebuilt row flashes unless motion is reduced. Returns the rows
+ * in order, for the caller to place.
+ */
+export function keyedRows(list, testId, rows, signatureOf, render) {
+  const focused = document.activeElement?.closest?.(`[data-testid=${testId}]`);
+  return rows.map((row) => {
+    const signature = signatureOf(row);
+    let item = list.querySelector(`[data-testid=${testId}][data-slot-id="${row.slot.id}"]`);
+    if (!item || item.dataset.signature !== signature) {
+      const fresh = render(row);
+      fresh.dataset.signature = signature;
+      if (item && !reducedMotion()) fresh.classList.add("fresh");
+      if (item && item === focused) queueMicrotask(() => (fresh.querySelector("button:enabled") ?? fresh).focus());
+      item = fresh;
+    }
+    return item;
+  });
+}
