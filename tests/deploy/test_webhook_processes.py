@@ -11,6 +11,7 @@ import asyncio
 import signal
 import subprocess
 import sys
+from typing import Any
 
 import aiohttp
 import pytest
@@ -44,39 +45,59 @@ async def test_a_killed_instance_hands_its_endpoint_to_another_that_resumes_from
             *(asyncio.to_thread(spawn_server, n, env=WEBHOOK_ENV) for n in ("wh-a", "wh-b"))
         )
         by_name = {s.name: s for s in servers}
-        admin = {"Authorization": f"Bearer {token(Role.ADMIN, 'root')}"}
-        async with (
-            aiohttp.ClientSession() as http,
-            http.post(
-                f"{servers[0].http_url}/api/webhooks", json={"url": receiver.url}, headers=admin
-            ) as resp,
-        ):
-            assert resp.status == 201, await resp.text()
-            receiver.secret = (await resp.json())["secret"]
-        for slot in doctor.slots[:12]:
-            await commands.book_slot(store, slot_id=slot.id, patient_id="alice")
-        await eventually(lambda: len(receiver.deliveries) >= 3, what="deliveries under way")
-        holder = await store.fetchval("SELECT leased_by FROM webhook_endpoints")
-        assert holder in by_name
-        await eventually(
-            lambda: receiver.requests > len(receiver.deliveries), what="a delivery in flight"
-        )
-        by_name[holder].stop(signal.SIGKILL)
-        await eventually(lambda: len(receiver.distinct()) >= 12, what="all twelve", timeout=30)
+        await register(servers[0], receiver)
+        holder = await kill_the_holder_mid_delivery(store, doctor, receiver, by_name)
         assert await store.fetchval("SELECT leased_by FROM webhook_endpoints") in {
             None,
             *(set(by_name) - {holder}),
         }
-        versions = receiver.versions(doctor.id)
-        assert len(set(versions)) == 12
-        # In order: a version only ever follows a lower one, or repeats (a resend).
-        distinct_in_order = list(dict.fromkeys(versions))
-        assert distinct_in_order == sorted(distinct_in_order)
-        assert receiver.bad_signatures == 0
+        assert_all_twelve_in_order(receiver, doctor)
         senders = await store.fetch("SELECT DISTINCT instance FROM webhook_attempts")
         assert {r["instance"] for r in senders} == set(by_name)  # both took a turn
     finally:
         await receiver.stop()
+
+
+async def register(server: ServerProcess, receiver: Receiver) -> dict[str, Any]:
+    """The receiver as an endpoint, through an instance's admin API; its secret kept."""
+    admin = {"Authorization": f"Bearer {token(Role.ADMIN, 'root')}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{server.http_url}/api/webhooks", json={"url": receiver.url}, headers=admin
+        ) as resp,
+    ):
+        assert resp.status == 201, await resp.text()
+        created: dict[str, Any] = await resp.json()
+    receiver.secret = created["secret"]
+    return created
+
+
+async def kill_the_holder_mid_delivery(
+    store: Store, doctor: SeededDoctor, receiver: Receiver, senders: dict[str, ServerProcess]
+) -> str:
+    """Twelve bookings; the process delivering them is SIGKILLed with one in flight, and
+    the rest arrive all the same. Returns the killed process's name."""
+    for slot in doctor.slots[:12]:
+        await commands.book_slot(store, slot_id=slot.id, patient_id="alice")
+    await eventually(lambda: len(receiver.deliveries) >= 3, what="deliveries under way")
+    holder = await store.fetchval("SELECT leased_by FROM webhook_endpoints")
+    assert holder in senders
+    await eventually(
+        lambda: receiver.requests > len(receiver.deliveries), what="a delivery in flight"
+    )
+    senders[holder].stop(signal.SIGKILL)
+    await eventually(lambda: len(receiver.distinct()) >= 12, what="all twelve", timeout=30)
+    return str(holder)
+
+
+def assert_all_twelve_in_order(receiver: Receiver, doctor: SeededDoctor) -> None:
+    versions = receiver.versions(doctor.id)
+    assert len(set(versions)) == 12
+    # In order: a version only ever follows a lower one, or repeats (a resend).
+    distinct_in_order = list(dict.fromkeys(versions))
+    assert distinct_in_order == sorted(distinct_in_order)
+    assert receiver.bad_signatures == 0
 
 
 def spawn_worker(spawn: Spawn, name: str, env: dict[str, str]) -> ServerProcess:
@@ -107,31 +128,9 @@ async def test_workers_deliver_instead_of_the_serving_instance_and_take_over_fro
             for n, port in metrics_ports.items()
         }
         server = await asyncio.to_thread(spawn_server, "wh-serving", env=env)
-        admin = {"Authorization": f"Bearer {token(Role.ADMIN, 'root')}"}
-        async with (
-            aiohttp.ClientSession() as http,
-            http.post(
-                f"{server.http_url}/api/webhooks", json={"url": receiver.url}, headers=admin
-            ) as resp,
-        ):
-            assert resp.status == 201, await resp.text()
-            created = await resp.json()
-            receiver.secret = created["secret"]
-        for slot in doctor.slots[:12]:
-            await commands.book_slot(store, slot_id=slot.id, patient_id="alice")
-        await eventually(lambda: len(receiver.deliveries) >= 3, what="deliveries under way")
-        holder = await store.fetchval("SELECT leased_by FROM webhook_endpoints")
-        assert holder in workers
-        await eventually(
-            lambda: receiver.requests > len(receiver.deliveries), what="a delivery in flight"
-        )
-        workers[holder].stop(signal.SIGKILL)
-        await eventually(lambda: len(receiver.distinct()) >= 12, what="all twelve", timeout=30)
-        versions = receiver.versions(doctor.id)
-        assert len(set(versions)) == 12
-        distinct_in_order = list(dict.fromkeys(versions))
-        assert distinct_in_order == sorted(distinct_in_order)
-        assert receiver.bad_signatures == 0
+        created = await register(server, receiver)
+        holder = await kill_the_holder_mid_delivery(store, doctor, receiver, workers)
+        assert_all_twelve_in_order(receiver, doctor)
         senders = await store.fetch("SELECT DISTINCT instance FROM webhook_attempts")
         # Both workers took a turn; the serving instance, in worker mode, sent nothing.
         assert {r["instance"] for r in senders} == set(workers)
