@@ -33,6 +33,7 @@ from server.keys import (
     CONNECTIONS,
     GUARD,
     HEALTH,
+    INBOUND,
     LIMITER,
     METRICS,
     OUTBOX,
@@ -92,6 +93,7 @@ def create_app(settings: Settings, *, clock: Clock = utcnow) -> web.Application:
     app[SETTINGS] = settings
     app[CLOCK] = clock
     app[CONNECTIONS] = set()
+    app[INBOUND] = set()
     app[METRICS] = metrics
     app[GUARD] = guard
     app[LIMITER] = limiter

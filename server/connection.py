@@ -34,12 +34,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from aiohttp import WSMessage, WSMsgType, web
-
 from protocol.codec import Codec, envelope
 from protocol.errors import SlotcastError
 from protocol.messages import Delta, Error, Message
-from server.frames import frame
+from server import frames
+from server.frames import PING, frame
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +93,10 @@ class _Merged:
 class Connection:
     __slots__ = (
         "_close_code",
+        "_close_sent",
         "_closing",
         "_finished",
+        "_handshake",
         "_merged",
         "_on_slow",
         "_outbox",
@@ -109,14 +110,14 @@ class Connection:
         "busy",
         "codec",
         "heard",
+        "on_end",
+        "peer_closed",
         "pinged",
         "stalled_since",
-        "ws",
     )
 
     def __init__(
         self,
-        ws: web.WebSocketResponse,
         transport: Any,
         codec: Codec,
         *,
@@ -124,7 +125,6 @@ class Connection:
         outbox_bytes: int = 1024 * 1024,
         on_slow: Callable[[SlowReason], object] | None = None,
     ) -> None:
-        self.ws = ws
         self.codec = codec
         self.busy = False  # handling a command: a drain waits for it to finish
         self._transport = transport
@@ -148,7 +148,14 @@ class Connection:
         self._closing = False
         self._close_code: int | None = None
         self._reason = ""
-        self._finished = False  # the handler is done and our close handshake is over
+        self._finished = False  # the session is done and the close handshake is over
+        self._close_sent = False
+        # The client's close frame has come (or the socket is gone); `close` waits for it.
+        self.peer_closed = False
+        self._handshake: asyncio.Future[None] | None = None
+        # Called once the connection has decided to close (`close_soon`, after the command
+        # in flight): whoever reads the socket then ends the session (server.ws).
+        self.on_end: Callable[[], object] | None = None
 
     @property
     def finished(self) -> bool:
@@ -194,7 +201,21 @@ class Connection:
         """Ask a silent client to show it is alive: written ahead of anything queued."""
         self.pinged = now
         if not self._closing and not self._transport.is_closing():
-            self._transport.write(_PING)
+            self._transport.write(PING)
+
+    def pong(self, payload: bytes) -> None:
+        """Answer the client's ping: written ahead of anything queued, as control frames may."""
+        if not self._closing and not self._transport.is_closing():
+            self._transport.write(frames.pong(payload))
+
+    def pause_reading(self) -> None:
+        """Read no more of the client's frames for now (server.ws: the inbox is full)."""
+        if not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self._transport.is_closing():
+            self._transport.resume_reading()
 
     def drop(self) -> None:
         """The client stopped answering: cut the socket (no close handshake to wait on)."""
@@ -354,17 +375,27 @@ class Connection:
             self._close_now()
 
     def _close_now(self) -> None:
-        """Stop sending, and have the handler leave its receive loop to close the socket.
-
-        The close itself is `close()`, run by the handler once out of `receive()`: aiohttp's
-        `WebSocketResponse.close()` called while another task waits in `receive()` sends
-        the close frame and then closes the transport at once, without the client's close
-        frame. A client still sending then gets a reset, which can destroy the close frame
-        it has not read yet: it sees 1006, not 4008 or 1012.
-        """
+        """Stop sending, and have the session end: it leaves its rooms, then `close`s."""
         self._closing = True
         self._drop_outbox()
-        _wake_receiver(self.ws)
+        if self.on_end is not None:
+            self.on_end()
+
+    def closed_by_peer(self) -> None:
+        """The client's close frame came, or the socket is gone: answer it, stop sending.
+
+        A close of ours already sent is the answer (its handshake is then complete);
+        otherwise the answer is 1000, as aiohttp gives. The transport itself is closed
+        by `close`, once the session has left its rooms.
+        """
+        self.peer_closed = True
+        self._closing = True
+        self._drop_outbox()
+        if not self._close_sent and not self._transport.is_closing():
+            self._close_sent = True
+            self._transport.write(frames.close(1000))
+        if self._handshake is not None and not self._handshake.done():
+            self._handshake.set_result(None)
 
     def _drop_outbox(self) -> None:
         self._outbox.clear()
@@ -379,35 +410,44 @@ class Connection:
             self._transport.abort()
 
     async def close(self) -> None:
-        """The handler is done with the socket: stop writing, and close it with our code.
+        """The session is over: stop writing, and close the socket with our code.
 
-        Run by the handler after its receive loop, so aiohttp's close waits for the
-        client's close frame (the handshake), up to CLOSE_HANDSHAKE_S; a client that does
-        not answer by then (or does not even read) is cut off. Without our own close, once
-        the handler returns aiohttp closes the socket itself (1000, or the client's code).
-        Closing a transport waits for its buffer to be sent, which for a client that
-        stopped reading is never: if bytes are still there `ABORT_AFTER_S` from now, the
-        transport is aborted.
+        Ours is sent, and the client's close frame awaited (the handshake), up to
+        CLOSE_HANDSHAKE_S; a client that does not answer by then (or does not even read)
+        is cut off. A client still sending when we cut would get a reset, which can
+        destroy the close frame it has not read yet: it would see 1006, not 4008 or
+        1012. Closing a transport waits for its buffer to be sent, which for a client
+        that stopped reading is never: if bytes are still there `ABORT_AFTER_S` from
+        now, the transport is aborted.
         """
         self._closing = True
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
+        transport = self._transport
         # A client that has not read what is buffered reads our close frame no sooner:
         # its handshake gets the slow consumer's bound.
-        wait = ABORT_AFTER_S if self._transport.get_write_buffer_size() else CLOSE_HANDSHAKE_S
+        wait = ABORT_AFTER_S if transport.get_write_buffer_size() else CLOSE_HANDSHAKE_S
         try:
-            if self._close_code is not None and not self.ws.closed:
-                try:
-                    async with asyncio.timeout(wait):
-                        await self.ws.close(code=self._close_code, message=self._reason.encode())
-                except TimeoutError:
-                    log.info("no close frame from the client in %gs: cut off", wait)
-                    self._transport.abort()  # unanswered: buffered bytes are not worth waiting on
+            if not transport.is_closing():
+                if not self._close_sent:
+                    self._close_sent = True
+                    code = self._close_code if self._close_code is not None else 1000
+                    transport.write(frames.close(code, self._reason))
+                if not self.peer_closed:
+                    self._handshake = asyncio.get_running_loop().create_future()
+                    try:
+                        async with asyncio.timeout(wait):
+                            await self._handshake
+                    except TimeoutError:
+                        log.info("no close frame from the client in %gs: cut off", wait)
+                        transport.abort()  # unanswered: buffered bytes are not worth waiting on
+                transport.close()
         finally:
+            self._handshake = None
             self._finished = True
-        if self._transport.get_write_buffer_size():
+        if transport.get_write_buffer_size():
             asyncio.get_running_loop().call_later(ABORT_AFTER_S, self._abort_if_stuck)
 
 
@@ -481,17 +521,3 @@ def pending_total(connections: Iterable[Connection]) -> tuple[int, int]:
 
 # The outbox of every connection that never had to queue: always empty (`Connection._queue`).
 _NO_OUTBOX: Final[deque[bytes | _Merged]] = deque(maxlen=0)
-
-# A ping with no payload: FIN + opcode 0x9, unmasked (server to client), length 0.
-_PING: Final = b"\x89\x00"
-
-# A frame the handler's loop never acts on: it wakes `receive()`, and the loop, which checks
-# `Connection.closing` before anything else, leaves. aiohttp's close reads past it.
-_WAKE: Final = WSMessage(WSMsgType.ERROR, None, None)
-
-
-def _wake_receiver(ws: web.WebSocketResponse) -> None:
-    """Make the handler's pending `receive()` return (aiohttp has no public way to)."""
-    reader = getattr(ws, "_reader", None)
-    if reader is not None and not ws.closed:
-        reader.feed_data(_WAKE, 0)

@@ -68,6 +68,8 @@ _CLOSE: Final = {"Connection": "close"}
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# A WebSocket handler, given the address whose place it holds (`Guard.upgrade`).
+Upgrader = Callable[[web.Request, str], Awaitable[web.StreamResponse]]
 
 
 def host_origins(setting: str) -> list[str]:
@@ -183,19 +185,18 @@ class Guard:
 
     # ---- /ws: refused before the upgrade ----------------------------------------------------
 
-    async def upgrade(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Run the WebSocket `handler` if the origin and the caps allow, holding a place."""
+    async def upgrade(self, request: web.Request, handler: Upgrader) -> web.StreamResponse:
+        """Run the WebSocket `handler` if the origin and the caps allow, holding a place.
+
+        The place is the handler's to give back (`release`): a socket outlives its
+        handler (server.wire), so only the session knows when it is over.
+        """
         if not self.origin_allowed(request):
             self._metrics.connections_refused.labels("origin").inc()
             raise web.HTTPForbidden(text="this page's origin may not open a WebSocket here")
-        # Plain calls, not a context manager: its generator would live as long as the
-        # socket, ~0.5 KiB for each of them (bench/connmem.py).
         address = self.address(request)
         self.admit(address)
-        try:
-            return await handler(request)
-        finally:
-            self.release(address)
+        return await handler(request, address)
 
     def origin_allowed(self, request: web.Request) -> bool:
         origin = request.headers.get("Origin")

@@ -7,6 +7,7 @@ below every handler and lifecycle step without an import cycle.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -54,6 +55,9 @@ REPLICAS = web.AppKey("replicas", Replicas)
 VERIFIER = web.AppKey("verifier", Verifier)
 # One session per open WebSocket: what a drain closes and `slotcast_connections` counts.
 CONNECTIONS: web.AppKey[set[Session]] = web.AppKey("connections")
+# The connections' own tasks (server.ws.Client: one while a connection has frames to run
+# or is closing), cancelled and awaited at shutdown (server.lifecycle.close_connections).
+INBOUND: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("inbound")
 # Webhook delivery (server.webhooks): woken by this instance's commits.
 WEBHOOKS = web.AppKey("webhooks", Dispatcher)
 # Webhook delivery's own small pool (SLOTCAST_WEBHOOK_DB_POOL), apart from STORE's, so

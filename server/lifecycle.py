@@ -20,14 +20,15 @@ import asyncio
 import logging
 import random
 
-from aiohttp import WSCloseCode, web
+from aiohttp import web
 
 from protocol.messages import Reconnect
 from server.connection import CLOSE_HANDSHAKE_S, CLOSE_SERVICE_RESTART
-from server.keys import CONNECTIONS, SETTINGS, STATE
+from server.keys import CONNECTIONS, INBOUND, SETTINGS, STATE
 
 log = logging.getLogger(__name__)
 
+CLOSE_GOING_AWAY = 1001
 DRAIN_SLACK_S = 2.0  # beyond the handshake bound: commands in flight, a busy loop
 
 
@@ -61,12 +62,20 @@ async def drain(app: web.Application) -> None:
 
 
 async def close_connections(app: web.Application) -> None:
-    """On shutdown, whoever is still connected is told we are going away."""
-    connected = app[CONNECTIONS]
-    await asyncio.gather(
-        *(
-            s.conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
-            for s in tuple(connected)
-        ),
-        return_exceptions=True,
-    )
+    """On shutdown, whoever is still connected is told we are going away.
+
+    The sockets are ours, not aiohttp's (server.wire), so its shutdown does not wait
+    for them: this does, for each close handshake, then cancels what is left.
+    """
+    connections = [session.conn for session in app[CONNECTIONS]]
+    for conn in connections:
+        conn.close_soon(CLOSE_GOING_AWAY, "server shutdown")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CLOSE_HANDSHAKE_S + DRAIN_SLACK_S
+    while loop.time() < deadline and any(not c.finished for c in connections):  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    inbound = app[INBOUND]
+    tasks = list(inbound)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -7,6 +7,8 @@ never costs a client its connection, nor other clients anything.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import time
 from collections import deque
@@ -15,7 +17,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, Final, TypeVar
 
-from aiohttp import WSMsgType, web
+from aiohttp import WebSocketError, WSMessage, WSMsgType, web
 
 from protocol.codec import SUBPROTOCOLS, RequestId, codec_for
 from protocol.errors import ErrorCode, ProtocolError, SlotcastError
@@ -42,6 +44,7 @@ from server.connection import Connection
 from server.keys import (
     CONNECTIONS,
     GUARD,
+    INBOUND,
     LIMITER,
     METRICS,
     ROOMS,
@@ -53,6 +56,7 @@ from server.keys import (
 from server.limits import API_KEY, Throttle, identity_key
 from server.room import Frames
 from server.session import Session
+from server.wire import Upgrade, detach
 
 log = logging.getLogger(__name__)
 
@@ -207,46 +211,66 @@ async def on_ping(session: Session, rid: RequestId, msg: Ping) -> None:
     session.conn.send(Pong(), rid)
 
 
-async def websocket(request: web.Request) -> web.WebSocketResponse:
+async def websocket(request: web.Request, address: str) -> web.StreamResponse:
+    """The handshake; then the socket is detached (server.wire) and this returns.
+
+    The caller has taken a place for `address` (server.guard): it is this handler's
+    to give back if the upgrade fails, and the session's once the socket is detached.
+    """
     app = request.app
     settings = app[SETTINGS]
-    if app[STATE].draining:
-        raise web.HTTPServiceUnavailable(text="draining: reconnect to another instance")
-    ws = web.WebSocketResponse(
-        protocols=SUBPROTOCOLS,
-        # The heartbeat is one sweep over every connection (server.connection.heartbeat),
-        # not a timer per socket; the handler answers pings and hears pongs itself.
-        heartbeat=None,
-        autoping=False,
-        max_msg_size=settings.max_frame_bytes * 4,
-        decode_text=False,
-        compress=False,  # frames are built once and shared; see server.frames
-    )
-    await ws.prepare(request)
-    _shed_http_parser(request)
-    # Every line about this connection, from any of its tasks, names it.
-    logs.CONNECTION_ID.set(logs.REQUEST_ID.get())
-    codec = codec_for(ws.ws_protocol)
-    metrics = app[METRICS]
-    conn = Connection(
-        ws,
-        request.transport,
-        codec,
-        outbox_limit=settings.outbox_limit,
-        outbox_bytes=settings.outbox_bytes,
-        on_slow=metrics.slow_consumer,
-    )
-    session = Session(
-        conn,
-        app[ROOMS],
-        app[SCHEDULING],
-        metrics,
-        verifier=app[VERIFIER],
-        max_watches=settings.max_watches,
-        max_frame=settings.max_frame_bytes,
-    )
+    try:
+        if app[STATE].draining:
+            raise web.HTTPServiceUnavailable(text="draining: reconnect to another instance")
+        ws = Upgrade(
+            protocols=SUBPROTOCOLS,
+            # The heartbeat is one sweep over every connection (server.connection.heartbeat),
+            # not a timer per socket; `Client.frame` answers pings and hears pongs.
+            heartbeat=None,
+            autoping=False,
+            max_msg_size=settings.max_frame_bytes * 4,
+            decode_text=False,
+            compress=False,  # frames are built once and shared; see server.frames
+        )
+        await ws.prepare(request)
+        # Every line about this connection, from any of its tasks, names it.
+        logs.CONNECTION_ID.set(logs.REQUEST_ID.get())
+        metrics = app[METRICS]
+        conn = Connection(
+            request.transport,
+            codec_for(ws.ws_protocol),
+            outbox_limit=settings.outbox_limit,
+            outbox_bytes=settings.outbox_bytes,
+            on_slow=metrics.slow_consumer,
+        )
+        session = Session(
+            conn,
+            app[ROOMS],
+            app[SCHEDULING],
+            metrics,
+            verifier=app[VERIFIER],
+            max_watches=settings.max_watches,
+            max_frame=settings.max_frame_bytes,
+        )
+        throttle = app[LIMITER].throttle(conn, address)
+        client = Client(app, session, throttle, address)
+        detach(request, ws, client, max_msg_size=settings.max_frame_bytes * 4)
+    except BaseException:
+        app[GUARD].release(address)
+        raise
     app[CONNECTIONS].add(session)
-    throttle = app[LIMITER].throttle(conn, app[GUARD].address(request))
+    try:
+        await _greet(request, session, throttle)
+    except Exception:
+        log.exception("handshake failed")
+        conn.close_soon(CLOSE_INTERNAL_ERROR, "internal error")
+    finally:
+        client.start()  # what the client sent meanwhile waited for the greeting
+    return ws
+
+
+async def _greet(request: web.Request, session: Session, throttle: Throttle) -> None:
+    """Who the handshake's credentials say the client is, in a `welcome`."""
     header_error: SlotcastError | None = None
     try:
         api_key = request.headers.get(API_KEY) or None
@@ -258,10 +282,11 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     except SlotcastError as exc:
         header_error = exc  # stay connected as anonymous; tell the client why
     who = session.identity
+    conn = session.conn
     conn.send(
         Welcome(
             protocol=PROTOCOL,
-            instance=settings.instance_id,
+            instance=request.app[SETTINGS].instance_id,
             subject=who.subject if who else None,
             role=who.role if who else None,
         )
@@ -269,70 +294,190 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     if header_error is not None:
         conn.send_error(header_error)
     session.watch_expiry()
-    try:
-        # `receive()` itself, not `async for`: the iterator's coroutine would be one more
-        # frame every idle connection keeps alive (server.memory, bench/connmem.py).
-        while (frame := await ws.receive()).type not in _CLOSED:
+
+
+class Client:
+    """A detached socket's inbound side: its frames, one command at a time, and its end.
+
+    Frames arrive in callbacks (`server.wire.Listener`) and wait in an inbox; a task
+    runs them in order while there are any, and ends when there are none, so an idle
+    connection has no task at all. While a command runs, or the client's output is
+    backed up, its next frames wait (the socket stops being read past `INBOX_FRAMES`):
+    pipelining cannot queue work. The end (our close, the client's, or a lost socket)
+    runs in that same task after the command in flight: leave the rooms, close the
+    socket, give back the connection's place.
+    """
+
+    __slots__ = (
+        "_address",
+        "_app",
+        "_context",
+        "_ending",
+        "_inbox",
+        "_paused",
+        "_started",
+        "_task",
+        "session",
+        "throttle",
+    )
+
+    def __init__(self, app: web.Application, session: Session, throttle: Throttle, address: str):
+        self._app = app
+        self.session = session
+        self.throttle = throttle
+        self._address = address
+        # The handshake's context (its connection id, later the subject): every task of
+        # this connection runs in it, as the handler's task did.
+        self._context = contextvars.copy_context()
+        self._inbox: deque[WSMessage | BaseException] = _NO_FRAMES
+        self._task: asyncio.Task[None] | None = None
+        self._started = False
+        self._ending = False
+        self._paused = False
+        session.conn.on_end = self._end
+
+    # ---- server.wire.Listener: called from the transport's callbacks ---------------------------
+
+    def frame(self, message: WSMessage) -> None:
+        conn = self.session.conn
+        if conn.peer_closed:
+            return
+        conn.heard_from(time.monotonic())
+        kind = message.type
+        if kind is WSMsgType.PING:
+            conn.pong(message.data)
+        elif kind is not WSMsgType.PONG:
+            self._queue(message)  # data, and the client's close: in order
+
+    def broken(self, error: BaseException) -> None:
+        self._queue(error)  # after the frames that came before it
+
+    def lost(self) -> None:
+        self.session.conn.closed_by_peer()
+        self._end()
+
+    # ---- the task ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """The greeting is sent: run what came meanwhile, and what comes next."""
+        self._started = True
+        if self._inbox or self._ending:
+            self._kick()
+
+    def _queue(self, item: WSMessage | BaseException) -> None:
+        if self._ending:
+            return
+        if self._inbox is _NO_FRAMES:
+            self._inbox = deque()
+        self._inbox.append(item)
+        if len(self._inbox) >= INBOX_FRAMES:
+            self._pause()
+        self._kick()
+
+    def _end(self) -> None:
+        """Leave the rooms and close, once the command in flight (if any) is done."""
+        if not self._ending:
+            self._ending = True
+            self._kick()
+
+    def _kick(self) -> None:
+        if self._task is None and self._started:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="ws-client", context=self._context
+            )
+            tasks = self._app[INBOUND]
+            tasks.add(self._task)
+            self._task.add_done_callback(_forget(tasks))
+
+    async def _run(self) -> None:
+        conn = self.session.conn
+        while True:
+            if self._ending:
+                self._inbox = _NO_FRAMES
+                await self._finish()
+                return  # `_task` stays set: no task runs after this one
+            if not self._inbox:
+                self._task = None  # with no await since the check: a new frame starts one
+                self._inbox = _NO_FRAMES  # an empty deque is ~0.6 KiB: idle sockets share one
+                self._resume()
+                return
+            item = self._inbox.popleft()
+            if len(self._inbox) < INBOX_FRAMES // 2:
+                self._resume()
             if conn.closing:
                 # Closing after the command in flight: a frame pipelined behind it must
                 # not run, since its reply could no longer be sent. The client resends.
-                break
-            conn.heard_from(time.monotonic())
-            if frame.type is WSMsgType.PING:
-                await ws.pong(frame.data)
                 continue
-            if frame.type is WSMsgType.PONG:
-                continue
-            if frame.type is WSMsgType.BINARY or (
-                frame.type is WSMsgType.TEXT and not codec.binary
-            ):
-                metrics.messages_in.inc()
-                async with session.turn:
-                    conn.busy = True
-                    try:
-                        await _handle(session, frame.data, throttle)
-                    finally:
-                        conn.command_done()
-            elif frame.type is WSMsgType.TEXT:
-                conn.send_error(ProtocolError("MessagePack connections send binary frames"))
-            elif frame.type is WSMsgType.ERROR:
-                log.info("connection error: %s", ws.exception())
+            await self._one(item)
             if conn.backed_up():
                 # Back-pressure: take no more requests while the client leaves its replies
                 # unread, so pipelining cannot queue work (frames wait in the socket).
+                self._pause()
                 await conn.drained()
-    finally:
-        await session.stop_expiry()
-        app[CONNECTIONS].discard(session)
-        await session.leave_all()
-        await conn.close()
-    return ws
+
+    async def _one(self, item: WSMessage | BaseException) -> None:
+        session, conn = self.session, self.session.conn
+        if isinstance(item, BaseException):
+            log.info("connection error: %s", item)
+            code = item.code if isinstance(item, WebSocketError) else CLOSE_PROTOCOL_ERROR
+            conn.close_soon(code, str(item)[:120])
+            return
+        kind = item.type
+        if kind is WSMsgType.CLOSE:
+            conn.closed_by_peer()
+            self._end()
+        elif kind is WSMsgType.BINARY or (kind is WSMsgType.TEXT and not conn.codec.binary):
+            session.metrics.messages_in.inc()
+            async with session.turn:
+                conn.busy = True
+                try:
+                    await _handle(session, item.data, self.throttle)
+                finally:
+                    conn.command_done()
+        elif kind is WSMsgType.TEXT:
+            conn.send_error(ProtocolError("MessagePack connections send binary frames"))
+
+    async def _finish(self) -> None:
+        session = self.session
+        try:
+            await session.stop_expiry()
+            self._app[CONNECTIONS].discard(session)
+            await session.leave_all()
+        finally:
+            try:
+                await session.conn.close()
+            finally:
+                self._app[GUARD].release(self._address)
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def _pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self.session.conn.pause_reading()
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self.session.conn.resume_reading()
 
 
-def _shed_http_parser(request: web.Request) -> None:
-    """Let go of what only parsed HTTP requests, once the socket has been upgraded.
+def _forget(tasks: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+    def done(task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("connection task failed", exc_info=task.exception())
 
-    aiohttp keeps its HTTP request parser and request queue for the connection's life,
-    though after the upgrade every byte goes to the WebSocket reader: ~1.5 KiB for each
-    socket (bench/connmem.py). Both are private, so this touches them only if they are
-    what they were in the aiohttp it was written against (3.11-3.14): a later one that
-    changed them just keeps its ~1.5 KiB. aiohttp drops the parser itself at
-    connection_lost, and never queues a request on an upgraded connection.
-    """
-    protocol = request.protocol
-    if getattr(protocol, "_upgraded", False) is not True:
-        return
-    if getattr(protocol, "_payload_parser", None) is None:  # not ours to judge
-        return
-    if hasattr(protocol, "_parser"):
-        protocol._parser = None
-    if isinstance(getattr(protocol, "_messages", None), deque) and not protocol._messages:
-        protocol._messages = _NO_REQUESTS
+    return done
 
 
-_NO_REQUESTS: Final[deque[Any]] = deque(maxlen=0)  # what an upgraded connection has queued
+# Frames waiting for the command in flight before the socket stops being read.
+INBOX_FRAMES: Final = 32
+CLOSE_PROTOCOL_ERROR: Final = 1002
+CLOSE_INTERNAL_ERROR: Final = 1011
 
-_CLOSED: Final = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED})
+# The inbox of every connection with nothing waiting: always empty (`Client._queue`).
+_NO_FRAMES: Final[deque[WSMessage | BaseException]] = deque(maxlen=0)
 
 
 async def _handle(session: Session, data: bytes | str, throttle: Throttle) -> None:

@@ -17,7 +17,6 @@ from typing import Any, cast
 
 import msgspec
 import pytest
-from aiohttp import web
 
 from protocol.codec import JSON, MSGPACK, Codec
 from protocol.messages import (
@@ -60,9 +59,13 @@ class FakeTransport:
         self.buffered = buffered
         self.written: list[bytes] = []
         self.aborted = False
+        self.shut = False  # closed: what is buffered still goes out
 
     def is_closing(self) -> bool:
-        return self.aborted
+        return self.aborted or self.shut
+
+    def close(self) -> None:
+        self.shut = True
 
     def abort(self) -> None:
         self.aborted = True
@@ -75,33 +78,50 @@ class FakeTransport:
         self.written.append(data)
 
 
-class FakeReader:
-    def __init__(self) -> None:
-        self.fed: list[Any] = []
-
-    def feed_data(self, data: Any, size: int) -> None:
-        self.fed.append(data)
-
-
 class FakeSocket:
-    """Stands in for the aiohttp WebSocketResponse: a close wakes the handler's receive loop
-    through its reader (`woken`), and the handler's own close is recorded."""
+    """The client's end of a Connection: it hears the connection decide to end (`woken`,
+    the session's cue to leave its rooms and close), and answers our close frame as a
+    client does, so `Connection.close()` completes its handshake."""
+
+    answers = True
 
     def __init__(self) -> None:
-        self._reader = FakeReader()
-        self.close_args: tuple[int, bytes] | None = None
+        self.woken = False
+        self.transport: FakeTransport | None = None
+
+    def end(self) -> None:
+        self.woken = True
 
     @property
-    def woken(self) -> bool:
-        return bool(self._reader.fed)
+    def close_args(self) -> tuple[int, bytes] | None:
+        """The code and reason of the close frame we wrote, if any."""
+        assert self.transport is not None
+        for data in self.transport.written:
+            if data[:1] == b"\x88":
+                return int.from_bytes(data[2:4], "big"), data[4:]
+        return None
 
-    @property
-    def closed(self) -> bool:
-        return self.close_args is not None
 
-    async def close(self, *, code: int, message: bytes) -> bool:
-        self.close_args = (code, message)
-        return True
+def attach(ws: FakeSocket, transport: FakeTransport, codec: Codec, **kwargs: Any) -> Connection:
+    """A Connection on `transport`, whose client end is `ws`."""
+    conn = Connection(transport, codec, **kwargs)
+    conn.on_end = ws.end
+    ws.transport = transport
+    if ws.answers:
+        write = transport.write
+
+        def answering(data: bytes) -> None:
+            write(data)
+            if data[:1] == b"\x88":  # our close frame: the client answers it
+                asyncio.get_running_loop().call_soon(conn.closed_by_peer)
+
+        transport.write = answering  # type: ignore[method-assign]
+    return conn
+
+
+def data_frames(transport: FakeTransport) -> list[bytes]:
+    """What was written, but the close frame."""
+    return [data for data in transport.written if data[:1] != b"\x88"]
 
 
 def payload(frame: bytes) -> bytes:
@@ -132,7 +152,7 @@ async def test_outbox_merges_a_doctors_deltas_once_behind_and_keeps_order() -> N
     first of them would have been, covering (since, version]; applied after what came
     before, the client ends exactly where applying every delta would have left it."""
     transport, ws = FakeTransport(), FakeSocket()
-    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=1000)
+    conn = attach(ws, transport, JSON, outbox_limit=1000)
     try:
         transport.buffered = HIGH_WATER  # the kernel has stopped taking data
         cycle = [SlotStatus.BUSY, SlotStatus.BUSY_TENTATIVE, SlotStatus.FREE]
@@ -194,9 +214,7 @@ async def test_outbox_merges_a_doctors_deltas_once_behind_and_keeps_order() -> N
 async def test_outbox_over_the_limit_closes_4008_once_the_command_is_done() -> None:
     transport, ws = FakeTransport(), FakeSocket()
     slow: list[str] = []
-    conn = Connection(
-        cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=3, on_slow=slow.append
-    )
+    conn = attach(ws, transport, JSON, outbox_limit=3, on_slow=slow.append)
     transport.buffered = HIGH_WATER
     conn.busy = True  # a command is in flight: its reply must not be cut off
     for _ in range(3):
@@ -219,7 +237,7 @@ async def test_outbox_over_the_limit_closes_4008_once_the_command_is_done() -> N
     transport.buffered = 0
     conn.send(Pong())
     offer(conn, change(5, 1, [slot(1, SlotStatus.BUSY)], []))
-    assert transport.written == []  # the queue was dropped; the client will resume
+    assert data_frames(transport) == []  # the queue was dropped; the client will resume
 
 
 async def test_closing_while_the_writer_waits_for_the_socket_does_not_crash_it() -> None:
@@ -228,7 +246,7 @@ async def test_closing_while_the_writer_waits_for_the_socket_does_not_crash_it()
     the writer must notice there is nothing left rather than die, since the handler's
     `Connection.close()` awaits it and would re-raise its error."""
     transport, ws = FakeTransport(), FakeSocket()
-    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=3)
+    conn = attach(ws, transport, JSON, outbox_limit=3)
     transport.buffered = HIGH_WATER
     for _ in range(3):
         conn.send(Pong())
@@ -238,7 +256,7 @@ async def test_closing_while_the_writer_waits_for_the_socket_does_not_crash_it()
     transport.buffered = 0  # the client reads what the kernel held
     await asyncio.sleep(0.05)  # deliberately: the writer polls every 5 ms
     await conn.close()  # IndexError: pop from an empty deque, from the writer task
-    assert transport.written == []
+    assert data_frames(transport) == []
 
 
 class UvloopTransport(FakeTransport):
@@ -268,7 +286,7 @@ async def test_a_socket_lost_while_frames_wait_is_not_written_to(then_close: boo
     see the transport closed rather than write to it (uvloop raises, and the handler's
     `close()` re-raised that as a logged traceback)."""
     transport, ws = UvloopTransport(), FakeSocket()
-    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=100)
+    conn = attach(ws, transport, JSON, outbox_limit=100)
     transport.buffered = HIGH_WATER
     for _ in range(5):
         conn.send(Pong())
@@ -287,7 +305,7 @@ async def test_a_socket_lost_while_frames_wait_is_not_written_to(then_close: boo
 
 async def test_a_batch_of_deltas_is_one_write_while_the_socket_keeps_up() -> None:
     transport, ws = FakeTransport(), FakeSocket()
-    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=1000)
+    conn = attach(ws, transport, JSON, outbox_limit=1000)
     try:
         changes = [change(5, v, [slot(v, SlotStatus.BUSY)], []) for v in (1, 2, 3)]
         frames = [Frames(c).get("availability", JSON) for c in changes]
@@ -301,7 +319,7 @@ async def test_a_batch_of_deltas_for_a_client_behind_queues_and_merges_each_chan
     """Behind, a batch is not one opaque item: each delta counts toward the merge threshold
     and the outbox limit, and the merged delta covers exactly the batch's tail."""
     transport, ws = FakeTransport(), FakeSocket()
-    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=1000)
+    conn = attach(ws, transport, JSON, outbox_limit=1000)
     try:
         transport.buffered = HIGH_WATER
         total = COALESCE_AFTER + 5
@@ -329,14 +347,13 @@ async def test_a_connection_that_never_queued_starts_no_writer_and_closes_with_i
     after the close frame we began has gone out, so the handler returning cannot let
     aiohttp close with 1000 first."""
     transport, ws = FakeTransport(), FakeSocket()
-    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=10)
+    conn = attach(ws, transport, JSON, outbox_limit=10)
     conn.send(Pong())
     assert conn._writer is None
     conn.close_soon(CLOSE_SERVICE_RESTART, "service restart")
     await conn.close()
     assert ws.close_args == (CLOSE_SERVICE_RESTART, b"service restart")
-    transport.buffered = HIGH_WATER
-    other = Connection(cast(web.WebSocketResponse, FakeSocket()), transport, JSON, outbox_limit=10)
+    other = attach(FakeSocket(), FakeTransport(buffered=HIGH_WATER), JSON, outbox_limit=10)
     other.send(Pong())  # behind: queued, so now there is a writer
     assert other._writer is not None
     await other.close()
@@ -345,10 +362,7 @@ async def test_a_connection_that_never_queued_starts_no_writer_and_closes_with_i
 class SilentSocket(FakeSocket):
     """A client that never answers our close frame."""
 
-    async def close(self, *, code: int, message: bytes) -> bool:
-        self.close_args = (code, message)
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
+    answers = False
 
 
 async def test_a_close_the_client_never_answers_is_cut_off_after_a_bound(
@@ -360,7 +374,7 @@ async def test_a_close_the_client_never_answers_is_cut_off_after_a_bound(
     aborted: list[bool] = []
     transport, ws = FakeTransport(), SilentSocket()
     transport.abort = lambda: aborted.append(True)  # type: ignore[attr-defined]
-    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=10)
+    conn = attach(ws, transport, JSON, outbox_limit=10)
     conn.close_soon(CLOSE_SERVICE_RESTART, "service restart")
     assert not conn.finished
     await asyncio.wait_for(conn.close(), WAIT_S)
@@ -374,7 +388,7 @@ async def test_a_client_that_is_behind_still_gets_the_reconnect_notice_of_a_drai
     then closed with 1012. A client whose outbox is not empty at that moment must still
     get the notice; otherwise all such clients fall back to their own backoff at once."""
     transport, ws = FakeTransport(), FakeSocket()
-    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=100)
+    conn = attach(ws, transport, JSON, outbox_limit=100)
     transport.buffered = HIGH_WATER
     conn.send(Pong())  # the client is a little behind: this waits in the outbox
     conn.send_now(Reconnect(retry_after_ms=700))  # what lifecycle.drain does, then:
@@ -383,7 +397,7 @@ async def test_a_client_that_is_behind_still_gets_the_reconnect_notice_of_a_drai
     transport.buffered = 0
     await conn.close()
     assert ws.close_args == (CLOSE_SERVICE_RESTART, b"service restart")
-    notices = [m for m in map(decode, transport.written) if isinstance(m, Reconnect)]
+    notices = [m for m in map(decode, data_frames(transport)) if isinstance(m, Reconnect)]
     assert notices == [Reconnect(retry_after_ms=700)], "the notice was dropped with the outbox"
 
 
@@ -391,7 +405,7 @@ async def test_deltas_after_a_new_snapshot_are_not_merged_ahead_of_it() -> None:
     """A merge open when the client re-watches sits before the new snapshot in the outbox;
     versions after that snapshot must come after it, or the client would miss them."""
     transport, ws = FakeTransport(), FakeSocket()
-    conn = Connection(cast(web.WebSocketResponse, ws), transport, JSON, outbox_limit=1000)
+    conn = attach(ws, transport, JSON, outbox_limit=1000)
     transport.buffered = HIGH_WATER  # the client is behind: everything queues
     for _ in range(COALESCE_AFTER):
         conn.send(Pong())
@@ -405,7 +419,7 @@ async def test_deltas_after_a_new_snapshot_are_not_merged_ahead_of_it() -> None:
     await conn.close()
     order = [
         (type(m).__name__, getattr(m, "version", None))
-        for m in map(decode, transport.written)
+        for m in map(decode, data_frames(transport))
         if not isinstance(m, Pong)
     ]
     assert order[-1] == ("Delta", 13), order
@@ -426,8 +440,8 @@ def connect(
 ) -> tuple[Connection, FakeSocket]:
     ws = FakeSocket()
     on_slow = slow.append if slow is not None else None
-    conn = Connection(
-        cast(web.WebSocketResponse, ws),
+    conn = attach(
+        ws,
         transport,
         JSON,
         outbox_limit=1000,
@@ -633,7 +647,7 @@ async def test_deltas_and_merged_deltas_keep_their_bytes_on_the_wire(codec: Code
     assert Frames(c).get("availability", codec) == whole_envelope(codec, "delta", c.public)
 
     transport, ws = FakeTransport(), FakeSocket()
-    conn = Connection(cast(web.WebSocketResponse, ws), transport, codec, outbox_limit=1000)
+    conn = attach(ws, transport, codec, outbox_limit=1000)
     try:
         transport.buffered = HIGH_WATER
         for _ in range(COALESCE_AFTER):
@@ -663,9 +677,7 @@ async def test_appointment_events_keep_their_bytes_on_the_wire() -> None:
     rooms = Rooms(cast(Store, None), broker, "test-instance")  # a patient room reads no store
     transports = {codec.name: FakeTransport() for codec in (JSON, MSGPACK)}
     conns = [
-        Connection(
-            cast(web.WebSocketResponse, FakeSocket()), transports[codec.name], codec, outbox_limit=9
-        )
+        attach(FakeSocket(), transports[codec.name], codec, outbox_limit=9)
         for codec in (JSON, MSGPACK)
     ]
     try:
