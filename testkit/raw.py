@@ -48,8 +48,12 @@ class RawWebSocket:
         path: str = "/ws",
         protocol: str = "slotcast.v1.json",
         rcvbuf: int = 4096,
+        pipelined: bytes = b"",
     ) -> Self:
-        """Upgrade a fresh socket to a WebSocket, reading nothing past the response head."""
+        """Upgrade a fresh socket to a WebSocket, reading nothing past the response head.
+
+        `pipelined` (frames) goes out in the same write as the request, before the answer.
+        """
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: the window
@@ -63,7 +67,7 @@ class RawWebSocket:
                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
                 f"Sec-WebSocket-Protocol: {protocol}\r\n\r\n"
             )
-            await loop.sock_sendall(sock, request.encode())
+            await loop.sock_sendall(sock, request.encode() + pipelined)
             head = b""
             while not head.endswith(b"\r\n\r\n"):
                 byte = await loop.sock_recv(sock, 1)  # byte by byte: not one past the head
@@ -88,6 +92,30 @@ class RawWebSocket:
     async def pong(self) -> None:
         """An unsolicited pong: the server hears from the client without it reading anything."""
         await self.send(masked_frame(b"", OP_PONG))
+
+    async def receive(self) -> tuple[int, bytes]:
+        """The next server frame, whole: its opcode and payload (server frames are unmasked)."""
+        head = await self._read(2)
+        n = head[1] & 0x7F
+        if n == 126:
+            (n,) = struct.unpack("!H", await self._read(2))
+        elif n == 127:
+            (n,) = struct.unpack("!Q", await self._read(8))
+        return head[0] & 0x0F, await self._read(n)
+
+    async def _read(self, n: int) -> bytes:
+        loop = asyncio.get_running_loop()
+        data = b""
+        while len(data) < n:
+            chunk = await loop.sock_recv(self.sock, n - len(data))
+            if not chunk:
+                raise ConnectionError("closed by the server")
+            data += chunk
+        return data
+
+    async def at_eof(self) -> bool:
+        """Whether the server has closed the socket (after whatever it sent first)."""
+        return await asyncio.get_running_loop().sock_recv(self.sock, 1) == b""
 
     def close(self) -> None:
         self.sock.close()

@@ -303,22 +303,3 @@ async def test_the_memory_census_is_served_only_when_the_benchmark_asks_for_it(
     assert kinds.get("server.connection.Connection") == 1
     assert kinds.get("server.session.Session") == 1
     assert "lines" not in grown  # tracemalloc only when asked (`trace=1`)
-
-
-async def test_an_upgraded_connection_lets_go_of_the_http_parser(
-    doctor: SeededDoctor, settings: Settings, aiohttp_client: AiohttpClient
-) -> None:
-    """After the upgrade, aiohttp's HTTP request parser and request queue are dropped
-    (server.ws._shed_http_parser: ~1.5 KiB per socket). They are aiohttp's private
-    attributes: if an aiohttp upgrade renames them, this fails, rather than every
-    connection silently growing again."""
-    client = await serve(aiohttp_client, settings)
-    async with SlotcastClient.connect(ws_url(client)) as watcher:
-        await watcher.watch(doctor.id, doctor.start, doctor.end)
-        (session,) = client.app[CONNECTIONS]
-        protocol = session.conn._transport.get_protocol()
-        assert protocol._upgraded is True
-        assert protocol._parser is None
-        assert len(protocol._messages) == 0
-        assert protocol._messages.maxlen == 0
-        await watcher.ping()  # and the socket still works

@@ -1,0 +1,132 @@
+"""A WebSocket after its handshake: detached from aiohttp's handler (server.wire).
+
+aiohttp does the handshake; then the transport is Slotcast's, read by aiohttp's frame
+reader, and the handler returns, so an idle socket keeps no request, task or response.
+These tests hold what that must not lose: frames sent along with the handshake, the
+client's pings and close, our close on shutdown, and the connection's place in the
+guard's counts. They also pin the aiohttp internals `detach` relies on, so that an
+aiohttp upgrade that moves them fails here rather than in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import cast
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
+
+from client import SlotcastClient
+from protocol.codec import JSON
+from server.app import create_app
+from server.keys import CONNECTIONS, GUARD, INBOUND
+from server.settings import Settings
+from server.wire import Wire
+from testkit.fixtures import SeededDoctor, ws_url
+from testkit.raw import RawWebSocket, masked_frame
+from testkit.wire import eventually
+
+AppClient = TestClient[web.Request, web.Application]
+
+OP_TEXT, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x8, 0x9, 0xA
+
+
+async def serve(aiohttp_client: AiohttpClient, settings: Settings) -> AppClient:
+    return cast(AppClient, await aiohttp_client(create_app(settings)))
+
+
+async def raw(client: AppClient, pipelined: bytes = b"") -> RawWebSocket:
+    assert client.server.host is not None
+    assert client.server.port is not None
+    return await RawWebSocket.connect(
+        client.server.host, client.server.port, rcvbuf=1 << 16, pipelined=pipelined
+    )
+
+
+async def next_message(ws: RawWebSocket) -> dict[str, object]:
+    opcode, payload = await ws.receive()
+    assert opcode == OP_TEXT
+    message = JSON.loads(payload)
+    assert isinstance(message, dict)
+    return message
+
+
+async def test_an_idle_socket_is_detached_from_aiohttp_and_runs_no_task(
+    doctor: SeededDoctor, settings: Settings, aiohttp_client: AiohttpClient
+) -> None:
+    """After the watch's reply, nothing of aiohttp's request machinery is left for the
+    socket, nor a task of ours; deltas and commands still flow."""
+    client = await serve(aiohttp_client, settings)
+    async with SlotcastClient.connect(ws_url(client)) as watcher:
+        await watcher.watch(doctor.id, doctor.start, doctor.end)
+        (session,) = client.app[CONNECTIONS]
+        assert isinstance(session.conn._transport.get_protocol(), Wire)
+        server = client.server.handler
+        assert server is not None
+        await eventually(lambda: not server.connections, "aiohttp forgets the socket")
+        await eventually(lambda: not client.app[INBOUND], "no task for an idle socket")
+        await watcher.ping()  # and the socket still works
+        await eventually(lambda: not client.app[INBOUND], "the ping's task is gone too")
+    await eventually(lambda: not client.app[CONNECTIONS], "the session ends with the socket")
+    assert client.app[GUARD].total == 0, "its place is given back"
+
+
+async def test_frames_sent_with_the_handshake_are_run_in_order_after_the_welcome(
+    settings: Settings, aiohttp_client: AiohttpClient
+) -> None:
+    """A client may pipeline frames behind its upgrade request: aiohttp parses them before
+    the socket is detached, and none may be lost or overtaken."""
+    client = await serve(aiohttp_client, settings)
+    frames = b"".join(
+        masked_frame(JSON.dumps({"type": "ping", "id": i, "body": {}})) for i in (1, 2, 3)
+    )
+    ws = await raw(client, pipelined=frames)
+    try:
+        assert (await next_message(ws))["type"] == "welcome"
+        replies = [await next_message(ws) for _ in range(3)]
+        assert [(r["type"], r["id"]) for r in replies] == [("pong", 1), ("pong", 2), ("pong", 3)]
+    finally:
+        ws.close()
+
+
+async def test_a_clients_ping_is_answered_and_its_close_gets_1000_and_ends_the_session(
+    settings: Settings, aiohttp_client: AiohttpClient
+) -> None:
+    client = await serve(aiohttp_client, settings)
+    ws = await raw(client)
+    try:
+        assert (await next_message(ws))["type"] == "welcome"
+        await ws.send(masked_frame(b"are you there", OP_PING))
+        assert await ws.receive() == (OP_PONG, b"are you there")
+        await ws.send(masked_frame(struct.pack("!H", 1000) + b"bye", OP_CLOSE))
+        opcode, payload = await ws.receive()
+        assert (opcode, payload[:2]) == (OP_CLOSE, struct.pack("!H", 1000))
+        assert await ws.at_eof(), "the server closes the socket after the handshake"
+    finally:
+        ws.close()
+    await eventually(lambda: not client.app[CONNECTIONS], "the session ends")
+    assert client.app[GUARD].total == 0
+    assert not client.app[INBOUND]
+
+
+async def test_on_shutdown_a_detached_socket_is_closed_with_1001(
+    settings: Settings, aiohttp_client: AiohttpClient
+) -> None:
+    """aiohttp's shutdown no longer knows the socket: ours closes it, handshake and all."""
+    client = await serve(aiohttp_client, settings)
+    ws = await raw(client)
+    try:
+        assert (await next_message(ws))["type"] == "welcome"
+        app = client.app
+        closing = asyncio.create_task(app.shutdown())  # what a SIGTERM's runner cleanup runs
+        opcode, payload = await ws.receive()
+        assert (opcode, struct.unpack("!H", payload[:2])[0]) == (OP_CLOSE, 1001)
+        await ws.send(masked_frame(payload[:2], OP_CLOSE))  # the client answers
+        await closing
+        assert await ws.at_eof()
+        assert not app[CONNECTIONS]
+        assert not app[INBOUND]
+    finally:
+        ws.close()
