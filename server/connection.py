@@ -9,14 +9,16 @@ with 4008 and recovers by reconnecting and resuming.
 
 What a connection holds is counted in bytes: its outbox plus whatever sits in the
 transport's write buffer (`pending`), replies as well as deltas. Over `HIGH_WATER`
-the handler stops taking its requests (`backed_up`, `drained`: back-pressure, so
+the session stops taking its requests (`backed_up`, `drained`: back-pressure, so
 pipelining cannot queue work); past `outbox_bytes` (or `outbox_limit` frames) it
 is closed. `police` runs over every connection now and then: one that stays over
 `HIGH_WATER` too long is closed, and when all of them together hold more than the
 server's budget the biggest are closed first. A slow consumer's close frame waits
 behind what it did not read, so its transport is aborted if it has not drained
-`ABORT_AFTER_S` later (as is any connection whose handler ends with bytes still
-unsent): the memory comes back even from a client that never reads.
+`ABORT_AFTER_S` later (as is any connection whose session ends with bytes still
+unsent): the memory comes back even from a client that never reads. The close
+handshake is ours to run, both ways, since the socket is no longer aiohttp's
+after the upgrade (server.wire).
 
 Who the client is and what it watches live in `server.session`, one level up:
 rooms hold connections to write to, so a connection knows nothing of rooms or

@@ -326,9 +326,7 @@ class Client:
         self.session = session
         self.throttle = throttle
         self._address = address
-        # The handshake's context (its connection id, later the subject): every task of
-        # this connection runs in it, as the handler's task did.
-        self._context = contextvars.copy_context()
+        self._context: contextvars.Context | None = None  # the handshake's, from `start`
         self._inbox: deque[WSMessage | BaseException] = _NO_FRAMES
         self._task: asyncio.Task[None] | None = None
         self._started = False
@@ -346,8 +344,13 @@ class Client:
         kind = message.type
         if kind is WSMsgType.PING:
             conn.pong(message.data)
+        elif kind is WSMsgType.CLOSE:
+            # Answered at once, even behind a command in flight or a close of ours (whose
+            # handshake this completes); what the client sent before it no longer runs.
+            conn.closed_by_peer()
+            self._end()
         elif kind is not WSMsgType.PONG:
-            self._queue(message)  # data, and the client's close: in order
+            self._queue(message)
 
     def broken(self, error: BaseException) -> None:
         self._queue(error)  # after the frames that came before it
@@ -359,7 +362,12 @@ class Client:
     # ---- the task ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """The greeting is sent: run what came meanwhile, and what comes next."""
+        """The greeting is sent: run what came meanwhile, and what comes next.
+
+        Every task of this connection runs in the handshake's context as it is now (its
+        connection id, the subject the greeting found), as the handler's task did.
+        """
+        self._context = contextvars.copy_context()
         self._started = True
         if self._inbox or self._ending:
             self._kick()
@@ -423,10 +431,7 @@ class Client:
             conn.close_soon(code, str(item)[:120])
             return
         kind = item.type
-        if kind is WSMsgType.CLOSE:
-            conn.closed_by_peer()
-            self._end()
-        elif kind is WSMsgType.BINARY or (kind is WSMsgType.TEXT and not conn.codec.binary):
+        if kind is WSMsgType.BINARY or (kind is WSMsgType.TEXT and not conn.codec.binary):
             session.metrics.messages_in.inc()
             async with session.turn:
                 conn.busy = True
