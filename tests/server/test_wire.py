@@ -12,19 +12,25 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from dataclasses import replace
 from typing import cast
 
+import asyncpg
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from client import SlotcastClient
 from protocol.codec import JSON
+from protocol.messages import Book, Ping, Watch
 from server.app import create_app
-from server.keys import CONNECTIONS, GUARD, INBOUND
+from server.keys import CONNECTIONS, GUARD, INBOUND, ROOMS
+from server.session import Session
 from server.settings import Settings
 from server.wire import Wire
-from testkit.fixtures import SeededDoctor, ws_url
+from server.ws import INBOX_FRAMES
+from testkit import rawws
+from testkit.fixtures import SeededDoctor, token, ws_url
 from testkit.raw import RawWebSocket, masked_frame
 from testkit.wire import eventually
 
@@ -130,3 +136,96 @@ async def test_on_shutdown_a_detached_socket_is_closed_with_1001(
         assert not app[INBOUND]
     finally:
         ws.close()
+
+
+# ---- a second look: commands in flight, pipelining, broken frames, back-pressure ------------
+#
+# A command held in flight by a row lock the test owns: the booking's `FOR UPDATE` of its slot
+# waits until the test lets go, so "the socket went away during a command" is not a race.
+
+
+async def watching_and_booking(
+    client: AppClient, doctor: SeededDoctor, sub: str
+) -> tuple[rawws.RawSocket, Session]:
+    """A patient watching `doctor`, whose booking of the first slot is now in flight."""
+    assert client.server.port is not None
+    ws = await rawws.connect(client.server.port, token=token(sub=sub))
+    assert (await next_frame(ws))["type"] == "welcome"
+    await ws.send(JSON.encode(Watch(doctor.id, doctor.start, doctor.end), 1))
+    assert (await next_frame(ws))["type"] == "snapshot"
+    (session,) = client.app[CONNECTIONS]
+    await ws.send(JSON.encode(Book(slot_id=doctor.slots[0].id), 2))
+    await eventually(lambda: session.conn.busy, "the booking is in flight")
+    return ws, session
+
+
+async def next_frame(ws: rawws.RawSocket) -> dict[str, object]:
+    opcode, payload = await ws.receive()
+    assert opcode == OP_TEXT
+    message = JSON.loads(payload)
+    assert isinstance(message, dict)
+    return message
+
+
+async def everything_let_go(app: web.Application) -> None:
+    """The session is over: no session, room, task or guard place is left of it."""
+    await eventually(lambda: not app[CONNECTIONS], "the session ends")
+    await eventually(lambda: not app[INBOUND], "its task ends")
+    assert len(app[ROOMS]) == 0, "its rooms are left (and so closed)"
+    assert app[GUARD].total == 0, "its place is given back"
+
+
+async def test_a_socket_lost_during_a_command_is_cleaned_up_once_the_command_is_done(
+    doctor: SeededDoctor,
+    db: asyncpg.Connection,
+    settings: Settings,
+    aiohttp_client: AiohttpClient,
+) -> None:
+    client = await serve(aiohttp_client, settings)
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM slots WHERE id = $1 FOR UPDATE", doctor.slots[0].id)
+        ws, session = await watching_and_booking(client, doctor, "p-lost")
+        ws.abort()
+        await eventually(lambda: session.conn.peer_closed, "the server hears the socket go")
+        assert session in client.app[CONNECTIONS], "the command in flight is not cut short"
+    await everything_let_go(client.app)
+    status = await db.fetchval("SELECT status FROM slots WHERE id = $1", doctor.slots[0].id)
+    assert status != "free", "the booking the client sent was made"
+
+
+async def test_a_client_closing_during_a_command_gets_1000_at_once_and_is_cleaned_up_after(
+    doctor: SeededDoctor,
+    db: asyncpg.Connection,
+    settings: Settings,
+    aiohttp_client: AiohttpClient,
+) -> None:
+    client = await serve(aiohttp_client, settings)
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM slots WHERE id = $1 FOR UPDATE", doctor.slots[0].id)
+        ws, session = await watching_and_booking(client, doctor, "p-close")
+        await ws.send(struct.pack("!H", 1000), OP_CLOSE)
+        assert await ws.close_frame(timeout=5) == (1000, "")
+        assert session.conn.busy, "answered while the booking is still in flight"
+    await everything_let_go(client.app)
+    assert await ws.reader.read() == b"", "then the server closes the socket"
+    await ws.aclose()
+
+
+async def test_more_pipelined_frames_than_the_inbox_holds_are_all_answered_in_order(
+    settings: Settings, aiohttp_client: AiohttpClient
+) -> None:
+    """Reading pauses when the inbox is full and resumes as it empties: nothing is lost."""
+    client = await serve(aiohttp_client, replace(settings, rate_connection="1000/10 seconds"))
+    ws = await raw(client)
+    try:
+        assert (await next_message(ws))["type"] == "welcome"
+        n = INBOX_FRAMES * 6
+        await ws.send(b"".join(masked_frame(JSON.encode(Ping(), i)) for i in range(n)))
+        replies = [await next_message(ws) for _ in range(n)]
+        assert [(r["type"], r["id"]) for r in replies] == [("pong", i) for i in range(n)]
+        (session,) = client.app[CONNECTIONS]
+        await eventually(lambda: not client.app[INBOUND], "the task ends with the inbox empty")
+        assert session.conn._transport.is_reading(), "and reading is resumed"
+    finally:
+        ws.close()
+    await everything_let_go(client.app)
