@@ -152,7 +152,8 @@ class Connection:
         self._reason = ""
         self._finished = False  # the session is done and the close handshake is over
         self._close_sent = False
-        # The client's close frame has come (or the socket is gone); `close` waits for it.
+        # The client's close frame has come (or the socket is gone, or its frames can no
+        # longer be read: server.ws); `close` waits for it.
         self.peer_closed = False
         self._handshake: asyncio.Future[None] | None = None
         # Called once the connection has decided to close (`close_soon`, after the command

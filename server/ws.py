@@ -428,6 +428,9 @@ class Client:
         if isinstance(item, BaseException):
             log.info("connection error: %s", item)
             code = item.code if isinstance(item, WebSocketError) else CLOSE_PROTOCOL_ERROR
+            # aiohttp's reader hears nothing past a broken frame, the client's answer to
+            # our close included: `close` must not wait for it (aiohttp did not either).
+            conn.peer_closed = True
             conn.close_soon(code, str(item)[:120])
             return
         kind = item.type

@@ -11,11 +11,13 @@ aiohttp upgrade that moves them fails here rather than in production.
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 from dataclasses import replace
 from typing import cast
 
 import asyncpg
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
@@ -229,3 +231,39 @@ async def test_more_pipelined_frames_than_the_inbox_holds_are_all_answered_in_or
     finally:
         ws.close()
     await everything_let_go(client.app)
+
+
+@pytest.mark.parametrize(
+    ("broken", "code"),
+    [
+        # A header announcing a text frame far over the limit: refused before its payload.
+        (struct.pack("!BBQ", 0x80 | OP_TEXT, 0x80 | 127, 1 << 30) + b"mask", 1009),
+        (masked_frame(b"", 0x3), 1002),  # a reserved opcode
+    ],
+    ids=["too-big", "protocol-error"],
+)
+async def test_a_broken_frame_closes_after_the_replies_to_the_frames_before_it(
+    broken: bytes,
+    code: int,
+    settings: Settings,
+    aiohttp_client: AiohttpClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """aiohttp's reader stops at a broken frame and hears nothing after it, the client's
+    close answer included: the server closes at once instead of waiting for it."""
+    caplog.set_level(logging.INFO, logger="server.connection")
+    client = await serve(aiohttp_client, settings)
+    ws = await raw(client)
+    try:
+        assert (await next_message(ws))["type"] == "welcome"
+        pings = b"".join(masked_frame(JSON.encode(Ping(), i)) for i in (1, 2, 3))
+        await ws.send(pings + broken)
+        replies = [await next_message(ws) for _ in range(3)]
+        assert [(r["type"], r["id"]) for r in replies] == [("pong", 1), ("pong", 2), ("pong", 3)]
+        opcode, payload = await ws.receive()
+        assert (opcode, struct.unpack("!H", payload[:2])[0]) == (OP_CLOSE, code)
+        assert await ws.at_eof()
+    finally:
+        ws.close()
+    await everything_let_go(client.app)
+    assert "no close frame from the client" not in caplog.text
