@@ -343,7 +343,13 @@ class Client:
         conn.heard_from(time.monotonic())
         kind = message.type
         if kind is WSMsgType.PING:
-            conn.pong(message.data)
+            if conn.backed_up():
+                # A pong is output like any reply: behind unread output it waits its turn
+                # (`_run`), so a client that pings without reading stops being read
+                # rather than have its pongs buffered without end.
+                self._queue(message)
+            else:
+                conn.pong(message.data)
         elif kind is WSMsgType.CLOSE:
             # Answered at once, even behind a command in flight or a close of ours (whose
             # handshake this completes); what the client sent before it no longer runs.
@@ -434,6 +440,9 @@ class Client:
             conn.close_soon(code, str(item)[:120])
             return
         kind = item.type
+        if kind is WSMsgType.PING:  # queued behind unread output (`frame`)
+            conn.pong(item.data)
+            return
         if kind is WSMsgType.BINARY or (kind is WSMsgType.TEXT and not conn.codec.binary):
             session.metrics.messages_in.inc()
             async with session.turn:

@@ -11,7 +11,9 @@ aiohttp upgrade that moves them fails here rather than in production.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import struct
 from dataclasses import replace
 from typing import cast
@@ -26,6 +28,7 @@ from client import SlotcastClient
 from protocol.codec import JSON
 from protocol.messages import Book, Ping, Watch
 from server.app import create_app
+from server.connection import HIGH_WATER
 from server.keys import CONNECTIONS, GUARD, INBOUND, ROOMS
 from server.session import Session
 from server.settings import Settings
@@ -267,3 +270,32 @@ async def test_a_broken_frame_closes_after_the_replies_to_the_frames_before_it(
         ws.close()
     await everything_let_go(client.app)
     assert "no close frame from the client" not in caplog.text
+
+
+async def test_a_client_that_pings_without_reading_is_not_read_either(
+    settings: Settings, aiohttp_client: AiohttpClient
+) -> None:
+    """Pongs are output like any reply: once they back up, the server stops reading the
+    client's frames, so a ping flood cannot make it buffer pongs without end."""
+    client = await serve(aiohttp_client, settings)
+    ws = await raw(client)
+    flood: asyncio.Task[None] | None = None
+    try:
+        assert (await next_message(ws))["type"] == "welcome"
+        (session,) = client.app[CONNECTIONS]
+        conn = session.conn
+        # Loopback would otherwise absorb megabytes of pongs in the kernel (test_memory.py).
+        conn._transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+        )
+        flood = asyncio.create_task(ws.send(masked_frame(b"p" * 125, OP_PING) * 32_000))  # 4 MiB
+        await eventually(conn.backed_up, "the pongs back up")
+        await eventually(lambda: not conn._transport.is_reading(), "reading is paused")
+        assert conn.pending() < 4 * HIGH_WATER, "the pongs held are bounded"
+    finally:
+        ws.close()
+        if flood is not None:
+            flood.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await flood
+    await everything_let_go(client.app)
