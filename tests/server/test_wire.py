@@ -147,6 +147,13 @@ async def test_on_shutdown_a_detached_socket_is_closed_with_1001(
 #
 # A command held in flight by a row lock the test owns: the booking's `FOR UPDATE` of its slot
 # waits until the test lets go, so "the socket went away during a command" is not a race.
+# The lock and statement bounds are lifted, so that a slow machine cannot fail the booking.
+
+
+def patient_waits(settings: Settings) -> Settings:
+    return replace(
+        settings, lock_timeout_ms=60_000, statement_timeout_ms=60_000, db_timeout_ms=60_000
+    )
 
 
 async def watching_and_booking(
@@ -186,7 +193,7 @@ async def test_a_socket_lost_during_a_command_is_cleaned_up_once_the_command_is_
     settings: Settings,
     aiohttp_client: AiohttpClient,
 ) -> None:
-    client = await serve(aiohttp_client, settings)
+    client = await serve(aiohttp_client, patient_waits(settings))
     async with db.transaction():
         await db.execute("SELECT 1 FROM slots WHERE id = $1 FOR UPDATE", doctor.slots[0].id)
         ws, session = await watching_and_booking(client, doctor, "p-lost")
@@ -204,7 +211,7 @@ async def test_a_client_closing_during_a_command_gets_1000_at_once_and_is_cleane
     settings: Settings,
     aiohttp_client: AiohttpClient,
 ) -> None:
-    client = await serve(aiohttp_client, settings)
+    client = await serve(aiohttp_client, patient_waits(settings))
     async with db.transaction():
         await db.execute("SELECT 1 FROM slots WHERE id = $1 FOR UPDATE", doctor.slots[0].id)
         ws, session = await watching_and_booking(client, doctor, "p-close")
@@ -299,3 +306,32 @@ async def test_a_client_that_pings_without_reading_is_not_read_either(
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await flood
     await everything_let_go(client.app)
+
+
+async def test_on_shutdown_a_command_in_flight_is_answered_before_the_1001(
+    doctor: SeededDoctor,
+    db: asyncpg.Connection,
+    settings: Settings,
+    aiohttp_client: AiohttpClient,
+) -> None:
+    client = await serve(aiohttp_client, patient_waits(settings))
+    app = client.app
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM slots WHERE id = $1 FOR UPDATE", doctor.slots[0].id)
+        ws, session = await watching_and_booking(client, doctor, "p-shutdown")
+        closing = asyncio.create_task(app.shutdown())
+        await eventually(lambda: session.conn.ending, "the close waits for the booking")
+    replies = []
+    opcode, payload = await ws.receive()
+    while opcode == OP_TEXT:  # the booking's reply, and maybe its availability delta
+        replies.append(JSON.loads(payload))
+        opcode, payload = await ws.receive()
+    assert ("booked", 2) in [(r["type"], r.get("id")) for r in replies]
+    assert (opcode, struct.unpack("!H", payload[:2])[0]) == (OP_CLOSE, 1001)
+    await ws.send(payload[:2], OP_CLOSE)
+    await closing
+    assert await ws.reader.read() == b""
+    await ws.aclose()
+    assert not app[CONNECTIONS]
+    assert not app[INBOUND]
+    assert app[GUARD].total == 0
