@@ -405,29 +405,37 @@ class Client:
 
     async def _run(self) -> None:
         conn = self.session.conn
-        while True:
+        try:
+            while not self._ending:
+                if not self._inbox:
+                    self._task = None  # with no await since the check: a new frame starts one
+                    self._inbox = _NO_FRAMES  # an empty deque is ~0.6 KiB: idle sockets share one
+                    self._resume()
+                    return
+                item = self._inbox.popleft()
+                if len(self._inbox) < INBOX_FRAMES // 2:
+                    self._resume()
+                if conn.closing:
+                    # Closing after the command in flight: a frame pipelined behind it must
+                    # not run, since its reply could no longer be sent. The client resends.
+                    continue
+                await self._one(item)
+                if conn.backed_up():
+                    # Back-pressure: take no more requests while the client leaves its
+                    # replies unread, so pipelining cannot queue work (frames wait in the
+                    # socket).
+                    self._pause()
+                    await conn.drained()
+        except BaseException:
+            # A command cancelled by shutdown (it outlived the wait for it), or a failure
+            # past `_handle`'s own: the session still ends, or its rooms, socket and place
+            # would be kept with no task left to give them back.
+            self._ending = True
+            raise
+        finally:
             if self._ending:
                 self._inbox = _NO_FRAMES
-                await self._finish()
-                return  # `_task` stays set: no task runs after this one
-            if not self._inbox:
-                self._task = None  # with no await since the check: a new frame starts one
-                self._inbox = _NO_FRAMES  # an empty deque is ~0.6 KiB: idle sockets share one
-                self._resume()
-                return
-            item = self._inbox.popleft()
-            if len(self._inbox) < INBOX_FRAMES // 2:
-                self._resume()
-            if conn.closing:
-                # Closing after the command in flight: a frame pipelined behind it must
-                # not run, since its reply could no longer be sent. The client resends.
-                continue
-            await self._one(item)
-            if conn.backed_up():
-                # Back-pressure: take no more requests while the client leaves its replies
-                # unread, so pipelining cannot queue work (frames wait in the socket).
-                self._pause()
-                await conn.drained()
+                await self._finish()  # `_task` stays set: no task runs after this one
 
     async def _one(self, item: WSMessage | BaseException) -> None:
         session, conn = self.session, self.session.conn

@@ -27,6 +27,7 @@ from pytest_aiohttp import AiohttpClient
 from client import SlotcastClient
 from protocol.codec import JSON
 from protocol.messages import Book, Ping, Watch
+from server import lifecycle
 from server.app import create_app
 from server.connection import HIGH_WATER
 from server.keys import CONNECTIONS, GUARD, INBOUND, ROOMS
@@ -335,3 +336,31 @@ async def test_on_shutdown_a_command_in_flight_is_answered_before_the_1001(
     assert not app[CONNECTIONS]
     assert not app[INBOUND]
     assert app[GUARD].total == 0
+
+
+async def test_a_command_that_outlives_shutdowns_wait_is_cancelled_and_the_session_still_ends(
+    doctor: SeededDoctor,
+    db: asyncpg.Connection,
+    settings: Settings,
+    aiohttp_client: AiohttpClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Shutdown waits a bounded time for commands in flight, then cancels their tasks: the
+    session must end all the same (rooms left, place given back, socket closed)."""
+    monkeypatch.setattr(lifecycle, "CLOSE_HANDSHAKE_S", 0.0)  # time only: wait 0.1 s, not 7 s
+    monkeypatch.setattr(lifecycle, "DRAIN_SLACK_S", 0.1)
+    client = await serve(aiohttp_client, patient_waits(settings))
+    app = client.app
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM slots WHERE id = $1 FOR UPDATE", doctor.slots[0].id)
+        ws, _ = await watching_and_booking(client, doctor, "p-cancelled")
+        closing = asyncio.create_task(app.shutdown())
+        assert await ws.close_frame(timeout=5) == (1001, "server shutdown")
+        await ws.send(struct.pack("!H", 1001), OP_CLOSE)
+        await closing
+        assert await ws.reader.read() == b""
+        await ws.aclose()
+        assert not app[CONNECTIONS]
+        assert not app[INBOUND]
+        assert len(app[ROOMS]) == 0
+        assert app[GUARD].total == 0
