@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from aiohttp import WSMessage, web
 from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
@@ -78,27 +78,53 @@ class _Frames(WebSocketDataQueue):
         self._listener.broken(exc)
 
 
+# Bytes given to aiohttp's reader at a time. It parses all it is given, and a read can
+# be 256 KiB: ~40,000 empty frames, where aiohttp's own queue stops parsing past 512 KiB
+# of accounted frames (~4,000). Once the listener pauses reading, what is left of a read
+# waits here as bytes (`Wire.resume`), not as frames.
+SLICE: Final = 1024
+
+
 class Wire(asyncio.Protocol):
     """The transport's protocol once detached: bytes to the reader, the end to the listener."""
 
-    __slots__ = ("_listener", "_reader")
+    __slots__ = ("_listener", "_reader", "_transport", "_unread")
 
-    def __init__(self, reader: Any, listener: Listener) -> None:
+    def __init__(self, transport: Any, reader: Any, listener: Listener) -> None:
+        self._transport = transport
         self._reader = reader
         self._listener = listener
+        self._unread: memoryview | None = None  # the rest of a read, past a pause
 
     def data_received(self, data: bytes) -> None:
-        self._reader.feed_data(data)
+        if self._unread is None and len(data) <= SLICE:
+            self._reader.feed_data(data)  # most reads: a frame or a few
+            return
+        if self._unread is not None:
+            data = bytes(self._unread) + data
+        self._unread = memoryview(data)
+        self.resume()
+
+    def resume(self) -> None:
+        """Parse what is left of the last read, for as long as the socket is being read.
+
+        The listener calls this when it resumes reading: the transport will not, since
+        the bytes are no longer in the socket.
+        """
+        while (unread := self._unread) is not None and self._transport.is_reading():
+            self._unread = unread[SLICE:] if len(unread) > SLICE else None
+            self._reader.feed_data(bytes(unread[:SLICE]))
 
     def eof_received(self) -> bool:
         return False  # a half-closed client is a gone one: let the transport close
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._unread = None
         self._listener.lost()
 
 
-def detach(request: web.Request, ws: Upgrade, listener: Listener, *, max_msg_size: int) -> Any:
-    """Take the upgraded socket from aiohttp; returns its transport.
+def detach(request: web.Request, ws: Upgrade, listener: Listener, *, max_msg_size: int) -> Wire:
+    """Take the upgraded socket from aiohttp; returns the protocol it now has.
 
     Call right after `ws.prepare(request)`, with no await between: frames the client
     sent along with its handshake are already parsed into aiohttp's queue, and are
@@ -109,7 +135,8 @@ def detach(request: web.Request, ws: Upgrade, listener: Listener, *, max_msg_siz
     assert transport is not None
     assert handler is not None
     reader = WebSocketReader(_Frames(listener), max_msg_size, False, False)
-    transport.set_protocol(Wire(reader, listener))
+    wire = Wire(transport, reader, listener)
+    transport.set_protocol(wire)
     ws.detached = True
     queued = getattr(getattr(ws, "_reader", None), "_buffer", None)
     if queued:
@@ -123,4 +150,4 @@ def detach(request: web.Request, ws: Upgrade, listener: Listener, *, max_msg_siz
     task = asyncio.current_task()
     assert task is not None
     task.add_done_callback(lambda _: handler.connection_lost(None))
-    return transport
+    return wire

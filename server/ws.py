@@ -56,7 +56,7 @@ from server.keys import (
 from server.limits import API_KEY, Throttle, identity_key
 from server.room import Frames
 from server.session import Session
-from server.wire import Upgrade, detach
+from server.wire import Upgrade, Wire, detach
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ async def websocket(request: web.Request, address: str) -> web.StreamResponse:
         )
         throttle = app[LIMITER].throttle(conn, address)
         client = Client(app, session, throttle, address)
-        detach(request, ws, client, max_msg_size=settings.max_frame_bytes * 4)
+        client.wire = detach(request, ws, client, max_msg_size=settings.max_frame_bytes * 4)
     except BaseException:
         app[GUARD].release(address)
         raise
@@ -319,6 +319,7 @@ class Client:
         "_task",
         "session",
         "throttle",
+        "wire",
     )
 
     def __init__(self, app: web.Application, session: Session, throttle: Throttle, address: str):
@@ -332,6 +333,7 @@ class Client:
         self._started = False
         self._ending = False
         self._paused = False
+        self.wire: Wire | None = None  # set by `detach`, which calls `frame` before it returns
         session.conn.on_end = self._end
 
     # ---- server.wire.Listener: called from the transport's callbacks ---------------------------
@@ -485,6 +487,8 @@ class Client:
         if self._paused:
             self._paused = False
             self.session.conn.resume_reading()
+            if self.wire is not None:
+                self.wire.resume()  # what the last read left unparsed
 
 
 def _forget(tasks: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:

@@ -364,3 +364,26 @@ async def test_a_command_that_outlives_shutdowns_wait_is_cancelled_and_the_sessi
         assert not app[INBOUND]
         assert len(app[ROOMS]) == 0
         assert app[GUARD].total == 0
+
+
+async def test_frames_read_in_one_go_are_parsed_only_as_far_as_the_inbox_takes_them(
+    doctor: SeededDoctor,
+    db: asyncpg.Connection,
+    settings: Settings,
+    aiohttp_client: AiohttpClient,
+) -> None:
+    """aiohttp's reader parses a whole read at once: 64 KiB of empty frames would be ~10,000
+    parsed frames waiting behind a command. Past a pause, the rest waits as bytes."""
+    client = await serve(aiohttp_client, patient_waits(settings))
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM slots WHERE id = $1 FOR UPDATE", doctor.slots[0].id)
+        ws, session = await watching_and_booking(client, doctor, "p-burst")
+        transport = session.conn._transport
+        wire = transport.get_protocol()
+        ws.writer.write(masked_frame(b"") * 10_000)  # in one write
+        await ws.writer.drain()
+        await eventually(lambda: not transport.is_reading(), "reading is paused")
+        inbox = len(wire._listener._inbox)
+        assert INBOX_FRAMES <= inbox < 10 * INBOX_FRAMES
+    await ws.aclose()
+    await everything_let_go(client.app)
