@@ -138,11 +138,16 @@ def detach(request: web.Request, ws: Upgrade, listener: Listener, *, max_msg_siz
     wire = Wire(transport, reader, listener)
     transport.set_protocol(wire)
     ws.detached = True
-    queued = getattr(getattr(ws, "_reader", None), "_buffer", None)
+    handshake = getattr(ws, "_reader", None)
+    queued = getattr(handshake, "_buffer", None)
     if queued:
         for message, _size in list(queued):
             listener.frame(message)
         queued.clear()
+    # A frame it could not parse stopped it: that is the listener's to hear, after them.
+    failed = handshake.exception() if handshake is not None else None
+    if failed is not None:
+        listener.broken(failed)
     # aiohttp's request handler must neither close the transport nor keep waiting for
     # a next request on it: it gets the transport's end as soon as the handler has
     # returned (after which aiohttp writes nothing: `Upgrade.write_eof`).

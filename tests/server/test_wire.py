@@ -387,3 +387,20 @@ async def test_frames_read_in_one_go_are_parsed_only_as_far_as_the_inbox_takes_t
         assert INBOX_FRAMES <= inbox < 10 * INBOX_FRAMES
     await ws.aclose()
     await everything_let_go(client.app)
+
+
+async def test_a_broken_frame_sent_with_the_handshake_closes_after_the_frames_before_it(
+    settings: Settings, aiohttp_client: AiohttpClient
+) -> None:
+    """aiohttp's handshake reader may already have failed on it: that is handed over too."""
+    client = await serve(aiohttp_client, settings)
+    ws = await raw(client, pipelined=masked_frame(JSON.encode(Ping(), 1)) + masked_frame(b"", 0x3))
+    try:
+        assert (await next_message(ws))["type"] == "welcome"
+        assert (await next_message(ws))["type"] == "pong"
+        opcode, payload = await ws.receive()
+        assert (opcode, struct.unpack("!H", payload[:2])[0]) == (OP_CLOSE, 1002)
+        assert await ws.at_eof()
+    finally:
+        ws.close()
+    await everything_let_go(client.app)
