@@ -450,6 +450,8 @@ class Connection:
         finally:
             self._handshake = None
             self._finished = True
+            if not transport.is_closing():  # cancelled while waiting (shutdown): cut it
+                transport.abort()
         if transport.get_write_buffer_size():
             asyncio.get_running_loop().call_later(ABORT_AFTER_S, self._abort_if_stuck)
 

@@ -404,3 +404,28 @@ async def test_a_broken_frame_sent_with_the_handshake_closes_after_the_frames_be
     finally:
         ws.close()
     await everything_let_go(client.app)
+
+
+async def test_a_close_handshake_cut_short_by_shutdown_still_closes_the_socket(
+    settings: Settings, aiohttp_client: AiohttpClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that does not answer our 1001 is still waited for when shutdown's own wait
+    ends and cancels the task: the socket must be closed all the same."""
+    monkeypatch.setattr(lifecycle, "CLOSE_HANDSHAKE_S", 0.0)  # time only: wait 0.1 s, not 7 s
+    monkeypatch.setattr(lifecycle, "DRAIN_SLACK_S", 0.1)
+    client = await serve(aiohttp_client, settings)
+    app = client.app
+    ws = await raw(client)
+    try:
+        assert (await next_message(ws))["type"] == "welcome"
+        (session,) = app[CONNECTIONS]
+        closing = asyncio.create_task(app.shutdown())
+        opcode, payload = await ws.receive()
+        assert (opcode, struct.unpack("!H", payload[:2])[0]) == (OP_CLOSE, 1001)
+        await closing  # without an answer from the client
+        assert session.conn._transport.is_closing()
+        assert await ws.at_eof()
+    finally:
+        ws.close()
+    assert not app[CONNECTIONS]
+    assert app[GUARD].total == 0
