@@ -333,7 +333,9 @@ class Client:
         self._started = False
         self._ending = False
         self._paused = False
-        self.wire: Wire | None = None  # set by `detach`, which calls `frame` before it returns
+        # The socket's protocol, once `detach` returns: `_resume` has it parse what a pause
+        # left unread.
+        self.wire: Wire | None = None
         session.conn.on_end = self._end
 
     # ---- server.wire.Listener: called from the transport's callbacks ---------------------------
@@ -410,9 +412,13 @@ class Client:
         try:
             while not self._ending:
                 if not self._inbox:
+                    # Reading again may parse what a pause left unread (`Wire.resume`): new
+                    # frames, or the client's close, for this task while it is still set.
+                    self._resume()
+                    if self._inbox or self._ending:
+                        continue
                     self._task = None  # with no await since the check: a new frame starts one
                     self._inbox = _NO_FRAMES  # an empty deque is ~0.6 KiB: idle sockets share one
-                    self._resume()
                     return
                 item = self._inbox.popleft()
                 if len(self._inbox) < INBOX_FRAMES // 2:
