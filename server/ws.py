@@ -405,7 +405,7 @@ class Client:
             )
             tasks = self._app[INBOUND]
             tasks.add(self._task)
-            self._task.add_done_callback(_forget(tasks))
+            self._task.add_done_callback(_forget(tasks), context=self._context)
 
     async def _run(self) -> None:
         conn = self.session.conn
