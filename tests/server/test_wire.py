@@ -15,6 +15,7 @@ import contextlib
 import logging
 import socket
 import struct
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import cast
 
@@ -47,6 +48,17 @@ OP_TEXT, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x8, 0x9, 0xA
 
 async def serve(aiohttp_client: AiohttpClient, settings: Settings) -> AppClient:
     return cast(AppClient, await aiohttp_client(create_app(settings)))
+
+
+@contextlib.asynccontextmanager
+async def welcomed(client: AppClient, pipelined: bytes = b"") -> AsyncIterator[RawWebSocket]:
+    """A raw socket past its `welcome` (frames `pipelined` with the handshake come after it)."""
+    ws = await raw(client, pipelined)
+    try:
+        assert (await next_message(ws))["type"] == "welcome"
+        yield ws
+    finally:
+        ws.close()
 
 
 async def raw(client: AppClient, pipelined: bytes = b"") -> RawWebSocket:
@@ -94,30 +106,22 @@ async def test_frames_sent_with_the_handshake_are_run_in_order_after_the_welcome
     frames = b"".join(
         masked_frame(JSON.dumps({"type": "ping", "id": i, "body": {}})) for i in (1, 2, 3)
     )
-    ws = await raw(client, pipelined=frames)
-    try:
-        assert (await next_message(ws))["type"] == "welcome"
+    async with welcomed(client, pipelined=frames) as ws:
         replies = [await next_message(ws) for _ in range(3)]
         assert [(r["type"], r["id"]) for r in replies] == [("pong", 1), ("pong", 2), ("pong", 3)]
-    finally:
-        ws.close()
 
 
 async def test_a_clients_ping_is_answered_and_its_close_gets_1000_and_ends_the_session(
     settings: Settings, aiohttp_client: AiohttpClient
 ) -> None:
     client = await serve(aiohttp_client, settings)
-    ws = await raw(client)
-    try:
-        assert (await next_message(ws))["type"] == "welcome"
+    async with welcomed(client) as ws:
         await ws.send(masked_frame(b"are you there", OP_PING))
         assert await ws.receive() == (OP_PONG, b"are you there")
         await ws.send(masked_frame(struct.pack("!H", 1000) + b"bye", OP_CLOSE))
         opcode, payload = await ws.receive()
         assert (opcode, payload[:2]) == (OP_CLOSE, struct.pack("!H", 1000))
         assert await ws.at_eof(), "the server closes the socket after the handshake"
-    finally:
-        ws.close()
     await eventually(lambda: not client.app[CONNECTIONS], "the session ends")
     assert client.app[GUARD].total == 0
     assert not client.app[INBOUND]
@@ -128,9 +132,7 @@ async def test_on_shutdown_a_detached_socket_is_closed_with_1001(
 ) -> None:
     """aiohttp's shutdown no longer knows the socket: ours closes it, handshake and all."""
     client = await serve(aiohttp_client, settings)
-    ws = await raw(client)
-    try:
-        assert (await next_message(ws))["type"] == "welcome"
+    async with welcomed(client) as ws:
         app = client.app
         closing = asyncio.create_task(app.shutdown())  # what a SIGTERM's runner cleanup runs
         opcode, payload = await ws.receive()
@@ -140,8 +142,6 @@ async def test_on_shutdown_a_detached_socket_is_closed_with_1001(
         assert await ws.at_eof()
         assert not app[CONNECTIONS]
         assert not app[INBOUND]
-    finally:
-        ws.close()
 
 
 # ---- a second look: commands in flight, pipelining, broken frames, back-pressure ------------
@@ -229,9 +229,7 @@ async def test_more_pipelined_frames_than_the_inbox_holds_are_all_answered_in_or
 ) -> None:
     """Reading pauses when the inbox is full and resumes as it empties: nothing is lost."""
     client = await serve(aiohttp_client, replace(settings, rate_connection="1000/10 seconds"))
-    ws = await raw(client)
-    try:
-        assert (await next_message(ws))["type"] == "welcome"
+    async with welcomed(client) as ws:
         n = INBOX_FRAMES * 6
         await ws.send(b"".join(masked_frame(JSON.encode(Ping(), i)) for i in range(n)))
         replies = [await next_message(ws) for _ in range(n)]
@@ -239,8 +237,6 @@ async def test_more_pipelined_frames_than_the_inbox_holds_are_all_answered_in_or
         (session,) = client.app[CONNECTIONS]
         await eventually(lambda: not client.app[INBOUND], "the task ends with the inbox empty")
         assert session.conn._transport.is_reading(), "and reading is resumed"
-    finally:
-        ws.close()
     await everything_let_go(client.app)
 
 
@@ -264,9 +260,7 @@ async def test_a_broken_frame_closes_after_the_replies_to_the_frames_before_it(
     close answer included: the server closes at once instead of waiting for it."""
     caplog.set_level(logging.INFO, logger="server.connection")
     client = await serve(aiohttp_client, settings)
-    ws = await raw(client)
-    try:
-        assert (await next_message(ws))["type"] == "welcome"
+    async with welcomed(client) as ws:
         pings = b"".join(masked_frame(JSON.encode(Ping(), i)) for i in (1, 2, 3))
         await ws.send(pings + broken)
         replies = [await next_message(ws) for _ in range(3)]
@@ -274,8 +268,6 @@ async def test_a_broken_frame_closes_after_the_replies_to_the_frames_before_it(
         opcode, payload = await ws.receive()
         assert (opcode, struct.unpack("!H", payload[:2])[0]) == (OP_CLOSE, code)
         assert await ws.at_eof()
-    finally:
-        ws.close()
     await everything_let_go(client.app)
     assert "no close frame from the client" not in caplog.text
 
@@ -394,15 +386,13 @@ async def test_a_broken_frame_sent_with_the_handshake_closes_after_the_frames_be
 ) -> None:
     """aiohttp's handshake reader may already have failed on it: that is handed over too."""
     client = await serve(aiohttp_client, settings)
-    ws = await raw(client, pipelined=masked_frame(JSON.encode(Ping(), 1)) + masked_frame(b"", 0x3))
-    try:
-        assert (await next_message(ws))["type"] == "welcome"
+    async with welcomed(
+        client, pipelined=masked_frame(JSON.encode(Ping(), 1)) + masked_frame(b"", 0x3)
+    ) as ws:
         assert (await next_message(ws))["type"] == "pong"
         opcode, payload = await ws.receive()
         assert (opcode, struct.unpack("!H", payload[:2])[0]) == (OP_CLOSE, 1002)
         assert await ws.at_eof()
-    finally:
-        ws.close()
     await everything_let_go(client.app)
 
 
@@ -415,9 +405,7 @@ async def test_a_close_handshake_cut_short_by_shutdown_still_closes_the_socket(
     monkeypatch.setattr(lifecycle, "DRAIN_SLACK_S", 0.1)
     client = await serve(aiohttp_client, settings)
     app = client.app
-    ws = await raw(client)
-    try:
-        assert (await next_message(ws))["type"] == "welcome"
+    async with welcomed(client) as ws:
         (session,) = app[CONNECTIONS]
         closing = asyncio.create_task(app.shutdown())
         opcode, payload = await ws.receive()
@@ -425,7 +413,5 @@ async def test_a_close_handshake_cut_short_by_shutdown_still_closes_the_socket(
         await closing  # without an answer from the client
         assert session.conn._transport.is_closing()
         assert await ws.at_eof()
-    finally:
-        ws.close()
     assert not app[CONNECTIONS]
     assert app[GUARD].total == 0
