@@ -172,6 +172,16 @@ async def watching_and_booking(
     return ws, session
 
 
+@contextlib.asynccontextmanager
+async def booking_in_flight(
+    client: AppClient, db: asyncpg.Connection, doctor: SeededDoctor, sub: str
+) -> AsyncIterator[tuple[rawws.RawSocket, Session]]:
+    """`watching_and_booking`, the booking held by a row lock until the block ends."""
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM slots WHERE id = $1 FOR UPDATE", doctor.slots[0].id)
+        yield await watching_and_booking(client, doctor, sub)
+
+
 async def next_frame(ws: rawws.RawSocket) -> dict[str, object]:
     opcode, payload = await ws.receive()
     assert opcode == OP_TEXT
@@ -195,9 +205,7 @@ async def test_a_socket_lost_during_a_command_is_cleaned_up_once_the_command_is_
     aiohttp_client: AiohttpClient,
 ) -> None:
     client = await serve(aiohttp_client, patient_waits(settings))
-    async with db.transaction():
-        await db.execute("SELECT 1 FROM slots WHERE id = $1 FOR UPDATE", doctor.slots[0].id)
-        ws, session = await watching_and_booking(client, doctor, "p-lost")
+    async with booking_in_flight(client, db, doctor, "p-lost") as (ws, session):
         ws.abort()
         await eventually(lambda: session.conn.peer_closed, "the server hears the socket go")
         assert session in client.app[CONNECTIONS], "the command in flight is not cut short"
@@ -213,9 +221,7 @@ async def test_a_client_closing_during_a_command_gets_1000_at_once_and_is_cleane
     aiohttp_client: AiohttpClient,
 ) -> None:
     client = await serve(aiohttp_client, patient_waits(settings))
-    async with db.transaction():
-        await db.execute("SELECT 1 FROM slots WHERE id = $1 FOR UPDATE", doctor.slots[0].id)
-        ws, session = await watching_and_booking(client, doctor, "p-close")
+    async with booking_in_flight(client, db, doctor, "p-close") as (ws, session):
         await ws.send(struct.pack("!H", 1000), OP_CLOSE)
         assert await ws.close_frame(timeout=5) == (1000, "")
         assert session.conn.busy, "answered while the booking is still in flight"
