@@ -1,7 +1,7 @@
-"""The WebSocket endpoint: handshake, a receive loop, and a dispatch table.
+"""The WebSocket endpoint: the handshake, each socket's frames (`Client`), a dispatch table.
 
 Every inbound frame is decoded and validated by the codec; every failure becomes
-an `error` reply with a stable code and the loop goes on, so one bad frame
+an `error` reply with a stable code and the next frame runs, so one bad frame
 never costs a client its connection, nor other clients anything.
 """
 
