@@ -219,10 +219,13 @@ def receivers_app(slow_s: float) -> web.Application:
     return app
 
 
-def receivers_main(port: int, slow_s: float, nice: int, ready: Pipe) -> None:
-    """The receivers' process: an aiohttp server on uvloop until terminated, at `nice`:
-    they stand for the clinic's systems, which run on machines of their own."""
+def receivers_main(port: int, slow_s: float, nice: int, idle: bool, ready: Pipe) -> None:
+    """The receivers' process: an aiohttp server on uvloop until terminated, at `nice`
+    (and, with `idle`, in the SCHED_IDLE class): they stand for the clinic's systems,
+    which run on machines of their own, so here they take only CPU nothing else wants."""
     os.nice(nice)
+    if idle:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
     async def serve() -> None:
         runner = web.AppRunner(receivers_app(slow_s), access_log=None)
@@ -237,11 +240,11 @@ def receivers_main(port: int, slow_s: float, nice: int, ready: Pipe) -> None:
 
 
 @contextlib.contextmanager
-def receivers_process(slow_s: float, nice: int) -> Any:
+def receivers_process(slow_s: float, nice: int, idle: bool) -> Any:
     port = free_port()
     ctx = multiprocessing.get_context("spawn")
     mine, theirs = ctx.Pipe()
-    proc = ctx.Process(target=receivers_main, args=(port, slow_s, nice, theirs), daemon=True)
+    proc = ctx.Process(target=receivers_main, args=(port, slow_s, nice, idle, theirs), daemon=True)
     proc.start()
     try:
         if not mine.poll(30):
@@ -369,28 +372,37 @@ class Bench:
             "receivers": process_cpu(self.receivers_pid) or 0.0,
         }
 
-    async def profile(self, number: int) -> asyncio.subprocess.Process | None:
-        """py-spy on the server for the load's duration (--py-spy), as a raw flame graph."""
+    async def profile(self, number: int) -> list[asyncio.subprocess.Process]:
+        """py-spy for the load's duration (--py-spy), as raw flame graphs: the server, and
+        the worker when one delivers (where delivery's own CPU goes)."""
         if not self.args.py_spy or self.server.process is None:
-            return None
-        out = f"{self.args.py_spy}.round{number}.txt"
-        print(f"py-spy: {out}")
-        return await asyncio.create_subprocess_exec(
-            str(Path(sys.executable).parent / "py-spy"),
-            "record",
-            "--pid",
-            str(self.server.process.pid),
-            "--duration",
-            str(int(self.args.seconds)),
-            "--rate",
-            "50",
-            "--format",
-            "raw",
-            "--output",
-            out,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+            return []
+        targets = {"server": self.server.process.pid}
+        if self.worker_pid is not None:
+            targets["worker"] = self.worker_pid
+        spies = []
+        for name, pid in targets.items():
+            out = f"{self.args.py_spy}.round{number}.{name}.txt"
+            print(f"py-spy: {out}")
+            spies.append(
+                await asyncio.create_subprocess_exec(
+                    str(Path(sys.executable).parent / "py-spy"),
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--duration",
+                    str(int(self.args.seconds)),
+                    "--rate",
+                    "50",
+                    "--format",
+                    "raw",
+                    "--output",
+                    out,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL,
+                )
+            )
+        return spies
 
     async def load(self, phase: Phase) -> None:
         a = self.args
@@ -453,7 +465,7 @@ class Bench:
 
         poller = asyncio.create_task(poll())
         recovery = asyncio.create_task(recover())
-        spy = await self.profile(number)
+        spies = await self.profile(number)
         phase.load = (os.getloadavg()[0], 0.0)
         before = self.cpu()
         load_from = time.time()
@@ -463,7 +475,7 @@ class Bench:
         phase.load = (phase.load[0], os.getloadavg()[0])
         phase.cpu = {k: after[k] - before[k] for k in after}
         phase.load_ended_at = perf() - started
-        if spy is not None:
+        for spy in spies:
             await spy.wait()
         await recovery
         # Drain: the healthy and failing endpoints reach a backlog of 0.
@@ -711,10 +723,12 @@ def running_worker(args: argparse.Namespace, dsn: str, logs: Path) -> Any:
     env.update(SLOTCAST_INSTANCE_ID="bench-worker", SLOTCAST_WEBHOOK_POLL_S=str(args.worker_poll_s))
     # Its /metrics is not read here: no port to collide with on a shared machine.
     env.update(SLOTCAST_WEBHOOKS_METRICS_PORT="0")
+    idle = ["chrt", "--idle", "0"] if args.sched == "idle" else []
     with (logs / "worker.log").open("ab") as log:
         proc = subprocess.Popen(
-            # At lower CPU priority, as deploy/slotcast-webhooks.service runs it (Nice=).
-            ["nice", "-n", str(args.nice), sys.executable, "-m", "server.cli", "webhooks"],
+            # At lower CPU priority, as deploy/slotcast-webhooks.service runs it (Nice=,
+            # CPUSchedulingPolicy=idle).
+            [*idle, "nice", "-n", str(args.nice), sys.executable, "-m", "server.cli", "webhooks"],
             cwd=REPO,
             env=env,
             stdout=log,
@@ -736,7 +750,9 @@ async def main(args: argparse.Namespace, dsn: str) -> int:
         print(
             f"machine: {os.cpu_count()} CPUs, loadavg {os.getloadavg()[0]:.2f}; rate "
             f"{args.rate:g}/s for {args.seconds:g} s per phase, {args.rounds} round(s); "
-            f"slow {args.slow_ms} ms, failing for {args.fail_s:g} s\n"
+            f"slow {args.slow_ms} ms, failing for {args.fail_s:g} s; delivery: {args.deliver}, "
+            f"worker and receivers at nice {args.nice}"
+            f"{' in SCHED_IDLE' if args.sched == 'idle' else ''}\n"
         )
         async with open_store(dsn, min_size=2, max_size=2) as store:
             t = perf()
@@ -756,7 +772,10 @@ async def main(args: argparse.Namespace, dsn: str) -> int:
                 " FROM doctors d WHERE d.id = r.doctor_id"
             )
             with (
-                receivers_process(args.slow_ms / 1000, args.nice) as (port, receivers_pid),
+                receivers_process(args.slow_ms / 1000, args.nice, args.sched == "idle") as (
+                    port,
+                    receivers_pid,
+                ),
                 running_worker(
                     args, dsn, Path(tempfile.mkdtemp(prefix="slotcast-bench-worker-"))
                 ) as worker_pid,
@@ -848,7 +867,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drain-timeout", type=float, default=180, help="seconds to wait for drain")
     p.add_argument("--poll-s", type=float, default=0.5, help="backlog sampling period")
     p.add_argument("--timeline", action="store_true", help="the backlogs every 5 s")
-    p.add_argument("--py-spy", metavar="PREFIX", help="profile the server in each on phase")
+    p.add_argument("--py-spy", metavar="PREFIX", help="profile server and worker per on phase")
     p.add_argument(
         "--deliver",
         choices=("worker", "inline"),
@@ -857,6 +876,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--worker-poll-s", type=float, default=0.1, help="the worker's poll")
     p.add_argument("--nice", type=int, default=10, help="niceness of the worker and the receivers")
+    p.add_argument(
+        "--sched",
+        choices=("idle", "nice"),
+        default="idle",
+        help="the worker and receivers in SCHED_IDLE (as the unit runs the worker), or only niced",
+    )
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
     if args.fail_s is None:
