@@ -19,11 +19,13 @@ Processes
     within the run);
   - with `--deliver worker` (the default), `SLOTCAST_WEBHOOKS=worker` for the server and
     one `slotcast webhooks` process beside it (same settings, polling every
-    `--worker-poll-s`, at `--nice` 10 as deploy/slotcast-webhooks.service runs it),
+    `--worker-poll-s`, at `--nice` 10 in the SCHED_IDLE class as
+    deploy/slotcast-webhooks.service runs it; `--sched nice` for nice alone),
     running through both phases as it would in production; with `--deliver inline`,
     the server delivers itself;
-  - the receivers, in a process of their own (aiohttp on uvloop, at `--nice` 10: they
-    stand for the clinic's systems, on machines of their own in production), so they
+  - the receivers, in a process of their own (aiohttp on uvloop, at `--nice` 10 and
+    SCHED_IDLE likewise: they stand for the clinic's systems, on machines of their
+    own in production, so they get only CPU that nothing here wants), so they
     neither share the driver's event loop nor the server's: `/healthy` answers 204 at once, `/slow`
     after `--slow-ms`, `/failing` answers 503 for the first `--fail-s` seconds of the
     phase and then 204. Every delivery's signature is verified with the Standard Webhooks
@@ -62,6 +64,8 @@ Usage
     .venv/bin/python bench/webhooks.py                           # 1,000/s for 60 s, 1 round
     .venv/bin/python bench/webhooks.py --rate 600 --rounds 4     # 4 pairs, median p99 ratio
     .venv/bin/python bench/webhooks.py --deliver inline          # the server delivers
+    .venv/bin/python bench/webhooks.py --sched nice              # worker only niced
+    .venv/bin/python bench/webhooks.py --py-spy /tmp/wh          # profile server, worker
     .venv/bin/python bench/webhooks.py --rate 200 --seconds 10   # a smoke run
     .venv/bin/python bench/webhooks.py --rate 600 --rounds 2
 """
