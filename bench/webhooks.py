@@ -19,13 +19,13 @@ Processes
     within the run);
   - with `--deliver worker` (the default), `SLOTCAST_WEBHOOKS=worker` for the server and
     one `slotcast webhooks` process beside it (same settings, polling every
-    `--worker-poll-s`, at `--nice` 10 in the SCHED_IDLE class as
-    deploy/slotcast-webhooks.service runs it; `--sched nice` for nice alone),
+    `--worker-poll-s`, at `--nice` 10 as deploy/slotcast-webhooks.service runs it;
+    `--sched idle` in the SCHED_IDLE class besides),
     running through both phases as it would in production; with `--deliver inline`,
     the server delivers itself;
-  - the receivers, in a process of their own (aiohttp on uvloop, at `--nice` 10 and
-    SCHED_IDLE likewise: they stand for the clinic's systems, on machines of their
-    own in production, so they get only CPU that nothing here wants), so they
+  - the receivers, in a process of their own (aiohttp on uvloop, at `--nice` 10, and
+    with `--sched idle` in SCHED_IDLE: they stand for the clinic's systems, on
+    machines of their own in production), so they
     neither share the driver's event loop nor the server's: `/healthy` answers 204 at once, `/slow`
     after `--slow-ms`, `/failing` answers 503 for the first `--fail-s` seconds of the
     phase and then 204. Every delivery's signature is verified with the Standard Webhooks
@@ -64,7 +64,7 @@ Usage
     .venv/bin/python bench/webhooks.py                           # 1,000/s for 60 s, 1 round
     .venv/bin/python bench/webhooks.py --rate 600 --rounds 4     # 4 pairs, median p99 ratio
     .venv/bin/python bench/webhooks.py --deliver inline          # the server delivers
-    .venv/bin/python bench/webhooks.py --sched nice              # worker only niced
+    .venv/bin/python bench/webhooks.py --sched idle              # worker in SCHED_IDLE
     .venv/bin/python bench/webhooks.py --py-spy /tmp/wh          # profile server, worker
     .venv/bin/python bench/webhooks.py --rate 200 --seconds 10   # a smoke run
     .venv/bin/python bench/webhooks.py --rate 600 --rounds 2
@@ -768,8 +768,8 @@ def running_worker(args: argparse.Namespace, dsn: str, logs: Path) -> Any:
     idle = ["chrt", "--idle", "0"] if args.sched == "idle" else []
     with (logs / "worker.log").open("ab") as log:
         proc = subprocess.Popen(
-            # At lower CPU priority, as deploy/slotcast-webhooks.service runs it (Nice=,
-            # CPUSchedulingPolicy=idle).
+            # At lower CPU priority, as deploy/slotcast-webhooks.service runs it (Nice=);
+            # --sched idle: in SCHED_IDLE too.
             [*idle, "nice", "-n", str(args.nice), sys.executable, "-m", "server.cli", "webhooks"],
             cwd=REPO,
             env=env,
@@ -921,8 +921,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--sched",
         choices=("idle", "nice"),
-        default="idle",
-        help="the worker and receivers in SCHED_IDLE (as the unit runs the worker), or only niced",
+        default="nice",
+        help="the worker and receivers only niced (as the unit runs the worker), or SCHED_IDLE",
     )
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
