@@ -19,11 +19,13 @@ Processes
     within the run);
   - with `--deliver worker` (the default), `SLOTCAST_WEBHOOKS=worker` for the server and
     one `slotcast webhooks` process beside it (same settings, polling every
-    `--worker-poll-s`, at `--nice` 10 as deploy/slotcast-webhooks.service runs it),
+    `--worker-poll-s`, at `--nice` 10 as deploy/slotcast-webhooks.service runs it;
+    `--sched idle` in the SCHED_IDLE class besides),
     running through both phases as it would in production; with `--deliver inline`,
     the server delivers itself;
-  - the receivers, in a process of their own (aiohttp on uvloop, at `--nice` 10: they
-    stand for the clinic's systems, on machines of their own in production), so they
+  - the receivers, in a process of their own (aiohttp on uvloop, at `--nice` 10, and
+    with `--sched idle` in SCHED_IDLE: they stand for the clinic's systems, on
+    machines of their own in production), so they
     neither share the driver's event loop nor the server's: `/healthy` answers 204 at once, `/slow`
     after `--slow-ms`, `/failing` answers 503 for the first `--fail-s` seconds of the
     phase and then 204. Every delivery's signature is verified with the Standard Webhooks
@@ -62,6 +64,8 @@ Usage
     .venv/bin/python bench/webhooks.py                           # 1,000/s for 60 s, 1 round
     .venv/bin/python bench/webhooks.py --rate 600 --rounds 4     # 4 pairs, median p99 ratio
     .venv/bin/python bench/webhooks.py --deliver inline          # the server delivers
+    .venv/bin/python bench/webhooks.py --sched idle              # worker in SCHED_IDLE
+    .venv/bin/python bench/webhooks.py --py-spy /tmp/wh          # profile server, worker
     .venv/bin/python bench/webhooks.py --rate 200 --seconds 10   # a smoke run
     .venv/bin/python bench/webhooks.py --rate 600 --rounds 2
 """
@@ -71,6 +75,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import math
 import multiprocessing
 import os
@@ -123,6 +128,29 @@ from store.pool import Store, open_store  # noqa: E402
 from testkit.harness import UNLIMITED, ServerProcess, free_port, stop_process  # noqa: E402
 
 ENDPOINTS: Final = ("healthy", "slow", "failing")
+# The backlog poll (every --poll-s) reads what the gauges read only every this many
+# samples: the age of the slow endpoint's oldest change (a probe of the change log for
+# each of the 1,000 doctors it is behind on) cost PostgreSQL about 10 ms a read, as much
+# as delivery's own statements at 2 reads a second, which no deployment pays (a serving
+# instance reads the gauges every 5 s). In between, `light_backlog`.
+FULL_POLL_EVERY: Final = 10
+# Per endpoint: the changes past its cursors and the age of the oldest, but for `$1`
+# (the slow endpoint), whose count only is read and whose age is carried from the last
+# full read ($2). The bench's endpoints follow every doctor, which all exist before them
+# (so each has a cursor row for every doctor), and queue no replays.
+LIGHT_BACKLOG: Final = """
+WITH behind AS (
+    SELECT w.endpoint_id, d.version - w.version AS n,
+           CASE WHEN w.endpoint_id <> $1 THEN (
+               SELECT c.created_at FROM changes c
+               WHERE c.doctor_id = w.doctor_id AND c.version = w.version + 1) END AS head_at
+    FROM webhook_cursors w JOIN doctors d ON d.id = w.doctor_id
+    WHERE d.version > w.version
+)
+SELECT endpoint_id AS id, sum(n)::bigint AS backlog,
+       CASE WHEN endpoint_id = $1 THEN $2::float8
+            ELSE coalesce(EXTRACT(EPOCH FROM now() - min(head_at)), 0)::float8 END AS oldest_s
+FROM behind GROUP BY endpoint_id"""
 CAUGHT_UP_S: Final = 1.0  # an endpoint whose oldest waiting change is younger is current
 perf = time.perf_counter
 
@@ -219,10 +247,13 @@ def receivers_app(slow_s: float) -> web.Application:
     return app
 
 
-def receivers_main(port: int, slow_s: float, nice: int, ready: Pipe) -> None:
-    """The receivers' process: an aiohttp server on uvloop until terminated, at `nice`:
-    they stand for the clinic's systems, which run on machines of their own."""
+def receivers_main(port: int, slow_s: float, nice: int, idle: bool, ready: Pipe) -> None:
+    """The receivers' process: an aiohttp server on uvloop until terminated, at `nice`
+    (and, with `idle`, in the SCHED_IDLE class): they stand for the clinic's systems,
+    which run on machines of their own, so here they take only CPU nothing else wants."""
     os.nice(nice)
+    if idle:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
     async def serve() -> None:
         runner = web.AppRunner(receivers_app(slow_s), access_log=None)
@@ -237,11 +268,11 @@ def receivers_main(port: int, slow_s: float, nice: int, ready: Pipe) -> None:
 
 
 @contextlib.contextmanager
-def receivers_process(slow_s: float, nice: int) -> Any:
+def receivers_process(slow_s: float, nice: int, idle: bool) -> Any:
     port = free_port()
     ctx = multiprocessing.get_context("spawn")
     mine, theirs = ctx.Pipe()
-    proc = ctx.Process(target=receivers_main, args=(port, slow_s, nice, theirs), daemon=True)
+    proc = ctx.Process(target=receivers_main, args=(port, slow_s, nice, idle, theirs), daemon=True)
     proc.start()
     try:
         if not mine.poll(30):
@@ -251,6 +282,12 @@ def receivers_process(slow_s: float, nice: int) -> Any:
     finally:
         proc.terminate()
         proc.join(5)
+
+
+async def light_backlog(store: Store, slow: int, slow_age: float) -> dict[int, tuple[int, float]]:
+    """`store.webhooks.backlog` for the bench's endpoints, but for the slow one's age."""
+    rows = await store.fetch(LIGHT_BACKLOG, slow, slow_age)
+    return {r["id"]: (int(r["backlog"]), float(r["oldest_s"])) for r in rows}
 
 
 # ---- one phase ------------------------------------------------------------------------------
@@ -369,28 +406,37 @@ class Bench:
             "receivers": process_cpu(self.receivers_pid) or 0.0,
         }
 
-    async def profile(self, number: int) -> asyncio.subprocess.Process | None:
-        """py-spy on the server for the load's duration (--py-spy), as a raw flame graph."""
+    async def profile(self, number: int) -> list[asyncio.subprocess.Process]:
+        """py-spy for the load's duration (--py-spy), as raw flame graphs: the server, and
+        the worker when one delivers (where delivery's own CPU goes)."""
         if not self.args.py_spy or self.server.process is None:
-            return None
-        out = f"{self.args.py_spy}.round{number}.txt"
-        print(f"py-spy: {out}")
-        return await asyncio.create_subprocess_exec(
-            str(Path(sys.executable).parent / "py-spy"),
-            "record",
-            "--pid",
-            str(self.server.process.pid),
-            "--duration",
-            str(int(self.args.seconds)),
-            "--rate",
-            "50",
-            "--format",
-            "raw",
-            "--output",
-            out,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+            return []
+        targets = {"server": self.server.process.pid}
+        if self.worker_pid is not None:
+            targets["worker"] = self.worker_pid
+        spies = []
+        for name, pid in targets.items():
+            out = f"{self.args.py_spy}.round{number}.{name}.txt"
+            print(f"py-spy: {out}")
+            spies.append(
+                await asyncio.create_subprocess_exec(
+                    str(Path(sys.executable).parent / "py-spy"),
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--duration",
+                    str(int(self.args.seconds)),
+                    "--rate",
+                    "50",
+                    "--format",
+                    "raw",
+                    "--output",
+                    out,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL,
+                )
+            )
+        return spies
 
     async def load(self, phase: Phase) -> None:
         a = self.args
@@ -437,8 +483,16 @@ class Bench:
         stop = asyncio.Event()
 
         async def poll() -> None:
-            while not stop.is_set():
-                found = await webhooks.backlog(self.store)
+            slow_age = 0.0
+            for n in itertools.count():
+                if stop.is_set():
+                    break
+                if n % FULL_POLL_EVERY == 0:  # what the server's gauges read, every 5 s
+                    found = await webhooks.backlog(self.store)
+                    slow_age = found.get(ids["slow"], (0, 0.0))[1]
+                else:  # an endpoint with nothing waiting has no row here
+                    found = await light_backlog(self.store, ids["slow"], slow_age)
+                    found = {i: found.get(i, (0, 0.0)) for i in names}
                 phase.backlog_samples.append(
                     (perf() - started, {names[i]: v for i, v in found.items() if i in names})
                 )
@@ -453,7 +507,7 @@ class Bench:
 
         poller = asyncio.create_task(poll())
         recovery = asyncio.create_task(recover())
-        spy = await self.profile(number)
+        spies = await self.profile(number)
         phase.load = (os.getloadavg()[0], 0.0)
         before = self.cpu()
         load_from = time.time()
@@ -463,7 +517,7 @@ class Bench:
         phase.load = (phase.load[0], os.getloadavg()[0])
         phase.cpu = {k: after[k] - before[k] for k in after}
         phase.load_ended_at = perf() - started
-        if spy is not None:
+        for spy in spies:
             await spy.wait()
         await recovery
         # Drain: the healthy and failing endpoints reach a backlog of 0.
@@ -711,10 +765,12 @@ def running_worker(args: argparse.Namespace, dsn: str, logs: Path) -> Any:
     env.update(SLOTCAST_INSTANCE_ID="bench-worker", SLOTCAST_WEBHOOK_POLL_S=str(args.worker_poll_s))
     # Its /metrics is not read here: no port to collide with on a shared machine.
     env.update(SLOTCAST_WEBHOOKS_METRICS_PORT="0")
+    idle = ["chrt", "--idle", "0"] if args.sched == "idle" else []
     with (logs / "worker.log").open("ab") as log:
         proc = subprocess.Popen(
-            # At lower CPU priority, as deploy/slotcast-webhooks.service runs it (Nice=).
-            ["nice", "-n", str(args.nice), sys.executable, "-m", "server.cli", "webhooks"],
+            # At lower CPU priority, as deploy/slotcast-webhooks.service runs it (Nice=);
+            # --sched idle: in SCHED_IDLE too.
+            [*idle, "nice", "-n", str(args.nice), sys.executable, "-m", "server.cli", "webhooks"],
             cwd=REPO,
             env=env,
             stdout=log,
@@ -736,7 +792,9 @@ async def main(args: argparse.Namespace, dsn: str) -> int:
         print(
             f"machine: {os.cpu_count()} CPUs, loadavg {os.getloadavg()[0]:.2f}; rate "
             f"{args.rate:g}/s for {args.seconds:g} s per phase, {args.rounds} round(s); "
-            f"slow {args.slow_ms} ms, failing for {args.fail_s:g} s\n"
+            f"slow {args.slow_ms} ms, failing for {args.fail_s:g} s; delivery: {args.deliver}, "
+            f"worker and receivers at nice {args.nice}"
+            f"{' in SCHED_IDLE' if args.sched == 'idle' else ''}\n"
         )
         async with open_store(dsn, min_size=2, max_size=2) as store:
             t = perf()
@@ -756,7 +814,10 @@ async def main(args: argparse.Namespace, dsn: str) -> int:
                 " FROM doctors d WHERE d.id = r.doctor_id"
             )
             with (
-                receivers_process(args.slow_ms / 1000, args.nice) as (port, receivers_pid),
+                receivers_process(args.slow_ms / 1000, args.nice, args.sched == "idle") as (
+                    port,
+                    receivers_pid,
+                ),
                 running_worker(
                     args, dsn, Path(tempfile.mkdtemp(prefix="slotcast-bench-worker-"))
                 ) as worker_pid,
@@ -848,7 +909,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drain-timeout", type=float, default=180, help="seconds to wait for drain")
     p.add_argument("--poll-s", type=float, default=0.5, help="backlog sampling period")
     p.add_argument("--timeline", action="store_true", help="the backlogs every 5 s")
-    p.add_argument("--py-spy", metavar="PREFIX", help="profile the server in each on phase")
+    p.add_argument("--py-spy", metavar="PREFIX", help="profile server and worker per on phase")
     p.add_argument(
         "--deliver",
         choices=("worker", "inline"),
@@ -857,6 +918,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--worker-poll-s", type=float, default=0.1, help="the worker's poll")
     p.add_argument("--nice", type=int, default=10, help="niceness of the worker and the receivers")
+    p.add_argument(
+        "--sched",
+        choices=("idle", "nice"),
+        default="nice",
+        help="the worker and receivers only niced (as the unit runs the worker), or SCHED_IDLE",
+    )
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
     if args.fail_s is None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import math
@@ -71,6 +72,12 @@ GATHER_S = 0.025
 # a read costs PostgreSQL a fixed part (every doctor against the endpoint's cursors) that
 # a few messages would not repay, so at low rates a change may wait up to this long more.
 GATHER_SPARSE_S = 0.1
+# What the lanes finished is written before each read (so the read starts past it), when
+# a send failed, and otherwise at least this often: not on every gathering, since
+# sends finish far more often than lanes free up for a read, and each write costs a
+# statement (the endpoint row, the cursors, the attempts) whatever it carries. A crash
+# resends what was answered since the last write.
+WRITE_EVERY_S = 0.25
 USER_AGENT = "Slotcast-Webhooks/1"
 # After a claim that found nothing, commits wake the dispatcher no sooner than this.
 EMPTY_CLAIM_GAP_S = 0.25
@@ -198,9 +205,16 @@ def _literal_refused(url: str) -> bool:
 # ---- signing ---------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=256)
+def _signer(secret: str) -> Webhook:
+    """One `Webhook` per secret, kept: making one decodes the secret's base64 every time,
+    and a worker signs hundreds of messages a second with the same two or three."""
+    return Webhook(secret)
+
+
 def signature(secrets: list[str], message_id: str, at: datetime, body: bytes) -> str:
     """`webhook-signature`: one `v1,` signature per secret, space-separated."""
-    return " ".join(Webhook(s).sign(message_id, at, body) for s in secrets)
+    return " ".join(_signer(s).sign(message_id, at, body) for s in secrets)
 
 
 def headers_for(ep: Endpoint, message: Message, at: datetime) -> dict[str, str]:
@@ -418,7 +432,9 @@ class Dispatcher:
         holds up no other. This task alone touches the database, in a loop: write in
         one statement whatever the lanes finished meanwhile (cursors move only after the
         sends they cover succeeded: a crash resends, never skips), then read the next
-        messages, for every doctor with none in flight, in one query."""
+        messages, for every doctor with none in flight, in one query. The write comes
+        before each read, with a failure, and otherwise every `WRITE_EVERY_S`: sends
+        end far more often than a read is due."""
         s = self.settings
         inflight = max(1, s.webhook_inflight)
         gate = asyncio.Semaphore(inflight)
@@ -429,7 +445,7 @@ class Dispatcher:
         renewed_at = time.monotonic()
         read_at = -math.inf
         read_due = True
-        looped_at = time.monotonic()
+        looped_at = written_at = time.monotonic()
         gather = GATHER_S
         try:
             await webhooks.forget_orphaned_replays(self.store, ep.id)
@@ -441,17 +457,27 @@ class Dispatcher:
                     if (exc := running.pop(doctor).exception()) is not None:
                         raise exc
                     read_due = True
-                done, run.done = run.done, Done()
-                if done and not await self._moved(ep, done):
-                    return  # lease lost (releasing is then a no-op) or endpoint disabled
+                reading = (
+                    run.failure is None
+                    and len(running) < inflight
+                    and (read_due or run.woken or time.monotonic() - read_at >= s.webhook_poll_s)
+                )
+                if run.done and (
+                    reading
+                    or run.failure is not None
+                    or time.monotonic() - written_at >= WRITE_EVERY_S
+                    or len(run.done.attempts) >= BATCH
+                ):
+                    done, run.done = run.done, Done()
+                    written_at = time.monotonic()
+                    if not await self._moved(ep, done):
+                        return  # lease lost (releasing is then a no-op) or endpoint disabled
                 if run.failure is not None:
                     if not running:  # every send in flight has ended and is written
                         release = False  # `failed` gives the lease up with the retry time
                         await self._failed(ep, *run.failure)
                         return
-                elif len(running) < inflight and (
-                    read_due or run.woken or time.monotonic() - read_at >= s.webhook_poll_s
-                ):
+                elif reading:
                     read_due, run.woken, read_at = False, False, time.monotonic()
                     read = await webhooks.next_batch(
                         self.store,
@@ -482,6 +508,8 @@ class Dispatcher:
                 until = renewed_at + s.webhook_lease_s / 3
                 if run.failure is None and len(running) < inflight:
                     until = min(until, read_at + s.webhook_poll_s)
+                if run.done:
+                    until = min(until, written_at + WRITE_EVERY_S)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(max(0.0, until - time.monotonic())):
                         await run.progress.wait()
@@ -510,6 +538,8 @@ class Dispatcher:
             await asyncio.gather(*running.values(), return_exceptions=True)
             if release:
                 with contextlib.suppress(StoreError):
+                    if run.done:  # what was answered since the last write is not resent
+                        await self._moved(ep, run.done)
                     await webhooks.release(self.store, ep.id, self.instance)
 
     async def _lane(

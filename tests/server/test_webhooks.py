@@ -10,6 +10,7 @@ backoffs and timeouts come from the settings, so the file runs in seconds.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,6 +22,7 @@ from standardwebhooks import Webhook
 
 from protocol.vocabulary import Role
 from server.settings import Settings
+from server.webhooks import Dispatcher
 from store import commands, webhooks
 from store.lifecycle import Retention, erase_patient, prune
 from store.pool import Store
@@ -337,3 +339,32 @@ async def test_only_an_admin_manages_endpoints_and_private_urls_are_refused(
         assert (await resp.json())["error"]["code"] == "invalid"
     resp = await strict.post("/api/webhooks", json={"url": "ftp://example.com/"}, headers=ADMIN)
     assert resp.status == 422
+
+
+async def test_a_stopped_deliverer_writes_what_was_answered_before_letting_go(
+    settings: Settings, store: Store, doctor: SeededDoctor, receiver: Receiver
+) -> None:
+    """Cursors and attempts are written before each read and otherwise only every
+    quarter second; a deliverer stopped in between (SIGTERM) writes what its receivers
+    had answered before it gives the lease back, so none of it is sent again."""
+    ep = await webhooks.create_endpoint(
+        store, url=receiver.url, description="", event_types=[], doctor_ids=[], max_endpoints=5
+    )
+    receiver.secret = ep.secret
+    await book(store, doctor, range(3))
+    answered: list[bool] = []
+    dispatcher = Dispatcher(
+        store, settings, on_attempt=lambda endpoint_id, ok: answered.append(ok), linger=True
+    )
+    running = asyncio.create_task(dispatcher.run())
+    await eventually(lambda: len(answered) >= 3, what="three answers")
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    assert answered == [True, True, True]
+    assert (await webhooks.backlog(store))[ep.id] == (0, 0.0)
+    attempts = await webhooks.attempts(store, ep.id, limit=10)
+    assert sorted(a["version"] for a in attempts) == sorted(receiver.versions(doctor.id))
+    assert len(attempts) == 3
+    assert all(a["ok"] for a in attempts)
+    lease = await store.fetchrow("SELECT leased_by FROM webhook_endpoints WHERE id = $1", ep.id)
+    assert lease["leased_by"] is None  # given back, for another instance at once

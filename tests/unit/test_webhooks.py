@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
-from standardwebhooks import Webhook
+from standardwebhooks import Webhook, WebhookVerificationError
 
 from server.settings import Settings
 from server.webhook_worker import work
@@ -132,6 +132,21 @@ def test_signatures_verify_with_the_library_with_either_secret_during_an_overlap
         assert Webhook(secret).verify(message.body, headers)["data"]["version"] == 42
     after = endpoint(secret=new, previous_secret=old, previous_until=now - timedelta(seconds=1))
     assert len(headers_for(after, message, now)["webhook-signature"].split(" ")) == 1
+
+
+def test_a_kept_signer_signs_with_the_secret_it_was_made_for_after_a_rotation() -> None:
+    """Signers are kept per secret (not per endpoint): once rotated, a message is signed
+    with the new secret only, and a receiver holding the old one refuses it."""
+    old, new = new_secret(), new_secret()
+    now = datetime.now(UTC)
+    message = Message.of_record(RECORD)  # type: ignore[arg-type]
+    before = headers_for(endpoint(secret=old), message, now)
+    after = headers_for(endpoint(secret=new), message, now)
+    assert before["webhook-signature"] != after["webhook-signature"]
+    assert Webhook(new).verify(message.body, after)["data"]["version"] == 42
+    with pytest.raises(WebhookVerificationError):
+        Webhook(old).verify(message.body, after)
+    assert headers_for(endpoint(secret=old), message, now) == before  # kept, same bytes
 
 
 def test_filters_pick_event_types() -> None:
