@@ -472,9 +472,9 @@ class Client:
 
     async def _finish(self) -> None:
         session = self.session
+        self._app[CONNECTIONS].discard(session)  # first: nothing below may skip it
         try:
             await session.stop_expiry()
-            self._app[CONNECTIONS].discard(session)
             await session.leave_all()
         finally:
             try:
