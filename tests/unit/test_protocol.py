@@ -67,7 +67,7 @@ from server.limits import CLOSE_RATE_LIMITED
 from server.metrics import Metrics
 from server.routes import setup_routes
 from server.settings import Settings
-from server.ws import HANDLERS
+from server.ws import CLOSE_INTERNAL_ERROR, CLOSE_PROTOCOL_ERROR, HANDLERS
 from testkit.harness import REPO
 
 # Many parametrized cases share the time budget: the whole file must stay well under 10 s.
@@ -1367,7 +1367,9 @@ def test_every_close_code_the_server_uses_is_documented() -> None:
     documented = {int(code) for code in re.findall(r"^\| (\d{4}) \|", section, re.MULTILINE)}
     used = {
         WSCloseCode.GOING_AWAY,  # shutdown, after the drain
-        WSCloseCode.MESSAGE_TOO_BIG,  # aiohttp, over 4x the frame limit
+        WSCloseCode.MESSAGE_TOO_BIG,  # aiohttp's reader, over 4x the frame limit
+        CLOSE_PROTOCOL_ERROR,  # aiohttp's reader, a frame it cannot parse (server.ws)
+        CLOSE_INTERNAL_ERROR,  # the greeting failed after the upgrade (server.ws)
         CLOSE_SERVICE_RESTART,  # the drain, after a `reconnect` notice
         CLOSE_SLOW_CONSUMER,
         CLOSE_IDLE,  # an anonymous connection in no room (server.guard)
