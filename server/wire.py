@@ -2,20 +2,21 @@
 
 aiohttp runs a WebSocket as an HTTP handler that never returns: the request, its
 task, every middleware's frame and the response object live as long as the socket,
-about 8 KiB per idle connection (bench/connmem.py), for a server whose connections
-are mostly idle watchers. So aiohttp accepts the connection, routes it, runs the
-middlewares and does the handshake (`Upgrade.prepare`) as for any request; then
-`detach` moves the transport to a `Wire`, whose bytes go through aiohttp's own
-frame reader (the C one, with its size limits and RFC checks) to a `Listener`
-called once per frame, and the handler returns. What stays per socket is the
-transport, the reader and the listener's objects; a task exists only while the
-listener has work (server.ws).
+about 12 of the 16.8 KiB an idle connection cost before this module
+(bench/connmem.py), for a server whose connections are mostly idle watchers. So
+aiohttp accepts the connection, routes it, runs the middlewares and does the
+handshake (`Upgrade.prepare`) as for any request; then `detach` moves the transport
+to a `Wire`, whose bytes go through aiohttp's own frame reader (the C one, with its
+size limits and RFC checks) to a `Listener` called once per frame, and the handler
+returns. What stays per socket is the transport, the reader and the listener's
+objects; a task exists only while the listener has work (server.ws).
 
 aiohttp is told the connection is gone once its handler has returned, so it
 forgets it (its shutdown no longer waits for it; ours does: server.lifecycle)
 without closing a transport that is no longer its own. The pieces touched that
-aiohttp does not document (the handshake queue's buffer, the request handler's
-transport) are checked by tests/server/test_wire.py against the aiohttp installed.
+aiohttp does not document (the handshake queue's buffer and error, the request
+handler's transport, the reader's queue type) are checked by tests/server/test_wire.py
+against the aiohttp installed.
 """
 
 from __future__ import annotations
